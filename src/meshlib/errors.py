@@ -1,0 +1,51 @@
+"""The exception hierarchy raised to callers.
+
+Every error raised from a transport also subclasses ``httpx.TransportError`` so that the ``except`` clauses an
+httpx application already has keep catching mesh failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+
+class MeshError(httpx.TransportError):
+    """Base of every error meshlib raises."""
+
+    def __init__(self, message: str, *, service: str | None = None, attempts: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.service = service
+        #: One human-readable line per attempt: ``"127.0.0.1:8001 connect-failure (ConnectError: ...)"``.
+        self.attempts = tuple(attempts)
+
+
+class ConfigurationError(MeshError, ValueError):
+    """A setting, rule or argument is malformed; the message names the setting and the problem."""
+
+
+class NoEndpointsError(MeshError):
+    """The service is unknown to discovery, or it has no healthy instance."""
+
+
+class CircuitOpenError(MeshError):
+    """Every instance of the service is ejected by its circuit breaker: failing fast instead of calling."""
+
+
+class DeadlineExceededError(MeshError, httpx.TimeoutException):
+    """The call's deadline (its own timeout, or the one inherited from an incoming request) has passed."""
+
+
+class RetryBudgetExhaustedError(MeshError):
+    """An attempt failed and a retry was warranted, but the service's retry budget is spent."""
+
+
+class UnavailableError(MeshError):
+    """Every attempt failed without a response (connect failures, resets, per-try timeouts)."""
+
+
+def describe_attempts(service: str, attempts: Sequence[str]) -> str:
+    if not attempts:
+        return service
+    return f"{service}: tried {len(attempts)}x: " + "; ".join(attempts)

@@ -1,0 +1,152 @@
+"""Mesh: one per process. Owns discovery, the per-service policy state, rules and (later) identity and telemetry;
+clients are cheap views onto it."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .discovery import Discovery, StaticDiscovery
+from .errors import ConfigurationError, NoEndpointsError
+from .policy.config import DEFAULT_POLICY, ServicePolicy
+from .policy.service import ServiceState
+from .settings import MeshSettings
+
+if TYPE_CHECKING:
+    from .http import AsyncClient, Client
+
+
+def make_discovery(spec: str) -> Discovery:
+    if spec.startswith("static:"):
+        return StaticDiscovery(spec[len("static:") :])
+    raise ConfigurationError(f"discovery {spec!r} is not supported by this build")
+
+
+class Mesh:
+    _default: Mesh | None = None
+    _default_lock = threading.Lock()
+
+    def __init__(
+        self,
+        service: str | None = None,
+        *,
+        discovery: str | Discovery | None = None,
+        control_plane: str | None = None,
+        tls: str | None = None,
+        state_dir: str | None = None,
+        policies: Mapping[str, ServicePolicy] | None = None,
+        default_policy: ServicePolicy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        settings: MeshSettings | None = None,
+    ) -> None:
+        self.settings = settings or MeshSettings.from_env(
+            service=service,
+            discovery=discovery if isinstance(discovery, str) else None,
+            control_plane=control_plane,
+            tls=tls,
+            state_dir=state_dir,
+        )
+        self.service = self.settings.service
+        self.discovery = discovery if isinstance(discovery, Discovery) else make_discovery(self.settings.discovery)
+        self.clock = clock
+        self.rand = rand
+        self.default_policy = default_policy
+        self._policies: dict[str, ServicePolicy] = dict(policies or {})
+        self._services: dict[str, ServiceState] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        #: Sent as ``x-mesh-caller`` on every mesh request (informational; authorization never trusts it).
+        self.caller_header = (b"x-mesh-caller", self.service.encode("ascii"))
+
+    # -- per-service state ------------------------------------------------------------------------
+
+    def policy_for(self, service: str) -> ServicePolicy:
+        return self._policies.get(service, self.default_policy)
+
+    def set_policy(self, service: str, policy: ServicePolicy) -> None:
+        """Override the policy of one service; calls already in flight keep the one they started with."""
+        self._policies[service] = policy
+        state = self._services.get(service)
+        if state is not None:
+            state.set_policy(policy)
+
+    def service_state(self, service: str) -> ServiceState:
+        """The live state of ``service``; the first call starts a discovery watch and waits for its first answer
+        (bounded by ``discovery_timeout``)."""
+        state = self._services.get(service)
+        if state is None:
+            state = self._create_state(service)
+        if state.snapshot is None and not self.discovery.wait_ready(service, self.settings.discovery_timeout):
+            raise NoEndpointsError(
+                f"{service}: discovery ({self.settings.discovery}) gave no answer within "
+                f"{self.settings.discovery_timeout:g}s",
+                service=service,
+            )
+        return state
+
+    def service_state_nowait(self, service: str) -> tuple[ServiceState, bool]:
+        """The state and whether discovery has answered for it yet (for async callers, which must not block)."""
+        state = self._services.get(service)
+        if state is None:
+            state = self._create_state(service)
+        return state, state.snapshot is not None or self.discovery.is_ready(service)
+
+    def _create_state(self, service: str) -> ServiceState:
+        with self._lock:
+            state = self._services.get(service)
+            if state is not None:
+                return state
+            state = ServiceState(service, self.clock, self.policy_for(service))
+            self._services[service] = state
+        self.discovery.watch(service, state.set_endpoints)
+        return state
+
+    @property
+    def services(self) -> Mapping[str, ServiceState]:
+        return dict(self._services)
+
+    # -- clients ----------------------------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> Client:
+        from .http import Client
+
+        return Client(mesh=self, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> AsyncClient:
+        from .http import AsyncClient
+
+        return AsyncClient(mesh=self, **kwargs)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.discovery.close()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def default(cls) -> Mesh:
+        """The process-wide Mesh built from the environment, for ``meshlib.Client()`` without ``mesh=``."""
+        mesh = cls._default
+        if mesh is None:
+            with cls._default_lock:
+                mesh = cls._default
+                if mesh is None:
+                    mesh = cls._default = cls()
+        return mesh
+
+    @classmethod
+    def set_default(cls, mesh: Mesh | None) -> None:
+        with cls._default_lock:
+            cls._default = mesh

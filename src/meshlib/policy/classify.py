@@ -1,0 +1,89 @@
+"""The one classifier: every attempt's outcome becomes a Verdict that breaker, EWMA, retry and metrics all read."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import httpcore
+import httpx
+
+
+class Kind(enum.Enum):
+    SUCCESS = "success"  # 1xx-3xx
+    CLIENT_ERROR = "client-error"  # 4xx: the server is healthy, the request was not
+    SERVER_ERROR = "server-error"  # 5xx
+    CONNECT_FAILURE = "connect-failure"  # never reached the server
+    RESET = "reset"  # reached it (maybe), connection broke before a full response
+    TIMEOUT = "timeout"  # per-try timeout
+    LOCAL_ERROR = "local-error"  # our side's fault (bad request body, protocol misuse): never retried
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Kind
+    status: int | None
+    #: The name ``retries.on`` uses for this outcome: ``"503"``, ``"connect-failure"``, ``"reset"``, ``"timeout"``.
+    key: str
+    #: Counts against the endpoint: breaker failure accrual and EWMA penalty.
+    is_failure: bool
+    #: The request may have been seen by the server (so only idempotent requests may repeat it).
+    reached_server: bool
+
+    @property
+    def is_error(self) -> bool:
+        """No HTTP response at all (the caller gets an exception if this is the last attempt)."""
+        return self.status is None
+
+
+def _status_verdict(status: int) -> Verdict:
+    if status >= 500:
+        kind = Kind.SERVER_ERROR
+    elif status >= 400:
+        kind = Kind.CLIENT_ERROR
+    else:
+        kind = Kind.SUCCESS
+    return Verdict(kind, status, str(status), kind is Kind.SERVER_ERROR, True)
+
+
+_STATUS_VERDICTS = {status: _status_verdict(status) for status in range(100, 600)}
+CONNECT_FAILURE = Verdict(Kind.CONNECT_FAILURE, None, "connect-failure", True, False)
+RESET = Verdict(Kind.RESET, None, "reset", True, True)
+TIMEOUT = Verdict(Kind.TIMEOUT, None, "timeout", True, True)
+LOCAL_ERROR = Verdict(Kind.LOCAL_ERROR, None, "local-error", False, False)
+
+
+def classify_status(status: int) -> Verdict:
+    verdict = _STATUS_VERDICTS.get(status)
+    return verdict if verdict is not None else _status_verdict(status)
+
+
+_ERROR_KINDS: tuple[tuple[type[BaseException], Verdict], ...] = (
+    # Order matters: the more specific classes come first.
+    (httpcore.ConnectTimeout, CONNECT_FAILURE),
+    (httpcore.ConnectError, CONNECT_FAILURE),
+    (httpcore.PoolTimeout, CONNECT_FAILURE),
+    (httpcore.ReadTimeout, TIMEOUT),
+    (httpcore.WriteTimeout, TIMEOUT),
+    (httpcore.ReadError, RESET),
+    (httpcore.WriteError, RESET),
+    (httpcore.RemoteProtocolError, RESET),
+    (httpx.ConnectTimeout, CONNECT_FAILURE),
+    (httpx.ConnectError, CONNECT_FAILURE),
+    (httpx.PoolTimeout, CONNECT_FAILURE),
+    (httpx.ReadTimeout, TIMEOUT),
+    (httpx.WriteTimeout, TIMEOUT),
+    (httpx.ReadError, RESET),
+    (httpx.WriteError, RESET),
+    (httpx.RemoteProtocolError, RESET),
+    (ConnectionRefusedError, CONNECT_FAILURE),
+    (ConnectionError, RESET),
+    (TimeoutError, TIMEOUT),
+)
+
+
+def classify_error(exc: BaseException) -> Verdict:
+    for cls, verdict in _ERROR_KINDS:
+        if isinstance(exc, cls):
+            return verdict
+    return LOCAL_ERROR

@@ -1,0 +1,47 @@
+"""Deadlines: a call's absolute deadline from its own timeout and the incoming request's ``x-mesh-deadline``.
+
+Internally on the monotonic clock; converted to Unix epoch milliseconds only at the wire.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+#: The deadline of the inbound request being served, as Unix epoch seconds. Set by server middleware; every
+#: ``meshlib.Client`` call made inside the handler caps its timeout to what is left.
+incoming_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "meshlib_incoming_deadline", default=None
+)
+
+
+def parse_deadline_header(value: str | bytes) -> float:
+    """``x-mesh-deadline`` (epoch milliseconds) to epoch seconds; ValueError naming the header when malformed."""
+    try:
+        millis = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"malformed x-mesh-deadline header {value!r}: expected Unix epoch milliseconds") from None
+    if millis <= 0:
+        raise ValueError(f"malformed x-mesh-deadline header {value!r}: must be positive")
+    return millis / 1000.0
+
+
+def call_deadline(
+    now: float, timeout: float | None, wall_now: float | None = None, incoming: float | None = None
+) -> float | None:
+    """Absolute monotonic deadline for a call: the earlier of ``now + timeout`` and the incoming wall-clock
+    deadline (translated onto the monotonic clock)."""
+    deadline = None if timeout is None else now + timeout
+    if incoming is None:
+        incoming = incoming_deadline.get()
+    if incoming is not None:
+        if wall_now is None:
+            wall_now = time.time()
+        inherited = now + (incoming - wall_now)
+        if deadline is None or inherited < deadline:
+            deadline = inherited
+    return deadline
+
+
+def to_epoch_millis(deadline: float, now: float, wall_now: float) -> int:
+    return int((wall_now + (deadline - now)) * 1000)

@@ -1,0 +1,125 @@
+"""Retry decisions: tenacity's stop/wait strategies used as pure functions of the attempt number (never a shared
+``Retrying`` object), jitter from the injected random source, and a Finagle-style retry budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tenacity
+
+from .classify import Verdict
+from .config import IDEMPOTENT_METHODS, RetryBudgetPolicy, RetryPolicy
+
+
+@dataclass(slots=True)
+class _AttemptState:
+    """The part of tenacity's ``RetryCallState`` its stop/wait strategies read."""
+
+    attempt_number: int
+
+
+class RetryBudget:
+    """Retries allowed: ``ratio`` x requests + ``min_per_second`` x window, counted over a sliding window of
+    one-second buckets. Shared by all calls to one service, so a dead service never gets a retry storm."""
+
+    __slots__ = ("_requests", "_retries", "_stamps", "policy", "slots")
+
+    def __init__(self, policy: RetryBudgetPolicy) -> None:
+        self.policy = policy
+        self.slots = max(1, round(policy.window))
+        self._stamps = [-1] * self.slots
+        self._requests = [0] * self.slots
+        self._retries = [0] * self.slots
+
+    def _slot(self, now: float) -> int:
+        second = int(now)
+        i = second % self.slots
+        if self._stamps[i] != second:
+            self._stamps[i] = second
+            self._requests[i] = 0
+            self._retries[i] = 0
+        return i
+
+    def deposit(self, now: float) -> None:
+        """Count one new request (first attempts only)."""
+        self._requests[self._slot(now)] += 1
+
+    def _totals(self, now: float) -> tuple[int, int]:
+        oldest = int(now) - self.slots + 1
+        requests = retries = 0
+        for i, stamp in enumerate(self._stamps):
+            if stamp >= oldest:
+                requests += self._requests[i]
+                retries += self._retries[i]
+        return requests, retries
+
+    def try_withdraw(self, now: float) -> bool:
+        """Take one retry from the budget, or say no."""
+        i = self._slot(now)
+        requests, retries = self._totals(now)
+        allowed = self.policy.ratio * requests + self.policy.min_per_second * self.slots
+        if retries + 1 > allowed:
+            return False
+        self._retries[i] += 1
+        return True
+
+    def balance(self, now: float) -> float:
+        requests, retries = self._totals(now)
+        return self.policy.ratio * requests + self.policy.min_per_second * self.slots - retries
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    retry: bool
+    #: Why not (for logs and error messages), or "" when retrying.
+    reason: str = ""
+    delay: float = 0.0
+    #: The retry was warranted but the budget said no.
+    budget_exhausted: bool = False
+
+
+NO_RETRY_NOT_ON = RetryDecision(False, "outcome not in retries.on")
+NO_RETRY_SUCCESS = RetryDecision(False, "success")
+
+
+class RetryStrategy:
+    """One per (service, policy); holds only immutable tenacity strategies, so it is safe to share."""
+
+    __slots__ = ("_stop", "_wait", "policy")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self._stop = tenacity.stop_after_attempt(max(1, policy.attempts))
+        self._wait = tenacity.wait_exponential(multiplier=policy.backoff_base, max=policy.backoff_max)
+
+    def decide(
+        self,
+        verdict: Verdict,
+        attempt: int,
+        *,
+        method: str,
+        replayable: bool,
+        remaining: float | None,
+        budget: RetryBudget,
+        now: float,
+        rand: Callable[[], float],
+    ) -> RetryDecision:
+        if verdict.kind.value in ("success", "client-error"):
+            return NO_RETRY_SUCCESS
+        policy = self.policy
+        if not policy.retries_outcome(verdict.key, verdict.status):
+            return NO_RETRY_NOT_ON
+        if self._stop(_AttemptState(attempt)):  # type: ignore[arg-type]
+            return RetryDecision(False, f"{attempt} of {policy.attempts} attempts used")
+        if verdict.reached_server and method not in IDEMPOTENT_METHODS and not policy.retry_non_idempotent:
+            return RetryDecision(False, f"{method} is not idempotent and the request may have reached the server")
+        if not replayable:
+            return RetryDecision(False, "the request body is a stream that cannot be replayed")
+        base = self._wait(_AttemptState(attempt))  # type: ignore[arg-type]
+        delay = base / 2 + rand() * base / 2  # "equal jitter": never zero, never in lock-step
+        if remaining is not None and remaining <= delay:
+            return RetryDecision(False, "no time left before the deadline")
+        if not budget.try_withdraw(now):
+            return RetryDecision(False, "retry budget exhausted", budget_exhausted=True)
+        return RetryDecision(True, delay=delay)

@@ -1,0 +1,141 @@
+"""The live policy state of one destination service: its endpoints with their load and breaker, its balancer,
+retry strategy and budget. Updated by discovery pushes and rule changes; read by every call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..endpoints import Endpoint, EndpointSet
+from ..errors import CircuitOpenError, NoEndpointsError
+from .balancer import LoadStats, make_balancer
+from .breaker import CLOSED, EndpointBreaker, TransitionListener
+from .config import DEFAULT_POLICY, ServicePolicy
+from .retry import RetryBudget, RetryStrategy
+
+Clock = Callable[[], float]
+
+
+class EndpointHandle:
+    """One endpoint as the call path sees it. Survives discovery updates while the instance stays listed, so its
+    latency estimate and breaker state are kept."""
+
+    __slots__ = ("breaker", "endpoint", "key", "label", "load")
+
+    def __init__(self, endpoint: Endpoint, now: float, breaker: EndpointBreaker) -> None:
+        self.endpoint = endpoint
+        self.key = endpoint.key
+        self.label = endpoint.authority
+        self.load = LoadStats(now)
+        self.breaker = breaker
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    handle: EndpointHandle
+    #: This attempt is the breaker's single half-open trial.
+    trial: bool
+
+
+class ServiceState:
+    def __init__(
+        self,
+        name: str,
+        clock: Clock,
+        policy: ServicePolicy = DEFAULT_POLICY,
+        on_breaker_transition: TransitionListener | None = None,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.policy = policy
+        self.balancer = make_balancer(policy.load_balancer)
+        self.retry = RetryStrategy(policy.retries)
+        self.budget = RetryBudget(policy.retries.budget)
+        self.handles: tuple[EndpointHandle, ...] = ()
+        self.snapshot: EndpointSet | None = None
+        self._by_key: dict[tuple[str, int, str], EndpointHandle] = {}
+        self._not_closed = 0
+        self._external_listener = on_breaker_transition
+
+    # -- updates (discovery and rules) ------------------------------------------------------------
+
+    def _on_transition(self, old: str, new: str) -> None:
+        if old == CLOSED and new != CLOSED:
+            self._not_closed += 1
+        elif new == CLOSED and old != CLOSED:
+            self._not_closed -= 1
+        if self._external_listener is not None:
+            self._external_listener(old, new)
+
+    def set_endpoints(self, snapshot: EndpointSet) -> None:
+        now = self.clock()
+        handles = []
+        by_key = {}
+        for endpoint in snapshot.endpoints:
+            handle = self._by_key.get(endpoint.key)
+            if handle is None:
+                breaker = EndpointBreaker(self.policy.circuit_breaker, self.clock, (self._on_transition,))
+                handle = EndpointHandle(endpoint, now, breaker)
+            else:
+                handle.endpoint = endpoint  # tags or meta may have changed
+            handles.append(handle)
+            by_key[endpoint.key] = handle
+        self._by_key = by_key
+        self._not_closed = sum(1 for h in handles if h.breaker.state != CLOSED)
+        self.handles = tuple(handles)
+        self.snapshot = snapshot
+
+    def set_policy(self, policy: ServicePolicy) -> None:
+        if policy == self.policy:
+            return
+        old = self.policy
+        if policy.load_balancer != old.load_balancer:
+            self.balancer = make_balancer(policy.load_balancer)
+        if policy.retries != old.retries:
+            self.retry = RetryStrategy(policy.retries)
+        if policy.retries.budget != old.retries.budget:
+            self.budget = RetryBudget(policy.retries.budget)
+        if policy.circuit_breaker != old.circuit_breaker:
+            for handle in self.handles:
+                handle.breaker.update_policy(policy.circuit_breaker)
+        self.policy = policy
+
+    # -- the call path ----------------------------------------------------------------------------
+
+    def pick(
+        self,
+        now: float,
+        rand: Callable[[], float],
+        tried: Sequence[EndpointHandle] = (),
+        pool: Sequence[EndpointHandle] | None = None,
+    ) -> Pick | None:
+        """Choose an endpoint: a due half-open trial first, else the balancer over closed endpoints, preferring
+        ones this call has not tried. Raises when there is nothing to call on a first attempt; returns None on a
+        retry when nothing is left."""
+        handles = self.handles if pool is None else pool
+        if not handles:
+            raise NoEndpointsError(
+                f"{self.name}: no healthy endpoints"
+                + ("" if self.snapshot is not None else " (service unknown to discovery)"),
+                service=self.name,
+            )
+        if self._not_closed == 0 and not tried:
+            return Pick(handles[self.balancer.pick(handles, now, rand)], False)
+        for handle in handles:
+            breaker = handle.breaker
+            if breaker.state != CLOSED and handle not in tried:
+                admitted = breaker.admit(now)
+                if admitted is None:
+                    return Pick(handle, True)
+        closed = [h for h in handles if h.breaker.state == CLOSED]
+        fresh = [h for h in closed if h not in tried] if tried else closed
+        candidates = fresh or closed
+        if candidates:
+            return Pick(candidates[self.balancer.pick(candidates, now, rand)], False)
+        if tried:
+            return None
+        waits = ", ".join(f"{h.label} reopens in {h.breaker.reopens_in(now):.1f}s" for h in handles)
+        raise CircuitOpenError(
+            f"{self.name}: all {len(handles)} endpoints are ejected by their circuit breakers ({waits})",
+            service=self.name,
+        )

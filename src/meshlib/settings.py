@@ -1,0 +1,81 @@
+"""MeshSettings: explicit arguments first, then ``MESH_*`` environment variables, then defaults (design §3)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+TLS_MODES = ("off", "permissive", "strict")
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def validate_service_name(name: str) -> str:
+    """Service names become hostnames and SPIFFE path segments: DNS-label rules."""
+    if not _SERVICE_NAME.match(name):
+        raise ConfigurationError(
+            f"invalid service name {name!r}: use lowercase letters, digits and '-', 1-63 characters"
+        )
+    return name
+
+
+def _default_service() -> str:
+    prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", prog.lower()).strip("-")
+    return cleaned[:63] or "python"
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    service: str = field(default_factory=_default_service)
+    discovery: str = "registry://127.0.0.1:7400"
+    control_plane: str = "http://127.0.0.1:7400"
+    tls: str = "off"
+    state_dir: str = ""
+    trust_domain: str = "mesh.local"
+    namespace: str = "default"
+    #: How long a first call waits for discovery's first answer about a service.
+    discovery_timeout: float = 5.0
+
+    _ENV = {
+        "service": "MESH_SERVICE",
+        "discovery": "MESH_DISCOVERY",
+        "control_plane": "MESH_CONTROL_PLANE",
+        "tls": "MESH_TLS",
+        "state_dir": "MESH_STATE_DIR",
+        "trust_domain": "MESH_TRUST_DOMAIN",
+        "namespace": "MESH_NAMESPACE",
+    }
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> MeshSettings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, var in cls._ENV.items():
+            if var in env:
+                values[name] = env[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigurationError(f"unknown mesh setting(s): {', '.join(sorted(unknown))}")
+        settings = cls(**values)  # type: ignore[arg-type]
+        return settings.validated()
+
+    def validated(self) -> MeshSettings:
+        validate_service_name(self.service)
+        if self.tls not in TLS_MODES:
+            raise ConfigurationError(f"MESH_TLS={self.tls!r}: expected one of {', '.join(TLS_MODES)}")
+        if not self.discovery.startswith(("static:", "registry://", "consul://")):
+            raise ConfigurationError(
+                f"MESH_DISCOVERY={self.discovery!r}: expected consul://host:port, registry://host:port "
+                "or static:service=host:port[,...][;service=...]"
+            )
+        if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
+            raise ConfigurationError(f"MESH_CONTROL_PLANE={self.control_plane!r}: expected an http(s):// URL")
+        state_dir = self.state_dir or str(Path.home() / ".cache" / "meshlib" / self.service)
+        return replace(self, state_dir=state_dir)

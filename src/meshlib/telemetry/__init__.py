@@ -1,0 +1,1 @@
+"""Tracing, metrics and access logs for every mesh call."""

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import meshlib
+from harness import Upstream
+from meshlib.discovery import StaticDiscovery
+from meshlib.endpoints import Endpoint
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's MESH_* settings or writes into their home cache."""
+    import os
+
+    for var in list(os.environ):
+        if var.startswith(("MESH_", "CONSUL_", "OTEL_")) or var.lower().endswith("_proxy"):
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MESH_STATE_DIR", str(tmp_path / "mesh-state"))
+    meshlib.Mesh.set_default(None)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[..., list[Upstream]]]:
+    """``upstreams(3)`` starts three upstream processes (in parallel) and stops them after the test."""
+    started: list[Upstream] = []
+
+    def start(count: int, prefix: str = "i", **behaviour: object) -> list[Upstream]:
+        batch = [Upstream(f"{prefix}{len(started) + i}", **behaviour) for i in range(count)]  # type: ignore[arg-type]
+        started.extend(batch)
+        return [u.wait_listening() for u in batch]
+
+    yield start
+    for upstream in started:
+        upstream.stop()
+
+
+def static_mesh(services: dict[str, list[int]], **kwargs: object) -> meshlib.Mesh:
+    """A Mesh whose discovery is a fixed map of service → loopback ports."""
+    discovery = StaticDiscovery({name: [Endpoint("127.0.0.1", p) for p in ports] for name, ports in services.items()})
+    return meshlib.Mesh(service="tester", discovery=discovery, control_plane="", **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,320 @@
+"""The pure policy core, driven by tables of outcomes with a fake clock and a scripted random source."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterable
+
+import httpcore
+import pytest
+
+import meshlib
+from meshlib.endpoints import Endpoint, EndpointSet
+from meshlib.policy.balancer import LoadStats, P2CPeakEwma, RoundRobin
+from meshlib.policy.breaker import CLOSED, HALF_OPEN, OPEN
+from meshlib.policy.classify import Kind, classify_error, classify_status
+from meshlib.policy.config import BreakerPolicy, RetryBudgetPolicy, RetryPolicy, ServicePolicy
+from meshlib.policy.deadline import call_deadline, incoming_deadline, parse_deadline_header, to_epoch_millis
+from meshlib.policy.flow import Done, Result, Send, Sleep, call_flow
+from meshlib.policy.retry import RetryBudget
+from meshlib.policy.service import ServiceState
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def state(ports: Iterable[int] = (1, 2, 3), policy: ServicePolicy | None = None, clock: FakeClock | None = None):
+    clock = clock or FakeClock()
+    s = ServiceState("svc", clock, policy or ServicePolicy())
+    s.set_endpoints(EndpointSet.of("svc", [Endpoint("10.0.0.1", p) for p in ports]))
+    return s, clock
+
+
+OK = Result(classify_status(200))
+E503 = Result(classify_status(503))
+E404 = Result(classify_status(404))
+REFUSED = Result(classify_error(httpcore.ConnectError("refused")), httpcore.ConnectError("refused"))
+RESET = Result(classify_error(httpcore.ReadError("reset")), httpcore.ReadError("reset"))
+
+
+def run(
+    s: ServiceState,
+    clock: FakeClock,
+    outcomes: list[Result],
+    *,
+    method: str = "GET",
+    replayable: bool = True,
+    deadline: float | None = None,
+    latency: float = 0.01,
+    rand=lambda: 0.5,
+):
+    """Drive one call; returns (the actions it yielded, Done)."""
+    flow = call_flow(s, method=method, replayable=replayable, deadline=deadline, clock=clock, rand=rand)
+    actions: list[object] = []
+    outcomes = list(outcomes)
+    try:
+        action = next(flow)
+        while True:
+            actions.append(action)
+            if isinstance(action, Send):
+                clock.advance(latency)
+                action = flow.send(outcomes.pop(0))
+            else:
+                assert isinstance(action, Sleep)
+                clock.advance(action.seconds)
+                action = next(flow)
+    except StopIteration as stop:
+        done: Done = stop.value
+    return actions, done
+
+
+def sends(actions: list[object]) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send)]
+
+
+# -- classification ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kind", "key", "failure", "reached"),
+    [
+        (OK, Kind.SUCCESS, "200", False, True),
+        (E404, Kind.CLIENT_ERROR, "404", False, True),
+        (E503, Kind.SERVER_ERROR, "503", True, True),
+        (REFUSED, Kind.CONNECT_FAILURE, "connect-failure", True, False),
+        (RESET, Kind.RESET, "reset", True, True),
+        (Result(classify_error(httpcore.ReadTimeout("t"))), Kind.TIMEOUT, "timeout", True, True),
+        (Result(classify_error(ValueError("bad body"))), Kind.LOCAL_ERROR, "local-error", False, False),
+    ],
+)
+def test_one_classifier(outcome, kind, key, failure, reached):
+    v = outcome.verdict
+    assert (v.kind, v.key, v.is_failure, v.reached_server) == (kind, key, failure, reached)
+
+
+# -- retries -----------------------------------------------------------------------------------------
+
+RETRY_TABLE = [
+    # outcomes, method, replayable, expected number of attempts, final status/error
+    ([OK], "GET", True, 1, 200),
+    ([E503, OK], "GET", True, 2, 200),
+    ([E503, E503, E503], "GET", True, 3, 503),
+    ([E404], "GET", True, 1, 404),
+    ([E503], "POST", True, 1, 503),  # not idempotent, may have reached the server
+    ([RESET], "POST", True, 1, meshlib.UnavailableError),
+    ([REFUSED, OK], "POST", True, 2, 200),  # never reached a server: safe to retry
+    ([RESET, OK], "PUT", True, 2, 200),  # idempotent
+    ([E503], "GET", False, 1, 503),  # streamed body cannot be replayed
+    ([REFUSED, REFUSED, REFUSED], "GET", True, 3, meshlib.UnavailableError),
+]
+
+
+@pytest.mark.parametrize(("outcomes", "method", "replayable", "attempts", "final"), RETRY_TABLE)
+def test_retry_table(outcomes, method, replayable, attempts, final):
+    s, clock = state()
+    actions, done = run(s, clock, outcomes, method=method, replayable=replayable)
+    tried = sends(actions)
+    assert len(tried) == attempts
+    assert [a.attempt for a in tried] == list(range(1, attempts + 1))
+    if isinstance(final, int):
+        assert done.error is None and done.result.verdict.status == final
+    else:
+        assert isinstance(done.error, final)
+        assert "svc" in str(done.error) and "10.0.0.1:" in str(done.error)
+
+
+def test_a_retry_goes_to_another_instance_after_a_backoff():
+    s, clock = state()
+    actions, _ = run(s, clock, [E503, E503, OK])
+    endpoints = [a.endpoint for a in sends(actions)]
+    assert len(set(endpoints)) == 3
+    sleeps = [a.seconds for a in actions if isinstance(a, Sleep)]
+    assert len(sleeps) == 2 and all(0 < d <= 0.25 for d in sleeps)
+    assert sleeps[1] > sleeps[0]  # exponential
+
+
+def test_retry_non_idempotent_when_the_rule_says_so():
+    s, clock = state(policy=ServicePolicy(retries=RetryPolicy(retry_non_idempotent=True)))
+    actions, done = run(s, clock, [E503, OK], method="POST")
+    assert len(sends(actions)) == 2 and done.error is None
+
+
+def test_retries_on_list_is_respected():
+    s, clock = state(policy=ServicePolicy(retries=RetryPolicy(on=frozenset({"connect-failure"}))))
+    actions, _ = run(s, clock, [E503])
+    assert len(sends(actions)) == 1
+    s, clock = state(policy=ServicePolicy(retries=RetryPolicy(on=frozenset({"5xx"}))))
+    actions, _ = run(s, clock, [Result(classify_status(500)), OK])
+    assert len(sends(actions)) == 2
+
+
+def test_retry_budget_window_and_reserve():
+    clock = FakeClock(0.0)
+    budget = RetryBudget(RetryBudgetPolicy(ratio=0.2, min_per_second=1, window=10))
+    assert sum(budget.try_withdraw(clock()) for _ in range(20)) == 10  # the reserve: 1/s over 10 s
+    for _ in range(100):
+        budget.deposit(clock())
+    assert sum(budget.try_withdraw(clock()) for _ in range(100)) == 20  # plus 20% of 100 requests
+    clock.advance(11)  # the window slides: all of that is forgotten
+    assert budget.balance(clock()) == 10
+
+
+def test_budget_exhausted_is_a_typed_error():
+    policy = ServicePolicy(retries=RetryPolicy(budget=RetryBudgetPolicy(ratio=0.0, min_per_second=0)))
+    s, clock = state(policy=policy)
+    actions, done = run(s, clock, [REFUSED])
+    assert len(sends(actions)) == 1
+    assert isinstance(done.error, meshlib.RetryBudgetExhaustedError)
+    actions, done = run(s, clock, [E503])  # a response is still a response: the caller gets the 503
+    assert done.error is None and done.result.verdict.status == 503
+
+
+# -- deadlines ---------------------------------------------------------------------------------------
+
+
+def test_per_try_timeout_is_capped_by_the_deadline():
+    policy = ServicePolicy(timeout=1.0, retries=RetryPolicy(per_try_timeout=0.4))
+    s, clock = state(policy=policy)
+    deadline = call_deadline(clock(), policy.timeout)
+    timeout = Result(classify_error(httpcore.ReadTimeout("slow")), httpcore.ReadTimeout("slow"))
+    actions, done = run(s, clock, [timeout, timeout, timeout], deadline=deadline, latency=0.4)
+    budgets = [a.timeout for a in sends(actions)]
+    assert budgets[0] == pytest.approx(0.4)
+    assert budgets[-1] < 0.4  # the last try only gets what is left
+    assert isinstance(done.error, meshlib.DeadlineExceededError)
+
+
+def test_deadline_already_passed_sends_nothing():
+    s, clock = state()
+    actions, done = run(s, clock, [], deadline=clock() - 1)
+    assert actions == [] and isinstance(done.error, meshlib.DeadlineExceededError)
+
+
+def test_incoming_deadline_caps_the_call_deadline():
+    def inner() -> float | None:
+        incoming_deadline.set(2000.5)  # epoch seconds
+        return call_deadline(now=10.0, timeout=5.0, wall_now=2000.0)
+
+    assert contextvars.copy_context().run(inner) == pytest.approx(10.5)
+    assert call_deadline(now=10.0, timeout=5.0, wall_now=2000.0) == 15.0
+    assert to_epoch_millis(10.5, 10.0, 2000.0) == 2000500
+    assert parse_deadline_header(b"2000500") == 2000.5
+    with pytest.raises(ValueError, match="x-mesh-deadline"):
+        parse_deadline_header("soon")
+
+
+# -- circuit breaking --------------------------------------------------------------------------------
+
+
+def test_breaker_ejects_after_consecutive_failures_then_one_half_open_trial():
+    policy = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=5, open_for=30))
+    s, clock = state(ports=[1], policy=policy)
+    for _ in range(5):
+        run(s, clock, [E503, E503, E503])
+    handle = s.handles[0]
+    assert handle.breaker.state == OPEN
+    actions, done = run(s, clock, [])
+    assert actions == [] and isinstance(done.error, meshlib.CircuitOpenError)
+    assert "reopens in" in str(done.error)
+
+    clock.advance(30)
+    # Two concurrent calls: only one becomes the half-open trial; the other fails fast.
+    trial = call_flow(s, method="GET", replayable=True, deadline=None, clock=clock, rand=lambda: 0.5)
+    first = next(trial)
+    assert isinstance(first, Send)
+    _, other = run(s, clock, [])
+    assert isinstance(other.error, meshlib.CircuitOpenError)
+    with pytest.raises(StopIteration):
+        trial.send(OK)
+    assert handle.breaker.state == CLOSED
+    assert run(s, clock, [OK])[1].error is None
+
+
+def test_failed_trial_reopens_and_cancelled_trial_frees_the_gate():
+    policy = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=1, open_for=10))
+    s, clock = state(ports=[1], policy=policy)
+    run(s, clock, [REFUSED])
+    breaker = s.handles[0].breaker
+    assert breaker.state == OPEN
+    clock.advance(10)
+    run(s, clock, [REFUSED])
+    assert breaker.state == OPEN and breaker.reopens_in(clock()) == pytest.approx(10, abs=0.1)
+    clock.advance(10)
+    flow = call_flow(s, method="GET", replayable=True, deadline=None, clock=clock, rand=lambda: 0.5)
+    assert isinstance(next(flow), Send)
+    flow.close()  # the caller was cancelled mid-attempt
+    assert breaker.state in (OPEN, HALF_OPEN)
+    assert run(s, clock, [OK])[1].error is None  # the gate was handed back: a new trial goes through
+    assert breaker.state == CLOSED
+
+
+def test_ejected_endpoints_are_skipped_while_others_serve():
+    policy = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=2, open_for=30))
+    s, clock = state(ports=[1, 2], policy=policy)
+    bad = s.handles[0]
+    for _ in range(2):
+        bad.breaker.record(True, False)
+    assert bad.breaker.state == OPEN
+    for _ in range(20):
+        actions, _done = run(s, clock, [OK])
+        assert sends(actions)[0].endpoint.port == 2
+
+
+def test_endpoint_state_survives_discovery_updates():
+    s, clock = state(ports=[1, 2])
+    s.handles[0].load.observe(0.5, clock())
+    s.set_endpoints(EndpointSet.of("svc", [Endpoint("10.0.0.1", p) for p in (1, 2, 3)]))
+    assert [h.endpoint.port for h in s.handles] == [1, 2, 3]
+    assert s.handles[0].load.ewma == 0.5
+    s.set_endpoints(EndpointSet.of("svc", []))
+    _actions, done = run(s, clock, [])
+    assert isinstance(done.error, meshlib.NoEndpointsError)
+
+
+# -- balancing ---------------------------------------------------------------------------------------
+
+
+def test_peak_ewma_jumps_up_decays_down():
+    load = LoadStats(now=0.0, tau=10.0)
+    load.observe(0.010, 0.0)
+    load.observe(0.100, 0.1)
+    assert load.ewma == 0.100  # peak: at once
+    load.observe(0.010, 10.1)
+    assert 0.010 < load.ewma < 0.100  # then pulled down with time
+    assert load.latency(100.0) < 0.001  # an idle endpoint is forgiven
+
+
+def test_p2c_prefers_lower_cost_and_counts_outstanding():
+    class H:
+        def __init__(self, ewma: float, outstanding: int = 0) -> None:
+            self.load = LoadStats(0.0)
+            self.load.ewma = ewma
+            self.load.outstanding = outstanding
+
+    p2c = P2CPeakEwma()
+    fast, slow = H(0.001), H(0.050)
+    rolls = iter([0.1, 0.9] * 10)
+    assert all(p2c.pick([fast, slow], 0.0, lambda: next(rolls)) == 0 for _ in range(5))
+    busy = H(0.001, outstanding=100)
+    assert p2c.pick([busy, slow], 0.0, iter([0.1, 0.9]).__next__) == 1
+    cold_busy, cold_idle = H(0.0, outstanding=3), H(0.0)
+    assert p2c.pick([cold_busy, cold_idle], 0.0, iter([0.1, 0.9]).__next__) == 1
+
+
+def test_round_robin_and_balancer_override():
+    rr = RoundRobin()
+    picks = [rr.pick([object(), object(), object()], 0.0, lambda: 0.0) for _ in range(6)]  # type: ignore[list-item]
+    assert picks == [0, 1, 2, 0, 1, 2]
+    s, clock = state(policy=ServicePolicy(load_balancer="round_robin"))
+    ports = [sends(run(s, clock, [OK])[0])[0].endpoint.port for _ in range(3)]
+    assert sorted(ports) == [1, 2, 3]
+    s.set_policy(ServicePolicy(load_balancer="least_request"))
+    assert s.balancer.name == "least_request"

@@ -1,0 +1,118 @@
+"""A real HTTP upstream for tests: a small ASGI app on uvicorn, run as its own process so tests can SIGKILL it.
+
+    python tests/upstream.py --name a [--status 503] [--delay 0.05]
+
+Prints ``LISTENING <port>`` once it accepts connections. Every answer is JSON naming the instance and echoing the
+mesh headers it received. ``/-/behave?status=&delay=`` changes behaviour at run time; ``/-/count`` returns and
+``/-/reset`` clears the per-method request counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+from typing import Any
+from urllib.parse import parse_qs
+
+import uvicorn
+
+
+def make_app(name: str, status: int, delay: float) -> Any:
+    state: dict[str, Any] = {"status": status, "delay": delay, "counts": {}}
+
+    async def send_json(send: Any, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        query = parse_qs(scope["query_string"].decode())
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if path == "/-/behave":
+            if "status" in query:
+                state["status"] = int(query["status"][0])
+            if "delay" in query:
+                state["delay"] = float(query["delay"][0])
+            await send_json(send, 200, {"instance": name, "status": state["status"], "delay": state["delay"]})
+            return
+        if path == "/-/count":
+            await send_json(send, 200, state["counts"])
+            return
+        if path == "/-/reset":
+            state["counts"] = {}
+            await send_json(send, 200, {})
+            return
+        counts = state["counts"]
+        counts[scope["method"]] = counts.get(scope["method"], 0) + 1
+        if state["delay"]:
+            await asyncio.sleep(state["delay"])
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        await send_json(
+            send,
+            state["status"],
+            {
+                "instance": name,
+                "method": scope["method"],
+                "path": path,
+                "query": scope["query_string"].decode(),
+                "body": body.decode(errors="replace"),
+                "headers": headers,
+            },
+        )
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--status", type=int, default=200)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    config = uvicorn.Config(
+        make_app(args.name, args.status, args.delay), log_level="warning", access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    original_startup = server.startup
+
+    async def startup(sockets: Any = None) -> None:
+        await original_startup(sockets=sockets)
+        print(f"LISTENING {sock.getsockname()[1]}", flush=True)
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run(sockets=[sock])
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
