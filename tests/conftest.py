@@ -45,3 +45,20 @@ def static_mesh(services: dict[str, list[int]], **kwargs: object) -> meshlib.Mes
     """A Mesh whose discovery is a fixed map of service → loopback ports."""
     discovery = StaticDiscovery({name: [Endpoint("127.0.0.1", p) for p in ports] for name, ports in services.items()})
     return meshlib.Mesh(service="tester", discovery=discovery, control_plane="", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """``control_plane()`` starts a real ``meshctl serve``; every one started is stopped after the test."""
+    from harness import ControlPlaneProcess
+
+    started: list[ControlPlaneProcess] = []
+
+    def start(state_dir: Path | None = None, **kwargs: object) -> ControlPlaneProcess:
+        cp = ControlPlaneProcess(state_dir or tmp_path / "cp-state", **kwargs)  # type: ignore[arg-type]
+        started.append(cp)
+        return cp
+
+    yield start
+    for cp in started:
+        cp.stop()

@@ -96,6 +96,75 @@ class Upstream:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+class ControlPlaneProcess:
+    """A real ``meshctl serve`` subprocess on a free loopback port."""
+
+    def __init__(self, state_dir: Path, port: int = 0, admin_token: str | None = ADMIN_TOKEN) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        if admin_token:
+            env["MESH_ADMIN_TOKEN"] = admin_token
+        self.state_dir = state_dir
+        self.admin_token = admin_token
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshlib.cli", "serve", "--port", str(port), "--state-dir", str(state_dir),
+             "--log-level", "warning"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 30
+        self.port = 0
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if "listening on http://" in line:
+                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+                break
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"meshctl serve exited with {self.proc.returncode}")
+        if not self.port:
+            raise RuntimeError("meshctl serve did not start")
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for(self._healthy, timeout=20, what="control plane /healthz")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def admin(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.admin_token}"}
+
+    def put_rules(self, document: Any, cas: int | None = None) -> httpx.Response:
+        import json as _json
+
+        params = {"cas": cas} if cas is not None else {}
+        return httpx.put(self.url + "/v1/rules", params=params, content=_json.dumps(document), headers=self.admin())
+
+    def apply(self, document: Any) -> int:
+        r = self.put_rules(document)
+        assert r.status_code == 200, r.text
+        return int(r.json()["version"])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()

@@ -61,6 +61,9 @@ def make_app(name: str, status: int, delay: float) -> Any:
                 state["delay"] = float(query["delay"][0])
             await send_json(send, 200, {"instance": name, "status": state["status"], "delay": state["delay"]})
             return
+        if path == "/-/ok":  # a fixed tiny answer, for benchmarks
+            await send_json(send, 200, "ok")
+            return
         if path == "/-/count":
             await send_json(send, 200, state["counts"])
             return
@@ -95,13 +98,27 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--status", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--mesh-service", help="run through meshlib.serve() as this service (registers itself)")
+    parser.add_argument("--tags", default="", help="comma-separated tags, with --mesh-service")
     args = parser.parse_args()
+    app = make_app(args.name, args.status, args.delay)
+    if args.mesh_service:
+        import meshlib
+
+        meshlib.serve(
+            app,
+            service=args.mesh_service,
+            port=args.port,
+            tags=[t for t in args.tags.split(",") if t],
+            log_level="warning",
+            drain_delay=0.3,
+            on_ready=lambda port: print(f"LISTENING {port}", flush=True),
+        )
+        return
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
-    config = uvicorn.Config(
-        make_app(args.name, args.status, args.delay), log_level="warning", access_log=False, lifespan="on"
-    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     original_startup = server.startup
 

@@ -3,6 +3,8 @@
 Public API only; see ``docs/`` and ``shared/design.md``.
 """
 
+from typing import Any
+
 from .errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -18,6 +20,14 @@ from .settings import MeshSettings
 
 __version__ = "0.1.0"
 
+
+def serve(app: Any, **kwargs: Any) -> None:
+    """Run an ASGI or WSGI app as a mesh instance (see ``meshlib.server.serve``; needs ``meshlib[server]``)."""
+    from .server import serve as _serve
+
+    _serve(app, **kwargs)
+
+
 __all__ = [
     "AsyncClient",
     "CircuitOpenError",
@@ -30,4 +40,5 @@ __all__ = [
     "NoEndpointsError",
     "RetryBudgetExhaustedError",
     "UnavailableError",
+    "serve",
 ]

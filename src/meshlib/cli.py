@@ -1,20 +1,237 @@
-"""meshctl: the command line of the mesh (control plane, rules, CA, demo)."""
+"""meshctl: the command line of the mesh (control plane, rules, status, running apps, the demo)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_CONTROL_PLANE = "http://127.0.0.1:7400"
+
+
+class CliError(Exception):
+    """Reported as one line on stderr with exit status 1; never a traceback."""
+
+
+def _control_plane(args: argparse.Namespace) -> str:
+    return str(args.control_plane or os.environ.get("MESH_CONTROL_PLANE") or DEFAULT_CONTROL_PLANE).rstrip("/")
+
+
+def _admin_headers() -> dict[str, str]:
+    token = os.environ.get("MESH_ADMIN_TOKEN")
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def _request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    url = _control_plane(args) + path
+    try:
+        return httpx.request(method, url, timeout=10, trust_env=False, **kwargs)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the control plane at {_control_plane(args)}: {exc}") from None
+
+
+def _check(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text}
+    if response.status_code >= 400:
+        message = body.get("error", response.reason_phrase) if isinstance(body, dict) else str(body)
+        lines = [f"{response.status_code}: {message}"]
+        if isinstance(body, dict):
+            lines += [f"  - {e['path']}: {e['error']}" for e in body.get("errors", [])]
+        if response.status_code == 401:
+            lines.append("  (set MESH_ADMIN_TOKEN to the control plane's admin token)")
+        raise CliError("\n".join(lines))
+    return body
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .control.runner import run_control_plane
+
+    run_control_plane(
+        host=args.host, port=args.port, state_dir=args.state_dir, store=args.store, log_level=args.log_level
+    )
+    return 0
+
+
+def cmd_rules_apply(args: argparse.Namespace) -> int:
+    from .rules.model import parse_rules, validate_rules
+
+    path = Path(args.file)
+    try:
+        text = sys.stdin.read() if args.file == "-" else path.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    document = parse_rules(text, args.file)
+    validate_rules(document)  # the same checks the server makes, reported before anything is sent
+    params = {"cas": args.cas} if args.cas is not None else {}
+    headers = {**_admin_headers(), "content-type": "application/json"}
+    if args.comment:
+        headers["x-mesh-comment"] = args.comment
+    body = _check(_request(args, "PUT", "/v1/rules", params=params, content=json.dumps(document), headers=headers))
+    print(f"rules version {body['version']} applied")
+    return 0
+
+
+def cmd_rules_validate(args: argparse.Namespace) -> int:
+    from .rules.model import parse_rules, validate_rules
+
+    try:
+        text = Path(args.file).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    rules = validate_rules(parse_rules(text, args.file))
+    print(f"{args.file}: valid ({len(rules.services)} service(s))")
+    return 0
+
+
+def cmd_rules_get(args: argparse.Namespace) -> int:
+    path = f"/v1/rules/{args.version}" if args.version is not None else "/v1/rules"
+    body = _check(_request(args, "GET", path))
+    if args.output == "yaml":
+        import yaml
+
+        print(f"# version {body['version']}")
+        print(yaml.safe_dump(body["rules"], sort_keys=False) if body["rules"] else "{}")
+    else:
+        _print_json(body)
+    return 0
+
+
+def cmd_rules_history(args: argparse.Namespace) -> int:
+    body = _check(_request(args, "GET", "/v1/rules/history", params={"limit": args.limit}))
+    print(f"{'VERSION':>7}  {'WHEN (UTC)':19}  {'AUTHOR':12}  COMMENT")
+    for v in body["versions"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_at"]))
+        marker = "*" if v["version"] == body["current"] else " "
+        print(f"{v['version']:>6}{marker}  {when}  {v['author'][:12]:12}  {v['comment']}")
+    return 0
+
+
+def cmd_rules_rollback(args: argparse.Namespace) -> int:
+    body = _check(
+        _request(args, "POST", "/v1/rules/rollback", params={"to": args.version}, headers=_admin_headers())
+    )
+    print(f"rolled back to version {body['rolled_back_to']}: now version {body['version']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rules = _check(_request(args, "GET", "/v1/rules"))
+    registry = _check(_request(args, "GET", "/v1/registry/services"))
+    print(f"control plane {_control_plane(args)}: rules version {rules['version']}")
+    services = registry["services"]
+    if not services:
+        print("no registered instances")
+    for name, instances in services.items():
+        print(f"{name}: {len(instances)} instance(s)")
+        for inst in instances:
+            tags = ",".join(inst["tags"]) or "-"
+            print(f"  {inst['address']}:{inst['port']}  tags={tags}  id={inst['id']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import importlib
+
+    from . import serve
+
+    module_name, _, attr = args.app.partition(":")
+    if not attr:
+        raise CliError(f"{args.app!r}: expected module:attribute, e.g. myapp.main:app")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+        app = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise CliError(f"cannot load {args.app}: {exc}") from None
+    tags = [t for t in (args.tags or "").split(",") if t]
+    serve(app, service=args.service, host=args.host, port=args.port, tags=tags)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(duration=args.duration, ui=not args.no_ui)
+
+
+# -- parser ---------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Operate a meshlib service mesh.")
     parser.add_argument("--version", action="store_true", help="print the meshlib version and exit")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument(
+        "--control-plane", metavar="URL", help=f"config service URL (default: $MESH_CONTROL_PLANE or {DEFAULT_CONTROL_PLANE})"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the control plane (rules, embedded registry)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7400, help="0 picks a free port")
+    p.add_argument("--state-dir", default=".mesh-state/control-plane", help="where the rules database lives")
+    p.add_argument("--store", default="sqlite", help="sqlite (default), sqlite:PATH")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    rules = sub.add_parser("rules", help="read and change the routing rules")
+    rsub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("apply", help="replace the rules with a YAML or JSON file (needs MESH_ADMIN_TOKEN)")
+    p.add_argument("-f", "--file", required=True, help="rules file, or - for stdin")
+    p.add_argument("--cas", type=int, help="only apply if the current version is this one")
+    p.add_argument("--comment", default="", help="recorded in the history")
+    p.set_defaults(func=cmd_rules_apply)
+    p = rsub.add_parser("validate", help="check a rules file without sending it")
+    p.add_argument("-f", "--file", required=True)
+    p.set_defaults(func=cmd_rules_validate)
+    p = rsub.add_parser("get", help="print the current rules (or one version)")
+    p.add_argument("--version", type=int, dest="version")
+    p.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
+    p.set_defaults(func=cmd_rules_get)
+    p = rsub.add_parser("history", help="list stored versions")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_rules_history)
+    p = rsub.add_parser("rollback", help="make an old version current again (as a new version)")
+    p.add_argument("version", type=int)
+    p.set_defaults(func=cmd_rules_rollback)
+
+    p = sub.add_parser("status", help="services, instances and the rule version")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("run", help="run an ASGI or WSGI app as a mesh instance")
+    p.add_argument("service")
+    p.add_argument("app", help="module:attribute")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tags", help="comma-separated tags (subsets select by them)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="a whole mesh on this machine, with traffic and failure scenes")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds (roughly) for the whole demo")
+    p.add_argument("--no-ui", action="store_true", help="plain log lines instead of the live view")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import ConfigurationError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -25,7 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    try:
+        return int(args.func(args))
+    except (CliError, ConfigurationError) as exc:
+        print(f"meshctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .mesh import Mesh
 from .policy.classify import classify_error, classify_status
 from .policy.deadline import call_deadline, to_epoch_millis
 from .policy.flow import CallFlow, Done, Result, Send, call_flow
-from .policy.service import ServiceState
+from .policy.service import DEFAULT_PLAN, ServiceState
 from .telemetry.tracing import outbound_traceparent
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport", "mesh_service_name"]
@@ -153,6 +153,7 @@ class _Call:
         self.read_timeout: float | None = timeouts.get("read")
         now = mesh.clock()
         method = request.method
+        plan = state.plan(method, url.path, request.headers.get, mesh.rand) if state.rules is not None else DEFAULT_PLAN
         self.flow: CallFlow = call_flow(
             state,
             method=method,
@@ -160,6 +161,7 @@ class _Call:
             deadline=call_deadline(now, state.policy.timeout),
             clock=mesh.clock,
             rand=mesh.rand,
+            plan=plan,
         )
 
     def attempt_request(self, send: Send) -> httpcore.Request:
@@ -188,6 +190,11 @@ class _Call:
             content=self.request.stream,
             extensions=extensions,
         )
+
+
+def _fault_response(done: Done) -> httpx.Response:
+    assert done.abort_status is not None
+    return httpx.Response(done.abort_status, headers={"x-mesh-fault": "abort"}, content=b"fault injected by mesh rules")
 
 
 def _raise_done(done: Done) -> None:
@@ -270,7 +277,8 @@ class MeshTransport(httpx.BaseTransport):
             if response is not None:
                 response.close()
             _raise_done(done)
-        assert response is not None
+        if response is None:
+            return _fault_response(done)
         return response
 
     def close(self) -> None:
@@ -361,7 +369,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             if response is not None:
                 await response.aclose()
             _raise_done(done)
-        assert response is not None
+        if response is None:
+            return _fault_response(done)
         return response
 
     async def aclose(self) -> None:

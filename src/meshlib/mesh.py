@@ -3,6 +3,7 @@ clients are cheap views onto it."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -13,16 +14,35 @@ from .discovery import Discovery, StaticDiscovery
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
+from .rules.model import EMPTY_RULES, Rules
 from .settings import MeshSettings
 
 if TYPE_CHECKING:
     from .http import AsyncClient, Client
+    from .rules.watcher import RulesWatcher
 
 
-def make_discovery(spec: str) -> Discovery:
+def _host_port(spec: str, scheme: str) -> str:
+    rest = spec[len(scheme) :].strip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"MESH_DISCOVERY={spec!r}: expected {scheme}host:port")
+    return rest
+
+
+def make_discovery(settings: MeshSettings) -> Discovery:
+    spec = settings.discovery
     if spec.startswith("static:"):
         return StaticDiscovery(spec[len("static:") :])
-    raise ConfigurationError(f"discovery {spec!r} is not supported by this build")
+    if spec.startswith("registry://"):
+        from .discovery.registry import RegistryDiscovery
+
+        return RegistryDiscovery(
+            "http://" + _host_port(spec, "registry://"),
+            state_dir=settings.state_dir,
+            token=os.environ.get("MESH_BOOTSTRAP_TOKEN") or None,
+        )
+    raise ConfigurationError(f"MESH_DISCOVERY={spec!r} is not supported by this build")
 
 
 class Mesh:
@@ -51,7 +71,7 @@ class Mesh:
             state_dir=state_dir,
         )
         self.service = self.settings.service
-        self.discovery = discovery if isinstance(discovery, Discovery) else make_discovery(self.settings.discovery)
+        self.discovery = discovery if isinstance(discovery, Discovery) else make_discovery(self.settings)
         self.clock = clock
         self.rand = rand
         self.default_policy = default_policy
@@ -61,8 +81,23 @@ class Mesh:
         self._closed = False
         #: Sent as ``x-mesh-caller`` on every mesh request (informational; authorization never trusts it).
         self.caller_header = (b"x-mesh-caller", self.service.encode("ascii"))
+        self.rules: Rules = EMPTY_RULES
+        self.rules_watcher: RulesWatcher | None = None
+        if self.settings.control_plane:
+            from .rules.watcher import RulesWatcher
+
+            self.rules_watcher = RulesWatcher(
+                self.settings.control_plane, self.apply_rules, state_dir=self.settings.state_dir
+            ).start()
 
     # -- per-service state ------------------------------------------------------------------------
+
+    def apply_rules(self, rules: Rules) -> None:
+        """Swap in a new rules document: every service's routes and policy change at once; calls in flight keep
+        what they started with."""
+        self.rules = rules
+        for name, state in list(self._services.items()):
+            state.set_rules(rules.for_service(name), self.policy_for(name))
 
     def policy_for(self, service: str) -> ServicePolicy:
         return self._policies.get(service, self.default_policy)
@@ -101,6 +136,9 @@ class Mesh:
             if state is not None:
                 return state
             state = ServiceState(service, self.clock, self.policy_for(service))
+            service_rules = self.rules.for_service(service)
+            if service_rules is not None:
+                state.set_rules(service_rules, self.policy_for(service))
             self._services[service] = state
         self.discovery.watch(service, state.set_endpoints)
         return state
@@ -127,6 +165,8 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
+        if self.rules_watcher is not None:
+            self.rules_watcher.close()
         self.discovery.close()
 
     def __enter__(self) -> Mesh:

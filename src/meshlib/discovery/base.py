@@ -7,12 +7,14 @@ and lets a first caller wait for the first answer.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from ..endpoints import EndpointSet
 
 Listener = Callable[[EndpointSet], None]
+_log = logging.getLogger("meshlib.discovery")
 
 
 class Discovery:
@@ -53,6 +55,12 @@ class Discovery:
     def close(self) -> None:
         """Stop background watches. Idempotent."""
 
+    def register(
+        self, service: str, address: str, port: int, tags: Sequence[str] = (), meta: Mapping[str, str] | None = None
+    ) -> Registration:
+        """A registration for this instance (not yet started); backends without a registry return a no-op."""
+        return NoRegistration()
+
     # -- for backends -----------------------------------------------------------------------------
 
     def _start_watch(self, service: str) -> None:
@@ -73,3 +81,69 @@ class Discovery:
             listener(snapshot)
         event.set()
         return changed
+
+
+class Registration:
+    """One instance registered in discovery, kept alive by a heartbeat thread until ``close()``, which
+    deregisters it. Backends implement ``_register``, ``_heartbeat`` (re-registering when the server forgot the
+    instance) and ``_deregister``."""
+
+    ttl = 10.0
+    id = ""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.registered = False
+
+    def _register(self) -> None:
+        raise NotImplementedError
+
+    def _heartbeat(self) -> None:
+        raise NotImplementedError
+
+    def _deregister(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Registration:
+        try:
+            self._register()
+            self.registered = True
+        except Exception as exc:
+            _log.warning("registration of %s failed (%s); retrying in the background", self.id, exc)
+        self._thread = threading.Thread(target=self._loop, name=f"meshlib-heartbeat-{self.id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        interval = max(0.2, self.ttl / 3)
+        while not self._stop.wait(interval):
+            try:
+                if self.registered:
+                    self._heartbeat()
+                else:
+                    self._register()
+                    self.registered = True
+            except Exception as exc:
+                _log.warning("heartbeat for %s failed: %s", self.id, exc)
+
+    def close(self) -> None:
+        """Stop heartbeating and deregister (best effort: a TTL cleans up whatever this cannot)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self._deregister()
+        except Exception as exc:
+            _log.warning("deregistration of %s failed: %s", self.id, exc)
+        self.registered = False
+
+
+class NoRegistration(Registration):
+    """For discovery that has no registry (static lists)."""
+
+    def start(self) -> Registration:
+        return self
+
+    def close(self) -> None:
+        pass

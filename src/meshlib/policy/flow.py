@@ -11,7 +11,7 @@ The stack, in Finagle's order (outermost first):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from ..endpoints import Endpoint
@@ -23,7 +23,7 @@ from ..errors import (
 )
 from .balancer import FAILURE_PENALTY
 from .classify import Kind, Verdict
-from .service import EndpointHandle, ServiceState
+from .service import DEFAULT_PLAN, CallPlan, EndpointHandle, ServiceState
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,8 @@ class Done:
     result: Result | None
     error: BaseException | None = None
     attempts: int = 0
+    #: Fault injection aborted the call: answer with this status without calling anyone.
+    abort_status: int | None = None
 
 
 Action = Send | Sleep
@@ -76,11 +78,22 @@ def call_flow(
     deadline: float | None,
     clock: Callable[[], float],
     rand: Callable[[], float],
-    pool: Sequence[EndpointHandle] | None = None,
+    plan: CallPlan = DEFAULT_PLAN,
 ) -> CallFlow:
     now = clock()
+    faults = plan.faults
+    if faults is not None:  # injected by the rules, before anything else, as a real failure would be
+        if faults.delay_percent and rand() * 100 < faults.delay_percent:
+            delay = faults.delay if deadline is None else min(faults.delay, max(0.0, deadline - now))
+            yield Sleep(delay)
+            now = clock()
+        if faults.abort_percent and rand() * 100 < faults.abort_percent:
+            return Done(None, None, 0, abort_status=faults.abort_status)
     service.budget.deposit(now)
     retry = service.retry
+    pool = plan.pool
+    subset = plan.choice.subset
+    non_idempotent = plan.retry_non_idempotent
     per_try = retry.policy.per_try_timeout
     tried: list[EndpointHandle] = []
     log: list[str] = []
@@ -91,7 +104,7 @@ def call_flow(
         if remaining is not None and remaining <= 0:
             return Done(last, _deadline_error(service.name, log), attempt)
         try:
-            pick = service.pick(now, rand, tried, pool)
+            pick = service.pick(now, rand, tried, pool, subset)
         except MeshError as exc:
             return Done(last, exc, attempt)
         if pick is None:  # a retry with nowhere left to go: report what the last attempt got
@@ -135,6 +148,7 @@ def call_flow(
             budget=service.budget,
             now=now,
             rand=rand,
+            retry_non_idempotent=non_idempotent,
         )
         if not decision.retry:
             if not verdict.is_error:

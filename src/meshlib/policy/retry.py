@@ -104,6 +104,7 @@ class RetryStrategy:
         budget: RetryBudget,
         now: float,
         rand: Callable[[], float],
+        retry_non_idempotent: bool | None = None,
     ) -> RetryDecision:
         if verdict.kind.value in ("success", "client-error"):
             return NO_RETRY_SUCCESS
@@ -112,7 +113,9 @@ class RetryStrategy:
             return NO_RETRY_NOT_ON
         if self._stop(_AttemptState(attempt)):  # type: ignore[arg-type]
             return RetryDecision(False, f"{attempt} of {policy.attempts} attempts used")
-        if verdict.reached_server and method not in IDEMPOTENT_METHODS and not policy.retry_non_idempotent:
+        if retry_non_idempotent is None:
+            retry_non_idempotent = policy.retry_non_idempotent
+        if verdict.reached_server and method not in IDEMPOTENT_METHODS and not retry_non_idempotent:
             return RetryDecision(False, f"{method} is not idempotent and the request may have reached the server")
         if not replayable:
             return RetryDecision(False, "the request body is a stream that cannot be replayed")

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 from ..endpoints import Endpoint, EndpointSet
 from ..errors import CircuitOpenError, NoEndpointsError
+from ..rules.model import Faults, ServiceRules
 from .balancer import LoadStats, make_balancer
 from .breaker import CLOSED, EndpointBreaker, TransitionListener
 from .config import DEFAULT_POLICY, ServicePolicy
 from .retry import RetryBudget, RetryStrategy
+from .routing import DEFAULT_CHOICE, HeaderLookup, RouteChoice, choose
 
 Clock = Callable[[], float]
 
@@ -28,6 +30,20 @@ class EndpointHandle:
         self.label = endpoint.authority
         self.load = LoadStats(now)
         self.breaker = breaker
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """Where one call may go, decided once before its first attempt: the route and subset it took, the endpoints
+    of that subset, and the route's fault injection and retry overrides."""
+
+    choice: RouteChoice
+    pool: tuple[EndpointHandle, ...] | None  # None: every endpoint of the service
+    faults: Faults | None
+    retry_non_idempotent: bool | None
+
+
+DEFAULT_PLAN = CallPlan(DEFAULT_CHOICE, None, None, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,8 @@ class ServiceState:
         self._by_key: dict[tuple[str, int, str], EndpointHandle] = {}
         self._not_closed = 0
         self._external_listener = on_breaker_transition
+        self.rules: ServiceRules | None = None
+        self._subset_pools: dict[str, tuple[EndpointHandle, ...]] = {}
 
     # -- updates (discovery and rules) ------------------------------------------------------------
 
@@ -83,6 +101,7 @@ class ServiceState:
         self._by_key = by_key
         self._not_closed = sum(1 for h in handles if h.breaker.state != CLOSED)
         self.handles = tuple(handles)
+        self._subset_pools = {}
         self.snapshot = snapshot
 
     def set_policy(self, policy: ServicePolicy) -> None:
@@ -100,7 +119,36 @@ class ServiceState:
                 handle.breaker.update_policy(policy.circuit_breaker)
         self.policy = policy
 
+    def set_rules(self, rules: ServiceRules | None, default_policy: ServicePolicy = DEFAULT_POLICY) -> None:
+        """Apply this service's block of a new rules document (None: the service has no rules any more)."""
+        self.rules = rules
+        self._subset_pools = {}
+        self.set_policy(rules.policy if rules is not None else default_policy)
+
+    def subset_pool(self, name: str) -> tuple[EndpointHandle, ...]:
+        pool = self._subset_pools.get(name)
+        if pool is None:
+            rules = self.rules
+            subset = rules.subsets.get(name) if rules is not None else None
+            if subset is None:
+                pool = ()
+            else:
+                pool = tuple(h for h in self.handles if subset.selects(h.endpoint.tags, h.endpoint.meta))
+            self._subset_pools[name] = pool
+        return pool
+
     # -- the call path ----------------------------------------------------------------------------
+
+    def plan(self, method: str, path: str, header: HeaderLookup, rand: Callable[[], float]) -> CallPlan:
+        rules = self.rules
+        if rules is None:
+            return DEFAULT_PLAN
+        if not rules.routes:
+            return CallPlan(DEFAULT_CHOICE, None, rules.faults, None) if rules.faults else DEFAULT_PLAN
+        choice = choose(rules, method, path, header, rand)
+        pool = None if choice.subset is None else self.subset_pool(choice.subset)
+        route = choice.route
+        return CallPlan(choice, pool, rules.faults, route.retry_non_idempotent if route is not None else None)
 
     def pick(
         self,
@@ -108,17 +156,20 @@ class ServiceState:
         rand: Callable[[], float],
         tried: Sequence[EndpointHandle] = (),
         pool: Sequence[EndpointHandle] | None = None,
+        subset: str | None = None,
     ) -> Pick | None:
         """Choose an endpoint: a due half-open trial first, else the balancer over closed endpoints, preferring
         ones this call has not tried. Raises when there is nothing to call on a first attempt; returns None on a
         retry when nothing is left."""
         handles = self.handles if pool is None else pool
         if not handles:
-            raise NoEndpointsError(
-                f"{self.name}: no healthy endpoints"
-                + ("" if self.snapshot is not None else " (service unknown to discovery)"),
-                service=self.name,
-            )
+            if pool is not None:
+                message = f"{self.name}: subset {subset!r} (chosen by the rules) has no healthy endpoints"
+            elif self.snapshot is None:
+                message = f"{self.name}: service unknown to discovery"
+            else:
+                message = f"{self.name}: no healthy endpoints (discovery lists none)"
+            raise NoEndpointsError(message, service=self.name)
         if self._not_closed == 0 and not tried:
             return Pick(handles[self.balancer.pick(handles, now, rand)], False)
         for handle in handles:

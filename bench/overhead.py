@@ -1,0 +1,164 @@
+"""meshlib.Client vs plain httpx.Client, side by side in one run (not a CI test).
+
+    python bench/overhead.py [--rounds 7] [--requests 2000]
+
+Three measurements, each as interleaved rounds (A, B, A, B, ...) so drift hits both sides alike; reports the median
+and p99 of per-request figures and the ratios:
+  * no-network: both clients over a fake connection pool that answers at once, so only client-side CPU is measured
+    (meshlib's own work = meshlib CPU/request - httpx CPU/request);
+  * loopback: both clients against the same uvicorn server on 127.0.0.1 (throughput ratio, latency);
+  * memory: RSS added by importing meshlib and making one mesh call, over an httpx application doing the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpcore
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import meshlib  # noqa: E402
+from meshlib.discovery import StaticDiscovery  # noqa: E402
+from meshlib.endpoints import Endpoint  # noqa: E402
+from meshlib.http import MeshTransport  # noqa: E402
+
+
+class InstantPool:
+    """An httpcore-compatible pool that answers every request at once with a small 200."""
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        return httpcore.Response(200, headers=[(b"content-length", b"2")], content=b"ok")
+
+    def close(self) -> None:
+        pass
+
+
+def make_clients(port: int, no_network: bool) -> tuple[httpx.Client, httpx.Client]:
+    mesh = meshlib.Mesh(
+        service="bench", discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}), control_plane=""
+    )
+    if no_network:
+        plain_transport = httpx.HTTPTransport()
+        plain_transport._pool = InstantPool()  # type: ignore[assignment]
+        plain = httpx.Client(transport=plain_transport)
+        mesh_client = meshlib.Client(mesh=mesh, transport=MeshTransport(mesh, pool=InstantPool()))
+    else:
+        plain = httpx.Client()
+        mesh_client = meshlib.Client(mesh=mesh)
+    return plain, mesh_client
+
+
+def run_round(client: httpx.Client, url: str, n: int) -> tuple[float, float, list[float]]:
+    """(wall seconds, CPU seconds, per-request latencies) for n sequential GETs."""
+    latencies = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        r = client.get(url)
+        r.read()
+        latencies.append(time.perf_counter() - t)
+    return time.perf_counter() - wall0, time.process_time() - cpu0, latencies
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.99) - 1]
+
+
+def compare(name: str, port: int, no_network: bool, rounds: int, n: int) -> dict[str, float]:
+    plain, mesh_client = make_clients(port, no_network)
+    plain_url = f"http://127.0.0.1:{port}/-/ok"
+    mesh_url = "http://svc/-/ok"
+    for client, url in ((plain, plain_url), (mesh_client, mesh_url)):
+        run_round(client, url, min(n, 300))  # warm up: connections, caches
+    stats: dict[str, list[float]] = {k: [] for k in ("plain_cpu", "mesh_cpu", "plain_wall", "mesh_wall")}
+    lat: dict[str, list[float]] = {"plain": [], "mesh": []}
+    for _ in range(rounds):
+        for label, client, url in (("plain", plain, plain_url), ("mesh", mesh_client, mesh_url)):
+            wall, cpu, latencies = run_round(client, url, n)
+            stats[f"{label}_cpu"].append(cpu / n * 1e6)
+            stats[f"{label}_wall"].append(wall / n * 1e6)
+            lat[label].extend(latencies)
+    plain.close()
+    mesh_client.close()
+    med = {k: statistics.median(v) for k, v in stats.items()}
+    out = {
+        "plain_cpu_us": med["plain_cpu"],
+        "mesh_cpu_us": med["mesh_cpu"],
+        "added_cpu_us": med["mesh_cpu"] - med["plain_cpu"],
+        "throughput_ratio": med["plain_wall"] / med["mesh_wall"],
+        "plain_p50_us": statistics.median(lat["plain"]) * 1e6,
+        "mesh_p50_us": statistics.median(lat["mesh"]) * 1e6,
+        "plain_p99_us": p99(lat["plain"]) * 1e6,
+        "mesh_p99_us": p99(lat["mesh"]) * 1e6,
+    }
+    print(f"\n== {name} ({rounds} interleaved rounds x {n} requests)")
+    print(f"  CPU/request    httpx {out['plain_cpu_us']:8.1f} us   meshlib {out['mesh_cpu_us']:8.1f} us"
+          f"   meshlib's own work {out['added_cpu_us']:+7.1f} us")
+    print(f"  latency p50    httpx {out['plain_p50_us']:8.1f} us   meshlib {out['mesh_p50_us']:8.1f} us"
+          f"   ratio {out['mesh_p50_us'] / out['plain_p50_us']:.3f}")
+    print(f"  latency p99    httpx {out['plain_p99_us']:8.1f} us   meshlib {out['mesh_p99_us']:8.1f} us"
+          f"   ratio {out['mesh_p99_us'] / out['plain_p99_us']:.3f}")
+    print(f"  throughput ratio meshlib/httpx {out['throughput_ratio']:.3f}")
+    return out
+
+
+_RSS_SNIPPET = """
+import sys, resource
+sys.path.insert(0, {tests!r})
+from harness import Upstream
+port = int(sys.argv[1])
+{body}
+def rss_kb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS'):
+                return int(line.split()[1])
+print(rss_kb())
+"""
+_PLAIN = "import httpx\nc = httpx.Client()\nc.get(f'http://127.0.0.1:{port}/x')\n"
+_MESH = (
+    "import meshlib\n"
+    "m = meshlib.Mesh(service='bench', discovery=f'static:svc=127.0.0.1:{port}', control_plane='')\n"
+    "c = m.client()\nc.get('http://svc/x')\n"
+)
+
+
+def memory(port: int, rounds: int = 3) -> float:
+    def rss(body: str) -> int:
+        code = _RSS_SNIPPET.format(tests=str(ROOT / "tests"), body=body)
+        return int(subprocess.check_output([sys.executable, "-c", code, str(port)], text=True).strip())
+
+    plain = [rss(_PLAIN) for _ in range(rounds)]
+    mesh = [rss(_MESH) for _ in range(rounds)]
+    added = (statistics.median(mesh) - statistics.median(plain)) / 1024
+    print(f"\n== memory: httpx app {statistics.median(plain) / 1024:.1f} MB, with meshlib "
+          f"{statistics.median(mesh) / 1024:.1f} MB RSS: meshlib adds {added:.1f} MB")
+    return added
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    from harness import Upstream
+
+    upstream = Upstream("bench").wait_listening()
+    try:
+        compare("no-network transport", upstream.port, True, args.rounds, args.requests)
+        compare("loopback uvicorn", upstream.port, False, args.rounds, args.requests // 2)
+        memory(upstream.port)
+    finally:
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The config service's HTTP API (design §6) as a Starlette app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..errors import ConfigurationError
+from ..rules.model import RulesValidationError, parse_duration, parse_rules, validate_rules
+from .longpoll import ChangeSignal, with_jitter
+from .registry import RegistrationError, Registry, parse_registration
+from .store import CasConflict, Revision, RulesStore, UnknownVersion
+
+log = logging.getLogger("meshlib.control")
+DEFAULT_WAIT = 30.0
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class _BadQuery(ValueError):
+    pass
+
+
+def _int_param(request: Request, name: str, default: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _BadQuery(f"query parameter {name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise _BadQuery(f"query parameter {name} must not be negative")
+    return value
+
+
+def _wait_param(request: Request) -> float:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return DEFAULT_WAIT
+    try:
+        return parse_duration(raw if raw[-1:].isalpha() else float(raw))
+    except ValueError as exc:
+        raise _BadQuery(f"query parameter wait={raw!r}: {exc}") from None
+
+
+class ControlPlane:
+    """State of one config service: the rules store with the current version served from memory, the registry,
+    and the change signals long-polls wait on."""
+
+    def __init__(
+        self,
+        store: RulesStore,
+        *,
+        admin_token: str | None = None,
+        registry_token: str | None = None,
+        expiry_interval: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.admin_token = admin_token or None
+        self.registry_token = registry_token or None
+        self.registry = Registry()
+        self.rules_signal = ChangeSignal()
+        self.expiry_interval = expiry_interval
+        self.requests = 0
+        self._set_current(store.current())
+
+    def _set_current(self, revision: Revision) -> None:
+        self.revision = revision
+        self.rules_body = json.dumps({"version": revision.version, "rules": revision.document}).encode()
+
+    def publish(self, revision: Revision) -> None:
+        if revision.version > self.revision.version:
+            self._set_current(revision)
+            self.rules_signal.fire()
+
+    async def expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.expiry_interval)
+            for instance_id in self.registry.expire():
+                log.info("registry: %s expired (no heartbeat within its TTL)", instance_id)
+
+    # -- auth -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _bearer(request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    def check_admin(self, request: Request) -> Response | None:
+        if self.admin_token is None:
+            return _error(403, "admin writes are disabled: start the control plane with MESH_ADMIN_TOKEN set")
+        token = self._bearer(request)
+        if token is None or not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            return _error(401, "admin token required: send Authorization: Bearer <MESH_ADMIN_TOKEN>")
+        return None
+
+    def check_registry(self, request: Request) -> Response | None:
+        if self.registry_token is None:
+            return None
+        token = self._bearer(request)
+        if token is None or not hmac.compare_digest(token.encode(), self.registry_token.encode()):
+            return _error(401, "registry token required: send Authorization: Bearer <MESH_BOOTSTRAP_TOKEN>")
+        return None
+
+
+def build_app(cp: ControlPlane) -> Starlette:
+
+    async def get_rules(request: Request) -> Response:
+        try:
+            index = _int_param(request, "index")
+            wait = _wait_param(request)
+        except _BadQuery as exc:
+            return _error(400, str(exc))
+        if index is not None and cp.revision.version <= index:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + with_jitter(wait)
+            while cp.revision.version <= index:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await cp.rules_signal.wait(remaining):
+                    break
+        return Response(
+            cp.rules_body,
+            media_type="application/json",
+            headers={"x-mesh-index": str(cp.revision.version)},
+        )
+
+    async def put_rules(request: Request) -> Response:
+        denied = cp.check_admin(request)
+        if denied is not None:
+            return denied
+        try:
+            cas = _int_param(request, "cas")
+        except _BadQuery as exc:
+            return _error(400, str(exc))
+        body = await request.body()
+        try:
+            document = parse_rules(body, "request body")
+            rules = validate_rules(document)
+        except RulesValidationError as exc:
+            return JSONResponse(
+                {"error": "invalid rules; nothing was stored", "errors": [e.as_dict() for e in exc.errors]},
+                status_code=400,
+            )
+        except ConfigurationError as exc:
+            return JSONResponse(
+                {"error": "invalid rules; nothing was stored", "errors": [{"path": "$", "error": str(exc)}]},
+                status_code=400,
+            )
+        comment = request.headers.get("x-mesh-comment", "")
+        try:
+            revision = await asyncio.to_thread(
+                cp.store.put, dict(rules.document), cas, request.headers.get("x-mesh-author", "admin"), comment
+            )
+        except CasConflict as exc:
+            return _error(409, str(exc), version=exc.current)
+        cp.publish(revision)
+        log.info("rules: version %d stored", revision.version)
+        return JSONResponse({"version": revision.version}, headers={"x-mesh-index": str(revision.version)})
+
+    async def history(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", 100) or 100
+        except _BadQuery as exc:
+            return _error(400, str(exc))
+        revisions = await asyncio.to_thread(cp.store.history, limit)
+        return JSONResponse({"current": cp.revision.version, "versions": [r.summary() for r in revisions]})
+
+    async def get_version(request: Request) -> Response:
+        try:
+            version = int(request.path_params["version"])
+            revision = await asyncio.to_thread(cp.store.get, version)
+        except (ValueError, UnknownVersion):
+            return _error(404, f"no rules version {request.path_params['version']}")
+        return JSONResponse({"version": revision.version, "rules": revision.document, **revision.summary()})
+
+    async def rollback(request: Request) -> Response:
+        denied = cp.check_admin(request)
+        if denied is not None:
+            return denied
+        try:
+            target = _int_param(request, "to")
+        except _BadQuery as exc:
+            return _error(400, str(exc))
+        if target is None:
+            return _error(400, "query parameter to=<version> is required")
+        try:
+            old = await asyncio.to_thread(cp.store.get, target)
+        except UnknownVersion:
+            return _error(404, f"no rules version {target}")
+        revision = await asyncio.to_thread(
+            cp.store.put, old.document, None, request.headers.get("x-mesh-author", "admin"), f"rollback to {target}"
+        )
+        cp.publish(revision)
+        return JSONResponse({"version": revision.version, "rolled_back_to": target})
+
+    async def register(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        try:
+            instance = parse_registration(json.loads(await request.body() or b"null"))
+        except (RegistrationError, json.JSONDecodeError) as exc:
+            return _error(400, f"invalid registration: {exc}")
+        cp.registry.register(instance)
+        return JSONResponse({"id": instance.id, "ttl": instance.ttl})
+
+    async def heartbeat(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        if not cp.registry.heartbeat(request.path_params["id"]):
+            return _error(404, f"unknown instance {request.path_params['id']!r}: register again")
+        return JSONResponse({"ok": True})
+
+    async def deregister(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        if not cp.registry.deregister(request.path_params["id"]):
+            return _error(404, f"unknown instance {request.path_params['id']!r}")
+        return JSONResponse({"ok": True})
+
+    async def watch_service(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            index = _int_param(request, "index")
+            wait = _wait_param(request)
+        except _BadQuery as exc:
+            return _error(400, str(exc))
+        registry = cp.registry
+        if index is not None and registry.service_index(name) <= index:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + with_jitter(wait)
+            while registry.service_index(name) <= index:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await registry.signal.wait(remaining):
+                    break
+        current, body = registry.encoded(name)
+        return Response(body, media_type="application/json", headers={"x-mesh-index": str(current)})
+
+    async def list_services(request: Request) -> Response:
+        services = cp.registry.services()
+        return JSONResponse(
+            {
+                "index": cp.registry.index,
+                "services": {name: [i.public() for i in items] for name, items in sorted(services.items())},
+            }
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "rules_version": cp.revision.version})
+
+    async def metrics(request: Request) -> Response:
+        services = cp.registry.services()
+        lines = [
+            "# HELP meshcp_rules_version Current rules version.",
+            "# TYPE meshcp_rules_version gauge",
+            f"meshcp_rules_version {cp.revision.version}",
+            "# HELP meshcp_rules_watchers Long-polls waiting for a rules change.",
+            "# TYPE meshcp_rules_watchers gauge",
+            f"meshcp_rules_watchers {cp.rules_signal.waiters}",
+            "# HELP meshcp_registry_watchers Long-polls waiting for a registry change.",
+            "# TYPE meshcp_registry_watchers gauge",
+            f"meshcp_registry_watchers {cp.registry.signal.waiters}",
+            "# HELP meshcp_registry_instances Registered, live instances per service.",
+            "# TYPE meshcp_registry_instances gauge",
+        ]
+        lines += [f'meshcp_registry_instances{{service="{name}"}} {len(items)}' for name, items in services.items()]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(cp.expiry_loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return Starlette(
+        routes=[
+            Route("/v1/rules", get_rules, methods=["GET"]),
+            Route("/v1/rules", put_rules, methods=["PUT"]),
+            Route("/v1/rules/history", history, methods=["GET"]),
+            Route("/v1/rules/rollback", rollback, methods=["POST"]),
+            Route("/v1/rules/{version:int}", get_version, methods=["GET"]),
+            Route("/v1/registry/register", register, methods=["PUT"]),
+            Route("/v1/registry/heartbeat/{id}", heartbeat, methods=["PUT"]),
+            Route("/v1/registry/services", list_services, methods=["GET"]),
+            Route("/v1/registry/services/{name}", watch_service, methods=["GET"]),
+            Route("/v1/registry/{id}", deregister, methods=["DELETE"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,65 @@
+"""Runs the config service: the store, the app, uvicorn (uvloop + httptools when installed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from ..errors import ConfigurationError
+from .app import ControlPlane, build_app
+from .store import RulesStore, SQLiteRulesStore
+
+log = logging.getLogger("meshlib.control")
+
+
+def open_store(spec: str, state_dir: Path) -> RulesStore:
+    if spec in ("", "sqlite"):
+        return SQLiteRulesStore(state_dir / "rules.db")
+    if spec.startswith("sqlite:"):
+        return SQLiteRulesStore(spec[len("sqlite:") :])
+    raise ConfigurationError(f"--store {spec!r}: expected sqlite, sqlite:PATH or consul://host:port")
+
+
+def run_control_plane(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7400,
+    state_dir: str | Path = ".mesh-state/control-plane",
+    store: str = "sqlite",
+    admin_token: str | None = None,
+    registry_token: str | None = None,
+    log_level: str = "info",
+) -> None:
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    cp = ControlPlane(
+        open_store(store, state),
+        admin_token=admin_token if admin_token is not None else os.environ.get("MESH_ADMIN_TOKEN"),
+        registry_token=registry_token if registry_token is not None else os.environ.get("MESH_BOOTSTRAP_TOKEN"),
+    )
+    if cp.admin_token is None:
+        log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        build_app(cp),
+        log_level=log_level,
+        access_log=False,
+        backlog=16384,
+        timeout_keep_alive=120,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    print(f"meshctl serve: listening on http://{host}:{bound} (rules version {cp.revision.version}, "
+          f"state in {state})", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        cp.store.close()

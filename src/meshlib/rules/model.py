@@ -1,0 +1,458 @@
+"""The rules document (design §5): strict validation that reports *every* problem by path, and compilation into
+immutable per-service objects the call path reads.
+
+Hand-written rather than pydantic: the schema is small, the cross-field checks (weights, subset references) are
+most of the work, and every instance loads this module, so it stays light to import.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigurationError
+from ..policy.config import (
+    LOAD_BALANCERS,
+    RETRY_ON_NAMES,
+    BreakerPolicy,
+    RetryBudgetPolicy,
+    RetryPolicy,
+    ServicePolicy,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleError:
+    path: str
+    error: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "error": self.error}
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.error}"
+
+
+class RulesValidationError(ConfigurationError):
+    """A rules document is invalid; ``errors`` lists every problem with its path. Nothing was applied."""
+
+    def __init__(self, errors: list[RuleError]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"invalid rules ({len(errors)} problem(s)):\n{lines}")
+
+
+# -- compiled form ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str  # lower-case
+    exact: str | None = None
+    prefix: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.exact is not None:
+            return value == self.exact
+        if self.prefix is not None:
+            return value.startswith(self.prefix)
+        assert self.regex is not None
+        return self.regex.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    subset: str | None  # None: every endpoint of the service
+    weight: int  # out of 100
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    index: int
+    headers: tuple[HeaderMatch, ...]
+    path_prefix: str | None
+    methods: frozenset[str] | None
+    to: tuple[Destination, ...]
+    sticky_header: str | None
+    retry_non_idempotent: bool | None
+
+    @property
+    def name(self) -> str:
+        return f"route[{self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    tags: frozenset[str]
+    meta: Mapping[str, str]
+
+    def selects(self, tags: frozenset[str], meta: Mapping[str, str]) -> bool:
+        return self.tags <= tags and all(meta.get(k) == v for k, v in self.meta.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    delay_percent: float = 0.0
+    delay: float = 0.0
+    abort_percent: float = 0.0
+    abort_status: int = 503
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    mode: str = "off"  # strict | permissive | off
+    allow: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRules:
+    policy: ServicePolicy = field(default_factory=ServicePolicy)
+    subsets: Mapping[str, Subset] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    faults: Faults | None = None
+    authorization: Authorization | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """One validated rules document, versioned as a whole."""
+
+    version: int
+    document: Mapping[str, Any]
+    services: Mapping[str, ServiceRules]
+
+    def for_service(self, name: str) -> ServiceRules | None:
+        return self.services.get(name)
+
+
+EMPTY_RULES = Rules(0, {}, {})
+
+
+# -- parsing and validation -------------------------------------------------------------------------
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 500ms, 2s, 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration: use a number with ms, s, m or h (e.g. 500ms, 2s)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration like 500ms, 2s, 1m")
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.errors: list[RuleError] = []
+
+    def err(self, path: str, message: str) -> None:
+        self.errors.append(RuleError(path, message))
+
+    def mapping(self, value: Any, path: str, allowed: set[str] | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.err(path, f"expected a mapping, got {type(value).__name__}")
+            return {}
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    self.err(f"{path}.{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def duration(self, value: Any, path: str) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.err(path, str(exc))
+            return None
+
+    def integer(self, value: Any, path: str, low: int, high: int | None = None) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.err(path, f"expected an integer, got {value!r}")
+            return None
+        if value < low or (high is not None and value > high):
+            self.err(path, f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+            return None
+        return value
+
+    def number(self, value: Any, path: str, low: float, high: float | None = None) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.err(path, f"expected a number, got {value!r}")
+            return None
+        if value < low or (high is not None and value > high):
+            self.err(path, f"must be between {low:g} and {high:g}" if high is not None else f"must be >= {low:g}")
+            return None
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            self.err(path, f"expected true or false, got {value!r}")
+            return None
+        return value
+
+    def strings(self, value: Any, path: str) -> list[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.err(path, "expected a list of non-empty strings")
+            return []
+        return list(value)
+
+
+_SERVICE_FIELDS = {
+    "timeout",
+    "retries",
+    "circuit_breaker",
+    "load_balancer",
+    "subsets",
+    "routes",
+    "faults",
+    "authorization",
+}
+
+
+def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
+    p = f"services.{name}"
+    if not _NAME.match(name):
+        c.err(p, "service names are lowercase letters, digits and '-', 1-63 characters")
+    svc = c.mapping(raw, p, _SERVICE_FIELDS)
+    timeout = c.duration(svc.get("timeout"), f"{p}.timeout")
+
+    r = c.mapping(svc.get("retries"), f"{p}.retries", {"attempts", "per_try_timeout", "on", "budget", "retry_non_idempotent"})
+    attempts = c.integer(r.get("attempts"), f"{p}.retries.attempts", 1, 10)
+    per_try = c.duration(r.get("per_try_timeout"), f"{p}.retries.per_try_timeout")
+    on_list = None
+    if "on" in r:
+        on_raw = r["on"]
+        if not isinstance(on_raw, list):
+            c.err(f"{p}.retries.on", "expected a list such as [connect-failure, reset, 503]")
+        else:
+            on_list = []
+            for i, item in enumerate(on_raw):
+                text = str(item)
+                if text in RETRY_ON_NAMES or (text.isdigit() and 500 <= int(text) <= 599 and len(text) == 3):
+                    on_list.append(text)
+                else:
+                    c.err(
+                        f"{p}.retries.on[{i}]",
+                        f"{item!r} is not a retry condition ({', '.join(sorted(RETRY_ON_NAMES))} or a 5xx status)",
+                    )
+    b = c.mapping(r.get("budget"), f"{p}.retries.budget", {"ratio", "min_per_second"})
+    ratio = c.number(b.get("ratio"), f"{p}.retries.budget.ratio", 0.0, 1.0)
+    min_ps = c.number(b.get("min_per_second"), f"{p}.retries.budget.min_per_second", 0.0)
+    non_idem = c.boolean(r.get("retry_non_idempotent"), f"{p}.retries.retry_non_idempotent")
+
+    cb = c.mapping(svc.get("circuit_breaker"), f"{p}.circuit_breaker", {"consecutive_failures", "open_for"})
+    failures = c.integer(cb.get("consecutive_failures"), f"{p}.circuit_breaker.consecutive_failures", 1)
+    open_for = c.duration(cb.get("open_for"), f"{p}.circuit_breaker.open_for")
+
+    lb = svc.get("load_balancer")
+    if lb is not None and lb not in LOAD_BALANCERS:
+        c.err(f"{p}.load_balancer", f"{lb!r} is not one of {', '.join(LOAD_BALANCERS)}")
+        lb = None
+
+    subsets: dict[str, Subset] = {}
+    for sname, sraw in c.mapping(svc.get("subsets"), f"{p}.subsets").items():
+        sp = f"{p}.subsets.{sname}"
+        s = c.mapping(sraw, sp, {"tags", "meta"})
+        tags = c.strings(s.get("tags"), f"{sp}.tags")
+        meta = c.mapping(s.get("meta"), f"{sp}.meta")
+        if not tags and not meta:
+            c.err(sp, "a subset needs tags or meta to select endpoints by")
+        subsets[str(sname)] = Subset(frozenset(tags), {str(k): str(v) for k, v in meta.items()})
+
+    routes: list[Route] = []
+    used: set[str] = set()
+    raw_routes = svc.get("routes")
+    if raw_routes is not None and not isinstance(raw_routes, list):
+        c.err(f"{p}.routes", "expected a list of routes")
+        raw_routes = []
+    for i, rraw in enumerate(raw_routes or []):
+        rp = f"{p}.routes[{i}]"
+        rt = c.mapping(rraw, rp, {"match", "to", "sticky", "retry_non_idempotent"})
+        m = c.mapping(rt.get("match"), f"{rp}.match", {"headers", "path_prefix", "methods"})
+        headers: list[HeaderMatch] = []
+        for hname, hval in c.mapping(m.get("headers"), f"{rp}.match.headers").items():
+            hp = f"{rp}.match.headers.{hname}"
+            if not _HEADER.match(str(hname)):
+                c.err(hp, "not a valid header name")
+                continue
+            if isinstance(hval, str | int) and not isinstance(hval, bool):
+                headers.append(HeaderMatch(str(hname).lower(), exact=str(hval)))
+                continue
+            hm = c.mapping(hval, hp, {"exact", "prefix", "regex"})
+            if len(hm) != 1:
+                c.err(hp, "give a value, or exactly one of exact, prefix, regex")
+                continue
+            kind, pattern = next(iter(hm.items()))
+            if kind == "regex":
+                try:
+                    headers.append(HeaderMatch(str(hname).lower(), regex=re.compile(str(pattern))))
+                except re.error as exc:
+                    c.err(f"{hp}.regex", f"invalid regular expression: {exc}")
+            elif kind == "exact":
+                headers.append(HeaderMatch(str(hname).lower(), exact=str(pattern)))
+            elif kind == "prefix":
+                headers.append(HeaderMatch(str(hname).lower(), prefix=str(pattern)))
+        path_prefix = m.get("path_prefix")
+        if path_prefix is not None and (not isinstance(path_prefix, str) or not path_prefix.startswith("/")):
+            c.err(f"{rp}.match.path_prefix", "expected a path starting with /")
+            path_prefix = None
+        methods = c.strings(m.get("methods"), f"{rp}.match.methods")
+
+        to_raw = rt.get("to")
+        dests: list[Destination] = []
+        if not isinstance(to_raw, list) or not to_raw:
+            c.err(f"{rp}.to", "required: a non-empty list of destinations")
+            to_raw = []
+        weights_given = [isinstance(d, dict) and "weight" in d for d in to_raw]
+        if len(to_raw) > 1 and not all(weights_given):
+            c.err(f"{rp}.to", "with several destinations every one needs a weight (weights add up to 100)")
+        total = 0
+        for j, draw in enumerate(to_raw):
+            dp = f"{rp}.to[{j}]"
+            d = c.mapping(draw, dp, {"subset", "weight"})
+            subset = d.get("subset")
+            if subset is not None:
+                if subset not in subsets:
+                    c.err(f"{dp}.subset", f"unknown subset {subset!r} (defined: {', '.join(sorted(subsets)) or 'none'})")
+                used.add(str(subset))
+            weight = c.integer(d.get("weight"), f"{dp}.weight", 0, 100) if "weight" in d else 100
+            total += weight or 0
+            dests.append(Destination(None if subset is None else str(subset), weight or 0))
+        if to_raw and all(weights_given) and total != 100:
+            c.err(f"{rp}.to", f"weights add up to {total}, not 100")
+        sticky = c.mapping(rt.get("sticky"), f"{rp}.sticky", {"header"})
+        sticky_header = sticky.get("header")
+        if sticky_header is not None and (not isinstance(sticky_header, str) or not _HEADER.match(sticky_header)):
+            c.err(f"{rp}.sticky.header", "expected a header name")
+            sticky_header = None
+        routes.append(
+            Route(
+                index=i,
+                headers=tuple(headers),
+                path_prefix=path_prefix,
+                methods=frozenset(x.upper() for x in methods) or None,
+                to=tuple(dests),
+                sticky_header=sticky_header.lower() if sticky_header else None,
+                retry_non_idempotent=c.boolean(rt.get("retry_non_idempotent"), f"{rp}.retry_non_idempotent"),
+            )
+        )
+    for sname in subsets:
+        if sname not in used:
+            c.err(f"{p}.subsets.{sname}", "no route sends traffic to this subset")
+
+    f = c.mapping(svc.get("faults"), f"{p}.faults", {"delay", "abort"})
+    faults = None
+    if f:
+        fd = c.mapping(f.get("delay"), f"{p}.faults.delay", {"percent", "duration"})
+        fa = c.mapping(f.get("abort"), f"{p}.faults.abort", {"percent", "status"})
+        if fd and "duration" not in fd:
+            c.err(f"{p}.faults.delay.duration", "required")
+        faults = Faults(
+            delay_percent=c.number(fd.get("percent", 100 if fd else 0), f"{p}.faults.delay.percent", 0, 100) or 0.0,
+            delay=c.duration(fd.get("duration"), f"{p}.faults.delay.duration") or 0.0,
+            abort_percent=c.number(fa.get("percent", 100 if fa else 0), f"{p}.faults.abort.percent", 0, 100) or 0.0,
+            abort_status=c.integer(fa.get("status", 503), f"{p}.faults.abort.status", 200, 599) or 503,
+        )
+
+    a = c.mapping(svc.get("authorization"), f"{p}.authorization", {"mode", "allow"})
+    authz = None
+    if a:
+        mode = a.get("mode", "strict")
+        if mode not in ("strict", "permissive", "off"):
+            c.err(f"{p}.authorization.mode", f"{mode!r} is not one of strict, permissive, off")
+            mode = "strict"
+        allow = c.strings(a.get("allow"), f"{p}.authorization.allow")
+        for i, who in enumerate(allow):
+            if not (who.startswith("spiffe://") or _NAME.match(who) or who == "*"):
+                c.err(f"{p}.authorization.allow[{i}]", f"{who!r} is neither a service name nor a spiffe:// ID")
+        authz = Authorization(mode, frozenset(allow))
+
+    defaults = RetryPolicy()
+    budget_defaults = RetryBudgetPolicy()
+    breaker_defaults = BreakerPolicy()
+    policy = ServicePolicy(
+        timeout=timeout,
+        retries=RetryPolicy(
+            attempts=attempts if attempts is not None else defaults.attempts,
+            per_try_timeout=per_try,
+            on=frozenset(on_list) if on_list is not None else defaults.on,
+            budget=RetryBudgetPolicy(
+                ratio=ratio if ratio is not None else budget_defaults.ratio,
+                min_per_second=min_ps if min_ps is not None else budget_defaults.min_per_second,
+            ),
+            retry_non_idempotent=bool(non_idem),
+        ),
+        circuit_breaker=BreakerPolicy(
+            consecutive_failures=failures or breaker_defaults.consecutive_failures,
+            open_for=open_for or breaker_defaults.open_for,
+        ),
+        load_balancer=lb or "p2c_ewma",
+    )
+    return ServiceRules(policy, subsets, tuple(routes), faults, authz)
+
+
+def validate_rules(document: Any, version: int = 0) -> Rules:
+    """Validate and compile a rules document; raises RulesValidationError listing every problem."""
+    c = _Checker()
+    doc = c.mapping(document, "$", {"services"}) if document is not None else {}
+    services: dict[str, ServiceRules] = {}
+    for name, raw in c.mapping(doc.get("services"), "services").items():
+        services[str(name)] = _check_service(c, str(name), raw)
+    if c.errors:
+        raise RulesValidationError(c.errors)
+    return Rules(version, json.loads(json.dumps(doc)), services)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false. YAML 1.1 would read the design's ``on:`` key as ``True``."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_rules(text: str | bytes, source: str = "rules") -> Any:
+    """Parse YAML or JSON text (JSON is YAML) into a document; a syntax error names the source and line."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigurationError(f"{source}: not valid YAML or JSON{where}: {problem}") from None

@@ -1,0 +1,155 @@
+"""``meshlib.serve()``: run an ASGI or WSGI app as a mesh instance.
+
+ASGI apps run on uvicorn; WSGI apps run on the same uvicorn through a2wsgi's thread pool (a threaded production
+server, and one code path for TLS, health, registration and shutdown). On SIGTERM or SIGINT the instance
+deregisters *first*, keeps serving for ``drain_delay`` while clients' watches catch up, then stops accepting and
+finishes the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import uvicorn
+
+from .discovery.base import Registration
+from .mesh import Mesh
+
+log = logging.getLogger("meshlib.server")
+ASGIApp = Callable[..., Any]
+
+
+def is_asgi(app: Any) -> bool:
+    """ASGI apps are async callables of (scope, receive, send); WSGI apps are sync callables of two arguments."""
+    if inspect.iscoroutinefunction(app):
+        return True
+    call = getattr(app, "__call__", None)  # noqa: B004 (we want the bound method, not callable())
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class MeshEndpoints:
+    """Serves ``/-/mesh/health`` in front of the application."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+        self.draining = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/-/mesh/health":
+            status = 503 if self.draining else 200
+            body = json.dumps({"status": "draining" if self.draining else "ok", "service": self.service}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def advertised_address(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return host
+
+
+def serve(
+    app: Any,
+    *,
+    service: str | None = None,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    mesh: Mesh | None = None,
+    tags: Sequence[str] = (),
+    meta: Mapping[str, str] | None = None,
+    advertise: str | None = None,
+    drain_delay: float = 0.5,
+    graceful_timeout: float = 30.0,
+    wsgi_workers: int = 32,
+    log_level: str = "info",
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Run ``app`` (ASGI or WSGI) as an instance of ``service`` until SIGTERM/SIGINT. Blocks."""
+    mesh = mesh or (Mesh(service=service) if service else Mesh.default())
+    if not is_asgi(app):
+        from a2wsgi import WSGIMiddleware
+
+        app = WSGIMiddleware(app, workers=wsgi_workers)
+        lifespan: Literal["auto", "on", "off"] = "off"
+    else:
+        lifespan = "auto"
+    endpoints = MeshEndpoints(app, mesh.service)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = int(sock.getsockname()[1])
+    registration = mesh.discovery.register(
+        mesh.service, advertise or advertised_address(host), bound_port, tags=tags, meta=meta
+    )
+
+    config = uvicorn.Config(
+        endpoints,
+        log_level=log_level,
+        lifespan=lifespan,
+        timeout_graceful_shutdown=max(1, round(graceful_timeout)),
+        access_log=False,
+    )
+    server = _MeshServer(config, registration, endpoints, drain_delay, bound_port, on_ready)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if registration.registered:  # a crash in startup: still leave discovery clean
+            registration.close()
+        mesh.close()
+
+
+class _MeshServer(uvicorn.Server):
+    """uvicorn.Server with registration after start-up and deregistration before shutdown.
+
+    (uvicorn re-raises SIGTERM after its graceful shutdown, so cleanup must live *inside* the shutdown.)"""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        registration: Registration,
+        endpoints: MeshEndpoints,
+        drain_delay: float,
+        port: int,
+        on_ready: Callable[[int], None] | None,
+    ) -> None:
+        super().__init__(config)
+        self.registration = registration
+        self.endpoints = endpoints
+        self.drain_delay = drain_delay
+        self.port = port
+        self.on_ready = on_ready
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.should_exit:
+            return
+        await asyncio.to_thread(self.registration.start)
+        log.info("meshlib: %s serving on port %d", self.endpoints.service, self.port)
+        if self.on_ready is not None:
+            self.on_ready(self.port)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.endpoints.draining = True
+        await asyncio.to_thread(self.registration.close)
+        log.info("meshlib: deregistered; draining for %.1fs", self.drain_delay)
+        await asyncio.sleep(self.drain_delay)
+        await super().shutdown(sockets=sockets)

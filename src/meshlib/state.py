@@ -1,0 +1,42 @@
+"""The state directory (``MESH_STATE_DIR``): last-known-good rules and endpoints, written atomically so a crash
+mid-write never leaves a half file for the next start to trip over."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("meshlib.state")
+
+
+class StateDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def save(self, name: str, value: Any) -> None:
+        target = self.path / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:  # a read-only or full disk must not break the data path
+            log.warning("could not write %s: %s", target, exc)
+
+    def load(self, name: str) -> Any | None:
+        target = self.path / name
+        try:
+            with open(target) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", target, exc)
+            return None
