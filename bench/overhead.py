@@ -100,12 +100,18 @@ def compare(name: str, port: int, no_network: bool, rounds: int, n: int) -> dict
         "mesh_p99_us": p99(lat["mesh"]) * 1e6,
     }
     print(f"\n== {name} ({rounds} interleaved rounds x {n} requests)")
-    print(f"  CPU/request    httpx {out['plain_cpu_us']:8.1f} us   meshlib {out['mesh_cpu_us']:8.1f} us"
-          f"   meshlib's own work {out['added_cpu_us']:+7.1f} us")
-    print(f"  latency p50    httpx {out['plain_p50_us']:8.1f} us   meshlib {out['mesh_p50_us']:8.1f} us"
-          f"   ratio {out['mesh_p50_us'] / out['plain_p50_us']:.3f}")
-    print(f"  latency p99    httpx {out['plain_p99_us']:8.1f} us   meshlib {out['mesh_p99_us']:8.1f} us"
-          f"   ratio {out['mesh_p99_us'] / out['plain_p99_us']:.3f}")
+    print(
+        f"  CPU/request    httpx {out['plain_cpu_us']:8.1f} us   meshlib {out['mesh_cpu_us']:8.1f} us"
+        f"   meshlib's own work {out['added_cpu_us']:+7.1f} us"
+    )
+    print(
+        f"  latency p50    httpx {out['plain_p50_us']:8.1f} us   meshlib {out['mesh_p50_us']:8.1f} us"
+        f"   ratio {out['mesh_p50_us'] / out['plain_p50_us']:.3f}"
+    )
+    print(
+        f"  latency p99    httpx {out['plain_p99_us']:8.1f} us   meshlib {out['mesh_p99_us']:8.1f} us"
+        f"   ratio {out['mesh_p99_us'] / out['plain_p99_us']:.3f}"
+    )
     print(f"  throughput ratio meshlib/httpx {out['throughput_ratio']:.3f}")
     return out
 
@@ -139,8 +145,10 @@ def memory(port: int, rounds: int = 3) -> float:
     plain = [rss(_PLAIN) for _ in range(rounds)]
     mesh = [rss(_MESH) for _ in range(rounds)]
     added = (statistics.median(mesh) - statistics.median(plain)) / 1024
-    print(f"\n== memory: httpx app {statistics.median(plain) / 1024:.1f} MB, with meshlib "
-          f"{statistics.median(mesh) / 1024:.1f} MB RSS: meshlib adds {added:.1f} MB")
+    print(
+        f"\n== memory: httpx app {statistics.median(plain) / 1024:.1f} MB, with meshlib "
+        f"{statistics.median(mesh) / 1024:.1f} MB RSS: meshlib adds {added:.1f} MB"
+    )
     return added
 
 

@@ -40,22 +40,26 @@ def free_port() -> int:
 class Upstream:
     """One upstream instance in its own process (see tests/upstream.py)."""
 
-    def __init__(self, name: str, status: int = 200, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        status: int = 200,
+        delay: float = 0.0,
+        mesh_service: str | None = None,
+        tags: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
+        args = [sys.executable, str(HERE / "upstream.py"), "--name", name, "--status", str(status)]
+        args += ["--delay", str(delay)]
+        if mesh_service:
+            args += ["--mesh-service", mesh_service, "--tags", tags]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "upstream.py"),
-                "--name",
-                name,
-                "--status",
-                str(status),
-                "--delay",
-                str(delay),
-            ],
+            args,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.port = 0
 
@@ -114,8 +118,18 @@ class ControlPlaneProcess:
         self.state_dir = state_dir
         self.admin_token = admin_token
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshlib.cli", "serve", "--port", str(port), "--state-dir", str(state_dir),
-             "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "meshlib.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(state_dir),
+                "--log-level",
+                "warning",
+            ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

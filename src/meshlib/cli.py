@@ -124,9 +124,7 @@ def cmd_rules_history(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_rollback(args: argparse.Namespace) -> int:
-    body = _check(
-        _request(args, "POST", "/v1/rules/rollback", params={"to": args.version}, headers=_admin_headers())
-    )
+    body = _check(_request(args, "POST", "/v1/rules/rollback", params={"to": args.version}, headers=_admin_headers()))
     print(f"rolled back to version {body['rolled_back_to']}: now version {body['version']}")
     return 0
 
@@ -176,9 +174,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Operate a meshlib service mesh.")
-    parser.add_argument("--version", action="store_true", help="print the meshlib version and exit")
     parser.add_argument(
-        "--control-plane", metavar="URL", help=f"config service URL (default: $MESH_CONTROL_PLANE or {DEFAULT_CONTROL_PLANE})"
+        "--version", action="store_true", dest="show_version", help="print the meshlib version and exit"
+    )
+    parser.add_argument(
+        "--control-plane",
+        metavar="URL",
+        help=f"config service URL (default: $MESH_CONTROL_PLANE or {DEFAULT_CONTROL_PLANE})",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -234,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
+    if args.show_version:
         from . import __version__
 
         print(f"meshlib {__version__}")

@@ -75,6 +75,7 @@ class ControlPlane:
         self.rules_signal = ChangeSignal()
         self.expiry_interval = expiry_interval
         self.requests = 0
+        self.closing = False
         self._set_current(store.current())
 
     def _set_current(self, revision: Revision) -> None:
@@ -85,6 +86,12 @@ class ControlPlane:
         if revision.version > self.revision.version:
             self._set_current(revision)
             self.rules_signal.fire()
+
+    def release_waiters(self) -> None:
+        """On shutdown: answer every long-poll now (with what is current) instead of holding the exit up."""
+        self.closing = True
+        self.rules_signal.fire()
+        self.registry.signal.fire()
 
     async def expiry_loop(self) -> None:
         while True:
@@ -128,7 +135,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         if index is not None and cp.revision.version <= index:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + with_jitter(wait)
-            while cp.revision.version <= index:
+            while cp.revision.version <= index and not cp.closing:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await cp.rules_signal.wait(remaining):
                     break
@@ -245,7 +252,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         if index is not None and registry.service_index(name) <= index:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + with_jitter(wait)
-            while registry.service_index(name) <= index:
+            while registry.service_index(name) <= index and not cp.closing:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await registry.signal.wait(remaining):
                     break

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -54,12 +55,26 @@ def run_control_plane(
         access_log=False,
         backlog=16384,
         timeout_keep_alive=120,
+        timeout_graceful_shutdown=10,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
-    print(f"meshctl serve: listening on http://{host}:{bound} (rules version {cp.revision.version}, "
-          f"state in {state})", file=sys.stderr, flush=True)
+    server = _ControlPlaneServer(config, cp)
+    print(
+        f"meshctl serve: listening on http://{host}:{bound} (rules version {cp.revision.version}, state in {state})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.run(sockets=[sock])
     finally:
         cp.store.close()
+
+
+class _ControlPlaneServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, cp: ControlPlane) -> None:
+        super().__init__(config)
+        self.cp = cp
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.cp.release_waiters()  # long-polls would otherwise hold the graceful shutdown for up to their wait
+        await super().shutdown(sockets=sockets)

@@ -56,7 +56,10 @@ class RegistryDiscovery(Discovery):
         self.wait = wait
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5), trust_env=False
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5),
+            trust_env=False,
         )
         self._state = StateDir(state_dir) if state_dir else None
         self._pollers: dict[str, LongPoller] = {}
@@ -103,14 +106,19 @@ class RegistryRegistration(Registration):
     """Registers with a TTL and heartbeats at a third of it; re-registers when the registry forgot us."""
 
     def __init__(
-        self, http: httpx.Client, service: str, address: str, port: int, tags: list[str], meta: dict[str, str],
+        self,
+        http: httpx.Client,
+        service: str,
+        address: str,
+        port: int,
+        tags: list[str],
+        meta: dict[str, str],
         ttl: float = 10.0,
     ) -> None:
         super().__init__()
         self._http = http
         self.ttl = ttl
-        self.body = {"service": service, "address": address, "port": port, "tags": tags, "meta": meta,
-                     "ttl": f"{ttl}s"}
+        self.body = {"service": service, "address": address, "port": port, "tags": tags, "meta": meta, "ttl": f"{ttl}s"}
         self.id = f"{service}-{address}-{port}"
         self.body["id"] = self.id
 

@@ -247,7 +247,9 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
     svc = c.mapping(raw, p, _SERVICE_FIELDS)
     timeout = c.duration(svc.get("timeout"), f"{p}.timeout")
 
-    r = c.mapping(svc.get("retries"), f"{p}.retries", {"attempts", "per_try_timeout", "on", "budget", "retry_non_idempotent"})
+    r = c.mapping(
+        svc.get("retries"), f"{p}.retries", {"attempts", "per_try_timeout", "on", "budget", "retry_non_idempotent"}
+    )
     attempts = c.integer(r.get("attempts"), f"{p}.retries.attempts", 1, 10)
     per_try = c.duration(r.get("per_try_timeout"), f"{p}.retries.per_try_timeout")
     on_list = None
@@ -344,7 +346,9 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
             subset = d.get("subset")
             if subset is not None:
                 if subset not in subsets:
-                    c.err(f"{dp}.subset", f"unknown subset {subset!r} (defined: {', '.join(sorted(subsets)) or 'none'})")
+                    c.err(
+                        f"{dp}.subset", f"unknown subset {subset!r} (defined: {', '.join(sorted(subsets)) or 'none'})"
+                    )
                 used.add(str(subset))
             weight = c.integer(d.get("weight"), f"{dp}.weight", 0, 100) if "weight" in d else 100
             total += weight or 0
@@ -450,7 +454,7 @@ _Yaml12Loader.add_implicit_resolver(
 def parse_rules(text: str | bytes, source: str = "rules") -> Any:
     """Parse YAML or JSON text (JSON is YAML) into a document; a syntax error names the source and line."""
     try:
-        return yaml.load(text, Loader=_Yaml12Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_Yaml12Loader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

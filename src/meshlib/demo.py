@@ -1,0 +1,434 @@
+"""``meshctl demo``: a whole mesh on this machine — the control plane with its embedded registry, the example shop
+(frontend → catalog, checkout → payments v1/v2), live traffic, and scenes that each check what they show.
+
+Everything runs as real processes on loopback; nothing but this package and its examples is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    name: str
+    service: str
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class Sample:
+    at: float
+    ok: bool
+    latency: float
+    version: str | None
+
+
+@dataclass
+class SceneResult:
+    name: str
+    expectation: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Traffic:
+    """Load from a meshed client to the frontend; keeps recent samples for the live view and the checks."""
+
+    client: Any
+    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=200_000))
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def worker(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                r = self.client.post("http://frontend/buy")
+                ok = r.status_code == 200
+                version = r.json().get("payments_version") if ok else None
+                if not ok:
+                    self.errors[f"HTTP {r.status_code}"] += 1
+            except Exception as exc:
+                ok, version = False, None
+                self.errors[type(exc).__name__] += 1
+            self.samples.append(Sample(time.monotonic(), ok, time.monotonic() - started, version))
+
+    def window(self, since: float) -> list[Sample]:
+        return [s for s in list(self.samples) if s.at >= since]
+
+
+def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
+    if not samples:
+        return {"rps": 0.0, "success": 0.0, "p50": 0.0, "p99": 0.0, "versions": Counter(), "n": 0, "failed": 0}
+    latencies = sorted(s.latency for s in samples)
+    ok = sum(1 for s in samples if s.ok)
+    return {
+        "n": len(samples),
+        "failed": len(samples) - ok,
+        "rps": len(samples) / max(seconds, 1e-9),
+        "success": ok / len(samples),
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
+        "versions": Counter(s.version for s in samples if s.version),
+    }
+
+
+class Demo:
+    def __init__(self, duration: float, ui: bool) -> None:
+        self.duration = duration
+        self.ui = ui
+        self.tmp = Path(tempfile.mkdtemp(prefix="meshlib-demo-"))
+        self.token = secrets.token_urlsafe(16)
+        self.cp_port = _free_port()
+        self.cp_url = f"http://127.0.0.1:{self.cp_port}"
+        self.children: list[Child] = []
+        self.control_plane: subprocess.Popen[bytes] | None = None
+        self.results: list[SceneResult] = []
+        self.scene = "starting"
+        self.log_lines: deque[str] = deque(maxlen=8)
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def env(self, name: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update(
+            MESH_DISCOVERY=f"registry://127.0.0.1:{self.cp_port}",
+            MESH_CONTROL_PLANE=self.cp_url,
+            MESH_STATE_DIR=str(self.tmp / "state" / name),
+            DEMO_INSTANCE=name,
+            PYTHONPATH=os.pathsep.join([str(EXAMPLES / "fastapi_app"), str(EXAMPLES / "flask_app")]),
+        )
+        return env
+
+    def start_control_plane(self) -> None:
+        env = self.env("control-plane")
+        env["MESH_ADMIN_TOKEN"] = self.token
+        self.control_plane = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshlib.cli",
+                "serve",
+                "--port",
+                str(self.cp_port),
+                "--state-dir",
+                str(self.tmp / "control-plane"),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.wait(lambda: self._get("/healthz") is not None, 30, "the control plane to start")
+
+    def start(self, name: str, service: str, app: str, tags: str = "", **extra_env: str) -> Child:
+        port = _free_port()
+        env = {**self.env(name), **extra_env}
+        cmd = [sys.executable, "-m", "meshlib.cli", "run", service, app, "--port", str(port)]
+        if tags:
+            cmd += ["--tags", tags]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = Child(name, service, proc, port)
+        self.children.append(child)
+        return child
+
+    def registered(self, service: str) -> set[int]:
+        body = self._get(f"/v1/registry/services/{service}")
+        return {i["port"] for i in body["instances"]} if body else set()
+
+    def _get(self, path: str) -> Any:
+        try:
+            r = httpx.get(self.cp_url + path, timeout=2, trust_env=False)
+            return r.json() if r.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    def apply_rules(self, rules: dict[str, Any]) -> int:
+        r = httpx.put(
+            self.cp_url + "/v1/rules",
+            json=rules,
+            headers={"authorization": f"Bearer {self.token}"},
+            timeout=5,
+            trust_env=False,
+        )
+        r.raise_for_status()
+        return int(r.json()["version"])
+
+    @staticmethod
+    def wait(condition: Callable[[], Any], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        procs = [c.proc for c in self.children] + ([self.control_plane] if self.control_plane else [])
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- output -----------------------------------------------------------------------------------
+
+    def say(self, line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.log_lines.append(f"{stamp} {line}")
+        if not self.ui:
+            print(f"{stamp} {line}", flush=True)
+
+
+def _rules(v2_weight: int) -> dict[str, Any]:
+    to: list[dict[str, Any]]
+    if v2_weight >= 100:
+        to = [{"subset": "v2"}]
+    elif v2_weight <= 0:
+        to = [{"subset": "v1"}]
+    else:
+        to = [{"subset": "v1", "weight": 100 - v2_weight}, {"subset": "v2", "weight": v2_weight}]
+    return {
+        "services": {
+            "payments": {
+                # A 503 from payments means nothing was charged, so its POSTs may be retried on another instance.
+                "retries": {"attempts": 3, "retry_non_idempotent": True},
+                "circuit_breaker": {"consecutive_failures": 3, "open_for": "30s"},
+                "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+                "routes": [
+                    {"match": {"headers": {"x-payments-version": "v1"}}, "to": [{"subset": "v1"}]},
+                    {"match": {"headers": {"x-payments-version": "v2"}}, "to": [{"subset": "v2"}]},
+                    {"to": to},
+                ],
+            }
+        }
+    }
+
+
+def run_demo(duration: float = 60.0, ui: bool = True) -> int:
+    if not (EXAMPLES / "fastapi_app" / "payments.py").exists():
+        print(
+            "meshctl demo: the example apps are not here; run it from a source checkout of meshlib "
+            f"(looked in {EXAMPLES})",
+            file=sys.stderr,
+        )
+        return 2
+    import logging
+
+    # The demo narrates failures itself; the library's own warnings about them (a watch losing the control plane
+    # it was just told was killed) would only repeat that.
+    logging.getLogger("meshlib").setLevel(logging.ERROR)
+    demo = Demo(duration, ui)
+    live = None
+    try:
+        demo.say("starting the control plane (rules + embedded registry)")
+        demo.start_control_plane()
+        demo.apply_rules(_rules(0))
+        demo.say("starting the shop: 2x frontend (Flask), 2x catalog, 2x checkout, payments 2x v1 + 1x v2")
+        for i in (1, 2):
+            demo.start(f"catalog-{i}", "catalog", "catalog:app")
+            demo.start(f"checkout-{i}", "checkout", "checkout:app")
+            demo.start(f"payments-v1-{i}", "payments", "payments:app", tags="v1", PAYMENTS_VERSION="v1")
+            demo.start(f"frontend-{i}", "frontend", "frontend:app")
+        demo.start("payments-v2-1", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2")
+        expected = {"catalog": 2, "checkout": 2, "payments": 3, "frontend": 2}
+        demo.wait(lambda: all(len(demo.registered(s)) == n for s, n in expected.items()), 60, "every instance")
+        demo.say("all 9 instances registered")
+
+        import meshlib
+
+        mesh = meshlib.Mesh(
+            service="loadgen",
+            discovery=f"registry://127.0.0.1:{demo.cp_port}",
+            control_plane=demo.cp_url,
+            state_dir=str(demo.tmp / "state" / "loadgen"),
+        )
+        client = mesh.client(timeout=10)
+        traffic = Traffic(client)
+        workers = [threading.Thread(target=traffic.worker, daemon=True) for _ in range(4)]
+        for w in workers:
+            w.start()
+        if ui:
+            live = _start_live(demo, traffic)
+        scenes = _scenes(demo, traffic)
+        per_scene = max(3.0, duration / len(scenes))
+        for name, expectation, action, check in scenes:
+            demo.scene = name
+            demo.say(f"scene: {name} — expect {expectation}")
+            action()
+            started = time.monotonic()
+            time.sleep(per_scene)
+            stats = summarize(traffic.window(started + per_scene * 0.3), per_scene * 0.7)
+            passed, detail = check(stats, traffic.window(started))
+            demo.results.append(SceneResult(name, expectation, passed, detail))
+            demo.say(f"  {'PASS' if passed else 'FAIL'}: {detail}")
+        traffic.stop.set()
+        for w in workers:
+            w.join(15)
+        client.close()
+        mesh.close()
+    except KeyboardInterrupt:
+        demo.say("interrupted")
+        return 130
+    except RuntimeError as exc:
+        demo.say(f"demo failed: {exc}")
+        return 1
+    finally:
+        if live is not None:
+            live.stop()
+        demo.shutdown()
+    failed = [r for r in demo.results if not r.passed]
+    print(f"\nmeshctl demo: {len(demo.results) - len(failed)} of {len(demo.results)} scenes passed", flush=True)
+    for r in demo.results:
+        print(f"  {'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
+    return 1 if failed else 0
+
+
+Check = Callable[[dict[str, Any], list[Sample]], tuple[bool, str]]
+
+
+def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], None], Check]]:
+    def share(stats: dict[str, Any], version: str) -> float:
+        total = sum(stats["versions"].values())
+        return stats["versions"][version] / total if total else 0.0
+
+    def baseline(stats: dict[str, Any], _: list[Sample]) -> tuple[bool, str]:
+        ok = stats["n"] > 0 and stats["failed"] == 0 and share(stats, "v1") == 1.0
+        return ok, f"{stats['rps']:.0f} req/s, {stats['success']:.1%} ok, p50 {stats['p50']:.1f} ms, all payments on v1"
+
+    def canary(percent: int) -> Check:
+        def check(stats: dict[str, Any], _: list[Sample]) -> tuple[bool, str]:
+            got = share(stats, "v2")
+            tolerance = 0.02 if percent in (0, 100) else max(0.05, 2.5 * (percent / 100 / max(1, stats["n"])) ** 0.5)
+            ok = stats["failed"] == 0 and abs(got - percent / 100) <= tolerance
+            return ok, f"payments v2 share {got:.1%} (rule: {percent}%), {stats['failed']} failed"
+
+        return check
+
+    def no_failures(what: str) -> Check:
+        def check(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
+            failed = sum(1 for s in whole if not s.ok)
+            return failed == 0 and len(whole) > 0, f"{len(whole)} requests, {failed} failed; {what}"
+
+        return check
+
+    def kill_catalog() -> None:
+        victim = next(c for c in demo.children if c.name == "catalog-1")
+        victim.proc.kill()
+        demo.say(f"  SIGKILL catalog-1 (port {victim.port}); its traffic must move away")
+
+    def break_payments() -> None:
+        demo.start(
+            "payments-v2-broken", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2", PAYMENTS_BROKEN="1"
+        )
+        demo.wait(lambda: len(demo.registered("payments")) == 4, 30, "the broken instance to register")
+        demo.say("  a broken payments v2 instance (answers 503) joined; its breaker must open")
+
+    def stop_control_plane() -> None:
+        assert demo.control_plane is not None
+        demo.control_plane.kill()
+        demo.control_plane.wait(5)
+        demo.say("  control plane SIGKILLed: instances keep their last rules and endpoints")
+
+    def still_routed(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
+        failed = sum(1 for s in whole if not s.ok)
+        got = share(stats, "v2")
+        return failed == 0 and got == 1.0, f"{len(whole)} requests, {failed} failed, payments v2 share {got:.0%}"
+
+    return [
+        ("baseline", "every request succeeds", lambda: None, baseline),
+        ("canary 1%", "about 1% of payments on v2", lambda: _apply(demo, 1), canary(1)),
+        ("canary 50%", "about half of payments on v2", lambda: _apply(demo, 50), canary(50)),
+        ("canary 100%", "every payment on v2", lambda: _apply(demo, 100), canary(100)),
+        ("instance killed", "no failed requests", kill_catalog, no_failures("catalog-1 gone, traffic moved away")),
+        (
+            "broken instance",
+            "no failed requests: retried, then ejected",
+            break_payments,
+            no_failures("the broken instance was retried around and ejected"),
+        ),
+        ("control plane down", "traffic and routing unaffected", stop_control_plane, still_routed),
+    ]
+
+
+def _apply(demo: Demo, percent: int) -> None:
+    version = demo.apply_rules(_rules(percent))
+    demo.say(f"  rules version {version}: payments v2 at {percent}%")
+
+
+def _start_live(demo: Demo, traffic: Traffic) -> Any:
+    try:
+        from rich.console import Group
+        from rich.live import Live
+        from rich.panel import Panel
+        from rich.table import Table
+    except ImportError:
+        demo.ui = False
+        return None
+
+    def render() -> Any:
+        now = time.monotonic()
+        stats = summarize(traffic.window(now - 3), 3)
+        table = Table(title=f"meshlib demo — scene: {demo.scene}", expand=True)
+        for col in ("req/s", "success", "p50 ms", "p99 ms", "payments v1", "payments v2", "errors"):
+            table.add_column(col, justify="right")
+        total = sum(stats["versions"].values()) or 1
+        table.add_row(
+            f"{stats['rps']:.0f}",
+            f"{stats['success']:.1%}",
+            f"{stats['p50']:.1f}",
+            f"{stats['p99']:.1f}",
+            f"{stats['versions']['v1'] / total:.0%}",
+            f"{stats['versions']['v2'] / total:.0%}",
+            ", ".join(f"{k}: {v}" for k, v in traffic.errors.items()) or "-",
+        )
+        results = "\n".join(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}" for r in demo.results)
+        return Group(table, Panel("\n".join(demo.log_lines), title="events"), Panel(results or "…", title="scenes"))
+
+    live = Live(render(), refresh_per_second=4, transient=False)
+    live.start()
+
+    def refresh() -> None:
+        while live.is_started and not traffic.stop.is_set():
+            live.update(render())
+            time.sleep(0.25)
+
+    threading.Thread(target=refresh, daemon=True).start()
+    return live

@@ -1,0 +1,31 @@
+"""``meshctl demo`` end to end, as the README's first command runs it (plain output, for scripts)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_demo_runs_every_scene_and_passes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "demo", "--duration", "30", "--no-ui"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "7 of 7 scenes passed" in out
+    for scene in (
+        "baseline",
+        "canary 1%",
+        "canary 50%",
+        "canary 100%",
+        "instance killed",
+        "broken instance",
+        "control plane down",
+    ):
+        assert re.search(rf"PASS\s+{re.escape(scene)}:", out), scene
+    assert "Traceback" not in out + result.stderr
