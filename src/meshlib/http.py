@@ -139,11 +139,12 @@ class _Call:
         self.scheme = url.raw_scheme
         self.target = url.raw_path
         raw = request.headers.raw
-        if any(k.lower().startswith(_MESH_HEADER_PREFIX) or k.lower() == b"traceparent" for k, _ in raw):
-            keep_trace = any(k.lower() == b"traceparent" for k, _ in raw)
-            raw = [(k, v) for k, v in raw if not k.lower().startswith(_MESH_HEADER_PREFIX)]
-        else:
-            keep_trace = False
+        keep_trace = False
+        for name, _ in raw:  # rare: the app (or OTel instrumentation) set mesh or trace headers itself
+            if name[:1] in b"xXtT" and (name[:7].lower() == _MESH_HEADER_PREFIX or name.lower() == b"traceparent"):
+                keep_trace = any(k.lower() == b"traceparent" for k, _ in raw)
+                raw = [(k, v) for k, v in raw if not k.lower().startswith(_MESH_HEADER_PREFIX)]
+                break
         raw.append(mesh.caller_header)
         if not keep_trace:
             raw.append((b"traceparent", outbound_traceparent()))

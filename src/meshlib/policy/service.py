@@ -32,7 +32,7 @@ class EndpointHandle:
         self.breaker = breaker
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallPlan:
     """Where one call may go, decided once before its first attempt: the route and subset it took, the endpoints
     of that subset, and the route's fault injection and retry overrides."""
@@ -46,7 +46,7 @@ class CallPlan:
 DEFAULT_PLAN = CallPlan(DEFAULT_CHOICE, None, None, None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pick:
     handle: EndpointHandle
     #: This attempt is the breaker's single half-open trial.
