@@ -41,9 +41,12 @@ class InstantPool:
         pass
 
 
-def make_clients(port: int, no_network: bool) -> tuple[httpx.Client, httpx.Client]:
+def make_clients(port: int, no_network: bool, telemetry: bool = True) -> tuple[httpx.Client, httpx.Client]:
     mesh = meshlib.Mesh(
-        service="bench", discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}), control_plane=""
+        service="bench",
+        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}),
+        control_plane="",
+        telemetry=telemetry,
     )
     if no_network:
         plain_transport = httpx.HTTPTransport()
@@ -143,6 +146,29 @@ _MESH = (
 )
 
 
+def telemetry_cost(port: int, rounds: int, n: int) -> float:
+    """meshlib with telemetry on (metrics recorded, spans created but not recorded: no SDK tracer configured)
+    against meshlib with MESH_TELEMETRY=off, both on the no-network transport."""
+    _, on = make_clients(port, True, telemetry=True)
+    _, off = make_clients(port, True, telemetry=False)
+    url = "http://svc/-/ok"
+    run_round(on, url, 300)
+    run_round(off, url, 300)
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for label, client in (("off", off), ("on", on)):
+            _, used, _ = run_round(client, url, n)
+            cpu[label].append(used / n * 1e6)
+    med = statistics.median(cpu["on"]) - statistics.median(cpu["off"])
+    best = min(cpu["on"]) - min(cpu["off"])
+    print(f"\n== telemetry on vs off (no-network, {rounds} interleaved rounds x {n} requests)")
+    print(
+        f"  CPU/request  off {statistics.median(cpu['off']):7.1f} us   on {statistics.median(cpu['on']):7.1f} us"
+        f"   telemetry costs {med:+.1f} us (best rounds: {best:+.1f} us)"
+    )
+    return med
+
+
 def memory(port: int, rounds: int = 3) -> float:
     def rss(body: str) -> int:
         code = _RSS_SNIPPET.format(tests=str(ROOT / "tests"), body=body)
@@ -169,6 +195,7 @@ def main() -> None:
     try:
         compare("no-network transport", upstream.port, True, args.rounds, args.requests)
         compare("loopback uvicorn", upstream.port, False, args.rounds, args.requests // 2)
+        telemetry_cost(upstream.port, args.rounds, args.requests)
         memory(upstream.port)
     finally:
         upstream.stop()

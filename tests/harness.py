@@ -182,3 +182,34 @@ class ControlPlaneProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class ThreadedServer:
+    """An ASGI app on a real uvicorn server in a background thread of the test process (for tests that need to
+    share in-memory telemetry exporters with the servers)."""
+
+    def __init__(self, app: Any, **config: Any) -> None:
+        import asyncio
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **config)
+        )
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=20, what="the in-process server to start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -8,6 +8,7 @@ copying the ``httpx.URL``.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -15,14 +16,26 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
+from opentelemetry.trace import Span, StatusCode
 
-from .errors import MeshError
+from .errors import (
+    CircuitOpenError,
+    DeadlineExceededError,
+    MeshError,
+    NoEndpointsError,
+    RetryBudgetExhaustedError,
+    UnavailableError,
+)
 from .mesh import Mesh
 from .policy.classify import classify_error, classify_status
 from .policy.deadline import call_deadline, to_epoch_millis
 from .policy.flow import CallFlow, Done, Result, Send, call_flow
 from .policy.service import DEFAULT_PLAN, ServiceState
-from .telemetry.tracing import outbound_traceparent
+from .telemetry.metrics import status_class
+from .telemetry.tracing import outbound_traceparent, traceparent_of
 
 __all__ = ["AsyncClient", "AsyncMeshTransport", "Client", "MeshTransport", "mesh_service_name"]
 
@@ -128,13 +141,31 @@ _ATTEMPT_VALUES = [str(i).encode() for i in range(16)]
 
 
 class _Call:
-    """Everything one mesh call needs between attempts; builds each attempt's ``httpcore.Request``."""
+    """Everything one mesh call needs between attempts, shared by the sync and async shells: builds each attempt's
+    ``httpcore.Request`` and does the call's telemetry (spans, metrics, access log)."""
 
-    __slots__ = ("base_headers", "extensions", "flow", "mesh", "read_timeout", "request", "scheme", "target")
+    __slots__ = (
+        "attempt_span",
+        "base_headers",
+        "extensions",
+        "flow",
+        "keep_trace",
+        "mesh",
+        "plan",
+        "read_timeout",
+        "recording",
+        "request",
+        "scheme",
+        "service",
+        "span",
+        "started",
+        "target",
+    )
 
-    def __init__(self, mesh: Mesh, state: ServiceState, request: httpx.Request) -> None:
+    def __init__(self, mesh: Mesh, state: ServiceState, request: httpx.Request, service: str) -> None:
         self.mesh = mesh
         self.request = request
+        self.service = service
         url = request.url
         self.scheme = url.raw_scheme
         self.target = url.raw_path
@@ -146,15 +177,24 @@ class _Call:
                 raw = [(k, v) for k, v in raw if not k.lower().startswith(_MESH_HEADER_PREFIX)]
                 break
         raw.append(mesh.caller_header)
-        if not keep_trace:
+        self.keep_trace = keep_trace
+        method = request.method
+        tel = mesh.telemetry
+        self.span = (
+            tel.tracer.start_call(method, service, str(url)) if tel is not None and tel.tracer.active() else None
+        )
+        self.recording = self.span is not None and self.span.is_recording()
+        self.attempt_span: Span | None = None
+        if not keep_trace and not self.recording:
             raw.append((b"traceparent", outbound_traceparent()))
         self.base_headers = raw
         self.extensions = request.extensions
         timeouts = self.extensions.get("timeout") or {}
         self.read_timeout: float | None = timeouts.get("read")
-        now = mesh.clock()
-        method = request.method
-        plan = state.plan(method, url.path, request.headers.get, mesh.rand) if state.rules is not None else DEFAULT_PLAN
+        now = self.started = mesh.clock()
+        self.plan = plan = (
+            state.plan(method, url.path, request.headers.get, mesh.rand) if state.rules is not None else DEFAULT_PLAN
+        )
         self.flow: CallFlow = call_flow(
             state,
             method=method,
@@ -170,6 +210,14 @@ class _Call:
         headers = list(self.base_headers)
         attempt = send.attempt
         headers.append((b"x-mesh-attempt", _ATTEMPT_VALUES[attempt] if attempt < 16 else str(attempt).encode()))
+        if self.recording:
+            assert self.span is not None and self.mesh.telemetry is not None
+            span = self.mesh.telemetry.tracer.start_attempt(
+                self.span, self.request.method, endpoint.authority, attempt, send.breaker_state
+            )
+            self.attempt_span = span
+            if not self.keep_trace:
+                headers.append((b"traceparent", traceparent_of(span)))
         extensions = self.extensions
         budget = send.timeout
         if budget is not None:
@@ -191,6 +239,151 @@ class _Call:
             content=self.request.stream,
             extensions=extensions,
         )
+
+    def attempt_done(self, result: Result) -> None:
+        span = self.attempt_span
+        if span is not None:
+            verdict = result.verdict
+            if verdict.status is not None:
+                span.set_attribute("http.response.status_code", verdict.status)
+            if verdict.is_failure:
+                span.set_attribute("error.type", verdict.key)
+                span.set_status(StatusCode.ERROR, verdict.key)
+            span.end()
+            self.attempt_span = None
+
+    def finish(self, done: Done | None, response: httpx.Response | None) -> None:
+        """The call is over: end its span, record its metrics and (sampled) access log line."""
+        tel = self.mesh.telemetry
+        if tel is None:
+            return
+        if self.attempt_span is not None:  # cancelled mid-attempt
+            self.attempt_span.end()
+            self.attempt_span = None
+        elapsed = self.mesh.clock() - self.started
+        status = response.status_code if response is not None else None
+        outcome = _outcome(done, status)
+        route = self.plan.choice.label
+        method = self.request.method
+        metrics = tel.metrics
+        metrics.client_duration.record(
+            elapsed, metrics.client_labels(self.service, route, method, status_class(status), outcome)
+        )
+        attempts = done.attempts if done is not None else 0
+        if attempts > 1:
+            metrics.retries.add(attempts - 1, _peer_labels(self.mesh.service, self.service))
+        if done is not None and isinstance(done.error, RetryBudgetExhaustedError):
+            metrics.budget_exhausted.add(1, _peer_labels(self.mesh.service, self.service))
+        span = self.span
+        if span is not None and span.is_recording():
+            span.set_attribute("mesh.route", route)
+            if self.plan.choice.subset is not None:
+                span.set_attribute("mesh.subset", self.plan.choice.subset)
+            span.set_attribute("mesh.attempts", attempts)
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+            if status is None or status >= 500:
+                span.set_attribute("error.type", outcome if status is None else str(status))
+                span.set_status(StatusCode.ERROR, outcome)
+        if span is not None:
+            span.end()
+        if tel.access.wanted():
+            ctx = span.get_span_context() if span is not None else None
+            tel.access.write(
+                {
+                    "kind": "client",
+                    "source": self.mesh.service,
+                    "destination": self.service,
+                    "method": method,
+                    "path": self.request.url.path,
+                    "status": status,
+                    "outcome": outcome,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "attempts": attempts,
+                    "route": route,
+                    "trace_id": f"{ctx.trace_id:032x}" if ctx is not None and ctx.is_valid else None,
+                    "bytes": int(response.headers.get("content-length", 0) or 0) if response is not None else 0,
+                }
+            )
+
+
+class _External:
+    """A call to a host outside the mesh: still traced and metered. Marks the context so that an
+    ``opentelemetry-instrumentation-httpx`` in the app does not record the same request a second time."""
+
+    __slots__ = ("mesh", "request", "span", "started", "token")
+
+    def __init__(self, mesh: Mesh, request: httpx.Request) -> None:
+        tel = mesh.telemetry
+        assert tel is not None
+        self.mesh = mesh
+        self.request = request
+        self.started = mesh.clock()
+        self.span: Span | None = None
+        self.token: contextvars.Token[otel_context.Context] | None = None
+        host = request.url.host
+        if not tel.tracer.active():
+            self.span = None
+            self.token = None
+            if "traceparent" not in request.headers:
+                request.headers["traceparent"] = outbound_traceparent().decode()
+            return
+        self.span = span = tel.tracer.start_call(request.method, host, str(request.url))
+        if "traceparent" not in request.headers:
+            request.headers["traceparent"] = (
+                traceparent_of(span) if span.is_recording() else outbound_traceparent()
+            ).decode()
+        ctx = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, trace.set_span_in_context(span))
+        self.token = otel_context.attach(ctx)
+
+    def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
+        if self.token is not None:
+            otel_context.detach(self.token)
+        tel = self.mesh.telemetry
+        assert tel is not None
+        status = response.status_code if response is not None else None
+        outcome = classify_error(error).kind.value if error is not None else classify_status(status or 0).kind.value
+        metrics = tel.metrics
+        attrs = metrics.client_labels(
+            self.request.url.host, "external", self.request.method, status_class(status), outcome
+        )
+        metrics.client_duration.record(self.mesh.clock() - self.started, attrs)
+        span = self.span
+        if span is None:
+            return
+        if span.is_recording():
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+            if status is None or status >= 500:
+                span.set_attribute("error.type", outcome if status is None else str(status))
+                span.set_status(StatusCode.ERROR, outcome)
+        span.end()
+
+
+def _peer_labels(service: str, peer: str) -> tuple[tuple[str, str], ...]:
+    return (("mesh.service", service), ("mesh.peer_service", peer))
+
+
+def _outcome(done: Done | None, status: int | None) -> str:
+    if done is None:
+        return "cancelled"
+    if done.abort_status is not None:
+        return "fault-abort"
+    error = done.error
+    if error is not None:
+        return _ERROR_OUTCOMES.get(type(error), "local-error")
+    if done.result is not None:
+        return done.result.verdict.kind.value
+    return "success" if status is not None and status < 500 else "server-error"
+
+
+_ERROR_OUTCOMES: dict[type[BaseException], str] = {
+    NoEndpointsError: "no-endpoints",
+    CircuitOpenError: "circuit-open",
+    DeadlineExceededError: "deadline-exceeded",
+    RetryBudgetExhaustedError: "retry-budget-exhausted",
+    UnavailableError: "unavailable",
+}
 
 
 def _fault_response(done: Done) -> httpx.Response:
@@ -243,10 +436,25 @@ class MeshTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
         if service is None:
-            return self._passthrough.handle_request(request)
-        call = _Call(self.mesh, self.mesh.service_state(service), request)
+            if self.mesh.telemetry is None:
+                return self._passthrough.handle_request(request)
+            external = _External(self.mesh, request)
+            try:
+                passed = self._passthrough.handle_request(request)
+            except BaseException as exc:
+                external.finish(None, exc)
+                raise
+            external.finish(passed, None)
+            return passed
+        try:
+            state = self.mesh.service_state(service)
+        except MeshError:
+            _count_unresolved(self.mesh, service, request)
+            raise
+        call = _Call(self.mesh, state, request, service)
         flow = call.flow
         response: httpx.Response | None = None
+        done: Done | None = None
         try:
             action = next(flow)
             while True:
@@ -266,25 +474,41 @@ class MeshTransport(httpx.BaseTransport):
                             extensions=raw.extensions,
                         )
                         result = Result(classify_status(raw.status))
+                    call.attempt_done(result)
                     action = flow.send(result)
                 else:
                     time.sleep(action.seconds)  # type: ignore[union-attr]
                     action = next(flow)
         except StopIteration as stop:
-            done: Done = stop.value
+            done = stop.value
         finally:
             flow.close()
+            if done is None or done.error is not None:
+                if response is not None:
+                    response.close()
+                    response = None
+            elif response is None:
+                response = _fault_response(done)
+            call.finish(done, response)
+        assert done is not None
         if done.error is not None:
-            if response is not None:
-                response.close()
             _raise_done(done)
-        if response is None:
-            return _fault_response(done)
+        assert response is not None
         return response
 
     def close(self) -> None:
         self._pool.close()
         self._passthrough.close()
+
+
+def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:
+    """A call that failed before it had a route (discovery gave nothing) still counts in the golden signals."""
+    tel = mesh.telemetry
+    if tel is not None:
+        metrics = tel.metrics
+        metrics.client_duration.record(
+            0.0, metrics.client_labels(service, "default", request.method, "error", "no-endpoints")
+        )
 
 
 def _discard(response: httpx.Response) -> None:
@@ -332,13 +556,27 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
         if service is None:
-            return await self._passthrough.handle_async_request(request)
+            if self.mesh.telemetry is None:
+                return await self._passthrough.handle_async_request(request)
+            external = _External(self.mesh, request)
+            try:
+                passed = await self._passthrough.handle_async_request(request)
+            except BaseException as exc:
+                external.finish(None, exc)
+                raise
+            external.finish(passed, None)
+            return passed
         state, ready = self.mesh.service_state_nowait(service)
         if not ready:  # first call for this service: wait for discovery off the event loop
-            state = await anyio.to_thread.run_sync(self.mesh.service_state, service)
-        call = _Call(self.mesh, state, request)
+            try:
+                state = await anyio.to_thread.run_sync(self.mesh.service_state, service)
+            except MeshError:
+                _count_unresolved(self.mesh, service, request)
+                raise
+        call = _Call(self.mesh, state, request, service)
         flow = call.flow
         response: httpx.Response | None = None
+        done: Done | None = None
         try:
             action = next(flow)
             while True:
@@ -358,20 +596,26 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                             extensions=raw.extensions,
                         )
                         result = Result(classify_status(raw.status))
+                    call.attempt_done(result)
                     action = flow.send(result)
                 else:
                     await anyio.sleep(action.seconds)  # type: ignore[union-attr]
                     action = next(flow)
         except StopIteration as stop:
-            done: Done = stop.value
+            done = stop.value
         finally:
             flow.close()
+            if done is None or done.error is not None:
+                if response is not None:
+                    await response.aclose()
+                    response = None
+            elif response is None:
+                response = _fault_response(done)
+            call.finish(done, response)
+        assert done is not None
         if done.error is not None:
-            if response is not None:
-                await response.aclose()
             _raise_done(done)
-        if response is None:
-            return _fault_response(done)
+        assert response is not None
         return response
 
     async def aclose(self) -> None:

@@ -16,8 +16,11 @@ from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
 from .rules.model import EMPTY_RULES, Rules
 from .settings import MeshSettings
+from .telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from .http import AsyncClient, Client
     from .rules.watcher import RulesWatcher
 
@@ -62,6 +65,9 @@ class Mesh:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         settings: MeshSettings | None = None,
+        telemetry: bool | None = None,
+        access_log: bool | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings or MeshSettings.from_env(
             service=service,
@@ -69,8 +75,18 @@ class Mesh:
             control_plane=control_plane,
             tls=tls,
             state_dir=state_dir,
+            telemetry=telemetry,
+            access_log=access_log,
         )
         self.service = self.settings.service
+        self.telemetry: Telemetry | None = None
+        if self.settings.telemetry:
+            self.telemetry = Telemetry(
+                self.service,
+                tracer_provider=tracer_provider,
+                access_log=self.settings.access_log,
+                access_log_sample=self.settings.access_log_sample,
+            )
         self.discovery = discovery if isinstance(discovery, Discovery) else make_discovery(self.settings)
         self.clock = clock
         self.rand = rand
@@ -98,6 +114,8 @@ class Mesh:
         self.rules = rules
         for name, state in list(self._services.items()):
             state.set_rules(rules.for_service(name), self.policy_for(name))
+        if self.telemetry is not None:
+            self.telemetry.metrics.rules_version.set(rules.version, (("mesh.service", self.service),))
 
     def policy_for(self, service: str) -> ServicePolicy:
         return self._policies.get(service, self.default_policy)
@@ -135,13 +153,26 @@ class Mesh:
             state = self._services.get(service)
             if state is not None:
                 return state
-            state = ServiceState(service, self.clock, self.policy_for(service))
+            state = ServiceState(service, self.clock, self.policy_for(service), self._breaker_listener(service))
             service_rules = self.rules.for_service(service)
             if service_rules is not None:
                 state.set_rules(service_rules, self.policy_for(service))
             self._services[service] = state
         self.discovery.watch(service, state.set_endpoints)
         return state
+
+    def _breaker_listener(self, service: str) -> Callable[[str, str, str], None] | None:
+        if self.telemetry is None:
+            return None
+        metrics = self.telemetry.metrics
+
+        def on_transition(endpoint: str, old: str, new: str) -> None:
+            labels = (("mesh.service", self.service), ("mesh.peer_service", service), ("mesh.endpoint", endpoint))
+            metrics.breaker_transitions.add(1, (*labels, ("mesh.breaker_state", new)))
+            if new == "open" and old == "closed":
+                metrics.ejections.add(1, labels)
+
+        return on_transition
 
     @property
     def services(self) -> Mapping[str, ServiceState]:
@@ -168,6 +199,8 @@ class Mesh:
         if self.rules_watcher is not None:
             self.rules_watcher.close()
         self.discovery.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
 
     def __enter__(self) -> Mesh:
         return self

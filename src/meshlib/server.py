@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 import uvicorn
 
+from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
 from .mesh import Mesh
 
@@ -31,30 +31,6 @@ def is_asgi(app: Any) -> bool:
         return True
     call = getattr(app, "__call__", None)  # noqa: B004 (we want the bound method, not callable())
     return call is not None and inspect.iscoroutinefunction(call)
-
-
-class MeshEndpoints:
-    """Serves ``/-/mesh/health`` in front of the application."""
-
-    def __init__(self, app: ASGIApp, service: str) -> None:
-        self.app = app
-        self.service = service
-        self.draining = False
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/-/mesh/health":
-            status = 503 if self.draining else 200
-            body = json.dumps({"status": "draining" if self.draining else "ok", "service": self.service}).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
 
 
 def advertised_address(host: str) -> str:
@@ -91,7 +67,7 @@ def serve(
         lifespan: Literal["auto", "on", "off"] = "off"
     else:
         lifespan = "auto"
-    endpoints = MeshEndpoints(app, mesh.service)
+    endpoints = MeshMiddleware(app, mesh)
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -126,7 +102,7 @@ class _MeshServer(uvicorn.Server):
         self,
         config: uvicorn.Config,
         registration: Registration,
-        endpoints: MeshEndpoints,
+        endpoints: MeshMiddleware,
         drain_delay: float,
         port: int,
         on_ready: Callable[[int], None] | None,
@@ -143,7 +119,7 @@ class _MeshServer(uvicorn.Server):
         if self.should_exit:
             return
         await asyncio.to_thread(self.registration.start)
-        log.info("meshlib: %s serving on port %d", self.endpoints.service, self.port)
+        log.info("meshlib: %s serving on port %d", self.endpoints.mesh.service, self.port)
         if self.on_ready is not None:
             self.on_ready(self.port)
 

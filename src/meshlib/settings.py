@@ -29,6 +29,15 @@ def _default_service() -> str:
     return cleaned[:63] or "python"
 
 
+def _flag(var: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "on", "yes"):
+        return True
+    if lowered in ("0", "false", "off", "no", ""):
+        return False
+    raise ConfigurationError(f"{var}={value!r}: expected on or off")
+
+
 @dataclass(frozen=True, slots=True)
 class MeshSettings:
     service: str = field(default_factory=_default_service)
@@ -40,6 +49,11 @@ class MeshSettings:
     namespace: str = "default"
     #: How long a first call waits for discovery's first answer about a service.
     discovery_timeout: float = 5.0
+    #: Traces and metrics (``MESH_TELEMETRY=off`` turns both off, for the last microseconds).
+    telemetry: bool = True
+    #: JSON access log lines on the ``meshlib.access`` logger, and the share of requests logged.
+    access_log: bool = False
+    access_log_sample: float = 1.0
 
     _ENV = {
         "service": "MESH_SERVICE",
@@ -49,6 +63,9 @@ class MeshSettings:
         "state_dir": "MESH_STATE_DIR",
         "trust_domain": "MESH_TRUST_DOMAIN",
         "namespace": "MESH_NAMESPACE",
+        "telemetry": "MESH_TELEMETRY",
+        "access_log": "MESH_ACCESS_LOG",
+        "access_log_sample": "MESH_ACCESS_LOG_SAMPLE",
     }
 
     @classmethod
@@ -63,6 +80,15 @@ class MeshSettings:
         unknown = set(values) - known
         if unknown:
             raise ConfigurationError(f"unknown mesh setting(s): {', '.join(sorted(unknown))}")
+        for name in ("telemetry", "access_log"):
+            if isinstance(values.get(name), str):
+                values[name] = _flag(cls._ENV[name], str(values[name]))
+        if isinstance(values.get("access_log_sample"), str):
+            raw = str(values["access_log_sample"])
+            try:
+                values["access_log_sample"] = float(raw)
+            except ValueError:
+                raise ConfigurationError(f"MESH_ACCESS_LOG_SAMPLE={raw!r}: expected a number from 0 to 1") from None
         settings = cls(**values)  # type: ignore[arg-type]
         return settings.validated()
 
@@ -77,5 +103,7 @@ class MeshSettings:
             )
         if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
             raise ConfigurationError(f"MESH_CONTROL_PLANE={self.control_plane!r}: expected an http(s):// URL")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            raise ConfigurationError(f"MESH_ACCESS_LOG_SAMPLE={self.access_log_sample}: must be from 0 to 1")
         state_dir = self.state_dir or str(Path.home() / ".cache" / "meshlib" / self.service)
         return replace(self, state_dir=state_dir)

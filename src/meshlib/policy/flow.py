@@ -15,7 +15,6 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 # Plain (not frozen) slotted dataclasses: a frozen one costs ~1 us more to build, and these are built per attempt.
-
 from ..endpoints import Endpoint
 from ..errors import (
     DeadlineExceededError,
@@ -35,6 +34,7 @@ class Send:
     endpoint: Endpoint
     timeout: float | None
     attempt: int
+    breaker_state: str = "closed"
 
 
 @dataclass(slots=True)
@@ -120,7 +120,7 @@ def call_flow(
         started = now
         answered = False
         try:
-            result = yield Send(handle.endpoint, timeout, attempt)
+            result = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state)
             answered = result is not None
         finally:
             load.outstanding -= 1

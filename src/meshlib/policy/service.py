@@ -59,7 +59,7 @@ class ServiceState:
         name: str,
         clock: Clock,
         policy: ServicePolicy = DEFAULT_POLICY,
-        on_breaker_transition: TransitionListener | None = None,
+        on_breaker_transition: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.name = name
         self.clock = clock
@@ -77,13 +77,16 @@ class ServiceState:
 
     # -- updates (discovery and rules) ------------------------------------------------------------
 
-    def _on_transition(self, old: str, new: str) -> None:
-        if old == CLOSED and new != CLOSED:
-            self._not_closed += 1
-        elif new == CLOSED and old != CLOSED:
-            self._not_closed -= 1
-        if self._external_listener is not None:
-            self._external_listener(old, new)
+    def _transition_listener(self, label: str) -> TransitionListener:
+        def on_transition(old: str, new: str) -> None:
+            if old == CLOSED and new != CLOSED:
+                self._not_closed += 1
+            elif new == CLOSED and old != CLOSED:
+                self._not_closed -= 1
+            if self._external_listener is not None:
+                self._external_listener(label, old, new)
+
+        return on_transition
 
     def set_endpoints(self, snapshot: EndpointSet) -> None:
         now = self.clock()
@@ -92,7 +95,9 @@ class ServiceState:
         for endpoint in snapshot.endpoints:
             handle = self._by_key.get(endpoint.key)
             if handle is None:
-                breaker = EndpointBreaker(self.policy.circuit_breaker, self.clock, (self._on_transition,))
+                breaker = EndpointBreaker(
+                    self.policy.circuit_breaker, self.clock, (self._transition_listener(endpoint.authority),)
+                )
                 handle = EndpointHandle(endpoint, now, breaker)
             else:
                 handle.endpoint = endpoint  # tags or meta may have changed

@@ -1,0 +1,30 @@
+"""One structured JSON line per request on the ``meshlib.access`` logger. Off by default, sampled by a setting.
+
+Only fields that cannot carry secrets: no headers, no bodies, no query strings (tokens live there)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import Any
+
+logger = logging.getLogger("meshlib.access")
+
+
+class AccessLog:
+    __slots__ = ("enabled", "sample")
+
+    def __init__(self, enabled: bool, sample: float = 1.0) -> None:
+        self.enabled = enabled
+        self.sample = min(1.0, max(0.0, sample))
+
+    def wanted(self) -> bool:
+        """Cheap check first, so a disabled log costs one attribute read per request."""
+        if not self.enabled or not logger.isEnabledFor(logging.INFO):
+            return False
+        return self.sample >= 1.0 or random.random() < self.sample
+
+    @staticmethod
+    def write(record: dict[str, Any]) -> None:
+        logger.info(json.dumps(record, separators=(",", ":"), default=str))

@@ -1,0 +1,334 @@
+"""Golden-signal metrics with OpenTelemetry's names, units and buckets, aggregated in-process.
+
+Why not record through the OTel SDK on the hot path: one SDK ``Histogram.record`` costs 18-28 us here (it sorts
+and hashes the attribute set on every call), more than all of meshlib's own per-request work. So a request does one
+cached-key lookup and a bisect under a short lock; ``/-/mesh/metrics`` renders Prometheus text from that; and when
+``OTEL_METRICS_EXPORTER`` names an exporter, an SDK MeterProvider is fed off the request path: counters and gauges
+through observable callbacks, histogram samples through a queue drained by a background thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+#: Seconds. OTel's HTTP advisory buckets, with sub-millisecond ones added: a mesh hop lives there.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+#: A hard cap on label combinations per instrument.
+MAX_SERIES = 10_000
+
+
+def status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class HistogramSeries:
+    __slots__ = ("count", "counts", "labels", "lock", "sum")
+
+    def __init__(self, labels: Labels, n_buckets: int) -> None:
+        self.labels = labels
+        self.counts = [0] * (n_buckets + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.lock = threading.Lock()
+
+
+@dataclass
+class HistogramPoint:
+    attributes: dict[str, str]
+    bounds: tuple[float, ...]
+    bucket_counts: list[int]  # per bucket, last is +Inf
+    sum: float
+    count: int
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile ``q`` (what Prometheus' histogram_quantile approximates)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for bound, c in zip((*self.bounds, math.inf), self.bucket_counts, strict=True):
+            seen += c
+            if seen >= rank:
+                return bound
+        return math.inf
+
+
+class Histogram:
+    def __init__(self, name: str, unit: str, description: str, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        self.name = name
+        self.unit = unit
+        self.description = description
+        self.bounds = bounds
+        self._series: dict[Labels, HistogramSeries] = {}
+        self._lock = threading.Lock()
+        self.sink: queue.SimpleQueue[tuple[str, float, Labels]] | None = None
+
+    def record(self, value: float, labels: Labels) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            with self._lock:
+                series = self._series.get(labels)
+                if series is None:
+                    if len(self._series) >= MAX_SERIES:
+                        return
+                    series = self._series[labels] = HistogramSeries(labels, len(self.bounds))
+        i = bisect.bisect_left(self.bounds, value)
+        with series.lock:
+            series.counts[i] += 1
+            series.sum += value
+            series.count += 1
+        if self.sink is not None:
+            self.sink.put((self.name, value, labels))
+
+    def points(self) -> list[HistogramPoint]:
+        out = []
+        for series in list(self._series.values()):
+            with series.lock:
+                out.append(
+                    HistogramPoint(dict(series.labels), self.bounds, list(series.counts), series.sum, series.count)
+                )
+        return out
+
+
+class Counter:
+    def __init__(self, name: str, description: str) -> None:
+        self.name = name
+        self.description = description
+        self._values: dict[Labels, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, amount: float, labels: Labels) -> None:
+        with self._lock:
+            if labels in self._values or len(self._values) < MAX_SERIES:
+                self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def points(self) -> list[tuple[dict[str, str], float]]:
+        with self._lock:
+            return [(dict(k), v) for k, v in self._values.items()]
+
+
+class Gauge:
+    def __init__(self, name: str, unit: str, description: str, read: Callable[[], float | None] | None = None):
+        self.name = name
+        self.unit = unit
+        self.description = description
+        self._values: dict[Labels, float] = {}
+        self.read = read
+
+    def set(self, value: float, labels: Labels) -> None:
+        self._values[labels] = value
+
+    def points(self) -> list[tuple[dict[str, str], float]]:
+        out = [(dict(k), v) for k, v in list(self._values.items())]
+        if self.read is not None:
+            value = self.read()
+            if value is not None:
+                out.append(({}, value))
+        return out
+
+
+class MeshMetrics:
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.client_duration = Histogram(
+            "http.client.request.duration", "s", "Duration of mesh calls as the caller saw them, all attempts included."
+        )
+        self.server_duration = Histogram(
+            "http.server.request.duration", "s", "Duration of inbound requests served by this instance."
+        )
+        self.retries = Counter("mesh.client.retries", "Retried attempts.")
+        self.budget_exhausted = Counter("mesh.client.retry_budget_exhausted", "Retries refused by the retry budget.")
+        self.breaker_transitions = Counter("mesh.client.breaker_transitions", "Circuit breaker state changes.")
+        self.ejections = Counter("mesh.client.ejections", "Endpoints ejected by their circuit breaker.")
+        self.authz_denied = Counter("mesh.server.authz_denied", "Inbound requests denied (or, permissive, would be).")
+        self.rules_version = Gauge("mesh.rules.version", "", "Rules version applied.")
+        self.cert_expiry = Gauge(
+            "mesh.certificate.time_to_expiry", "s", "Seconds until this instance's certificate expires."
+        )
+        self.histograms = (self.client_duration, self.server_duration)
+        self.counters = (
+            self.retries,
+            self.budget_exhausted,
+            self.breaker_transitions,
+            self.ejections,
+            self.authz_denied,
+        )
+        self.gauges = (self.rules_version, self.cert_expiry)
+        self._client_labels: dict[tuple[str, str, str, str, str], Labels] = {}
+        self._server_labels: dict[tuple[str, str, str, str], Labels] = {}
+        self._exporter: _OtelExport | None = None
+        if os.environ.get("OTEL_METRICS_EXPORTER", "").strip() not in ("", "none", "prometheus"):
+            self._exporter = _OtelExport(self)
+
+    def client_labels(self, peer: str, route: str, method: str, status: str, outcome: str) -> Labels:
+        key = (peer, route, method, status, outcome)
+        labels = self._client_labels.get(key)
+        if labels is None:
+            labels = (
+                ("mesh.service", self.service),
+                ("mesh.peer_service", peer),
+                ("mesh.route", route),
+                ("http.request.method", method),
+                ("http.response.status_class", status),
+                ("mesh.outcome", outcome),
+            )
+            if len(self._client_labels) < MAX_SERIES:
+                self._client_labels[key] = labels
+        return labels
+
+    def server_labels(self, peer: str, route: str, method: str, status: str) -> Labels:
+        key = (peer, route, method, status)
+        labels = self._server_labels.get(key)
+        if labels is None:
+            labels = (
+                ("mesh.service", self.service),
+                ("mesh.peer_service", peer),
+                ("http.route", route),
+                ("http.request.method", method),
+                ("http.response.status_class", status),
+            )
+            if len(self._server_labels) < MAX_SERIES:
+                self._server_labels[key] = labels
+        return labels
+
+    def prometheus(self) -> str:
+        return render_prometheus(self)
+
+    def shutdown(self) -> None:
+        if self._exporter is not None:
+            self._exporter.shutdown()
+
+
+# -- export to the OpenTelemetry SDK, off the request path -----------------------------------------
+
+
+class _OtelExport:
+    def __init__(self, metrics: MeshMetrics) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+
+        readers: list[MetricReader] = []
+        for name in os.environ.get("OTEL_METRICS_EXPORTER", "").split(","):
+            for ep in entry_points(group="opentelemetry_metrics_exporter", name=name.strip()):
+                readers.append(PeriodicExportingMetricReader(ep.load()()))
+        self.provider = MeterProvider(
+            metric_readers=readers, resource=Resource.create({"service.name": metrics.service})
+        )
+        meter = self.provider.get_meter("meshlib")
+
+        def observe(
+            points: Callable[[], list[tuple[dict[str, str], float]]],
+        ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def callback(options: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(v, attrs) for attrs, v in points()]
+
+            return callback
+
+        for c in metrics.counters:
+            meter.create_observable_counter(c.name, callbacks=[observe(c.points)], description=c.description)
+        for g in metrics.gauges:
+            meter.create_observable_gauge(g.name, callbacks=[observe(g.points)], unit=g.unit, description=g.description)
+        self.queue: queue.SimpleQueue[tuple[str, float, Labels]] = queue.SimpleQueue()
+        self.sdk_histograms = {}
+        for h in metrics.histograms:
+            h.sink = self.queue
+            self.sdk_histograms[h.name] = meter.create_histogram(
+                h.name, unit=h.unit, description=h.description, explicit_bucket_boundaries_advisory=h.bounds
+            )
+        self._running = True
+        self._lock = threading.Lock()
+        threading.Thread(target=self._drain, name="meshlib-otel-metrics", daemon=True).start()
+
+    def _drain(self) -> None:
+        while self._running:
+            try:
+                name, value, labels = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            with self._lock:
+                self.sdk_histograms[name].record(value, dict(labels))
+
+    def flush(self) -> None:
+        """Record every queued sample, then have the SDK export now."""
+        with self._lock:
+            while True:
+                try:
+                    name, value, labels = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                self.sdk_histograms[name].record(value, dict(labels))
+        self.provider.force_flush()
+
+    def shutdown(self) -> None:
+        self._running = False
+        self.provider.shutdown()
+
+
+# -- Prometheus text format -----------------------------------------------------------------------
+
+_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
+_UNIT_SUFFIX = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
+
+
+def _metric_name(name: str, unit: str) -> str:
+    base = _INVALID.sub("_", name)
+    suffix = _UNIT_SUFFIX.get(unit, "")
+    if suffix and not base.endswith(suffix):
+        base += suffix
+    return base
+
+
+def _labels(attributes: dict[str, str], extra: tuple[tuple[str, str], ...] = ()) -> str:
+    items = [(_INVALID.sub("_", str(k)), str(v)) for k, v in attributes.items()] + list(extra)
+    if not items:
+        return ""
+    return (
+        "{"
+        + ",".join(
+            '{}="{}"'.format(k, v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')) for k, v in items
+        )
+        + "}"
+    )
+
+
+def _num(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_prometheus(metrics: MeshMetrics) -> str:
+    lines: list[str] = []
+    for h in metrics.histograms:
+        name = _metric_name(h.name, h.unit)
+        lines += [f"# HELP {name} {h.description}", f"# TYPE {name} histogram"]
+        for p in h.points():
+            cumulative = 0
+            for bound, count in zip(p.bounds, p.bucket_counts, strict=False):
+                cumulative += count
+                lines.append(f"{name}_bucket{_labels(p.attributes, (('le', _num(bound)),))} {cumulative}")
+            lines.append(f"{name}_bucket{_labels(p.attributes, (('le', '+Inf'),))} {p.count}")
+            lines.append(f"{name}_sum{_labels(p.attributes)} {_num(p.sum)}")
+            lines.append(f"{name}_count{_labels(p.attributes)} {p.count}")
+    for c in metrics.counters:
+        name = _metric_name(c.name, "")
+        lines += [f"# HELP {name}_total {c.description}", f"# TYPE {name}_total counter"]
+        lines += [f"{name}_total{_labels(attrs)} {_num(v)}" for attrs, v in c.points()]
+    for g in metrics.gauges:
+        name = _metric_name(g.name, g.unit)
+        lines += [f"# HELP {name} {g.description}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{_labels(attrs)} {_num(v)}" for attrs, v in g.points()]
+    return "\n".join(lines) + "\n"
