@@ -111,10 +111,20 @@ ADMIN_TOKEN = "test-admin-token"
 class ControlPlaneProcess:
     """A real ``meshctl serve`` subprocess on a free loopback port."""
 
-    def __init__(self, state_dir: Path, port: int = 0, admin_token: str | None = ADMIN_TOKEN) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int = 0,
+        admin_token: str | None = ADMIN_TOKEN,
+        bootstrap_token: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
         if admin_token:
             env["MESH_ADMIN_TOKEN"] = admin_token
+        if bootstrap_token:
+            env["MESH_BOOTSTRAP_TOKEN"] = bootstrap_token
+        self.bootstrap_token = bootstrap_token
         self.state_dir = state_dir
         self.admin_token = admin_token
         self.proc = subprocess.Popen(
@@ -129,6 +139,7 @@ class ControlPlaneProcess:
                 str(state_dir),
                 "--log-level",
                 "warning",
+                *extra_args,
             ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,

@@ -64,7 +64,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .control.runner import run_control_plane
 
     run_control_plane(
-        host=args.host, port=args.port, state_dir=args.state_dir, store=args.store, log_level=args.log_level
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        store=args.store,
+        log_level=args.log_level,
+        ca_cert=args.ca_cert,
+        ca_key=args.ca_key,
+        ca_bundle=args.ca_bundle,
+        trust_domain=args.trust_domain,
+    )
+    return 0
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from .security.ca import CertificateAuthority
+
+    ca = CertificateAuthority.init(args.state_dir, args.trust_domain)
+    print(
+        f"CA created in {args.state_dir} (trust domain {ca.trust_domain}); root expires "
+        f"{ca.cert.not_valid_after_utc:%Y-%m-%d}"
+    )
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    """Issue a certificate offline (for MESH_TLS_CERT/KEY/CA, or a client such as curl)."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from .rules.model import parse_duration
+    from .security.ca import CertificateAuthority
+    from .settings import validate_service_name
+
+    validate_service_name(args.service)
+    ca = CertificateAuthority.load(args.state_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = ca.issue(key.public_key(), args.service, args.namespace, timedelta(seconds=parse_duration(args.lifetime)))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path = out / f"{args.service}.key"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    (out / f"{args.service}.crt").write_bytes(issued.pem() + issued.chain_pem())
+    (out / "ca.crt").write_bytes(ca.roots_pem())
+    print(
+        f"{out / (args.service + '.crt')}, {key_path}, {out / 'ca.crt'}: "
+        f"spiffe://{ca.trust_domain}/ns/{args.namespace}/sa/{args.service}, "
+        f"expires {issued.certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
     )
     return 0
 
@@ -190,7 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".mesh-state/control-plane", help="where the rules database lives")
     p.add_argument("--store", default="sqlite", help="sqlite (default), sqlite:PATH")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--ca-cert", help="bring your own CA: a root or intermediate certificate (PEM)")
+    p.add_argument("--ca-key", help="its private key (PEM, unencrypted)")
+    p.add_argument("--ca-bundle", help="the root(s) above an intermediate --ca-cert (PEM)")
+    p.add_argument("--trust-domain", default="mesh.local", help="for a CA created on first start")
     p.set_defaults(func=cmd_serve)
+
+    ca = sub.add_parser("ca", help="the mesh certificate authority")
+    csub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    p = csub.add_parser("init", help="create a root CA in the control plane's state directory")
+    p.add_argument("--state-dir", default=".mesh-state/control-plane")
+    p.add_argument("--trust-domain", default="mesh.local")
+    p.set_defaults(func=cmd_ca_init)
+    p = csub.add_parser("issue", help="issue a certificate for a service, offline")
+    p.add_argument("service")
+    p.add_argument("--state-dir", default=".mesh-state/control-plane")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--lifetime", default="24h")
+    p.add_argument("--out-dir", default=".")
+    p.set_defaults(func=cmd_ca_issue)
 
     rules = sub.add_parser("rules", help="read and change the routing rules")
     rsub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)

@@ -9,8 +9,10 @@ copying the ``httpx.URL``.
 from __future__ import annotations
 
 import contextvars
+import ssl
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -157,6 +159,7 @@ class _Call:
         "request",
         "scheme",
         "service",
+        "sni",
         "span",
         "started",
         "target",
@@ -169,6 +172,8 @@ class _Call:
         url = request.url
         self.scheme = url.raw_scheme
         self.target = url.raw_path
+        # Mesh TLS: connect to the endpoint's address, verify the server as <service>.<namespace>.mesh
+        self.sni = (service.encode() + mesh.dns_suffix).decode() if mesh.identity is not None else None
         raw = request.headers.raw
         keep_trace = False
         for name, _ in raw:  # rare: the app (or OTel instrumentation) set mesh or trace headers itself
@@ -219,6 +224,10 @@ class _Call:
             if not self.keep_trace:
                 headers.append((b"traceparent", traceparent_of(span)))
         extensions = self.extensions
+        scheme = self.scheme
+        if self.sni is not None and endpoint.meta.get("mesh_tls") != "off":
+            scheme = b"https"
+            extensions = {**extensions, "sni_hostname": self.sni}
         budget = send.timeout
         if budget is not None:
             timeouts = extensions.get("timeout")
@@ -234,7 +243,7 @@ class _Call:
             headers.append((b"x-mesh-deadline", str(millis).encode()))
         return httpcore.Request(
             method=self.request.method,
-            url=httpcore.URL(scheme=self.scheme, host=endpoint.address, port=endpoint.port, target=self.target),
+            url=httpcore.URL(scheme=scheme, host=endpoint.address, port=endpoint.port, target=self.target),
             headers=headers,
             content=self.request.stream,
             extensions=extensions,
@@ -424,14 +433,19 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pool = pool or httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1,
-            http2=http2,
-        )
+        ssl_context = _mesh_ssl_context(mesh, verify, cert, trust_env)
+
+        def new_pool() -> httpcore.ConnectionPool:
+            return httpcore.ConnectionPool(
+                ssl_context=ssl_context,
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                http1=http1,
+                http2=http2,
+            )
+
+        self._pools = _Pools(new_pool, pool)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -463,7 +477,7 @@ class MeshTransport(httpx.BaseTransport):
                         _discard(response)
                         response = None
                     try:
-                        raw = self._pool.handle_request(call.attempt_request(action))
+                        raw = self._pools.get(service).handle_request(call.attempt_request(action))
                     except Exception as exc:
                         result = Result(classify_error(exc), exc)
                     else:
@@ -497,8 +511,42 @@ class MeshTransport(httpx.BaseTransport):
         return response
 
     def close(self) -> None:
-        self._pool.close()
+        for pool in self._pools.all():
+            pool.close()
         self._passthrough.close()
+
+
+class _Pools:
+    """One connection pool per destination service. httpcore reuses connections by address alone; with mesh TLS a
+    connection is verified for one service name, so it must never carry another service's requests (an address
+    reused by another service, or a wrong discovery entry, would otherwise skip the identity check)."""
+
+    def __init__(self, factory: Callable[[], Any], shared: Any | None = None) -> None:
+        self._factory = factory
+        self._shared = shared
+        self._pools: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, service: str) -> Any:
+        if self._shared is not None:
+            return self._shared
+        pool = self._pools.get(service)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(service)
+                if pool is None:
+                    pool = self._pools[service] = self._factory()
+        return pool
+
+    def all(self) -> list[Any]:
+        return [self._shared] if self._shared is not None else list(self._pools.values())
+
+
+def _mesh_ssl_context(mesh: Mesh, verify: Any, cert: Any, trust_env: bool) -> ssl.SSLContext:
+    """Mesh hops use the instance's identity (its live context: rotations apply to new connections)."""
+    if mesh.identity is not None:
+        return mesh.identity.client
+    return httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
 
 
 def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:
@@ -544,14 +592,19 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._passthrough = passthrough or httpx.AsyncHTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pool = pool or httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1,
-            http2=http2,
-        )
+        ssl_context = _mesh_ssl_context(mesh, verify, cert, trust_env)
+
+        def new_pool() -> httpcore.AsyncConnectionPool:
+            return httpcore.AsyncConnectionPool(
+                ssl_context=ssl_context,
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                http1=http1,
+                http2=http2,
+            )
+
+        self._pools = _Pools(new_pool, pool)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -585,7 +638,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                         await _adiscard(response)
                         response = None
                     try:
-                        raw = await self._pool.handle_async_request(call.attempt_request(action))
+                        raw = await self._pools.get(service).handle_async_request(call.attempt_request(action))
                     except Exception as exc:
                         result = Result(classify_error(exc), exc)
                     else:
@@ -619,7 +672,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        for pool in self._pools.all():
+            await pool.aclose()
         await self._passthrough.aclose()
 
 

@@ -14,7 +14,7 @@ from .discovery import Discovery, StaticDiscovery
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
-from .rules.model import EMPTY_RULES, Rules
+from .rules.model import EMPTY_RULES, Rules, parse_duration
 from .settings import MeshSettings
 from .telemetry import Telemetry
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from .http import AsyncClient, Client
     from .rules.watcher import RulesWatcher
+    from .security.identity import Identity
 
 
 def _host_port(spec: str, scheme: str) -> str:
@@ -97,6 +98,11 @@ class Mesh:
         self._closed = False
         #: Sent as ``x-mesh-caller`` on every mesh request (informational; authorization never trusts it).
         self.caller_header = (b"x-mesh-caller", self.service.encode("ascii"))
+        self.identity: Identity | None = None
+        if self.settings.tls != "off":
+            self.identity = self._start_identity()
+            if self.telemetry is not None:
+                self.telemetry.metrics.cert_expiry.read = self.identity.seconds_to_expiry
         self.rules: Rules = EMPTY_RULES
         self.rules_watcher: RulesWatcher | None = None
         if self.settings.control_plane:
@@ -107,6 +113,28 @@ class Mesh:
             ).start()
 
     # -- per-service state ------------------------------------------------------------------------
+
+    def _start_identity(self) -> Identity:
+        from .security.identity import Identity
+        from .security.spiffe import SpiffeId
+
+        env = os.environ
+        lifetime = env.get("MESH_TLS_CERT_LIFETIME")
+        identity = Identity(
+            SpiffeId(self.settings.trust_domain, self.settings.namespace, self.service),
+            self.settings.state_dir,
+            control_plane=self.settings.control_plane or None,
+            bootstrap_token=env.get("MESH_BOOTSTRAP_TOKEN") or None,
+            cert_file=env.get("MESH_TLS_CERT") or None,
+            key_file=env.get("MESH_TLS_KEY") or None,
+            ca_file=env.get("MESH_TLS_CA") or None,
+            lifetime=parse_duration(lifetime) if lifetime else None,
+        )
+        return identity.start(timeout=self.settings.discovery_timeout * 6)
+
+    @property
+    def dns_suffix(self) -> bytes:
+        return f".{self.settings.namespace}.mesh".encode()
 
     def apply_rules(self, rules: Rules) -> None:
         """Swap in a new rules document: every service's routes and policy change at once; calls in flight keep
@@ -198,6 +226,8 @@ class Mesh:
         self._closed = True
         if self.rules_watcher is not None:
             self.rules_watcher.close()
+        if self.identity is not None:
+            self.identity.close()
         self.discovery.close()
         if self.telemetry is not None:
             self.telemetry.close()

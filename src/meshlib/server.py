@@ -20,6 +20,7 @@ import uvicorn
 from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
 from .mesh import Mesh
+from .security.server_tls import sniffing, with_peer_identity
 
 log = logging.getLogger("meshlib.server")
 ASGIApp = Callable[..., Any]
@@ -74,16 +75,34 @@ def serve(
     sock.bind((host, port))
     bound_port = int(sock.getsockname()[1])
     registration = mesh.discovery.register(
-        mesh.service, advertise or advertised_address(host), bound_port, tags=tags, meta=meta
+        mesh.service,
+        advertise or advertised_address(host),
+        bound_port,
+        tags=tags,
+        meta={**(meta or {}), "mesh_tls": mesh.settings.tls},
     )
 
+    identity = mesh.identity
+    tls_mode = mesh.settings.tls
     config = uvicorn.Config(
         endpoints,
         log_level=log_level,
         lifespan=lifespan,
         timeout_graceful_shutdown=max(1, round(graceful_timeout)),
         access_log=False,
+        # one port for TLS and plaintext needs a byte sniffed before any TLS layer: asyncio's own loop
+        loop="asyncio" if tls_mode == "permissive" else "auto",
     )
+    if identity is not None:
+        config.load()
+        if tls_mode == "strict":
+            config.ssl = identity.server_strict
+            config.http_protocol_class = with_peer_identity(config.http_protocol_class)
+        else:
+            config.ssl = None
+            config.http_protocol_class = sniffing(
+                with_peer_identity(config.http_protocol_class), identity.server_permissive
+            )
     server = _MeshServer(config, registration, endpoints, drain_delay, bound_port, on_ready)
     try:
         server.run(sockets=[sock])

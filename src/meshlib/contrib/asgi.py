@@ -12,7 +12,9 @@ Starlette/FastAPI: ``app.add_middleware(MeshMiddleware)``. ``meshlib.serve`` add
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import time
 from typing import Any
 
@@ -24,7 +26,28 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ..mesh import Mesh
 from ..policy.deadline import incoming_deadline, parse_deadline_header
+from ..security import authz
+from ..security.spiffe import SpiffeId
+from ..security.tls import identity_from_pem
 from ..telemetry.metrics import status_class
+
+log = logging.getLogger("meshlib.authz")
+#: The verified identity of the caller of the request being handled (None: plaintext or not a mesh identity).
+peer_identity: contextvars.ContextVar[SpiffeId | None] = contextvars.ContextVar("meshlib_peer_identity", default=None)
+
+
+def peer_of(scope: Scope) -> SpiffeId | None:
+    """The caller's SPIFFE ID from the ASGI TLS extension (our uvicorn protocol parses it once per connection;
+    other servers give the PEM chain)."""
+    tls = (scope.get("extensions") or {}).get("tls")
+    if not tls:
+        return None
+    if "mesh.peer_identity" in tls:
+        identity: SpiffeId | None = tls["mesh.peer_identity"]
+        return identity
+    chain = tls.get("client_cert_chain") or []
+    return identity_from_pem(chain[0]) if chain else None
+
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 Scope = dict[str, Any]
@@ -79,7 +102,19 @@ class MeshMiddleware:
                 return
             if deadline <= time.time():
                 await _send_json(send, 504, {"error": "deadline already passed before the request was handled"})
-                self._record(mesh, scope, headers, method, 504, started, None)
+                self._record(mesh, scope, headers, method, 504, started, None, peer_of(scope))
+                return
+
+        peer = peer_of(scope)
+        service_rules = mesh.rules.for_service(mesh.service)
+        if service_rules is not None and service_rules.authorization is not None:
+            settings = mesh.settings
+            decision = authz.decide(service_rules.authorization, peer, settings.trust_domain, settings.namespace)
+            if not decision.allowed or decision.would_deny:
+                self._denied(mesh, peer, decision, method, scope["path"])
+            if not decision.allowed:
+                await _send_json(send, 403, {"error": "forbidden", "reason": decision.reason})
+                self._record(mesh, scope, headers, method, 403, started, None, peer)
                 return
 
         tel = mesh.telemetry
@@ -88,6 +123,7 @@ class MeshMiddleware:
         ctx = trace.set_span_in_context(span, parent) if span is not None else parent
         token = otel_context.attach(ctx)
         deadline_token = incoming_deadline.set(deadline)
+        peer_token = peer_identity.set(peer)
         status_box = [500]
         response_started = [False]
 
@@ -113,11 +149,33 @@ class MeshMiddleware:
             raise
         finally:
             incoming_deadline.reset(deadline_token)
+            peer_identity.reset(peer_token)
             otel_context.detach(token)
-            self._record(mesh, scope, headers, method, status_box[0], started, span)
+            self._record(mesh, scope, headers, method, status_box[0], started, span, peer)
+
+    @staticmethod
+    def _denied(mesh: Mesh, peer: SpiffeId | None, decision: authz.Decision, method: str, path: str) -> None:
+        mode = "permissive" if decision.allowed else "strict"
+        if mesh.telemetry is not None:
+            labels = (
+                ("mesh.service", mesh.service),
+                ("mesh.peer_service", peer.service if peer is not None else ""),
+                ("mesh.authz_mode", mode),
+            )
+            mesh.telemetry.metrics.authz_denied.add(1, labels)
+        verb = "would deny" if decision.allowed else "denied"
+        log.warning("authorization %s %s %s (%s): %s", verb, method, path, mode, decision.reason)
 
     def _record(
-        self, mesh: Mesh, scope: Scope, headers: dict[str, str], method: str, status: int, started: float, span: Any
+        self,
+        mesh: Mesh,
+        scope: Scope,
+        headers: dict[str, str],
+        method: str,
+        status: int,
+        started: float,
+        span: Any,
+        peer_id: SpiffeId | None = None,
     ) -> None:
         tel = mesh.telemetry
         if tel is None:
@@ -125,7 +183,8 @@ class MeshMiddleware:
         elapsed = time.monotonic() - started
         route_obj = scope.get("route")
         route = str(getattr(route_obj, "path", "")) if route_obj is not None else ""
-        peer = headers.get("x-mesh-caller", "")
+        # a verified identity wins; the x-mesh-caller header is only informational
+        peer = peer_id.service if peer_id is not None else headers.get("x-mesh-caller", "")
         metrics = tel.metrics
         metrics.server_duration.record(elapsed, metrics.server_labels(peer, route, method, status_class(status)))
         if span is not None:
@@ -146,6 +205,7 @@ class MeshMiddleware:
                 {
                     "kind": "server",
                     "source": peer or None,
+                    "source_identity": peer_id.uri if peer_id is not None else None,
                     "destination": mesh.service,
                     "method": method,
                     "path": scope["path"],

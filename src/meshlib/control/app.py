@@ -8,8 +8,10 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -17,6 +19,7 @@ from starlette.routing import Route
 
 from ..errors import ConfigurationError
 from ..rules.model import RulesValidationError, parse_duration, parse_rules, validate_rules
+from ..security.ca import DEFAULT_LEAF_LIFETIME, CertificateAuthority, CsrError
 from .longpoll import ChangeSignal, with_jitter
 from .registry import RegistrationError, Registry, parse_registration
 from .store import CasConflict, Revision, RulesStore, UnknownVersion
@@ -67,8 +70,10 @@ class ControlPlane:
         admin_token: str | None = None,
         registry_token: str | None = None,
         expiry_interval: float = 0.2,
+        ca: CertificateAuthority | None = None,
     ) -> None:
         self.store = store
+        self.ca = ca
         self.admin_token = admin_token or None
         self.registry_token = registry_token or None
         self.registry = Registry()
@@ -268,6 +273,46 @@ def build_app(cp: ControlPlane) -> Starlette:
             }
         )
 
+    async def ca_sign(request: Request) -> Response:
+        if cp.ca is None:
+            return _error(
+                503, "this control plane has no CA: run meshctl ca init (or start it with --ca-cert/--ca-key)"
+            )
+        if cp.registry_token is None:
+            return _error(403, "certificate issuing is disabled: start the control plane with MESH_BOOTSTRAP_TOKEN set")
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        try:
+            body = json.loads(await request.body() or b"null")
+            if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
+                raise ValueError("expected a JSON object with csr (PEM) and service")
+            service = body.get("service")
+            namespace = body.get("namespace", "default")
+            if not isinstance(service, str) or not isinstance(namespace, str):
+                raise ValueError("service and namespace must be strings")
+            lifetime = float(body.get("lifetime_seconds", DEFAULT_LEAF_LIFETIME.total_seconds()))
+            if not 2 <= lifetime <= 7 * 86400:
+                raise ValueError("lifetime_seconds must be between 2 and 604800")
+            issued = cp.ca.sign_csr(body["csr"].encode(), service, namespace, timedelta(seconds=lifetime))
+        except (ValueError, TypeError, CsrError) as exc:
+            return _error(400, f"cannot issue: {exc}")
+        return JSONResponse(
+            {
+                "certificate": issued.pem().decode(),
+                "chain": [c.public_bytes(Encoding.PEM).decode() for c in issued.chain],
+                "expires_at": issued.certificate.not_valid_after_utc.timestamp(),
+                "spiffe_id": f"spiffe://{cp.ca.trust_domain}/ns/{namespace}/sa/{service}",
+            }
+        )
+
+    async def ca_roots(request: Request) -> Response:
+        if cp.ca is None:
+            return _error(503, "this control plane has no CA")
+        return JSONResponse(
+            {"trust_domain": cp.ca.trust_domain, "roots": [c.public_bytes(Encoding.PEM).decode() for c in cp.ca.roots]}
+        )
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "rules_version": cp.revision.version})
 
@@ -311,6 +356,8 @@ def build_app(cp: ControlPlane) -> Starlette:
             Route("/v1/registry/services", list_services, methods=["GET"]),
             Route("/v1/registry/services/{name}", watch_service, methods=["GET"]),
             Route("/v1/registry/{id}", deregister, methods=["DELETE"]),
+            Route("/v1/ca/sign", ca_sign, methods=["POST"]),
+            Route("/v1/ca/roots", ca_roots, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],

@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from ..errors import ConfigurationError
+from ..security.ca import CertificateAuthority
 from .app import ControlPlane, build_app
 from .store import RulesStore, SQLiteRulesStore
 
@@ -26,6 +27,20 @@ def open_store(spec: str, state_dir: Path) -> RulesStore:
     raise ConfigurationError(f"--store {spec!r}: expected sqlite, sqlite:PATH or consul://host:port")
 
 
+def open_ca(
+    state: Path, cert: str | None, key: str | None, bundle: str | None, trust_domain: str
+) -> CertificateAuthority:
+    """The CA given as files (bring your own), else the one in the state directory, created on first start."""
+    if cert or key:
+        if not (cert and key):
+            raise ConfigurationError("--ca-cert and --ca-key go together")
+        return CertificateAuthority.from_files(cert, key, bundle, trust_domain)
+    if (state / "ca.key").exists():
+        return CertificateAuthority.load(state)
+    log.warning("no CA in %s: creating a new root (trust domain %s)", state, trust_domain)
+    return CertificateAuthority.init(state, trust_domain)
+
+
 def run_control_plane(
     *,
     host: str = "127.0.0.1",
@@ -35,6 +50,10 @@ def run_control_plane(
     admin_token: str | None = None,
     registry_token: str | None = None,
     log_level: str = "info",
+    ca_cert: str | None = None,
+    ca_key: str | None = None,
+    ca_bundle: str | None = None,
+    trust_domain: str = "mesh.local",
 ) -> None:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
@@ -42,6 +61,7 @@ def run_control_plane(
         open_store(store, state),
         admin_token=admin_token if admin_token is not None else os.environ.get("MESH_ADMIN_TOKEN"),
         registry_token=registry_token if registry_token is not None else os.environ.get("MESH_BOOTSTRAP_TOKEN"),
+        ca=open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain),
     )
     if cp.admin_token is None:
         log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")

@@ -1,0 +1,240 @@
+"""This instance's identity: a short-lived certificate obtained from the control plane's CA by CSR (the private
+key never leaves the process), renewed at 2/3 of its life, and swapped into the live TLS contexts.
+
+Or, for users with their own PKI, certificate, key and roots from files (``MESH_TLS_CERT``, ``MESH_TLS_KEY``,
+``MESH_TLS_CA``), reloaded when the files change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ..errors import ConfigurationError, MeshError
+from .ca import load_certificates, load_private_key
+from .spiffe import SpiffeId
+from .tls import client_context, server_context
+
+log = logging.getLogger("meshlib.identity")
+RENEW_AT = 2 / 3
+
+
+class IdentityError(MeshError):
+    """No certificate could be obtained or loaded; the message says why."""
+
+
+def _atomic_write(path: Path, data: bytes, private: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        if private:
+            os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Identity:
+    def __init__(
+        self,
+        spiffe_id: SpiffeId,
+        state_dir: str | Path,
+        *,
+        control_plane: str | None,
+        bootstrap_token: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        ca_file: str | None = None,
+        lifetime: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.id = spiffe_id
+        # Key and certificate files exist only to feed SSLContext.load_cert_chain: one private directory per
+        # process (several instances of a service may share a state dir), gone with the process's temp files.
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="identity-", dir=state_dir))
+        self.control_plane = control_plane.rstrip("/") if control_plane else None
+        self.bootstrap_token = bootstrap_token
+        self.files = (cert_file, key_file, ca_file) if cert_file or key_file or ca_file else None
+        if self.files is not None and not all(self.files):
+            raise ConfigurationError("MESH_TLS_CERT, MESH_TLS_KEY and MESH_TLS_CA go together: set all three")
+        self.requested_lifetime = lifetime
+        self.clock = clock
+        self.client = client_context()
+        self.server_strict = server_context(require_client_cert=True)
+        self.server_permissive = server_context(require_client_cert=False)
+        self.certificate: x509.Certificate | None = None
+        self.installed_at = 0.0
+        self.not_after = 0.0
+        self.rotations = 0
+        self._jitter = 1.0
+        self._files_mtime = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def contexts(self) -> tuple[ssl.SSLContext, ...]:
+        return (self.client, self.server_strict, self.server_permissive)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> Identity:
+        """Get the first certificate (retrying until ``timeout``), then keep it fresh in the background."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            try:
+                self.refresh()
+                break
+            except IdentityError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise IdentityError(f"{self.id}: no certificate within {timeout:g}s: {exc}") from None
+                log.warning("%s: %s; retrying", self.id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._thread = threading.Thread(target=self._loop, name="meshlib-identity", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def seconds_to_expiry(self) -> float | None:
+        return self.not_after - self.clock() if self.certificate is not None else None
+
+    def renew_at(self) -> float:
+        """2/3 of the way from when we got the certificate to its expiry (not from its not-before, which the CA
+        backdates for clock skew), less a little jitter so instances started together do not renew together."""
+        return self.installed_at + (self.not_after - self.installed_at) * RENEW_AT * self._jitter
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            if self.files is not None:
+                wait = 2.0
+            else:
+                wait = max(0.05, self.renew_at() - self.clock()) if failures == 0 else min(30.0, 0.5 * 2**failures)
+            if self._stop.wait(wait):
+                return
+            try:
+                if self.files is None or self._files_changed():
+                    self.refresh()
+                failures = 0
+            except IdentityError as exc:
+                failures += 1
+                left = self.seconds_to_expiry() or 0.0
+                lifetime = self.not_after - self.installed_at
+                level = logging.WARNING if left > lifetime / 6 else logging.ERROR
+                log.log(level, "%s: renewal failed (%s); certificate expires in %.0fs", self.id, exc, left)
+
+    # -- obtaining ----------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Obtain a certificate now (new key, new CSR, or re-read the files) and install it."""
+        with self._lock:
+            if self.files is not None:
+                cert_pem, key_pem, roots_pem = self._read_files()
+            else:
+                cert_pem, key_pem, roots_pem = self._request()
+            self._install(cert_pem, key_pem, roots_pem)
+
+    def _files_changed(self) -> bool:
+        assert self.files is not None
+        mtime = max(os.stat(f).st_mtime for f in self.files if f)
+        return mtime != self._files_mtime
+
+    def _read_files(self) -> tuple[bytes, bytes, bytes]:
+        assert self.files is not None
+        try:
+            data = [Path(f).read_bytes() for f in self.files if f]
+            self._files_mtime = max(os.stat(f).st_mtime for f in self.files if f)
+        except OSError as exc:
+            raise IdentityError(f"cannot read the certificate files: {exc}") from None
+        try:
+            load_certificates(data[0], str(self.files[0]))
+            load_private_key(data[1], str(self.files[1]))
+            load_certificates(data[2], str(self.files[2]))
+        except ConfigurationError as exc:
+            raise IdentityError(str(exc)) from None
+        return data[0], data[1], data[2]
+
+    def _request(self) -> tuple[bytes, bytes, bytes]:
+        if not self.control_plane:
+            raise IdentityError("MESH_TLS needs MESH_CONTROL_PLANE (the CA) or MESH_TLS_CERT/KEY/CA files")
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.id.service)]))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(self.id.uri), x509.DNSName(self.id.dns_name)]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        body: dict[str, object] = {
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "service": self.id.service,
+            "namespace": self.id.namespace,
+        }
+        if self.requested_lifetime is not None:
+            body["lifetime_seconds"] = self.requested_lifetime
+        headers = {"authorization": f"Bearer {self.bootstrap_token}"} if self.bootstrap_token else {}
+        try:
+            signed = httpx.post(
+                f"{self.control_plane}/v1/ca/sign", json=body, headers=headers, timeout=10, trust_env=False
+            )
+            roots = httpx.get(f"{self.control_plane}/v1/ca/roots", timeout=10, trust_env=False)
+        except httpx.HTTPError as exc:
+            raise IdentityError(f"cannot reach the CA at {self.control_plane}: {exc}") from None
+        if signed.status_code != 200:
+            raise IdentityError(f"the CA refused the CSR: {signed.status_code} {signed.text[:200]}")
+        if roots.status_code != 200:
+            raise IdentityError(f"cannot fetch the trust bundle: {roots.status_code} {roots.text[:200]}")
+        payload = signed.json()
+        cert_pem = (payload["certificate"] + "".join(payload.get("chain", []))).encode()
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cert_pem, key_pem, "".join(roots.json()["roots"]).encode()
+
+    def _install(self, cert_pem: bytes, key_pem: bytes, roots_pem: bytes) -> None:
+        cert = load_certificates(cert_pem, "certificate")[0]
+        cert_path, key_path = self.dir / "cert.pem", self.dir / "key.pem"
+        _atomic_write(key_path, key_pem, private=True)
+        _atomic_write(cert_path, cert_pem, private=False)
+        _atomic_write(self.dir / "roots.pem", roots_pem, private=False)
+        try:
+            for ctx in self.contexts:
+                ctx.load_verify_locations(cadata=roots_pem.decode())
+                ctx.load_cert_chain(str(cert_path), str(key_path))
+        except (ssl.SSLError, ValueError) as exc:
+            raise IdentityError(f"the certificate and key do not load: {exc}") from None
+        self.certificate = cert
+        self.installed_at = self.clock()
+        self.not_after = cert.not_valid_after_utc.timestamp()
+        self._jitter = 1.0 - random.random() * 0.05
+        self.rotations += 1
+        left = dt.timedelta(seconds=int(self.not_after - self.installed_at))
+        log.info("%s: certificate %x installed, expires in %s", self.id, cert.serial_number, left)
