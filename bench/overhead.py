@@ -169,6 +169,75 @@ def telemetry_cost(port: int, rounds: int, n: int) -> float:
     return med
 
 
+def tls_cost(rounds: int, n: int) -> float:
+    """meshlib over keep-alive mTLS (strict) vs meshlib over plaintext, each against a meshlib.serve instance of the
+    same app, the TLS one in strict mode. Needs a control plane (its CA): one is started here."""
+    import os
+    import tempfile
+
+    from harness import ControlPlaneProcess, Upstream
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cp = ControlPlaneProcess(Path(tmp) / "cp", bootstrap_token="bench")
+        base = {
+            "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
+            "MESH_CONTROL_PLANE": cp.url,
+            "MESH_BOOTSTRAP_TOKEN": "bench",
+        }
+        plain_up = Upstream(
+            "plain", mesh_service="plain", env={**base, "MESH_TLS": "off", "MESH_STATE_DIR": f"{tmp}/p"}
+        ).wait_listening()
+        tls_up = Upstream(
+            "tls", mesh_service="secure", env={**base, "MESH_TLS": "strict", "MESH_STATE_DIR": f"{tmp}/t"}
+        ).wait_listening()
+        os.environ["MESH_BOOTSTRAP_TOKEN"] = "bench"
+        try:
+            plain_mesh = meshlib.Mesh(
+                service="bench",
+                discovery=f"static:plain=127.0.0.1:{plain_up.port}",
+                control_plane="",
+                state_dir=f"{tmp}/c1",
+            )
+            tls_mesh = meshlib.Mesh(
+                service="bench",
+                discovery=f"static:secure=127.0.0.1:{tls_up.port}",
+                control_plane=cp.url,
+                tls="strict",
+                state_dir=f"{tmp}/c2",
+            )
+            plain, secure = plain_mesh.client(), tls_mesh.client()
+            run_round(plain, "http://plain/-/ok", 300)
+            run_round(secure, "http://secure/-/ok", 300)
+            wall: dict[str, list[float]] = {"plain": [], "tls": []}
+            lat: dict[str, list[float]] = {"plain": [], "tls": []}
+            for _ in range(rounds):
+                for label, client, url in (
+                    ("plain", plain, "http://plain/-/ok"),
+                    ("tls", secure, "http://secure/-/ok"),
+                ):
+                    w, _, latencies = run_round(client, url, n)
+                    wall[label].append(w / n * 1e6)
+                    lat[label].extend(latencies)
+            ratio = statistics.median(wall["tls"]) / statistics.median(wall["plain"])
+            print(f"\n== keep-alive mTLS vs plaintext (meshlib both sides, loopback, {rounds} rounds x {n} requests)")
+            print(
+                f"  per request  plaintext {statistics.median(wall['plain']):7.1f} us   mTLS "
+                f"{statistics.median(wall['tls']):7.1f} us   ratio {ratio:.3f}"
+            )
+            print(
+                f"  latency p50 ratio {statistics.median(lat['tls']) / statistics.median(lat['plain']):.3f}"
+                f"   p99 ratio {p99(lat['tls']) / p99(lat['plain']):.3f}"
+            )
+            plain.close()
+            secure.close()
+            tls_mesh.close()
+            return ratio
+        finally:
+            plain_up.stop()
+            tls_up.stop()
+            cp.stop()
+
+
 def memory(port: int, rounds: int = 3) -> float:
     def rss(body: str) -> int:
         code = _RSS_SNIPPET.format(tests=str(ROOT / "tests"), body=body)
@@ -196,6 +265,7 @@ def main() -> None:
         compare("no-network transport", upstream.port, True, args.rounds, args.requests)
         compare("loopback uvicorn", upstream.port, False, args.rounds, args.requests // 2)
         telemetry_cost(upstream.port, args.rounds, args.requests)
+        tls_cost(args.rounds, args.requests // 2)
         memory(upstream.port)
     finally:
         upstream.stop()
