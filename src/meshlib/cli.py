@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7400, help="0 picks a free port")
     p.add_argument("--state-dir", default=".mesh-state/control-plane", help="where the rules database lives")
-    p.add_argument("--store", default="sqlite", help="sqlite (default), sqlite:PATH")
+    p.add_argument("--store", default="sqlite", help="sqlite (default), sqlite:PATH, consul://host:port[/prefix]")
     p.add_argument("--log-level", default="info")
     p.add_argument("--ca-cert", help="bring your own CA: a root or intermediate certificate (PEM)")
     p.add_argument("--ca-key", help="its private key (PEM, unencrypted)")

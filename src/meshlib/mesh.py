@@ -46,6 +46,24 @@ def make_discovery(settings: MeshSettings) -> Discovery:
             state_dir=settings.state_dir,
             token=os.environ.get("MESH_BOOTSTRAP_TOKEN") or None,
         )
+    if spec.startswith("consul://"):
+        from .discovery.consul import ConsulDiscovery
+
+        rest = spec[len("consul://") :].strip("/")
+        scheme = "http"
+        if not rest:  # consul:// alone: where Consul's own tools look
+            addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+            if addr.startswith(("http://", "https://")):
+                scheme, _, addr = addr.partition("://")
+            rest = addr
+        host, port = _host_port("consul://" + rest, "consul://").rsplit(":", 1)
+        return ConsulDiscovery(
+            host.strip("[]"),
+            int(port),
+            token=os.environ.get("CONSUL_HTTP_TOKEN") or None,
+            scheme=scheme,
+            state_dir=settings.state_dir,
+        )
     raise ConfigurationError(f"MESH_DISCOVERY={spec!r} is not supported by this build")
 
 

@@ -337,6 +337,10 @@ def build_app(cp: ControlPlane) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(cp.expiry_loop())
+        watch = getattr(cp.store, "watch", None)
+        if watch is not None:  # a shared store: changes written by other config services reach our watchers too
+            loop = asyncio.get_running_loop()
+            watch(lambda revision: loop.call_soon_threadsafe(cp.publish, revision))
         try:
             yield
         finally:

@@ -24,7 +24,17 @@ def open_store(spec: str, state_dir: Path) -> RulesStore:
         return SQLiteRulesStore(state_dir / "rules.db")
     if spec.startswith("sqlite:"):
         return SQLiteRulesStore(spec[len("sqlite:") :])
-    raise ConfigurationError(f"--store {spec!r}: expected sqlite, sqlite:PATH or consul://host:port")
+    if spec.startswith("consul://"):
+        from .consul_store import ConsulRulesStore
+
+        address, _, prefix = spec[len("consul://") :].partition("/")
+        host, sep, port = (address or os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")).rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigurationError(f"--store {spec!r}: expected consul://host:port[/prefix]")
+        return ConsulRulesStore(
+            host, int(port), token=os.environ.get("CONSUL_HTTP_TOKEN") or None, prefix=prefix or "meshlib/rules"
+        )
+    raise ConfigurationError(f"--store {spec!r}: expected sqlite, sqlite:PATH or consul://host:port[/prefix]")
 
 
 def open_ca(

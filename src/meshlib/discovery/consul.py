@@ -1,0 +1,193 @@
+"""``consul://host:port``: discovery and registration through Consul, the way Consul's docs tell clients to do it.
+
+- One blocking query per *watched* service on ``/v1/health/service/<name>?passing``, started on first use.
+- Index rules (in ``LongPoller``): an index that goes backwards resets to 0; below 1 becomes 1; the loop is rate
+  limited; errors (500 "No cluster leader", 429/503, refused connections, hangs) back off exponentially.
+- A response is not proof of change: snapshots are compared before the balancer hears of them.
+- The read timeout is longer than ``wait * 17/16`` (py-consul adds its connect timeout to that).
+- ``Service.Address`` empty means the node's address. Tags and meta become the endpoint's (subsets select by them).
+- An outage never empties a service: the last endpoints stay in use and are kept in ``MESH_STATE_DIR``; a list
+  emptied only because the ACL token may not read it is not believed either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..endpoints import Endpoint, EndpointSet
+from ..longpoll import LongPoller
+from ..state import StateDir
+from .base import Discovery, Registration
+from .registry import snapshot_to_json
+
+log = logging.getLogger("meshlib.discovery.consul")
+
+
+class ConsulError(Exception):
+    pass
+
+
+def _client(host: str, port: int, token: str | None, scheme: str) -> Any:
+    import consul  # py-consul, imported only when Consul is used
+
+    return consul.Consul(host=host, port=port, token=token, scheme=scheme)
+
+
+def _endpoints(service: str, entries: list[dict[str, Any]], index: int) -> EndpointSet:
+    endpoints = []
+    for entry in entries:
+        svc = entry.get("Service") or {}
+        node = entry.get("Node") or {}
+        address = svc.get("Address") or node.get("Address")
+        try:
+            endpoints.append(
+                Endpoint(
+                    str(address),
+                    int(svc["Port"]),
+                    frozenset(svc.get("Tags") or ()),
+                    {str(k): str(v) for k, v in (svc.get("Meta") or {}).items()},
+                    id=str(svc.get("ID", "")),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("consul: ignoring malformed entry of %s (%s): %r", service, exc, entry)
+    return EndpointSet.of(service, endpoints, index)
+
+
+class ConsulDiscovery(Discovery):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8500,
+        *,
+        token: str | None = None,
+        scheme: str = "http",
+        state_dir: str | None = None,
+        wait: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.token = token
+        self.wait = wait
+        self.client = _client(host, port, token, scheme)
+        self._state = StateDir(state_dir) if state_dir else None
+        self.pollers: dict[str, LongPoller] = {}
+        self._acl_warned: set[str] = set()
+
+    def _fetch(self, service: str, index: int) -> tuple[int, Any]:
+        def callback(response: Any) -> tuple[int, Any]:
+            if response.code != 200:
+                raise ConsulError(f"consul answered {response.code}: {str(response.body).strip()[:200]}")
+            try:
+                new_index = int(response.headers["X-Consul-Index"])
+            except (KeyError, ValueError):
+                raise ConsulError("consul answered without a valid X-Consul-Index header") from None
+            filtered = str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true"
+            return new_index, (json.loads(response.body or "[]"), filtered)
+
+        params = [("passing", "1"), ("index", str(index)), ("wait", f"{self.wait:g}s")]
+        headers = {"X-Consul-Token": self.token} if self.token else {}
+        result: tuple[int, Any] = self.client.http.get(
+            callback, f"/v1/health/service/{service}", params=params, headers=headers
+        )
+        return result
+
+    def _start_watch(self, service: str) -> None:
+        def on_answer(index: int, payload: Any) -> None:
+            entries, filtered = payload
+            snapshot = _endpoints(service, entries, index)
+            if filtered and not snapshot.endpoints and self.current(service) is not None:
+                if service not in self._acl_warned:
+                    self._acl_warned.add(service)
+                    log.error(
+                        "consul: the ACL token may not read %s (results filtered): keeping its last endpoints", service
+                    )
+                return
+            if self.publish(snapshot) and self._state is not None:
+                self._state.save(f"endpoints/{service}.json", snapshot_to_json(snapshot))
+
+        def on_error(exc: BaseException) -> None:
+            if self.current(service) is None and self._state is not None:
+                saved = self._state.load(f"endpoints/{service}.json")
+                if isinstance(saved, dict):
+                    from .registry import _endpoints as from_saved
+
+                    log.warning("consul unreachable: using the last known endpoints of %s", service)
+                    self.publish(from_saved(service, saved, 0))
+
+        poller = LongPoller(f"consul-watch-{service}", lambda i: self._fetch(service, i), on_answer, on_error=on_error)
+        self.pollers[service] = poller
+        poller.start()
+
+    def register(
+        self, service: str, address: str, port: int, tags: Sequence[str] = (), meta: Mapping[str, str] | None = None
+    ) -> Registration:
+        return ConsulRegistration(self.client, service, address, port, list(tags), dict(meta or {}), token=self.token)
+
+    def close(self) -> None:
+        for poller in self.pollers.values():
+            poller.stop()
+
+
+class ConsulRegistration(Registration):
+    """A service with a TTL check kept passing by the heartbeat, ``DeregisterCriticalServiceAfter`` as the safety
+    net, re-registered when the agent no longer knows the check (agent restart: 404, or 500 on older agents)."""
+
+    def __init__(
+        self,
+        client: Any,
+        service: str,
+        address: str,
+        port: int,
+        tags: list[str],
+        meta: dict[str, str],
+        *,
+        token: str | None = None,
+        ttl: float = 10.0,
+        deregister_after: str = "1m",
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.service = service
+        self.address = address
+        self.port = port
+        self.tags = tags
+        self.meta = meta
+        self.token = token
+        self.ttl = ttl
+        self.deregister_after = deregister_after
+        self.id = f"{service}-{address}-{port}"
+        self.check_id = f"service:{self.id}"
+
+    def _register(self) -> None:
+        self.client.agent.service.register(
+            self.service,
+            service_id=self.id,
+            address=self.address,
+            port=self.port,
+            tags=self.tags,
+            meta=self.meta,
+            check={"TTL": f"{self.ttl:g}s", "DeregisterCriticalServiceAfter": self.deregister_after},
+            token=self.token,
+        )
+        self.client.agent.check.ttl_pass(self.check_id, token=self.token)
+
+    def _heartbeat(self) -> None:
+        import consul
+
+        try:
+            known = self.client.agent.check.ttl_pass(self.check_id, token=self.token)
+        except (consul.NotFound, consul.ConsulException) as exc:
+            if isinstance(exc, consul.ACLPermissionDenied):
+                raise
+            known, reason = False, str(exc)
+        else:
+            reason = "404 unknown check"
+        if not known:  # py-consul answers False on 404; older agents answer 500
+            log.info("consul forgot %s (%s): registering again", self.id, reason)
+            self._register()
+
+    def _deregister(self) -> None:
+        self.client.agent.service.deregister(self.id, token=self.token)
