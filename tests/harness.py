@@ -199,7 +199,7 @@ class ThreadedServer:
     """An ASGI app on a real uvicorn server in a background thread of the test process (for tests that need to
     share in-memory telemetry exporters with the servers)."""
 
-    def __init__(self, app: Any, **config: Any) -> None:
+    def __init__(self, app: Any, config_object: Any = None, **config: Any) -> None:
         import asyncio
         import threading
 
@@ -210,7 +210,7 @@ class ThreadedServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **config)
+            config_object or uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **config)
         )
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)

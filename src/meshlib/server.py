@@ -43,6 +43,41 @@ def advertised_address(host: str) -> str:
     return host
 
 
+def mesh_uvicorn_config(
+    app: Any,
+    mesh: Mesh,
+    *,
+    log_level: str = "info",
+    lifespan: Literal["auto", "on", "off"] = "auto",
+    graceful: float = 30.0,
+) -> uvicorn.Config:
+    """A uvicorn Config for ``app`` with the mesh's TLS mode wired in: strict = TLS with client certificates
+    required; permissive = TLS and plaintext on one port (first byte sniffed); both put the peer's identity into
+    the ASGI scope."""
+    identity = mesh.identity
+    tls_mode = mesh.settings.tls
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan=lifespan,
+        timeout_graceful_shutdown=max(1, round(graceful)),
+        access_log=False,
+        # one port for TLS and plaintext needs a byte sniffed before any TLS layer: asyncio's own loop
+        loop="asyncio" if tls_mode == "permissive" else "auto",
+    )
+    if identity is not None:
+        config.load()
+        if tls_mode == "strict":
+            config.ssl = identity.server_strict
+            config.http_protocol_class = with_peer_identity(config.http_protocol_class)
+        else:
+            config.ssl = None
+            config.http_protocol_class = sniffing(
+                with_peer_identity(config.http_protocol_class), identity.server_permissive
+            )
+    return config
+
+
 def serve(
     app: Any,
     *,
@@ -82,27 +117,7 @@ def serve(
         meta={**(meta or {}), "mesh_tls": mesh.settings.tls},
     )
 
-    identity = mesh.identity
-    tls_mode = mesh.settings.tls
-    config = uvicorn.Config(
-        endpoints,
-        log_level=log_level,
-        lifespan=lifespan,
-        timeout_graceful_shutdown=max(1, round(graceful_timeout)),
-        access_log=False,
-        # one port for TLS and plaintext needs a byte sniffed before any TLS layer: asyncio's own loop
-        loop="asyncio" if tls_mode == "permissive" else "auto",
-    )
-    if identity is not None:
-        config.load()
-        if tls_mode == "strict":
-            config.ssl = identity.server_strict
-            config.http_protocol_class = with_peer_identity(config.http_protocol_class)
-        else:
-            config.ssl = None
-            config.http_protocol_class = sniffing(
-                with_peer_identity(config.http_protocol_class), identity.server_permissive
-            )
+    config = mesh_uvicorn_config(endpoints, mesh, log_level=log_level, lifespan=lifespan, graceful=graceful_timeout)
     server = _MeshServer(config, registration, endpoints, drain_delay, bound_port, on_ready)
     try:
         server.run(sockets=[sock])

@@ -1,0 +1,48 @@
+"""Django: add ``"meshlib.contrib.django.MeshMiddleware"`` to ``MIDDLEWARE`` (first, so it sees every request).
+
+The Mesh is the process default (``MESH_*`` environment); identity comes from the WSGI server (werkzeug's
+``SSL_CLIENT_CERT`` or gunicorn's socket), or from the ASGI layer under ``meshlib.serve``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..inbound import Reply, handling, mesh_endpoint
+from ..mesh import Mesh
+from .wsgi import admit_environ, already_handled
+
+
+def _response(reply: Reply) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse(reply.body, status=reply.status, content_type=reply.content_type)
+
+
+class MeshMiddleware:
+    mesh: Mesh | None = None  # tests and apps may set a Mesh explicitly
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        environ = request.META
+        if already_handled(environ):
+            return self.get_response(request)
+        mesh = self.mesh or Mesh.default()
+        reply = mesh_endpoint(mesh, request.path_info)
+        if reply is not None:
+            return _response(reply)
+        adm = admit_environ(mesh, environ)
+        if adm.reply is not None:
+            return _response(adm.reply)
+        status = 500
+        try:
+            with handling(adm):
+                response = self.get_response(request)
+            status = response.status_code
+            return response
+        finally:
+            match = getattr(request, "resolver_match", None)
+            adm.finish(status, str(getattr(match, "route", "") or "") if match is not None else "")

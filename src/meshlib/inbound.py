@@ -1,0 +1,215 @@
+"""The server half of the mesh as plain decisions, shared by every framework shell (ASGI, WSGI/Flask, Django):
+
+``admit`` runs before the handler — mesh endpoints, deadline, identity and authorization, trace context — and
+``Admission.finish`` after it — server span, metrics, access log. The shells only move bytes and set context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .mesh import Mesh
+from .policy.deadline import incoming_deadline, parse_deadline_header
+from .security import authz
+from .security.spiffe import SpiffeId
+from .security.tls import identity_from_der, identity_from_pem
+from .telemetry.metrics import status_class
+
+log = logging.getLogger("meshlib.authz")
+_PROPAGATOR = TraceContextTextMapPropagator()
+HEALTH = "/-/mesh/health"
+METRICS = "/-/mesh/metrics"
+
+
+@dataclass
+class Reply:
+    """A response the mesh gives itself, without running the handler."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(cls, status: int, payload: Any) -> Reply:
+        return cls(status, json.dumps(payload).encode())
+
+
+@dataclass
+class Admission:
+    mesh: Mesh
+    method: str
+    path: str
+    started: float
+    peer: SpiffeId | None
+    caller: str
+    attempt: str | None
+    #: Epoch seconds, from ``x-mesh-deadline``.
+    deadline: float | None = None
+    #: Set when the handler must not run; the shell sends it.
+    reply: Reply | None = None
+    span: Span | None = None
+    context: otel_context.Context | None = None
+    finished: bool = field(default=False, repr=False)
+
+    def finish(self, status: int, route: str = "") -> None:
+        """After the response: end the server span, record metrics and the access log line. Idempotent."""
+        if self.finished:
+            return
+        self.finished = True
+        tel = self.mesh.telemetry
+        if tel is None:
+            return
+        elapsed = time.monotonic() - self.started
+        peer = self.peer.service if self.peer is not None else self.caller
+        metrics = tel.metrics
+        metrics.server_duration.record(elapsed, metrics.server_labels(peer, route, self.method, status_class(status)))
+        span = self.span
+        if span is not None:
+            if span.is_recording():
+                if route:
+                    span.update_name(f"{self.method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("mesh.service", self.mesh.service)
+                if peer:
+                    span.set_attribute("mesh.peer_service", peer)
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR, str(status))
+            span.end()
+        if tel.access.wanted():
+            ctx = span.get_span_context() if span is not None else trace.get_current_span().get_span_context()
+            tel.access.write(
+                {
+                    "kind": "server",
+                    "source": peer or None,
+                    "source_identity": self.peer.uri if self.peer is not None else None,
+                    "destination": self.mesh.service,
+                    "method": self.method,
+                    "path": self.path,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "attempt": int(self.attempt) if self.attempt and self.attempt.isdigit() else None,
+                    "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else None,
+                }
+            )
+
+
+def mesh_endpoint(mesh: Mesh, path: str, draining: bool = False) -> Reply | None:
+    """``/-/mesh/health`` and ``/-/mesh/metrics``; None for any other path."""
+    if path == HEALTH:
+        return Reply.json(
+            503 if draining else 200, {"status": "draining" if draining else "ok", "service": mesh.service}
+        )
+    if path == METRICS:
+        text = mesh.telemetry.metrics.prometheus() if mesh.telemetry is not None else ""
+        return Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+    if path.startswith("/-/mesh/"):
+        return Reply.json(404, {"error": f"no mesh endpoint {path}"})
+    return None
+
+
+def admit(
+    mesh: Mesh,
+    method: str,
+    path: str,
+    header: Callable[[str], str | None],
+    peer: SpiffeId | None,
+    carrier: Mapping[str, str],
+) -> Admission:
+    """Decide everything that happens before the handler. ``header`` looks up a lower-case header name;
+    ``carrier`` holds the trace headers (``traceparent``, ``tracestate``)."""
+    caller = header("x-mesh-caller") or ""
+    adm = Admission(mesh, method, path, time.monotonic(), peer, caller, header("x-mesh-attempt"))
+    raw_deadline = header("x-mesh-deadline")
+    if raw_deadline is not None:
+        try:
+            adm.deadline = parse_deadline_header(raw_deadline)
+        except ValueError as exc:
+            adm.reply = Reply.json(400, {"error": str(exc)})
+            return adm
+        if adm.deadline <= time.time():
+            adm.reply = Reply.json(504, {"error": "deadline already passed before the request was handled"})
+            adm.finish(504)
+            return adm
+
+    service_rules = mesh.rules.for_service(mesh.service)
+    if service_rules is not None and service_rules.authorization is not None:
+        settings = mesh.settings
+        decision = authz.decide(service_rules.authorization, peer, settings.trust_domain, settings.namespace)
+        if not decision.allowed or decision.would_deny:
+            _denied(mesh, peer, decision, method, path)
+        if not decision.allowed:
+            adm.reply = Reply.json(403, {"error": "forbidden", "reason": decision.reason})
+            adm.finish(403)
+            return adm
+
+    parent = _PROPAGATOR.extract(carrier)
+    tel = mesh.telemetry
+    if tel is not None and tel.tracer.active():
+        adm.span = tel.tracer.start_server(method, "", parent)
+        adm.context = trace.set_span_in_context(adm.span, parent)
+    else:
+        adm.context = parent
+    return adm
+
+
+def _denied(mesh: Mesh, peer: SpiffeId | None, decision: authz.Decision, method: str, path: str) -> None:
+    mode = "permissive" if decision.allowed else "strict"
+    if mesh.telemetry is not None:
+        labels = (
+            ("mesh.service", mesh.service),
+            ("mesh.peer_service", peer.service if peer is not None else ""),
+            ("mesh.authz_mode", mode),
+        )
+        mesh.telemetry.metrics.authz_denied.add(1, labels)
+    verb = "would deny" if decision.allowed else "denied"
+    log.warning("authorization %s %s %s (%s): %s", verb, method, path, mode, decision.reason)
+
+
+#: The verified identity of the caller of the request being handled (None: plaintext or not a mesh identity).
+peer_identity: contextvars.ContextVar[SpiffeId | None] = contextvars.ContextVar("meshlib_peer_identity", default=None)
+
+
+@contextlib.contextmanager
+def handling(adm: Admission) -> Iterator[None]:
+    """While the handler runs: the incoming deadline, the caller's identity and the trace context are current, so
+    ``meshlib.Client`` calls made inside it inherit them."""
+    deadline_token = incoming_deadline.set(adm.deadline)
+    peer_token = peer_identity.set(adm.peer)
+    otel_token = otel_context.attach(adm.context) if adm.context is not None else None
+    try:
+        yield
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        peer_identity.reset(peer_token)
+        incoming_deadline.reset(deadline_token)
+
+
+def identity_from_environ(environ: Mapping[str, Any]) -> SpiffeId | None:
+    """The caller's identity under a WSGI server: werkzeug's ``SSL_CLIENT_CERT`` (PEM) or gunicorn's socket."""
+    pem = environ.get("SSL_CLIENT_CERT")
+    if pem:
+        return identity_from_pem(pem)
+    sock = environ.get("gunicorn.socket")
+    getpeercert = getattr(sock, "getpeercert", None)
+    if getpeercert is not None:
+        try:
+            der = getpeercert(binary_form=True)
+        except (OSError, ValueError):
+            der = None
+        if der:
+            return identity_from_der(der)
+    return None
