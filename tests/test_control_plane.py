@@ -336,3 +336,33 @@ def test_meshctl_cli(control_plane, tmp_path):
         timeout=60,
     )
     assert r.returncode == 1 and "cannot reach the control plane" in r.stderr
+
+
+def test_meshctl_status_shows_golden_signals(mesh_env, instances, tmp_path):
+    cp, env = mesh_env
+    start_instances(env, [("v1a", "v1"), ("v1b", "v1")], instances)
+    mesh = client_mesh(cp, tmp_path)
+    stop = threading.Event()
+    with mesh, mesh.client() as client:
+        wait_for(lambda: len(mesh.service_state("payments").handles) == 2, what="both instances")
+
+        def load() -> None:
+            while not stop.is_set():
+                client.get("http://payments/x")
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "status", "--interval", "1", "-v"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            stop.set()
+            worker.join(10)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("payments"))
+    name, count, rate, success, p50, p99 = row.split()
+    assert count == "2" and float(rate) > 5 and success == "100.0%" and 0 < float(p50) <= float(p99)

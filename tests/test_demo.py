@@ -17,7 +17,7 @@ def test_demo_runs_every_scene_and_passes(tmp_path):
     )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "7 of 7 scenes passed" in out
+    assert "8 of 8 scenes passed" in out
     for scene in (
         "baseline",
         "canary 1%",

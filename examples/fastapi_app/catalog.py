@@ -6,7 +6,10 @@ import os
 
 from fastapi import FastAPI, HTTPException
 
+from meshlib.contrib.fastapi import MeshMiddleware
+
 app = FastAPI(title="catalog")
+app.add_middleware(MeshMiddleware)  # the one line: identity, authorization, deadlines, traces, metrics
 INSTANCE = os.environ.get("DEMO_INSTANCE", "catalog")
 
 ITEMS = {

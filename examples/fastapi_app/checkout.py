@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 import meshlib
+from meshlib.contrib.fastapi import MeshMiddleware
 
 INSTANCE = os.environ.get("DEMO_INSTANCE", "checkout")
 client: meshlib.AsyncClient | None = None
@@ -25,6 +26,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="checkout", lifespan=lifespan)
+app.add_middleware(MeshMiddleware)  # the one line: identity, authorization, deadlines, traces, metrics
 
 
 class Order(BaseModel):

@@ -10,7 +10,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from meshlib.contrib.fastapi import MeshMiddleware
+
 app = FastAPI(title="payments")
+app.add_middleware(MeshMiddleware)  # the one line: identity, authorization, deadlines, traces, metrics
 VERSION = os.environ.get("PAYMENTS_VERSION", "v1")
 INSTANCE = os.environ.get("DEMO_INSTANCE", f"payments-{VERSION}")
 #: For the demo's "broken instance" scene: this instance answers 503 to every charge.

@@ -8,8 +8,10 @@ import random
 from flask import Flask, jsonify
 
 import meshlib
+from meshlib.contrib.flask import Mesh as MeshFlask
 
 app = Flask("frontend")
+MeshFlask(app)  # the one line: identity, authorization, deadlines, traces, metrics
 INSTANCE = os.environ.get("DEMO_INSTANCE", "frontend")
 client = meshlib.Client(timeout=5)
 

@@ -184,17 +184,58 @@ def cmd_rules_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Services, instances, rule version, and golden signals read from every instance's /-/mesh/metrics."""
+    from .telemetry import signals
+
     rules = _check(_request(args, "GET", "/v1/rules"))
     registry = _check(_request(args, "GET", "/v1/registry/services"))
     print(f"control plane {_control_plane(args)}: rules version {rules['version']}")
     services = registry["services"]
     if not services:
         print("no registered instances")
-    for name, instances in services.items():
-        print(f"{name}: {len(instances)} instance(s)")
-        for inst in instances:
-            tags = ",".join(inst["tags"]) or "-"
-            print(f"  {inst['address']}:{inst['port']}  tags={tags}  id={inst['id']}")
+        return 0
+    context = None
+    if os.environ.get("MESH_BOOTSTRAP_TOKEN"):  # an identity of our own, to read strict-mTLS instances
+        import tempfile
+
+        from .security.identity import Identity
+        from .security.spiffe import SpiffeId
+
+        identity = Identity(
+            SpiffeId(
+                os.environ.get("MESH_TRUST_DOMAIN", "mesh.local"),
+                os.environ.get("MESH_NAMESPACE", "default"),
+                "meshctl",
+            ),
+            tempfile.mkdtemp(prefix="meshctl-"),
+            control_plane=_control_plane(args),
+            bootstrap_token=os.environ["MESH_BOOTSTRAP_TOKEN"],
+        )
+        identity.refresh()
+        context = identity.client
+    instances = [inst for items in services.values() for inst in items]
+    before, _ = signals.scrape(instances, context)
+    time.sleep(args.interval)  # the measuring window for rates
+    after, problems = signals.scrape(instances, context)
+    rows = {row.service: row for row in signals.between(before, after, args.interval)}
+    print(f"{'SERVICE':16} {'INSTANCES':>9} {'REQ/S':>8} {'SUCCESS':>8} {'P50 MS':>8} {'P99 MS':>8}")
+    for name, items in services.items():
+        row = rows.get(name)
+        if row is None or row.requests == 0:
+            print(f"{name:16} {len(items):>9} {'-':>8} {'-':>8} {'-':>8} {'-':>8}")
+        else:
+            print(
+                f"{name:16} {len(items):>9} {row.rate:>8.1f} {row.success:>8.1%} {row.p50_ms:>8.1f} {row.p99_ms:>8.1f}"
+            )
+    if args.verbose:
+        for name, items in services.items():
+            for inst in items:
+                tags = ",".join(inst["tags"]) or "-"
+                print(
+                    f"  {name} {inst['address']}:{inst['port']}  tags={tags}  tls={inst['meta'].get('mesh_tls', '?')}"
+                )
+    for problem in problems:
+        print(f"  (no metrics from {problem})", file=sys.stderr)
     return 0
 
 
@@ -207,13 +248,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not attr:
         raise CliError(f"{args.app!r}: expected module:attribute, e.g. myapp.main:app")
     sys.path.insert(0, os.getcwd())
+    # before the app is imported: a module-level meshlib.Client() then builds the default Mesh under this name
+    os.environ["MESH_SERVICE"] = args.service
     try:
         module = importlib.import_module(module_name)
         app = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise CliError(f"cannot load {args.app}: {exc}") from None
     tags = [t for t in (args.tags or "").split(",") if t]
-    serve(app, service=args.service, host=args.host, port=args.port, tags=tags)
+    serve(app, service=args.service, host=args.host, port=args.port, tags=tags, log_level=args.log_level)
     return 0
 
 
@@ -285,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int)
     p.set_defaults(func=cmd_rules_rollback)
 
-    p = sub.add_parser("status", help="services, instances and the rule version")
+    p = sub.add_parser("status", help="services, instances, rule version, golden signals")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two metric reads")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every instance")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("run", help="run an ASGI or WSGI app as a mesh instance")
@@ -294,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tags", help="comma-separated tags (subsets select by them)")
+    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"))
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a whole mesh on this machine, with traffic and failure scenes")

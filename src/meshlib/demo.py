@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from .errors import MeshError
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -78,10 +80,10 @@ class Traffic:
                 ok = r.status_code == 200
                 version = r.json().get("payments_version") if ok else None
                 if not ok:
-                    self.errors[f"HTTP {r.status_code}"] += 1
+                    self.errors[f"HTTP {r.status_code}: {r.text[:120]}"] += 1
             except Exception as exc:
                 ok, version = False, None
-                self.errors[type(exc).__name__] += 1
+                self.errors[f"{type(exc).__name__}: {str(exc)[:400]}"] += 1
             self.samples.append(Sample(time.monotonic(), ok, time.monotonic() - started, version))
 
     def window(self, since: float) -> list[Sample]:
@@ -110,6 +112,7 @@ class Demo:
         self.ui = ui
         self.tmp = Path(tempfile.mkdtemp(prefix="meshlib-demo-"))
         self.token = secrets.token_urlsafe(16)
+        self.bootstrap = secrets.token_urlsafe(16)
         self.cp_port = _free_port()
         self.cp_url = f"http://127.0.0.1:{self.cp_port}"
         self.children: list[Child] = []
@@ -117,6 +120,24 @@ class Demo:
         self.results: list[SceneResult] = []
         self.scene = "starting"
         self.log_lines: deque[str] = deque(maxlen=8)
+        self.mesh: Any = None
+        self.signal_rows: list[Any] = []
+        self.intruder: dict[str, Any] = {}
+        self._last_scrape: tuple[float, dict[str, Any]] | None = None
+
+    def golden_signals(self) -> list[Any]:
+        """Per-service rate, success and latency since the previous call, from every instance's metrics."""
+        from .telemetry import signals
+
+        if self.mesh is None or self.mesh.identity is None:
+            return []
+        histograms, _ = signals.scrape(self.instances(), self.mesh.identity.client, timeout=1.0)
+        now = time.monotonic()
+        previous = self._last_scrape
+        self._last_scrape = (now, histograms)
+        if previous is None:
+            return []
+        return signals.between(previous[1], histograms, now - previous[0])
 
     # -- processes --------------------------------------------------------------------------------
 
@@ -125,6 +146,8 @@ class Demo:
         env.update(
             MESH_DISCOVERY=f"registry://127.0.0.1:{self.cp_port}",
             MESH_CONTROL_PLANE=self.cp_url,
+            MESH_TLS="strict",
+            MESH_BOOTSTRAP_TOKEN=self.bootstrap,
             MESH_STATE_DIR=str(self.tmp / "state" / name),
             DEMO_INSTANCE=name,
             PYTHONPATH=os.pathsep.join([str(EXAMPLES / "fastapi_app"), str(EXAMPLES / "flask_app")]),
@@ -159,10 +182,17 @@ class Demo:
         cmd = [sys.executable, "-m", "meshlib.cli", "run", service, app, "--port", str(port)]
         if tags:
             cmd += ["--tags", tags]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        logs = self.tmp / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "wb") as log_file:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         child = Child(name, service, proc, port)
         self.children.append(child)
         return child
+
+    def instances(self) -> list[dict[str, Any]]:
+        body = self._get("/v1/registry/services")
+        return [i for items in (body or {}).get("services", {}).values() for i in items]
 
     def registered(self, service: str) -> set[int]:
         body = self._get(f"/v1/registry/services/{service}")
@@ -206,7 +236,10 @@ class Demo:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if os.environ.get("MESHLIB_DEMO_KEEP"):
+            print(f"demo files kept in {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -227,7 +260,12 @@ def _rules(v2_weight: int) -> dict[str, Any]:
         to = [{"subset": "v1", "weight": 100 - v2_weight}, {"subset": "v2", "weight": v2_weight}]
     return {
         "services": {
+            # Who may call whom: enforced by each service, by the caller's certificate.
+            "frontend": {"authorization": {"mode": "strict", "allow": ["loadgen"]}},
+            "catalog": {"authorization": {"mode": "strict", "allow": ["frontend"]}},
+            "checkout": {"authorization": {"mode": "strict", "allow": ["frontend"]}},
             "payments": {
+                "authorization": {"mode": "strict", "allow": ["checkout"]},
                 # A 503 from payments means nothing was charged, so its POSTs may be retried on another instance.
                 "retries": {"attempts": 3, "retry_non_idempotent": True},
                 "circuit_breaker": {"consecutive_failures": 3, "open_for": "30s"},
@@ -237,7 +275,7 @@ def _rules(v2_weight: int) -> dict[str, Any]:
                     {"match": {"headers": {"x-payments-version": "v2"}}, "to": [{"subset": "v2"}]},
                     {"to": to},
                 ],
-            }
+            },
         }
     }
 
@@ -257,11 +295,15 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
     logging.getLogger("meshlib").setLevel(logging.ERROR)
     demo = Demo(duration, ui)
     live = None
+    traffic_errors: Counter[str] = Counter()
     try:
         demo.say("starting the control plane (rules + embedded registry)")
         demo.start_control_plane()
         demo.apply_rules(_rules(0))
-        demo.say("starting the shop: 2x frontend (Flask), 2x catalog, 2x checkout, payments 2x v1 + 1x v2")
+        demo.say(
+            "starting the shop (mTLS strict, authorization by identity): 2x frontend (Flask), 2x catalog, "
+            "2x checkout, payments 2x v1 + 1x v2"
+        )
         for i in (1, 2):
             demo.start(f"catalog-{i}", "catalog", "catalog:app")
             demo.start(f"checkout-{i}", "checkout", "checkout:app")
@@ -274,12 +316,15 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
 
         import meshlib
 
+        os.environ["MESH_BOOTSTRAP_TOKEN"] = demo.bootstrap  # this process's meshes get identities too
         mesh = meshlib.Mesh(
             service="loadgen",
             discovery=f"registry://127.0.0.1:{demo.cp_port}",
             control_plane=demo.cp_url,
+            tls="strict",
             state_dir=str(demo.tmp / "state" / "loadgen"),
         )
+        demo.mesh = mesh
         client = mesh.client(timeout=10)
         traffic = Traffic(client)
         workers = [threading.Thread(target=traffic.worker, daemon=True) for _ in range(4)]
@@ -299,15 +344,22 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
             passed, detail = check(stats, traffic.window(started))
             demo.results.append(SceneResult(name, expectation, passed, detail))
             demo.say(f"  {'PASS' if passed else 'FAIL'}: {detail}")
+            if not ui:
+                for row in demo.golden_signals():
+                    demo.say(
+                        f"    {row.service:9} {row.rate:6.1f} req/s  {row.success:7.1%} ok  "
+                        f"p50 {row.p50_ms:6.1f} ms  p99 {row.p99_ms:6.1f} ms"
+                    )
         traffic.stop.set()
         for w in workers:
             w.join(15)
+        traffic_errors.update(traffic.errors)
         client.close()
         mesh.close()
     except KeyboardInterrupt:
         demo.say("interrupted")
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, MeshError) as exc:
         demo.say(f"demo failed: {exc}")
         return 1
     finally:
@@ -315,6 +367,8 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
             live.stop()
         demo.shutdown()
     failed = [r for r in demo.results if not r.passed]
+    if failed and traffic_errors:
+        print("errors seen by the traffic: " + ", ".join(f"{k} x{v}" for k, v in traffic_errors.most_common(5)))
     print(f"\nmeshctl demo: {len(demo.results) - len(failed)} of {len(demo.results)} scenes passed", flush=True)
     for r in demo.results:
         print(f"  {'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
@@ -361,6 +415,35 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
         demo.wait(lambda: len(demo.registered("payments")) == 4, 30, "the broken instance to register")
         demo.say("  a broken payments v2 instance (answers 503) joined; its breaker must open")
 
+    def intruder() -> None:
+        import meshlib
+
+        outcome: dict[str, Any] = {}
+        with (
+            meshlib.Mesh(
+                service="intruder",
+                discovery=f"registry://127.0.0.1:{demo.cp_port}",
+                control_plane=demo.cp_url,
+                tls="strict",
+                state_dir=str(demo.tmp / "state" / "intruder"),
+            ) as mesh,
+            mesh.client() as client,
+        ):
+            answers = [client.post("http://payments/charge", json={"amount_cents": 1}) for _ in range(5)]
+            outcome["codes"] = [a.status_code for a in answers]
+            outcome["reason"] = answers[0].json().get("reason", "")
+        demo.intruder = outcome
+        demo.say(f"  an 'intruder' service with a valid mesh identity called payments: {outcome['codes']}")
+
+    def denied(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
+        outcome = getattr(demo, "intruder", {})
+        failed = sum(1 for s in whole if not s.ok)
+        ok = outcome.get("codes") == [403] * 5 and "intruder" in outcome.get("reason", "") and failed == 0
+        return (
+            ok,
+            f"intruder got {outcome.get('codes')} ({outcome.get('reason', '')[:60]}); shop traffic {failed} failed",
+        )
+
     def stop_control_plane() -> None:
         assert demo.control_plane is not None
         demo.control_plane.kill()
@@ -384,6 +467,7 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
             break_payments,
             no_failures("the broken instance was retried around and ejected"),
         ),
+        ("unauthorized caller", "403 before the handler runs, by certificate", intruder, denied),
         ("control plane down", "traffic and routing unaffected", stop_control_plane, still_routed),
     ]
 
@@ -419,14 +503,30 @@ def _start_live(demo: Demo, traffic: Traffic) -> Any:
             f"{stats['versions']['v2'] / total:.0%}",
             ", ".join(f"{k}: {v}" for k, v in traffic.errors.items()) or "-",
         )
+        per_service = Table(title="golden signals per service (from each instance's /-/mesh/metrics)", expand=True)
+        for col in ("service", "req/s", "success", "p50 ms", "p99 ms"):
+            per_service.add_column(col, justify="right" if col != "service" else "left")
+        for row in demo.signal_rows:
+            per_service.add_row(
+                row.service, f"{row.rate:.0f}", f"{row.success:.1%}", f"{row.p50_ms:.1f}", f"{row.p99_ms:.1f}"
+            )
         results = "\n".join(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}" for r in demo.results)
-        return Group(table, Panel("\n".join(demo.log_lines), title="events"), Panel(results or "…", title="scenes"))
+        return Group(
+            table, per_service, Panel("\n".join(demo.log_lines), title="events"), Panel(results or "…", title="scenes")
+        )
 
     live = Live(render(), refresh_per_second=4, transient=False)
     live.start()
 
     def refresh() -> None:
+        last = 0.0
         while live.is_started and not traffic.stop.is_set():
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                try:
+                    demo.signal_rows = demo.golden_signals()
+                except Exception:  # a scraping hiccup must not stop the view
+                    pass
             live.update(render())
             time.sleep(0.25)
 

@@ -95,7 +95,14 @@ def serve(
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
     """Run ``app`` (ASGI or WSGI) as an instance of ``service`` until SIGTERM/SIGINT. Blocks."""
-    mesh = mesh or (Mesh(service=service) if service else Mesh.default())
+    if mesh is None:
+        default = Mesh.default() if not service or Mesh._default is not None else None
+        if default is not None and (not service or default.service == service):
+            mesh = default
+        else:
+            mesh = Mesh(service=service)
+            if Mesh._default is None:  # clients the app makes with meshlib.Client() share this Mesh
+                Mesh.set_default(mesh)
     if not is_asgi(app):
         from a2wsgi import WSGIMiddleware
 

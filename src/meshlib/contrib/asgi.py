@@ -62,7 +62,7 @@ class MeshMiddleware:
         return self._mesh
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("meshlib.inbound"):  # not HTTP, or an outer MeshMiddleware did it
             await self.app(scope, receive, send)
             return
         mesh = self.mesh

@@ -1,0 +1,128 @@
+"""Golden signals (rate, success, latency percentiles) from the ``http_server_request_duration_seconds``
+histograms that instances serve on ``/-/mesh/metrics``: for ``meshctl status`` and the demo's live view."""
+
+from __future__ import annotations
+
+import math
+import re
+import ssl
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+SERVER = "http_server_request_duration_seconds"
+
+
+@dataclass
+class Histogram:
+    count: float = 0.0
+    errors: float = 0.0  # 5xx
+    buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+
+    def add(self, other: Histogram, sign: float = 1.0) -> None:
+        self.count += sign * other.count
+        self.errors += sign * other.errors
+        for le, c in other.buckets.items():
+            self.buckets[le] = self.buckets.get(le, 0.0) + sign * c
+
+    def quantile(self, q: float) -> float:
+        """Seconds: the upper bound of the bucket holding quantile ``q``."""
+        if self.count <= 0:
+            return 0.0
+        rank = q * self.count
+        for le in sorted(self.buckets):
+            if self.buckets[le] >= rank:
+                return le
+        return math.inf
+
+
+def parse(text: str) -> dict[str, Histogram]:
+    """Per service (``mesh_service``), the server histogram summed over routes, methods and callers."""
+    out: dict[str, Histogram] = defaultdict(Histogram)
+    for line in text.splitlines():
+        if not line.startswith(SERVER):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        labels = dict(_LABEL.findall(m.group("labels") or ""))
+        service = labels.get("mesh_service", "")
+        value = float(m.group("value"))
+        name = m.group("name")
+        h = out[service]
+        if name == SERVER + "_count":
+            h.count += value
+            if labels.get("http_response_status_class") in ("5xx", "error"):
+                h.errors += value
+        elif name == SERVER + "_bucket":
+            le = math.inf if labels["le"] == "+Inf" else float(labels["le"])
+            h.buckets[le] = h.buckets.get(le, 0.0) + value
+    return dict(out)
+
+
+@dataclass
+class Signals:
+    service: str
+    rate: float
+    success: float
+    p50_ms: float
+    p99_ms: float
+    requests: float
+
+
+def between(before: dict[str, Histogram], after: dict[str, Histogram], seconds: float) -> list[Signals]:
+    """Signals over the interval between two scrapes (of the same instances, summed)."""
+    rows = []
+    for service, now in sorted(after.items()):
+        delta = Histogram()
+        delta.add(now)
+        if service in before:
+            delta.add(before[service], -1.0)
+        success = 1.0 - delta.errors / delta.count if delta.count > 0 else 1.0
+        rows.append(
+            Signals(
+                service,
+                delta.count / max(seconds, 1e-9),
+                success,
+                delta.quantile(0.5) * 1000,
+                delta.quantile(0.99) * 1000,
+                delta.count,
+            )
+        )
+    return rows
+
+
+def scrape(
+    instances: list[dict[str, Any]], context: ssl.SSLContext | None, namespace: str = "default", timeout: float = 2.0
+) -> tuple[dict[str, Histogram], list[str]]:
+    """Read ``/-/mesh/metrics`` of every instance (``{"service", "address", "port", "meta"}``) and sum per service.
+    Instances in strict mTLS need ``context`` (a mesh identity's client context). Returns (histograms, problems)."""
+    import httpx
+
+    total: dict[str, Histogram] = defaultdict(Histogram)
+    problems: list[str] = []
+    for inst in instances:
+        tls = (inst.get("meta") or {}).get("mesh_tls", "off")
+        host = f"[{inst['address']}]" if ":" in str(inst["address"]) else inst["address"]
+        try:
+            if tls == "strict" or (tls == "permissive" and context is not None):
+                if context is None:
+                    problems.append(f"{inst['service']} {host}:{inst['port']}: strict mTLS (give meshctl an identity)")
+                    continue
+                with httpx.Client(verify=context, timeout=timeout, trust_env=False) as client:
+                    r = client.get(
+                        f"https://{host}:{inst['port']}/-/mesh/metrics",
+                        extensions={"sni_hostname": f"{inst['service']}.{namespace}.mesh"},
+                    )
+            else:
+                r = httpx.get(f"http://{host}:{inst['port']}/-/mesh/metrics", timeout=timeout, trust_env=False)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            problems.append(f"{inst['service']} {host}:{inst['port']}: {exc}")
+            continue
+        for service, h in parse(r.text).items():
+            if service == inst["service"]:
+                total[service].add(h)
+    return dict(total), problems
