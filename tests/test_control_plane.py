@@ -364,5 +364,5 @@ def test_meshctl_status_shows_golden_signals(mesh_env, instances, tmp_path):
             worker.join(10)
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("payments"))
-    name, count, rate, success, p50, p99 = row.split()
+    _name, count, rate, success, p50, p99 = row.split()
     assert count == "2" and float(rate) > 5 and success == "100.0%" and 0 < float(p50) <= float(p99)

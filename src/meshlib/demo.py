@@ -6,6 +6,7 @@ Everything runs as real processes on loopback; nothing but this package and its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -523,10 +524,8 @@ def _start_live(demo: Demo, traffic: Traffic) -> Any:
         while live.is_started and not traffic.stop.is_set():
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
-                try:
+                with contextlib.suppress(Exception):  # a scraping hiccup must not stop the view
                     demo.signal_rows = demo.golden_signals()
-                except Exception:  # a scraping hiccup must not stop the view
-                    pass
             live.update(render())
             time.sleep(0.25)
 
