@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+_log = logging.getLogger("meshlib.discovery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +61,33 @@ class EndpointSet:
             a == b and a.tags == b.tags and a.meta == b.meta and a.weight == b.weight
             for a, b in zip(self.endpoints, other.endpoints, strict=True)
         )
+
+
+def snapshot_to_json(snapshot: EndpointSet) -> dict[str, Any]:
+    """The form last-known endpoints are saved in (and the embedded registry's watch answer)."""
+    return {
+        "index": snapshot.index,
+        "instances": [
+            {"id": e.id, "address": e.address, "port": e.port, "tags": sorted(e.tags), "meta": dict(e.meta)}
+            for e in snapshot.endpoints
+        ],
+    }
+
+
+def snapshot_from_json(service: str, payload: Mapping[str, Any], index: int) -> EndpointSet:
+    """Instances as the registry answers them (or as saved); malformed ones are skipped with a warning."""
+    endpoints = []
+    for item in payload.get("instances", []):
+        try:
+            endpoints.append(
+                Endpoint(
+                    str(item["address"]),
+                    int(item["port"]),
+                    frozenset(item.get("tags") or ()),
+                    dict(item.get("meta") or {}),
+                    id=str(item.get("id", "")),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            _log.warning("ignoring malformed instance of %s: %r (%s)", service, item, exc)
+    return EndpointSet.of(service, endpoints, index)

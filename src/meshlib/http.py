@@ -433,19 +433,8 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        ssl_context = _mesh_ssl_context(mesh, verify, cert, trust_env)
-
-        def new_pool() -> httpcore.ConnectionPool:
-            return httpcore.ConnectionPool(
-                ssl_context=ssl_context,
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-                http1=http1,
-                http2=http2,
-            )
-
-        self._pools = _Pools(new_pool, pool)
+        options = _pool_options(mesh, verify, cert, trust_env, limits, http1, http2)
+        self._pools = _Pools(lambda: httpcore.ConnectionPool(**options), pool)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -542,11 +531,24 @@ class _Pools:
         return [self._shared] if self._shared is not None else list(self._pools.values())
 
 
-def _mesh_ssl_context(mesh: Mesh, verify: Any, cert: Any, trust_env: bool) -> ssl.SSLContext:
-    """Mesh hops use the instance's identity (its live context: rotations apply to new connections)."""
-    if mesh.identity is not None:
-        return mesh.identity.client
-    return httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+def _pool_options(
+    mesh: Mesh, verify: Any, cert: Any, trust_env: bool, limits: httpx.Limits, http1: bool, http2: bool
+) -> dict[str, Any]:
+    """httpcore pool settings for mesh hops, as httpx would set them; with mesh TLS the instance's identity context
+    (a live one: rotations apply to new connections)."""
+    ssl_context: ssl.SSLContext = (
+        mesh.identity.client
+        if mesh.identity is not None
+        else httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    )
+    return {
+        "ssl_context": ssl_context,
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "http1": http1,
+        "http2": http2,
+    }
 
 
 def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:
@@ -592,19 +594,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._passthrough = passthrough or httpx.AsyncHTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        ssl_context = _mesh_ssl_context(mesh, verify, cert, trust_env)
-
-        def new_pool() -> httpcore.AsyncConnectionPool:
-            return httpcore.AsyncConnectionPool(
-                ssl_context=ssl_context,
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-                http1=http1,
-                http2=http2,
-            )
-
-        self._pools = _Pools(new_pool, pool)
+        options = _pool_options(mesh, verify, cert, trust_env, limits, http1, http2)
+        self._pools = _Pools(lambda: httpcore.AsyncConnectionPool(**options), pool)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)

@@ -11,14 +11,16 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from ..endpoints import EndpointSet
+from ..endpoints import EndpointSet, snapshot_from_json, snapshot_to_json
+from ..state import StateDir
 
 Listener = Callable[[EndpointSet], None]
 _log = logging.getLogger("meshlib.discovery")
 
 
 class Discovery:
-    def __init__(self) -> None:
+    def __init__(self, state_dir: str | None = None) -> None:
+        self._state = StateDir(state_dir) if state_dir else None
         self._lock = threading.Lock()
         self._current: dict[str, EndpointSet] = {}
         self._listeners: dict[str, list[Listener]] = {}
@@ -66,6 +68,19 @@ class Discovery:
     def _start_watch(self, service: str) -> None:
         """Begin fetching ``service``; call ``publish`` with what is found (an empty set when it is unknown)."""
         raise NotImplementedError
+
+    def publish_and_save(self, snapshot: EndpointSet) -> None:
+        """Publish; when membership changed, also keep it as the last known endpoints in the state dir."""
+        if self.publish(snapshot) and self._state is not None:
+            self._state.save(f"endpoints/{snapshot.service}.json", snapshot_to_json(snapshot))
+
+    def restore_saved(self, service: str, source: str) -> None:
+        """Discovery is down and has never answered for ``service``: serve what the last run saw, not nothing."""
+        if self.current(service) is None and self._state is not None:
+            saved = self._state.load(f"endpoints/{service}.json")
+            if isinstance(saved, dict):
+                _log.warning("%s unreachable: using the last known endpoints of %s", source, service)
+                self.publish(snapshot_from_json(service, saved, 0))
 
     def publish(self, snapshot: EndpointSet) -> bool:
         """Record a snapshot; notify listeners only when membership changed. Returns whether it changed."""

@@ -19,9 +19,7 @@ from typing import Any
 
 from ..endpoints import Endpoint, EndpointSet
 from ..longpoll import LongPoller
-from ..state import StateDir
 from .base import Discovery, Registration
-from .registry import snapshot_to_json
 
 log = logging.getLogger("meshlib.discovery.consul")
 
@@ -68,11 +66,10 @@ class ConsulDiscovery(Discovery):
         state_dir: str | None = None,
         wait: float = 30.0,
     ) -> None:
-        super().__init__()
+        super().__init__(state_dir)
         self.token = token
         self.wait = wait
         self.client = _client(host, port, token, scheme)
-        self._state = StateDir(state_dir) if state_dir else None
         self.pollers: dict[str, LongPoller] = {}
         self._acl_warned: set[str] = set()
 
@@ -105,19 +102,14 @@ class ConsulDiscovery(Discovery):
                         "consul: the ACL token may not read %s (results filtered): keeping its last endpoints", service
                     )
                 return
-            if self.publish(snapshot) and self._state is not None:
-                self._state.save(f"endpoints/{service}.json", snapshot_to_json(snapshot))
+            self.publish_and_save(snapshot)
 
-        def on_error(exc: BaseException) -> None:
-            if self.current(service) is None and self._state is not None:
-                saved = self._state.load(f"endpoints/{service}.json")
-                if isinstance(saved, dict):
-                    from .registry import _endpoints as from_saved
-
-                    log.warning("consul unreachable: using the last known endpoints of %s", service)
-                    self.publish(from_saved(service, saved, 0))
-
-        poller = LongPoller(f"consul-watch-{service}", lambda i: self._fetch(service, i), on_answer, on_error=on_error)
+        poller = LongPoller(
+            f"consul-watch-{service}",
+            lambda i: self._fetch(service, i),
+            on_answer,
+            on_error=lambda _exc: self.restore_saved(service, "consul"),
+        )
         self.pollers[service] = poller
         poller.start()
 

@@ -12,46 +12,17 @@ from typing import Any
 
 import httpx
 
-from ..endpoints import Endpoint, EndpointSet
+from ..endpoints import snapshot_from_json
 from ..longpoll import LongPoller
-from ..state import StateDir
 from .base import Discovery, Registration
 
 log = logging.getLogger("meshlib.discovery.registry")
 WAIT = 30.0
 
 
-def _endpoints(service: str, payload: Mapping[str, Any], index: int) -> EndpointSet:
-    endpoints = []
-    for item in payload.get("instances", []):
-        try:
-            endpoints.append(
-                Endpoint(
-                    str(item["address"]),
-                    int(item["port"]),
-                    frozenset(item.get("tags") or ()),
-                    dict(item.get("meta") or {}),
-                    id=str(item.get("id", "")),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("registry: ignoring malformed instance of %s: %r (%s)", service, item, exc)
-    return EndpointSet.of(service, endpoints, index)
-
-
-def snapshot_to_json(snapshot: EndpointSet) -> dict[str, Any]:
-    return {
-        "index": snapshot.index,
-        "instances": [
-            {"id": e.id, "address": e.address, "port": e.port, "tags": sorted(e.tags), "meta": dict(e.meta)}
-            for e in snapshot.endpoints
-        ],
-    }
-
-
 class RegistryDiscovery(Discovery):
     def __init__(self, base_url: str, state_dir: str | None = None, token: str | None = None, wait: float = WAIT):
-        super().__init__()
+        super().__init__(state_dir)
         self.base_url = base_url.rstrip("/")
         self.wait = wait
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -61,7 +32,6 @@ class RegistryDiscovery(Discovery):
             timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5),
             trust_env=False,
         )
-        self._state = StateDir(state_dir) if state_dir else None
         self._pollers: dict[str, LongPoller] = {}
         self._lock = threading.Lock()
 
@@ -73,19 +43,11 @@ class RegistryDiscovery(Discovery):
             return int(body.get("index", 0)), body
 
         def on_answer(index: int, body: Any) -> None:
-            snapshot = _endpoints(service, body, index)
-            if self.publish(snapshot) and self._state is not None:
-                self._state.save(f"endpoints/{service}.json", snapshot_to_json(snapshot))
+            self.publish_and_save(snapshot_from_json(service, body, index))
 
-        def on_error(exc: BaseException) -> None:
-            # Down from the start: serve what the last run saw rather than nothing.
-            if self.current(service) is None and self._state is not None:
-                saved = self._state.load(f"endpoints/{service}.json")
-                if isinstance(saved, dict):
-                    log.warning("registry unreachable: using the last known endpoints of %s", service)
-                    self.publish(_endpoints(service, saved, 0))
-
-        poller = LongPoller(f"registry-watch-{service}", fetch, on_answer, on_error=on_error)
+        poller = LongPoller(
+            f"registry-watch-{service}", fetch, on_answer, on_error=lambda _exc: self.restore_saved(service, "registry")
+        )
         with self._lock:
             self._pollers[service] = poller
         poller.start()

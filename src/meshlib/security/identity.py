@@ -38,6 +38,10 @@ class IdentityError(MeshError):
     """No certificate could be obtained or loaded; the message says why."""
 
 
+class IdentityConfigError(IdentityError):
+    """Nothing to get a certificate from: retrying cannot help."""
+
+
 def _atomic_write(path: Path, data: bytes, private: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -106,7 +110,7 @@ class Identity:
                 self.refresh()
                 break
             except IdentityError as exc:
-                if time.monotonic() + delay > deadline:
+                if isinstance(exc, IdentityConfigError) or time.monotonic() + delay > deadline:
                     raise IdentityError(f"{self.id}: no certificate within {timeout:g}s: {exc}") from None
                 log.warning("%s: %s; retrying", self.id, exc)
                 time.sleep(delay)
@@ -180,7 +184,7 @@ class Identity:
 
     def _request(self) -> tuple[bytes, bytes, bytes]:
         if not self.control_plane:
-            raise IdentityError("MESH_TLS needs MESH_CONTROL_PLANE (the CA) or MESH_TLS_CERT/KEY/CA files")
+            raise IdentityConfigError("MESH_TLS needs MESH_CONTROL_PLANE (the CA) or MESH_TLS_CERT/KEY/CA files")
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
