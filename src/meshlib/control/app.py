@@ -79,7 +79,6 @@ class ControlPlane:
         self.registry = Registry()
         self.rules_signal = ChangeSignal()
         self.expiry_interval = expiry_interval
-        self.requests = 0
         self.closing = False
         self._set_current(store.current())
 
