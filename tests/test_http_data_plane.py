@@ -256,3 +256,16 @@ def test_async_client_typed_errors_and_post_rules(upstreams):
 
     asyncio.run(main())
     assert a.hits("POST") + b.hits("POST") == 1
+
+
+def test_instance_dying_mid_body_is_retried_not_handed_over(upstreams):
+    """Headers arrived, then the instance died before the body: for a small, announced body that is a failed
+    attempt (retried on another instance), not a ReadError in the caller's hands."""
+    dying, healthy = upstreams(2)
+    dying.behave(die_mid_body=1)
+    policy = ServicePolicy(load_balancer="round_robin")
+    ports = sorted([dying.port, healthy.port])
+    with static_mesh({"svc": ports}, policies={"svc": policy}) as mesh, mesh.client() as client:
+        codes = [client.get("http://svc/x").status_code for _ in range(4)]
+    assert codes == [200] * 4
+    assert dying.proc.wait(10) is not None  # it did die mid-response

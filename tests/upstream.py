@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -21,7 +23,7 @@ import uvicorn
 
 
 def make_app(name: str, status: int, delay: float) -> Any:
-    state: dict[str, Any] = {"status": status, "delay": delay, "counts": {}}
+    state: dict[str, Any] = {"status": status, "delay": delay, "counts": {}, "die_mid_body": False}
 
     async def send_json(send: Any, code: int, body: Any) -> None:
         data = json.dumps(body).encode()
@@ -59,6 +61,8 @@ def make_app(name: str, status: int, delay: float) -> Any:
                 state["status"] = int(query["status"][0])
             if "delay" in query:
                 state["delay"] = float(query["delay"][0])
+            if "die_mid_body" in query:
+                state["die_mid_body"] = query["die_mid_body"][0] == "1"
             await send_json(send, 200, {"instance": name, "status": state["status"], "delay": state["delay"]})
             return
         if path == "/-/ok":  # a fixed tiny answer, for benchmarks
@@ -73,6 +77,11 @@ def make_app(name: str, status: int, delay: float) -> Any:
             return
         counts = state["counts"]
         counts[scope["method"]] = counts.get(scope["method"], 0) + 1
+        if state["die_mid_body"]:  # headers out, then the process dies before the body: a reset mid-response
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1000")]})
+            await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+            await asyncio.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
         if state["delay"]:
             await asyncio.sleep(state["delay"])
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}

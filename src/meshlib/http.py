@@ -477,6 +477,13 @@ class MeshTransport(httpx.BaseTransport):
                             extensions=raw.extensions,
                         )
                         result = Result(classify_status(raw.status))
+                        if _small_body(raw):  # read it inside the attempt: a reset mid-body is then retryable
+                            try:
+                                response.read()
+                            except Exception as exc:
+                                response.close()
+                                response = None
+                                result = Result(classify_error(exc), exc)
                     call.attempt_done(result)
                     action = flow.send(result)
                 else:
@@ -561,6 +568,23 @@ def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:
         )
 
 
+#: Responses up to this size (by Content-Length) are read before the attempt counts as answered.
+PREFETCH_LIMIT = 64 * 1024
+
+
+def _small_body(raw: httpcore.Response) -> bool:
+    """A small body announced by Content-Length is read inside the attempt, as a proxy buffering it would: an
+    instance dying between headers and body is then a failed attempt (retried where allowed), not a ReadError in
+    the caller's hands. Larger or chunked bodies stream to the caller untouched."""
+    for name, value in raw.headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value) <= PREFETCH_LIMIT
+            except ValueError:
+                return False
+    return False
+
+
 def _discard(response: httpx.Response) -> None:
     """Drop an attempt's response that a retry replaces; reading a small body keeps its connection reusable."""
     try:
@@ -640,6 +664,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                             extensions=raw.extensions,
                         )
                         result = Result(classify_status(raw.status))
+                        if _small_body(raw):  # read it inside the attempt: a reset mid-body is then retryable
+                            try:
+                                await response.aread()
+                            except Exception as exc:
+                                await response.aclose()
+                                response = None
+                                result = Result(classify_error(exc), exc)
                     call.attempt_done(result)
                     action = flow.send(result)
                 else:
