@@ -1,6 +1,6 @@
 """meshlib.Client vs plain httpx.Client, side by side in one run (not a CI test).
 
-    python bench/overhead.py [--rounds 7] [--requests 2000]
+    python bench/overhead.py [--rounds 7] [--requests 2000] [--only tls]
 
 Three measurements, each as interleaved rounds (A, B, A, B, ...) so drift hits both sides alike; reports the median
 and p99 of per-request figures and the ratios:
@@ -192,10 +192,10 @@ def tls_cost(rounds: int, n: int) -> float:
         ).wait_listening()
         os.environ["MESH_BOOTSTRAP_TOKEN"] = "bench"
         try:
-            plain_mesh = meshlib.Mesh(
+            plain_mesh = meshlib.Mesh(  # the same control plane (rules, routing) as the TLS side: only TLS differs
                 service="bench",
                 discovery=f"static:plain=127.0.0.1:{plain_up.port}",
-                control_plane="",
+                control_plane=cp.url,
                 state_dir=f"{tmp}/c1",
             )
             tls_mesh = meshlib.Mesh(
@@ -219,10 +219,11 @@ def tls_cost(rounds: int, n: int) -> float:
                     wall[label].append(w / n * 1e6)
                     lat[label].extend(latencies)
             ratio = statistics.median(wall["tls"]) / statistics.median(wall["plain"])
+            paired = statistics.median(t / p for t, p in zip(wall["tls"], wall["plain"], strict=True))
             print(f"\n== keep-alive mTLS vs plaintext (meshlib both sides, loopback, {rounds} rounds x {n} requests)")
             print(
                 f"  per request  plaintext {statistics.median(wall['plain']):7.1f} us   mTLS "
-                f"{statistics.median(wall['tls']):7.1f} us   ratio {ratio:.3f}"
+                f"{statistics.median(wall['tls']):7.1f} us   ratio {ratio:.3f} (per-round {paired:.3f})"
             )
             print(
                 f"  latency p50 ratio {statistics.median(lat['tls']) / statistics.median(lat['plain']):.3f}"
@@ -257,9 +258,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--only", choices=["tls"], help="run only this comparison")
     args = parser.parse_args()
     from harness import Upstream
 
+    if args.only == "tls":
+        tls_cost(args.rounds, args.requests // 2)
+        return
     upstream = Upstream("bench").wait_listening()
     try:
         compare("no-network transport", upstream.port, True, args.rounds, args.requests)

@@ -199,7 +199,7 @@ class ThreadedServer:
     """An ASGI app on a real uvicorn server in a background thread of the test process (for tests that need to
     share in-memory telemetry exporters with the servers)."""
 
-    def __init__(self, app: Any, config_object: Any = None, **config: Any) -> None:
+    def __init__(self, app: Any, config_object: Any = None, loop_factory: Any = None, **config: Any) -> None:
         import asyncio
         import threading
 
@@ -213,7 +213,12 @@ class ThreadedServer:
             config_object or uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **config)
         )
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
+
+        def run() -> None:
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                runner.run(self.server.serve(sockets=[self.sock]))
+
+        self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, timeout=20, what="the in-process server to start")
 

@@ -21,13 +21,20 @@ TLS_HANDSHAKE = 0x16
 
 
 def with_peer_identity(protocol_class: type[Any]) -> type[Any]:
+    """uvicorn's HTTP protocol, plus: the ASGI TLS extension in every scope, and a response's writes coalesced into
+    one TLS record (see :class:`CorkedTransport`)."""
+    sets_scope_per_message = hasattr(protocol_class, "on_message_begin")  # httptools: the scope is made there
+
     class MeshTLSProtocol(protocol_class):  # type: ignore[misc]
         def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is None:
+                super().connection_made(transport)
                 return
-            tls = tls_scope_extension(ssl_object)
+            super().connection_made(CorkedTransport(transport, asyncio.get_running_loop()))
+            self._mesh_tls = tls = tls_scope_extension(ssl_object)
+            if sets_scope_per_message:
+                return
             app: Any = self.app  # type: ignore[has-type]
 
             async def app_with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -36,8 +43,102 @@ def with_peer_identity(protocol_class: type[Any]) -> type[Any]:
 
             self.app = app_with_tls
 
+        def on_response_complete(self) -> None:
+            transport = self.transport
+            if type(transport) is CorkedTransport:
+                transport.response_complete()
+            super().on_response_complete()
+
+        if sets_scope_per_message:
+
+            def on_message_begin(self) -> None:
+                super().on_message_begin()
+                tls = getattr(self, "_mesh_tls", None)
+                if tls is not None:
+                    self.scope["extensions"] = {"tls": tls}
+
     MeshTLSProtocol.__name__ = f"MeshTLS{protocol_class.__name__}"
     return MeshTLSProtocol
+
+
+class CorkedTransport:
+    """A TLS transport that sends a response's headers in the same TLS record as the first part of its body.
+
+    uvicorn writes a response's headers and its body separately; over TLS each write is a record of its own (one
+    more encryption, one more system call, one more read for the client). Measured with uvloop's TLS on loopback: a
+    two-write response costs the server ~11 µs more CPU than a one-write response; over plaintext the difference is
+    ~1 µs, so plaintext transports are left alone.
+
+    Only the first write of each response is held, and only until the next write, the end of the response
+    (``flush``), or the next event-loop turn, whichever comes first: holding longer would delay the answer behind
+    the server's own post-response work (telemetry, logging), which costs more latency than the record saves.
+    Large writes are never held."""
+
+    __slots__ = ("_armed", "_loop", "_pending", "_transport")
+
+    #: Writes at least this large are not held back (they fill whole records anyway).
+    PASS_THROUGH = 16384
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: bytes | None = None
+        self._armed = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if len(data) < self.PASS_THROUGH:
+                self._transport.write(pending + data)
+                return
+            self._transport.write(pending)
+        elif self._armed and len(data) < self.PASS_THROUGH:
+            self._armed = False
+            self._pending = bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._transport.write(pending)
+
+    def response_complete(self) -> None:
+        """Send what is held; the next response's headers may be held again."""
+        self.flush()
+        self._armed = True
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        pending = self._pending
+        return self._transport.get_write_buffer_size() + (len(pending) if pending is not None else 0)
+
+    def is_closing(self) -> bool:  # asked once per response: not through __getattr__
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:  # pause_reading, resume_reading, set_protocol, ...
+        return getattr(self._transport, name)
 
 
 def sniffing(protocol_class: type[Any], context: ssl.SSLContext) -> type[Any]:
