@@ -231,6 +231,7 @@ def tls_cost(rounds: int, n: int) -> float:
             )
             plain.close()
             secure.close()
+            plain_mesh.close()
             tls_mesh.close()
             return ratio
         finally:

@@ -308,3 +308,31 @@ def test_a_refused_connection_is_a_connect_error() -> None:
         port = s.getsockname()[1]
     with pool() as p, pytest.raises(httpcore.ConnectError):
         p.request("GET", f"http://127.0.0.1:{port}/", extensions={"timeout": {"connect": 2}})
+
+
+def test_small_reads_drain_a_record_without_waiting_on_the_socket(pki, serve):
+    """A reader asking for less than a record holds the rest in OpenSSL: the next reads return it at once (the
+    socket has nothing more), and the stream reports itself readable meanwhile."""
+    server_ctx, client_ctx = pki
+    release = threading.Event()
+
+    def handler(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(b"0123456789" * 10)  # one record
+        release.wait(10)
+
+    server = serve(handler, server_ctx)
+    stream = MeshNetworkBackend().connect_tcp("127.0.0.1", server.port, timeout=5)
+    stream = stream.start_tls(client_ctx, "svc.default.mesh", timeout=5)
+    try:
+        stream.write(b"hello", timeout=5)
+        parts = [stream.read(30, timeout=5)]
+        assert stream.get_extra_info("is_readable")
+        while sum(map(len, parts)) < 100:
+            parts.append(stream.read(30, timeout=0.5))
+        assert b"".join(parts) == b"0123456789" * 10
+        assert not stream.get_extra_info("is_readable")
+        assert stream.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        release.set()
+        stream.close()

@@ -205,6 +205,8 @@ class TLSStream(httpcore.NetworkStream):
         self._waiter = waiter
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
+        #: The last read filled the caller's buffer, so OpenSSL may hold more plaintext of that record.
+        self._maybe_more = False
         deadline = _deadline(timeout)
         try:
             self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
@@ -239,7 +241,7 @@ class TLSStream(httpcore.NetworkStream):
         tls, incoming = self._tls, self._incoming
         deadline = _deadline(timeout)
         try:
-            if not incoming.pending and not tls.pending():
+            if not incoming.pending and not (self._maybe_more and tls.pending()):
                 self._fill(deadline)
             while True:
                 try:
@@ -260,6 +262,7 @@ class TLSStream(httpcore.NetworkStream):
                     parts.append(more)
                     total += len(more)
                 data = b"".join(parts)
+            self._maybe_more = len(data) >= max_bytes
             if self._outgoing.pending:  # e.g. an answer to a TLS 1.3 KeyUpdate
                 self._flush(timeout)
             return data
@@ -292,5 +295,5 @@ class TLSStream(httpcore.NetworkStream):
         raise NotImplementedError("TLS in TLS (an HTTPS proxy) is not used for mesh hops")
 
     def get_extra_info(self, info: str) -> Any:
-        buffered = bool(self._incoming.pending) or (info == "is_readable" and self._tls.pending() > 0)
+        buffered = bool(self._incoming.pending) or (self._maybe_more and self._tls.pending() > 0)
         return _extra_info(self._sock, self._waiter, info, self._tls, buffered)
