@@ -32,7 +32,6 @@ from .errors import (
     UnavailableError,
 )
 from .mesh import Mesh
-from .netio import MeshNetworkBackend
 from .policy.classify import classify_error, classify_status
 from .policy.deadline import call_deadline, to_epoch_millis
 from .policy.flow import CallFlow, Done, Result, Send, call_flow
@@ -435,7 +434,7 @@ class MeshTransport(httpx.BaseTransport):
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
         options = _pool_options(mesh, verify, cert, trust_env, limits, http1, http2)
-        self._pools = _Pools(lambda: httpcore.ConnectionPool(**options, network_backend=MeshNetworkBackend()), pool)
+        self._pools = _Pools(lambda: httpcore.ConnectionPool(**options), pool)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
