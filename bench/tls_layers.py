@@ -1,6 +1,6 @@
 """Where the cost of mesh TLS goes, one side at a time (not a CI test).
 
-    python bench/tls_layers.py [--rounds 15] [--requests 1000]
+    python bench/tls_layers.py [--rounds 15] [--requests 1000] [--cpu 0]
 
 ``bench/overhead.py`` measures the whole hop (meshlib client → ``meshlib.serve``). This splits it:
 
@@ -216,8 +216,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        help="pin every process to this CPU: on a VM whose idle vCPUs halt, a wake-up across vCPUs costs tens of "
+        "microseconds and depends on where the scheduler put each process; on one CPU the figures are CPU work",
+    )
     args = parser.parse_args()
-    print(f"{ssl.OPENSSL_VERSION}, Python {sys.version.split()[0]}")
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # the servers inherit it
+    print(f"{ssl.OPENSSL_VERSION}, Python {sys.version.split()[0]}, CPUs {sorted(os.sched_getaffinity(0))}")
     with tempfile.TemporaryDirectory() as tmp:
         cert, key = make_cert(Path(tmp))
         server_side(cert, key, args.rounds, args.requests)
