@@ -11,13 +11,12 @@
   * client side: httpcore's connection pool (what ``meshlib.Client`` uses for mesh hops) against a bare uvloop
     protocol that answers every request with one write, plaintext vs TLS. Reports wall time and client CPU.
 
-Interleaved rounds; medians. Certificates are made here (EC P-256, self-signed).
+Interleaved rounds; medians. Certificates come from a throw-away mesh CA made here.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import socket
 import ssl
@@ -34,26 +33,16 @@ REQUEST = b"GET / HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 200 + b"\r\n\r\n"
 
 
 def make_cert(directory: Path) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    """A leaf certificate and key from a throw-away mesh CA (the client does not verify it: see client_context)."""
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
+    from meshlib.security.ca import CertificateAuthority
+
+    ca = CertificateAuthority.init(directory / "ca")
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(ca.issue(key.public_key(), "bench").pem())
     key_file.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
