@@ -17,6 +17,7 @@ Interleaved rounds; medians. Certificates come from a throw-away mesh CA made he
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import ssl
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,26 @@ def cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
+def interleaved(
+    calls: dict[str, tuple[Callable[[], object], int]], rounds: int, n: int
+) -> dict[str, tuple[float, float]]:
+    """label -> (median wall us, median CPU us of the given pid) per call, over interleaved rounds of n calls."""
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label in calls}
+    for call, _ in calls.values():
+        for _ in range(300):  # warm up
+            call()
+    for _ in range(rounds):
+        for label, (call, pid) in calls.items():
+            cpu0, wall0 = cpu_ns(pid), time.perf_counter()
+            for _ in range(n):
+                call()
+            results[label].append(((time.perf_counter() - wall0) / n * 1e6, (cpu_ns(pid) - cpu0) / n / 1e3))
+    return {
+        label: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        for label, rs in results.items()
+    }
+
+
 def client_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -144,21 +166,10 @@ def server_side(cert: str, key: str, rounds: int, n: int) -> None:
             while not data.endswith(b'"ok"'):
                 data += sock.recv(65536)
 
-        results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
-        for kind in kinds:
-            for _ in range(300):
-                one(conns[kind])
-        for _ in range(rounds):
-            for kind in kinds:
-                pid = servers[kind][0].pid
-                cpu0, wall0 = cpu_ns(pid), time.perf_counter()
-                for _ in range(n):
-                    one(conns[kind])
-                results[kind].append(((time.perf_counter() - wall0) / n * 1e6, (cpu_ns(pid) - cpu0) / n / 1e3))
+        calls = {kind: (functools.partial(one, conns[kind]), servers[kind][0].pid) for kind in kinds}
+        results = interleaved(calls, rounds, n)
         print(f"\n== server side: uvicorn + a raw client ({rounds} interleaved rounds x {n} requests)")
-        for kind in kinds:
-            wall = statistics.median(r[0] for r in results[kind])
-            cpu = statistics.median(r[1] for r in results[kind])
+        for kind, (wall, cpu) in results.items():
             print(f"  {kind:22s} per request {wall:6.1f} us   server CPU {cpu:6.1f} us")
     finally:
         for proc, _ in servers.values():
@@ -176,21 +187,13 @@ def client_side(cert: str, key: str, rounds: int, n: int) -> None:
             "tls": f"https://127.0.0.1:{servers['bare-tls'][1]}/",
         }
         headers = [(b"host", b"x"), (b"x-pad", b"a" * 200)]
-        for url in urls.values():
-            for _ in range(300):
-                pool.request("GET", url, headers=headers)
-        results: dict[str, list[tuple[float, float]]] = {label: [] for label in urls}
-        me = os.getpid()
-        for _ in range(rounds):
-            for label, url in urls.items():
-                cpu0, wall0 = cpu_ns(me), time.perf_counter()
-                for _ in range(n):
-                    pool.request("GET", url, headers=headers)
-                results[label].append(((time.perf_counter() - wall0) / n * 1e6, (cpu_ns(me) - cpu0) / n / 1e3))
+        calls = {
+            label: (functools.partial(pool.request, "GET", url, headers=headers), os.getpid())
+            for label, url in urls.items()
+        }
+        results = interleaved(calls, rounds, n)
         print(f"\n== client side: httpcore against a one-write uvloop server ({rounds} rounds x {n} requests)")
-        for label in urls:
-            wall = statistics.median(r[0] for r in results[label])
-            cpu = statistics.median(r[1] for r in results[label])
+        for label, (wall, cpu) in results.items():
             print(f"  {label:6s} per request {wall:6.1f} us   client CPU {cpu:6.1f} us")
         pool.close()
     finally:
