@@ -125,12 +125,13 @@ def test_registry_ttl_expiry_wakes_the_watch(control_plane):
     assert r.status_code == 200
     first = httpx.get(cp.url + "/v1/registry/services/users").json()
     assert [i["port"] for i in first["instances"]] == [9999] and first["instances"][0]["tags"] == ["v1"]
-    assert httpx.put(cp.url + f"/v1/registry/heartbeat/{r.json()['id']}").status_code == 200
+    owner = {"x-mesh-instance-secret": r.json()["secret"]}
+    assert httpx.put(cp.url + f"/v1/registry/heartbeat/{r.json()['id']}", headers=owner).status_code == 200
     started = time.monotonic()
     after = httpx.get(cp.url + "/v1/registry/services/users", params={"index": first["index"], "wait": "10s"})
     assert after.json()["instances"] == []
     assert time.monotonic() - started < 2.0  # TTL 1 s after the heartbeat, noticed within the expiry tick
-    assert httpx.put(cp.url + f"/v1/registry/heartbeat/{r.json()['id']}").status_code == 404
+    assert httpx.put(cp.url + f"/v1/registry/heartbeat/{r.json()['id']}", headers=owner).status_code == 404
     bad = httpx.put(cp.url + "/v1/registry/register", json={"service": "Bad Name", "address": "x", "port": 0})
     assert bad.status_code == 400 and "service" in bad.json()["error"]
 

@@ -32,23 +32,29 @@ def echo_app() -> Starlette:
 
 @pytest.fixture
 def world(control_plane, tmp_path, monkeypatch):
-    """A control plane (with its CA), a plaintext echo service `beta`, and a way to make meshes."""
+    """A control plane (with its CA), an echo service `beta` on strict mTLS, and a way to make meshes."""
+    from meshlib.server import mesh_uvicorn_config
+
     monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", BOOTSTRAP)
     cp = control_plane(tmp_path / "cp", bootstrap_token=BOOTSTRAP)
-    beta = ThreadedServer(echo_app())
-    beta_endpoint = Endpoint("127.0.0.1", beta.port, meta={"mesh_tls": "off"})
+    endpoints: dict[str, list[Endpoint]] = {}
 
     def mesh(service: str, services: dict[str, list[Endpoint]] | None = None) -> meshlib.Mesh:
         return meshlib.Mesh(
             service=service,
-            discovery=StaticDiscovery({"beta": [beta_endpoint], **(services or {})}),
+            discovery=StaticDiscovery({**endpoints, **(services or {})}),
             control_plane=cp.url,
             tls="strict",
             state_dir=str(tmp_path / service),
         )
 
+    beta_mesh = mesh("beta")
+    beta = ThreadedServer(None, config_object=mesh_uvicorn_config(echo_app(), beta_mesh, log_level="warning"))
+    wait_for(lambda: beta.server.started, what="beta on mTLS")
+    endpoints["beta"] = [Endpoint("127.0.0.1", beta.port, meta={"mesh_tls": "strict"})]
     yield cp, mesh
     beta.stop()
+    beta_mesh.close()
 
 
 def outbound_view_result(server_mesh: meshlib.Mesh) -> dict[str, object]:

@@ -73,6 +73,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ca_key=args.ca_key,
         ca_bundle=args.ca_bundle,
         trust_domain=args.trust_domain,
+        insecure=args.insecure,
+        allow_unsafe_addresses=args.allow_unsafe_addresses,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_names=args.tls_name or None,
+        header_timeout=args.header_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_connections=args.max_connections,
+        max_rules_bytes=args.max_rules_bytes,
     )
     return 0
 
@@ -96,23 +106,21 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from .rules.model import parse_duration
-    from .security.ca import CertificateAuthority
+    from .security.ca import MAX_LEAF_LIFETIME, CertificateAuthority, write_private
     from .settings import validate_service_name
 
     validate_service_name(args.service)
     ca = CertificateAuthority.load(args.state_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    issued = ca.issue(key.public_key(), args.service, args.namespace, timedelta(seconds=parse_duration(args.lifetime)))
+    lifetime = timedelta(seconds=parse_duration(args.lifetime, maximum=MAX_LEAF_LIFETIME.total_seconds()))
+    issued = ca.issue(key.public_key(), args.service, args.namespace, lifetime)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     key_path = out / f"{args.service}.key"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+    write_private(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
     (out / f"{args.service}.crt").write_bytes(issued.pem() + issued.chain_pem())
     (out / "ca.crt").write_bytes(ca.roots_pem())
     print(
@@ -291,6 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-key", help="its private key (PEM, unencrypted)")
     p.add_argument("--ca-bundle", help="the root(s) above an intermediate --ca-cert (PEM)")
     p.add_argument("--trust-domain", default="mesh.local", help="for a CA created on first start")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without MESH_BOOTSTRAP_TOKEN (anyone could register)",
+    )
+    p.add_argument(
+        "--allow-unsafe-addresses",
+        action="store_true",
+        help="accept registrations with unspecified (0.0.0.0) or link-local (169.254.x.x) addresses",
+    )
+    p.add_argument("--tls", action="store_true", help="serve https with a certificate from the mesh CA")
+    p.add_argument("--tls-cert", help="serve https with this certificate chain (PEM) instead")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-name", action="append", help="a DNS name or IP for the --tls certificate (repeatable)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to receive a request's headers")
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="larger request headers get 431")
+    p.add_argument("--max-connections", type=int, default=16_000, help="concurrent connections before 503")
+    p.add_argument("--max-rules-bytes", type=int, default=1 << 20, help="larger rules documents get 413")
     p.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("ca", help="the mesh certificate authority")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,20 +76,66 @@ def snapshot_to_json(snapshot: EndpointSet) -> dict[str, Any]:
     }
 
 
-def snapshot_from_json(service: str, payload: Mapping[str, Any], index: int) -> EndpointSet:
-    """Instances as the registry answers them (or as saved); malformed ones are skipped with a warning."""
+class SnapshotError(ValueError):
+    """A discovery answer (or a cached one) is not a valid list of instances; the last good snapshot stays."""
+
+
+#: Most instances one snapshot may list; a larger answer is refused rather than held.
+MAX_INSTANCES = 10_000
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def valid_address(address: object) -> bool:
+    """An IP address or a DNS host name."""
+    if not isinstance(address, str):
+        return False
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return _HOSTNAME.match(address) is not None
+
+
+def endpoint_from_fields(address: object, port: object, tags: object, meta: object, instance_id: object) -> Endpoint:
+    """One instance, validated field by field; SnapshotError naming the bad field."""
+    if not valid_address(address):
+        raise SnapshotError(f"address {str(address)[:80]!r} is neither an IP address nor a host name")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise SnapshotError(f"port {str(port)[:20]!r} is not an integer from 1 to 65535")
+    tags = [] if tags is None else tags
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise SnapshotError("tags must be a list of strings")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise SnapshotError("meta must be an object of strings")
+    if instance_id is None:
+        instance_id = ""
+    if not isinstance(instance_id, str):
+        raise SnapshotError("id must be a string")
+    assert isinstance(address, str)
+    return Endpoint(address, port, frozenset(tags), dict(meta), id=instance_id)
+
+
+def parse_snapshot(service: str, payload: object, index: int) -> EndpointSet:
+    """The registry's answer (or the saved form) as a snapshot, validated whole: SnapshotError, saying what is
+    wrong, rather than a partial or surprising list."""
+    if not isinstance(payload, Mapping):
+        raise SnapshotError(f"expected a JSON object with instances, got {type(payload).__name__}")
+    instances = payload.get("instances", [])
+    if not isinstance(instances, list):
+        raise SnapshotError(f"instances must be a list, got {type(instances).__name__}")
+    if len(instances) > MAX_INSTANCES:
+        raise SnapshotError(f"{len(instances)} instances is over the limit of {MAX_INSTANCES}")
     endpoints = []
-    for item in payload.get("instances", []):
+    for i, item in enumerate(instances):
+        if not isinstance(item, Mapping):
+            raise SnapshotError(f"instances[{i}] is not an object")
         try:
             endpoints.append(
-                Endpoint(
-                    str(item["address"]),
-                    int(item["port"]),
-                    frozenset(item.get("tags") or ()),
-                    dict(item.get("meta") or {}),
-                    id=str(item.get("id", "")),
-                )
+                endpoint_from_fields(item.get("address"), item.get("port"), item.get("tags"), item.get("meta"),
+                                     item.get("id"))
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            _log.warning("ignoring malformed instance of %s: %r (%s)", service, item, exc)
+        except SnapshotError as exc:
+            raise SnapshotError(f"instances[{i}]: {exc}") from None
     return EndpointSet.of(service, endpoints, index)

@@ -225,7 +225,8 @@ class _Call:
                 headers.append((b"traceparent", traceparent_of(span)))
         extensions = self.extensions
         scheme = self.scheme
-        if self.sni is not None and endpoint.meta.get("mesh_tls") != "off":
+        # only a permissive client honours an instance that advertises plaintext; strict never downgrades
+        if self.sni is not None and (self.mesh.strict or endpoint.meta.get("mesh_tls") != "off"):
             scheme = b"https"
             extensions = {**extensions, "sni_hostname": self.sni}
         budget = send.timeout

@@ -3,7 +3,8 @@
 - an index that goes backwards resets to 0, and an index below 1 becomes 1 (after the first answer);
 - an answer is not proof of change: the handler compares snapshots itself;
 - the loop is rate-limited, so a server that answers at once cannot make it spin;
-- errors back off exponentially with jitter, up to ``max_backoff``.
+- errors back off exponentially with jitter, up to ``max_backoff``; an answer its handler refuses (invalid data)
+  is an error too, and nothing raised by a handler or an error handler ends the loop.
 
 Used for the rules watcher, the embedded registry's watches and Consul's.
 """
@@ -64,7 +65,10 @@ class LongPoller:
             self.requests += 1
             try:
                 new_index, payload = self._fetch(self.index)
-            except Exception as exc:
+                if new_index < self.index:
+                    new_index = 0  # the server's index went backwards (restart, snapshot restore): start over
+                self._on_answer(new_index, payload)
+            except Exception as exc:  # the loop must outlive anything a server (or a handler) throws at it
                 if self._stop.is_set():
                     return
                 failures += 1
@@ -74,15 +78,12 @@ class LongPoller:
                 level = logging.WARNING if failures in (1, 5) or failures % 50 == 0 else logging.DEBUG
                 log.log(level, "%s: %s (attempt %d; retrying in %.1fs)", self.name, exc, failures, delay)
                 if self._on_error is not None:
-                    self._on_error(exc)
+                    try:
+                        self._on_error(exc)
+                    except Exception:
+                        log.exception("%s: handling a failure failed", self.name)
                 self._stop.wait(delay)
                 continue
             failures = 0
-            if new_index < self.index:
-                new_index = 0  # the server's index went backwards (restart, snapshot restore): start over
-            try:
-                self._on_answer(new_index, payload)
-            except Exception:
-                log.exception("%s: handling an answer failed", self.name)
             self.index = max(new_index, 1)
             self._stop.wait(self.min_interval)

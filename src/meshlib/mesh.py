@@ -3,20 +3,25 @@ clients are cheap views onto it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .discovery import Discovery, StaticDiscovery
+from .endpoints import EndpointSet
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
 from .rules.model import EMPTY_RULES, Rules, parse_duration
-from .settings import MeshSettings
+from .settings import MeshSettings, control_plane_verify
 from .telemetry import Telemetry
+
+log = logging.getLogger("meshlib")
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -41,10 +46,15 @@ def make_discovery(settings: MeshSettings) -> Discovery:
     if spec.startswith("registry://"):
         from .discovery.registry import RegistryDiscovery
 
+        address = _host_port(spec, "registry://")
+        # the registry lives in the control plane: when that is https:// at the same address, so is the registry
+        cp = urlsplit(settings.control_plane) if settings.control_plane else None
+        scheme = "https" if cp is not None and cp.scheme == "https" and cp.netloc == address else "http"
         return RegistryDiscovery(
-            "http://" + _host_port(spec, "registry://"),
+            f"{scheme}://{address}",
             state_dir=settings.state_dir,
             token=os.environ.get("MESH_BOOTSTRAP_TOKEN") or None,
+            verify=control_plane_verify(settings),
         )
     if spec.startswith("consul://"):
         from .discovery.consul import ConsulDiscovery
@@ -117,6 +127,8 @@ class Mesh:
         #: Sent as ``x-mesh-caller`` on every mesh request (informational; authorization never trusts it).
         self.caller_header = (b"x-mesh-caller", self.service.encode("ascii"))
         self.identity: Identity | None = None
+        #: Every mesh hop is mTLS with the peer's identity verified, whatever discovery advertises.
+        self.strict = self.settings.tls == "strict"
         if self.settings.tls != "off":
             self.identity = self._start_identity()
             if self.telemetry is not None:
@@ -127,7 +139,10 @@ class Mesh:
             from .rules.watcher import RulesWatcher
 
             self.rules_watcher = RulesWatcher(
-                self.settings.control_plane, self.apply_rules, state_dir=self.settings.state_dir
+                self.settings.control_plane,
+                self.apply_rules,
+                state_dir=self.settings.state_dir,
+                verify=control_plane_verify(self.settings),
             ).start()
 
     # -- per-service state ------------------------------------------------------------------------
@@ -146,7 +161,8 @@ class Mesh:
             cert_file=env.get("MESH_TLS_CERT") or None,
             key_file=env.get("MESH_TLS_KEY") or None,
             ca_file=env.get("MESH_TLS_CA") or None,
-            lifetime=parse_duration(lifetime) if lifetime else None,
+            lifetime=parse_duration(lifetime, maximum=7 * 86400.0) if lifetime else None,
+            verify=control_plane_verify(self.settings),
         )
         return identity.start(timeout=self.settings.discovery_timeout * 6)
 
@@ -180,9 +196,10 @@ class Mesh:
         if state is None:
             state = self._create_state(service)
         if state.snapshot is None and not self.discovery.wait_ready(service, self.settings.discovery_timeout):
+            last = self.discovery.last_error(service)
             raise NoEndpointsError(
                 f"{service}: discovery ({self.settings.discovery}) gave no answer within "
-                f"{self.settings.discovery_timeout:g}s",
+                f"{self.settings.discovery_timeout:g}s" + (f"; last error: {last}" if last else ""),
                 service=service,
             )
         return state
@@ -204,8 +221,31 @@ class Mesh:
             if service_rules is not None:
                 state.set_rules(service_rules, self.policy_for(service))
             self._services[service] = state
-        self.discovery.watch(service, state.set_endpoints)
+        self.discovery.watch(service, self._strict_filter(state) if self.strict else state.set_endpoints)
         return state
+
+    @staticmethod
+    def _strict_filter(state: ServiceState) -> Callable[[EndpointSet], None]:
+        """Strict mTLS never downgrades, whatever discovery says: instances that advertise plaintext
+        (``mesh_tls: off``) are left out, and the reason is kept for the error a caller would see."""
+
+        def on_snapshot(snapshot: EndpointSet) -> None:
+            plain = [e for e in snapshot.endpoints if e.meta.get("mesh_tls") == "off"]
+            if plain:
+                names = ", ".join(e.authority for e in plain[:5]) + (", ..." if len(plain) > 5 else "")
+                state.excluded = (
+                    f"{len(plain)} instance(s) advertise plaintext (mesh_tls: off: {names}) and were skipped, "
+                    "because MESH_TLS=strict never sends plaintext; run them with MESH_TLS=strict or permissive"
+                )
+                log.warning("%s: %s", state.name, state.excluded)
+                snapshot = EndpointSet(
+                    snapshot.service, tuple(e for e in snapshot.endpoints if e not in plain), snapshot.index
+                )
+            else:
+                state.excluded = ""
+            state.set_endpoints(snapshot)
+
+        return on_snapshot
 
     def _breaker_listener(self, service: str) -> Callable[[str, str, str], None] | None:
         if self.telemetry is None:

@@ -20,6 +20,7 @@ import uvicorn
 from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
 from .mesh import Mesh
+from .security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .security.server_tls import sniffing, with_peer_identity
 
 log = logging.getLogger("meshlib.server")
@@ -50,6 +51,9 @@ def mesh_uvicorn_config(
     log_level: str = "info",
     lifespan: Literal["auto", "on", "off"] = "auto",
     graceful: float = 30.0,
+    max_connections: int = 4096,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> uvicorn.Config:
     """A uvicorn Config for ``app`` with the mesh's TLS mode wired in: strict = TLS with client certificates
     required; permissive = TLS and plaintext on one port (first byte sniffed); both put the peer's identity into
@@ -64,17 +68,19 @@ def mesh_uvicorn_config(
         access_log=False,
         # one port for TLS and plaintext needs a byte sniffed before any TLS layer: asyncio's own loop
         loop="asyncio" if tls_mode == "permissive" else "auto",
+        limit_concurrency=max_connections,
     )
-    if identity is not None:
-        config.load()
-        if tls_mode == "strict":
-            config.ssl = identity.server_strict
-            config.http_protocol_class = with_peer_identity(config.http_protocol_class)
-        else:
-            config.ssl = None
-            config.http_protocol_class = sniffing(
-                with_peer_identity(config.http_protocol_class), identity.server_permissive
-            )
+    config.load()
+    # bounded headers (size and time) for every mode: a peer cannot hold a connection or memory by sending slowly
+    protocol = bounded(config.http_protocol_class, max_header_bytes, header_timeout)
+    if identity is None:
+        config.http_protocol_class = protocol
+    elif tls_mode == "strict":
+        config.ssl = identity.server_strict
+        config.http_protocol_class = with_peer_identity(protocol)
+    else:
+        config.ssl = None
+        config.http_protocol_class = sniffing(with_peer_identity(protocol), identity.server_permissive, header_timeout)
     return config
 
 

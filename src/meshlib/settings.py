@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -54,6 +55,8 @@ class MeshSettings:
     #: JSON access log lines on the ``meshlib.access`` logger, and the share of requests logged.
     access_log: bool = False
     access_log_sample: float = 1.0
+    #: A CA file (PEM) to verify an https:// control plane and registry with (else the system's roots).
+    control_plane_ca: str = ""
 
     _ENV = {
         "service": "MESH_SERVICE",
@@ -66,6 +69,7 @@ class MeshSettings:
         "telemetry": "MESH_TELEMETRY",
         "access_log": "MESH_ACCESS_LOG",
         "access_log_sample": "MESH_ACCESS_LOG_SAMPLE",
+        "control_plane_ca": "MESH_CONTROL_PLANE_CA",
     }
 
     @classmethod
@@ -103,7 +107,25 @@ class MeshSettings:
             )
         if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
             raise ConfigurationError(f"MESH_CONTROL_PLANE={self.control_plane!r}: expected an http(s):// URL")
+        if self.control_plane_ca and not Path(self.control_plane_ca).is_file():
+            raise ConfigurationError(
+                f"MESH_CONTROL_PLANE_CA={self.control_plane_ca!r}: no such file (a PEM file of the CA that signed the "
+                "control plane's certificate; meshctl serve --tls writes it as ca-roots.pem in its state directory)"
+            )
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigurationError(f"MESH_ACCESS_LOG_SAMPLE={self.access_log_sample}: must be from 0 to 1")
         state_dir = self.state_dir or str(Path.home() / ".cache" / "meshlib" / self.service)
         return replace(self, state_dir=state_dir)
+
+
+def control_plane_verify(settings: MeshSettings) -> ssl.SSLContext | bool:
+    """How to verify an https:// control plane or registry: against ``MESH_CONTROL_PLANE_CA`` when set, else the
+    system's roots (plain http:// ignores it)."""
+    if not settings.control_plane_ca:
+        return True
+    try:
+        return ssl.create_default_context(cafile=settings.control_plane_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"MESH_CONTROL_PLANE_CA={settings.control_plane_ca!r}: not a usable CA file ({exc})"
+        ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,14 +19,24 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..errors import ConfigurationError
-from ..rules.model import RulesValidationError, parse_duration, parse_rules, validate_rules
+from ..rules.document import MAX_DOCUMENT_BYTES, parse_document
+from ..rules.model import Rules, RulesValidationError, parse_duration, validate_rules
 from ..security.ca import DEFAULT_LEAF_LIFETIME, CertificateAuthority, CsrError
-from .longpoll import ChangeSignal, with_jitter
-from .registry import RegistrationError, Registry, parse_registration
+from ..settings import validate_service_name
+from ..wire import SECRET_HEADER
+from .longpoll import MAX_WAIT, ChangeSignal, hold
+from .registry import NotOwner, RegistrationError, Registry, parse_registration
 from .store import CasConflict, Revision, RulesStore, UnknownVersion
 
 log = logging.getLogger("meshlib.control")
 DEFAULT_WAIT = 30.0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -36,17 +47,50 @@ class _BadQuery(ValueError):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
+#: Registration and CSR bodies are small; anything larger is refused before it is read whole.
+SMALL_BODY_BYTES = 64 * 1024
+#: Largest integer accepted in a query parameter (versions, indexes): SQLite's integers are 64-bit.
+MAX_QUERY_INT = 2**62
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or _TooLarge as soon as it is known to exceed ``limit`` (by Content-Length, or while
+    streaming): an oversized body is never held in memory whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or len(declared) > 18 or int(declared) > limit):
+        raise _TooLarge(declared)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(str(size))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"request body is larger than the limit of {limit} bytes", limit=limit)
+
+
 def _int_param(request: Request, name: str, default: int | None = None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _BadQuery(f"query parameter {name}={raw!r} is not an integer") from None
-    if value < 0:
-        raise _BadQuery(f"query parameter {name} must not be negative")
+    if len(raw) > 19 or not raw.isdigit():
+        raise _BadQuery(f"query parameter {name}={raw[:40]!r} is not a non-negative integer")
+    value = int(raw)
+    if value > MAX_QUERY_INT:
+        raise _BadQuery(f"query parameter {name} must be at most {MAX_QUERY_INT}")
     return value
+
+
+def _parse_and_validate(body: bytes, limit: int) -> Rules:
+    return validate_rules(parse_document(body, "request body", max_bytes=limit))
 
 
 def _wait_param(request: Request) -> float:
@@ -54,9 +98,9 @@ def _wait_param(request: Request) -> float:
     if raw is None:
         return DEFAULT_WAIT
     try:
-        return parse_duration(raw if raw[-1:].isalpha() else float(raw))
+        return parse_duration(raw if raw[-1:].isalpha() else float(raw), maximum=MAX_WAIT)
     except ValueError as exc:
-        raise _BadQuery(f"query parameter wait={raw!r}: {exc}") from None
+        raise _BadQuery(f"query parameter wait={raw[:40]!r}: {exc}") from None
 
 
 class ControlPlane:
@@ -71,6 +115,8 @@ class ControlPlane:
         registry_token: str | None = None,
         expiry_interval: float = 0.2,
         ca: CertificateAuthority | None = None,
+        max_rules_bytes: int = MAX_DOCUMENT_BYTES,
+        allow_unsafe_addresses: bool = False,
     ) -> None:
         self.store = store
         self.ca = ca
@@ -79,6 +125,8 @@ class ControlPlane:
         self.registry = Registry()
         self.rules_signal = ChangeSignal()
         self.expiry_interval = expiry_interval
+        self.max_rules_bytes = max_rules_bytes
+        self.allow_unsafe_addresses = allow_unsafe_addresses
         self.closing = False
         self._set_current(store.current())
 
@@ -121,7 +169,15 @@ class ControlPlane:
 
     def check_registry(self, request: Request) -> Response | None:
         if self.registry_token is None:
-            return None
+            # no token: only processes on this machine may write (the port may still be reachable from others)
+            client = request.client
+            if client is not None and _is_loopback(client.host):
+                return None
+            return _error(
+                403,
+                "registry writes from other machines need a token: start the control plane with "
+                "MESH_BOOTSTRAP_TOKEN set, and set the same MESH_BOOTSTRAP_TOKEN on every instance",
+            )
         token = self._bearer(request)
         if token is None or not hmac.compare_digest(token.encode(), self.registry_token.encode()):
             return _error(401, "registry token required: send Authorization: Bearer <MESH_BOOTSTRAP_TOKEN>")
@@ -137,12 +193,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         except _BadQuery as exc:
             return _error(400, str(exc))
         if index is not None and cp.revision.version <= index:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + with_jitter(wait)
-            while cp.revision.version <= index and not cp.closing:
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not await cp.rules_signal.wait(remaining):
-                    break
+            await hold(cp.rules_signal, wait, lambda: cp.revision.version > index or cp.closing, request.receive)
         return Response(
             cp.rules_body,
             media_type="application/json",
@@ -157,10 +208,14 @@ def build_app(cp: ControlPlane) -> Starlette:
             cas = _int_param(request, "cas")
         except _BadQuery as exc:
             return _error(400, str(exc))
-        body = await request.body()
         try:
-            document = parse_rules(body, "request body")
-            rules = validate_rules(document)
+            body = await _read_body(request, cp.max_rules_bytes)
+        except _TooLarge:
+            return _too_large(cp.max_rules_bytes)
+        try:
+            # parsing and validation are CPU work on untrusted input: off the event loop, so long-polls and
+            # /healthz keep being answered while they run
+            rules = await asyncio.to_thread(_parse_and_validate, body, cp.max_rules_bytes)
         except RulesValidationError as exc:
             return JSONResponse(
                 {"error": "invalid rules; nothing was stored", "errors": [e.as_dict() for e in exc.errors]},
@@ -171,10 +226,10 @@ def build_app(cp: ControlPlane) -> Starlette:
                 {"error": "invalid rules; nothing was stored", "errors": [{"path": "$", "error": str(exc)}]},
                 status_code=400,
             )
-        comment = request.headers.get("x-mesh-comment", "")
+        comment = request.headers.get("x-mesh-comment", "")[:1024]
         try:
             revision = await asyncio.to_thread(
-                cp.store.put, dict(rules.document), cas, request.headers.get("x-mesh-author", "admin"), comment
+                cp.store.put, dict(rules.document), cas, request.headers.get("x-mesh-author", "admin")[:256], comment
             )
         except CasConflict as exc:
             return _error(409, str(exc), version=exc.current)
@@ -187,15 +242,18 @@ def build_app(cp: ControlPlane) -> Starlette:
             limit = _int_param(request, "limit", 100) or 100
         except _BadQuery as exc:
             return _error(400, str(exc))
+        limit = min(limit, 1000)
         revisions = await asyncio.to_thread(cp.store.history, limit)
         return JSONResponse({"current": cp.revision.version, "versions": [r.summary() for r in revisions]})
 
     async def get_version(request: Request) -> Response:
+        raw = request.path_params["version"]
+        if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_QUERY_INT:
+            return _error(404, f"no rules version {raw[:40]!r}: versions are whole numbers")
         try:
-            version = int(request.path_params["version"])
-            revision = await asyncio.to_thread(cp.store.get, version)
-        except (ValueError, UnknownVersion):
-            return _error(404, f"no rules version {request.path_params['version']}")
+            revision = await asyncio.to_thread(cp.store.get, int(raw))
+        except UnknownVersion:
+            return _error(404, f"no rules version {raw}")
         return JSONResponse({"version": revision.version, "rules": revision.document, **revision.summary()})
 
     async def rollback(request: Request) -> Response:
@@ -223,30 +281,54 @@ def build_app(cp: ControlPlane) -> Starlette:
         if denied is not None:
             return denied
         try:
-            instance = parse_registration(json.loads(await request.body() or b"null"))
-        except (RegistrationError, json.JSONDecodeError) as exc:
+            raw = await _read_body(request, SMALL_BODY_BYTES)
+            instance = parse_registration(json.loads(raw or b"null"), cp.allow_unsafe_addresses)
+        except _TooLarge:
+            return _too_large(SMALL_BODY_BYTES)
+        except (RegistrationError, ValueError, RecursionError) as exc:
             return _error(400, f"invalid registration: {exc}")
-        cp.registry.register(instance)
-        return JSONResponse({"id": instance.id, "ttl": instance.ttl})
+        try:
+            cp.registry.register(instance, request.headers.get(SECRET_HEADER))
+        except NotOwner:
+            return _error(
+                409,
+                f"instance id {instance.id!r} is registered by another holder: overwriting it needs its "
+                f"{SECRET_HEADER} header (or register under another id)",
+            )
+        return JSONResponse({"id": instance.id, "ttl": instance.ttl, "secret": instance.secret})
 
     async def heartbeat(request: Request) -> Response:
         denied = cp.check_registry(request)
         if denied is not None:
             return denied
-        if not cp.registry.heartbeat(request.path_params["id"]):
-            return _error(404, f"unknown instance {request.path_params['id']!r}: register again")
+        instance_id = request.path_params["id"]
+        try:
+            known = cp.registry.heartbeat(instance_id, request.headers.get(SECRET_HEADER))
+        except NotOwner:
+            return _error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
+        if not known:
+            return _error(404, f"unknown instance {instance_id[:200]!r}: register again")
         return JSONResponse({"ok": True})
 
     async def deregister(request: Request) -> Response:
         denied = cp.check_registry(request)
         if denied is not None:
             return denied
-        if not cp.registry.deregister(request.path_params["id"]):
-            return _error(404, f"unknown instance {request.path_params['id']!r}")
+        instance_id = request.path_params["id"]
+        try:
+            known = cp.registry.deregister(instance_id, request.headers.get(SECRET_HEADER))
+        except NotOwner:
+            return _error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
+        if not known:
+            return _error(404, f"unknown instance {instance_id[:200]!r}")
         return JSONResponse({"ok": True})
 
     async def watch_service(request: Request) -> Response:
         name = request.path_params["name"]
+        try:
+            validate_service_name(name)
+        except ConfigurationError as exc:
+            return _error(400, str(exc))
         try:
             index = _int_param(request, "index")
             wait = _wait_param(request)
@@ -254,12 +336,9 @@ def build_app(cp: ControlPlane) -> Starlette:
             return _error(400, str(exc))
         registry = cp.registry
         if index is not None and registry.service_index(name) <= index:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + with_jitter(wait)
-            while registry.service_index(name) <= index and not cp.closing:
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not await registry.signal.wait(remaining):
-                    break
+            await hold(
+                registry.signal, wait, lambda: registry.service_index(name) > index or cp.closing, request.receive
+            )
         current, body = registry.encoded(name)
         return Response(body, media_type="application/json", headers={"x-mesh-index": str(current)})
 
@@ -283,7 +362,7 @@ def build_app(cp: ControlPlane) -> Starlette:
         if denied is not None:
             return denied
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await _read_body(request, SMALL_BODY_BYTES) or b"null")
             if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
                 raise ValueError("expected a JSON object with csr (PEM) and service")
             service = body.get("service")
@@ -294,7 +373,9 @@ def build_app(cp: ControlPlane) -> Starlette:
             if not 2 <= lifetime <= 7 * 86400:
                 raise ValueError("lifetime_seconds must be between 2 and 604800")
             issued = cp.ca.sign_csr(body["csr"].encode(), service, namespace, timedelta(seconds=lifetime))
-        except (ValueError, TypeError, CsrError) as exc:
+        except _TooLarge:
+            return _too_large(SMALL_BODY_BYTES)
+        except (ValueError, TypeError, OverflowError, RecursionError, CsrError) as exc:
             return _error(400, f"cannot issue: {exc}")
         return JSONResponse(
             {
@@ -353,7 +434,7 @@ def build_app(cp: ControlPlane) -> Starlette:
             Route("/v1/rules", put_rules, methods=["PUT"]),
             Route("/v1/rules/history", history, methods=["GET"]),
             Route("/v1/rules/rollback", rollback, methods=["POST"]),
-            Route("/v1/rules/{version:int}", get_version, methods=["GET"]),
+            Route("/v1/rules/{version}", get_version, methods=["GET"]),
             Route("/v1/registry/register", register, methods=["PUT"]),
             Route("/v1/registry/heartbeat/{id}", heartbeat, methods=["PUT"]),
             Route("/v1/registry/services", list_services, methods=["GET"]),

@@ -1,10 +1,13 @@
-"""Consul-style blocking queries on asyncio: one Event per change, swapped on every change, so any number of
-waiters cost one future each and no thread."""
+"""Consul-style blocking queries on asyncio: one future per change, swapped on every change, so any number of
+waiters cost one callback each and no thread; a waiter whose client has gone away is released at once (an
+abandoned long-poll must not hold memory for its whole wait)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 #: Consul adds up to wait/16 of jitter so that watchers which started together do not all return together.
 JITTER_FRACTION = 1 / 16
@@ -13,24 +16,54 @@ MAX_WAIT = 600.0
 
 class ChangeSignal:
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        self._future: asyncio.Future[None] | None = None
         self.waiters = 0
 
     def fire(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(None)
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait for the next change, at most ``timeout`` seconds; True if one came."""
-        event = self._event
+    async def wait(self, timeout: float, abandon: asyncio.Future[Any] | None = None) -> bool:
+        """Wait for the next change, at most ``timeout`` seconds, or until ``abandon`` completes; True if a change
+        came."""
+        future = self._future
+        if future is None or future.done():
+            future = self._future = asyncio.get_running_loop().create_future()
         self.waiters += 1
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            watched: set[asyncio.Future[Any]] = {future} if abandon is None else {future, abandon}
+            done, _ = await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return future in done
         finally:
             self.waiters -= 1
+
+
+async def client_gone(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
+    """Returns when the ASGI client disconnects (for a request whose body has not been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def hold(
+    signal: ChangeSignal,
+    wait: float,
+    answered: Callable[[], bool],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+) -> None:
+    """Hold a long-poll until ``answered()``, ``wait`` (plus jitter) passes, or the client goes away."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + with_jitter(wait)
+    gone = asyncio.ensure_future(client_gone(receive))
+    try:
+        while not answered() and not gone.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await signal.wait(remaining, gone):
+                break
+    finally:
+        gone.cancel()
 
 
 def with_jitter(wait: float) -> float:

@@ -1,10 +1,19 @@
 """The embedded registry: instances register with a TTL and stay listed while their heartbeats arrive.
 
 One rising index for the whole registry; each service remembers the index of its last change (kept after its
-last instance leaves, so a watcher sees the removal)."""
+last instance leaves, so a watcher sees the removal).
+
+Ownership: ``register`` hands out a per-instance secret, and only its holder may heartbeat, overwrite or
+deregister that id (a shared bootstrap token alone must not let one instance hijack another's entry). Addresses
+are validated: unspecified (``0.0.0.0``) and link-local (``169.254.169.254``, the cloud metadata service)
+addresses are refused unless the control plane explicitly allows them."""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +23,38 @@ from .longpoll import ChangeSignal
 
 class RegistrationError(ValueError):
     pass
+
+
+class NotOwner(Exception):
+    """The request did not carry the secret of the instance it names."""
+
+
+#: Longest TTL an instance may ask for; a longer one would outlive a crashed instance for hours.
+MAX_TTL = 3600.0
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,200}$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+def check_address(address: str, allow_unsafe: bool = False) -> str:
+    """An IP address or a DNS name; unspecified, link-local and multicast IPs are refused unless allowed."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if not _HOSTNAME.match(address):
+            raise RegistrationError(f"address: {address[:80]!r} is neither an IP address nor a host name") from None
+        return address
+    if not allow_unsafe:
+        if ip.is_unspecified:
+            raise RegistrationError(
+                f"address: {address} is unspecified; advertise the address callers should connect to"
+            )
+        if ip.is_link_local or ip.is_multicast:
+            raise RegistrationError(
+                f"address: {address} is link-local or multicast and is refused "
+                "(start the control plane with --allow-unsafe-addresses to accept it)"
+            )
+    return address
 
 
 @dataclass(slots=True)
@@ -26,6 +67,7 @@ class Instance:
     meta: dict[str, str] = field(default_factory=dict)
     ttl: float = 10.0
     expires_at: float = 0.0
+    secret: str = field(default="", repr=False)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -38,7 +80,7 @@ class Instance:
         }
 
 
-def parse_registration(body: Any) -> Instance:
+def parse_registration(body: Any, allow_unsafe_addresses: bool = False) -> Instance:
     from ..rules.model import parse_duration
     from ..settings import validate_service_name
 
@@ -57,23 +99,31 @@ def parse_registration(body: Any) -> Instance:
     address = body.get("address")
     if not isinstance(address, str) or not address:
         raise RegistrationError("address: required string")
+    check_address(address, allow_unsafe_addresses)
     port = body.get("port")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise RegistrationError("port: required integer 1-65535")
     tags = body.get("tags", [])
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise RegistrationError("tags: expected a list of strings")
+    if not isinstance(tags, list) or len(tags) > 64 or not all(isinstance(t, str) and len(t) <= 256 for t in tags):
+        raise RegistrationError("tags: expected a list of at most 64 strings")
     meta = body.get("meta", {})
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise RegistrationError("meta: expected an object of strings")
+    if (
+        not isinstance(meta, dict)
+        or len(meta) > 64
+        or not all(isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= 1024 for k, v in meta.items())
+    ):
+        raise RegistrationError("meta: expected an object of at most 64 short strings")
     try:
-        ttl = parse_duration(body.get("ttl", "10s"))
+        ttl = parse_duration(body.get("ttl", "10s"), maximum=MAX_TTL)
     except ValueError as exc:
         raise RegistrationError(f"ttl: {exc}") from None
     instance_id = body.get("id") or f"{service}-{address}-{port}"
-    if not isinstance(instance_id, str):
-        raise RegistrationError("id: expected a string")
+    if not isinstance(instance_id, str) or not _INSTANCE_ID.match(instance_id):
+        raise RegistrationError("id: expected 1-200 characters of letters, digits and ._:-[]")
     return Instance(instance_id, service, address, port, list(tags), dict(meta), ttl)
+
+
+_EMPTY_ANSWER = b'{"index": 1, "instances": []}'
 
 
 class Registry:
@@ -91,9 +141,21 @@ class Registry:
         self._cache.pop(service, None)
         self.signal.fire()
 
-    def register(self, instance: Instance) -> Instance:
+    def _owned(self, instance_id: str, secret: str | None) -> Instance | None:
+        """The instance, when ``secret`` is its secret; None when unknown; NotOwner otherwise."""
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            return None
+        if not secret or not hmac.compare_digest(secret.encode(), instance.secret.encode()):
+            raise NotOwner(instance_id)
+        return instance
+
+    def register(self, instance: Instance, secret: str | None = None) -> Instance:
+        """Add ``instance`` (a new secret is made), or overwrite it when ``secret`` is the current holder's;
+        NotOwner when the id is taken and the secret does not match."""
+        old = self._owned(instance.id, secret)
+        instance.secret = old.secret if old is not None else secrets.token_urlsafe(24)
         instance.expires_at = self._clock() + instance.ttl
-        old = self._instances.get(instance.id)
         self._instances[instance.id] = instance
         if old is None or old.public() != instance.public():
             if old is not None and old.service != instance.service:
@@ -101,17 +163,18 @@ class Registry:
             self._changed(instance.service)
         return instance
 
-    def heartbeat(self, instance_id: str) -> bool:
-        instance = self._instances.get(instance_id)
+    def heartbeat(self, instance_id: str, secret: str | None) -> bool:
+        """False when unknown (register again); NotOwner without the instance's secret."""
+        instance = self._owned(instance_id, secret)
         if instance is None:
             return False
         instance.expires_at = self._clock() + instance.ttl
         return True
 
-    def deregister(self, instance_id: str) -> bool:
-        instance = self._instances.pop(instance_id, None)
-        if instance is None:
+    def deregister(self, instance_id: str, secret: str | None) -> bool:
+        if self._owned(instance_id, secret) is None:
             return False
+        instance = self._instances.pop(instance_id)
         self._changed(instance.service)
         return True
 
@@ -141,6 +204,8 @@ class Registry:
         import json
 
         index = self.service_index(service)
+        if service not in self._service_index:  # never registered: nothing kept per name (names are untrusted)
+            return index, _EMPTY_ANSWER
         cached = self._cache.get(service)
         if cached is not None and cached[0] == index:
             return cached

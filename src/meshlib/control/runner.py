@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -12,7 +13,9 @@ from typing import Any
 import uvicorn
 
 from ..errors import ConfigurationError
-from ..security.ca import CertificateAuthority
+from ..rules.document import MAX_DOCUMENT_BYTES
+from ..security.ca import CertificateAuthority, issue_server_certificate, write_private
+from ..security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .app import ControlPlane, build_app
 from .store import RulesStore, SQLiteRulesStore
 
@@ -64,17 +67,44 @@ def run_control_plane(
     ca_key: str | None = None,
     ca_bundle: str | None = None,
     trust_domain: str = "mesh.local",
+    insecure: bool = False,
+    allow_unsafe_addresses: bool = False,
+    tls: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_names: list[str] | None = None,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_connections: int = 16_000,
+    max_rules_bytes: int = MAX_DOCUMENT_BYTES,
 ) -> None:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
+    registry_token = registry_token if registry_token is not None else os.environ.get("MESH_BOOTSTRAP_TOKEN")
+    if not registry_token and not _is_loopback_host(host) and not insecure:
+        raise ConfigurationError(
+            f"refusing to listen on {host} without MESH_BOOTSTRAP_TOKEN: anyone who can reach the port could "
+            "register instances and get certificates. Set MESH_BOOTSTRAP_TOKEN (and the same on every instance), "
+            "or pass --insecure to accept that"
+        )
+    if (tls_cert or tls_key) and not (tls_cert and tls_key):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
+    ca = open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain)
     cp = ControlPlane(
         open_store(store, state),
         admin_token=admin_token if admin_token is not None else os.environ.get("MESH_ADMIN_TOKEN"),
-        registry_token=registry_token if registry_token is not None else os.environ.get("MESH_BOOTSTRAP_TOKEN"),
-        ca=open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain),
+        registry_token=registry_token,
+        ca=ca,
+        max_rules_bytes=max_rules_bytes,
+        allow_unsafe_addresses=allow_unsafe_addresses,
     )
     if cp.admin_token is None:
         log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
+    if cp.registry_token is None:
+        log.warning(
+            "MESH_BOOTSTRAP_TOKEN is not set: registry writes are accepted from this machine (loopback) only, and "
+            "certificate issuing is off. Set MESH_BOOTSTRAP_TOKEN here and on every instance for a real mesh"
+        )
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -87,10 +117,20 @@ def run_control_plane(
         timeout_keep_alive=120,
         timeout_graceful_shutdown=10,
         lifespan="on",
+        limit_concurrency=max_connections,
     )
+    scheme = "http"
+    if tls or tls_cert:
+        scheme = "https"
+        if tls_cert is None or tls_key is None:
+            tls_cert, tls_key = _own_certificate(ca, state, tls_names or _default_names(host))
+        config.ssl_certfile, config.ssl_keyfile = tls_cert, tls_key
+    config.load()
+    config.http_protocol_class = bounded(config.http_protocol_class, max_header_bytes, header_timeout)
     server = _ControlPlaneServer(config, cp)
     print(
-        f"meshctl serve: listening on http://{host}:{bound} (rules version {cp.revision.version}, state in {state})",
+        f"meshctl serve: listening on {scheme}://{host}:{bound} (rules version {cp.revision.version}, "
+        f"state in {state})",
         file=sys.stderr,
         flush=True,
     )
@@ -98,6 +138,37 @@ def run_control_plane(
         server.run(sockets=[sock])
     finally:
         cp.store.close()
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_names(host: str) -> list[str]:
+    names = ["localhost", "127.0.0.1", "::1"]
+    if host not in ("0.0.0.0", "::", "") and host not in names:
+        names.insert(0, host)
+    elif host in ("0.0.0.0", "::"):
+        names.append(socket.gethostname())
+    return names
+
+
+def _own_certificate(ca: CertificateAuthority, state: Path, names: list[str]) -> tuple[str, str]:
+    """A server certificate for this control plane from its own CA (kept in the state directory), so instances
+    verify it with the mesh root (``MESH_CONTROL_PLANE_CA``)."""
+    cert_pem, key_pem = issue_server_certificate(ca, names)
+    cert_path, key_path = state / "control-plane.crt", state / "control-plane.key"
+    write_private(key_path, key_pem)
+    cert_path.write_bytes(cert_pem)
+    (state / "ca-roots.pem").write_bytes(ca.roots_pem())
+    log.info("https: certificate for %s from the mesh CA; clients verify with %s", ", ".join(names),
+             state / "ca-roots.pem")
+    return str(cert_path), str(key_path)
 
 
 class _ControlPlaneServer(uvicorn.Server):

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from ..endpoints import EndpointSet, snapshot_from_json, snapshot_to_json
+from ..endpoints import EndpointSet, SnapshotError, parse_snapshot, snapshot_to_json
 from ..state import StateDir
 
 Listener = Callable[[EndpointSet], None]
@@ -25,6 +25,7 @@ class Discovery:
         self._current: dict[str, EndpointSet] = {}
         self._listeners: dict[str, list[Listener]] = {}
         self._ready: dict[str, threading.Event] = {}
+        self._errors: dict[str, str] = {}
 
     # -- for the mesh -----------------------------------------------------------------------------
 
@@ -41,6 +42,10 @@ class Discovery:
             self._start_watch(service)
         if current is not None:
             listener(current)
+
+    def last_error(self, service: str) -> str | None:
+        """What went wrong the last time discovery was asked about ``service`` (None after a good answer)."""
+        return self._errors.get(service)
 
     def current(self, service: str) -> EndpointSet | None:
         return self._current.get(service)
@@ -74,17 +79,33 @@ class Discovery:
         if self.publish(snapshot) and self._state is not None:
             self._state.save(f"endpoints/{snapshot.service}.json", snapshot_to_json(snapshot))
 
+    def discovery_failed(self, service: str, source: str, exc: BaseException) -> None:
+        """A watch failed (unreachable, bad answer): remember why for error messages, and fall back on the last
+        endpoints saved on disk. Never raises: the watch loop must go on whatever happens here."""
+        try:
+            self._errors[service] = f"{source}: {exc}"[:500]
+            self.restore_saved(service, source)
+        except Exception:  # an error while handling an error must not end the watch
+            _log.exception("discovery of %s: handling a failure failed", service)
+
     def restore_saved(self, service: str, source: str) -> None:
         """Discovery is down and has never answered for ``service``: serve what the last run saw, not nothing."""
         if self.current(service) is None and self._state is not None:
             saved = self._state.load(f"endpoints/{service}.json")
-            if isinstance(saved, dict):
-                _log.warning("%s unreachable: using the last known endpoints of %s", source, service)
-                self.publish(snapshot_from_json(service, saved, 0))
+            if saved is None:
+                return
+            try:
+                snapshot = parse_snapshot(service, saved, 0)
+            except SnapshotError as exc:
+                _log.warning("ignoring the saved endpoints of %s (%s): %s", service, self._state.path, exc)
+                return
+            _log.warning("%s unreachable: using the last known endpoints of %s", source, service)
+            self.publish(snapshot)
 
     def publish(self, snapshot: EndpointSet) -> bool:
         """Record a snapshot; notify listeners only when membership changed. Returns whether it changed."""
         service = snapshot.service
+        self._errors.pop(service, None)
         with self._lock:
             previous = self._current.get(service)
             changed = not snapshot.same_members(previous)

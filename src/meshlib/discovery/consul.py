@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..endpoints import Endpoint, EndpointSet
+from ..endpoints import MAX_INSTANCES, EndpointSet, SnapshotError, endpoint_from_fields
 from ..longpoll import LongPoller
 from .base import Discovery, Registration
 
@@ -34,24 +34,27 @@ def _client(host: str, port: int, token: str | None, scheme: str) -> Any:
     return consul.Consul(host=host, port=port, token=token, scheme=scheme)
 
 
-def _endpoints(service: str, entries: list[dict[str, Any]], index: int) -> EndpointSet:
+def _endpoints(service: str, entries: Any, index: int) -> EndpointSet:
+    """Consul's health entries as a snapshot, validated whole (SnapshotError: the last good one stays)."""
+    if not isinstance(entries, list):
+        raise SnapshotError(f"expected a list of health entries, got {type(entries).__name__}")
+    if len(entries) > MAX_INSTANCES:
+        raise SnapshotError(f"{len(entries)} entries is over the limit of {MAX_INSTANCES}")
     endpoints = []
-    for entry in entries:
-        svc = entry.get("Service") or {}
-        node = entry.get("Node") or {}
-        address = svc.get("Address") or node.get("Address")
+    for i, entry in enumerate(entries):
+        svc = entry.get("Service") if isinstance(entry, dict) else None
+        node = (entry.get("Node") if isinstance(entry, dict) else None) or {}
+        if not isinstance(svc, dict) or not isinstance(node, dict):
+            raise SnapshotError(f"entry [{i}] has no Service object")
         try:
             endpoints.append(
-                Endpoint(
-                    str(address),
-                    int(svc["Port"]),
-                    frozenset(svc.get("Tags") or ()),
-                    {str(k): str(v) for k, v in (svc.get("Meta") or {}).items()},
-                    id=str(svc.get("ID", "")),
+                endpoint_from_fields(
+                    svc.get("Address") or node.get("Address"), svc.get("Port"), svc.get("Tags"), svc.get("Meta"),
+                    svc.get("ID"),
                 )
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("consul: ignoring malformed entry of %s (%s): %r", service, exc, entry)
+        except SnapshotError as exc:
+            raise SnapshotError(f"entry [{i}]: {exc}") from None
     return EndpointSet.of(service, endpoints, index)
 
 
@@ -70,6 +73,7 @@ class ConsulDiscovery(Discovery):
         self.token = token
         self.wait = wait
         self.client = _client(host, port, token, scheme)
+        self.address = f"{scheme}://{host}:{port}"
         self.pollers: dict[str, LongPoller] = {}
         self._acl_warned: set[str] = set()
 
@@ -108,7 +112,7 @@ class ConsulDiscovery(Discovery):
             f"consul-watch-{service}",
             lambda i: self._fetch(service, i),
             on_answer,
-            on_error=lambda _exc: self.restore_saved(service, "consul"),
+            on_error=lambda exc: self.discovery_failed(service, f"consul at {self.address}", exc),
         )
         self.pollers[service] = poller
         poller.start()

@@ -6,14 +6,17 @@ registry outage never empties a service."""
 from __future__ import annotations
 
 import logging
+import secrets
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 
-from ..endpoints import snapshot_from_json
+from ..endpoints import SnapshotError, parse_snapshot
 from ..longpoll import LongPoller
+from ..wire import SECRET_HEADER, bounded_json
 from .base import Discovery, Registration
 
 log = logging.getLogger("meshlib.discovery.registry")
@@ -21,7 +24,14 @@ WAIT = 30.0
 
 
 class RegistryDiscovery(Discovery):
-    def __init__(self, base_url: str, state_dir: str | None = None, token: str | None = None, wait: float = WAIT):
+    def __init__(
+        self,
+        base_url: str,
+        state_dir: str | None = None,
+        token: str | None = None,
+        wait: float = WAIT,
+        verify: ssl.SSLContext | bool = True,
+    ):
         super().__init__(state_dir)
         self.base_url = base_url.rstrip("/")
         self.wait = wait
@@ -31,22 +41,31 @@ class RegistryDiscovery(Discovery):
             headers=headers,
             timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5),
             trust_env=False,
+            verify=verify,
         )
         self._pollers: dict[str, LongPoller] = {}
         self._lock = threading.Lock()
 
     def _start_watch(self, service: str) -> None:
+        source = f"registry at {self.base_url}"
+
         def fetch(index: int) -> tuple[int, Any]:
             r = self._http.get(f"/v1/registry/services/{service}", params={"index": index, "wait": f"{self.wait}s"})
             r.raise_for_status()
-            body = r.json()
-            return int(body.get("index", 0)), body
+            body = bounded_json(r)
+            new_index = body.get("index", 0) if isinstance(body, dict) else None
+            if isinstance(new_index, bool) or not isinstance(new_index, int) or new_index < 0:
+                raise SnapshotError("the answer has no valid index")
+            return new_index, parse_snapshot(service, body, new_index)
 
-        def on_answer(index: int, body: Any) -> None:
-            self.publish_and_save(snapshot_from_json(service, body, index))
+        def on_answer(index: int, snapshot: Any) -> None:
+            self.publish_and_save(snapshot)
 
         poller = LongPoller(
-            f"registry-watch-{service}", fetch, on_answer, on_error=lambda _exc: self.restore_saved(service, "registry")
+            f"registry-watch-{service}",
+            fetch,
+            on_answer,
+            on_error=lambda exc: self.discovery_failed(service, source, exc),
         )
         with self._lock:
             self._pollers[service] = poller
@@ -65,7 +84,11 @@ class RegistryDiscovery(Discovery):
 
 
 class RegistryRegistration(Registration):
-    """Registers with a TTL and heartbeats at a third of it; re-registers when the registry forgot us."""
+    """Registers with a TTL and heartbeats at a third of it; re-registers when the registry forgot us.
+
+    The registry answers a registration with a per-instance secret that heartbeats and deregistration must carry
+    (nobody else may touch our entry). When our id is held by someone else (409: a previous run of this instance
+    whose TTL has not lapsed yet, or another holder), we register under a fresh id rather than fight over it."""
 
     def __init__(
         self,
@@ -83,19 +106,32 @@ class RegistryRegistration(Registration):
         self.body = {"service": service, "address": address, "port": port, "tags": tags, "meta": meta, "ttl": f"{ttl}s"}
         self.id = f"{service}-{address}-{port}"
         self.body["id"] = self.id
+        self.secret: str | None = None
+
+    def _headers(self) -> dict[str, str]:
+        return {SECRET_HEADER: self.secret} if self.secret else {}
 
     def _register(self) -> None:
-        self._http.put("/v1/registry/register", json=self.body, timeout=5).raise_for_status()
+        r = self._http.put("/v1/registry/register", json=self.body, headers=self._headers(), timeout=5)
+        if r.status_code == 409:
+            self.id = f"{self.body['service']}-{self.body['address']}-{self.body['port']}-{secrets.token_hex(4)}"
+            self.body["id"] = self.id
+            log.info("registry: our id is held by another holder; registering as %s", self.id)
+            r = self._http.put("/v1/registry/register", json=self.body, timeout=5)
+        r.raise_for_status()
+        answer = r.json()
+        self.secret = answer.get("secret") if isinstance(answer, dict) else None
 
     def _heartbeat(self) -> None:
-        r = self._http.put(f"/v1/registry/heartbeat/{self.id}", timeout=5)
-        if r.status_code == 404:
+        r = self._http.put(f"/v1/registry/heartbeat/{self.id}", headers=self._headers(), timeout=5)
+        if r.status_code in (403, 404):  # forgotten (restart, TTL lapsed), or our secret is no longer the holder's
             log.info("registry forgot %s: registering again", self.id)
+            self.secret = None
             self._register()
         else:
             r.raise_for_status()
 
     def _deregister(self) -> None:
-        r = self._http.delete(f"/v1/registry/{self.id}", timeout=5)
+        r = self._http.delete(f"/v1/registry/{self.id}", headers=self._headers(), timeout=5)
         if r.status_code not in (200, 404):
             r.raise_for_status()

@@ -15,15 +15,24 @@ incoming_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar
 )
 
 
-def parse_deadline_header(value: str | bytes) -> float:
-    """``x-mesh-deadline`` (epoch milliseconds) to epoch seconds; ValueError naming the header when malformed."""
-    try:
-        millis = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"malformed x-mesh-deadline header {value!r}: expected Unix epoch milliseconds") from None
+#: The furthest an incoming deadline may lie ahead; a later one is capped to this (a caller cannot make a server
+#: hold work, or pass a deadline downstream, for days).
+MAX_INCOMING_DEADLINE = 3600.0
+
+
+def parse_deadline_header(value: str | bytes, wall_now: float | None = None) -> float:
+    """``x-mesh-deadline`` (epoch milliseconds) to epoch seconds, capped at ``MAX_INCOMING_DEADLINE`` from now;
+    ValueError naming the header when malformed."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 15:
+        shown = text[:32] if isinstance(text, str) else text
+        raise ValueError(f"malformed x-mesh-deadline header {shown!r}: expected Unix epoch milliseconds")
+    millis = int(text)
     if millis <= 0:
-        raise ValueError(f"malformed x-mesh-deadline header {value!r}: must be positive")
-    return millis / 1000.0
+        raise ValueError(f"malformed x-mesh-deadline header {text!r}: must be positive")
+    if wall_now is None:
+        wall_now = time.time()
+    return min(millis / 1000.0, wall_now + MAX_INCOMING_DEADLINE)
 
 
 def call_deadline(

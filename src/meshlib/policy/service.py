@@ -74,6 +74,8 @@ class ServiceState:
         self._external_listener = on_breaker_transition
         self.rules: ServiceRules | None = None
         self._subset_pools: dict[str, tuple[EndpointHandle, ...]] = {}
+        #: Why listed endpoints were left out (e.g. plaintext ones under strict mTLS), for error messages.
+        self.excluded = ""
 
     # -- updates (discovery and rules) ------------------------------------------------------------
 
@@ -174,6 +176,8 @@ class ServiceState:
                 message = f"{self.name}: service unknown to discovery"
             else:
                 message = f"{self.name}: no healthy endpoints (discovery lists none)"
+            if self.excluded:
+                message = f"{message}; {self.excluded}"
             raise NoEndpointsError(message, service=self.name)
         if self._not_closed == 0 and not tried:
             return Pick(handles[self.balancer.pick(handles, now, rand)], False)

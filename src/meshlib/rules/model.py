@@ -8,12 +8,11 @@ most of the work, and every instance loads this module, so it stays light to imp
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from ..errors import ConfigurationError
 from ..policy.config import (
@@ -24,8 +23,12 @@ from ..policy.config import (
     RetryPolicy,
     ServicePolicy,
 )
+from .document import parse_document
+from .regex import Pattern, RegexError, compile_regex
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*(ms|s|m|h)\s*$")
+#: Every duration in a rules document (timeouts, delays, open_for) is at most this: 1 hour.
+MAX_DURATION = 3600.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -60,7 +63,7 @@ class HeaderMatch:
     name: str  # lower-case
     exact: str | None = None
     prefix: str | None = None
-    regex: re.Pattern[str] | None = None
+    regex: Pattern | None = None
 
     def matches(self, value: str | None) -> bool:
         if value is None:
@@ -144,20 +147,33 @@ EMPTY_RULES = Rules(0, {}, {})
 # -- parsing and validation -------------------------------------------------------------------------
 
 
-def parse_duration(value: Any) -> float:
+def _limit_text(seconds: float) -> str:
+    return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds:g}s"
+
+
+def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
+    """A positive, finite duration in seconds, at most ``maximum``; ValueError saying what is accepted."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 500ms, 2s, 1m")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     elif isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.match(value) if len(value) <= 40 else None
         if not m:
-            raise ValueError(f"{value!r} is not a duration: use a number with ms, s, m or h (e.g. 500ms, 2s)")
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            raise ValueError(f"{shown!r} is not a duration: use a number with ms, s, m or h (e.g. 500ms, 2s)")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError("expected a duration like 500ms, 2s, 1m")
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration")
     if seconds <= 0:
         raise ValueError("must be greater than zero")
+    if seconds > maximum:
+        raise ValueError(f"must be at most {_limit_text(maximum)}")
     return seconds
 
 
@@ -205,6 +221,9 @@ class _Checker:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.err(path, f"expected a number, got {value!r}")
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            self.err(path, "must be a finite number")
             return None
         if value < low or (high is not None and value > high):
             self.err(path, f"must be between {low:g} and {high:g}" if high is not None else f"must be >= {low:g}")
@@ -270,11 +289,11 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
                     )
     b = c.mapping(r.get("budget"), f"{p}.retries.budget", {"ratio", "min_per_second"})
     ratio = c.number(b.get("ratio"), f"{p}.retries.budget.ratio", 0.0, 1.0)
-    min_ps = c.number(b.get("min_per_second"), f"{p}.retries.budget.min_per_second", 0.0)
+    min_ps = c.number(b.get("min_per_second"), f"{p}.retries.budget.min_per_second", 0.0, 100_000.0)
     non_idem = c.boolean(r.get("retry_non_idempotent"), f"{p}.retries.retry_non_idempotent")
 
     cb = c.mapping(svc.get("circuit_breaker"), f"{p}.circuit_breaker", {"consecutive_failures", "open_for"})
-    failures = c.integer(cb.get("consecutive_failures"), f"{p}.circuit_breaker.consecutive_failures", 1)
+    failures = c.integer(cb.get("consecutive_failures"), f"{p}.circuit_breaker.consecutive_failures", 1, 1000)
     open_for = c.duration(cb.get("open_for"), f"{p}.circuit_breaker.open_for")
 
     lb = svc.get("load_balancer")
@@ -318,9 +337,9 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
             kind, pattern = next(iter(hm.items()))
             if kind == "regex":
                 try:
-                    headers.append(HeaderMatch(str(hname).lower(), regex=re.compile(str(pattern))))
-                except re.error as exc:
-                    c.err(f"{hp}.regex", f"invalid regular expression: {exc}")
+                    headers.append(HeaderMatch(str(hname).lower(), regex=compile_regex(str(pattern))))
+                except RegexError as exc:
+                    c.err(f"{hp}.regex", str(exc))
             elif kind == "exact":
                 headers.append(HeaderMatch(str(hname).lower(), exact=str(pattern)))
             elif kind == "prefix":
@@ -438,25 +457,6 @@ def validate_rules(document: Any, version: int = 0) -> Rules:
     return Rules(version, json.loads(json.dumps(doc)), services)
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false. YAML 1.1 would read the design's ``on:`` key as ``True``."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
 def parse_rules(text: str | bytes, source: str = "rules") -> Any:
-    """Parse YAML or JSON text (JSON is YAML) into a document; a syntax error names the source and line."""
-    try:
-        return yaml.load(text, Loader=_Yaml12Loader) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigurationError(f"{source}: not valid YAML or JSON{where}: {problem}") from None
+    """Parse YAML or JSON text into a document, bounded (see ``rules.document``); errors name the source and line."""
+    return parse_document(text, source)

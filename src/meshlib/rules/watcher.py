@@ -8,6 +8,7 @@ not validate here (a newer schema, a corrupt answer) is logged and skipped; the 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ import httpx
 
 from ..longpoll import LongPoller
 from ..state import StateDir
+from ..wire import BadAnswer, bounded_json
 from .model import Rules, RulesValidationError, validate_rules
 
 log = logging.getLogger("meshlib.rules")
@@ -29,6 +31,7 @@ class RulesWatcher:
         on_rules: Callable[[Rules], None],
         state_dir: str | None = None,
         wait: float = 30.0,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.control_plane = control_plane.rstrip("/")
         self._on_rules = on_rules
@@ -38,7 +41,10 @@ class RulesWatcher:
         self._seen = 0  # the newest version the server showed us, applied or rejected
         self._changed = threading.Condition()
         self._http = httpx.Client(
-            base_url=self.control_plane, timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5), trust_env=False
+            base_url=self.control_plane,
+            timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5),
+            trust_env=False,
+            verify=verify,
         )
         self._poller = LongPoller("rules-watch", self._fetch, self._answer)
 
@@ -60,8 +66,11 @@ class RulesWatcher:
         # anything newer than the last version seen.
         response = self._http.get("/v1/rules", params={"index": self._seen, "wait": f"{self.wait:g}s"})
         response.raise_for_status()
-        body = response.json()
-        return int(body.get("version", 0)), body
+        body = bounded_json(response)
+        version = body.get("version") if isinstance(body, dict) else None
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise BadAnswer(f"{response.request.url}: the answer has no valid version")
+        return version, body
 
     def _answer(self, index: int, body: Any) -> None:
         version = int(body.get("version", 0))

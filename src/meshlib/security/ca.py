@@ -18,6 +18,7 @@ from ..errors import ConfigurationError
 from ..settings import validate_service_name
 from .spiffe import SpiffeId
 
+MAX_LEAF_LIFETIME = dt.timedelta(days=7)
 DEFAULT_LEAF_LIFETIME = dt.timedelta(hours=24)
 ROOT_LIFETIME = dt.timedelta(days=3650)
 CLOCK_SKEW = dt.timedelta(minutes=1)
@@ -31,11 +32,31 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only (0600), also over an existing file of laxer mode: the mode
+    is set on the descriptor before any byte is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+#: Curves accepted in CSRs; with RSA, at least MIN_RSA_BITS.
+ACCEPTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+MIN_RSA_BITS = 2048
+
+
+def check_key_strength(public_key: object) -> None:
+    """CsrError unless the key is EC P-256/P-384/P-521 or RSA of at least 2048 bits."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in ACCEPTED_CURVES:
+            raise CsrError(f"EC curve {public_key.curve.name} is too weak or unsupported: use P-256, P-384 or P-521")
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise CsrError(f"RSA key of {public_key.key_size} bits is too weak: use at least {MIN_RSA_BITS} bits")
+    else:
+        raise CsrError("only EC and RSA keys are accepted")
 
 
 def load_certificates(data: bytes, source: str) -> list[x509.Certificate]:
@@ -135,7 +156,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(
+        write_private(
             state / "ca.key",
             key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -204,8 +225,8 @@ class CertificateAuthority:
         except ConfigurationError as exc:
             raise CsrError(str(exc)) from None
         public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-            raise CsrError("only EC and RSA keys are accepted")
+        check_key_strength(public_key)
+        assert isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
         return self.issue(public_key, service, namespace, lifetime)
 
     def issue(
@@ -267,6 +288,42 @@ class CertificateAuthority:
         cert = builder.sign(self.key, hashes.SHA256())
         chain = [self.cert] if self.cert.issuer != self.cert.subject else []
         return IssuedCertificate(cert, [*chain, *self.chain])
+
+
+def issue_server_certificate(
+    ca: CertificateAuthority, names: list[str], lifetime: dt.timedelta = dt.timedelta(days=30)
+) -> tuple[bytes, bytes]:
+    """A TLS server certificate for the control plane itself (DNS and IP SANs), signed by the mesh CA, so that
+    instances can reach it over https:// and verify it against the mesh root. Returns (cert chain PEM, key PEM)."""
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "control-plane")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(min(now + lifetime, ca.cert.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    chain = [ca.cert] if ca.cert.issuer != ca.cert.subject else []
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [cert, *chain, *ca.chain])
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return chain_pem, key_pem
 
 
 def verify_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

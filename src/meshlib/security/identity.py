@@ -69,7 +69,9 @@ class Identity:
         ca_file: str | None = None,
         lifetime: float | None = None,
         clock: Callable[[], float] = time.time,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        self.verify = verify
         self.id = spiffe_id
         # Key and certificate files exist only to feed SSLContext.load_cert_chain: one private directory per
         # process (several instances of a service may share a state dir), gone with the process's temp files.
@@ -206,10 +208,9 @@ class Identity:
             body["lifetime_seconds"] = self.requested_lifetime
         headers = {"authorization": f"Bearer {self.bootstrap_token}"} if self.bootstrap_token else {}
         try:
-            signed = httpx.post(
-                f"{self.control_plane}/v1/ca/sign", json=body, headers=headers, timeout=10, trust_env=False
-            )
-            roots = httpx.get(f"{self.control_plane}/v1/ca/roots", timeout=10, trust_env=False)
+            with httpx.Client(timeout=10, trust_env=False, verify=self.verify) as http:
+                signed = http.post(f"{self.control_plane}/v1/ca/sign", json=body, headers=headers)
+                roots = http.get(f"{self.control_plane}/v1/ca/roots")
         except httpx.HTTPError as exc:
             raise IdentityError(f"cannot reach the CA at {self.control_plane}: {exc}") from None
         if signed.status_code != 200:
@@ -235,6 +236,9 @@ class Identity:
                 ctx.load_cert_chain(str(cert_path), str(key_path))
         except (ssl.SSLError, ValueError) as exc:
             raise IdentityError(f"the certificate and key do not load: {exc}") from None
+        finally:
+            # the key lives on in the contexts (in memory); on disk it existed only for load_cert_chain
+            key_path.unlink(missing_ok=True)
         self.certificate = cert
         self.installed_at = self.clock()
         self.not_after = cert.not_valid_after_utc.timestamp()

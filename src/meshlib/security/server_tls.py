@@ -16,6 +16,7 @@ import asyncio.sslproto
 import ssl
 from typing import Any
 
+from .connection_limits import REFUSALS
 from .tls import tls_scope_extension
 
 TLS_HANDSHAKE = 0x16
@@ -142,21 +143,45 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
-def sniffing(protocol_class: type[Any], context: ssl.SSLContext) -> type[Any]:
+class _RefusalReportingSSLProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS layer, reporting refused handshakes (no, expired or foreign client certificate, plaintext
+    where TLS was expected) to the rate-limited refusal log instead of dropping them silently."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            transport = getattr(self, "_transport", None)
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            reason = getattr(handshake_exc, "verify_message", None) or getattr(handshake_exc, "reason", None)
+            REFUSALS.refused(f"TLS handshake failed: {reason or handshake_exc}", peer)
+        super()._on_handshake_complete(handshake_exc)
+
+
+def sniffing(protocol_class: type[Any], context: ssl.SSLContext, first_byte_timeout: float = 10.0) -> type[Any]:
     class SniffingProtocol(asyncio.Protocol):
         def __init__(self, **kwargs: Any) -> None:
             self._loop = kwargs.get("_loop") or asyncio.get_event_loop()
             self._inner = protocol_class(**kwargs)
             self._transport: asyncio.Transport | None = None
+            self._timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self._transport = transport  # type: ignore[assignment]
+            self._timer = self._loop.call_later(first_byte_timeout, self._silent)
+
+        def _silent(self) -> None:
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                REFUSALS.refused(f"no byte within {first_byte_timeout:g}s", transport.get_extra_info("peername"))
+                transport.close()
 
         def data_received(self, data: bytes) -> None:
             transport = self._transport
             assert transport is not None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if data[0] == TLS_HANDSHAKE:
-                layer = asyncio.sslproto.SSLProtocol(
+                layer = _RefusalReportingSSLProtocol(
                     self._loop,
                     self._inner,
                     context,
@@ -182,6 +207,8 @@ def sniffing(protocol_class: type[Any], context: ssl.SSLContext) -> type[Any]:
             return None
 
         def connection_lost(self, exc: Exception | None) -> None:
-            pass  # closed before sending a byte
+            if self._timer is not None:  # closed before sending a byte
+                self._timer.cancel()
+                self._timer = None
 
     return SniffingProtocol

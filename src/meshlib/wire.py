@@ -1,0 +1,27 @@
+"""Reading JSON answers from mesh peers (control plane, registry) with bounds: an answer is untrusted input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+#: The per-instance secret the registry hands out at registration; heartbeat, overwrite and deregister need it.
+SECRET_HEADER = "x-mesh-instance-secret"
+#: Largest JSON answer read from a control plane or registry (a rules document is at most 1 MiB).
+MAX_ANSWER_BYTES = 4 << 20
+
+
+class BadAnswer(ValueError):
+    """The answer is too large or not JSON; the message says which, and where it came from."""
+
+
+def bounded_json(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> Any:
+    content = response.content
+    if len(content) > limit:
+        raise BadAnswer(f"{response.request.url}: answer of {len(content)} bytes is over the limit of {limit}")
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError) as exc:
+        raise BadAnswer(f"{response.request.url}: invalid JSON ({exc})") from None
