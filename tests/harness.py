@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -48,10 +49,11 @@ class Upstream:
         mesh_service: str | None = None,
         tags: str = "",
         env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         args = [sys.executable, str(HERE / "upstream.py"), "--name", name, "--status", str(status)]
-        args += ["--delay", str(delay)]
+        args += ["--delay", str(delay), *extra_args]
         if mesh_service:
             args += ["--mesh-service", mesh_service, "--tags", tags]
         self.proc = subprocess.Popen(
@@ -118,8 +120,9 @@ class ControlPlaneProcess:
         admin_token: str | None = ADMIN_TOKEN,
         bootstrap_token: str | None = None,
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MESH_")}, **(env or {})}
         if admin_token:
             env["MESH_ADMIN_TOKEN"] = admin_token
         if bootstrap_token:
@@ -149,21 +152,27 @@ class ControlPlaneProcess:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 30
         self.port = 0
+        self.scheme = "http"
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()
-            if "listening on http://" in line:
-                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+            if "listening on http" in line:
+                url = line.split("listening on ", 1)[1].split()[0]
+                self.scheme = url.split("://", 1)[0]
+                self.port = int(url.rsplit(":", 1)[1])
                 break
             if not line and self.proc.poll() is not None:
                 raise RuntimeError(f"meshctl serve exited with {self.proc.returncode}")
         if not self.port:
             raise RuntimeError("meshctl serve did not start")
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.verify: Any = (
+            ssl.create_default_context(cafile=str(state_dir / "ca-roots.pem")) if self.scheme == "https" else True
+        )
         wait_for(self._healthy, timeout=20, what="control plane /healthz")
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            return httpx.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -100,10 +100,17 @@ class Admission:
                     "path": self.path,
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 3),
-                    "attempt": int(self.attempt) if self.attempt and self.attempt.isdigit() else None,
+                    "attempt": _attempt_number(self.attempt),
                     "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else None,
                 }
             )
+
+
+def _attempt_number(raw: str | None) -> int | None:
+    """``x-mesh-attempt`` for the access log: a small ASCII number, else nothing (it is informational)."""
+    if raw is None or len(raw) > 4 or not raw.isascii() or not raw.isdigit():
+        return None
+    return int(raw)
 
 
 def mesh_endpoint(mesh: Mesh, path: str, draining: bool = False) -> Reply | None:

@@ -99,8 +99,14 @@ def serve(
     wsgi_workers: int = 32,
     log_level: str = "info",
     on_ready: Callable[[int], None] | None = None,
+    max_connections: int = 4096,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> None:
-    """Run ``app`` (ASGI or WSGI) as an instance of ``service`` until SIGTERM/SIGINT. Blocks."""
+    """Run ``app`` (ASGI or WSGI) as an instance of ``service`` until SIGTERM/SIGINT. Blocks.
+
+    ``max_connections`` concurrent connections at most (503 past it); request headers must arrive within
+    ``header_timeout`` seconds and fit in ``max_header_bytes`` (431 past it)."""
     if mesh is None:
         default = Mesh.default() if not service or Mesh._default is not None else None
         if default is not None and (not service or default.service == service):
@@ -130,7 +136,16 @@ def serve(
         meta={**(meta or {}), "mesh_tls": mesh.settings.tls},
     )
 
-    config = mesh_uvicorn_config(endpoints, mesh, log_level=log_level, lifespan=lifespan, graceful=graceful_timeout)
+    config = mesh_uvicorn_config(
+        endpoints,
+        mesh,
+        log_level=log_level,
+        lifespan=lifespan,
+        graceful=graceful_timeout,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
+        max_header_bytes=max_header_bytes,
+    )
     server = _MeshServer(config, registration, endpoints, drain_delay, bound_port, on_ready)
     try:
         server.run(sockets=[sock])

@@ -74,7 +74,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return _error(413, f"request body is larger than the limit of {limit} bytes", limit=limit)
+    """413, and the connection is closed after it: the rest of the body is never read."""
+    response = _error(413, f"request body is larger than the limit of {limit} bytes", limit=limit)
+    response.headers["connection"] = "close"
+    return response
 
 
 def _int_param(request: Request, name: str, default: int | None = None) -> int | None:

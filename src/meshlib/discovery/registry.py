@@ -53,7 +53,7 @@ class RegistryDiscovery(Discovery):
             r = self._http.get(f"/v1/registry/services/{service}", params={"index": index, "wait": f"{self.wait}s"})
             r.raise_for_status()
             body = bounded_json(r)
-            new_index = body.get("index", 0) if isinstance(body, dict) else None
+            new_index = body.get("index") if isinstance(body, dict) else None
             if isinstance(new_index, bool) or not isinstance(new_index, int) or new_index < 0:
                 raise SnapshotError("the answer has no valid index")
             return new_index, parse_snapshot(service, body, new_index)

@@ -82,7 +82,7 @@ _BoundedJsonYamlLoader.add_implicit_resolver(
 )
 
 
-def _check_json(value: Any, path: str) -> None:
+def check_json(value: Any, path: str) -> None:
     """Only what JSON can carry, with finite numbers and string keys (after YAML construction)."""
     stack: list[tuple[Any, str]] = [(value, path)]
     while stack:
@@ -122,5 +122,5 @@ def parse_document(text: str | bytes, source: str = "rules", max_bytes: int = MA
         raise ConfigurationError(f"{source}: not a usable document: {exc}") from None
     if document is None:
         return {}
-    _check_json(document, "$")
+    check_json(document, "$")
     return document

@@ -23,7 +23,7 @@ from ..policy.config import (
     RetryPolicy,
     ServicePolicy,
 )
-from .document import parse_document
+from .document import check_json, parse_document
 from .regex import Pattern, RegexError, compile_regex
 
 _DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*(ms|s|m|h)\s*$")
@@ -307,6 +307,9 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
         s = c.mapping(sraw, sp, {"tags", "meta"})
         tags = c.strings(s.get("tags"), f"{sp}.tags")
         meta = c.mapping(s.get("meta"), f"{sp}.meta")
+        for mkey, mval in meta.items():
+            if isinstance(mval, bool) or not isinstance(mval, str | int):
+                c.err(f"{sp}.meta.{mkey}", f"expected a string (instance meta values are strings), got {mval!r:.40}")
         if not tags and not meta:
             c.err(sp, "a subset needs tags or meta to select endpoints by")
         subsets[str(sname)] = Subset(frozenset(tags), {str(k): str(v) for k, v in meta.items()})
@@ -448,6 +451,10 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
 def validate_rules(document: Any, version: int = 0) -> Rules:
     """Validate and compile a rules document; raises RulesValidationError listing every problem."""
     c = _Checker()
+    try:  # the document may come from anywhere (a cache file, Python code): only finite JSON data is a document
+        check_json(document, "$")
+    except ConfigurationError as exc:
+        raise RulesValidationError([RuleError(*str(exc).split(": ", 1))]) from None
     doc = c.mapping(document, "$", {"services"}) if document is not None else {}
     services: dict[str, ServiceRules] = {}
     for name, raw in c.mapping(doc.get("services"), "services").items():

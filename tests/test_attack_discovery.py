@@ -1,0 +1,123 @@
+"""Attack: feed discovery hostile data (a corrupt cache on disk, a registry answering garbage). The watch must not
+die, the last good endpoints must stay, and the error a caller sees must say what went wrong and where."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import meshlib
+from harness import ThreadedServer, free_port, wait_for
+from meshlib.discovery.registry import RegistryDiscovery
+from meshlib.endpoints import SnapshotError, parse_snapshot
+
+
+def _mesh(discovery: RegistryDiscovery) -> meshlib.Mesh:
+    """A mesh on ``discovery`` that waits 1 s (not 5) for a first answer."""
+    settings = replace(meshlib.MeshSettings.from_env(service="caller", control_plane=""), discovery_timeout=1.0)
+    return meshlib.Mesh(discovery=discovery, settings=settings)
+
+
+@pytest.mark.parametrize(
+    "cached",
+    [{"instances": 5}, {"instances": [{"address": 5, "port": "x"}]}, [1, 2], "text", {"instances": [None]}],
+)
+def test_a_corrupt_cache_does_not_kill_the_watch(cached, control_plane, upstreams, tmp_path):
+    state = tmp_path / "state"
+    (state / "endpoints").mkdir(parents=True)
+    (state / "endpoints" / "payments.json").write_text(json.dumps(cached))
+    port = free_port()  # the registry is down at first
+    discovery = RegistryDiscovery(f"http://127.0.0.1:{port}", state_dir=str(state), wait=1.0)
+    with _mesh(discovery) as mesh, mesh.client() as client:
+        with pytest.raises(meshlib.NoEndpointsError) as info:
+            client.get("http://payments/x")
+        assert f"registry at http://127.0.0.1:{port}" in str(info.value)  # the last error, with where it came from
+
+        # the registry comes back: the same watch thread picks the service up
+        cp = control_plane(port=port)
+        upstream = upstreams(1)[0]
+        r = httpx.put(cp.url + "/v1/registry/register",
+                      json={"service": "payments", "address": "127.0.0.1", "port": upstream.port})
+        assert r.status_code == 200
+        wait_for(lambda: _ok(client), timeout=20, what="calls to succeed once the registry is back")
+
+
+def _ok(client: meshlib.Client) -> bool:
+    try:
+        return client.get("http://payments/x").status_code == 200
+    except meshlib.MeshError:
+        return False
+
+
+ANSWERS = {
+    "not-json": (b"{nope", "invalid JSON"),
+    "instances-not-a-list": (b'{"index": 3, "instances": 5}', "instances must be a list"),
+    "bad-port": (b'{"index": 3, "instances": [{"address": "127.0.0.1", "port": 0}]}', "port"),
+    "bad-address": (b'{"index": 3, "instances": [{"address": "a b", "port": 80}]}', "address"),
+    "bad-tags": (b'{"index": 3, "instances": [{"address": "127.0.0.1", "port": 80, "tags": "v1"}]}', "tags"),
+    "no-index": (b'{"instances": []}', "index"),
+    "deep": (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ANSWERS))
+def test_a_registry_answering_garbage_is_named_in_the_error(kind, tmp_path):
+    body, expected = ANSWERS[kind]
+
+    async def answer(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    server = ThreadedServer(Starlette(routes=[Route("/v1/registry/services/{name}", answer)]))
+    try:
+        discovery = RegistryDiscovery(server.url, state_dir=str(tmp_path / "s"), wait=1.0)
+        with _mesh(discovery) as mesh, mesh.client() as client, pytest.raises(meshlib.NoEndpointsError) as info:
+            client.get("http://payments/x")
+        message = str(info.value)
+        assert f"registry at {server.url}" in message and expected in message, message
+    finally:
+        server.stop()
+
+
+def test_a_bad_answer_never_replaces_the_last_good_snapshot(tmp_path):
+    """Good answer, then garbage: the good endpoints stay in force."""
+    answers = [b'{"index": 2, "instances": [{"address": "127.0.0.1", "port": 9001}]}', b'{"index": 3, "instances": 7}']
+
+    async def answer(request: Request) -> Response:
+        return Response(answers[0] if len(answers) == 1 else answers.pop(0), media_type="application/json")
+
+    server = ThreadedServer(Starlette(routes=[Route("/v1/registry/services/{name}", answer)]))
+    try:
+        discovery = RegistryDiscovery(server.url, wait=0.2)
+        seen = []
+        discovery.watch("payments", seen.append)
+        wait_for(lambda: discovery.last_error("payments") is not None, what="the garbage answer to be refused")
+        assert [e.port for e in seen[-1].endpoints] == [9001]
+        assert [e.port for e in discovery.current("payments").endpoints] == [9001]  # type: ignore[union-attr]
+        discovery.close()
+    finally:
+        server.stop()
+
+
+def test_snapshot_validation_is_whole():
+    with pytest.raises(SnapshotError, match=r"instances\[1\]: port"):
+        parse_snapshot("s", {"instances": [{"address": "10.0.0.1", "port": 80}, {"address": "10.0.0.2", "port": -1}]},
+                       1)
+    ok = parse_snapshot("s", {"instances": [{"address": "pay-1.internal", "port": 80, "tags": ["v1"],
+                                             "meta": {"mesh_tls": "strict"}, "id": "x"}]}, 1)
+    assert ok.endpoints[0].address == "pay-1.internal"
+
+
+def test_saved_state_dir_files_are_only_ever_data(tmp_path: Path):
+    """The cache of a good answer round-trips through the same validation."""
+    from meshlib.endpoints import Endpoint, EndpointSet, snapshot_to_json
+
+    snap = EndpointSet.of("s", [Endpoint("127.0.0.1", 80, frozenset({"v1"}), {"k": "v"}, id="a")], 4)
+    assert parse_snapshot("s", json.loads(json.dumps(snapshot_to_json(snap))), 4).same_members(snap)
