@@ -14,8 +14,10 @@ tests against a real agent when CONSUL_HTTP_ADDR is set.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,11 +49,16 @@ class ConsulDouble:
         self.checks: dict[str, dict[str, Any]] = {}
         self.kv: dict[str, dict[str, Any]] = {}
         self.node = {"Node": "double", "Address": "127.0.0.1", "Datacenter": "dc1"}
-        self.fault: str | None = None  # "leader" | "hang" | "429"
+        self.fault: str | None = None  # "leader" | "hang" | "429" | "503"
         self.unknown_check_status = 404  # older agents answer 500
         self.acl: dict[str, dict[str, Any]] | None = None  # token -> {"service_read", "service_write", "key_write"}
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
+        #: Every service definition registered, as the client sent it (to pin the request shape).
+        self.registrations: list[dict[str, Any]] = []
+        #: Service ids removed by DeregisterCriticalServiceAfter.
+        self.deregistered_critical: list[str] = []
         self._stop = threading.Event()
+        self._connections: set[socket.socket] = set()
         self.server: ThreadingHTTPServer | None = None
         self.port = 0
         self.start()
@@ -66,6 +73,14 @@ class ConsulDouble:
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                double._connections.add(self.connection)
+
+            def finish(self) -> None:
+                double._connections.discard(self.connection)
+                super().finish()
 
             def _handle(self, method: str) -> None:
                 url = urlparse(self.path)
@@ -104,12 +119,17 @@ class ConsulDouble:
         threading.Thread(target=self._ttl_loop, daemon=True).start()
 
     def stop(self) -> None:
-        """The agent goes down: connections are refused until ``start()``."""
+        """The agent goes down: open connections are cut (keep-alive ones too) and new ones refused until
+        ``start()``."""
         self._stop.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        for conn in list(self._connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._connections.clear()
 
     @property
     def address(self) -> str:
@@ -137,6 +157,8 @@ class ConsulDouble:
             changed = False
             with self.cond:
                 for check_id, check in list(self.checks.items()):
+                    if check_id not in self.checks:  # dropped with its service earlier in this pass
+                        continue
                     if check["Status"] != "critical" and check["ttl"] and now > check["expires"]:
                         check["Status"] = "critical"
                         check["critical_since"] = now
@@ -144,11 +166,16 @@ class ConsulDouble:
                     after = check.get("deregister_after")
                     if check["Status"] == "critical" and after and now - check["critical_since"] > after:
                         self.services.pop(check["ServiceID"], None)
-                        self.checks.pop(check_id, None)
+                        self._drop_checks(check["ServiceID"])
+                        self.deregistered_critical.append(check["ServiceID"])
                         changed = True
                 if changed:
                     self.index += 1
                     self.cond.notify_all()
+
+    def check_status(self, service_id: str) -> str | None:
+        check = self.checks.get(f"service:{service_id}")
+        return None if check is None else str(check["Status"])
 
     def set_check(self, service_id: str, status: str) -> None:
         with self.cond:
@@ -189,12 +216,22 @@ class ConsulDouble:
                 self.cond.wait(left)
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: bytes, token: str):
-        if self.fault == "hang":
-            time.sleep(3600)
+        if self.fault == "hang":  # a hung agent: nothing answers until the fault is cleared
+            deadline = time.monotonic() + 600
+            while self.fault == "hang" and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.fault == "leader":
             return 500, {}, b"No cluster leader"
         if self.fault == "429":
             return 429, {}, b"rate limit exceeded"
+        if self.fault == "503":
+            return 503, {}, b"Service Unavailable"
+        if path.startswith("/v1/health/checks/"):
+            name = path.rsplit("/", 1)[1]
+            with self.cond:
+                ids = [svc["ID"] for svc in self.services.values() if svc["Service"] == name]
+                listed = [c for service_id in ids for c in self._checks_of(service_id)]
+                return 200, {"X-Consul-Index": str(self.index)}, listed
         if path.startswith("/v1/health/service/"):
             return self._health(path.rsplit("/", 1)[1], query, token)
         if path == "/v1/agent/service/register" and method == "PUT":
@@ -206,7 +243,7 @@ class ConsulDouble:
                 return 403, {}, b"Permission denied"
             with self.cond:
                 self.services.pop(service_id, None)
-                self.checks.pop(f"service:{service_id}", None)
+                self._drop_checks(service_id)
                 self.index += 1
                 self.cond.notify_all()
             return 200, {}, b""
@@ -249,8 +286,7 @@ class ConsulDouble:
             for svc in self.services.values():
                 if svc["Service"] != name:
                     continue
-                check = self.checks.get(f"service:{svc['ID']}")
-                checks = [{"CheckID": f"service:{svc['ID']}", "Status": check["Status"]}] if check else []
+                checks = self._checks_of(svc["ID"])
                 if "passing" in query and any(c["Status"] != "passing" for c in checks):
                     continue
                 entries.append({"Node": dict(self.node), "Service": dict(svc), "Checks": checks})
@@ -264,6 +300,7 @@ class ConsulDouble:
         name = _ci(definition, "Name")
         if not self._may(token, "service_write", name):
             return 403, {}, b"Permission denied: token lacks service:write"
+        self.registrations.append(definition)
         service_id = _ci(definition, "ID") or name
         svc = {
             "ID": service_id,
@@ -273,14 +310,24 @@ class ConsulDouble:
             "Tags": _ci(definition, "Tags") or [],
             "Meta": _ci(definition, "Meta") or {},
         }
-        check_def = _ci(definition, "Check") or {}
-        ttl = _ci(check_def, "TTL")
-        after = _ci(check_def, "DeregisterCriticalServiceAfter")
+        # Consul takes a single "Check" and a "Checks" list (py-consul 1.8 sends the list); their IDs are
+        # "service:<id>", or "service:<id>:<n>" (from 1) when there are several, unless the check names its own.
+        definitions = ([_ci(definition, "Check")] if _ci(definition, "Check") else []) + list(
+            _ci(definition, "Checks") or []
+        )
         with self.cond:
+            self._drop_checks(service_id)
             self.services[service_id] = svc
-            if check_def:
-                self.checks[f"service:{service_id}"] = {
+            for n, check_def in enumerate(definitions, start=1):
+                check_id = _ci(check_def, "CheckID") or _ci(check_def, "ID") or f"service:{service_id}"
+                if len(definitions) > 1 and not (_ci(check_def, "CheckID") or _ci(check_def, "ID")):
+                    check_id = f"service:{service_id}:{n}"
+                ttl = _ci(check_def, "TTL")
+                after = _ci(check_def, "DeregisterCriticalServiceAfter")
+                self.checks[check_id] = {
+                    "CheckID": check_id,
                     "ServiceID": service_id,
+                    "ServiceName": name,
                     "Status": "critical",  # Consul starts TTL checks critical until the first pass
                     "ttl": _duration(ttl) if ttl else None,
                     "expires": time.monotonic() + (_duration(ttl) if ttl else 3600),
@@ -290,6 +337,17 @@ class ConsulDouble:
             self.index += 1
             self.cond.notify_all()
         return 200, {}, b""
+
+    def _drop_checks(self, service_id: str) -> None:
+        for check_id in [k for k, c in self.checks.items() if c["ServiceID"] == service_id]:
+            del self.checks[check_id]
+
+    def _checks_of(self, service_id: str) -> list[dict[str, Any]]:
+        return [
+            {"CheckID": c["CheckID"], "ServiceID": service_id, "ServiceName": c["ServiceName"], "Status": c["Status"]}
+            for c in self.checks.values()
+            if c["ServiceID"] == service_id
+        ]
 
     def _kv(self, method: str, key: str, query: dict[str, list[str]], body: bytes, token: str):
         if method == "GET":

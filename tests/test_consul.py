@@ -8,6 +8,7 @@ Fault tests (500s, index resets, hangs, ACL filtering, the agent going down) nee
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,14 @@ class Backend:
         return f"{self.host}:{self.port}"
 
     def fail(self, service_id: str) -> None:
-        self.client.agent.check.ttl_fail(f"service:{service_id}")
+        assert self.client.agent.check.ttl_fail(f"service:{service_id}") is True, "the agent does not know the check"
+
+    def check_status(self, service: str, service_id: str) -> str | None:
+        """The status of the TTL check of ``service_id`` as Consul's health API lists it (None: no such check)."""
+        _, checks = self.client.health.checks(service)
+        statuses = [c["Status"] for c in checks if c.get("ServiceID") == service_id]
+        assert len(statuses) <= 1, checks
+        return statuses[0] if statuses else None
 
     def passing(self, service: str) -> list[int]:
         _, nodes = self.client.health.service(service, passing=True)
@@ -112,18 +120,20 @@ def test_registration_is_passing_and_critical_instances_lose_traffic(backend, up
             assert set(served_by(client)) == {"a", "b"}
             handles = mesh.service_state("payments").handles
             assert all(h.endpoint.tags == frozenset({"v1"}) for h in handles)
+            # the state this test relies on: b's TTL check exists and passes
+            assert backend.check_status("payments", reg_b.id) == "passing"
             reg_b._stop.set()  # stop heartbeating b, then fail its check: it must stop getting traffic (watch)
             backend.fail(reg_b.id)
-            started = time.monotonic()
+            assert backend.check_status("payments", reg_b.id) == "critical"
+            assert backend.passing("payments") == [a.port]
             wait_for(lambda: set(served_by(client, 10)) == {"a"}, timeout=3, interval=0.01, what="b to drop out")
-            assert time.monotonic() - started < 1.5
+            assert set(served_by(client, 40)) == {"a"}  # and stays out
             c = Upstream("c")
             ups.append(c)
             c.wait_listening()
             reg_c = register(backend, "payments", c)
-            started = time.monotonic()
+            wait_for(lambda: backend.check_status("payments", reg_c.id) == "passing", what="c's check to pass")
             wait_for(lambda: "c" in served_by(client, 20), timeout=3, interval=0.01, what="c to get traffic")
-            assert time.monotonic() - started < 1.5
             reg_c.close()
     finally:
         reg_a.close()
@@ -165,26 +175,89 @@ def test_kv_store_contract(backend):
 # -- faults (the double's switches) ---------------------------------------------------------------
 
 
-def test_consul_500s_and_hangs_back_off_and_keep_the_last_endpoints(double, ups, tmp_path):
+def test_registration_sends_the_shape_py_consul_sends_and_the_check_exists(double, ups):
+    """Pins the request py-consul 1.8 makes for a TTL-checked service (a lowercase ``checks`` list), and that the
+    double (like Consul) turns it into the check ``service:<id>`` that heartbeats pass."""
+    backend = Backend(double)
+    a = Upstream("a")
+    ups.append(a)
+    a.wait_listening()
+    reg = register(backend, "payments", a, ["v1"])
+    try:
+        sent = double.registrations[-1]
+        assert sent["name"] == "payments" and sent["id"] == reg.id and sent["port"] == a.port
+        assert sent["checks"] == [{"TTL": "2s", "DeregisterCriticalServiceAfter": "1m"}]
+        assert "Check" not in sent and "check" not in sent
+        assert double.check_status(reg.id) == "passing"
+        assert backend.check_status("payments", reg.id) == "passing"
+    finally:
+        reg.close()
+    assert double.check_status(reg.id) is None  # deregistration removed the check too
+
+
+def test_critical_checks_are_deregistered_after_the_configured_time(double, ups):
+    backend = Backend(double)
+    a = Upstream("a")
+    ups.append(a)
+    a.wait_listening()
+    reg = ConsulRegistration(backend.client, "payments", "127.0.0.1", a.port, [], {}, ttl=1.0, deregister_after="1s")
+    reg.start()
+    assert double.check_status(reg.id) == "passing"
+    reg._stop.set()  # the instance stops heartbeating (a crash): TTL lapses, then the agent removes it
+    wait_for(lambda: double.check_status(reg.id) == "critical", timeout=5, what="the TTL check to go critical")
+    assert backend.passing("payments") == []
+    wait_for(lambda: reg.id in double.deregistered_critical, timeout=5, what="DeregisterCriticalServiceAfter")
+    assert reg.id not in double.services
+
+
+@pytest.mark.parametrize("fault", ["leader", "429", "503", "hang"])
+def test_consul_faults_back_off_and_keep_the_last_endpoints(fault, double, ups, tmp_path):
+    backend = Backend(double)
+    a = Upstream("a")
+    ups.append(a)
+    a.wait_listening()
+    # a TTL longer than the outage: heartbeats fail during the fault too, and a lapsed check would (rightly) empty
+    # the service; this test is about the watch
+    reg = ConsulRegistration(backend.client, "payments", "127.0.0.1", a.port, [], {}, ttl=60.0).start()
+    mesh = consul_mesh(backend, tmp_path, wait=1.0)
+    try:
+        with mesh, mesh.client() as client:
+            assert client.get("http://payments/x").status_code == 200
+            poller = mesh.discovery.pollers["payments"]  # type: ignore[attr-defined]
+            errors = poller.errors
+            double.fault = fault
+            double.bump()  # wake the pending blocking query so it meets the fault now
+            wait_for(lambda: poller.errors >= errors + 2, timeout=20, what=f"the watch to meet {fault} twice")
+            before = double.requests_to("/v1/health/service/")
+            time.sleep(2.0)  # an outage window: the client must neither spin nor drop the endpoints
+            assert double.requests_to("/v1/health/service/") - before <= 6  # backoff, not a busy loop
+            assert [client.get("http://payments/x").status_code for _ in range(20)] == [200] * 20
+            answered = poller.requests - poller.errors  # started minus failed: includes the one in flight
+            double.fault = None
+            wait_for(lambda: poller.requests - poller.errors >= answered + 2, timeout=20, what="the watch to recover")
+            errors = poller.errors
+            double.stop()  # agent down: connection refused
+            wait_for(lambda: poller.errors > errors, timeout=20, what="the watch to notice the agent is down")
+            assert [client.get("http://payments/x").status_code for _ in range(20)] == [200] * 20
+    finally:
+        double.fault = None
+        reg._stop.set()
+
+
+def test_a_restart_while_consul_is_down_starts_from_the_state_dir(double, ups, tmp_path):
     backend = Backend(double)
     a = Upstream("a")
     ups.append(a)
     a.wait_listening()
     reg = register(backend, "payments", a)
-    mesh = consul_mesh(backend, tmp_path, wait=1.0)
-    try:
-        with mesh, mesh.client() as client:
-            assert client.get("http://payments/x").status_code == 200
-            double.fault = "leader"  # 500 No cluster leader
-            before = double.requests_to("/v1/health/service/")
-            time.sleep(3.0)  # an outage window: the client must neither spin nor drop the endpoints
-            assert double.requests_to("/v1/health/service/") - before <= 6  # backoff, not a busy loop
-            assert [client.get("http://payments/x").status_code for _ in range(20)] == [200] * 20
-            double.fault = None
-            double.stop()  # agent down: connection refused
-            assert [client.get("http://payments/x").status_code for _ in range(20)] == [200] * 20
-    finally:
-        reg._stop.set()
+    first = consul_mesh(backend, tmp_path, wait=1.0)
+    with first, first.client() as client:
+        assert client.get("http://payments/x").json()["instance"] == "a"
+    reg._stop.set()
+    double.stop()  # Consul goes down; then the process restarts with the same MESH_STATE_DIR
+    second = consul_mesh(backend, tmp_path, wait=1.0)
+    with second, second.client() as client:
+        assert [client.get("http://payments/x").json()["instance"] for _ in range(5)] == ["a"] * 5
 
 
 def test_index_reset_is_followed(double, ups, tmp_path):
@@ -266,7 +339,7 @@ def test_meshlib_serve_registers_in_consul_and_sigterm_deregisters(double, tmp_p
         assert nodes[0]["Service"]["Tags"] == ["v2"]
         u.proc.terminate()
         wait_for(lambda: backend.passing("payments") == [], timeout=10, what="deregistration on SIGTERM")
-        assert u.proc.wait(15) is not None
+        assert u.proc.wait(15) in (0, -signal.SIGTERM)  # a clean exit on the signal, not a crash
     finally:
         u.stop()
 

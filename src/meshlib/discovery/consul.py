@@ -28,10 +28,16 @@ class ConsulError(Exception):
     pass
 
 
+#: Seconds an agent may take to answer (beyond a blocking query's wait) before the request counts as failed.
+AGENT_TIMEOUT = 5.0
+
+
 def _client(host: str, port: int, token: str | None, scheme: str) -> Any:
     import consul  # py-consul, imported only when Consul is used
 
-    return consul.Consul(host=host, port=port, token=token, scheme=scheme)
+    # connections_timeout: how long an agent may stay silent beyond a blocking query's wait (py-consul's default,
+    # 30 s, would leave a hung agent unnoticed, and heartbeats blocked, for longer than a TTL)
+    return consul.Consul(host=host, port=port, token=token, scheme=scheme, connections_timeout=AGENT_TIMEOUT)
 
 
 def _endpoints(service: str, entries: Any, index: int) -> EndpointSet:
