@@ -294,19 +294,29 @@ def test_acl_filtered_list_does_not_empty_the_service(double, ups, tmp_path):
     reg._stop.set()
 
 
-def test_registration_needs_service_write(double, ups):
+def test_registration_needs_service_write_and_retries_in_the_background(double, ups, caplog):
     backend = Backend(double)
     double.acl = {"reader": {"service_read": ["*"]}}
     a = Upstream("a")
     ups.append(a)
     a.wait_listening()
     reg = ConsulRegistration(
-        consul.Consul(port=double.port, token="reader"), "payments", "127.0.0.1", a.port, [], {}, token="reader"
+        consul.Consul(port=double.port, token="reader"), "payments", "127.0.0.1", a.port, [], {}, token="reader",
+        ttl=1.0,
     )
-    with pytest.raises(consul.ACLPermissionDenied):
-        reg._register()
-    double.acl = None
-    assert backend.passing("payments") == []
+    reg.start()  # the documented path: a failed first registration is logged and retried in the background
+    try:
+        assert not reg.registered
+        assert any("registration of" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
+        double.acl = None
+        assert backend.passing("payments") == []
+        # the operator fixes the ACL (and lets the anonymous token read, for this test's own checks)
+        double.acl = {"reader": {"service_read": ["*"], "service_write": ["payments"]}, "": {"service_read": ["*"]}}
+        wait_for(lambda: backend.passing("payments") == [a.port], timeout=10, what="the background registration")
+        assert reg.registered
+    finally:
+        double.acl = None
+        reg.close()
 
 
 @pytest.mark.parametrize("unknown_check_status", [404, 500])  # current agents, and older ones

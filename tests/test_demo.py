@@ -20,7 +20,7 @@ def test_demo_runs_every_scene_and_passes(tmp_path):
     assert "8 of 8 scenes passed" in out
     for scene in (
         "baseline",
-        "canary 1%",
+        "canary 5%",
         "canary 50%",
         "canary 100%",
         "instance killed",

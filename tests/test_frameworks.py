@@ -90,8 +90,9 @@ def check_framework(cp, mesh, server_mesh: meshlib.Mesh, port: int, route: str) 
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["peer"] == "spiffe://mesh.local/ns/default/sa/frontend"  # identity from the certificate
-        # the incoming deadline capped the outbound call (±2 ms: wall and monotonic clocks are read separately)
-        assert 0 < int(body["deadline"]) <= deadline_ms + 2
+        # the incoming deadline reached beta two hops away, unchanged (±20 ms: wall and monotonic clocks are read
+        # separately at each hop); its own timeout would have given a later one
+        assert abs(int(body["deadline"]) - deadline_ms) <= 20, (body["deadline"], deadline_ms)
         assert body["traceparent"].split("-")[1] == TRACE.split("-")[1]  # one trace across the hop
 
         before = COUNTS["work"]
@@ -114,12 +115,12 @@ def check_framework(cp, mesh, server_mesh: meshlib.Mesh, port: int, route: str) 
             )
             assert bad.status_code == 400 and "x-mesh-deadline" in bad.json()["error"]
 
-        assert fc.get("http://app/-/mesh/health").json()["status"] == "ok"
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):  # no client cert
+            httpx.get(f"https://127.0.0.1:{port}/work", verify=False, timeout=5)
+        assert fc.get("http://app/-/mesh/health").json()["status"] == "ok"  # refused, not down
         metrics = fc.get("http://app/-/mesh/metrics").text
         assert f'http_route="{route}"' in metrics and 'mesh_peer_service="frontend"' in metrics
         assert "mesh_server_authz_denied_total" in metrics
-    with pytest.raises(httpx.HTTPError):  # no client certificate: the TLS server refuses
-        httpx.get(f"https://127.0.0.1:{port}/work", verify=False, timeout=5)
 
 
 def werkzeug_server(app, ctx) -> tuple[object, int]:

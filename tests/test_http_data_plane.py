@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
+import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,8 @@ def test_requests_spread_over_all_instances(upstreams):
     assert all(r.status_code == 200 for r in responses)
     seen = instances_of(responses)
     assert set(seen) == {u.name for u in ups}, seen
-    assert max(seen.values()) < 0.8 * len(responses), seen
+    assert min(seen.values()) >= 0.15 * len(responses), seen  # every instance takes a real share
+    assert max(seen.values()) <= 0.55 * len(responses), seen
 
 
 def test_httpx_features_keep_working(upstreams):
@@ -71,7 +73,8 @@ def test_unknown_service_fails_at_once_with_typed_error():
         started = time.monotonic()
         with pytest.raises(meshlib.NoEndpointsError, match="nosuch"):
             client.get("http://nosuch/x")
-        assert time.monotonic() - started < 0.5
+        # at once: not after the 5 s that discovery may take to answer about a name it is watching
+        assert time.monotonic() - started < mesh.settings.discovery_timeout / 2
         with pytest.raises(httpx.TransportError):  # existing except clauses keep working
             client.get("http://nosuch/x")
 
@@ -163,14 +166,26 @@ def test_all_instances_down_typed_error_then_fast_failure():
             return False
 
         wait_for(breakers_open, timeout=10, interval=0, what="breakers to open")
-        durations = []
-        for _ in range(50):
-            started = time.perf_counter()
-            with pytest.raises(meshlib.CircuitOpenError):
-                client.get("http://svc/x")
-            durations.append(time.perf_counter() - started)
-    assert statistics.median(durations) < 0.005, durations
-    assert max(durations) < 0.02, durations
+        # While every breaker is open, a call fails without trying any instance: listen on the dead ports now and
+        # see that not one connection arrives.
+        listeners = []
+        for port in ports:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+            listener.setblocking(False)
+            listeners.append(listener)
+        try:
+            for _ in range(50):
+                with pytest.raises(meshlib.CircuitOpenError, match="reopens in"):
+                    client.get("http://svc/x")
+            for listener in listeners:
+                with pytest.raises(BlockingIOError):
+                    listener.accept()
+        finally:
+            for listener in listeners:
+                listener.close()
 
 
 def test_retry_budget_holds_retry_load_near_20_percent(upstreams):
@@ -189,27 +204,27 @@ def test_retry_budget_holds_retry_load_near_20_percent(upstreams):
 
 
 def test_whole_call_timeout_is_a_deadline(upstreams):
-    (slow,) = upstreams(1, delay=1.0)
+    (slow,) = upstreams(1, delay=3.0)
     policy = ServicePolicy(timeout=0.2)
     with static_mesh({"svc": [slow.port]}, policies={"svc": policy}) as mesh, mesh.client() as client:
         started = time.monotonic()
         with pytest.raises(meshlib.DeadlineExceededError) as info:
             client.get("http://svc/x")
-        assert time.monotonic() - started < 0.6
+        assert time.monotonic() - started < 2.0  # the call's deadline, not the server's 3 s
         assert isinstance(info.value, httpx.TimeoutException)
 
 
 def test_incoming_deadline_caps_outbound_timeout(upstreams):
     from meshlib.policy.deadline import incoming_deadline
 
-    (slow,) = upstreams(1, delay=1.0)
+    (slow,) = upstreams(1, delay=3.0)
     with static_mesh({"svc": [slow.port]}) as mesh, mesh.client() as client:
         token = incoming_deadline.set(time.time() + 0.2)
         try:
             started = time.monotonic()
             with pytest.raises(meshlib.DeadlineExceededError):
                 client.get("http://svc/x")
-            assert time.monotonic() - started < 0.6
+            assert time.monotonic() - started < 2.0  # the inherited deadline, not the server's 3 s
         finally:
             incoming_deadline.reset(token)
 
@@ -268,4 +283,4 @@ def test_instance_dying_mid_body_is_retried_not_handed_over(upstreams):
     with static_mesh({"svc": ports}, policies={"svc": policy}) as mesh, mesh.client() as client:
         codes = [client.get("http://svc/x").status_code for _ in range(4)]
     assert codes == [200] * 4
-    assert dying.proc.wait(10) is not None  # it did die mid-response
+    assert dying.proc.wait(10) == -signal.SIGKILL  # it did die mid-response

@@ -108,7 +108,8 @@ def test_retried_call_shows_two_attempt_spans(tracing):
         beta.stop()
     assert statuses == [200, 200]
     spans = exporter.get_finished_spans()
-    calls = [s for s in spans if s.kind is SpanKind.CLIENT and s.resource.attributes is not None]
+    calls = [s for s in spans if s.kind is SpanKind.CLIENT]
+    assert {c.resource.attributes.get("service.name") for c in calls} == {"tester"}
     retried = [c for c in calls if c.attributes.get("mesh.attempts") == 2]
     assert len(retried) == 1
     attempts = sorted(

@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--mesh-service", help="run through meshlib.serve() as this service (registers itself)")
     parser.add_argument("--tags", default="", help="comma-separated tags, with --mesh-service")
     parser.add_argument("--header-timeout", type=float, default=10.0, help="with --mesh-service")
+    parser.add_argument("--drain-delay", type=float, default=0.3, help="with --mesh-service")
     args = parser.parse_args()
     app = make_app(args.name, args.status, args.delay)
     if args.mesh_service:
@@ -121,7 +122,7 @@ def main() -> None:
             port=args.port,
             tags=[t for t in args.tags.split(",") if t],
             log_level="warning",
-            drain_delay=0.3,
+            drain_delay=args.drain_delay,
             header_timeout=args.header_timeout,
             on_ready=lambda port: print(f"LISTENING {port}", flush=True),
         )
