@@ -164,3 +164,14 @@ def test_unknown_service_names_keep_no_state():
         index, body = registry.encoded(f"nobody-{i}")
         assert index == 1 and b'"instances": []' in body
     assert registry._cache == {} and registry._service_index == {}
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token", "Basic " + TOKEN, "Bearer"])
+def test_registry_writes_need_the_bootstrap_token(cp, header):
+    headers = {"authorization": header} if header else {}
+    r = httpx.put(cp.url + "/v1/registry/register", json=VICTIM, headers=headers)
+    assert r.status_code == 401 and "MESH_BOOTSTRAP_TOKEN" in r.json()["error"]
+    assert httpx.put(cp.url + "/v1/registry/heartbeat/payments-1", headers=headers).status_code == 401
+    assert httpx.delete(cp.url + "/v1/registry/payments-1", headers=headers).status_code == 401
+    assert listed(cp, "payments") == []
+    assert register(cp, VICTIM).status_code == 200  # the right token works

@@ -282,7 +282,7 @@ class _Call:
         attempts = done.attempts if done is not None else 0
         if attempts > 1:
             metrics.retries.add(attempts - 1, _peer_labels(self.mesh.service, self.service))
-        if done is not None and isinstance(done.error, RetryBudgetExhaustedError):
+        if done is not None and done.budget_exhausted:
             metrics.budget_exhausted.add(1, _peer_labels(self.mesh.service, self.service))
         span = self.span
         if span is not None and span.is_recording():

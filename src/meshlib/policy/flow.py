@@ -59,6 +59,8 @@ class Done:
     attempts: int = 0
     #: Fault injection aborted the call: answer with this status without calling anyone.
     abort_status: int | None = None
+    #: A retry was warranted but the retry budget refused it (also when the last response is handed back).
+    budget_exhausted: bool = False
 
 
 Action = Send | Sleep
@@ -154,9 +156,9 @@ def call_flow(
         )
         if not decision.retry:
             if not verdict.is_error:
-                return Done(result, None, attempt)
+                return Done(result, None, attempt, budget_exhausted=decision.budget_exhausted)
             if decision.budget_exhausted:
-                return Done(result, _budget_error(service.name, log), attempt)
+                return Done(result, _budget_error(service.name, log), attempt, budget_exhausted=True)
             if deadline is not None and (deadline - now <= 0 or decision.reason.startswith("no time")):
                 return Done(result, _deadline_error(service.name, log), attempt)
             return Done(result, _final_error(service.name, result, log, decision.reason), attempt)
