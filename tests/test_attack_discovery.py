@@ -4,6 +4,7 @@ die, the last good endpoints must stay, and the error a caller sees must say wha
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,25 +58,36 @@ def _ok(client: meshlib.Client) -> bool:
         return False
 
 
+def _watch_answer(service_body: bytes) -> bytes:
+    return b'{"index": 3, "services": {"payments": ' + service_body + b"}}"
+
+
 ANSWERS = {
     "not-json": (b"{nope", "invalid JSON"),
-    "instances-not-a-list": (b'{"index": 3, "instances": 5}', "instances must be a list"),
-    "bad-port": (b'{"index": 3, "instances": [{"address": "127.0.0.1", "port": 0}]}', "port"),
-    "bad-address": (b'{"index": 3, "instances": [{"address": "a b", "port": 80}]}', "address"),
-    "bad-tags": (b'{"index": 3, "instances": [{"address": "127.0.0.1", "port": 80, "tags": "v1"}]}', "tags"),
-    "no-index": (b'{"instances": []}', "index"),
+    "instances-not-a-list": (_watch_answer(b'{"index": 3, "instances": 5}'), "instances must be a list"),
+    "bad-port": (_watch_answer(b'{"index": 3, "instances": [{"address": "127.0.0.1", "port": 0}]}'), "port"),
+    "bad-address": (_watch_answer(b'{"index": 3, "instances": [{"address": "a b", "port": 80}]}'), "address"),
+    "bad-tags": (
+        _watch_answer(b'{"index": 3, "instances": [{"address": "127.0.0.1", "port": 80, "tags": "v1"}]}'),
+        "tags",
+    ),
+    "no-index": (b'{"services": {}}', "index"),
+    "no-services": (b'{"index": 4}', "services"),
     "deep": (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
 }
+
+
+def fake_registry(answer: Callable[[], bytes]) -> ThreadedServer:
+    async def watch(request: Request) -> Response:
+        return Response(answer(), media_type="application/json")
+
+    return ThreadedServer(Starlette(routes=[Route("/v1/registry/watch", watch, methods=["POST"])]))
 
 
 @pytest.mark.parametrize("kind", sorted(ANSWERS))
 def test_a_registry_answering_garbage_is_named_in_the_error(kind, tmp_path):
     body, expected = ANSWERS[kind]
-
-    async def answer(request: Request) -> Response:
-        return Response(body, media_type="application/json")
-
-    server = ThreadedServer(Starlette(routes=[Route("/v1/registry/services/{name}", answer)]))
+    server = fake_registry(lambda: body)
     try:
         discovery = RegistryDiscovery(server.url, state_dir=str(tmp_path / "s"), wait=1.0)
         with _mesh(discovery) as mesh, mesh.client() as client, pytest.raises(meshlib.NoEndpointsError) as info:
@@ -88,12 +100,11 @@ def test_a_registry_answering_garbage_is_named_in_the_error(kind, tmp_path):
 
 def test_a_bad_answer_never_replaces_the_last_good_snapshot(tmp_path):
     """Good answer, then garbage: the good endpoints stay in force."""
-    answers = [b'{"index": 2, "instances": [{"address": "127.0.0.1", "port": 9001}]}', b'{"index": 3, "instances": 7}']
-
-    async def answer(request: Request) -> Response:
-        return Response(answers[0] if len(answers) == 1 else answers.pop(0), media_type="application/json")
-
-    server = ThreadedServer(Starlette(routes=[Route("/v1/registry/services/{name}", answer)]))
+    answers = [
+        _watch_answer(b'{"index": 2, "instances": [{"address": "127.0.0.1", "port": 9001}]}'),
+        _watch_answer(b'{"index": 3, "instances": 7}'),
+    ]
+    server = fake_registry(lambda: answers[0] if len(answers) == 1 else answers.pop(0))
     try:
         discovery = RegistryDiscovery(server.url, wait=0.2)
         seen = []

@@ -198,7 +198,7 @@ class Mesh:
         if state.snapshot is None and not self.discovery.wait_ready(service, self.settings.discovery_timeout):
             last = self.discovery.last_error(service)
             raise NoEndpointsError(
-                f"{service}: discovery ({self.settings.discovery}) gave no answer within "
+                f"{service}: discovery ({self.discovery.describe() or self.settings.discovery}) gave no answer within "
                 f"{self.settings.discovery_timeout:g}s" + (f"; last error: {last}" if last else ""),
                 service=service,
             )

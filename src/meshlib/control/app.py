@@ -24,7 +24,7 @@ from ..rules.model import Rules, RulesValidationError, parse_duration, validate_
 from ..security.ca import DEFAULT_LEAF_LIFETIME, CertificateAuthority, CsrError
 from ..settings import validate_service_name
 from ..wire import SECRET_HEADER
-from .longpoll import MAX_WAIT, ChangeSignal, hold
+from .longpoll import MAX_WAIT, ChangeSignal, Wakers, hold
 from .registry import NotOwner, RegistrationError, Registry, parse_registration
 from .store import CasConflict, Revision, RulesStore, UnknownVersion
 
@@ -53,6 +53,8 @@ class _TooLarge(Exception):
 
 #: Registration and CSR bodies are small; anything larger is refused before it is read whole.
 SMALL_BODY_BYTES = 64 * 1024
+#: Most services one multiplexed watch may name.
+MAX_WATCHED = 10_000
 #: Largest integer accepted in a query parameter (versions, indexes): SQLite's integers are 64-bit.
 MAX_QUERY_INT = 2**62
 
@@ -126,6 +128,7 @@ class ControlPlane:
         self.admin_token = admin_token or None
         self.registry_token = registry_token or None
         self.registry = Registry()
+        self.wakers = Wakers()
         self.rules_signal = ChangeSignal()
         self.expiry_interval = expiry_interval
         self.max_rules_bytes = max_rules_bytes
@@ -345,6 +348,50 @@ def build_app(cp: ControlPlane) -> Starlette:
         current, body = registry.encoded(name)
         return Response(body, media_type="application/json", headers={"x-mesh-index": str(current)})
 
+    async def watch_many(request: Request) -> Response:
+        """One long-poll for many services (xDS's aggregated stream, over HTTP): answers with the watched services
+        that changed after ``index``, as soon as one does, or with none when ``wait`` passes. Names come in the
+        query (``services=a,b``) or, for long lists, as a JSON body ``{"services": [...]}`` on POST."""
+        try:
+            index = _int_param(request, "index") or 0
+            wait = _wait_param(request)
+            if request.method == "POST":
+                body = json.loads(await _read_body(request, SMALL_BODY_BYTES * 16) or b"{}")
+                raw = body.get("services") if isinstance(body, dict) else None
+                if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+                    raise _BadQuery("body: expected {\"services\": [names]}")
+                names = raw
+            else:
+                names = [n for n in request.query_params.get("services", "").split(",") if n]
+            if len(names) > MAX_WATCHED:
+                raise _BadQuery(f"at most {MAX_WATCHED} services per watch")
+            for name in names:
+                validate_service_name(name)
+        except _TooLarge:
+            return _too_large(SMALL_BODY_BYTES * 16)
+        except (_BadQuery, ConfigurationError, ValueError, RecursionError) as exc:
+            return _error(400, str(exc))
+        names = sorted(set(names))
+        session = request.query_params.get("session", "")[:64]
+        registry = cp.registry
+        if index and not registry.changed_since(names, index):
+            woken = cp.wakers.register(session) if session else None
+            try:
+                await hold(registry.signal, wait, lambda: bool(registry.changed_since(names, index)) or cp.closing,
+                           request.receive, woken)
+            finally:
+                if woken is not None:
+                    cp.wakers.done(session, woken)
+        changed = registry.changed_since(names, index)
+        return Response(registry.encoded_many(changed), media_type="application/json",
+                        headers={"x-mesh-index": str(registry.index)})
+
+    async def wake_watch(request: Request) -> Response:
+        session = request.query_params.get("session", "")
+        if not session or len(session) > 64:
+            return _error(400, "query parameter session=<the watch's session id> is required (at most 64 characters)")
+        return JSONResponse({"woken": cp.wakers.wake(session)})
+
     async def list_services(request: Request) -> Response:
         services = cp.registry.services()
         return JSONResponse(
@@ -441,6 +488,8 @@ def build_app(cp: ControlPlane) -> Starlette:
             Route("/v1/registry/register", register, methods=["PUT"]),
             Route("/v1/registry/heartbeat/{id}", heartbeat, methods=["PUT"]),
             Route("/v1/registry/services", list_services, methods=["GET"]),
+            Route("/v1/registry/watch", watch_many, methods=["GET", "POST"]),
+            Route("/v1/registry/watch/wake", wake_watch, methods=["POST"]),
             Route("/v1/registry/services/{name}", watch_service, methods=["GET"]),
             Route("/v1/registry/{id}", deregister, methods=["DELETE"]),
             Route("/v1/ca/sign", ca_sign, methods=["POST"]),

@@ -52,18 +52,69 @@ async def hold(
     wait: float,
     answered: Callable[[], bool],
     receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    woken: asyncio.Future[Any] | None = None,
 ) -> None:
-    """Hold a long-poll until ``answered()``, ``wait`` (plus jitter) passes, or the client goes away."""
+    """Hold a long-poll until ``answered()``, ``wait`` (plus jitter) passes, the client goes away, or ``woken``
+    completes (the client asked for an early answer)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + with_jitter(wait)
     gone = asyncio.ensure_future(client_gone(receive))
+    stop: asyncio.Future[Any] = gone
+    if woken is not None:
+        either: asyncio.Future[Any] = loop.create_future()
+
+        def finish(_: asyncio.Future[Any]) -> None:
+            if not either.done():
+                either.set_result(None)
+
+        gone.add_done_callback(finish)
+        woken.add_done_callback(finish)
+        stop = either
     try:
-        while not answered() and not gone.done():
+        while not answered() and not stop.done():
             remaining = deadline - loop.time()
-            if remaining <= 0 or not await signal.wait(remaining, gone):
+            if remaining <= 0 or not await signal.wait(remaining, stop):
                 break
     finally:
         gone.cancel()
+
+
+class Wakers:
+    """Early answers for multiplexed watches: a client that starts watching another service asks its poll in flight
+    to return now (``POST /v1/registry/watch/wake``) instead of cancelling it. A wake that arrives before its poll
+    does is kept for that poll, in a bounded table (names are untrusted)."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._early: dict[str, None] = {}
+
+    def register(self, session: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if session in self._early:  # woken before it arrived
+            del self._early[session]
+            future.set_result(None)
+        previous = self._waiting.pop(session, None)
+        if previous is not None and not previous.done():
+            previous.set_result(None)
+        self._waiting[session] = future
+        return future
+
+    def done(self, session: str, future: asyncio.Future[None]) -> None:
+        if self._waiting.get(session) is future:
+            del self._waiting[session]
+
+    def wake(self, session: str) -> bool:
+        future = self._waiting.get(session)
+        if future is not None:
+            if not future.done():
+                future.set_result(None)
+            return True
+        if len(self._early) >= self.LIMIT:
+            self._early.pop(next(iter(self._early)))
+        self._early[session] = None
+        return False
 
 
 def with_jitter(wait: float) -> float:

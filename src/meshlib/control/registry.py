@@ -193,6 +193,17 @@ class Registry:
     def instances(self, service: str) -> list[Instance]:
         return sorted((i for i in self._instances.values() if i.service == service), key=lambda i: i.id)
 
+    def changed_since(self, names: list[str], index: int) -> list[str]:
+        """Of ``names``, those whose instances changed after ``index`` (all of them for index 0)."""
+        known = self._service_index
+        return [n for n in names if known.get(n, 1) > index]
+
+    def encoded_many(self, names: list[str]) -> bytes:
+        """The multiplexed watch answer: the registry's index and, per service, its own answer (each serialised once
+        per change and shared by every watcher)."""
+        parts = [b'"' + name.encode() + b'": ' + self.encoded(name)[1] for name in names]
+        return b'{"index": ' + str(self.index).encode() + b', "services": {' + b", ".join(parts) + b"}}"
+
     def services(self) -> dict[str, list[Instance]]:
         out: dict[str, list[Instance]] = {}
         for instance in self._instances.values():

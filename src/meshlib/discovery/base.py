@@ -43,6 +43,10 @@ class Discovery:
         if current is not None:
             listener(current)
 
+    def describe(self) -> str:
+        """Where this discovery asks, for error messages ("registry at http://…"); empty when it asks nowhere."""
+        return ""
+
     def last_error(self, service: str) -> str | None:
         """What went wrong the last time discovery was asked about ``service`` (None after a good answer)."""
         return self._errors.get(service)

@@ -28,6 +28,22 @@ class ConsulError(Exception):
     pass
 
 
+#: Connections kept for blocking queries: one per watched service up to this (requests' default is 10, past which
+#: every poll would open and drop a connection).
+WATCH_POOL_SIZE = 512
+#: Past this many watched services, a warning: each is a thread and a connection (documented in docs/consul.md).
+WARN_WATCHES = 256
+
+
+def _size_pool(client: Any, size: int) -> None:
+    import requests.adapters
+
+    session = client.http.session
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+
+
 #: Seconds an agent may take to answer (beyond a blocking query's wait) before the request counts as failed.
 AGENT_TIMEOUT = 5.0
 
@@ -79,6 +95,8 @@ class ConsulDiscovery(Discovery):
         self.token = token
         self.wait = wait
         self.client = _client(host, port, token, scheme)
+        _size_pool(self.client, WATCH_POOL_SIZE)
+        self._endpoint = (host, port, scheme)
         self.address = f"{scheme}://{host}:{port}"
         self.pollers: dict[str, LongPoller] = {}
         self._acl_warned: set[str] = set()
@@ -101,6 +119,9 @@ class ConsulDiscovery(Discovery):
         )
         return result
 
+    def describe(self) -> str:
+        return f"consul at {self.address}"
+
     def _start_watch(self, service: str) -> None:
         def on_answer(index: int, payload: Any) -> None:
             entries, filtered = payload
@@ -121,12 +142,21 @@ class ConsulDiscovery(Discovery):
             on_error=lambda exc: self.discovery_failed(service, f"consul at {self.address}", exc),
         )
         self.pollers[service] = poller
+        if len(self.pollers) == WARN_WATCHES + 1:
+            log.warning(
+                "consul: watching more than %d services, with one blocking query (a thread and a connection) each; "
+                "Consul's HTTP API has no multiplexed watch: consider the embedded registry for gateways",
+                WARN_WATCHES,
+            )
         poller.start()
 
     def register(
         self, service: str, address: str, port: int, tags: Sequence[str] = (), meta: Mapping[str, str] | None = None
     ) -> Registration:
-        return ConsulRegistration(self.client, service, address, port, list(tags), dict(meta or {}), token=self.token)
+        # its own client (its own connection): heartbeats never queue behind the watches' blocking queries
+        host, port_, scheme = self._endpoint
+        own = _client(host, port_, self.token, scheme)
+        return ConsulRegistration(own, service, address, port, list(tags), dict(meta or {}), token=self.token)
 
     def close(self) -> None:
         for poller in self.pollers.values():

@@ -1,4 +1,4 @@
-"""``registry://host:port``: the control plane's embedded registry, followed by long-poll watches.
+"""``registry://host:port``: the control plane's embedded registry, followed by one multiplexed long-poll.
 
 Last known endpoints are kept on disk, so a client restarted while the registry is down starts from them, and a
 registry outage never empties a service."""
@@ -8,22 +8,22 @@ from __future__ import annotations
 import logging
 import secrets
 import ssl
-import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import httpx
 
-from ..endpoints import SnapshotError, parse_snapshot
-from ..longpoll import LongPoller
-from ..wire import SECRET_HEADER, bounded_json
+from ..wire import SECRET_HEADER
 from .base import Discovery, Registration
+from .multiwatch import MultiWatch
 
 log = logging.getLogger("meshlib.discovery.registry")
 WAIT = 30.0
 
 
 class RegistryDiscovery(Discovery):
+    """Every watched service on one multiplexed long-poll (one connection, one thread); registration and heartbeats
+    on a connection of their own, so no amount of watching can delay them."""
+
     def __init__(
         self,
         base_url: str,
@@ -39,37 +39,30 @@ class RegistryDiscovery(Discovery):
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5),
+            timeout=httpx.Timeout(5.0),
             trust_env=False,
             verify=verify,
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
         )
-        self._pollers: dict[str, LongPoller] = {}
-        self._lock = threading.Lock()
+        source = f"registry at {self.base_url}"
+        self.watcher = MultiWatch(
+            self.base_url,
+            headers,
+            verify,
+            wait,
+            self.publish_and_save,
+            lambda service, exc: self.discovery_failed(service, source, exc),
+            self._wake,
+        )
+
+    def describe(self) -> str:
+        return f"registry at {self.base_url}"
 
     def _start_watch(self, service: str) -> None:
-        source = f"registry at {self.base_url}"
+        self.watcher.add(service)
 
-        def fetch(index: int) -> tuple[int, Any]:
-            r = self._http.get(f"/v1/registry/services/{service}", params={"index": index, "wait": f"{self.wait}s"})
-            r.raise_for_status()
-            body = bounded_json(r)
-            new_index = body.get("index") if isinstance(body, dict) else None
-            if isinstance(new_index, bool) or not isinstance(new_index, int) or new_index < 0:
-                raise SnapshotError("the answer has no valid index")
-            return new_index, parse_snapshot(service, body, new_index)
-
-        def on_answer(index: int, snapshot: Any) -> None:
-            self.publish_and_save(snapshot)
-
-        poller = LongPoller(
-            f"registry-watch-{service}",
-            fetch,
-            on_answer,
-            on_error=lambda exc: self.discovery_failed(service, source, exc),
-        )
-        with self._lock:
-            self._pollers[service] = poller
-        poller.start()
+    def _wake(self, session: str) -> None:
+        self._http.post("/v1/registry/watch/wake", params={"session": session}, timeout=2.0)
 
     def register(
         self, service: str, address: str, port: int, tags: Sequence[str] = (), meta: Mapping[str, str] | None = None
@@ -77,9 +70,7 @@ class RegistryDiscovery(Discovery):
         return RegistryRegistration(self._http, service, address, port, list(tags), dict(meta or {}))
 
     def close(self) -> None:
-        with self._lock:
-            for poller in self._pollers.values():
-                poller.stop()
+        self.watcher.stop()
         self._http.close()
 
 

@@ -1,0 +1,127 @@
+"""A process that calls hundreds of services (a gateway, a backend-for-frontend) must keep working and keep its own
+registration: one multiplexed watch on one connection and one thread, registration on a connection of its own."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import meshlib
+from consul_double import ConsulDouble
+from harness import wait_for
+from meshlib.discovery.consul import ConsulDiscovery, ConsulRegistration
+from meshlib.discovery.registry import RegistryDiscovery, RegistryRegistration
+
+SERVICES = [f"svc{i:03d}" for i in range(300)]
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections from this process to ``port`` on loopback (from /proc, no tools needed)."""
+    inodes = set()
+    for fd in Path(f"/proc/{os.getpid()}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
+def meshlib_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("meshlib-"))
+
+
+@pytest.fixture
+def upstream(upstreams):
+    return upstreams(1)[0]
+
+
+def test_one_process_calls_300_services_on_one_watch(control_plane, upstream, tmp_path):
+    cp = control_plane()
+    with httpx.Client(base_url=cp.url) as admin:
+        for name in SERVICES:
+            r = admin.put("/v1/registry/register", json={"service": name, "address": "127.0.0.1",
+                                                         "port": upstream.port, "ttl": "1h"})
+            assert r.status_code == 200
+    discovery = RegistryDiscovery(cp.url, state_dir=str(tmp_path / "gw"), wait=30.0)
+    mesh = meshlib.Mesh(service="gateway", discovery=discovery, control_plane="", state_dir=str(tmp_path / "gw"))
+    # our own registration, with a short TTL: a heartbeat delayed behind the watches would drop us out
+    own = RegistryRegistration(discovery._http, "gateway", "127.0.0.1", 9, [], {}, ttl=1.5).start()
+    missing: list[float] = []
+    stop = threading.Event()
+
+    def watch_own_registration() -> None:
+        with httpx.Client(base_url=cp.url) as c:
+            while not stop.wait(0.1):
+                if not c.get("/v1/registry/services/gateway").json()["instances"]:
+                    missing.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch_own_registration, daemon=True)
+    watcher.start()
+    try:
+        with mesh, mesh.client() as client:
+            for name in SERVICES:
+                r = client.get(f"http://{name}/x")
+                assert r.status_code == 200 and r.json()["path"] == "/x"
+            for name in SERVICES[::7]:  # and again, now all watched
+                assert client.get(f"http://{name}/y").status_code == 200
+            assert len(discovery.watcher.names) == 300
+            assert connections_to(cp.port) <= 3, "one for the watch, one for registration (and one spare)"
+            assert len([t for t in meshlib_threads() if "watch" in t]) == 1, meshlib_threads()
+
+            # a change to any of the 300 reaches the process promptly (by the watch, not by a timeout)
+            with httpx.Client(base_url=cp.url) as admin:
+                r = admin.put("/v1/registry/register", json={"id": "svc150-extra", "service": "svc150",
+                                                             "address": "127.0.0.2", "port": 9999, "ttl": "1h"})
+                assert r.status_code == 200
+            started = time.monotonic()
+            wait_for(lambda: len(mesh.service_state("svc150").handles) == 2, timeout=10,
+                     what="svc150's new instance to reach the gateway")
+            assert time.monotonic() - started < 5  # woken by the change, long before the 30 s wait
+    finally:
+        stop.set()
+        watcher.join(5)
+        own.close()
+    assert missing == [], f"our registration was missing {len(missing)} times"
+
+
+def test_300_services_on_consul_without_starvation(upstream, tmp_path):
+    double = ConsulDouble()
+    try:
+        client = __import__("consul").Consul(port=double.port)
+        for name in SERVICES:
+            client.agent.service.register(name, service_id=name, address="127.0.0.1", port=upstream.port)
+        discovery = ConsulDiscovery("127.0.0.1", double.port, state_dir=str(tmp_path / "gw"), wait=30.0)
+        own = discovery.register("gateway", "127.0.0.1", 9)
+        assert isinstance(own, ConsulRegistration)
+        own.ttl = 1.5
+        own.start()
+        mesh = meshlib.Mesh(service="gateway", discovery=discovery, control_plane="", state_dir=str(tmp_path / "gw"))
+        with mesh, mesh.client() as http:
+            for name in SERVICES:
+                assert http.get(f"http://{name}/x").status_code == 200
+            # all 300 blocking queries are held; heartbeats still pass on their own connection
+            passes = double.requests_to("/v1/agent/check/pass/")
+            wait_for(lambda: double.requests_to("/v1/agent/check/pass/") >= passes + 3, timeout=10,
+                     what="heartbeats while 300 blocking queries are held")
+            assert double.check_status(own.id) == "passing"
+        own.close()
+    finally:
+        double.stop()
