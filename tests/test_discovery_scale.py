@@ -125,3 +125,28 @@ def test_300_services_on_consul_without_starvation(upstream, tmp_path):
         own.close()
     finally:
         double.stop()
+
+
+def test_services_nobody_calls_stop_being_watched(control_plane, upstream, tmp_path):
+    from dataclasses import replace
+
+    cp = control_plane()
+    with httpx.Client(base_url=cp.url) as admin:
+        for name in ("busy", "once"):
+            admin.put("/v1/registry/register", json={"service": name, "address": "127.0.0.1",
+                                                     "port": upstream.port}).raise_for_status()
+    discovery = RegistryDiscovery(cp.url, state_dir=str(tmp_path / "gw"), wait=30.0)
+    settings = replace(meshlib.MeshSettings.from_env(service="gateway", control_plane=""), watch_idle_timeout=0.5)
+    with meshlib.Mesh(discovery=discovery, settings=settings) as mesh, mesh.client() as client:
+        assert client.get("http://once/x").status_code == 200
+        assert client.get("http://busy/x").status_code == 200
+        assert discovery.watcher.names == {"busy", "once"}
+
+        def once_dropped() -> bool:
+            client.get("http://busy/x")  # busy keeps being called
+            return "once" not in discovery.watcher.names
+
+        wait_for(once_dropped, timeout=15, interval=0.1, what="the unused service to stop being watched")
+        assert "busy" in discovery.watcher.names and set(mesh.services) == {"busy"}
+        assert client.get("http://once/x").status_code == 200  # called again: watched again
+        assert discovery.watcher.names == {"busy", "once"}

@@ -196,7 +196,7 @@ class _Call:
         self.extensions = request.extensions
         timeouts = self.extensions.get("timeout") or {}
         self.read_timeout: float | None = timeouts.get("read")
-        now = self.started = mesh.clock()
+        now = self.started = state.last_used = mesh.clock()
         self.plan = plan = (
             state.plan(method, url.path, request.headers.get, mesh.rand) if state.rules is not None else DEFAULT_PLAN
         )

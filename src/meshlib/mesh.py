@@ -124,6 +124,8 @@ class Mesh:
         self._services: dict[str, ServiceState] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._sweeper: threading.Thread | None = None
+        self._sweep_stop = threading.Event()
         #: Sent as ``x-mesh-caller`` on every mesh request (informational; authorization never trusts it).
         self.caller_header = (b"x-mesh-caller", self.service.encode("ascii"))
         self.identity: Identity | None = None
@@ -222,7 +224,35 @@ class Mesh:
                 state.set_rules(service_rules, self.policy_for(service))
             self._services[service] = state
         self.discovery.watch(service, self._strict_filter(state) if self.strict else state.set_endpoints)
+        self._start_sweeper()
         return state
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None and self.settings.watch_idle_timeout > 0:
+            with self._lock:
+                if self._sweeper is None:
+                    self._sweeper = threading.Thread(target=self._sweep_loop, name="meshlib-watch-sweeper", daemon=True)
+                    self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        timeout = self.settings.watch_idle_timeout
+        while not self._sweep_stop.wait(min(60.0, timeout / 4)):
+            self.drop_idle_watches()
+
+    def drop_idle_watches(self) -> list[str]:
+        """Stop watching services no call has used for ``watch_idle_timeout`` (a gateway's long tail of names must
+        not keep a watch each forever). The next call to one of them watches it again."""
+        cutoff = self.clock() - self.settings.watch_idle_timeout
+        with self._lock:
+            idle = [name for name, state in self._services.items() if state.last_used < cutoff]
+            for name in idle:
+                del self._services[name]
+        for name in idle:
+            self.discovery.unwatch(name)
+        if idle:
+            log.info("stopped watching %d service(s) unused for %.0fs: %s", len(idle),
+                     self.settings.watch_idle_timeout, ", ".join(idle[:10]))
+        return idle
 
     @staticmethod
     def _strict_filter(state: ServiceState) -> Callable[[EndpointSet], None]:
@@ -282,6 +312,7 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
+        self._sweep_stop.set()
         if self.rules_watcher is not None:
             self.rules_watcher.close()
         if self.identity is not None:

@@ -57,6 +57,8 @@ class MeshSettings:
     access_log_sample: float = 1.0
     #: A CA file (PEM) to verify an https:// control plane and registry with (else the system's roots).
     control_plane_ca: str = ""
+    #: A service not called for this long stops being watched (its state is dropped; the next call watches again).
+    watch_idle_timeout: float = 600.0
 
     _ENV = {
         "service": "MESH_SERVICE",

@@ -51,6 +51,15 @@ class Discovery:
         """What went wrong the last time discovery was asked about ``service`` (None after a good answer)."""
         return self._errors.get(service)
 
+    def unwatch(self, service: str) -> None:
+        """Stop watching ``service`` and forget what was known of it (a later ``watch`` starts afresh)."""
+        with self._lock:
+            self._listeners.pop(service, None)
+            self._current.pop(service, None)
+            self._ready.pop(service, None)
+        self._errors.pop(service, None)
+        self._stop_watch(service)
+
     def current(self, service: str) -> EndpointSet | None:
         return self._current.get(service)
 
@@ -77,6 +86,9 @@ class Discovery:
     def _start_watch(self, service: str) -> None:
         """Begin fetching ``service``; call ``publish`` with what is found (an empty set when it is unknown)."""
         raise NotImplementedError
+
+    def _stop_watch(self, service: str) -> None:
+        """Stop fetching ``service`` (backends with a watch per service or a watched set override this)."""
 
     def publish_and_save(self, snapshot: EndpointSet) -> None:
         """Publish; when membership changed, also keep it as the last known endpoints in the state dir."""
@@ -111,6 +123,8 @@ class Discovery:
         service = snapshot.service
         self._errors.pop(service, None)
         with self._lock:
+            if service not in self._ready:  # nobody watches it (any more): a late answer must not resurrect it
+                return False
             previous = self._current.get(service)
             changed = not snapshot.same_members(previous)
             if changed:

@@ -158,6 +158,11 @@ class ConsulDiscovery(Discovery):
         own = _client(host, port_, self.token, scheme)
         return ConsulRegistration(own, service, address, port, list(tags), dict(meta or {}), token=self.token)
 
+    def _stop_watch(self, service: str) -> None:
+        poller = self.pollers.pop(service, None)
+        if poller is not None:
+            poller.stop()
+
     def close(self) -> None:
         for poller in self.pollers.values():
             poller.stop()

@@ -61,6 +61,9 @@ class RegistryDiscovery(Discovery):
     def _start_watch(self, service: str) -> None:
         self.watcher.add(service)
 
+    def _stop_watch(self, service: str) -> None:
+        self.watcher.remove(service)
+
     def _wake(self, session: str) -> None:
         self._http.post("/v1/registry/watch/wake", params={"session": session}, timeout=2.0)
 

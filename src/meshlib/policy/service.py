@@ -76,6 +76,8 @@ class ServiceState:
         self._subset_pools: dict[str, tuple[EndpointHandle, ...]] = {}
         #: Why listed endpoints were left out (e.g. plaintext ones under strict mTLS), for error messages.
         self.excluded = ""
+        #: When a call last used this service (the mesh stops watching services nobody calls any more).
+        self.last_used = clock()
 
     # -- updates (discovery and rules) ------------------------------------------------------------
 
