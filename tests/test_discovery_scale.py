@@ -6,42 +6,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 import meshlib
 from consul_double import ConsulDouble
-from harness import wait_for
+from harness import connections_to, wait_for
 from meshlib.discovery.consul import ConsulDiscovery, ConsulRegistration
 from meshlib.discovery.registry import RegistryDiscovery, RegistryRegistration
 
 SERVICES = [f"svc{i:03d}" for i in range(300)]
-
-
-def connections_to(port: int) -> int:
-    """Established TCP connections from this process to ``port`` on loopback (from /proc, no tools needed)."""
-    inodes = set()
-    for fd in Path(f"/proc/{os.getpid()}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
-                count += 1
-    return count
 
 
 def meshlib_threads() -> list[str]:
@@ -83,8 +58,9 @@ def test_one_process_calls_300_services_on_one_watch(control_plane, upstream, tm
             for name in SERVICES[::7]:  # and again, now all watched
                 assert client.get(f"http://{name}/y").status_code == 200
             assert len(discovery.watcher.names) == 300
-            assert connections_to(cp.port) <= 3, "one for the watch, one for registration (and one spare)"
+            assert connections_to(os.getpid(), cp.port) <= 3, "one for the watch, one for registration (and one spare)"
             assert len([t for t in meshlib_threads() if "watch" in t]) == 1, meshlib_threads()
+            assert len(meshlib_threads()) <= 3, meshlib_threads()  # watch, idle sweeper, our heartbeat
 
             # a change to any of the 300 reaches the process promptly (by the watch, not by a timeout)
             with httpx.Client(base_url=cp.url) as admin:

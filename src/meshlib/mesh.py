@@ -231,7 +231,7 @@ class Mesh:
         if self._sweeper is None and self.settings.watch_idle_timeout > 0:
             with self._lock:
                 if self._sweeper is None:
-                    self._sweeper = threading.Thread(target=self._sweep_loop, name="meshlib-watch-sweeper", daemon=True)
+                    self._sweeper = threading.Thread(target=self._sweep_loop, name="meshlib-idle-sweeper", daemon=True)
                     self._sweeper.start()
 
     def _sweep_loop(self) -> None:

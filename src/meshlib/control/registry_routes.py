@@ -1,0 +1,155 @@
+"""The embedded registry's HTTP API: registration with per-instance secrets, heartbeats, and the per-service and
+multiplexed long-poll watches."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import ConfigurationError
+from ..settings import validate_service_name
+from ..wire import SECRET_HEADER
+from .longpoll import hold
+from .registry import NotOwner, RegistrationError, parse_registration
+from .requests import SMALL_BODY_BYTES, BadQuery, TooLarge, error, int_param, read_body, too_large, wait_param
+
+if TYPE_CHECKING:
+    from .app import ControlPlane
+
+#: Most services one multiplexed watch may name.
+MAX_WATCHED = 10_000
+
+
+def registry_routes(cp: ControlPlane) -> list[Route]:
+    async def register(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        try:
+            raw = await read_body(request, SMALL_BODY_BYTES)
+            instance = parse_registration(json.loads(raw or b"null"), cp.allow_unsafe_addresses)
+        except TooLarge:
+            return too_large(SMALL_BODY_BYTES)
+        except (RegistrationError, ValueError, RecursionError) as exc:
+            return error(400, f"invalid registration: {exc}")
+        try:
+            cp.registry.register(instance, request.headers.get(SECRET_HEADER))
+        except NotOwner:
+            return error(
+                409,
+                f"instance id {instance.id!r} is registered by another holder: overwriting it needs its "
+                f"{SECRET_HEADER} header (or register under another id)",
+            )
+        return JSONResponse({"id": instance.id, "ttl": instance.ttl, "secret": instance.secret})
+
+    async def heartbeat(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        instance_id = request.path_params["id"]
+        try:
+            known = cp.registry.heartbeat(instance_id, request.headers.get(SECRET_HEADER))
+        except NotOwner:
+            return error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
+        if not known:
+            return error(404, f"unknown instance {instance_id[:200]!r}: register again")
+        return JSONResponse({"ok": True})
+
+    async def deregister(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        instance_id = request.path_params["id"]
+        try:
+            known = cp.registry.deregister(instance_id, request.headers.get(SECRET_HEADER))
+        except NotOwner:
+            return error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
+        if not known:
+            return error(404, f"unknown instance {instance_id[:200]!r}")
+        return JSONResponse({"ok": True})
+
+    async def watch_service(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            validate_service_name(name)
+        except ConfigurationError as exc:
+            return error(400, str(exc))
+        try:
+            index = int_param(request, "index")
+            wait = wait_param(request)
+        except BadQuery as exc:
+            return error(400, str(exc))
+        registry = cp.registry
+        if index is not None and registry.service_index(name) <= index:
+            await hold(
+                registry.signal, wait, lambda: registry.service_index(name) > index or cp.closing, request.receive
+            )
+        current, body = registry.encoded(name)
+        return Response(body, media_type="application/json", headers={"x-mesh-index": str(current)})
+
+    async def watch_many(request: Request) -> Response:
+        """One long-poll for many services (xDS's aggregated stream, over HTTP): answers with the watched services
+        that changed after ``index``, as soon as one does, or with none when ``wait`` passes. Names come in the
+        query (``services=a,b``) or, for long lists, as a JSON body ``{"services": [...]}`` on POST."""
+        try:
+            index = int_param(request, "index") or 0
+            wait = wait_param(request)
+            if request.method == "POST":
+                body = json.loads(await read_body(request, SMALL_BODY_BYTES * 16) or b"{}")
+                raw = body.get("services") if isinstance(body, dict) else None
+                if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+                    raise BadQuery("body: expected {\"services\": [names]}")
+                names = raw
+            else:
+                names = [n for n in request.query_params.get("services", "").split(",") if n]
+            if len(names) > MAX_WATCHED:
+                raise BadQuery(f"at most {MAX_WATCHED} services per watch")
+            for name in names:
+                validate_service_name(name)
+        except TooLarge:
+            return too_large(SMALL_BODY_BYTES * 16)
+        except (BadQuery, ConfigurationError, ValueError, RecursionError) as exc:
+            return error(400, str(exc))
+        names = sorted(set(names))
+        session = request.query_params.get("session", "")[:64]
+        registry = cp.registry
+        if index and not registry.changed_since(names, index):
+            woken = cp.wakers.register(session) if session else None
+            try:
+                await hold(registry.signal, wait, lambda: bool(registry.changed_since(names, index)) or cp.closing,
+                           request.receive, woken)
+            finally:
+                if woken is not None:
+                    cp.wakers.done(session, woken)
+        changed = registry.changed_since(names, index)
+        return Response(registry.encoded_many(changed), media_type="application/json",
+                        headers={"x-mesh-index": str(registry.index)})
+
+    async def wake_watch(request: Request) -> Response:
+        session = request.query_params.get("session", "")
+        if not session or len(session) > 64:
+            return error(400, "query parameter session=<the watch's session id> is required (at most 64 characters)")
+        return JSONResponse({"woken": cp.wakers.wake(session)})
+
+    async def list_services(request: Request) -> Response:
+        services = cp.registry.services()
+        return JSONResponse(
+            {
+                "index": cp.registry.index,
+                "services": {name: [i.public() for i in items] for name, items in sorted(services.items())},
+            }
+        )
+
+    return [
+        Route("/v1/registry/register", register, methods=["PUT"]),
+        Route("/v1/registry/heartbeat/{id}", heartbeat, methods=["PUT"]),
+        Route("/v1/registry/services", list_services, methods=["GET"]),
+        Route("/v1/registry/watch", watch_many, methods=["GET", "POST"]),
+        Route("/v1/registry/watch/wake", wake_watch, methods=["POST"]),
+        Route("/v1/registry/services/{name}", watch_service, methods=["GET"]),
+        Route("/v1/registry/{id}", deregister, methods=["DELETE"]),
+    ]
