@@ -132,3 +132,13 @@ def test_saved_state_dir_files_are_only_ever_data(tmp_path: Path):
 
     snap = EndpointSet.of("s", [Endpoint("127.0.0.1", 80, frozenset({"v1"}), {"k": "v"}, id="a")], 4)
     assert parse_snapshot("s", json.loads(json.dumps(snapshot_to_json(snap))), 4).same_members(snap)
+
+
+def test_discovery_errors_are_never_empty():
+    from meshlib.wire import error_text
+
+    assert error_text(httpx.PoolTimeout(""), 300) == "discovery connection pool exhausted with 300 watches (PoolTimeout)"
+    assert error_text(httpx.ReadTimeout("")) == "ReadTimeout"
+    assert error_text(httpx.ConnectError("All connection attempts failed")) == (
+        "ConnectError: All connection attempts failed"
+    )

@@ -25,3 +25,11 @@ def bounded_json(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> Any
         return json.loads(content)
     except (ValueError, RecursionError) as exc:
         raise BadAnswer(f"{response.request.url}: invalid JSON ({exc})") from None
+
+
+def error_text(exc: BaseException, watches: int = 0) -> str:
+    """An error as a reader-facing line, never empty (httpx's timeouts often carry no message)."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return f"discovery connection pool exhausted with {watches} watches (PoolTimeout)"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,9 +25,13 @@ from typing import Any
 import httpx
 
 from ..endpoints import EndpointSet, SnapshotError, parse_snapshot
-from ..wire import MAX_ANSWER_BYTES, BadAnswer
+from ..wire import MAX_ANSWER_BYTES, BadAnswer, error_text
 
 log = logging.getLogger("meshlib.discovery.registry")
+
+
+class WatchError(Exception):
+    """Why the multiplexed watch failed, as one readable line."""
 
 
 class MultiWatch:
@@ -156,9 +160,10 @@ class MultiWatch:
                 delay = min(self.max_backoff, 0.2 * 2 ** min(failures - 1, 16))
                 delay = delay / 2 + random.random() * delay / 2
                 level = logging.WARNING if failures in (1, 5) or failures % 50 == 0 else logging.DEBUG
-                log.log(level, "registry watch of %d service(s): %s (retrying in %.1fs)", len(names), exc, delay)
+                reason = error_text(exc, len(names))
+                log.log(level, "registry watch of %d service(s): %s (retrying in %.1fs)", len(names), reason, delay)
                 for name in names:
-                    self._on_error(name, exc)
+                    self._on_error(name, WatchError(reason))
                 with self._lock:  # names never answered are fetched again first
                     self._pending |= {n for n in new if n in self.names}
                 await self._sleep(delay)
