@@ -32,10 +32,13 @@ def _mesh(discovery: RegistryDiscovery) -> meshlib.Mesh:
     [{"instances": 5}, {"instances": [{"address": 5, "port": "x"}]}, [1, 2], "text", {"instances": [None]}],
 )
 def test_a_corrupt_cache_does_not_kill_the_watch(cached, control_plane, upstreams, tmp_path):
-    state = tmp_path / "state"
-    (state / "endpoints").mkdir(parents=True)
-    (state / "endpoints" / "payments.json").write_text(json.dumps(cached))
+    from meshlib.state import source_key
+
     port = free_port()  # the registry is down at first
+    state = tmp_path / "state"
+    cache = state / "endpoints" / source_key(f"http://127.0.0.1:{port}")
+    cache.mkdir(parents=True)
+    (cache / "payments.json").write_text(json.dumps(cached))
     discovery = RegistryDiscovery(f"http://127.0.0.1:{port}", state_dir=str(state), wait=1.0)
     with _mesh(discovery) as mesh, mesh.client() as client:
         with pytest.raises(meshlib.NoEndpointsError) as info:
@@ -137,7 +140,8 @@ def test_saved_state_dir_files_are_only_ever_data(tmp_path: Path):
 def test_discovery_errors_are_never_empty():
     from meshlib.wire import error_text
 
-    assert error_text(httpx.PoolTimeout(""), 300) == "discovery connection pool exhausted with 300 watches (PoolTimeout)"
+    expected = "discovery connection pool exhausted with 300 watches (PoolTimeout)"
+    assert error_text(httpx.PoolTimeout(""), 300) == expected
     assert error_text(httpx.ReadTimeout("")) == "ReadTimeout"
     assert error_text(httpx.ConnectError("All connection attempts failed")) == (
         "ConnectError: All connection attempts failed"

@@ -1,8 +1,10 @@
 """meshlib: a service mesh inside the process.
 
-Public API only; see ``docs/`` and ``shared/design.md``.
+Public API only; see ``docs/``. ``meshlib.contrib`` (framework glue) is importable from here too:
+``import meshlib; meshlib.contrib.flask.Mesh(app)``.
 """
 
+import importlib
 from typing import Any
 
 from .errors import (
@@ -26,6 +28,13 @@ def serve(app: Any, **kwargs: Any) -> None:
     from .server import serve as _serve
 
     _serve(app, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # framework glue on first use, so that ``import meshlib`` does not import Flask, Django or Starlette
+    if name == "contrib":
+        return importlib.import_module(".contrib", __name__)
+    raise AttributeError(f"module 'meshlib' has no attribute {name!r}")
 
 
 __all__ = [

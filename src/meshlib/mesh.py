@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from .discovery import Discovery, StaticDiscovery
 from .endpoints import EndpointSet
@@ -18,7 +17,7 @@ from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
 from .rules.model import EMPTY_RULES, Rules, parse_duration
-from .settings import MeshSettings, control_plane_verify
+from .settings import MeshSettings, control_plane_verify, registry_of
 from .telemetry import Telemetry
 
 log = logging.getLogger("meshlib")
@@ -48,8 +47,8 @@ def make_discovery(settings: MeshSettings) -> Discovery:
 
         address = _host_port(spec, "registry://")
         # the registry lives in the control plane: when that is https:// at the same address, so is the registry
-        cp = urlsplit(settings.control_plane) if settings.control_plane else None
-        scheme = "https" if cp is not None and cp.scheme == "https" and cp.netloc == address else "http"
+        cp = settings.control_plane
+        scheme = "https" if cp.startswith("https://") and registry_of(cp) == f"registry://{address}" else "http"
         return RegistryDiscovery(
             f"{scheme}://{address}",
             state_dir=settings.state_dir,
@@ -223,7 +222,7 @@ class Mesh:
             if service_rules is not None:
                 state.set_rules(service_rules, self.policy_for(service))
             self._services[service] = state
-        self.discovery.watch(service, self._strict_filter(state) if self.strict else state.set_endpoints)
+        self.discovery.watch(service, self._tls_filter(state))
         self._start_sweeper()
         return state
 
@@ -254,22 +253,33 @@ class Mesh:
                      self.settings.watch_idle_timeout, ", ".join(idle[:10]))
         return idle
 
-    @staticmethod
-    def _strict_filter(state: ServiceState) -> Callable[[EndpointSet], None]:
-        """Strict mTLS never downgrades, whatever discovery says: instances that advertise plaintext
-        (``mesh_tls: off``) are left out, and the reason is kept for the error a caller would see."""
+    def _tls_filter(self, state: ServiceState) -> Callable[[EndpointSet], None]:
+        """Instances this process cannot talk to are left out, with the reason kept for the error a caller would
+        see. Strict mTLS never downgrades, whatever discovery says: instances advertising plaintext
+        (``mesh_tls: off``) are skipped. A plaintext process cannot call instances that require mTLS
+        (``mesh_tls: strict``): it would only get a closed connection, so it is told what to set instead."""
+        mode = self.settings.tls
+        if mode == "strict":
+            unusable, why = "off", (
+                "advertise plaintext (mesh_tls: off) and were skipped, because MESH_TLS=strict never sends plaintext; "
+                "run them with MESH_TLS=strict or permissive"
+            )
+        elif mode == "off":
+            unusable, why = "strict", (
+                f"require mTLS (mesh_tls: strict) and were skipped: {state.name} requires mTLS; "
+                "set MESH_TLS=strict or permissive (and MESH_BOOTSTRAP_TOKEN) in this process"
+            )
+        else:
+            return state.set_endpoints
 
         def on_snapshot(snapshot: EndpointSet) -> None:
-            plain = [e for e in snapshot.endpoints if e.meta.get("mesh_tls") == "off"]
-            if plain:
-                names = ", ".join(e.authority for e in plain[:5]) + (", ..." if len(plain) > 5 else "")
-                state.excluded = (
-                    f"{len(plain)} instance(s) advertise plaintext (mesh_tls: off: {names}) and were skipped, "
-                    "because MESH_TLS=strict never sends plaintext; run them with MESH_TLS=strict or permissive"
-                )
+            skipped = [e for e in snapshot.endpoints if e.meta.get("mesh_tls") == unusable]
+            if skipped:
+                names = ", ".join(e.authority for e in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+                state.excluded = f"{len(skipped)} instance(s) ({names}) {why}"
                 log.warning("%s: %s", state.name, state.excluded)
                 snapshot = EndpointSet(
-                    snapshot.service, tuple(e for e in snapshot.endpoints if e not in plain), snapshot.index
+                    snapshot.service, tuple(e for e in snapshot.endpoints if e not in skipped), snapshot.index
                 )
             else:
                 state.excluded = ""

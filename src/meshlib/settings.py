@@ -8,6 +8,7 @@ import ssl
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
@@ -28,6 +29,14 @@ def _default_service() -> str:
     prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
     cleaned = re.sub(r"[^a-z0-9-]+", "-", prog.lower()).strip("-")
     return cleaned[:63] or "python"
+
+
+def registry_of(control_plane: str) -> str:
+    """``registry://host:port`` of the embedded registry in the control plane at ``control_plane``."""
+    parts = urlsplit(control_plane)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or "127.0.0.1"
+    return f"registry://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _flag(var: str, value: str) -> bool:
@@ -82,6 +91,10 @@ class MeshSettings:
             if var in env:
                 values[name] = env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
+        control_plane = values.get("control_plane")
+        if "discovery" not in values and isinstance(control_plane, str) and control_plane:
+            # one variable per decision: moving the control plane moves its registry too
+            values["discovery"] = registry_of(control_plane)
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:

@@ -40,3 +40,11 @@ class StateDir:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", target, exc)
             return None
+
+
+def source_key(source: str) -> str:
+    """A short, file-name-safe key for where cached data came from (a registry's or control plane's URL), so that
+    a cache from one mesh is never restored into another."""
+    import hashlib
+
+    return hashlib.sha256(source.encode()).hexdigest()[:16]

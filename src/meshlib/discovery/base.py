@@ -12,15 +12,17 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from ..endpoints import EndpointSet, SnapshotError, parse_snapshot, snapshot_to_json
-from ..state import StateDir
+from ..state import StateDir, source_key
 
 Listener = Callable[[EndpointSet], None]
 _log = logging.getLogger("meshlib.discovery")
 
 
 class Discovery:
-    def __init__(self, state_dir: str | None = None) -> None:
+    def __init__(self, state_dir: str | None = None, source: str = "") -> None:
         self._state = StateDir(state_dir) if state_dir else None
+        # last-known endpoints are kept per source: a cache written against another registry is never restored
+        self._cache_dir = f"endpoints/{source_key(source)}" if source else "endpoints"
         self._lock = threading.Lock()
         self._current: dict[str, EndpointSet] = {}
         self._listeners: dict[str, list[Listener]] = {}
@@ -93,7 +95,7 @@ class Discovery:
     def publish_and_save(self, snapshot: EndpointSet) -> None:
         """Publish; when membership changed, also keep it as the last known endpoints in the state dir."""
         if self.publish(snapshot) and self._state is not None:
-            self._state.save(f"endpoints/{snapshot.service}.json", snapshot_to_json(snapshot))
+            self._state.save(f"{self._cache_dir}/{snapshot.service}.json", snapshot_to_json(snapshot))
 
     def discovery_failed(self, service: str, source: str, exc: BaseException) -> None:
         """A watch failed (unreachable, bad answer): remember why for error messages, and fall back on the last
@@ -107,7 +109,7 @@ class Discovery:
     def restore_saved(self, service: str, source: str) -> None:
         """Discovery is down and has never answered for ``service``: serve what the last run saw, not nothing."""
         if self.current(service) is None and self._state is not None:
-            saved = self._state.load(f"endpoints/{service}.json")
+            saved = self._state.load(f"{self._cache_dir}/{service}.json")
             if saved is None:
                 return
             try:

@@ -91,7 +91,7 @@ class ConsulDiscovery(Discovery):
         state_dir: str | None = None,
         wait: float = 30.0,
     ) -> None:
-        super().__init__(state_dir)
+        super().__init__(state_dir, source=f"{scheme}://{host}:{port}")
         self.token = token
         self.wait = wait
         self.client = _client(host, port, token, scheme)

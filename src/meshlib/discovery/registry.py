@@ -32,7 +32,7 @@ class RegistryDiscovery(Discovery):
         wait: float = WAIT,
         verify: ssl.SSLContext | bool = True,
     ):
-        super().__init__(state_dir)
+        super().__init__(state_dir, source=base_url.rstrip("/"))
         self.base_url = base_url.rstrip("/")
         self.wait = wait
         headers = {"authorization": f"Bearer {token}"} if token else {}

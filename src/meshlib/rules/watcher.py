@@ -16,12 +16,11 @@ from typing import Any
 import httpx
 
 from ..longpoll import LongPoller
-from ..state import StateDir
+from ..state import StateDir, source_key
 from ..wire import BadAnswer, bounded_json
 from .model import Rules, RulesValidationError, validate_rules
 
 log = logging.getLogger("meshlib.rules")
-CACHE_FILE = "rules.json"
 
 
 class RulesWatcher:
@@ -36,6 +35,8 @@ class RulesWatcher:
         self.control_plane = control_plane.rstrip("/")
         self._on_rules = on_rules
         self._state = StateDir(state_dir) if state_dir else None
+        # the last good rules are kept per control plane: another mesh's cache is never restored
+        self.cache_file = f"rules-{source_key(self.control_plane)}.json"
         self.wait = wait
         self.version = 0
         self._seen = 0  # the newest version the server showed us, applied or rejected
@@ -49,7 +50,7 @@ class RulesWatcher:
         self._poller = LongPoller("rules-watch", self._fetch, self._answer)
 
     def start(self) -> RulesWatcher:
-        cached = self._state.load(CACHE_FILE) if self._state is not None else None
+        cached = self._state.load(self.cache_file) if self._state is not None else None
         if isinstance(cached, dict):
             try:
                 rules = validate_rules(cached.get("rules"), int(cached.get("version", 0)))
@@ -84,7 +85,7 @@ class RulesWatcher:
             return
         self._apply(rules)
         if self._state is not None:
-            self._state.save(CACHE_FILE, {"version": version, "rules": body.get("rules") or {}})
+            self._state.save(self.cache_file, {"version": version, "rules": body.get("rules") or {}})
         log.info("rules version %d applied", version)
 
     def _apply(self, rules: Rules) -> None:

@@ -1,0 +1,74 @@
+"""The newcomer's path (first points): one variable moves the control plane and its registry, and a plaintext
+caller of an mTLS-only service is told what to set."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+import meshlib
+
+
+def test_moving_the_control_plane_needs_one_variable(control_plane, upstreams, monkeypatch):
+    cp = control_plane()
+    (up,) = upstreams(1)
+    r = httpx.put(cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1",
+                                                          "port": up.port})
+    assert r.status_code == 200
+    monkeypatch.setenv("MESH_CONTROL_PLANE", cp.url)  # and no MESH_DISCOVERY: its registry is the default
+    monkeypatch.setenv("MESH_SERVICE", "frontend")
+    settings = meshlib.MeshSettings.from_env()
+    assert settings.discovery == f"registry://127.0.0.1:{cp.port}"
+    with meshlib.Client() as client:
+        assert client.get("http://payments/x").json()["instance"] == up.name
+    meshlib.Mesh.default().close()
+
+
+def test_a_plaintext_caller_of_an_mtls_only_service_is_told_what_to_set(control_plane, upstreams, tmp_path):
+    cp = control_plane()
+    (up,) = upstreams(1)
+    r = httpx.put(cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1",
+                                                          "port": up.port, "meta": {"mesh_tls": "strict"}})
+    assert r.status_code == 200
+    mesh = meshlib.Mesh(service="frontend", control_plane=cp.url, tls="off", state_dir=str(tmp_path / "f"))
+    with mesh, mesh.client() as client, pytest.raises(meshlib.NoEndpointsError) as info:
+        client.get("http://payments/x")
+    assert "payments requires mTLS; set MESH_TLS=strict or permissive" in str(info.value)
+    assert up.counts() == {}  # not even a connection attempt that would end in "Server disconnected"
+
+
+def test_caches_from_another_registry_are_not_restored(control_plane, upstreams, tmp_path):
+    """Endpoints and rules saved while talking to one mesh must not be served when the process now points at
+    another one that is down."""
+    from harness import free_port
+
+    cp = control_plane()
+    (up,) = upstreams(1)
+    httpx.put(cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1",
+                                                      "port": up.port}).raise_for_status()
+    v = cp.apply({"services": {"payments": {"timeout": "2s"}}})
+    state = str(tmp_path / "shared-state")
+    first = meshlib.Mesh(service="frontend", control_plane=cp.url, state_dir=state)
+    with first, first.client() as client:
+        assert client.get("http://payments/x").status_code == 200
+        assert first.rules_watcher is not None and first.rules_watcher.wait_for_version(v, 5)
+    elsewhere = f"http://127.0.0.1:{free_port()}"  # another mesh's control plane, down
+    second = meshlib.Mesh(service="frontend", control_plane=elsewhere, state_dir=state)
+    assert second.settings.discovery == "registry://" + elsewhere.split("://")[1]  # that mesh's registry
+    with second, second.client() as client, pytest.raises(meshlib.NoEndpointsError):
+        client.get("http://payments/x")
+    assert second.rules.version == 0  # not the other mesh's version
+    again = meshlib.Mesh(service="frontend", control_plane=cp.url, state_dir=state)
+    cp.kill()  # the first mesh's control plane goes down: its own cache is still restored
+    with again, again.client() as client:
+        assert again.rules.version == v
+        assert client.get("http://payments/x").status_code == 200
+
+
+def test_contrib_is_reachable_from_import_meshlib():
+    import subprocess
+    import sys
+
+    code = "import sys, meshlib; assert 'django' not in sys.modules; print(meshlib.contrib.flask.Mesh.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "Mesh"
