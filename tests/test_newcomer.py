@@ -72,3 +72,40 @@ def test_contrib_is_reachable_from_import_meshlib():
     code = "import sys, meshlib; assert 'django' not in sys.modules; print(meshlib.contrib.flask.Mesh.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "Mesh"
+
+
+@pytest.mark.parametrize(("token", "said"), [(None, "no token sent"), ("wrong", "wrong token")])
+def test_a_missing_or_wrong_bootstrap_token_fails_fast_in_one_line(control_plane, tmp_path, monkeypatch, token, said):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cp = control_plane(bootstrap_token="the-real-token")
+    (tmp_path / "tinyapp.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_CONTROL_PLANE": cp.url, "MESH_STATE_DIR": str(tmp_path / "s"), "PYTHONPATH": str(tmp_path)})
+    if token:
+        env["MESH_BOOTSTRAP_TOKEN"] = token
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", "0"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert time.monotonic() - started < 30  # refused at once, not retried
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshctl: registry at ") and cp.url in last, run.stderr
+    assert said in last and "MESH_BOOTSTRAP_TOKEN" in last, last
+    assert "Traceback" not in run.stderr and "developer.mozilla" not in run.stderr
+
+    # strict mTLS: the certificate request is refused at once too, naming the variable, not retried for ~30 s
+    if token:
+        monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", token)
+    started = time.monotonic()
+    with pytest.raises(meshlib.MeshError) as info:
+        meshlib.Mesh(service="tiny", control_plane=cp.url, tls="strict", state_dir=str(tmp_path / "strict"))
+    assert time.monotonic() - started < 10
+    assert said in str(info.value) and "MESH_BOOTSTRAP_TOKEN" in str(info.value) and cp.url in str(info.value)

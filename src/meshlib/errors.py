@@ -25,6 +25,11 @@ class ConfigurationError(MeshError, ValueError):
     """A setting, rule or argument is malformed; the message names the setting and the problem."""
 
 
+class RegistrationRefused(ConfigurationError):
+    """The registry refused this instance's registration for good (401/403: a missing or wrong token): retrying
+    cannot help, the message says what to set."""
+
+
 class NoEndpointsError(MeshError):
     """The service is unknown to discovery, or it has no healthy instance."""
 

@@ -19,6 +19,7 @@ import uvicorn
 
 from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
+from .errors import RegistrationRefused
 from .mesh import Mesh
 from .security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .security.server_tls import sniffing, with_peer_identity
@@ -153,6 +154,8 @@ def serve(
         if registration.registered:  # a crash in startup: still leave discovery clean
             registration.close()
         mesh.close()
+    if server.refused is not None:
+        raise server.refused
 
 
 class _MeshServer(uvicorn.Server):
@@ -175,12 +178,19 @@ class _MeshServer(uvicorn.Server):
         self.drain_delay = drain_delay
         self.port = port
         self.on_ready = on_ready
+        self.refused: RegistrationRefused | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets=sockets)
         if self.should_exit:
             return
-        await asyncio.to_thread(self.registration.start)
+        try:
+            await asyncio.to_thread(self.registration.start)
+        except RegistrationRefused as exc:  # serving while unregistered would look healthy and get no traffic
+            log.error("meshlib: %s", exc)
+            self.refused = exc
+            self.should_exit = True
+            return
         log.info("meshlib: %s serving on port %d", self.endpoints.mesh.service, self.port)
         if self.on_ready is not None:
             self.on_ready(self.port)

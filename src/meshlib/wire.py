@@ -33,3 +33,14 @@ def error_text(exc: BaseException, watches: int = 0) -> str:
         return f"discovery connection pool exhausted with {watches} watches (PoolTimeout)"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def refusal_text(response: httpx.Response) -> str:
+    """A control plane's refusal as one line: its own ``error`` message (which names the variable to set), not
+    httpx's status text with a link."""
+    try:
+        body = response.json()
+        message = body.get("error") if isinstance(body, dict) else None
+    except ValueError:
+        message = None
+    return str(message or response.text.strip()[:200] or response.reason_phrase)

@@ -104,10 +104,7 @@ class ControlPlane:
     def check_admin(self, request: Request) -> Response | None:
         if self.admin_token is None:
             return error(403, "admin writes are disabled: start the control plane with MESH_ADMIN_TOKEN set")
-        token = self._bearer(request)
-        if token is None or not hmac.compare_digest(token.encode(), self.admin_token.encode()):
-            return error(401, "admin token required: send Authorization: Bearer <MESH_ADMIN_TOKEN>")
-        return None
+        return self._token_refusal(request, self.admin_token, "MESH_ADMIN_TOKEN")
 
     def check_registry(self, request: Request) -> Response | None:
         if self.registry_token is None:
@@ -120,9 +117,21 @@ class ControlPlane:
                 "registry writes from other machines need a token: start the control plane with "
                 "MESH_BOOTSTRAP_TOKEN set, and set the same MESH_BOOTSTRAP_TOKEN on every instance",
             )
+        return self._token_refusal(request, self.registry_token, "MESH_BOOTSTRAP_TOKEN")
+
+    def _token_refusal(self, request: Request, expected: str, variable: str) -> Response | None:
+        """None when the request carries ``expected``; else a 401 that tells a missing token from a wrong one."""
         token = self._bearer(request)
-        if token is None or not hmac.compare_digest(token.encode(), self.registry_token.encode()):
-            return error(401, "registry token required: send Authorization: Bearer <MESH_BOOTSTRAP_TOKEN>")
+        if token is None:
+            return error(
+                401, f"no token sent: set {variable} to this control plane's {variable}", reason="missing",
+                variable=variable,
+            )
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            return error(
+                401, f"wrong token: the {variable} sent is not this control plane's {variable}", reason="wrong",
+                variable=variable,
+            )
         return None
 
 

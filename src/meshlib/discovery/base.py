@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from ..endpoints import EndpointSet, SnapshotError, parse_snapshot, snapshot_to_json
+from ..errors import RegistrationRefused
 from ..state import StateDir, source_key
 
 Listener = Callable[[EndpointSet], None]
@@ -162,9 +163,13 @@ class Registration:
         raise NotImplementedError
 
     def start(self) -> Registration:
+        """Register now; a refusal that retrying cannot heal (a missing or wrong token) raises at once, anything
+        else is retried in the background."""
         try:
             self._register()
             self.registered = True
+        except RegistrationRefused:
+            raise
         except Exception as exc:
             _log.warning("registration of %s failed (%s); retrying in the background", self.id, exc)
         self._thread = threading.Thread(target=self._loop, name=f"meshlib-heartbeat-{self.id}", daemon=True)

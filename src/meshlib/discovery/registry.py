@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import httpx
 
-from ..wire import SECRET_HEADER
+from ..errors import RegistrationRefused
+from ..wire import SECRET_HEADER, error_text, refusal_text
 from .base import Discovery, Registration
 from .multiwatch import MultiWatch
 
@@ -77,6 +78,10 @@ class RegistryDiscovery(Discovery):
         self._http.close()
 
 
+class RegistryUnavailable(Exception):
+    """The registry could not be reached, or failed: retried in the background."""
+
+
 class RegistryRegistration(Registration):
     """Registers with a TTL and heartbeats at a third of it; re-registers when the registry forgot us.
 
@@ -105,27 +110,47 @@ class RegistryRegistration(Registration):
     def _headers(self) -> dict[str, str]:
         return {SECRET_HEADER: self.secret} if self.secret else {}
 
+    def _put(self, path: str, **kwargs: object) -> httpx.Response:
+        """A request to the registry; transport errors become one line naming the registry (they are retried)."""
+        try:
+            return self._http.put(path, timeout=5, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailable(f"registry at {self._http.base_url}: {error_text(exc)}") from None
+
+    def _check(self, r: httpx.Response) -> None:
+        if r.status_code in (401, 403):  # a missing or wrong token: retrying cannot help
+            raise RegistrationRefused(
+                f"registry at {self._http.base_url} refused to register {self.id}: {refusal_text(r)}"
+            )
+        if r.status_code >= 400:
+            raise RegistryUnavailable(f"registry at {self._http.base_url} answered {r.status_code}: {refusal_text(r)}")
+
     def _register(self) -> None:
-        r = self._http.put("/v1/registry/register", json=self.body, headers=self._headers(), timeout=5)
+        r = self._put("/v1/registry/register", json=self.body, headers=self._headers())
         if r.status_code == 409:
             self.id = f"{self.body['service']}-{self.body['address']}-{self.body['port']}-{secrets.token_hex(4)}"
             self.body["id"] = self.id
             log.info("registry: our id is held by another holder; registering as %s", self.id)
-            r = self._http.put("/v1/registry/register", json=self.body, timeout=5)
-        r.raise_for_status()
+            r = self._put("/v1/registry/register", json=self.body)
+        self._check(r)
         answer = r.json()
         self.secret = answer.get("secret") if isinstance(answer, dict) else None
 
     def _heartbeat(self) -> None:
-        r = self._http.put(f"/v1/registry/heartbeat/{self.id}", headers=self._headers(), timeout=5)
-        if r.status_code in (403, 404):  # forgotten (restart, TTL lapsed), or our secret is no longer the holder's
-            log.info("registry forgot %s: registering again", self.id)
+        r = self._put(f"/v1/registry/heartbeat/{self.id}", headers=self._headers())
+        if r.status_code == 404 or (r.status_code == 403 and "secret" in refusal_text(r)):
+            log.info("registry forgot %s: registering again", self.id)  # a restart, or a TTL that lapsed
             self.secret = None
             self._register()
         else:
-            r.raise_for_status()
+            self._check(r)
 
     def _deregister(self) -> None:
-        r = self._http.delete(f"/v1/registry/{self.id}", headers=self._headers(), timeout=5)
-        if r.status_code not in (200, 404):
-            r.raise_for_status()
+        if self.secret is None:  # never registered (or forgotten): nothing of ours to remove
+            return
+        try:
+            r = self._http.delete(f"/v1/registry/{self.id}", headers=self._headers(), timeout=5)
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailable(f"registry at {self._http.base_url}: {error_text(exc)}") from None
+        if r.status_code != 404:
+            self._check(r)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError, MeshError
+from ..wire import refusal_text
 from .ca import load_certificates, load_private_key
 from .spiffe import SpiffeId
 from .tls import client_context, server_context
@@ -213,8 +214,10 @@ class Identity:
                 roots = http.get(f"{self.control_plane}/v1/ca/roots")
         except httpx.HTTPError as exc:
             raise IdentityError(f"cannot reach the CA at {self.control_plane}: {exc}") from None
+        if signed.status_code in (401, 403):  # a missing or wrong token: retrying cannot help
+            raise IdentityConfigError(f"the CA at {self.control_plane} refused the CSR: {refusal_text(signed)}")
         if signed.status_code != 200:
-            raise IdentityError(f"the CA refused the CSR: {signed.status_code} {signed.text[:200]}")
+            raise IdentityError(f"the CA at {self.control_plane} refused the CSR: {refusal_text(signed)}")
         if roots.status_code != 200:
             raise IdentityError(f"cannot fetch the trust bundle: {roots.status_code} {roots.text[:200]}")
         payload = signed.json()
