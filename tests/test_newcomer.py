@@ -109,3 +109,40 @@ def test_a_missing_or_wrong_bootstrap_token_fails_fast_in_one_line(control_plane
         meshlib.Mesh(service="tiny", control_plane=cp.url, tls="strict", state_dir=str(tmp_path / "strict"))
     assert time.monotonic() - started < 10
     assert said in str(info.value) and "MESH_BOOTSTRAP_TOKEN" in str(info.value) and cp.url in str(info.value)
+
+
+def test_serve_names_the_process_even_when_clients_were_made_at_import(control_plane, upstreams, tmp_path):
+    """``client = meshlib.Client()`` at import, then ``meshlib.serve(app, service="web2")``: the client's calls
+    go out as web2 (they used to go out under the program name, ``app``)."""
+    import os
+    import subprocess
+    import sys
+
+    from harness import free_port, wait_for
+
+    cp = control_plane()
+    (peer,) = upstreams(1)
+    httpx.put(cp.url + "/v1/registry/register", json={"service": "peer", "address": "127.0.0.1",
+                                                      "port": peer.port}).raise_for_status()
+    port = free_port()
+    (tmp_path / "app.py").write_text(
+        "import meshlib\n"
+        "client = meshlib.Client()\n"
+        "def app(environ, start_response):\n"
+        "    seen = client.get('http://peer/x').json()['headers'].get('x-mesh-caller', '')\n"
+        "    start_response('200 OK', [('content-type', 'text/plain')])\n"
+        "    return [seen.encode()]\n"
+        f"meshlib.serve(app, service='web2', port={port})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_CONTROL_PLANE": cp.url, "MESH_STATE_DIR": str(tmp_path / "s")})
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "app.py")], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: httpx.get(cp.url + "/v1/registry/services/web2").json()["instances"], timeout=30,
+                 what="web2 to register")
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "web2"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "taken from the program name" not in err

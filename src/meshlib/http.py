@@ -9,6 +9,7 @@ copying the ``httpx.URL``.
 from __future__ import annotations
 
 import contextvars
+import functools
 import ssl
 import threading
 import time
@@ -419,7 +420,7 @@ class MeshTransport(httpx.BaseTransport):
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Mesh | None,
         *,
         passthrough: httpx.BaseTransport | None = None,
         pool: httpcore.ConnectionPool | Any | None = None,
@@ -430,12 +431,21 @@ class MeshTransport(httpx.BaseTransport):
         limits: httpx.Limits = _DEFAULT_LIMITS,
         trust_env: bool = True,
     ) -> None:
-        self.mesh = mesh
+        if mesh is not None:
+            self.__dict__["mesh"] = mesh
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        options = _pool_options(mesh, verify, cert, trust_env, limits, http1, http2)
-        self._pools = _Pools(lambda: httpcore.ConnectionPool(**options), pool)
+        self._pools = _Pools(
+            lambda: httpcore.ConnectionPool(**_pool_options(self.mesh, verify, cert, trust_env, limits, http1, http2)),
+            pool,
+        )
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """The process default Mesh, looked up at the first request rather than when the client was made, so that
+        ``meshlib.serve(app, service=...)`` names it even when the app built its clients at import."""
+        return Mesh.default()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -604,7 +614,7 @@ def _discard(response: httpx.Response) -> None:
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Mesh | None,
         *,
         passthrough: httpx.AsyncBaseTransport | None = None,
         pool: httpcore.AsyncConnectionPool | Any | None = None,
@@ -615,12 +625,22 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits = _DEFAULT_LIMITS,
         trust_env: bool = True,
     ) -> None:
-        self.mesh = mesh
+        if mesh is not None:
+            self.__dict__["mesh"] = mesh
         self._passthrough = passthrough or httpx.AsyncHTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        options = _pool_options(mesh, verify, cert, trust_env, limits, http1, http2)
-        self._pools = _Pools(lambda: httpcore.AsyncConnectionPool(**options), pool)
+        self._pools = _Pools(
+            lambda: httpcore.AsyncConnectionPool(
+                **_pool_options(self.mesh, verify, cert, trust_env, limits, http1, http2)
+            ),
+            pool,
+        )
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """See ``MeshTransport.mesh``."""
+        return Mesh.default()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -734,10 +754,9 @@ class Client(httpx.Client):
         trust_env: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.mesh = mesh or Mesh.default()
         if not isinstance(transport, MeshTransport):
             transport = MeshTransport(
-                self.mesh,
+                mesh,
                 passthrough=transport,
                 verify=verify,
                 cert=cert,
@@ -756,6 +775,13 @@ class Client(httpx.Client):
             trust_env=trust_env,
             **kwargs,
         )
+
+    @property
+    def mesh(self) -> Mesh:
+        """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
+        transport = self._transport
+        assert isinstance(transport, MeshTransport)
+        return transport.mesh
 
     def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
         if mesh_service_name(url.host) is not None:
@@ -779,10 +805,9 @@ class AsyncClient(httpx.AsyncClient):
         trust_env: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.mesh = mesh or Mesh.default()
         if not isinstance(transport, AsyncMeshTransport):
             transport = AsyncMeshTransport(
-                self.mesh,
+                mesh,
                 passthrough=transport,
                 verify=verify,
                 cert=cert,
@@ -801,6 +826,13 @@ class AsyncClient(httpx.AsyncClient):
             trust_env=trust_env,
             **kwargs,
         )
+
+    @property
+    def mesh(self) -> Mesh:
+        """See ``Client.mesh``."""
+        transport = self._transport
+        assert isinstance(transport, AsyncMeshTransport)
+        return transport.mesh
 
     def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
         if mesh_service_name(url.host) is not None:

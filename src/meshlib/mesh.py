@@ -30,6 +30,20 @@ if TYPE_CHECKING:
     from .security.identity import Identity
 
 
+_warned_program_name = False
+
+
+def _warn_program_name(name: str) -> None:
+    global _warned_program_name
+    if not _warned_program_name:
+        _warned_program_name = True
+        log.warning(
+            "meshlib: service name %r taken from the program name; set MESH_SERVICE or pass service= (callers are "
+            "authorized, traced and counted by it)",
+            name,
+        )
+
+
 def _host_port(spec: str, scheme: str) -> str:
     rest = spec[len(scheme) :].strip("/")
     host, sep, port = rest.rpartition(":")
@@ -107,6 +121,8 @@ class Mesh:
             access_log=access_log,
         )
         self.service = self.settings.service
+        if service is None and settings is None and "MESH_SERVICE" not in os.environ:
+            _warn_program_name(self.service)
         self.telemetry: Telemetry | None = None
         if self.settings.telemetry:
             self.telemetry = Telemetry(

@@ -109,13 +109,7 @@ def serve(
     ``max_connections`` concurrent connections at most (503 past it); request headers must arrive within
     ``header_timeout`` seconds and fit in ``max_header_bytes`` (431 past it)."""
     if mesh is None:
-        default = Mesh.default() if not service or Mesh._default is not None else None
-        if default is not None and (not service or default.service == service):
-            mesh = default
-        else:
-            mesh = Mesh(service=service)
-            if Mesh._default is None:  # clients the app makes with meshlib.Client() share this Mesh
-                Mesh.set_default(mesh)
+        mesh = _serving_mesh(service)
     if not is_asgi(app):
         from a2wsgi import WSGIMiddleware
 
@@ -156,6 +150,28 @@ def serve(
         mesh.close()
     if server.refused is not None:
         raise server.refused
+
+
+def _serving_mesh(service: str | None) -> Mesh:
+    """The Mesh an instance of ``service`` serves with, which is also the process default: ``meshlib.Client()``
+    objects bind to the default at their first request, so clients the app made at import carry this name."""
+    existing = Mesh._default
+    if existing is not None and (not service or existing.service == service):
+        return existing
+    if existing is None:
+        mesh = Mesh(service=service)
+        Mesh.set_default(mesh)
+        return mesh
+    log.warning(
+        "meshlib: this process's default mesh is already named %r (made before serve(service=%r)); calls through "
+        "it are labelled, traced and authorized as %r. Call meshlib.serve before using a client, or set "
+        "MESH_SERVICE=%s",
+        existing.service,
+        service,
+        existing.service,
+        service,
+    )
+    return Mesh(service=service)
 
 
 class _MeshServer(uvicorn.Server):
