@@ -146,3 +146,26 @@ def test_serve_names_the_process_even_when_clients_were_made_at_import(control_p
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "taken from the program name" not in err
+
+
+def test_unknown_services_get_a_suggestion_and_a_reason(control_plane, upstreams, tmp_path):
+    cp = control_plane()
+    (up,) = upstreams(1)
+    secrets = {}
+    for name in ("inventory", "gone"):
+        r = httpx.put(cp.url + "/v1/registry/register", json={"id": name, "service": name, "address": "127.0.0.1",
+                                                              "port": up.port})
+        secrets[name] = r.json()["secret"]
+    mesh = meshlib.Mesh(service="shop", control_plane=cp.url, state_dir=str(tmp_path / "shop"))
+    with mesh, mesh.client() as client:
+        with pytest.raises(meshlib.NoEndpointsError) as typo:
+            client.get("http://inventroy/items")
+        message = str(typo.value)
+        assert f"registry at http://127.0.0.1:{cp.port}" in message
+        assert "inventroy was never registered" in message and "did you mean inventory?" in message
+        assert client.get("http://gone/x").status_code == 200
+    httpx.delete(cp.url + "/v1/registry/gone", headers={"x-mesh-instance-secret": secrets["gone"]}).raise_for_status()
+    mesh = meshlib.Mesh(service="shop", control_plane=cp.url, state_dir=str(tmp_path / "shop2"))
+    with mesh, mesh.client() as client, pytest.raises(meshlib.NoEndpointsError) as gone:
+        client.get("http://gone/x")
+    assert "gone was registered, but none of its instances is there now" in str(gone.value)

@@ -402,10 +402,12 @@ def _fault_response(done: Done) -> httpx.Response:
     return httpx.Response(done.abort_status, headers={"x-mesh-fault": "abort"}, content=b"fault injected by mesh rules")
 
 
-def _raise_done(done: Done) -> None:
+def _raise_done(done: Done, mesh: Mesh) -> None:
     error = done.error
     assert error is not None
     cause = done.result.error if done.result is not None else None
+    if type(error) is NoEndpointsError and error.service and "discovery lists none" in str(error):
+        error = NoEndpointsError(f"{error}; {mesh.explain_empty(error.service)}", service=error.service)
     if isinstance(error, MeshError):
         raise error from cause
     raise to_httpx_error(error)
@@ -513,7 +515,7 @@ class MeshTransport(httpx.BaseTransport):
             call.finish(done, response)
         assert done is not None
         if done.error is not None:
-            _raise_done(done)
+            _raise_done(done, self.mesh)
         assert response is not None
         return response
 
@@ -710,7 +712,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             call.finish(done, response)
         assert done is not None
         if done.error is not None:
-            _raise_done(done)
+            _raise_done(done, self.mesh)
         assert response is not None
         return response
 

@@ -269,6 +269,22 @@ class Mesh:
                      self.settings.watch_idle_timeout, ", ".join(idle[:10]))
         return idle
 
+    def explain_empty(self, service: str) -> str:
+        """For an error about a service with no endpoints: where discovery looked, whether the name was ever
+        registered, and close known names ("did you mean inventory?"). Does I/O: for error paths only."""
+        import difflib
+
+        parts = [f"discovery: {self.discovery.describe() or self.settings.discovery}"]
+        never = self.discovery.never_registered(service)
+        if never is True:
+            parts.append(f"{service} was never registered")
+        elif never is False:
+            parts.append(f"{service} was registered, but none of its instances is there now")
+        close = difflib.get_close_matches(service, [n for n in self.discovery.known_services() if n != service], 3)
+        if close:
+            parts.append("did you mean " + " or ".join(close) + "?")
+        return "; ".join(parts)
+
     def _tls_filter(self, state: ServiceState) -> Callable[[EndpointSet], None]:
         """Instances this process cannot talk to are left out, with the reason kept for the error a caller would
         see. Strict mTLS never downgrades, whatever discovery says: instances advertising plaintext

@@ -50,6 +50,14 @@ class Discovery:
         """Where this discovery asks, for error messages ("registry at http://…"); empty when it asks nowhere."""
         return ""
 
+    def known_services(self) -> list[str]:
+        """Names discovery knows to have instances (for "did you mean ...?"); backends ask their source."""
+        return sorted(name for name, snap in self._current.items() if snap.endpoints)
+
+    def never_registered(self, service: str) -> bool | None:
+        """True: the source has never seen ``service``; False: it has (its instances are gone); None: cannot tell."""
+        return None
+
     def last_error(self, service: str) -> str | None:
         """What went wrong the last time discovery was asked about ``service`` (None after a good answer)."""
         return self._errors.get(service)

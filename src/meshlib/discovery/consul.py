@@ -122,6 +122,13 @@ class ConsulDiscovery(Discovery):
     def describe(self) -> str:
         return f"consul at {self.address}"
 
+    def known_services(self) -> list[str]:
+        try:
+            _, services = self.client.catalog.services(token=self.token)
+            return sorted(str(name) for name in services)
+        except Exception:  # an error path helper: a failure only means no suggestion
+            return super().known_services()
+
     def _start_watch(self, service: str) -> None:
         def on_answer(index: int, payload: Any) -> None:
             entries, filtered = payload

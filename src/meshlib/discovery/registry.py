@@ -59,6 +59,19 @@ class RegistryDiscovery(Discovery):
     def describe(self) -> str:
         return f"registry at {self.base_url}"
 
+    def known_services(self) -> list[str]:
+        try:
+            body = self._http.get("/v1/registry/services", timeout=2.0).json()
+            return sorted(str(name) for name in body.get("services", {}))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return super().known_services()
+
+    def never_registered(self, service: str) -> bool | None:
+        snapshot = self.current(service)
+        if snapshot is None:
+            return None
+        return snapshot.index <= 1  # the registry's index for a name it has never seen
+
     def _start_watch(self, service: str) -> None:
         self.watcher.add(service)
 

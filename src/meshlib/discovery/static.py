@@ -49,6 +49,15 @@ class StaticDiscovery(Discovery):
     def _start_watch(self, service: str) -> None:
         self.publish(EndpointSet.of(service, self._services.get(service, ())))
 
+    def describe(self) -> str:
+        return "static list"
+
+    def known_services(self) -> list[str]:
+        return sorted(name for name, endpoints in self._services.items() if endpoints)
+
+    def never_registered(self, service: str) -> bool | None:
+        return service not in self._services
+
     def set(self, service: str, endpoints: list[Endpoint]) -> None:
         """Replace a service's endpoints (pushed to watchers like any discovery change)."""
         self._services[service] = list(endpoints)
