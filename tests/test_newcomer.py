@@ -169,3 +169,57 @@ def test_unknown_services_get_a_suggestion_and_a_reason(control_plane, upstreams
     with mesh, mesh.client() as client, pytest.raises(meshlib.NoEndpointsError) as gone:
         client.get("http://gone/x")
     assert "gone was registered, but none of its instances is there now" in str(gone.value)
+
+
+def test_cli_rough_edges(control_plane, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from harness import wait_for
+
+    cp = control_plane()
+    (tmp_path / "tinyapp.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"MESH_CONTROL_PLANE": cp.url, "MESH_STATE_DIR": str(tmp_path / "s"), "PYTHONPATH": str(tmp_path)})
+    # a port in use: one line and exit 1, not an OSError traceback
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", str(port)],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"meshctl: cannot listen on 127.0.0.1:{port} for tiny" in run.stderr
+    # listening and registered: one line that says so
+    proc = subprocess.Popen([sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", "0"],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        assert proc.stderr is not None
+        wait_for(lambda: lines.append(proc.stderr.readline()) or "listening on" in lines[-1], timeout=30,
+                 what="the listening line")
+        line = lines[-1]
+        assert line.startswith("meshlib: tiny listening on http://127.0.0.1:") and "MESH_TLS=off" in line
+        assert "registered as tiny-127.0.0.1-" in line and f"registry at http://127.0.0.1:{cp.port}" in line
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    # meshctl status says how to read strict instances
+    httpx.put(cp.url + "/v1/registry/register", json={"service": "vault", "address": "127.0.0.1", "port": 9,
+                                                      "meta": {"mesh_tls": "strict"}}).raise_for_status()
+    status = subprocess.run([sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "status",
+                             "--interval", "0.1"], capture_output=True, text=True, timeout=60, env=env)
+    assert "set MESH_BOOTSTRAP_TOKEN so meshctl gets an identity" in status.stderr
+    # the typed API
+    import inspect
+
+    import meshlib.server
+
+    assert "port" in inspect.signature(meshlib.server.serve).parameters
+    assert meshlib.IdentityError.__module__ == "meshlib.errors"

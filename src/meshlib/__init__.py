@@ -5,12 +5,13 @@ Public API only; see ``docs/``. ``meshlib.contrib`` (framework glue) is importab
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CircuitOpenError,
     ConfigurationError,
     DeadlineExceededError,
+    IdentityError,
     MeshError,
     NoEndpointsError,
     RetryBudgetExhaustedError,
@@ -23,11 +24,15 @@ from .settings import MeshSettings
 __version__ = "0.1.0"
 
 
-def serve(app: Any, **kwargs: Any) -> None:
-    """Run an ASGI or WSGI app as a mesh instance (see ``meshlib.server.serve``; needs ``meshlib[server]``)."""
-    from .server import serve as _serve
+if TYPE_CHECKING:
+    from .server import serve  # the full, typed signature for type checkers and IDEs
+else:
 
-    _serve(app, **kwargs)
+    def serve(app: Any, **kwargs: Any) -> None:
+        """Run an ASGI or WSGI app as a mesh instance (``meshlib.server.serve``; needs ``meshlib[server]``)."""
+        from .server import serve as _serve
+
+        _serve(app, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
@@ -43,6 +48,7 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "DeadlineExceededError",
+    "IdentityError",
     "Mesh",
     "MeshError",
     "MeshSettings",

@@ -244,6 +244,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
     for problem in problems:
         print(f"  (no metrics from {problem})", file=sys.stderr)
+    strict = [i for i in instances if i["meta"].get("mesh_tls") == "strict"]
+    if strict and context is None:
+        print(
+            f"  ({len(strict)} instance(s) run strict mTLS: set MESH_BOOTSTRAP_TOKEN so meshctl gets an identity "
+            "of its own and can read their metrics)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -290,11 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the control plane (rules, embedded registry)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--port", type=int, default=7400, help="0 picks a free port")
     p.add_argument("--state-dir", default=".mesh-state/control-plane", help="where the rules database lives")
     p.add_argument("--store", default="sqlite", help="sqlite (default), sqlite:PATH, consul://host:port[/prefix]")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     p.add_argument("--ca-cert", help="bring your own CA: a root or intermediate certificate (PEM)")
     p.add_argument("--ca-key", help="its private key (PEM, unencrypted)")
     p.add_argument("--ca-bundle", help="the root(s) above an intermediate --ca-cert (PEM)")
@@ -322,15 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the mesh certificate authority")
     csub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
     p = csub.add_parser("init", help="create a root CA in the control plane's state directory")
-    p.add_argument("--state-dir", default=".mesh-state/control-plane")
-    p.add_argument("--trust-domain", default="mesh.local")
+    p.add_argument("--state-dir", default=".mesh-state/control-plane", help="where ca.crt and ca.key are written")
+    p.add_argument("--trust-domain", default="mesh.local", help="the SPIFFE trust domain of the new root")
     p.set_defaults(func=cmd_ca_init)
     p = csub.add_parser("issue", help="issue a certificate for a service, offline")
-    p.add_argument("service")
-    p.add_argument("--state-dir", default=".mesh-state/control-plane")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--lifetime", default="24h")
-    p.add_argument("--out-dir", default=".")
+    p.add_argument("service", help="the service the certificate names")
+    p.add_argument("--state-dir", default=".mesh-state/control-plane", help="where the CA is (meshctl ca init)")
+    p.add_argument("--namespace", default="default", help="the SPIFFE namespace")
+    p.add_argument("--lifetime", default="24h", help="how long the certificate is valid (at most 7 days)")
+    p.add_argument("--out-dir", default=".", help="where <service>.crt, <service>.key and ca.crt are written")
     p.set_defaults(func=cmd_ca_issue)
 
     rules = sub.add_parser("rules", help="read and change the routing rules")
@@ -341,17 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment", default="", help="recorded in the history")
     p.set_defaults(func=cmd_rules_apply)
     p = rsub.add_parser("validate", help="check a rules file without sending it")
-    p.add_argument("-f", "--file", required=True)
+    p.add_argument("-f", "--file", required=True, help="rules file (YAML or JSON)")
     p.set_defaults(func=cmd_rules_validate)
     p = rsub.add_parser("get", help="print the current rules (or one version)")
-    p.add_argument("--version", type=int, dest="version")
-    p.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
+    p.add_argument("--version", type=int, dest="version", help="a past version (default: the current one)")
+    p.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml", help="output format")
     p.set_defaults(func=cmd_rules_get)
     p = rsub.add_parser("history", help="list stored versions")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="how many versions to list (newest first)")
     p.set_defaults(func=cmd_rules_history)
     p = rsub.add_parser("rollback", help="make an old version current again (as a new version)")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=int, help="the version to make current again (as a new version)")
     p.set_defaults(func=cmd_rules_rollback)
 
     p = sub.add_parser("status", help="services, instances, rule version, golden signals")
@@ -360,12 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("run", help="run an ASGI or WSGI app as a mesh instance")
-    p.add_argument("service")
+    p.add_argument("service", help="this instance's service name")
     p.add_argument("app", help="module:attribute")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
     p.add_argument("--tags", help="comma-separated tags (subsets select by them)")
-    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"))
+    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"), help="uvicorn's log level")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a whole mesh on this machine, with traffic and failure scenes")

@@ -30,6 +30,10 @@ class RegistrationRefused(ConfigurationError):
     cannot help, the message says what to set."""
 
 
+class IdentityError(MeshError):
+    """No certificate could be obtained or loaded; the message says why."""
+
+
 class NoEndpointsError(MeshError):
     """The service is unknown to discovery, or it has no healthy instance."""
 

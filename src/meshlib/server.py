@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ import uvicorn
 
 from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
-from .errors import RegistrationRefused
+from .errors import ConfigurationError, RegistrationRefused
 from .mesh import Mesh
 from .security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .security.server_tls import sniffing, with_peer_identity
@@ -121,7 +122,15 @@ def serve(
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        mesh.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} for {mesh.service}: {exc.strerror or exc} "
+            "(is another instance running? pick another port, or 0 for a free one)"
+        ) from None
     bound_port = int(sock.getsockname()[1])
     registration = mesh.discovery.register(
         mesh.service,
@@ -142,6 +151,7 @@ def serve(
         max_header_bytes=max_header_bytes,
     )
     server = _MeshServer(config, registration, endpoints, drain_delay, bound_port, on_ready)
+    server.host_text = f"[{host}]" if ":" in host else host
     try:
         server.run(sockets=[sock])
     finally:
@@ -195,6 +205,7 @@ class _MeshServer(uvicorn.Server):
         self.port = port
         self.on_ready = on_ready
         self.refused: RegistrationRefused | None = None
+        self.host_text = "127.0.0.1"
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets=sockets)
@@ -207,7 +218,18 @@ class _MeshServer(uvicorn.Server):
             self.refused = exc
             self.should_exit = True
             return
-        log.info("meshlib: %s serving on port %d", self.endpoints.mesh.service, self.port)
+        mesh = self.endpoints.mesh
+        scheme = "https" if mesh.settings.tls == "strict" else "http"
+        where = mesh.discovery.describe() or mesh.settings.discovery
+        registered = f"registered as {self.registration.id} in {where}" if self.registration.registered else (
+            "not registered yet (retrying)" if self.registration.id else "not registered (static discovery)"
+        )
+        print(
+            f"meshlib: {mesh.service} listening on {scheme}://{self.host_text}:{self.port}, "
+            f"MESH_TLS={mesh.settings.tls}, {registered}",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.on_ready is not None:
             self.on_ready(self.port)
 

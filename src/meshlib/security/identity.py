@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..errors import ConfigurationError, MeshError
+from ..errors import ConfigurationError, IdentityError
 from ..wire import refusal_text
 from .ca import load_certificates, load_private_key
 from .spiffe import SpiffeId
@@ -33,10 +33,6 @@ from .tls import client_context, server_context
 
 log = logging.getLogger("meshlib.identity")
 RENEW_AT = 2 / 3
-
-
-class IdentityError(MeshError):
-    """No certificate could be obtained or loaded; the message says why."""
 
 
 class IdentityConfigError(IdentityError):
