@@ -223,3 +223,63 @@ def test_cli_rough_edges(control_plane, tmp_path):
 
     assert "port" in inspect.signature(meshlib.server.serve).parameters
     assert meshlib.IdentityError.__module__ == "meshlib.errors"
+
+
+def test_routing_headers_cross_hops_with_mesh_propagate_headers(upstreams, monkeypatch):
+    """x-canary reaches the edge only; with MESH_PROPAGATE_HEADERS the next hop's calls carry it, from the handler
+    itself, from an asyncio task it starts and from a thread it starts, and routing there sees it."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from harness import ThreadedServer
+    from meshlib.contrib.asgi import MeshMiddleware
+    from meshlib.discovery import StaticDiscovery
+    from meshlib.endpoints import Endpoint
+    from meshlib.rules.model import validate_rules
+
+    v1, v2 = upstreams(2)
+    monkeypatch.setenv("MESH_PROPAGATE_HEADERS", "X-Canary, x-user-id")
+    backend = StaticDiscovery({"backend": [Endpoint("127.0.0.1", v1.port, frozenset({"v1"})),
+                                           Endpoint("127.0.0.1", v2.port, frozenset({"v2"}))]})
+    front = meshlib.Mesh(service="front", discovery=backend, control_plane="")
+    front.apply_rules(validate_rules({"services": {"backend": {
+        "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+        "routes": [{"match": {"headers": {"x-canary": "yes"}}, "to": [{"subset": "v2"}]}, {"to": [{"subset": "v1"}]}],
+    }}}, 1))
+    client = front.async_client()
+
+    async def handler(request: Request) -> JSONResponse:
+        async def call() -> dict[str, str]:
+            answer = (await client.get("http://backend/x")).json()
+            return {"instance": answer["instance"], "canary": answer["headers"].get("x-canary", "")}
+
+        direct = await call()
+        in_task = await asyncio.create_task(call())
+        in_thread = await asyncio.to_thread(lambda: asyncio.run(_sync_call(front)))
+        return JSONResponse({"direct": direct, "task": in_task, "thread": in_thread})
+
+    server = ThreadedServer(MeshMiddleware(Starlette(routes=[Route("/front", handler)]), front))
+    try:
+        seen = httpx.get(server.url + "/front", headers={"x-canary": "yes", "x-user-id": "u7"}, timeout=10).json()
+        for where in ("direct", "task", "thread"):
+            assert seen[where] == {"instance": v2.name, "canary": "yes"}, (where, seen)
+        plain = httpx.get(server.url + "/front", timeout=10).json()
+        assert plain["direct"] == {"instance": v1.name, "canary": ""}  # nothing to carry: nothing carried
+    finally:
+        server.stop()
+        front.close()
+
+
+async def _sync_call(mesh: meshlib.Mesh) -> dict[str, str]:
+    with mesh.client() as c:
+        answer = c.get("http://backend/x").json()
+    return {"instance": answer["instance"], "canary": answer["headers"].get("x-canary", "")}
+
+
+def test_propagate_headers_setting_is_validated():
+    with pytest.raises(meshlib.ConfigurationError, match="MESH_PROPAGATE_HEADERS"):
+        meshlib.MeshSettings.from_env({"MESH_PROPAGATE_HEADERS": "x-canary, bad header"})

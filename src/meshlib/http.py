@@ -37,6 +37,7 @@ from .policy.classify import classify_error, classify_status
 from .policy.deadline import call_deadline, to_epoch_millis
 from .policy.flow import CallFlow, Done, Result, Send, call_flow
 from .policy.service import DEFAULT_PLAN, ServiceState
+from .propagation import propagated_headers
 from .telemetry.metrics import status_class
 from .telemetry.tracing import outbound_traceparent, traceparent_of
 
@@ -175,6 +176,12 @@ class _Call:
         self.target = url.raw_path
         # Mesh TLS: connect to the endpoint's address, verify the server as <service>.<namespace>.mesh
         self.sni = (service.encode() + mesh.dns_suffix).decode() if mesh.identity is not None else None
+        carried = propagated_headers.get()
+        if carried:  # routing headers of the request being handled, unless this call sets them itself
+            headers = request.headers
+            for key, value in carried:
+                if key not in headers:
+                    headers[key] = value
         raw = request.headers.raw
         keep_trace = False
         for name, _ in raw:  # rare: the app (or OTel instrumentation) set mesh or trace headers itself

@@ -22,6 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .mesh import Mesh
 from .policy.deadline import incoming_deadline, parse_deadline_header
+from .propagation import propagated_headers
 from .security import authz
 from .security.spiffe import SpiffeId
 from .security.tls import identity_from_der, identity_from_pem
@@ -61,6 +62,8 @@ class Admission:
     reply: Reply | None = None
     span: Span | None = None
     context: otel_context.Context | None = None
+    #: The request's headers named by MESH_PROPAGATE_HEADERS, sent on by mesh calls made while handling it.
+    propagated: tuple[tuple[str, str], ...] = ()
     finished: bool = field(default=False, repr=False)
 
     def finish(self, status: int, route: str = "") -> None:
@@ -162,6 +165,9 @@ def admit(
             adm.finish(403)
             return adm
 
+    names = mesh.propagated_names
+    if names:
+        adm.propagated = tuple((n, v) for n in names if (v := header(n)) is not None)
     parent = _PROPAGATOR.extract(carrier)
     tel = mesh.telemetry
     if tel is not None and tel.tracer.active():
@@ -195,12 +201,14 @@ def handling(adm: Admission) -> Iterator[None]:
     ``meshlib.Client`` calls made inside it inherit them."""
     deadline_token = incoming_deadline.set(adm.deadline)
     peer_token = peer_identity.set(adm.peer)
+    propagated_token = propagated_headers.set(adm.propagated)
     otel_token = otel_context.attach(adm.context) if adm.context is not None else None
     try:
         yield
     finally:
         if otel_token is not None:
             otel_context.detach(otel_token)
+        propagated_headers.reset(propagated_token)
         peer_identity.reset(peer_token)
         incoming_deadline.reset(deadline_token)
 

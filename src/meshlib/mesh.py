@@ -144,6 +144,8 @@ class Mesh:
         #: Sent as ``x-mesh-caller`` on every mesh request (informational; authorization never trusts it).
         self.caller_header = (b"x-mesh-caller", self.service.encode("ascii"))
         self.identity: Identity | None = None
+        #: Inbound headers sent on by outbound calls (MESH_PROPAGATE_HEADERS), parsed once.
+        self.propagated_names = self.settings.propagated_names
         #: Every mesh hop is mTLS with the peer's identity verified, whatever discovery advertises.
         self.strict = self.settings.tls == "strict"
         if self.settings.tls != "off":

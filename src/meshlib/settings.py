@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigurationError
 
 TLS_MODES = ("off", "permissive", "strict")
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -66,6 +67,8 @@ class MeshSettings:
     access_log_sample: float = 1.0
     #: A CA file (PEM) to verify an https:// control plane and registry with (else the system's roots).
     control_plane_ca: str = ""
+    #: Inbound headers forwarded on outbound mesh calls made while handling the request (comma-separated names).
+    propagate_headers: str = ""
     #: A service not called for this long stops being watched (its state is dropped; the next call watches again).
     watch_idle_timeout: float = 600.0
 
@@ -81,6 +84,7 @@ class MeshSettings:
         "access_log": "MESH_ACCESS_LOG",
         "access_log_sample": "MESH_ACCESS_LOG_SAMPLE",
         "control_plane_ca": "MESH_CONTROL_PLANE_CA",
+        "propagate_headers": "MESH_PROPAGATE_HEADERS",
     }
 
     @classmethod
@@ -111,6 +115,10 @@ class MeshSettings:
         settings = cls(**values)  # type: ignore[arg-type]
         return settings.validated()
 
+    @property
+    def propagated_names(self) -> tuple[str, ...]:
+        return tuple(n.strip().lower() for n in self.propagate_headers.split(",") if n.strip())
+
     def validated(self) -> MeshSettings:
         validate_service_name(self.service)
         if self.tls not in TLS_MODES:
@@ -127,6 +135,11 @@ class MeshSettings:
                 f"MESH_CONTROL_PLANE_CA={self.control_plane_ca!r}: no such file (a PEM file of the CA that signed the "
                 "control plane's certificate; meshctl serve --tls writes it as ca-roots.pem in its state directory)"
             )
+        for name in self.propagated_names:
+            if not _HEADER_NAME.match(name):
+                raise ConfigurationError(
+                    f"MESH_PROPAGATE_HEADERS={self.propagate_headers!r}: {name!r} is not a header name"
+                )
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigurationError(f"MESH_ACCESS_LOG_SAMPLE={self.access_log_sample}: must be from 0 to 1")
         state_dir = self.state_dir or str(Path.home() / ".cache" / "meshlib" / self.service)
