@@ -9,6 +9,15 @@ import pytest
 import meshlib
 
 
+def write_tiny_app(folder) -> None:  # type: ignore[no-untyped-def]
+    """A minimal ASGI app module, ``tinyapp:app``, for ``meshctl run``."""
+    (folder / "tinyapp.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
+    )
+
+
 def test_moving_the_control_plane_needs_one_variable(control_plane, upstreams, monkeypatch):
     cp = control_plane()
     (up,) = upstreams(1)
@@ -82,11 +91,7 @@ def test_a_missing_or_wrong_bootstrap_token_fails_fast_in_one_line(control_plane
     import time
 
     cp = control_plane(bootstrap_token="the-real-token")
-    (tmp_path / "tinyapp.py").write_text(
-        "async def app(scope, receive, send):\n"
-        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
-        "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
-    )
+    write_tiny_app(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({"MESH_CONTROL_PLANE": cp.url, "MESH_STATE_DIR": str(tmp_path / "s"), "PYTHONPATH": str(tmp_path)})
     if token:
@@ -180,11 +185,7 @@ def test_cli_rough_edges(control_plane, tmp_path):
     from harness import wait_for
 
     cp = control_plane()
-    (tmp_path / "tinyapp.py").write_text(
-        "async def app(scope, receive, send):\n"
-        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
-        "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
-    )
+    write_tiny_app(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({"MESH_CONTROL_PLANE": cp.url, "MESH_STATE_DIR": str(tmp_path / "s"), "PYTHONPATH": str(tmp_path)})
     # a port in use: one line and exit 1, not an OSError traceback

@@ -445,16 +445,19 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pools = _Pools(
-            lambda: httpcore.ConnectionPool(**_pool_options(self.mesh, verify, cert, trust_env, limits, http1, http2)),
-            pool,
-        )
+        self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
+        self._pools = _Pools(lambda: httpcore.ConnectionPool(**self._pool_options), pool)
 
     @functools.cached_property
     def mesh(self) -> Mesh:
         """The process default Mesh, looked up at the first request rather than when the client was made, so that
         ``meshlib.serve(app, service=...)`` names it even when the app built its clients at import."""
         return Mesh.default()
+
+    @functools.cached_property
+    def _pool_options(self) -> dict[str, Any]:
+        """Once per transport (building an SSL context costs milliseconds), when the first pool is made."""
+        return _pool_options(self.mesh, *self._pool_settings)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -639,17 +642,18 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._passthrough = passthrough or httpx.AsyncHTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pools = _Pools(
-            lambda: httpcore.AsyncConnectionPool(
-                **_pool_options(self.mesh, verify, cert, trust_env, limits, http1, http2)
-            ),
-            pool,
-        )
+        self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
+        self._pools = _Pools(lambda: httpcore.AsyncConnectionPool(**self._pool_options), pool)
 
     @functools.cached_property
     def mesh(self) -> Mesh:
         """See ``MeshTransport.mesh``."""
         return Mesh.default()
+
+    @functools.cached_property
+    def _pool_options(self) -> dict[str, Any]:
+        """See ``MeshTransport._pool_options``."""
+        return _pool_options(self.mesh, *self._pool_settings)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)

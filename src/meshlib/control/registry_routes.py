@@ -4,6 +4,7 @@ multiplexed long-poll watches."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -46,31 +47,26 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
             )
         return JSONResponse({"id": instance.id, "ttl": instance.ttl, "secret": instance.secret})
 
-    async def heartbeat(request: Request) -> Response:
-        denied = cp.check_registry(request)
-        if denied is not None:
-            return denied
-        instance_id = request.path_params["id"]
-        try:
-            known = cp.registry.heartbeat(instance_id, request.headers.get(SECRET_HEADER))
-        except NotOwner:
-            return error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
-        if not known:
-            return error(404, f"unknown instance {instance_id[:200]!r}: register again")
-        return JSONResponse({"ok": True})
+    def owned(action: Callable[[str, str | None], bool], unknown: str) -> Callable[[Request], Awaitable[Response]]:
+        """A write to one instance's entry: the bootstrap token, then the instance's own secret."""
 
-    async def deregister(request: Request) -> Response:
-        denied = cp.check_registry(request)
-        if denied is not None:
-            return denied
-        instance_id = request.path_params["id"]
-        try:
-            known = cp.registry.deregister(instance_id, request.headers.get(SECRET_HEADER))
-        except NotOwner:
-            return error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
-        if not known:
-            return error(404, f"unknown instance {instance_id[:200]!r}")
-        return JSONResponse({"ok": True})
+        async def endpoint(request: Request) -> Response:
+            denied = cp.check_registry(request)
+            if denied is not None:
+                return denied
+            instance_id = request.path_params["id"]
+            try:
+                known = action(instance_id, request.headers.get(SECRET_HEADER))
+            except NotOwner:
+                return error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
+            if not known:
+                return error(404, f"unknown instance {instance_id[:200]!r}{unknown}")
+            return JSONResponse({"ok": True})
+
+        return endpoint
+
+    heartbeat = owned(cp.registry.heartbeat, ": register again")
+    deregister = owned(cp.registry.deregister, "")
 
     async def watch_service(request: Request) -> Response:
         name = request.path_params["name"]

@@ -169,7 +169,10 @@ class MultiWatch:
                 await self._sleep(delay)
                 continue
             failures = 0
-            await self._sleep(self.min_interval)
+            with self._lock:
+                waiting = bool(self._pending)
+            if not waiting:  # the rate limit is for answers; a newly watched name is fetched at once
+                await self._sleep(self.min_interval)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep; an added name or stop() ends it early (the loop then looks at why)."""
