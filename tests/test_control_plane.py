@@ -57,9 +57,8 @@ def test_invalid_rules_list_every_problem_and_store_nothing(control_plane):
         "services.payments.routes[0].to[0].weight",
         "services.payments.routes[0].to[1].subset",
         "services.payments.routes[0].to",
-        "services.payments.subsets.v3",
         "services.payments.load_balancer",
-    }
+    }  # (the unused subset v3 is a warning, not an error: test_an_unused_subset_is_a_warning_not_an_error)
     assert cp.put_rules("not: [valid").status_code == 400
     current = httpx.get(cp.url + "/v1/rules").json()
     assert current["version"] == version and current["rules"] == GOOD
@@ -378,3 +377,25 @@ def test_meshctl_status_shows_golden_signals(mesh_env, instances, tmp_path):
     row = next(line for line in r.stdout.splitlines() if line.startswith("payments"))
     _name, count, rate, success, p50, p99 = row.split()
     assert count == "2" and float(rate) > 5 and success == "100.0%" and 0 < float(p50) <= float(p99)
+
+
+def test_an_unused_subset_is_a_warning_not_an_error(control_plane, tmp_path):
+    """After a finished canary: v2 takes everything, v1 is kept for a rollback."""
+    import os
+
+    cp = control_plane()
+    finished = {"services": {"payments": {"subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+                                          "routes": [{"to": [{"subset": "v2"}]}]}}}
+    r = cp.put_rules(finished)
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] == [
+        {"path": "services.payments.subsets.v1", "error": "no route sends traffic to this subset (kept, e.g. for a "
+                                                          "rollback)"}
+    ]
+    path = tmp_path / "finished.json"
+    path.write_text(json.dumps(finished))
+    env = {**os.environ, "MESH_ADMIN_TOKEN": cp.admin_token or "", "MESH_CONTROL_PLANE": cp.url}
+    applied = subprocess.run([sys.executable, "-m", "meshlib.cli", "rules", "apply", "-f", str(path)],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert "warning: services.payments.subsets.v1: no route sends traffic to this subset" in applied.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Iterable
 
@@ -318,3 +319,36 @@ def test_round_robin_and_balancer_override():
     assert sorted(ports) == [1, 2, 3]
     s.set_policy(ServicePolicy(load_balancer="least_request"))
     assert s.balancer.name == "least_request"
+
+
+def test_a_recovered_endpoint_is_not_starved_by_its_old_failure_penalty():
+    """The scenario from the field: b answers 503 until ejected, recovers (its probe closes the breaker), then c
+    turns 150 ms slow. b must take c's share at once, not after its 1 s failure penalty decays (10-30 s)."""
+    policy = ServicePolicy(
+        retries=RetryPolicy(attempts=1), circuit_breaker=BreakerPolicy(consecutive_failures=3, open_for=1.0)
+    )
+    s, clock = state(policy=policy)
+    _a, b, c = sorted(s.handles, key=lambda h: h.endpoint.port)
+    rng = iter([i / 997 % 1 for i in range(1, 100_000)])
+
+    def call(result_for) -> int:  # one sequential call; returns the port it went to
+        flow = call_flow(s, method="GET", replayable=True, deadline=None, clock=clock, rand=lambda: next(rng))
+        action = next(flow)
+        port = action.endpoint.port
+        latency, result = result_for(port)
+        clock.advance(latency)
+        with contextlib.suppress(StopIteration):
+            flow.send(result)
+        return port
+
+    # b fails until its breaker opens
+    while b.breaker.state != OPEN:
+        call(lambda port: (0.01, E503 if port == b.endpoint.port else OK))
+    clock.advance(1.5)  # open_for passes; b has recovered: its probe succeeds and closes the breaker
+    while b.breaker.state != CLOSED:
+        call(lambda port: (0.01, OK))
+    assert b.load.latency(clock()) < 0.05  # revived with what the probe measured, not the 1 s penalty
+    # c turns 150 ms slow: over the next 100 calls, b takes its share and c falls well under a third
+    ports = [call(lambda port: (0.15 if port == c.endpoint.port else 0.01, OK)) for _ in range(100)]
+    assert ports.count(b.endpoint.port) > 25, ports
+    assert ports.count(c.endpoint.port) < 15, ports

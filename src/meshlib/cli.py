@@ -147,6 +147,8 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
         headers["x-mesh-comment"] = args.comment
     body = _check(_request(args, "PUT", "/v1/rules", params=params, content=json.dumps(document), headers=headers))
     print(f"rules version {body['version']} applied")
+    for warning in body.get("warnings", []):
+        print(f"  warning: {warning['path']}: {warning['error']}")
     return 0
 
 
@@ -159,6 +161,8 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     rules = validate_rules(parse_rules(text, args.file))
     print(f"{args.file}: valid ({len(rules.services)} service(s))")
+    for warning in rules.warnings:
+        print(f"  warning: {warning}")
     return 0
 
 

@@ -186,7 +186,10 @@ def build_app(cp: ControlPlane) -> Starlette:
             return error(409, str(exc), version=exc.current)
         cp.publish(revision)
         log.info("rules: version %d stored", revision.version)
-        return JSONResponse({"version": revision.version}, headers={"x-mesh-index": str(revision.version)})
+        return JSONResponse(
+            {"version": revision.version, "warnings": [w.as_dict() for w in rules.warnings]},
+            headers={"x-mesh-index": str(revision.version)},
+        )
 
     async def history(request: Request) -> Response:
         try:

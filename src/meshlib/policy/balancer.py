@@ -39,6 +39,14 @@ class LoadStats:
             self.ewma = self.ewma * w + rtt * (1.0 - w)
         self.stamp = now
 
+    def revive(self, rtt: float, now: float) -> None:
+        """Start afresh from one measured sample: a probe that closed the breaker revives the endpoint with what it
+        measured (as Finagle's failure accrual does). Otherwise the failure penalty recorded while it was ejected
+        would outlive the ejection: nobody picks an endpoint that looks 1 s slow, so its estimate never meets a
+        real sample and it starves while slower ones take traffic."""
+        self.ewma = rtt
+        self.stamp = now
+
     def latency(self, now: float) -> float:
         """The estimate decayed to ``now``, so an endpoint nobody picks is forgiven and probed again."""
         elapsed = now - self.stamp

@@ -136,7 +136,13 @@ def call_flow(
             if pick.trial:
                 handle.breaker.release()
             return Done(result, result.error, attempt)
-        load.observe(max(now - started, FAILURE_PENALTY) if verdict.is_failure else now - started, now)
+        rtt = now - started
+        if verdict.is_failure:
+            load.observe(max(rtt, FAILURE_PENALTY), now)
+        elif pick.trial:
+            load.revive(rtt, now)  # the probe that closes the breaker: the endpoint starts afresh
+        else:
+            load.observe(rtt, now)
         handle.breaker.record(verdict.is_failure, pick.trial)
         tried.append(handle)
         last = result

@@ -136,6 +136,8 @@ class Rules:
     version: int
     document: Mapping[str, Any]
     services: Mapping[str, ServiceRules]
+    #: Accepted, but worth a look (a subset no route uses: the normal state after a finished canary).
+    warnings: tuple[RuleError, ...] = ()
 
     def for_service(self, name: str) -> ServiceRules | None:
         return self.services.get(name)
@@ -180,9 +182,13 @@ def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
 class _Checker:
     def __init__(self) -> None:
         self.errors: list[RuleError] = []
+        self.warnings: list[RuleError] = []
 
     def err(self, path: str, message: str) -> None:
         self.errors.append(RuleError(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(RuleError(path, message))
 
     def mapping(self, value: Any, path: str, allowed: set[str] | None = None) -> dict[str, Any]:
         if value is None:
@@ -395,7 +401,7 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
         )
     for sname in subsets:
         if sname not in used:
-            c.err(f"{p}.subsets.{sname}", "no route sends traffic to this subset")
+            c.warn(f"{p}.subsets.{sname}", "no route sends traffic to this subset (kept, e.g. for a rollback)")
 
     f = c.mapping(svc.get("faults"), f"{p}.faults", {"delay", "abort"})
     faults = None
@@ -461,7 +467,7 @@ def validate_rules(document: Any, version: int = 0) -> Rules:
         services[str(name)] = _check_service(c, str(name), raw)
     if c.errors:
         raise RulesValidationError(c.errors)
-    return Rules(version, json.loads(json.dumps(doc)), services)
+    return Rules(version, json.loads(json.dumps(doc)), services, tuple(c.warnings))
 
 
 def parse_rules(text: str | bytes, source: str = "rules") -> Any:
