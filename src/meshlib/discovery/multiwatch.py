@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from ..endpoints import EndpointSet, SnapshotError, parse_snapshot
-from ..wire import MAX_ANSWER_BYTES, BadAnswer, error_text
+from ..wire import bounded_json, error_text
 
 log = logging.getLogger("meshlib.discovery.registry")
 
@@ -203,12 +203,7 @@ class MultiWatch:
             with self._lock:
                 self._polling = False
         response.raise_for_status()
-        if len(response.content) > MAX_ANSWER_BYTES:
-            raise BadAnswer(f"{response.request.url}: answer over {MAX_ANSWER_BYTES} bytes")
-        try:
-            body = response.json()
-        except (ValueError, RecursionError) as exc:
-            raise BadAnswer(f"{response.request.url}: invalid JSON ({exc})") from None
+        body = bounded_json(response)
         new_index = body.get("index") if isinstance(body, dict) else None
         services = body.get("services") if isinstance(body, dict) else None
         if isinstance(new_index, bool) or not isinstance(new_index, int) or new_index < 0:
