@@ -36,8 +36,9 @@ def test_django_reports_calls_fastapi_catalog_through_the_mesh(control_plane, tm
             r = client.get("http://reports/summary")
             assert r.status_code == 200, r.text
             assert r.json() == {"items": 3, "cheapest": "espresso beans", "served_by": "reports"}
-            metrics = client.get("http://reports/-/mesh/metrics").text
-            assert 'mesh_peer_service="web"' in metrics, metrics  # reports saw who called it
+            # reports saw who called it (recorded once the response is sent: poll, do not race it)
+            wait_for(lambda: 'mesh_peer_service="web"' in client.get("http://reports/-/mesh/metrics").text,
+                     timeout=10, what="reports' server metrics to name the caller")
     finally:
         for proc in procs:
             proc.terminate()

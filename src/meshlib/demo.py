@@ -1,5 +1,6 @@
 """``meshctl demo``: a whole mesh on this machine — the control plane with its embedded registry, the example shop
-(frontend → catalog, checkout → payments v1/v2), live traffic, and scenes that each check what they show.
+(frontend → catalog → inventory over gRPC, checkout → payments v1/v2), live traffic, and scenes that each check
+what they show.
 
 Everything runs as real processes on loopback; nothing but this package and its examples is needed.
 """
@@ -151,7 +152,9 @@ class Demo:
             MESH_BOOTSTRAP_TOKEN=self.bootstrap,
             MESH_STATE_DIR=str(self.tmp / "state" / name),
             DEMO_INSTANCE=name,
-            PYTHONPATH=os.pathsep.join([str(EXAMPLES / "fastapi_app"), str(EXAMPLES / "flask_app")]),
+            PYTHONPATH=os.pathsep.join(
+                [str(EXAMPLES / "fastapi_app"), str(EXAMPLES / "flask_app"), str(EXAMPLES / "grpc_app")]
+            ),
         )
         return env
 
@@ -178,9 +181,13 @@ class Demo:
         self.wait(lambda: self._get("/healthz") is not None, 30, "the control plane to start")
 
     def start(self, name: str, service: str, app: str, tags: str = "", **extra_env: str) -> Child:
+        """``app`` is ``module:app`` for ``meshctl run``, or a script path (a gRPC server reading ``PORT``)."""
         port = _free_port()
-        env = {**self.env(name), **extra_env}
-        cmd = [sys.executable, "-m", "meshlib.cli", "run", service, app, "--port", str(port)]
+        env = {**self.env(name), **extra_env, "PORT": str(port)}
+        if app.endswith(".py"):
+            cmd = [sys.executable, app]
+        else:
+            cmd = [sys.executable, "-m", "meshlib.cli", "run", service, app, "--port", str(port)]
         if tags:
             cmd += ["--tags", tags]
         logs = self.tmp / "logs"
@@ -251,6 +258,17 @@ class Demo:
             print(f"{stamp} {line}", flush=True)
 
 
+def _generate_grpc_code() -> None:
+    """inventory's gRPC code, generated once here so that its instances and catalog's do not race to make it."""
+    sys.path.insert(0, str(EXAMPLES / "grpc_app"))
+    try:
+        import stubs  # type: ignore[import-not-found]  # the example's own generator (grpcio-tools)
+
+        stubs.ensure_generated()
+    finally:
+        sys.path.remove(str(EXAMPLES / "grpc_app"))
+
+
 def _rules(v2_weight: int) -> dict[str, Any]:
     to: list[dict[str, Any]]
     if v2_weight >= 100:
@@ -264,6 +282,7 @@ def _rules(v2_weight: int) -> dict[str, Any]:
             # Who may call whom: enforced by each service, by the caller's certificate.
             "frontend": {"authorization": {"mode": "strict", "allow": ["loadgen"]}},
             "catalog": {"authorization": {"mode": "strict", "allow": ["frontend"]}},
+            "inventory": {"authorization": {"mode": "strict", "allow": ["catalog"]}},
             "checkout": {"authorization": {"mode": "strict", "allow": ["frontend"]}},
             "payments": {
                 "authorization": {"mode": "strict", "allow": ["checkout"]},
@@ -303,17 +322,19 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
         demo.apply_rules(_rules(0))
         demo.say(
             "starting the shop (mTLS strict, authorization by identity): 2x frontend (Flask), 2x catalog, "
-            "2x checkout, payments 2x v1 + 1x v2"
+            "2x inventory (gRPC), 2x checkout, payments 2x v1 + 1x v2"
         )
+        _generate_grpc_code()
         for i in (1, 2):
+            demo.start(f"inventory-{i}", "inventory", str(EXAMPLES / "grpc_app" / "server.py"))
             demo.start(f"catalog-{i}", "catalog", "catalog:app")
             demo.start(f"checkout-{i}", "checkout", "checkout:app")
             demo.start(f"payments-v1-{i}", "payments", "payments:app", tags="v1", PAYMENTS_VERSION="v1")
             demo.start(f"frontend-{i}", "frontend", "frontend:app")
         demo.start("payments-v2-1", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2")
-        expected = {"catalog": 2, "checkout": 2, "payments": 3, "frontend": 2}
+        expected = {"catalog": 2, "inventory": 2, "checkout": 2, "payments": 3, "frontend": 2}
         demo.wait(lambda: all(len(demo.registered(s)) == n for s, n in expected.items()), 60, "every instance")
-        demo.say("all 9 instances registered")
+        demo.say(f"all {sum(expected.values())} instances registered")
 
         import meshlib
 

@@ -38,6 +38,7 @@ from .policy.deadline import call_deadline, to_epoch_millis
 from .policy.flow import CallFlow, Done, Result, Send, call_flow
 from .policy.service import DEFAULT_PLAN, ServiceState
 from .propagation import propagated_headers
+from .telemetry.client_calls import finish_client_call
 from .telemetry.metrics import status_class
 from .telemetry.tracing import outbound_traceparent, traceparent_of
 
@@ -278,52 +279,33 @@ class _Call:
         if self.attempt_span is not None:  # cancelled mid-attempt
             self.attempt_span.end()
             self.attempt_span = None
-        elapsed = self.mesh.clock() - self.started
         status = response.status_code if response is not None else None
         outcome = _outcome(done, status)
-        route = self.plan.choice.label
-        method = self.request.method
-        metrics = tel.metrics
-        metrics.client_duration.record(
-            elapsed, metrics.client_labels(self.service, route, method, status_class(status), outcome)
+        span_attributes: dict[str, Any] = {}
+        if self.plan.choice.subset is not None:
+            span_attributes["mesh.subset"] = self.plan.choice.subset
+        if status is not None:
+            span_attributes["http.response.status_code"] = status
+        finish_client_call(
+            tel,
+            self.span,
+            source=self.mesh.service,
+            destination=self.service,
+            route=self.plan.choice.label,
+            method=self.request.method,
+            path=self.request.url.path,
+            status=status,
+            outcome=outcome,
+            error_type=(outcome if status is None else str(status)) if status is None or status >= 500 else None,
+            elapsed=self.mesh.clock() - self.started,
+            attempts=done.attempts if done is not None else 0,
+            budget_exhausted=done is not None and done.budget_exhausted,
+            span_attributes=span_attributes,
+            log_fields={
+                "status": status,
+                "bytes": int(response.headers.get("content-length", 0) or 0) if response is not None else 0,
+            },
         )
-        attempts = done.attempts if done is not None else 0
-        if attempts > 1:
-            metrics.retries.add(attempts - 1, _peer_labels(self.mesh.service, self.service))
-        if done is not None and done.budget_exhausted:
-            metrics.budget_exhausted.add(1, _peer_labels(self.mesh.service, self.service))
-        span = self.span
-        if span is not None and span.is_recording():
-            span.set_attribute("mesh.route", route)
-            if self.plan.choice.subset is not None:
-                span.set_attribute("mesh.subset", self.plan.choice.subset)
-            span.set_attribute("mesh.attempts", attempts)
-            if status is not None:
-                span.set_attribute("http.response.status_code", status)
-            if status is None or status >= 500:
-                span.set_attribute("error.type", outcome if status is None else str(status))
-                span.set_status(StatusCode.ERROR, outcome)
-        if span is not None:
-            span.end()
-        if tel.access.wanted():
-            ctx = span.get_span_context() if span is not None else None
-            tel.access.write(
-                {
-                    "kind": "client",
-                    "source": self.mesh.service,
-                    "destination": self.service,
-                    "method": method,
-                    "path": self.request.url.path,
-                    "status": status,
-                    "outcome": outcome,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "attempts": attempts,
-                    "route": route,
-                    "trace_id": f"{ctx.trace_id:032x}" if ctx is not None and ctx.is_valid else None,
-                    "bytes": int(response.headers.get("content-length", 0) or 0) if response is not None else 0,
-                }
-            )
-
 
 class _External:
     """A call to a host outside the mesh: still traced and metered. Marks the context so that an
@@ -376,10 +358,6 @@ class _External:
                 span.set_attribute("error.type", outcome if status is None else str(status))
                 span.set_status(StatusCode.ERROR, outcome)
         span.end()
-
-
-def _peer_labels(service: str, peer: str) -> tuple[tuple[str, str], ...]:
-    return (("mesh.service", service), ("mesh.peer_service", peer))
 
 
 def _outcome(done: Done | None, status: int | None) -> str:

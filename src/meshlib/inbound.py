@@ -64,6 +64,8 @@ class Admission:
     context: otel_context.Context | None = None
     #: The request's headers named by MESH_PROPAGATE_HEADERS, sent on by mesh calls made while handling it.
     propagated: tuple[tuple[str, str], ...] = ()
+    #: A gRPC call: its shell names the span and sets the RPC attributes; ``finish`` adds no HTTP ones.
+    rpc: bool = False
     finished: bool = field(default=False, repr=False)
 
     def finish(self, status: int, route: str = "") -> None:
@@ -80,16 +82,17 @@ class Admission:
         metrics.server_duration.record(elapsed, metrics.server_labels(peer, route, self.method, status_class(status)))
         span = self.span
         if span is not None:
-            if span.is_recording():
+            if span.is_recording() and not self.rpc:
                 if route:
                     span.update_name(f"{self.method} {route}")
                     span.set_attribute("http.route", route)
                 span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR, str(status))
+            if span.is_recording():
                 span.set_attribute("mesh.service", self.mesh.service)
                 if peer:
                     span.set_attribute("mesh.peer_service", peer)
-                if status >= 500:
-                    span.set_status(StatusCode.ERROR, str(status))
             span.end()
         if tel.access.wanted():
             ctx = span.get_span_context() if span is not None else trace.get_current_span().get_span_context()

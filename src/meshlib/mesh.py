@@ -23,6 +23,8 @@ from .telemetry import Telemetry
 log = logging.getLogger("meshlib")
 
 if TYPE_CHECKING:
+    import grpc
+    from grpc import aio as grpc_aio
     from opentelemetry.trace import TracerProvider
 
     from .http import AsyncClient, Client
@@ -349,6 +351,18 @@ class Mesh:
         from .http import AsyncClient
 
         return AsyncClient(mesh=self, **kwargs)
+
+    def grpc_channel(self, service: str, **kwargs: Any) -> grpc.Channel:
+        """A ``grpc.Channel`` to ``service`` for generated stubs (mTLS when mesh TLS is on)."""
+        from .grpc import Channel
+
+        return Channel(service, mesh=self, **kwargs)
+
+    def grpc_aio_channel(self, service: str, **kwargs: Any) -> grpc_aio.Channel:
+        """The same for ``grpc.aio`` stubs."""
+        from .grpc.aio import Channel
+
+        return Channel(service, mesh=self, **kwargs)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

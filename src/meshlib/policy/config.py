@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "timeout", "502", "503", "504"})
+#: ``unavailable`` is gRPC's UNAVAILABLE (the only status gRPC's retry design calls safe to repeat).
+DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "timeout", "unavailable", "502", "503", "504"})
 #: Outcome names ``retries.on`` accepts, besides three-digit status codes.
-RETRY_ON_NAMES = frozenset({"connect-failure", "reset", "timeout", "5xx", "gateway-error"})
+RETRY_ON_NAMES = frozenset({"connect-failure", "reset", "timeout", "unavailable", "5xx", "gateway-error"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 LOAD_BALANCERS = ("p2c_ewma", "round_robin", "least_request")
 

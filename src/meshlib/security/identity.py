@@ -88,6 +88,9 @@ class Identity:
         self.installed_at = 0.0
         self.not_after = 0.0
         self.rotations = 0
+        #: (certificate chain, private key, roots) as PEM, for TLS stacks that take bytes, not an SSLContext
+        #: (gRPC's credentials). Replaced whole at each rotation; ``rotations`` says when.
+        self.pem: tuple[bytes, bytes, bytes] | None = None
         self._jitter = 1.0
         self._files_mtime = 0.0
         self._stop = threading.Event()
@@ -239,6 +242,7 @@ class Identity:
             # the key lives on in the contexts (in memory); on disk it existed only for load_cert_chain
             key_path.unlink(missing_ok=True)
         self.certificate = cert
+        self.pem = (cert_pem, key_pem, roots_pem)
         self.installed_at = self.clock()
         self.not_after = cert.not_valid_after_utc.timestamp()
         self._jitter = 1.0 - random.random() * 0.05

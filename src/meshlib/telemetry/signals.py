@@ -109,23 +109,26 @@ def scrape(
     total: dict[str, Histogram] = defaultdict(Histogram)
     problems: list[str] = []
     for inst in instances:
-        tls = (inst.get("meta") or {}).get("mesh_tls", "off")
+        meta = inst.get("meta") or {}
+        tls = meta.get("mesh_tls", "off")
         host = f"[{inst['address']}]" if ":" in str(inst["address"]) else inst["address"]
+        # a gRPC instance serves its metrics on an HTTP side port
+        port = meta["metrics_port"] if str(meta.get("metrics_port", "")).isdigit() else inst["port"]
         try:
             if tls == "strict" or (tls == "permissive" and context is not None):
                 if context is None:
-                    problems.append(f"{inst['service']} {host}:{inst['port']}: strict mTLS (give meshctl an identity)")
+                    problems.append(f"{inst['service']} {host}:{port}: strict mTLS (give meshctl an identity)")
                     continue
                 with httpx.Client(verify=context, timeout=timeout, trust_env=False) as client:
                     r = client.get(
-                        f"https://{host}:{inst['port']}/-/mesh/metrics",
+                        f"https://{host}:{port}/-/mesh/metrics",
                         extensions={"sni_hostname": f"{inst['service']}.{namespace}.mesh"},
                     )
             else:
-                r = httpx.get(f"http://{host}:{inst['port']}/-/mesh/metrics", timeout=timeout, trust_env=False)
+                r = httpx.get(f"http://{host}:{port}/-/mesh/metrics", timeout=timeout, trust_env=False)
             r.raise_for_status()
         except httpx.HTTPError as exc:
-            problems.append(f"{inst['service']} {host}:{inst['port']}: {exc}")
+            problems.append(f"{inst['service']} {host}:{port}: {exc}")
             continue
         for service, h in parse(r.text).items():
             if service == inst["service"]:

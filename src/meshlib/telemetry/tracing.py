@@ -92,6 +92,22 @@ class MeshTracer:
             },
         )
 
+    def start_rpc(self, service: str, full_method: str) -> Span:
+        """A gRPC client call, named and attributed by OpenTelemetry's RPC conventions (``pkg.Service/Method``)."""
+        name = full_method.lstrip("/")
+        rpc_service, _, rpc_method = name.partition("/")
+        return self.tracer.start_span(
+            name,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": rpc_service,
+                "rpc.method": rpc_method,
+                "server.address": service,
+                "mesh.service": service,
+            },
+        )
+
     def start_attempt(self, call: Span, method: str, endpoint: str, attempt: int, breaker_state: str) -> Span:
         if not call.is_recording():
             return INVALID_SPAN

@@ -1,0 +1,230 @@
+"""The ``grpc.aio.Channel`` drop-in: the async twin of ``channel.py``, on the same ``RpcCall`` and policy core.
+
+Calls start at once, as grpc.aio's do. A unary call is one task that drives the policy flow (retrying on
+``UNAVAILABLE`` on another instance); a streaming call resolves its endpoint (waiting off the loop for discovery's
+first answer if it must), then is the real call on that endpoint's channel, wrapped only to record its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from ..errors import MeshError
+from ..policy.flow import Done, Send
+from ..policy.service import ServiceState
+from .aio_calls import StreamCall, UnaryCall
+from .call import Metadata, RpcCall, code_of, mesh_failure
+from .endpoints import Options
+from .facade import Facade, Method, method_of
+
+_closing: set[asyncio.Task[Any]] = set()
+
+
+def _make_channel(target: str, credentials: grpc.ChannelCredentials | None, options: Options) -> aio.Channel:
+    if credentials is None:
+        return aio.insecure_channel(target, options=options)
+    return aio.secure_channel(target, credentials, options=options)
+
+
+def _close_later(channel: aio.Channel) -> None:
+    """Retired channels close in the background (their calls are done; nothing waits for it)."""
+    try:
+        task = asyncio.get_running_loop().create_task(channel.close())
+    except RuntimeError:  # no loop running (the loop is gone): nothing left to close on
+        return
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+def _connect(channel: aio.Channel) -> None:
+    channel.get_state(try_to_connect=True)
+
+
+class _Method(Method[aio.Channel]):
+    __slots__ = ()
+
+
+class _Unary(_Method):
+    """Unary and client-streaming calls (a client stream is not replayable: the flow never retries it)."""
+
+    __slots__ = ()
+
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> UnaryCall:
+        last: list[Any] = [None]
+        coro = self._run(request, timeout, metadata, credentials, wait_for_ready, compression, last)
+        return UnaryCall(asyncio.ensure_future(coro), last)
+
+    async def _run(self, request: Any, timeout: float | None, metadata: Metadata | None, credentials: Any,
+                   wait_for_ready: bool | None, compression: Any, last: list[Any]) -> Any:
+        facade = self.facade
+        state = await facade.state()
+        call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout,
+                       replayable=self.kind == "unary_unary")
+        endpoints = facade.endpoints
+        flow = call.flow
+        done: Done | None = None
+        response: Any = None
+        error: BaseException | None = None
+        code: grpc.StatusCode | None = None
+        try:
+            action = next(flow)
+            while True:
+                if type(action) is Send:
+                    record = endpoints.acquire(action.endpoint, state)
+                    try:
+                        real = self.on(record)(
+                            request,
+                            timeout=action.timeout,
+                            metadata=call.attempt_metadata(action, record.label),
+                            credentials=credentials,
+                            wait_for_ready=wait_for_ready,
+                            compression=compression,
+                        )
+                        last[0] = real
+                        try:
+                            response = await real
+                            error, code = None, grpc.StatusCode.OK
+                        except aio.AioRpcError as exc:
+                            response, error, code = None, exc, exc.code()
+                    finally:
+                        endpoints.release(record)
+                    action = flow.send(call.attempt_done(record.label, code))
+                else:
+                    await asyncio.sleep(action.seconds)  # type: ignore[union-attr]
+                    action = next(flow)
+        except StopIteration as stop:
+            done = stop.value
+        finally:
+            flow.close()
+            if done is None:
+                call.finish(None, code)
+        assert done is not None
+        failure = call.outcome(done, error)
+        call.finish(done, code_of(failure))
+        if failure is not None:
+            last[0] = failure
+            raise failure
+        return response
+
+
+class _Streaming(_Method):
+    """Server- and bidi-streaming calls: balanced and counted by the breakers, never retried."""
+
+    __slots__ = ()
+
+    def __call__(self, request: Any = None, *, timeout: float | None = None, metadata: Metadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> StreamCall:
+        coro = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return StreamCall(asyncio.ensure_future(coro))
+
+    async def _start(self, request: Any, timeout: float | None, metadata: Metadata | None, credentials: Any,
+                     wait_for_ready: bool | None, compression: Any) -> Any:
+        facade = self.facade
+        state = await facade.state()
+        call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=False)
+        flow = call.flow
+        try:
+            action = next(flow)
+            while type(action) is not Send:  # a fault-injection delay
+                await asyncio.sleep(action.seconds)  # type: ignore[union-attr]
+                action = next(flow)
+        except StopIteration as stop:
+            done: Done = stop.value
+            failure = call.outcome(done, None)
+            call.finish(done, code_of(failure))
+            assert failure is not None
+            raise failure from None
+        endpoints = facade.endpoints
+        record = endpoints.acquire(action.endpoint, state)
+        args = () if request is None and self.kind == "stream_stream" else (request,)
+        try:
+            real = self.on(record)(
+                *args,
+                timeout=action.timeout,
+                metadata=call.attempt_metadata(action, record.label),
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:
+            endpoints.release(record)
+            flow.close()
+            call.finish(None, None)
+            raise
+
+        async def ended() -> None:
+            try:
+                code = await real.code()
+            finally:
+                endpoints.release(record)
+            done: Done | None = None
+            try:
+                flow.send(call.attempt_done(record.label, code))
+            except StopIteration as stop:
+                done = stop.value
+            finally:
+                flow.close()
+            call.finish(done, code)
+
+        def on_done(_: Any) -> None:
+            task = asyncio.get_running_loop().create_task(ended())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+        real.add_done_callback(on_done)
+        return real
+
+
+class Channel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]
+    """A ``grpc.aio.Channel`` to a mesh service; see ``meshlib.grpc.Channel``."""
+
+    make_channel = staticmethod(_make_channel)
+    close_channel = staticmethod(_close_later)
+    connect_channel = staticmethod(_connect)
+
+    unary_unary = method_of("unary_unary", _Unary)
+    stream_unary = method_of("stream_unary", _Unary)
+    unary_stream = method_of("unary_stream", _Streaming)
+    stream_stream = method_of("stream_stream", _Streaming)
+
+    async def state(self) -> ServiceState:
+        mesh = self.mesh
+        state, ready = mesh.service_state_nowait(self.service)
+        if not ready:  # first call for this service: wait for discovery off the event loop
+            try:
+                state = await asyncio.to_thread(mesh.service_state, self.service)
+            except MeshError as exc:
+                raise mesh_failure(mesh, exc) from exc
+        return state
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        state, ready = self.mesh.service_state_nowait(self.service)
+        if ready and state.handles:
+            return grpc.ChannelConnectivity.READY
+        return grpc.ChannelConnectivity.CONNECTING if not ready else grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        while self.get_state() == last_observed_state:
+            await asyncio.sleep(0.1)
+
+    async def channel_ready(self) -> None:
+        await self.state()
+        while self.get_state() != grpc.ChannelConnectivity.READY:
+            await asyncio.sleep(0.1)
+
+    async def close(self, grace: float | None = None) -> None:
+        if "endpoints" in self.__dict__:
+            await asyncio.gather(*(channel.close(grace) for channel in self.endpoints.close()))
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)

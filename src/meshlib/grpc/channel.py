@@ -1,0 +1,314 @@
+"""The sync ``grpc.Channel`` drop-in: a facade whose calls go through the mesh.
+
+Generated stubs use it unchanged. Each call's endpoint is chosen by the shared policy core (``policy/flow.py``:
+routing, P2C over non-ejected endpoints, breakers, retry budget, deadline) and the call is sent on that endpoint's
+own real channel (``endpoints.py``). Unary calls are retried on ``UNAVAILABLE`` only, on another instance; streaming
+calls are balanced and counted by the breakers, never retried (their messages cannot be replayed).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ..errors import MeshError
+from ..policy.flow import Done, Send
+from .call import Metadata, RpcCall, code_of, mesh_failure
+from .endpoints import Options
+from .facade import Facade, Method, method_of
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _futures() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="meshlib-grpc-future")
+    return _executor
+
+
+def _make_channel(target: str, credentials: grpc.ChannelCredentials | None, options: Options) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _close_channel(channel: grpc.Channel) -> None:
+    channel.close()
+
+
+def _ignore(state: grpc.ChannelConnectivity) -> None:
+    pass
+
+
+def _connect(channel: grpc.Channel) -> None:
+    """Start connecting now (what ``try_to_connect`` does), without waiting."""
+    channel.subscribe(_ignore, try_to_connect=True)
+    channel.unsubscribe(_ignore)
+
+
+class _Method(Method[grpc.Channel]):
+    __slots__ = ()
+
+    def begin(self, metadata: Metadata | None, timeout: float | None, replayable: bool) -> RpcCall:
+        facade = self.facade
+        mesh = facade.mesh
+        try:
+            state = mesh.service_state(facade.service)
+        except MeshError as exc:
+            raise mesh_failure(mesh, exc) from exc
+        return RpcCall(mesh, state, facade.service, self.method, metadata, timeout, replayable=replayable)
+
+
+class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    """Unary and client-streaming calls: one response, so the whole call is driven here (and a unary call
+    retried where the policy allows; a client stream is not replayable, so the flow never retries it)."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression, False)[0]
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.Future:
+        future = _futures().submit(self.__call__, request, timeout, metadata, credentials, wait_for_ready, compression)
+        return _Future(future)
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+
+    def _call(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+        want_call: bool,
+    ) -> tuple[Any, grpc.Call]:
+        call = self.begin(metadata, timeout, self.kind == "unary_unary")
+        endpoints = self.facade.endpoints
+        flow = call.flow
+        mesh_state = call.state
+        done: Done | None = None
+        response: Any = None
+        last: Any = None
+        error: BaseException | None = None
+        code: grpc.StatusCode | None = None
+        try:
+            action = next(flow)
+            while True:
+                if type(action) is Send:
+                    record = endpoints.acquire(action.endpoint, mesh_state)
+                    try:
+                        metadata_out = call.attempt_metadata(action, record.label)
+                        real = self.on(record)
+                        if want_call:
+                            response, last = real.with_call(
+                                request,
+                                timeout=action.timeout,
+                                metadata=metadata_out,
+                                credentials=credentials,
+                                wait_for_ready=wait_for_ready,
+                                compression=compression,
+                            )
+                        else:  # the plain call skips building a call object nobody will see
+                            response = real(
+                                request,
+                                timeout=action.timeout,
+                                metadata=metadata_out,
+                                credentials=credentials,
+                                wait_for_ready=wait_for_ready,
+                                compression=compression,
+                            )
+                        error, code = None, grpc.StatusCode.OK
+                    except grpc.RpcError as exc:
+                        response, last, error, code = None, exc, exc, code_of(exc)
+                    finally:
+                        endpoints.release(record)
+                    action = flow.send(call.attempt_done(record.label, code))
+                else:
+                    time.sleep(action.seconds)  # type: ignore[union-attr]
+                    action = next(flow)
+        except StopIteration as stop:
+            done = stop.value
+        finally:
+            flow.close()
+            if done is None:
+                call.finish(None, code)
+        assert done is not None
+        failure = call.outcome(done, error)
+        call.finish(done, code_of(failure))
+        if failure is not None:
+            raise failure
+        return response, last
+
+
+class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    """Server- and bidi-streaming calls: balanced and counted by the breakers, never retried. The real call
+    object is returned as is (an iterator of responses and a ``grpc.Call``); its end is recorded when it ends."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        call = self.begin(metadata, timeout, False)
+        flow = call.flow
+        endpoints = self.facade.endpoints
+        try:
+            action = next(flow)
+            while type(action) is not Send:  # a fault-injection delay
+                time.sleep(action.seconds)  # type: ignore[union-attr]
+                action = next(flow)
+        except StopIteration as stop:  # no endpoint, fault abort, deadline: over before it started
+            done: Done = stop.value
+            failure = call.outcome(done, None)
+            call.finish(done, code_of(failure))
+            assert failure is not None
+            raise failure from None
+        record = endpoints.acquire(action.endpoint, call.state)
+        try:
+            real = self.on(record)(
+                request,
+                timeout=action.timeout,
+                metadata=call.attempt_metadata(action, record.label),
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:
+            endpoints.release(record)
+            flow.close()
+            call.finish(None, None)
+            raise
+        ended = threading.Lock()
+
+        def on_end() -> None:
+            if not ended.acquire(blocking=False):
+                return
+            endpoints.release(record)
+            code = real.code()
+            done: Done | None = None
+            try:
+                flow.send(call.attempt_done(record.label, code))
+            except StopIteration as stop:
+                done = stop.value
+            finally:
+                flow.close()
+            call.finish(done, code)
+
+        if not real.add_callback(on_end):  # already over
+            on_end()
+        return real
+
+
+class Channel(Facade[grpc.Channel], grpc.Channel):  # type: ignore[misc]
+    """A ``grpc.Channel`` to a mesh service (``Channel("payments")``): one real channel per endpoint, the endpoint
+    of each call chosen by the mesh. ``credentials=None`` means the mesh's own mTLS when ``MESH_TLS`` is on."""
+
+    make_channel = staticmethod(_make_channel)
+    close_channel = staticmethod(_close_channel)
+    connect_channel = staticmethod(_connect)
+
+    unary_unary = method_of("unary_unary", _Blocking)
+    stream_unary = method_of("stream_unary", _Blocking)
+    unary_stream = method_of("unary_stream", _Streaming)
+    stream_stream = method_of("stream_stream", _Streaming)
+
+    def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False) -> None:
+        """Connectivity of a mesh service: READY while discovery lists an instance, else TRANSIENT_FAILURE."""
+        try:
+            state = self.mesh.service_state(self.service)
+            ready = bool(state.handles)
+        except MeshError:
+            ready = False
+        callback(grpc.ChannelConnectivity.READY if ready else grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        pass
+
+    def close(self) -> None:
+        """Close every endpoint channel (calls in flight are cancelled, as ``grpc.Channel.close`` does)."""
+        if "endpoints" in self.__dict__:
+            for channel in self.endpoints.close():
+                channel.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Future(grpc.Future):  # type: ignore[misc]
+    """A ``grpc.Future`` over a thread-pool future (``.future()`` of a mesh unary call)."""
+
+    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+        self._future = future
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def running(self) -> bool:
+        return self._future.running()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._future.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        error = self._future.exception(timeout)
+        return error.__traceback__ if error is not None else None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError("a unary call's future is not iterable")
