@@ -75,6 +75,8 @@ class Behaviour:
         self.fail = False
         self.delay = 0.0
         self.calls = 0
+        #: Calls whose caller cancelled them while the handler was still at work.
+        self.cancelled = 0
         self.handled = threading.Event()
         #: The meshlib.Client a "call-http" request calls through (else one on the process default mesh).
         self.http_client: Any = None
@@ -94,6 +96,8 @@ def make_servicer(behaviour: Behaviour) -> Any:
             delay = behaviour.delay + (request.n / 1000 if request.mode == "slow" else 0)
             if delay:
                 time.sleep(delay)
+                if not context.is_active():
+                    behaviour.cancelled += 1
             text = request.text
             if request.mode == "call-http":
                 import meshlib
@@ -143,8 +147,13 @@ def make_aio_servicer(behaviour: Behaviour) -> Any:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{behaviour.instance} is broken")
             if request.mode == "missing":
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no {request.text}")
-            if request.mode == "slow":
-                await asyncio.sleep(request.n / 1000)
+            delay = behaviour.delay + (request.n / 1000 if request.mode == "slow" else 0)
+            if delay:
+                try:
+                    await asyncio.sleep(delay)
+                except asyncio.CancelledError:
+                    behaviour.cancelled += 1
+                    raise
             remaining = context.time_remaining()
             return pb2.Reply(
                 text=request.text,

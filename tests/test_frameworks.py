@@ -78,7 +78,7 @@ def check_framework(cp, mesh, server_mesh: meshlib.Mesh, port: int, route: str) 
     target = {"app": [Endpoint("127.0.0.1", port)]}
     frontend, billing = mesh("frontend", target), mesh("billing", target)
     with frontend, billing, frontend.client() as fc, billing.client() as bc:
-        from meshlib.policy.deadline import incoming_deadline
+        from meshlib.propagation import incoming_deadline
 
         deadline = time.time() + 2  # as if this test were a handler with 2 s left: the whole chain inherits it
         token = incoming_deadline.set(deadline)

@@ -240,7 +240,10 @@ def test_endpoint_changes_are_followed_without_cancelling_calls_in_flight(instan
     assert not channel.endpoints._retiring, "a's channel closed once its last call was done"
 
 
-def test_a_killed_instance_under_load_fails_no_unary_call(instances):
+def test_an_instance_stopping_under_load_while_still_listed_fails_no_unary_call(instances):
+    """It finishes what it has and refuses the rest (its port closes) while discovery still lists it: every refused
+    call is retried elsewhere. (A SIGKILLed instance is tests/test_grpc_processes.py; a stop with no grace at all
+    cancels calls in flight with CANCELLED, which gRPC does not retry, and neither do we.)"""
     a, _b, _c = instances
     mesh = client_mesh([i.endpoint for i in instances])
     stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
@@ -252,7 +255,7 @@ def test_a_killed_instance_under_load_fails_no_unary_call(instances):
     runner = threading.Thread(target=load)
     runner.start()
     wait_for(lambda: a.behaviour.calls >= 20, what="load to reach a")
-    a.server.server.stop(None)  # gone at once, calls in flight cut, still listed in discovery
+    a.server.server.stop(5)  # stops accepting at once, still listed in discovery
     runner.join(60)
     assert results["errors"] == [], results["errors"][:1]
     assert sum(results["seen"].values()) == 600
@@ -262,3 +265,26 @@ def test_secure_channel_without_mesh_tls_says_what_to_set():
     mesh = client_mesh([])
     with pytest.raises(meshlib.ConfigurationError, match="MESH_TLS=strict or permissive"):
         meshlib.grpc.secure_channel("echo", mesh=mesh)
+
+
+def test_hedged_unary_calls_overtake_a_slow_instance(instances):
+    """Hedging in the sync facade (gRPC futures side by side): every call that starts on the slow instance gets a
+    backup after 20 ms, the backup's answer wins and the slow attempt is cancelled."""
+    from meshlib.rules.model import validate_rules
+
+    a, b, _ = instances
+    a.behaviour.delay = 0.3
+    mesh = client_mesh([a.endpoint, b.endpoint])
+    mesh.apply_rules(validate_rules({"services": {"echo": {
+        "hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}}}, 1))
+    stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
+    took = []
+    for _ in range(20):
+        started = time.monotonic()
+        response, call = stub.Say.with_call(pb2.Hello(text="x"), timeout=5)
+        took.append(time.monotonic() - started)
+        assert response.instance == "b" and call.code() is grpc.StatusCode.OK
+    assert a.behaviour.calls >= 8, "half the calls started on the slow instance"
+    assert sum(t >= 0.29 for t in took) <= 2, f"the slow attempts were not waited for: {took}"
+    wait_for(lambda: all(h.load.outstanding == 0 for h in mesh.service_state("echo").handles))
+    wait_for(lambda: a.behaviour.cancelled >= a.behaviour.calls - 1, what="the slow attempts to be cancelled")

@@ -152,3 +152,37 @@ def test_aio_endpoint_changes_do_not_cancel_calls_in_flight():
                 await server.stop(0)
 
     run(main())
+
+
+def test_aio_hedged_unary_calls_overtake_a_slow_instance():
+    from meshlib.rules.model import validate_rules
+
+    async def main() -> None:
+        made = await start("ab")
+        try:
+            (a, _, ea), (_, _, eb) = made
+            a.delay = 0.3
+            mesh = client([ea, eb])
+            mesh.apply_rules(validate_rules({"services": {"echo": {
+                "hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}}}, 1))
+            stub = pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+            loop = asyncio.get_running_loop()
+            took = []
+            for _ in range(20):
+                started = loop.time()
+                reply = await stub.Say(pb2.Hello(text="x", mode="slow", n=0), timeout=5)
+                took.append(loop.time() - started)
+                assert reply.instance == "b"
+            assert a.calls >= 8
+            assert sum(t >= 0.29 for t in took) <= 2, took
+            assert all(h.load.outstanding == 0 for h in mesh.service_state("echo").handles)
+            for _ in range(100):  # the server sees each cancellation as it happens
+                if a.cancelled >= a.calls - 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert a.cancelled >= a.calls - 1, (a.cancelled, a.calls)
+        finally:
+            for _, server, _ in made:
+                await server.stop(0)
+
+    run(main())

@@ -150,7 +150,9 @@ def test_post_not_retried_on_503_but_retried_on_connection_refused(upstreams):
 
 def test_all_instances_down_typed_error_then_fast_failure():
     ports = [free_port() for _ in range(3)]
-    with static_mesh({"svc": ports}) as mesh, mesh.client() as client:
+    # every instance may be ejected (the default caps ejection at half of them: see the next test)
+    everything = ServicePolicy(circuit_breaker=BreakerPolicy(max_ejection_percent=100))
+    with static_mesh({"svc": ports}, policies={"svc": everything}) as mesh, mesh.client() as client:
         with pytest.raises(meshlib.UnavailableError) as info:
             client.get("http://svc/x")
         message = str(info.value)
@@ -215,7 +217,7 @@ def test_whole_call_timeout_is_a_deadline(upstreams):
 
 
 def test_incoming_deadline_caps_outbound_timeout(upstreams):
-    from meshlib.policy.deadline import incoming_deadline
+    from meshlib.propagation import incoming_deadline
 
     (slow,) = upstreams(1, delay=3.0)
     with static_mesh({"svc": [slow.port]}) as mesh, mesh.client() as client:
@@ -284,3 +286,15 @@ def test_instance_dying_mid_body_is_retried_not_handed_over(upstreams):
         codes = [client.get("http://svc/x").status_code for _ in range(4)]
     assert codes == [200] * 4
     assert dying.proc.wait(10) == -signal.SIGKILL  # it did die mid-response
+
+
+def test_with_every_instance_down_at_most_half_are_ejected_by_default():
+    """Envoy's max_ejection_percent (50% here by default): a correlated failure does not eject everything, so the
+    load is not piled onto the few instances left; the retry budget bounds what the rest get."""
+    ports = [free_port() for _ in range(4)]
+    with static_mesh({"svc": ports}) as mesh, mesh.client() as client:
+        for _ in range(40):
+            with pytest.raises(meshlib.MeshError):
+                client.get("http://svc/x")
+        states = [h.breaker.state for h in mesh.service_state("svc").handles]
+    assert states.count("open") == 2 and states.count("closed") == 2, states

@@ -10,15 +10,17 @@ import httpcore
 import pytest
 
 import meshlib
+from meshlib.client.errors import classify_error
 from meshlib.endpoints import Endpoint, EndpointSet
 from meshlib.policy.balancer import LoadStats, P2CPeakEwma, RoundRobin
 from meshlib.policy.breaker import CLOSED, HALF_OPEN, OPEN
-from meshlib.policy.classify import Kind, classify_error, classify_status
+from meshlib.policy.classify import Kind, classify_status
 from meshlib.policy.config import BreakerPolicy, RetryBudgetPolicy, RetryPolicy, ServicePolicy
-from meshlib.policy.deadline import call_deadline, incoming_deadline, parse_deadline_header, to_epoch_millis
+from meshlib.policy.deadline import call_deadline, parse_deadline_header, to_epoch_millis
 from meshlib.policy.flow import Done, Result, Send, Sleep, call_flow
 from meshlib.policy.retry import RetryBudget
 from meshlib.policy.service import ServiceState
+from meshlib.propagation import incoming_deadline, outbound_deadline
 
 
 class FakeClock:
@@ -184,7 +186,7 @@ def test_budget_exhausted_is_a_typed_error():
 def test_per_try_timeout_is_capped_by_the_deadline():
     policy = ServicePolicy(timeout=1.0, retries=RetryPolicy(per_try_timeout=0.4))
     s, clock = state(policy=policy)
-    deadline = call_deadline(clock(), policy.timeout)
+    deadline = call_deadline(clock(), policy.timeout, 0.0, None)
     timeout = Result(classify_error(httpcore.ReadTimeout("slow")), httpcore.ReadTimeout("slow"))
     actions, done = run(s, clock, [timeout, timeout, timeout], deadline=deadline, latency=0.4)
     budgets = [a.timeout for a in sends(actions)]
@@ -200,16 +202,24 @@ def test_deadline_already_passed_sends_nothing():
 
 
 def test_incoming_deadline_caps_the_call_deadline():
-    def inner() -> float | None:
-        incoming_deadline.set(2000.5)  # epoch seconds
-        return call_deadline(now=10.0, timeout=5.0, wall_now=2000.0)
-
-    assert contextvars.copy_context().run(inner) == pytest.approx(10.5)
-    assert call_deadline(now=10.0, timeout=5.0, wall_now=2000.0) == 15.0
+    assert call_deadline(now=10.0, timeout=5.0, wall_now=2000.0, incoming=2000.5) == pytest.approx(10.5)
+    assert call_deadline(now=10.0, timeout=5.0, wall_now=2000.0, incoming=None) == 15.0
+    assert call_deadline(now=10.0, timeout=None, wall_now=2000.0, incoming=2003.0) == pytest.approx(13.0)
     assert to_epoch_millis(10.5, 10.0, 2000.0) == 2000500
-    assert parse_deadline_header(b"2000500") == 2000.5
+    assert parse_deadline_header(b"2000500", wall_now=2000.0) == 2000.5
     with pytest.raises(ValueError, match="x-mesh-deadline"):
-        parse_deadline_header("soon")
+        parse_deadline_header("soon", wall_now=2000.0)
+
+
+def test_the_shells_read_the_incoming_deadline_from_the_request_being_handled():
+    import time
+
+    def inner() -> float | None:
+        incoming_deadline.set(time.time() + 0.5)  # epoch seconds, as the server side sets it
+        return outbound_deadline(100.0, 5.0)
+
+    assert contextvars.copy_context().run(inner) == pytest.approx(100.5, abs=0.05)
+    assert outbound_deadline(100.0, 5.0) == 105.0
 
 
 # -- circuit breaking --------------------------------------------------------------------------------
@@ -352,3 +362,198 @@ def test_a_recovered_endpoint_is_not_starved_by_its_old_failure_penalty():
     ports = [call(lambda port: (0.15 if port == c.endpoint.port else 0.01, OK)) for _ in range(100)]
     assert ports.count(b.endpoint.port) > 25, ports
     assert ports.count(c.endpoint.port) < 15, ports
+
+
+# -- ejection cap and panic threshold (Envoy's max_ejection_percent, healthy_panic_threshold) -------------------
+
+
+def _fail_everywhere(s: ServiceState, clock: FakeClock, calls: int) -> None:
+    """Every attempt on every endpoint fails (retries off, so one attempt per call)."""
+    for _ in range(calls):
+        run(s, clock, [E503], rand=lambda: 0.0)
+        clock.advance(0.001)
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "percent", "ejected"),
+    [
+        (4, 50.0, 2),  # the default: half
+        (3, 50.0, 1),  # 1.5 rounds down
+        (1, 50.0, 1),  # at least one may always be ejected
+        (4, 0.0, 1),  # ... even at 0%
+        (4, 100.0, 4),  # the old behaviour: all
+        (10, 10.0, 1),  # Envoy's own default
+    ],
+)
+def test_max_ejection_percent_caps_how_many_endpoints_are_ejected(endpoints, percent, ejected):
+    policy = ServicePolicy(
+        retries=RetryPolicy(attempts=1),
+        load_balancer="round_robin",
+        circuit_breaker=BreakerPolicy(consecutive_failures=2, open_for=60, max_ejection_percent=percent),
+    )
+    s, clock = state(ports=range(1, endpoints + 1), policy=policy)
+    _fail_everywhere(s, clock, 20 * endpoints)
+    assert sum(h.breaker.state == OPEN for h in s.handles) == ejected
+    assert not s.may_eject() or ejected == endpoints
+
+
+def test_an_endpoint_kept_by_the_cap_is_ejected_once_another_recovers():
+    policy = ServicePolicy(
+        retries=RetryPolicy(attempts=1),
+        load_balancer="round_robin",
+        circuit_breaker=BreakerPolicy(consecutive_failures=2, open_for=10, max_ejection_percent=50),
+    )
+    s, clock = state(ports=(1, 2), policy=policy)
+    _fail_everywhere(s, clock, 10)
+    first = next(h for h in s.handles if h.breaker.state == OPEN)
+    other = next(h for h in s.handles if h is not first)
+    assert other.breaker.state == CLOSED
+    clock.advance(10)
+    # the ejected one's trial succeeds and closes it; the other, still failing, may now be ejected
+    flow = call_flow(s, method="GET", replayable=True, deadline=None, clock=clock, rand=lambda: 0.0)
+    send = next(flow)
+    assert send.endpoint == first.endpoint
+    with contextlib.suppress(StopIteration):
+        flow.send(OK)
+    assert first.breaker.state == CLOSED
+    for _ in range(4):
+        run(s, clock, [E503], rand=lambda: 0.0)
+    assert other.breaker.state == OPEN
+
+
+def test_below_the_panic_threshold_traffic_goes_to_every_endpoint():
+    policy = ServicePolicy(
+        retries=RetryPolicy(attempts=1),
+        load_balancer="round_robin",
+        circuit_breaker=BreakerPolicy(
+            consecutive_failures=1, open_for=60, max_ejection_percent=100, panic_threshold_percent=50
+        ),
+    )
+    s, clock = state(ports=(1, 2, 3, 4), policy=policy)
+    for handle in s.handles[:3]:  # eject three of four
+        handle.breaker.record(True, False)
+    assert [h.breaker.state for h in s.handles] == [OPEN, OPEN, OPEN, CLOSED]
+    picked = {run(s, clock, [OK])[0][0].endpoint.port for _ in range(8)}
+    assert picked == {1, 2, 3, 4}, "25% healthy < 50%: balanced over all"
+    off = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=1, max_ejection_percent=100))
+    s.set_policy(off)
+    assert {run(s, clock, [OK])[0][0].endpoint.port for _ in range(8)} == {4}, "no panic threshold: only healthy"
+
+
+def test_a_late_answer_does_not_close_an_open_breaker_before_its_time():
+    """pybreaker's own open timeout runs on the injected clock (no wall clock in the core)."""
+    from meshlib.policy.breaker import EndpointBreaker
+
+    clock = FakeClock()
+    breaker = EndpointBreaker(BreakerPolicy(consecutive_failures=2, open_for=30), clock)
+    breaker.record(True, False)
+    breaker.record(True, False)
+    assert breaker.state == OPEN
+    clock.advance(29)
+    breaker.record(False, False)  # an attempt sent before the ejection answers late: still ejected
+    assert breaker.state == OPEN
+    clock.advance(2)
+    assert breaker.admit(clock()) is None  # the one trial
+    breaker.record(False, True)
+    assert breaker.state == CLOSED
+
+
+# -- hedged requests ----------------------------------------------------------------------------------
+
+from meshlib.policy.config import HedgingPolicy  # noqa: E402
+from meshlib.policy.flow import HEDGE_DUE, Wait  # noqa: E402
+
+
+def hedged_state(hedging: HedgingPolicy, ports=(1, 2, 3), deposits: int = 100):
+    s, clock = state(ports=ports, policy=ServicePolicy(hedging=hedging))
+    assert s.hedger is not None
+    for _ in range(deposits):  # earlier requests: the hedge budget is a share of them
+        s.hedger.budget.deposit(clock())
+    return s, clock
+
+
+def start(s, clock, method="GET", replayable=True):
+    flow = call_flow(s, method=method, replayable=replayable, deadline=None, clock=clock, rand=lambda: 0.5)
+    return flow, next(flow)
+
+
+def test_no_hedge_when_the_first_attempt_answers_in_time():
+    s, clock = hedged_state(HedgingPolicy(delay=0.05))
+    flow, send = start(s, clock)
+    assert isinstance(send, Send) and send.hedge_after == 0.05
+    clock.advance(0.01)
+    with pytest.raises(StopIteration) as stop:
+        flow.send(Result(classify_status(200), attempt=send.attempt))
+    done = stop.value.value
+    assert done.winner == 1 and done.hedges == 0 and done.error is None
+
+
+def test_a_slow_first_attempt_gets_a_backup_on_another_instance_and_the_first_answer_wins():
+    s, clock = hedged_state(HedgingPolicy(delay=0.05))
+    flow, first = start(s, clock)
+    clock.advance(0.05)
+    backup = flow.send(HEDGE_DUE)
+    assert isinstance(backup, Send) and backup.endpoint != first.endpoint and backup.attempt == 2
+    assert backup.hedge_after is None, "max_attempts 2: no third"
+    assert sum(h.load.outstanding for h in s.handles) == 2
+    clock.advance(0.01)
+    with pytest.raises(StopIteration) as stop:
+        flow.send(Result(classify_status(200), attempt=2))
+    done = stop.value.value
+    assert done.winner == 2 and done.hedges == 1
+    assert sum(h.load.outstanding for h in s.handles) == 0, "the loser, cancelled, is no longer counted"
+    slow = next(h for h in s.handles if h.endpoint == first.endpoint)
+    assert slow.load.ewma == pytest.approx(0.06), "the loser is charged at least what it took until cancelled"
+
+
+def test_a_failed_attempt_waits_for_the_other_one_in_flight():
+    s, clock = hedged_state(HedgingPolicy(delay=0.05))
+    flow, _first = start(s, clock)
+    clock.advance(0.05)
+    flow.send(HEDGE_DUE)
+    clock.advance(0.01)
+    waiting = flow.send(Result(classify_error(httpcore.ConnectError("x")), httpcore.ConnectError("x"), attempt=2))
+    assert isinstance(waiting, Wait), "the first attempt may still answer"
+    with pytest.raises(StopIteration) as stop:
+        flow.send(Result(classify_status(200), attempt=1))
+    assert stop.value.value.winner == 1 and stop.value.value.error is None
+
+
+def test_the_hedge_budget_caps_backups():
+    s, clock = hedged_state(HedgingPolicy(delay=0.05, budget_percent=10), deposits=0)
+    hedged = 0
+    for _ in range(100):
+        flow, _first = start(s, clock)
+        clock.advance(0.05)
+        nxt = flow.send(HEDGE_DUE)
+        if isinstance(nxt, Send):
+            hedged += 1
+            with contextlib.suppress(StopIteration):
+                flow.send(Result(classify_status(200), attempt=nxt.attempt))
+        else:
+            assert isinstance(nxt, Wait) and nxt.hedge_after is None
+            with contextlib.suppress(StopIteration):
+                flow.send(Result(classify_status(200), attempt=1))
+        flow.close()
+    assert 5 <= hedged <= 10, hedged
+
+
+def test_an_adaptive_delay_needs_samples_then_follows_the_percentile():
+    s, clock = hedged_state(HedgingPolicy(percentile=95.0))
+    flow, send = start(s, clock)
+    assert send.hedge_after is None, "no basis yet: no hedging"
+    flow.close()
+    for i in range(128):  # latencies 1..128 ms (the percentile is recomputed every 32 samples)
+        run(s, clock, [OK], latency=(i + 1) / 1000)
+    _, send = start(s, clock)
+    assert send.hedge_after == pytest.approx(0.122, abs=0.0015)
+
+
+def test_requests_that_cannot_be_replayed_or_repeated_are_never_hedged():
+    s, clock = hedged_state(HedgingPolicy(delay=0.05))
+    _, send = start(s, clock, replayable=False)
+    assert send.hedge_after is None
+    _, send = start(s, clock, method="POST")
+    assert send.hedge_after is None
+    flow = call_flow(s, method="POST", replayable=True, deadline=None, clock=clock, rand=lambda: 0.5, hedgeable=True)
+    assert next(flow).hedge_after == 0.05, "gRPC: hedging configured means the call may run twice"

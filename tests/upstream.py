@@ -3,8 +3,8 @@
     python tests/upstream.py --name a [--status 503] [--delay 0.05]
 
 Prints ``LISTENING <port>`` once it accepts connections. Every answer is JSON naming the instance and echoing the
-mesh headers it received. ``/-/behave?status=&delay=`` changes behaviour at run time; ``/-/count`` returns and
-``/-/reset`` clears the per-method request counts.
+mesh headers it received. ``/-/behave?status=&delay=&slow_every=&slow_delay=`` changes behaviour at run time;
+``/-/count`` returns and ``/-/reset`` clears the per-method request counts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import uvicorn
 
 
 def make_app(name: str, status: int, delay: float) -> Any:
-    state: dict[str, Any] = {"status": status, "delay": delay, "counts": {}, "die_mid_body": False}
+    state: dict[str, Any] = {
+        "status": status, "delay": delay, "counts": {}, "die_mid_body": False, "slow_every": 0, "slow_delay": 0.0,
+        "served": 0,
+    }
 
     async def send_json(send: Any, code: int, body: Any) -> None:
         data = json.dumps(body).encode()
@@ -61,6 +64,9 @@ def make_app(name: str, status: int, delay: float) -> Any:
                 state["status"] = int(query["status"][0])
             if "delay" in query:
                 state["delay"] = float(query["delay"][0])
+            if "slow_every" in query:  # every Nth request waits slow_delay seconds first
+                state["slow_every"] = int(query["slow_every"][0])
+                state["slow_delay"] = float(query.get("slow_delay", ["0.3"])[0])
             if "die_mid_body" in query:
                 state["die_mid_body"] = query["die_mid_body"][0] == "1"
             await send_json(send, 200, {"instance": name, "status": state["status"], "delay": state["delay"]})
@@ -82,6 +88,9 @@ def make_app(name: str, status: int, delay: float) -> Any:
             await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
             await asyncio.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
+        state["served"] += 1
+        if state["slow_every"] and state["served"] % state["slow_every"] == 0:
+            await asyncio.sleep(state["slow_delay"])
         if state["delay"]:
             await asyncio.sleep(state["delay"])
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}

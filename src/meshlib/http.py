@@ -8,12 +8,14 @@ copying the ``httpx.URL``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import functools
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -24,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
 from opentelemetry.trace import Span, StatusCode
 
+from .client.errors import classify_error, to_httpx_error
 from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
@@ -33,11 +36,11 @@ from .errors import (
     UnavailableError,
 )
 from .mesh import Mesh
-from .policy.classify import classify_error, classify_status
-from .policy.deadline import call_deadline, to_epoch_millis
-from .policy.flow import CallFlow, Done, Result, Send, call_flow
+from .policy.classify import classify_status
+from .policy.deadline import to_epoch_millis
+from .policy.flow import HEDGE_DUE, CallFlow, Done, Result, Send, Sleep, call_flow
 from .policy.service import DEFAULT_PLAN, ServiceState
-from .propagation import propagated_headers
+from .propagation import outbound_deadline, propagated_headers
 from .telemetry.client_calls import finish_client_call
 from .telemetry.metrics import status_class
 from .telemetry.tracing import outbound_traceparent, traceparent_of
@@ -72,33 +75,6 @@ def mesh_service_name(host: str) -> str | None:
 
 
 # -- exceptions ----------------------------------------------------------------------------------
-
-_HTTPCORE_TO_HTTPX: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-)
-
-
-def to_httpx_error(exc: BaseException) -> BaseException:
-    """httpcore's exceptions as the httpx ones callers already catch; anything else unchanged."""
-    for source, target in _HTTPCORE_TO_HTTPX:
-        if isinstance(exc, source):
-            mapped = target(str(exc))
-            mapped.__cause__ = exc
-            return mapped
-    return exc
-
 
 class _ResponseStream(httpx.SyncByteStream):
     __slots__ = ("_stream",)
@@ -142,6 +118,7 @@ class _AsyncResponseStream(httpx.AsyncByteStream):
 # -- one call: shared by both shells --------------------------------------------------------------
 
 _MESH_HEADER_PREFIX = b"x-mesh-"
+_MIRROR_HEADER = (b"x-mesh-mirror", b"1")
 _ATTEMPT_VALUES = [str(i).encode() for i in range(16)]
 
 
@@ -168,7 +145,9 @@ class _Call:
         "target",
     )
 
-    def __init__(self, mesh: Mesh, state: ServiceState, request: httpx.Request, service: str) -> None:
+    def __init__(
+        self, mesh: Mesh, state: ServiceState, request: httpx.Request, service: str, hedging: bool = False
+    ) -> None:
         self.mesh = mesh
         self.request = request
         self.service = service
@@ -191,6 +170,9 @@ class _Call:
                 raw = [(k, v) for k, v in raw if not k.lower().startswith(_MESH_HEADER_PREFIX)]
                 break
         raw.append(mesh.caller_header)
+        copy_of = request.extensions.get("mesh_mirror")
+        if copy_of is not None:  # a mirrored copy says so: the receiving side counts it apart
+            raw.append(_MIRROR_HEADER)
         self.keep_trace = keep_trace
         method = request.method
         tel = mesh.telemetry
@@ -206,17 +188,26 @@ class _Call:
         timeouts = self.extensions.get("timeout") or {}
         self.read_timeout: float | None = timeouts.get("read")
         now = self.started = state.last_used = mesh.clock()
-        self.plan = plan = (
-            state.plan(method, url.path, request.headers.get, mesh.rand) if state.rules is not None else DEFAULT_PLAN
-        )
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        if copy_of is not None:  # a mirrored copy: to its subset, once (never retried, never hedged)
+            plan = state.mirror_plan(copy_of)
+            replayable = hedging = False
+        else:
+            rules = state.rules
+            plan = DEFAULT_PLAN if rules is None else state.plan(method, url.path, request.headers.get, mesh.rand)
+            if plan.mirror is not None:
+                mesh.mirror.submit(service, request, plan.mirror)
+        self.plan = plan
         self.flow: CallFlow = call_flow(
             state,
             method=method,
-            replayable=isinstance(request.stream, httpx.ByteStream),
-            deadline=call_deadline(now, state.policy.timeout),
+            replayable=replayable,
+            deadline=outbound_deadline(now, state.policy.timeout),
             clock=mesh.clock,
             rand=mesh.rand,
             plan=plan,
+            hedging=hedging,
+            record=copy_of is None,
         )
 
     def attempt_request(self, send: Send) -> httpcore.Request:
@@ -259,8 +250,11 @@ class _Call:
             extensions=extensions,
         )
 
-    def attempt_done(self, result: Result) -> None:
-        span = self.attempt_span
+    def attempt_done(self, result: Result, span: Span | None = None) -> None:
+        """End the attempt's span (``span``: one of several in flight, taken with ``take_attempt_span``)."""
+        if span is None:
+            span = self.attempt_span
+            self.attempt_span = None
         if span is not None:
             verdict = result.verdict
             if verdict.status is not None:
@@ -269,7 +263,11 @@ class _Call:
                 span.set_attribute("error.type", verdict.key)
                 span.set_status(StatusCode.ERROR, verdict.key)
             span.end()
-            self.attempt_span = None
+
+    def take_attempt_span(self) -> Span | None:
+        """The span ``attempt_request`` just started, now the caller's to end (hedged attempts run side by side)."""
+        span, self.attempt_span = self.attempt_span, None
+        return span
 
     def finish(self, done: Done | None, response: httpx.Response | None) -> None:
         """The call is over: end its span, record its metrics and (sampled) access log line."""
@@ -653,45 +651,37 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             except MeshError:
                 _count_unresolved(self.mesh, service, request)
                 raise
-        call = _Call(self.mesh, state, request, service)
+        call = _Call(self.mesh, state, request, service, hedging=_asyncio_running())
         flow = call.flow
         response: httpx.Response | None = None
         done: Done | None = None
+        side: _SideBySide | None = None  # attempts in flight together (hedged calls only)
         try:
             action = next(flow)
             while True:
-                if type(action) is Send:
+                kind = type(action)
+                if kind is Send and action.hedge_after is None and side is None:  # type: ignore[union-attr]
                     if response is not None:
                         await _adiscard(response)
-                        response = None
-                    try:
-                        raw = await self._pools.get(service).handle_async_request(call.attempt_request(action))
-                    except Exception as exc:
-                        result = Result(classify_error(exc), exc)
-                    else:
-                        response = httpx.Response(
-                            status_code=raw.status,
-                            headers=raw.headers,
-                            stream=_AsyncResponseStream(raw.stream),
-                            extensions=raw.extensions,
-                        )
-                        result = Result(classify_status(raw.status))
-                        if _small_body(raw):  # read it inside the attempt: a reset mid-body is then retryable
-                            try:
-                                await response.aread()
-                            except Exception as exc:
-                                await response.aclose()
-                                response = None
-                                result = Result(classify_error(exc), exc)
+                    result, response = await self._attempt(call, action, service)  # type: ignore[arg-type]
                     call.attempt_done(result)
                     action = flow.send(result)
-                else:
+                elif kind is Sleep:
                     await anyio.sleep(action.seconds)  # type: ignore[union-attr]
                     action = next(flow)
+                else:  # hedged: a backup alongside, or wait for the attempts in flight
+                    if side is None:
+                        side = _SideBySide()
+                    if kind is Send:
+                        side.start(action.attempt, self._attempt(call, action, service, own_span=True))  # type: ignore[union-attr,arg-type]
+                    answered = await side.next(action.hedge_after)  # type: ignore[union-attr]
+                    action = flow.send(HEDGE_DUE if answered is None else answered)
         except StopIteration as stop:
             done = stop.value
         finally:
             flow.close()
+            if side is not None:
+                response = await side.settle(done.winner if done is not None else None)
             if done is None or done.error is not None:
                 if response is not None:
                     await response.aclose()
@@ -705,10 +695,96 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         assert response is not None
         return response
 
+    async def _attempt(
+        self, call: _Call, action: Send, service: str, own_span: bool = False
+    ) -> tuple[Result, httpx.Response | None]:
+        """One attempt: the request, and a small body read inside it (a reset mid-body is then a failed attempt)."""
+        request = call.attempt_request(action)
+        span = call.take_attempt_span() if own_span else None
+        response: httpx.Response | None = None
+        try:
+            try:
+                raw = await self._pools.get(service).handle_async_request(request)
+            except Exception as exc:
+                result = Result(classify_error(exc), exc, action.attempt)
+            else:
+                response = httpx.Response(
+                    status_code=raw.status,
+                    headers=raw.headers,
+                    stream=_AsyncResponseStream(raw.stream),
+                    extensions=raw.extensions,
+                )
+                result = Result(classify_status(raw.status), None, action.attempt)
+                if _small_body(raw):
+                    try:
+                        await response.aread()
+                    except Exception as exc:
+                        await response.aclose()
+                        response = None
+                        result = Result(classify_error(exc), exc, action.attempt)
+        except BaseException:  # cancelled (a hedge lost): the connection is closed, never reused half-read
+            if response is not None:
+                await response.aclose()
+            if span is not None:
+                span.end()
+            raise
+        if own_span:
+            call.attempt_done(result, span)
+        return result, response
+
     async def aclose(self) -> None:
         for pool in self._pools.all():
             await pool.aclose()
         await self._passthrough.aclose()
+
+
+def _asyncio_running() -> bool:
+    """Hedging runs attempts side by side with asyncio tasks; under another event loop (trio) calls are not hedged."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _SideBySide:
+    """The attempts of one hedged call in flight together: the first to finish is handed to the flow; when the
+    call is done, the winner's response is kept and every other attempt is cancelled (its connection closed) or,
+    if it already finished, its response discarded."""
+
+    __slots__ = ("answered", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks: dict[asyncio.Task[tuple[Result, httpx.Response | None]], int] = {}
+        self.answered: dict[int, httpx.Response | None] = {}
+
+    def start(self, attempt: int, work: Coroutine[Any, Any, tuple[Result, httpx.Response | None]]) -> None:
+        self.tasks[asyncio.ensure_future(work)] = attempt
+
+    async def next(self, hedge_after: float | None) -> Result | None:
+        """The next attempt to finish, or None when ``hedge_after`` passes first."""
+        finished, _ = await asyncio.wait(self.tasks, timeout=hedge_after, return_when=asyncio.FIRST_COMPLETED)
+        if not finished:
+            return None
+        task = finished.pop()
+        del self.tasks[task]
+        result, response = task.result()
+        self.answered[result.attempt] = response
+        return result
+
+    async def settle(self, winner: int | None) -> httpx.Response | None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.tasks.clear()
+        kept = self.answered.pop(winner, None) if winner is not None else None
+        for response in self.answered.values():
+            if response is not None:
+                await _adiscard(response)
+        self.answered.clear()
+        return kept
 
 
 async def _adiscard(response: httpx.Response) -> None:

@@ -21,8 +21,8 @@ from opentelemetry.trace import Span, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .mesh import Mesh
-from .policy.deadline import incoming_deadline, parse_deadline_header
-from .propagation import propagated_headers
+from .policy.deadline import parse_deadline_header
+from .propagation import incoming_deadline, propagated_headers
 from .security import authz
 from .security.spiffe import SpiffeId
 from .security.tls import identity_from_der, identity_from_pem
@@ -66,6 +66,8 @@ class Admission:
     propagated: tuple[tuple[str, str], ...] = ()
     #: A gRPC call: its shell names the span and sets the RPC attributes; ``finish`` adds no HTTP ones.
     rpc: bool = False
+    #: A mirrored copy (``x-mesh-mirror: 1``): its metrics and span say so.
+    mirrored: bool = False
     finished: bool = field(default=False, repr=False)
 
     def finish(self, status: int, route: str = "") -> None:
@@ -79,7 +81,9 @@ class Admission:
         elapsed = time.monotonic() - self.started
         peer = self.peer.service if self.peer is not None else self.caller
         metrics = tel.metrics
-        metrics.server_duration.record(elapsed, metrics.server_labels(peer, route, self.method, status_class(status)))
+        metrics.server_duration.record(
+            elapsed, metrics.server_labels(peer, route, self.method, status_class(status), self.mirrored)
+        )
         span = self.span
         if span is not None:
             if span.is_recording() and not self.rpc:
@@ -91,6 +95,8 @@ class Admission:
                     span.set_status(StatusCode.ERROR, str(status))
             if span.is_recording():
                 span.set_attribute("mesh.service", self.mesh.service)
+                if self.mirrored:
+                    span.set_attribute("mesh.mirror", True)
                 if peer:
                     span.set_attribute("mesh.peer_service", peer)
             span.end()
@@ -145,10 +151,11 @@ def admit(
     ``carrier`` holds the trace headers (``traceparent``, ``tracestate``)."""
     caller = header("x-mesh-caller") or ""
     adm = Admission(mesh, method, path, time.monotonic(), peer, caller, header("x-mesh-attempt"))
+    adm.mirrored = header("x-mesh-mirror") == "1"
     raw_deadline = header("x-mesh-deadline")
     if raw_deadline is not None:
         try:
-            adm.deadline = parse_deadline_header(raw_deadline)
+            adm.deadline = parse_deadline_header(raw_deadline, time.time())
         except ValueError as exc:
             adm.reply = Reply.json(400, {"error": str(exc)})
             return adm

@@ -3,6 +3,7 @@ clients are cheap views onto it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
     from .http import AsyncClient, Client
+    from .mirror import Mirror
     from .rules.watcher import RulesWatcher
     from .security.identity import Identity
 
@@ -352,6 +354,13 @@ class Mesh:
 
         return AsyncClient(mesh=self, **kwargs)
 
+    @functools.cached_property
+    def mirror(self) -> Mirror:
+        """Where mirrored copies go (started by the first route ``mirror`` that draws a request)."""
+        from .mirror import Mirror
+
+        return Mirror(self)
+
     def grpc_channel(self, service: str, **kwargs: Any) -> grpc.Channel:
         """A ``grpc.Channel`` to ``service`` for generated stubs (mTLS when mesh TLS is on)."""
         from .grpc import Channel
@@ -371,6 +380,8 @@ class Mesh:
             return
         self._closed = True
         self._sweep_stop.set()
+        if "mirror" in self.__dict__:
+            self.mirror.close()
         if self.rules_watcher is not None:
             self.rules_watcher.close()
         if self.identity is not None:

@@ -8,13 +8,14 @@ first answer if it must), then is the real call on that endpoint's channel, wrap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from ..errors import MeshError
-from ..policy.flow import Done, Send
+from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
 from ..policy.service import ServiceState
 from .aio_calls import StreamCall, UnaryCall
 from .call import Metadata, RpcCall, code_of, mesh_failure
@@ -64,53 +65,105 @@ class _Unary(_Method):
                    wait_for_ready: bool | None, compression: Any, last: list[Any]) -> Any:
         facade = self.facade
         state = await facade.state()
-        call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout,
-                       replayable=self.kind == "unary_unary")
-        endpoints = facade.endpoints
+        unary = self.kind == "unary_unary"
+        call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary,
+                       hedging=unary)
         flow = call.flow
         done: Done | None = None
-        response: Any = None
-        error: BaseException | None = None
-        code: grpc.StatusCode | None = None
+        outcome: _Outcome = (None, None, None, None)
+        answered: dict[int, _Outcome] = {}  # hedged calls: each finished attempt's outcome
+        side: dict[asyncio.Task[tuple[_Outcome, Result]], int] = {}  # hedged calls: attempts in flight together
+        options = (credentials, wait_for_ready, compression)
         try:
             action = next(flow)
             while True:
-                if type(action) is Send:
-                    record = endpoints.acquire(action.endpoint, state)
-                    try:
-                        real = self.on(record)(
-                            request,
-                            timeout=action.timeout,
-                            metadata=call.attempt_metadata(action, record.label),
-                            credentials=credentials,
-                            wait_for_ready=wait_for_ready,
-                            compression=compression,
-                        )
-                        last[0] = real
-                        try:
-                            response = await real
-                            error, code = None, grpc.StatusCode.OK
-                        except aio.AioRpcError as exc:
-                            response, error, code = None, exc, exc.code()
-                    finally:
-                        endpoints.release(record)
-                    action = flow.send(call.attempt_done(record.label, code))
-                else:
+                kind = type(action)
+                if kind is Send and action.hedge_after is None and not side:  # type: ignore[union-attr]
+                    outcome, result = await self._attempt(call, state, action, request, options)  # type: ignore[arg-type]
+                    last[0] = outcome[3]
+                    action = flow.send(result)
+                elif kind is Sleep:
                     await asyncio.sleep(action.seconds)  # type: ignore[union-attr]
                     action = next(flow)
+                else:  # hedged: a backup alongside, or wait for the attempts in flight
+                    if kind is Send:
+                        work = self._attempt(call, state, action, request, options, own_span=True)  # type: ignore[arg-type]
+                        side[asyncio.ensure_future(work)] = action.attempt  # type: ignore[union-attr]
+                    finished, _ = await asyncio.wait(
+                        side, timeout=action.hedge_after, return_when=asyncio.FIRST_COMPLETED  # type: ignore[union-attr]
+                    )
+                    if not finished:
+                        action = flow.send(HEDGE_DUE)
+                        continue
+                    task = finished.pop()
+                    del side[task]
+                    answer, result = task.result()
+                    answered[result.attempt] = answer
+                    action = flow.send(result)
         except StopIteration as stop:
             done = stop.value
         finally:
             flow.close()
+            for task in side:  # the losers of a hedged call
+                task.cancel()
+            for task in side:
+                with contextlib.suppress(BaseException):
+                    await task
             if done is None:
-                call.finish(None, code)
+                call.finish(None, outcome[2])
         assert done is not None
+        if answered:
+            outcome = answered.get(done.winner, outcome)
+            last[0] = outcome[3]
+        response, error, _, _ = outcome
         failure = call.outcome(done, error)
         call.finish(done, code_of(failure))
         if failure is not None:
             last[0] = failure
             raise failure
         return response
+
+    async def _attempt(
+        self,
+        call: RpcCall,
+        state: ServiceState,
+        action: Send,
+        request: Any,
+        options: tuple[Any, Any, Any],
+        own_span: bool = False,
+    ) -> tuple[_Outcome, Result]:
+        """One attempt on the chosen endpoint's channel: (response, error, code, the real call) and its Result."""
+        endpoints = self.facade.endpoints
+        record = endpoints.acquire(action.endpoint, state)
+        real: Any = None
+        try:
+            credentials, wait_for_ready, compression = options
+            real = self.on(record)(
+                request,
+                timeout=action.timeout,
+                metadata=call.attempt_metadata(action, record.label),
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+            span = call.take_attempt_span() if own_span else None
+            try:
+                response = await real
+            except aio.AioRpcError as exc:
+                code = exc.code()
+                return (None, exc, code, real), call.attempt_done(record.label, code, action.attempt, span)
+            except asyncio.CancelledError:  # a hedge lost: cancel its RPC too
+                real.cancel()
+                if span is not None:
+                    span.end()
+                raise
+            code = grpc.StatusCode.OK
+            return (response, None, code, real), call.attempt_done(record.label, code, action.attempt, span)
+        finally:
+            endpoints.release(record)
+
+
+_Outcome = tuple[Any, BaseException | None, grpc.StatusCode | None, Any]
 
 
 class _Streaming(_Method):

@@ -23,10 +23,10 @@ from ..errors import (
     UnavailableError,
 )
 from ..mesh import Mesh
-from ..policy.deadline import call_deadline, to_epoch_millis
+from ..policy.deadline import to_epoch_millis
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
-from ..propagation import propagated_headers
+from ..propagation import outbound_deadline, propagated_headers
 from ..telemetry.client_calls import finish_client_call
 from ..telemetry.tracing import random_traceparent, traceparent_of
 from .status import HTTP_EQUIVALENT, MeshRpcError, code_of_http, from_mesh_error, verdict_of, with_attempts
@@ -65,6 +65,7 @@ class RpcCall:
         timeout: float | None,
         *,
         replayable: bool,
+        hedging: bool = False,
     ) -> None:
         self.mesh = mesh
         self.state = state
@@ -112,7 +113,9 @@ class RpcCall:
             state,
             method="POST",
             replayable=replayable,
-            deadline=call_deadline(now, timeout),
+            hedgeable=True,  # hedging set for a gRPC service says its calls may run twice (gRPC's hedging policy)
+            hedging=hedging,
+            deadline=outbound_deadline(now, timeout),
             clock=mesh.clock,
             rand=mesh.rand,
             plan=plan,
@@ -134,19 +137,27 @@ class RpcCall:
             metadata.append(("x-mesh-deadline", str(to_epoch_millis(now + send.timeout, now, time.time()))))
         return metadata
 
-    def attempt_done(self, label: str, code: grpc.StatusCode | None) -> Result:
+    def attempt_done(
+        self, label: str, code: grpc.StatusCode | None, attempt: int = 0, span: Span | None = None
+    ) -> Result:
+        """The attempt's verdict for the flow; its span ends (``span``: one of several attempts in flight, taken
+        with ``take_attempt_span``)."""
         verdict = verdict_of(code)
         if verdict.is_failure:
             self.attempts.append(f"{label} {code.name if code is not None else 'UNKNOWN'}")
-        span = self.attempt_span
+        if span is None:
+            span, self.attempt_span = self.attempt_span, None
         if span is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0] if code is not None else 2)
             if verdict.is_failure:
                 span.set_attribute("error.type", verdict.key)
                 span.set_status(StatusCode.ERROR, verdict.key)
             span.end()
-            self.attempt_span = None
-        return Result(verdict)
+        return Result(verdict, None, attempt)
+
+    def take_attempt_span(self) -> Span | None:
+        span, self.attempt_span = self.attempt_span, None
+        return span
 
     def outcome(self, done: Done, error: BaseException | None) -> BaseException | None:
         """What the caller gets: None (the last attempt's response) or the error to raise. ``error`` is the last

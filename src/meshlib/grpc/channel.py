@@ -9,6 +9,7 @@ calls are balanced and counted by the breakers, never retried (their messages ca
 from __future__ import annotations
 
 import concurrent.futures
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 
 from ..errors import MeshError
-from ..policy.flow import Done, Send
+from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep, Wait
 from .call import Metadata, RpcCall, code_of, mesh_failure
 from .endpoints import Options
 from .facade import Facade, Method, method_of
@@ -65,7 +66,9 @@ class _Method(Method[grpc.Channel]):
             state = mesh.service_state(facade.service)
         except MeshError as exc:
             raise mesh_failure(mesh, exc) from exc
-        return RpcCall(mesh, state, facade.service, self.method, metadata, timeout, replayable=replayable)
+        return RpcCall(
+            mesh, state, facade.service, self.method, metadata, timeout, replayable=replayable, hedging=replayable
+        )
 
 
 class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
@@ -127,10 +130,30 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         last: Any = None
         error: BaseException | None = None
         code: grpc.StatusCode | None = None
+        side: _SideBySide | None = None  # hedged calls: attempts in flight together
         try:
             action = next(flow)
             while True:
-                if type(action) is Send:
+                if isinstance(action, Sleep):
+                    time.sleep(action.seconds)
+                    action = next(flow)
+                elif side is not None or isinstance(action, Wait) or action.hedge_after is not None:
+                    if side is None:
+                        side = _SideBySide(call, endpoints)
+                    if isinstance(action, Send):
+                        record = endpoints.acquire(action.endpoint, mesh_state)
+                        future = self.on(record).future(
+                            request,
+                            timeout=action.timeout,
+                            metadata=call.attempt_metadata(action, record.label),
+                            credentials=credentials,
+                            wait_for_ready=wait_for_ready,
+                            compression=compression,
+                        )
+                        side.start(action.attempt, record, future, call.take_attempt_span())
+                    answered = side.next(action.hedge_after)
+                    action = flow.send(HEDGE_DUE if answered is None else answered)
+                else:
                     record = endpoints.acquire(action.endpoint, mesh_state)
                     try:
                         metadata_out = call.attempt_metadata(action, record.label)
@@ -159,21 +182,70 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
                     finally:
                         endpoints.release(record)
                     action = flow.send(call.attempt_done(record.label, code))
-                else:
-                    time.sleep(action.seconds)  # type: ignore[union-attr]
-                    action = next(flow)
         except StopIteration as stop:
             done = stop.value
         finally:
             flow.close()
+            if side is not None:
+                side.cancel_rest()
             if done is None:
                 call.finish(None, code)
         assert done is not None
+        if side is not None:
+            response, last, error, code = side.outcome_of(done.winner)
         failure = call.outcome(done, error)
         call.finish(done, code_of(failure))
         if failure is not None:
             raise failure
         return response, last
+
+
+class _SideBySide:
+    """The attempts of one hedged unary call, as gRPC futures in flight together: each one's end is queued, the
+    first is handed to the flow, and the losers are cancelled when the call is done."""
+
+    def __init__(self, call: RpcCall, endpoints: Any) -> None:
+        self.call = call
+        self.endpoints = endpoints
+        self.ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.futures: dict[int, tuple[Any, str, Any]] = {}  # attempt -> (future, endpoint label, span)
+        self.outcomes: dict[int, tuple[Any, Any, BaseException | None, grpc.StatusCode]] = {}
+
+    def start(self, attempt: int, record: Any, future: Any, span: Any) -> None:
+        self.futures[attempt] = (future, record.label, span)
+
+        def ended(_: Any) -> None:
+            self.endpoints.release(record)
+            self.ended.put(attempt)
+
+        future.add_done_callback(ended)
+
+    def next(self, hedge_after: float | None) -> Result | None:
+        """The next attempt to end, or None when ``hedge_after`` passes first."""
+        try:
+            attempt = self.ended.get(timeout=hedge_after)
+        except queue.Empty:
+            return None
+        future, label, span = self.futures.pop(attempt)
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            code = code_of(exc)
+            self.outcomes[attempt] = (None, exc, exc, code)
+        else:
+            code = grpc.StatusCode.OK
+            self.outcomes[attempt] = (response, future, None, code)
+        return self.call.attempt_done(label, code, attempt, span)
+
+    def cancel_rest(self) -> None:
+        for future, _, span in self.futures.values():
+            future.cancel()
+            if span is not None:
+                span.end()
+        self.futures.clear()
+
+    def outcome_of(self, winner: int) -> tuple[Any, Any, BaseException | None, grpc.StatusCode]:
+        return self.outcomes[winner]
 
 
 class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiCallable):  # type: ignore[misc]

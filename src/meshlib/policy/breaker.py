@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pybreaker
 
@@ -39,23 +39,44 @@ def _succeed() -> None:
     return None
 
 
+class _Instant:
+    """A moment on our clock, standing in for the ``datetime`` pybreaker keeps as ``opened_at``. pybreaker asks
+    ``datetime.now(UTC) < opened_at + timeout``; a datetime cannot compare itself with this object, so Python asks
+    ours (``__gt__``), which answers from our clock. pybreaker's timeout thus follows the injected clock, and the
+    core never reads the wall clock."""
+
+    __slots__ = ("at", "clock")
+
+    def __init__(self, at: float, clock: Clock) -> None:
+        self.at = at
+        self.clock = clock
+
+    def __add__(self, delta: Any) -> _Instant:  # a timedelta
+        return _Instant(self.at + delta.total_seconds(), self.clock)
+
+    def __gt__(self, other: object) -> bool:  # "now < self": the moment is still ahead on our clock
+        return self.at > self.clock()
+
+    def __lt__(self, other: object) -> bool:
+        return self.at < self.clock()
+
+
 class _ClockStorage(pybreaker.CircuitMemoryStorage):
-    """Keeps ``opened_at`` on our monotonic clock; pybreaker compares it with ``datetime.now`` so we hand it
-    back as 'now minus the time elapsed on our clock', which makes its timeout check follow our clock."""
+    """Keeps ``opened_at`` on our monotonic clock (see ``_Instant``)."""
 
     def __init__(self, clock: Clock) -> None:
         super().__init__(CLOSED)
         self._clock = clock
         self.opened_mono: float | None = None
 
-    @property
-    def opened_at(self) -> datetime | None:
+    @property  # type: ignore[override]  # a stand-in for pybreaker's datetime, on purpose
+    def opened_at(self) -> _Instant | None:
         if self.opened_mono is None:
             return None
-        return datetime.now(UTC) - timedelta(seconds=self._clock() - self.opened_mono)
+        return _Instant(self.opened_mono, self._clock)
 
     @opened_at.setter
-    def opened_at(self, _value: datetime) -> None:
+    def opened_at(self, _value: object) -> None:
         self.opened_mono = self._clock()
 
 
@@ -116,10 +137,19 @@ class EndpointBreaker:
         """A trial that ended without a verdict (cancelled) gives its turn back."""
         self._trial = False
 
-    def record(self, failure: bool, trial: bool) -> None:
+    def record(self, failure: bool, trial: bool, may_eject: bool = True) -> bool:
+        """Count one attempt's verdict. ``may_eject`` False: this failure may not open a closed breaker (the
+        service's ejection cap is reached); it is not counted, and False is returned (an ejection refused)."""
         storage = self._storage
         if not failure and storage.state == CLOSED and storage.counter == 0:
-            return  # the hot path: nothing to change
+            return True  # the hot path: nothing to change
+        if (
+            failure
+            and not may_eject
+            and storage.state == CLOSED
+            and storage.counter + 1 >= self._breaker.fail_max
+        ):
+            return False
         try:
             self._breaker.call(_fail if failure else _succeed)
         except (_AttemptFailed, pybreaker.CircuitBreakerError):
@@ -127,6 +157,7 @@ class EndpointBreaker:
         finally:
             if trial:
                 self._trial = False
+        return True
 
     def update_policy(self, policy: BreakerPolicy) -> None:
         self.policy = policy

@@ -1,12 +1,12 @@
-"""The one classifier: every attempt's outcome becomes a Verdict that breaker, EWMA, retry and metrics all read."""
+"""The one classifier: every attempt's outcome becomes a Verdict that breaker, EWMA, retry and metrics all read.
+
+Statuses are classified here; exceptions by each client shell, with its own table (``client/errors.py`` for
+httpx and httpcore, ``grpc/status.py`` for gRPC codes), onto the verdicts below."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-import httpcore
-import httpx
 
 
 class Kind(enum.Enum):
@@ -56,34 +56,3 @@ LOCAL_ERROR = Verdict(Kind.LOCAL_ERROR, None, "local-error", False, False)
 def classify_status(status: int) -> Verdict:
     verdict = _STATUS_VERDICTS.get(status)
     return verdict if verdict is not None else _status_verdict(status)
-
-
-_ERROR_KINDS: tuple[tuple[type[BaseException], Verdict], ...] = (
-    # Order matters: the more specific classes come first.
-    (httpcore.ConnectTimeout, CONNECT_FAILURE),
-    (httpcore.ConnectError, CONNECT_FAILURE),
-    (httpcore.PoolTimeout, CONNECT_FAILURE),
-    (httpcore.ReadTimeout, TIMEOUT),
-    (httpcore.WriteTimeout, TIMEOUT),
-    (httpcore.ReadError, RESET),
-    (httpcore.WriteError, RESET),
-    (httpcore.RemoteProtocolError, RESET),
-    (httpx.ConnectTimeout, CONNECT_FAILURE),
-    (httpx.ConnectError, CONNECT_FAILURE),
-    (httpx.PoolTimeout, CONNECT_FAILURE),
-    (httpx.ReadTimeout, TIMEOUT),
-    (httpx.WriteTimeout, TIMEOUT),
-    (httpx.ReadError, RESET),
-    (httpx.WriteError, RESET),
-    (httpx.RemoteProtocolError, RESET),
-    (ConnectionRefusedError, CONNECT_FAILURE),
-    (ConnectionError, RESET),
-    (TimeoutError, TIMEOUT),
-)
-
-
-def classify_error(exc: BaseException) -> Verdict:
-    for cls, verdict in _ERROR_KINDS:
-        if isinstance(exc, cls):
-            return verdict
-    return LOCAL_ERROR

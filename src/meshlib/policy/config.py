@@ -48,6 +48,27 @@ class RetryPolicy:
 class BreakerPolicy:
     consecutive_failures: int = 5
     open_for: float = 30.0
+    #: At most this share of a service's endpoints is ejected at once (Envoy's ``max_ejection_percent``; at least
+    #: one may always be): past it, an endpoint that keeps failing stays in rotation, so a correlated failure cannot
+    #: pile the whole load onto the few endpoints left.
+    max_ejection_percent: float = 50.0
+    #: When fewer than this share of a pool's endpoints is closed, balance over all of them, ejected ones included
+    #: (Envoy's panic threshold). 0, the default, turns it off: a pool whose endpoints are all ejected fails fast.
+    panic_threshold_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HedgingPolicy:
+    """Backup requests (Finagle) / gRPC's hedging: when a replayable call's attempt has not answered after the
+    delay, send one more to another instance; the first answer wins."""
+
+    #: A fixed delay in seconds, or None for an adaptive one (``percentile`` of the service's recent latency).
+    delay: float | None = None
+    percentile: float | None = 95.0
+    #: Attempts in flight at most, the first one included.
+    max_attempts: int = 2
+    #: Hedges may be at most this share of requests (a budget of its own, apart from the retry budget).
+    budget_percent: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +80,8 @@ class ServicePolicy:
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     circuit_breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     load_balancer: str = "p2c_ewma"
+    #: None: no hedging (the default).
+    hedging: HedgingPolicy | None = None
 
 
 DEFAULT_POLICY = ServicePolicy()

@@ -1,26 +1,17 @@
 """Deadlines: a call's absolute deadline from its own timeout and the incoming request's ``x-mesh-deadline``.
 
-Internally on the monotonic clock; converted to Unix epoch milliseconds only at the wire.
+Internally on the monotonic clock; converted to Unix epoch milliseconds only at the wire. Pure: both clocks'
+readings and the incoming deadline are passed in (``meshlib.propagation`` reads them for the shells).
 """
 
 from __future__ import annotations
-
-import contextvars
-import time
-
-#: The deadline of the inbound request being served, as Unix epoch seconds. Set by server middleware; every
-#: ``meshlib.Client`` call made inside the handler caps its timeout to what is left.
-incoming_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "meshlib_incoming_deadline", default=None
-)
-
 
 #: The furthest an incoming deadline may lie ahead; a later one is capped to this (a caller cannot make a server
 #: hold work, or pass a deadline downstream, for days).
 MAX_INCOMING_DEADLINE = 3600.0
 
 
-def parse_deadline_header(value: str | bytes, wall_now: float | None = None) -> float:
+def parse_deadline_header(value: str | bytes, wall_now: float) -> float:
     """``x-mesh-deadline`` (epoch milliseconds) to epoch seconds, capped at ``MAX_INCOMING_DEADLINE`` from now;
     ValueError naming the header when malformed."""
     text = value.decode("latin-1") if isinstance(value, bytes) else value
@@ -30,22 +21,14 @@ def parse_deadline_header(value: str | bytes, wall_now: float | None = None) -> 
     millis = int(text)
     if millis <= 0:
         raise ValueError(f"malformed x-mesh-deadline header {text!r}: must be positive")
-    if wall_now is None:
-        wall_now = time.time()
     return min(millis / 1000.0, wall_now + MAX_INCOMING_DEADLINE)
 
 
-def call_deadline(
-    now: float, timeout: float | None, wall_now: float | None = None, incoming: float | None = None
-) -> float | None:
+def call_deadline(now: float, timeout: float | None, wall_now: float, incoming: float | None) -> float | None:
     """Absolute monotonic deadline for a call: the earlier of ``now + timeout`` and the incoming wall-clock
-    deadline (translated onto the monotonic clock)."""
+    deadline (epoch seconds, translated onto the monotonic clock)."""
     deadline = None if timeout is None else now + timeout
-    if incoming is None:
-        incoming = incoming_deadline.get()
     if incoming is not None:
-        if wall_now is None:
-            wall_now = time.time()
         inherited = now + (incoming - wall_now)
         if deadline is None or inherited < deadline:
             deadline = inherited

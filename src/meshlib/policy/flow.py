@@ -11,67 +11,31 @@ The stack, in Finagle's order (outermost first):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Callable
 
-# Plain (not frozen) slotted dataclasses: a frozen one costs ~1 us more to build, and these are built per attempt.
-from ..endpoints import Endpoint
-from ..errors import (
-    DeadlineExceededError,
-    MeshError,
-    RetryBudgetExhaustedError,
-    UnavailableError,
-)
-from .balancer import FAILURE_PENALTY
-from .classify import Kind, Verdict
+from ..errors import MeshError
+from .classify import Kind
+from .config import IDEMPOTENT_METHODS
+from .hedged import hedged_flow
 from .service import DEFAULT_PLAN, CallPlan, EndpointHandle, ServiceState
+from .steps import (
+    HEDGE_DUE,
+    Action,
+    CallFlow,
+    Done,
+    HedgeDue,
+    Result,
+    Send,
+    Sleep,
+    Wait,
+    deadline_error,
+    describe,
+    final_error,
+    record_outcome,
+    stop_call,
+)
 
-
-@dataclass(slots=True)
-class Send:
-    """Make one attempt at ``endpoint``; ``timeout`` (seconds, or None) bounds this try."""
-
-    endpoint: Endpoint
-    timeout: float | None
-    attempt: int
-    breaker_state: str = "closed"
-
-
-@dataclass(slots=True)
-class Sleep:
-    seconds: float
-
-
-@dataclass(slots=True)
-class Result:
-    """What the shell observed for one attempt: a verdict, plus the exception when there was no response."""
-
-    verdict: Verdict
-    error: BaseException | None = None
-
-
-@dataclass(slots=True)
-class Done:
-    """The call is over. ``error`` set: raise it (from ``result.error``); else hand back the last response."""
-
-    result: Result | None
-    error: BaseException | None = None
-    attempts: int = 0
-    #: Fault injection aborted the call: answer with this status without calling anyone.
-    abort_status: int | None = None
-    #: A retry was warranted but the retry budget refused it (also when the last response is handed back).
-    budget_exhausted: bool = False
-
-
-Action = Send | Sleep
-CallFlow = Generator[Action, Result | None, Done]
-
-
-def _describe(handle: EndpointHandle, result: Result) -> str:
-    line = f"{handle.label} {result.verdict.key}"
-    if result.error is not None:
-        line += f" ({type(result.error).__name__}: {result.error})"
-    return line
+__all__ = ["HEDGE_DUE", "Action", "CallFlow", "Done", "HedgeDue", "Result", "Send", "Sleep", "Wait", "call_flow"]
 
 
 def call_flow(
@@ -83,7 +47,15 @@ def call_flow(
     clock: Callable[[], float],
     rand: Callable[[], float],
     plan: CallPlan = DEFAULT_PLAN,
+    hedgeable: bool = False,
+    hedging: bool = True,
+    record: bool = True,
 ) -> CallFlow:
+    """One call's policy. Replayable calls to a service with ``hedging`` go the hedged way (``hedged.py``) when
+    they are idempotent (or ``hedgeable``: gRPC, whose hedging is itself the caller's statement that a call may
+    run twice); every other call is tried, then retried, one attempt at a time. A shell that cannot run attempts
+    side by side passes ``hedging=False``. ``record=False`` (a mirrored copy) leaves the endpoints' breakers and
+    latency estimates alone: a copy measures its target, it does not steer the real traffic."""
     now = clock()
     faults = plan.faults
     if faults is not None:  # injected by the rules, before anything else, as a real failure would be
@@ -93,6 +65,18 @@ def call_flow(
             now = clock()
         if faults.abort_percent and rand() * 100 < faults.abort_percent:
             return Done(None, None, 0, abort_status=faults.abort_status)
+    hedger = service.hedger
+    if (
+        hedger is not None
+        and hedging
+        and replayable
+        and (hedgeable or method in IDEMPOTENT_METHODS or plan.retry_non_idempotent)
+    ):
+        return (
+            yield from hedged_flow(
+                service, hedger, method=method, deadline=deadline, now=now, clock=clock, rand=rand, plan=plan
+            )
+        )
     service.budget.deposit(now)
     retry = service.retry
     pool = plan.pool
@@ -106,13 +90,13 @@ def call_flow(
     while True:
         remaining = None if deadline is None else deadline - now
         if remaining is not None and remaining <= 0:
-            return Done(last, _deadline_error(service.name, log), attempt)
+            return Done(last, deadline_error(service.name, log), attempt)
         try:
             pick = service.pick(now, rand, tried, pool, subset)
         except MeshError as exc:
             return Done(last, exc, attempt)
         if pick is None:  # a retry with nowhere left to go: report what the last attempt got
-            return Done(last, _final_error(service.name, last, log, "no endpoint left to retry on"), attempt)
+            return Done(last, final_error(service.name, last, log, "no endpoint left to retry on"), attempt)
 
         handle = pick.handle
         attempt += 1
@@ -122,13 +106,14 @@ def call_flow(
         started = now
         answered = False
         try:
-            result = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state)
-            answered = result is not None
+            sent = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state)
+            answered = sent is not None
         finally:
             load.outstanding -= 1
             if pick.trial and not answered:
                 handle.breaker.release()
-        assert result is not None
+        assert isinstance(sent, Result)  # a plain (unhedged) attempt is only ever answered with its Result
+        result = sent
         now = clock()
         verdict = result.verdict
         if verdict.kind is Kind.LOCAL_ERROR:
@@ -136,18 +121,12 @@ def call_flow(
             if pick.trial:
                 handle.breaker.release()
             return Done(result, result.error, attempt)
-        rtt = now - started
-        if verdict.is_failure:
-            load.observe(max(rtt, FAILURE_PENALTY), now)
-        elif pick.trial:
-            load.revive(rtt, now)  # the probe that closes the breaker: the endpoint starts afresh
-        else:
-            load.observe(rtt, now)
-        handle.breaker.record(verdict.is_failure, pick.trial)
+        if record:
+            record_outcome(service, pick, result, now - started, now)
         tried.append(handle)
         last = result
         if verdict.is_failure:
-            log.append(_describe(handle, result))
+            log.append(describe(handle, result))
 
         decision = retry.decide(
             verdict,
@@ -161,42 +140,6 @@ def call_flow(
             retry_non_idempotent=non_idempotent,
         )
         if not decision.retry:
-            if not verdict.is_error:
-                return Done(result, None, attempt, budget_exhausted=decision.budget_exhausted)
-            if decision.budget_exhausted:
-                return Done(result, _budget_error(service.name, log), attempt, budget_exhausted=True)
-            if deadline is not None and (deadline - now <= 0 or decision.reason.startswith("no time")):
-                return Done(result, _deadline_error(service.name, log), attempt)
-            return Done(result, _final_error(service.name, result, log, decision.reason), attempt)
+            return stop_call(service, result, decision, log, attempt, deadline, now)
         yield Sleep(decision.delay)
         now = clock()
-
-
-def _attempts_text(log: list[str]) -> str:
-    return "; ".join(log) if log else "no attempt made"
-
-
-def _deadline_error(service: str, log: list[str]) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"{service}: deadline exceeded after {len(log)} failed attempt(s): {_attempts_text(log)}",
-        service=service,
-        attempts=log,
-    )
-
-
-def _budget_error(service: str, log: list[str]) -> RetryBudgetExhaustedError:
-    return RetryBudgetExhaustedError(
-        f"{service}: retry budget exhausted, not retrying: {_attempts_text(log)}",
-        service=service,
-        attempts=log,
-    )
-
-
-def _final_error(service: str, result: Result | None, log: list[str], reason: str) -> BaseException | None:
-    if result is not None and not result.verdict.is_error:
-        return None  # the last attempt got a response (say a 503): the caller gets that response
-    return UnavailableError(
-        f"{service}: {len(log)} attempt(s) failed ({reason}): {_attempts_text(log)}",
-        service=service,
-        attempts=log,
-    )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,18 +70,35 @@ class RetryBudget:
         return self.policy.ratio * requests + self.policy.min_per_second * self.slots - retries
 
 
+class Stop(enum.Enum):
+    """Why a call is not retried (the flow branches on these, never on message text)."""
+
+    RETRYING = "retrying"
+    SUCCESS = "success"
+    NOT_ON = "outcome not in retries.on"
+    ATTEMPTS_USED = "attempts used"
+    NOT_IDEMPOTENT = "not idempotent"
+    NOT_REPLAYABLE = "body not replayable"
+    NO_TIME = "no time left before the deadline"
+    BUDGET = "retry budget exhausted"
+
+
 @dataclass(frozen=True, slots=True)
 class RetryDecision:
     retry: bool
     #: Why not (for logs and error messages), or "" when retrying.
     reason: str = ""
     delay: float = 0.0
-    #: The retry was warranted but the budget said no.
-    budget_exhausted: bool = False
+    stop: Stop = Stop.RETRYING
+
+    @property
+    def budget_exhausted(self) -> bool:
+        """The retry was warranted but the budget said no."""
+        return self.stop is Stop.BUDGET
 
 
-NO_RETRY_NOT_ON = RetryDecision(False, "outcome not in retries.on")
-NO_RETRY_SUCCESS = RetryDecision(False, "success")
+NO_RETRY_NOT_ON = RetryDecision(False, Stop.NOT_ON.value, stop=Stop.NOT_ON)
+NO_RETRY_SUCCESS = RetryDecision(False, Stop.SUCCESS.value, stop=Stop.SUCCESS)
 
 
 class RetryStrategy:
@@ -112,17 +130,19 @@ class RetryStrategy:
         if not policy.retries_outcome(verdict.key, verdict.status):
             return NO_RETRY_NOT_ON
         if self._stop(_AttemptState(attempt)):  # type: ignore[arg-type]
-            return RetryDecision(False, f"{attempt} of {policy.attempts} attempts used")
+            return RetryDecision(False, f"{attempt} of {policy.attempts} attempts used", stop=Stop.ATTEMPTS_USED)
         if retry_non_idempotent is None:
             retry_non_idempotent = policy.retry_non_idempotent
         if verdict.reached_server and method not in IDEMPOTENT_METHODS and not retry_non_idempotent:
-            return RetryDecision(False, f"{method} is not idempotent and the request may have reached the server")
+            why = f"{method} is not idempotent and the request may have reached the server"
+            return RetryDecision(False, why, stop=Stop.NOT_IDEMPOTENT)
         if not replayable:
-            return RetryDecision(False, "the request body is a stream that cannot be replayed")
+            why = "the request body is a stream that cannot be replayed"
+            return RetryDecision(False, why, stop=Stop.NOT_REPLAYABLE)
         base = self._wait(_AttemptState(attempt))  # type: ignore[arg-type]
         delay = base / 2 + rand() * base / 2  # "equal jitter": never zero, never in lock-step
         if remaining is not None and remaining <= delay:
-            return RetryDecision(False, "no time left before the deadline")
+            return RetryDecision(False, Stop.NO_TIME.value, stop=Stop.NO_TIME)
         if not budget.try_withdraw(now):
-            return RetryDecision(False, "retry budget exhausted", budget_exhausted=True)
+            return RetryDecision(False, Stop.BUDGET.value, stop=Stop.BUDGET)
         return RetryDecision(True, delay=delay)

@@ -7,7 +7,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..rules.model import Destination, Route, ServiceRules
+from .rules import Destination, Route, ServiceRules
 
 HeaderLookup = Callable[[str], str | None]
 
@@ -16,9 +16,13 @@ HeaderLookup = Callable[[str], str | None]
 class RouteChoice:
     route: Route | None
     subset: str | None
+    #: The route label in metrics and spans when not the route's own name (``mirror:<subset>`` for copies).
+    name: str | None = None
 
     @property
     def label(self) -> str:
+        if self.name is not None:
+            return self.name
         return self.route.name if self.route is not None else "default"
 
 

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 from ..endpoints import Endpoint, EndpointSet
 from ..errors import CircuitOpenError, NoEndpointsError
-from ..rules.model import Faults, ServiceRules
 from .balancer import LoadStats, make_balancer
 from .breaker import CLOSED, EndpointBreaker, TransitionListener
 from .config import DEFAULT_POLICY, ServicePolicy
+from .hedging import Hedger
 from .retry import RetryBudget, RetryStrategy
 from .routing import DEFAULT_CHOICE, HeaderLookup, RouteChoice, choose
+from .rules import Faults, ServiceRules
 
 Clock = Callable[[], float]
 
@@ -41,6 +42,8 @@ class CallPlan:
     pool: tuple[EndpointHandle, ...] | None  # None: every endpoint of the service
     faults: Faults | None
     retry_non_idempotent: bool | None
+    #: A copy of this call goes to this subset (the route's ``mirror`` drew it).
+    mirror: str | None = None
 
 
 DEFAULT_PLAN = CallPlan(DEFAULT_CHOICE, None, None, None)
@@ -67,6 +70,7 @@ class ServiceState:
         self.balancer = make_balancer(policy.load_balancer)
         self.retry = RetryStrategy(policy.retries)
         self.budget = RetryBudget(policy.retries.budget)
+        self.hedger = Hedger(policy.hedging) if policy.hedging is not None else None
         self.handles: tuple[EndpointHandle, ...] = ()
         self.snapshot: EndpointSet | None = None
         self._by_key: dict[tuple[str, int, str], EndpointHandle] = {}
@@ -123,6 +127,8 @@ class ServiceState:
             self.retry = RetryStrategy(policy.retries)
         if policy.retries.budget != old.retries.budget:
             self.budget = RetryBudget(policy.retries.budget)
+        if policy.hedging != old.hedging:
+            self.hedger = Hedger(policy.hedging) if policy.hedging is not None else None
         if policy.circuit_breaker != old.circuit_breaker:
             for handle in self.handles:
                 handle.breaker.update_policy(policy.circuit_breaker)
@@ -148,6 +154,12 @@ class ServiceState:
 
     # -- the call path ----------------------------------------------------------------------------
 
+    def may_eject(self) -> bool:
+        """Envoy's ``max_ejection_percent``: another endpoint may be ejected while fewer than that share of the
+        service's endpoints are (at least one always may)."""
+        allowed = max(1, int(len(self.handles) * self.policy.circuit_breaker.max_ejection_percent / 100.0))
+        return self._not_closed < allowed
+
     def plan(self, method: str, path: str, header: HeaderLookup, rand: Callable[[], float]) -> CallPlan:
         rules = self.rules
         if rules is None:
@@ -157,7 +169,15 @@ class ServiceState:
         choice = choose(rules, method, path, header, rand)
         pool = None if choice.subset is None else self.subset_pool(choice.subset)
         route = choice.route
-        return CallPlan(choice, pool, rules.faults, route.retry_non_idempotent if route is not None else None)
+        if route is None:
+            return CallPlan(choice, pool, rules.faults, None)
+        mirror = route.mirror
+        copy_to = mirror.subset if mirror is not None and rand() * 100.0 < mirror.percent else None
+        return CallPlan(choice, pool, rules.faults, route.retry_non_idempotent, copy_to)
+
+    def mirror_plan(self, subset: str) -> CallPlan:
+        """The plan of a mirrored copy: the subset's endpoints, no faults (the primary had them)."""
+        return CallPlan(RouteChoice(None, subset, f"mirror:{subset}"), self.subset_pool(subset), None, None)
 
     def pick(
         self,
@@ -190,6 +210,9 @@ class ServiceState:
                 if admitted is None:
                     return Pick(handle, True)
         closed = [h for h in handles if h.breaker.state == CLOSED]
+        panic = self.policy.circuit_breaker.panic_threshold_percent
+        if panic and len(closed) * 100 < len(handles) * panic:
+            closed = list(handles)  # too few healthy to carry the load alone: balance over all (Envoy's panic mode)
         fresh = [h for h in closed if h not in tried] if tried else closed
         candidates = fresh or closed
         if candidates:

@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -19,12 +19,23 @@ from ..policy.config import (
     LOAD_BALANCERS,
     RETRY_ON_NAMES,
     BreakerPolicy,
+    HedgingPolicy,
     RetryBudgetPolicy,
     RetryPolicy,
     ServicePolicy,
 )
+from ..policy.rules import (
+    Authorization,
+    Destination,
+    Faults,
+    HeaderMatch,
+    Mirror,
+    Route,
+    ServiceRules,
+    Subset,
+)
 from .document import check_json, parse_document
-from .regex import Pattern, RegexError, compile_regex
+from .regex import RegexError, compile_regex
 
 _DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*(ms|s|m|h)\s*$")
 #: Every duration in a rules document (timeouts, delays, open_for) is at most this: 1 hour.
@@ -55,78 +66,7 @@ class RulesValidationError(ConfigurationError):
         super().__init__(f"invalid rules ({len(errors)} problem(s)):\n{lines}")
 
 
-# -- compiled form ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderMatch:
-    name: str  # lower-case
-    exact: str | None = None
-    prefix: str | None = None
-    regex: Pattern | None = None
-
-    def matches(self, value: str | None) -> bool:
-        if value is None:
-            return False
-        if self.exact is not None:
-            return value == self.exact
-        if self.prefix is not None:
-            return value.startswith(self.prefix)
-        assert self.regex is not None
-        return self.regex.fullmatch(value) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    subset: str | None  # None: every endpoint of the service
-    weight: int  # out of 100
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    index: int
-    headers: tuple[HeaderMatch, ...]
-    path_prefix: str | None
-    methods: frozenset[str] | None
-    to: tuple[Destination, ...]
-    sticky_header: str | None
-    retry_non_idempotent: bool | None
-
-    @property
-    def name(self) -> str:
-        return f"route[{self.index}]"
-
-
-@dataclass(frozen=True, slots=True)
-class Subset:
-    tags: frozenset[str]
-    meta: Mapping[str, str]
-
-    def selects(self, tags: frozenset[str], meta: Mapping[str, str]) -> bool:
-        return self.tags <= tags and all(meta.get(k) == v for k, v in self.meta.items())
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    delay_percent: float = 0.0
-    delay: float = 0.0
-    abort_percent: float = 0.0
-    abort_status: int = 503
-
-
-@dataclass(frozen=True, slots=True)
-class Authorization:
-    mode: str = "off"  # strict | permissive | off
-    allow: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceRules:
-    policy: ServicePolicy = field(default_factory=ServicePolicy)
-    subsets: Mapping[str, Subset] = field(default_factory=dict)
-    routes: tuple[Route, ...] = ()
-    faults: Faults | None = None
-    authorization: Authorization | None = None
+# -- compiled form (the per-service types live in policy/rules.py: the call path's own) --------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +197,7 @@ _SERVICE_FIELDS = {
     "timeout",
     "retries",
     "circuit_breaker",
+    "hedging",
     "load_balancer",
     "subsets",
     "routes",
@@ -298,9 +239,17 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
     min_ps = c.number(b.get("min_per_second"), f"{p}.retries.budget.min_per_second", 0.0, 100_000.0)
     non_idem = c.boolean(r.get("retry_non_idempotent"), f"{p}.retries.retry_non_idempotent")
 
-    cb = c.mapping(svc.get("circuit_breaker"), f"{p}.circuit_breaker", {"consecutive_failures", "open_for"})
+    cb = c.mapping(
+        svc.get("circuit_breaker"),
+        f"{p}.circuit_breaker",
+        {"consecutive_failures", "open_for", "max_ejection_percent", "panic_threshold_percent"},
+    )
     failures = c.integer(cb.get("consecutive_failures"), f"{p}.circuit_breaker.consecutive_failures", 1, 1000)
     open_for = c.duration(cb.get("open_for"), f"{p}.circuit_breaker.open_for")
+    max_ejection = c.number(cb.get("max_ejection_percent"), f"{p}.circuit_breaker.max_ejection_percent", 0.0, 100.0)
+    panic = c.number(cb.get("panic_threshold_percent"), f"{p}.circuit_breaker.panic_threshold_percent", 0.0, 100.0)
+
+    hedging = _hedging(c, svc.get("hedging"), f"{p}.hedging")
 
     lb = svc.get("load_balancer")
     if lb is not None and lb not in LOAD_BALANCERS:
@@ -328,7 +277,7 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
         raw_routes = []
     for i, rraw in enumerate(raw_routes or []):
         rp = f"{p}.routes[{i}]"
-        rt = c.mapping(rraw, rp, {"match", "to", "sticky", "retry_non_idempotent"})
+        rt = c.mapping(rraw, rp, {"match", "to", "sticky", "retry_non_idempotent", "mirror"})
         m = c.mapping(rt.get("match"), f"{rp}.match", {"headers", "path_prefix", "methods"})
         headers: list[HeaderMatch] = []
         for hname, hval in c.mapping(m.get("headers"), f"{rp}.match.headers").items():
@@ -388,6 +337,18 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
         if sticky_header is not None and (not isinstance(sticky_header, str) or not _HEADER.match(sticky_header)):
             c.err(f"{rp}.sticky.header", "expected a header name")
             sticky_header = None
+        mirror = None
+        if rt.get("mirror") is not None:
+            mr = c.mapping(rt.get("mirror"), f"{rp}.mirror", {"subset", "percent"})
+            msubset = mr.get("subset")
+            if not isinstance(msubset, str) or msubset not in subsets:
+                defined = ", ".join(sorted(subsets)) or "none"
+                c.err(f"{rp}.mirror.subset", f"required: a defined subset (defined: {defined}), got {msubset!r:.40}")
+            else:
+                used.add(msubset)
+                percent = c.number(mr.get("percent", 100), f"{rp}.mirror.percent", 0.0, 100.0)
+                if percent is not None and percent > 0:
+                    mirror = Mirror(msubset, percent)
         routes.append(
             Route(
                 index=i,
@@ -397,6 +358,7 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
                 to=tuple(dests),
                 sticky_header=sticky_header.lower() if sticky_header else None,
                 retry_non_idempotent=c.boolean(rt.get("retry_non_idempotent"), f"{rp}.retry_non_idempotent"),
+                mirror=mirror,
             )
         )
     for sname in subsets:
@@ -448,10 +410,42 @@ def _check_service(c: _Checker, name: str, raw: Any) -> ServiceRules:
         circuit_breaker=BreakerPolicy(
             consecutive_failures=failures or breaker_defaults.consecutive_failures,
             open_for=open_for or breaker_defaults.open_for,
+            max_ejection_percent=max_ejection if max_ejection is not None else breaker_defaults.max_ejection_percent,
+            panic_threshold_percent=panic if panic is not None else breaker_defaults.panic_threshold_percent,
         ),
         load_balancer=lb or "p2c_ewma",
+        hedging=hedging,
     )
     return ServiceRules(policy, subsets, tuple(routes), faults, authz)
+
+
+_PERCENTILE = re.compile(r"^p(50|75|90|95|99|99\.9)$")
+
+
+def _hedging(c: _Checker, raw: Any, path: str) -> HedgingPolicy | None:
+    """``hedging: {delay: p95 | 50ms, max_attempts: 2, budget_percent: 10}``; absent: no hedging."""
+    if raw is None:
+        return None
+    h = c.mapping(raw, path, {"delay", "max_attempts", "budget_percent"})
+    defaults = HedgingPolicy()
+    delay_raw = h.get("delay", "p95")
+    fixed: float | None = None
+    percentile: float | None = None
+    if isinstance(delay_raw, str) and _PERCENTILE.match(delay_raw.strip()):
+        percentile = float(delay_raw.strip()[1:])
+    else:
+        fixed = c.duration(delay_raw, f"{path}.delay")
+        if fixed is None and isinstance(delay_raw, str) and delay_raw.startswith("p"):
+            hint = f"{delay_raw!r}: use p50, p75, p90, p95, p99 or p99.9, or a duration"
+            c.errors[-1] = RuleError(f"{path}.delay", hint)
+    attempts = c.integer(h.get("max_attempts"), f"{path}.max_attempts", 2, 5)
+    budget = c.number(h.get("budget_percent"), f"{path}.budget_percent", 0.0, 100.0)
+    return HedgingPolicy(
+        delay=fixed,
+        percentile=percentile,
+        max_attempts=attempts if attempts is not None else defaults.max_attempts,
+        budget_percent=budget if budget is not None else defaults.budget_percent,
+    )
 
 
 def validate_rules(document: Any, version: int = 0) -> Rules:

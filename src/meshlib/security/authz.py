@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..rules.model import Authorization
+from ..policy.rules import Authorization
 from .spiffe import SpiffeId
 
 

@@ -152,6 +152,12 @@ class MeshMetrics:
         self.breaker_transitions = Counter("mesh.client.breaker_transitions", "Circuit breaker state changes.")
         self.ejections = Counter("mesh.client.ejections", "Endpoints ejected by their circuit breaker.")
         self.authz_denied = Counter("mesh.server.authz_denied", "Inbound requests denied (or, permissive, would be).")
+        self.mirror_dropped = Counter(
+            "mesh.client.mirror_dropped", "Mirrored copies dropped: the mirror queue was full."
+        )
+        self.mirror_skipped = Counter(
+            "mesh.client.mirror_skipped", "Requests a route would mirror but could not: a streamed (unreplayable) body."
+        )
         self.rules_version = Gauge("mesh.rules.version", "", "Rules version applied.")
         self.cert_expiry = Gauge(
             "mesh.certificate.time_to_expiry", "s", "Seconds until this instance's certificate expires."
@@ -163,10 +169,12 @@ class MeshMetrics:
             self.breaker_transitions,
             self.ejections,
             self.authz_denied,
+            self.mirror_dropped,
+            self.mirror_skipped,
         )
         self.gauges = (self.rules_version, self.cert_expiry)
         self._client_labels: dict[tuple[str, str, str, str, str], Labels] = {}
-        self._server_labels: dict[tuple[str, str, str, str], Labels] = {}
+        self._server_labels: dict[tuple[str, str, str, str, bool], Labels] = {}
         self._exporter: _OtelExport | None = None
         if os.environ.get("OTEL_METRICS_EXPORTER", "").strip() not in ("", "none", "prometheus"):
             self._exporter = _OtelExport(self)
@@ -187,8 +195,8 @@ class MeshMetrics:
                 self._client_labels[key] = labels
         return labels
 
-    def server_labels(self, peer: str, route: str, method: str, status: str) -> Labels:
-        key = (peer, route, method, status)
+    def server_labels(self, peer: str, route: str, method: str, status: str, mirrored: bool = False) -> Labels:
+        key = (peer, route, method, status, mirrored)
         labels = self._server_labels.get(key)
         if labels is None:
             labels = (
@@ -198,6 +206,8 @@ class MeshMetrics:
                 ("http.request.method", method),
                 ("http.response.status_class", status),
             )
+            if mirrored:  # a copy sent by a route's mirror: counted apart from the real traffic
+                labels += (("mesh.mirror", "1"),)
             if len(self._server_labels) < MAX_SERIES:
                 self._server_labels[key] = labels
         return labels

@@ -54,6 +54,8 @@ def parse(text: str) -> dict[str, Histogram]:
             continue
         labels = dict(_LABEL.findall(m.group("labels") or ""))
         service = labels.get("mesh_service", "")
+        if labels.get("mesh_mirror") == "1":  # mirrored copies: a row of their own, next to the real traffic's
+            service += " (mirror)"
         value = float(m.group("value"))
         name = m.group("name")
         h = out[service]

@@ -1,0 +1,109 @@
+"""Hedged requests against real servers (upstream processes on loopback): one instance answers every tenth request
+after 300 ms; hedging at p95 keeps the caller's tail short at a bounded cost, and cancelled losers leave no broken
+connections behind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+import meshlib
+from harness import Upstream
+from meshlib.discovery import StaticDiscovery
+from meshlib.endpoints import Endpoint
+from meshlib.rules.model import validate_rules
+
+
+@pytest.fixture
+def three() -> Iterator[list[Upstream]]:
+    made = [Upstream(name) for name in "abc"]
+    try:
+        yield [u.wait_listening() for u in made]
+    finally:
+        for u in made:
+            u.stop()
+
+
+def mesh_over(upstreams: list[Upstream], rules: dict[str, object]) -> meshlib.Mesh:
+    endpoints = [Endpoint("127.0.0.1", u.port) for u in upstreams]
+    mesh = meshlib.Mesh(service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="",
+                        telemetry=False)
+    mesh.apply_rules(validate_rules({"services": {"svc": rules}}, 1))
+    return mesh
+
+
+def test_hedging_at_p95_cuts_the_tail_of_a_sometimes_slow_instance_at_a_bounded_cost(three):
+    three[0].behave(slow_every=10, slow_delay=0.3)
+    # round robin keeps sending the slow instance its third (P2C would learn to avoid it, hiding what hedging
+    # does): without hedging, 3% of calls take 300 ms and the p99 is 300 ms
+    mesh = mesh_over(three, {"hedging": {"delay": "p95"}, "load_balancer": "round_robin"})
+
+    async def main() -> list[float]:
+        async with mesh.async_client(timeout=5) as client:
+
+            async def one() -> float:
+                started = time.perf_counter()
+                response = await client.get("http://svc/x")
+                assert response.status_code == 200
+                return time.perf_counter() - started
+
+            for _ in range(10):  # warm-up: the latency window fills (no hedging before 20 samples)
+                await asyncio.gather(*(one() for _ in range(8)))
+            for u in three:
+                u.admin("/-/reset")
+            latencies: list[float] = []
+            for _ in range(75):
+                latencies += await asyncio.gather(*(one() for _ in range(8)))
+            return latencies
+
+    with mesh:
+        latencies = asyncio.run(main())
+        state = mesh.service_state("svc")
+        assert state.hedger is not None and state.hedger.delay() is not None
+        assert all(h.load.outstanding == 0 for h in state.handles)
+    sent = sum(u.hits() for u in three)
+    ordered = sorted(latencies)
+    p99 = ordered[int(len(ordered) * 0.99)]
+    assert len(latencies) == 600
+    assert p99 < 0.1, f"p99 {p99 * 1000:.0f} ms"
+    assert len(latencies) < sent <= len(latencies) * 1.10, f"{sent} requests sent for {len(latencies)} calls"
+
+
+def test_cancelled_hedges_leave_no_broken_connections(three):
+    """Every call that starts on the slow instance is overtaken by its backup, which cancels it mid-request; the
+    connections and the load accounting stay healthy for everything that follows."""
+    slow, fast, _ = three
+    slow.behave(delay=0.2)
+    mesh = mesh_over([slow, fast], {"hedging": {"delay": "20ms", "budget_percent": 100},
+                                    "load_balancer": "round_robin"})
+
+    took: list[float] = []
+
+    async def timed(client: meshlib.AsyncClient) -> str:
+        started = time.perf_counter()
+        response = await client.get("http://svc/x")
+        took.append(time.perf_counter() - started)
+        return str(response.json()["instance"])
+
+    async def main() -> Counter[str]:
+        seen: Counter[str] = Counter()
+        async with mesh.async_client(timeout=5) as client:
+            for _ in range(40):
+                seen.update(await asyncio.gather(*(timed(client) for _ in range(5))))
+            slow.behave(delay=0)
+            for _ in range(200):  # and the pool, after all those cancellations, still works for both
+                seen.update([(await client.get("http://svc/x")).json()["instance"] + "-after"])
+        return seen
+
+    with mesh:
+        seen = asyncio.run(main())
+        assert all(h.load.outstanding == 0 for h in mesh.service_state("svc").handles)
+    assert seen["b"] == 200 and seen["a"] == 0, "every call to the slow instance was overtaken by its backup"
+    # the losers were cancelled, not waited for: a call never waits out the slow instance's 200 ms
+    waited_out = sum(t >= 0.19 for t in took)
+    assert waited_out <= 10, f"{waited_out} of {len(took)} calls waited for the slow instance"
+    assert seen["a-after"] > 0 and seen["b-after"] > 0 and seen["a-after"] + seen["b-after"] == 200
