@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import httpx  # noqa: E402
-from harness import Upstream  # noqa: E402
 
 import meshlib  # noqa: E402
+from harness import Upstream  # noqa: E402
 from meshlib.discovery import StaticDiscovery  # noqa: E402
 from meshlib.endpoints import Endpoint  # noqa: E402
 

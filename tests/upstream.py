@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--tags", default="", help="comma-separated tags, with --mesh-service")
     parser.add_argument("--header-timeout", type=float, default=10.0, help="with --mesh-service")
     parser.add_argument("--drain-delay", type=float, default=0.3, help="with --mesh-service")
+    parser.add_argument("--keep-alive", type=float, default=5.0, help="idle keep-alive connections closed after")
     args = parser.parse_args()
     app = make_app(args.name, args.status, args.delay)
     if args.mesh_service:
@@ -139,7 +140,9 @@ def main() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=args.keep_alive
+    )
     server = uvicorn.Server(config)
     original_startup = server.startup
 

@@ -27,6 +27,7 @@ from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
 from opentelemetry.trace import Span, StatusCode
 
 from .client.errors import classify_error, to_httpx_error
+from .client.pools import AsyncEndpointPools
 from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
@@ -619,7 +620,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
         self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
-        self._pools = _Pools(lambda: httpcore.AsyncConnectionPool(**self._pool_options), pool)
+        # per-endpoint keep-alive stacks (client/pools.py), not httpcore's pool: the endpoint is already chosen
+        self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options), pool)
 
     @functools.cached_property
     def mesh(self) -> Mesh:

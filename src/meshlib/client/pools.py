@@ -1,0 +1,193 @@
+"""The async outbound engine for mesh hops: per-endpoint stacks of idle keep-alive connections, on httpcore's own
+connection class (connect, TLS, HTTP/1.1, every timeout phase, cancellation handled as httpcore does).
+
+meshlib has already chosen the endpoint when it sends, so it needs no general pool that matches queued requests
+to origins. httpcore 1.0's pool does exactly that, on every request and every release, walking every connection
+and polling each socket: quadratic in connections x requests in flight, most of the client's CPU at 16-64 in
+flight. Here a checkout pops the endpoint's most recently used idle connection (O(1); one socket poll, on that
+connection only, to see it is still usable), and a release pushes it back or hands it straight to a waiting
+request. At most ``max_connections`` per endpoint; requests past it wait (``pool`` timeout) in FIFO order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpcore
+
+_Key = tuple[bytes, bytes, int]
+
+
+class AsyncEndpointPools:
+    """What ``httpcore.AsyncConnectionPool`` is to httpx's transport, for one destination service's endpoints."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int | None = 100,
+        max_keepalive_connections: int | None = 20,
+        keepalive_expiry: float | None = 5.0,
+        http1: bool = True,
+        http2: bool = False,
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._max = max_connections or 1_000_000
+        self._keepalive = max_keepalive_connections if max_keepalive_connections is not None else self._max
+        self._expiry = keepalive_expiry
+        self._http1 = http1
+        self._http2 = http2
+        self._stacks: dict[_Key, _Stack] = {}
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        url = request.url
+        key = (url.scheme, url.host, url.port or (443 if url.scheme == b"https" else 80))
+        stack = self._stacks.get(key)
+        if stack is None:
+            origin = httpcore.Origin(*key)
+            stack = self._stacks[key] = _Stack(self, origin)
+        timeouts = request.extensions.get("timeout") or {}
+        connection = await stack.checkout(timeouts.get("pool"))
+        try:
+            response = await connection.handle_async_request(request)
+        except BaseException:
+            stack.checkin(connection)  # it closed itself if it was left in a bad state
+            raise
+        return httpcore.Response(
+            status=response.status,
+            headers=response.headers,
+            content=_Returning(response.stream, connection, stack),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        stacks, self._stacks = list(self._stacks.values()), {}
+        for stack in stacks:
+            await stack.aclose()
+
+    def connections(self) -> int:
+        """Open connections over every endpoint (for tests and status)."""
+        return sum(stack.active + len(stack.idle) for stack in self._stacks.values())
+
+
+class _Stack:
+    __slots__ = ("active", "idle", "origin", "owner", "waiters")
+
+    def __init__(self, owner: AsyncEndpointPools, origin: httpcore.Origin) -> None:
+        self.owner = owner
+        self.origin = origin
+        self.idle: list[httpcore.AsyncHTTPConnection] = []
+        self.active = 0  # checked out, or being connected
+        self.waiters: collections.deque[asyncio.Future[httpcore.AsyncHTTPConnection | None]] = collections.deque()
+
+    def _new(self) -> httpcore.AsyncHTTPConnection:
+        owner = self.owner
+        return httpcore.AsyncHTTPConnection(
+            origin=self.origin,
+            ssl_context=owner._ssl_context,
+            keepalive_expiry=owner._expiry,
+            http1=owner._http1,
+            http2=owner._http2,
+        )
+
+    async def checkout(self, timeout: float | None) -> httpcore.AsyncHTTPConnection:
+        idle = self.idle
+        while idle:
+            connection = idle.pop()
+            if connection.has_expired():  # closed by the peer, or idle past keepalive_expiry: one poll, O(1)
+                await connection.aclose()
+                continue
+            self.active += 1
+            return connection
+        if self.active < self.owner._max:
+            self.active += 1
+            return self._new()
+        # at the cap: wait for a connection handed over by a release (or for room to open one)
+        waiter: asyncio.Future[httpcore.AsyncHTTPConnection | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            handed = await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise httpcore.PoolTimeout(
+                f"no connection to {self.origin} free within {timeout:g}s ({self.owner._max} in use)"
+            ) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                given = waiter.result()
+                if given is not None:
+                    self.checkin(given)  # handed over just as we were cancelled: pass it on
+                else:
+                    self.active -= 1  # we were given room to open one, and will not
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+        return handed if handed is not None else self._new()
+
+    def checkin(self, connection: httpcore.AsyncHTTPConnection) -> None:
+        """A request is done with ``connection`` (response closed, or it failed)."""
+        reusable = connection.is_idle() and not connection.is_closed()
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.done():
+                continue
+            # the slot stays counted as active: it moves to the waiter, with this connection or with room for one
+            waiter.set_result(connection if reusable else None)
+            return
+        self.active -= 1
+        if not reusable:
+            return
+        self.idle.append(connection)
+        if len(self.idle) > self.owner._keepalive:  # keep the most recently used; close the oldest
+            _close_soon(self.idle.pop(0))
+
+    async def aclose(self) -> None:
+        idle, self.idle = self.idle, []
+        for connection in idle:
+            await connection.aclose()
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.cancel()
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_soon(connection: httpcore.AsyncHTTPConnection) -> None:
+    """Close a connection dropped from a stack without making the caller (a release) wait for it."""
+    task = asyncio.get_running_loop().create_task(connection.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+class _Returning:
+    """The response body; closing it (read to the end, or not) returns the connection to its endpoint's stack."""
+
+    __slots__ = ("_connection", "_returned", "_stack", "_stream")
+
+    def __init__(self, stream: Any, connection: httpcore.AsyncHTTPConnection, stack: _Stack) -> None:
+        self._stream = stream
+        self._connection = connection
+        self._stack = stack
+        self._returned = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._stream:
+            yield part
+
+    async def aclose(self) -> None:
+        if self._returned:
+            return
+        try:
+            await self._stream.aclose()
+        finally:
+            self._returned = True
+            self._stack.checkin(self._connection)
