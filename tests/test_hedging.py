@@ -107,3 +107,25 @@ def test_cancelled_hedges_leave_no_broken_connections(three):
     waited_out = sum(t >= 0.19 for t in took)
     assert waited_out <= 10, f"{waited_out} of {len(took)} calls waited for the slow instance"
     assert seen["a-after"] > 0 and seen["b-after"] > 0 and seen["a-after"] + seen["b-after"] == 200
+
+
+def test_the_sync_client_hedges_on_worker_threads(three):
+    """meshlib.Client runs a hedged call's attempts on worker threads: the backup's answer wins; the slow attempt,
+    which a thread cannot abandon mid-socket, ends in the background and its response is dropped there."""
+    slow, fast, _ = three
+    slow.behave(delay=0.3)
+    mesh = mesh_over([slow, fast], {"hedging": {"delay": "20ms", "budget_percent": 100},
+                                    "load_balancer": "round_robin"})
+    took = []
+    seen: Counter[str] = Counter()
+    with mesh, mesh.client(timeout=5) as client:
+        for _ in range(30):
+            started = time.perf_counter()
+            seen[client.get("http://svc/x").json()["instance"]] += 1
+            took.append(time.perf_counter() - started)
+        slow.behave(delay=0)
+        after: Counter[str] = Counter(client.get("http://svc/x").json()["instance"] for _ in range(100))
+    assert seen == {"b": 30}
+    assert sum(t >= 0.29 for t in took) <= 2, f"calls waited for the slow instance: {took}"
+    assert slow.hits() >= 12, "about half the calls started on the slow instance"
+    assert after["a"] > 0 and after["b"] > 0, "both instances' connections still work afterwards"

@@ -7,6 +7,7 @@ Public API only; see ``docs/``. ``meshlib.contrib`` (framework glue) is importab
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .client.clients import AsyncClient, Client
 from .errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -17,7 +18,6 @@ from .errors import (
     RetryBudgetExhaustedError,
     UnavailableError,
 )
-from .http import AsyncClient, Client
 from .mesh import Mesh
 from .settings import MeshSettings
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from grpc import aio as grpc_aio
     from opentelemetry.trace import TracerProvider
 
-    from .http import AsyncClient, Client
+    from .client.clients import AsyncClient, Client
     from .mirror import Mirror
     from .rules.watcher import RulesWatcher
     from .security.identity import Identity
@@ -345,12 +345,12 @@ class Mesh:
     # -- clients ----------------------------------------------------------------------------------
 
     def client(self, **kwargs: Any) -> Client:
-        from .http import Client
+        from .client.clients import Client
 
         return Client(mesh=self, **kwargs)
 
     def async_client(self, **kwargs: Any) -> AsyncClient:
-        from .http import AsyncClient
+        from .client.clients import AsyncClient
 
         return AsyncClient(mesh=self, **kwargs)
 

@@ -87,7 +87,7 @@ class Mirror:
             return self._loop
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        from .http import AsyncMeshTransport
+        from .client.async_transport import AsyncMeshTransport
 
         asyncio.set_event_loop(loop)
         self._transport = AsyncMeshTransport(self.mesh)

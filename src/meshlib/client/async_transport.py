@@ -1,0 +1,214 @@
+"""The async HTTP shell: ``AsyncMeshTransport`` drives the policy flow over per-endpoint keep-alive stacks
+(``pools.py``), with hedged attempts side by side when the rules ask for them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Coroutine
+from typing import Any
+
+import anyio
+import httpcore
+import httpx
+
+from ..errors import MeshError
+from ..mesh import Mesh
+from ..policy.classify import classify_status
+from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
+from .call import _Call, _count_unresolved, _External, _fault_response, _raise_done
+from .errors import classify_error
+from .names import mesh_service_name
+from .pools import AsyncEndpointPools
+from .streams import _adiscard, _AsyncResponseStream, _small_body
+from .transport import _DEFAULT_LIMITS, _pool_options, _Pools
+
+
+class AsyncMeshTransport(httpx.AsyncBaseTransport):
+    def __init__(
+        self,
+        mesh: Mesh | None,
+        *,
+        passthrough: httpx.AsyncBaseTransport | None = None,
+        pool: httpcore.AsyncConnectionPool | Any | None = None,
+        verify: Any = True,
+        cert: Any = None,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+        trust_env: bool = True,
+    ) -> None:
+        if mesh is not None:
+            self.__dict__["mesh"] = mesh
+        self._passthrough = passthrough or httpx.AsyncHTTPTransport(
+            verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
+        )
+        self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
+        # per-endpoint keep-alive stacks (client/pools.py), not httpcore's pool: the endpoint is already chosen
+        self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options), pool)
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """See ``MeshTransport.mesh``."""
+        return Mesh.default()
+
+    @functools.cached_property
+    def _pool_options(self) -> dict[str, Any]:
+        """See ``MeshTransport._pool_options``."""
+        return _pool_options(self.mesh, *self._pool_settings)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        service = mesh_service_name(request.url.host)
+        if service is None:
+            if self.mesh.telemetry is None:
+                return await self._passthrough.handle_async_request(request)
+            external = _External(self.mesh, request)
+            try:
+                passed = await self._passthrough.handle_async_request(request)
+            except BaseException as exc:
+                external.finish(None, exc)
+                raise
+            external.finish(passed, None)
+            return passed
+        state, ready = self.mesh.service_state_nowait(service)
+        if not ready:  # first call for this service: wait for discovery off the event loop
+            try:
+                state = await anyio.to_thread.run_sync(self.mesh.service_state, service)
+            except MeshError:
+                _count_unresolved(self.mesh, service, request)
+                raise
+        call = _Call(self.mesh, state, request, service, hedging=_asyncio_running())
+        flow = call.flow
+        response: httpx.Response | None = None
+        done: Done | None = None
+        side: _SideBySide | None = None  # attempts in flight together (hedged calls only)
+        try:
+            action = next(flow)
+            while True:
+                kind = type(action)
+                if kind is Send and action.hedge_after is None and side is None:  # type: ignore[union-attr]
+                    if response is not None:
+                        await _adiscard(response)
+                    result, response = await self._attempt(call, action, service)  # type: ignore[arg-type]
+                    call.attempt_done(result)
+                    action = flow.send(result)
+                elif kind is Sleep:
+                    await anyio.sleep(action.seconds)  # type: ignore[union-attr]
+                    action = next(flow)
+                else:  # hedged: a backup alongside, or wait for the attempts in flight
+                    if side is None:
+                        side = _SideBySide()
+                    if kind is Send:
+                        side.start(action.attempt, self._attempt(call, action, service, own_span=True))  # type: ignore[union-attr,arg-type]
+                    answered = await side.next(action.hedge_after)  # type: ignore[union-attr]
+                    action = flow.send(HEDGE_DUE if answered is None else answered)
+        except StopIteration as stop:
+            done = stop.value
+        finally:
+            flow.close()
+            if side is not None:
+                response = await side.settle(done.winner if done is not None else None)
+            if done is None or done.error is not None:
+                if response is not None:
+                    await response.aclose()
+                    response = None
+            elif response is None:
+                response = _fault_response(done)
+            call.finish(done, response)
+        assert done is not None
+        if done.error is not None:
+            _raise_done(done, self.mesh)
+        assert response is not None
+        return response
+
+    async def _attempt(
+        self, call: _Call, action: Send, service: str, own_span: bool = False
+    ) -> tuple[Result, httpx.Response | None]:
+        """One attempt: the request, and a small body read inside it (a reset mid-body is then a failed attempt)."""
+        request = call.attempt_request(action)
+        span = call.take_attempt_span() if own_span else None
+        response: httpx.Response | None = None
+        try:
+            try:
+                raw = await self._pools.get(service).handle_async_request(request)
+            except Exception as exc:
+                result = Result(classify_error(exc), exc, action.attempt)
+            else:
+                response = httpx.Response(
+                    status_code=raw.status,
+                    headers=raw.headers,
+                    stream=_AsyncResponseStream(raw.stream),
+                    extensions=raw.extensions,
+                )
+                result = Result(classify_status(raw.status), None, action.attempt)
+                if _small_body(raw):
+                    try:
+                        await response.aread()
+                    except Exception as exc:
+                        await response.aclose()
+                        response = None
+                        result = Result(classify_error(exc), exc, action.attempt)
+        except BaseException:  # cancelled (a hedge lost): the connection is closed, never reused half-read
+            if response is not None:
+                await response.aclose()
+            if span is not None:
+                span.end()
+            raise
+        if own_span:
+            call.attempt_done(result, span)
+        return result, response
+
+    async def aclose(self) -> None:
+        for pool in self._pools.all():
+            await pool.aclose()
+        await self._passthrough.aclose()
+
+
+def _asyncio_running() -> bool:
+    """Hedging runs attempts side by side with asyncio tasks; under another event loop (trio) calls are not hedged."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _SideBySide:
+    """The attempts of one hedged call in flight together: the first to finish is handed to the flow; when the
+    call is done, the winner's response is kept and every other attempt is cancelled (its connection closed) or,
+    if it already finished, its response discarded."""
+
+    __slots__ = ("answered", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks: dict[asyncio.Task[tuple[Result, httpx.Response | None]], int] = {}
+        self.answered: dict[int, httpx.Response | None] = {}
+
+    def start(self, attempt: int, work: Coroutine[Any, Any, tuple[Result, httpx.Response | None]]) -> None:
+        self.tasks[asyncio.ensure_future(work)] = attempt
+
+    async def next(self, hedge_after: float | None) -> Result | None:
+        """The next attempt to finish, or None when ``hedge_after`` passes first."""
+        finished, _ = await asyncio.wait(self.tasks, timeout=hedge_after, return_when=asyncio.FIRST_COMPLETED)
+        if not finished:
+            return None
+        task = finished.pop()
+        del self.tasks[task]
+        result, response = task.result()
+        self.answered[result.attempt] = response
+        return result
+
+    async def settle(self, winner: int | None) -> httpx.Response | None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.tasks.clear()
+        kept = self.answered.pop(winner, None) if winner is not None else None
+        for response in self.answered.values():
+            if response is not None:
+                await _adiscard(response)
+        self.answered.clear()
+        return kept

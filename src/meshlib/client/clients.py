@@ -1,0 +1,119 @@
+"""``meshlib.Client`` and ``meshlib.AsyncClient``: ``httpx.Client`` / ``httpx.AsyncClient`` whose requests to mesh
+hosts go through the mesh transports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ..mesh import Mesh
+from .async_transport import AsyncMeshTransport
+from .names import mesh_service_name
+from .transport import _DEFAULT_LIMITS, MeshTransport
+
+
+class Client(httpx.Client):
+    """An ``httpx.Client`` whose requests to mesh hosts (``http://payments/...``) go through the mesh.
+
+    Everything httpx accepts keeps working. A ``transport=`` given here serves the non-mesh hosts; mesh hosts
+    always take the mesh transport, also when environment proxies are configured.
+    """
+
+    def __init__(
+        self,
+        *,
+        mesh: Mesh | None = None,
+        transport: httpx.BaseTransport | None = None,
+        verify: Any = True,
+        cert: Any = None,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+        trust_env: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(transport, MeshTransport):
+            transport = MeshTransport(
+                mesh,
+                passthrough=transport,
+                verify=verify,
+                cert=cert,
+                http1=http1,
+                http2=http2,
+                limits=limits,
+                trust_env=trust_env,
+            )
+        super().__init__(
+            transport=transport,
+            verify=verify,
+            cert=cert,
+            http1=http1,
+            http2=http2,
+            limits=limits,
+            trust_env=trust_env,
+            **kwargs,
+        )
+
+    @property
+    def mesh(self) -> Mesh:
+        """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
+        transport = self._transport
+        assert isinstance(transport, MeshTransport)
+        return transport.mesh
+
+    def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
+        if mesh_service_name(url.host) is not None:
+            return self._transport
+        return super()._transport_for_url(url)
+
+
+class AsyncClient(httpx.AsyncClient):
+    """The ``httpx.AsyncClient`` drop-in; see ``Client``."""
+
+    def __init__(
+        self,
+        *,
+        mesh: Mesh | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: Any = True,
+        cert: Any = None,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+        trust_env: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(transport, AsyncMeshTransport):
+            transport = AsyncMeshTransport(
+                mesh,
+                passthrough=transport,
+                verify=verify,
+                cert=cert,
+                http1=http1,
+                http2=http2,
+                limits=limits,
+                trust_env=trust_env,
+            )
+        super().__init__(
+            transport=transport,
+            verify=verify,
+            cert=cert,
+            http1=http1,
+            http2=http2,
+            limits=limits,
+            trust_env=trust_env,
+            **kwargs,
+        )
+
+    @property
+    def mesh(self) -> Mesh:
+        """See ``Client.mesh``."""
+        transport = self._transport
+        assert isinstance(transport, AsyncMeshTransport)
+        return transport.mesh
+
+    def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
+        if mesh_service_name(url.host) is not None:
+            return self._transport
+        return super()._transport_for_url(url)

@@ -1,0 +1,91 @@
+"""Response bodies between httpcore and the caller: httpcore's errors raised as httpx's while streaming, and
+small bodies read inside the attempt (so that a reset mid-body is a failed attempt, retried where allowed)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+from .errors import to_httpx_error
+
+
+class _ResponseStream(httpx.SyncByteStream):
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except httpcore.ProtocolError as exc:
+            raise to_httpx_error(exc) from exc
+        except (httpcore.NetworkError, httpcore.TimeoutException) as exc:
+            raise to_httpx_error(exc) from exc
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+class _AsyncResponseStream(httpx.AsyncByteStream):
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for part in self._stream:
+                yield part
+        except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.TimeoutException) as exc:
+            raise to_httpx_error(exc) from exc
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+#: Responses up to this size (by Content-Length) are read before the attempt counts as answered.
+PREFETCH_LIMIT = 64 * 1024
+
+
+def _small_body(raw: httpcore.Response) -> bool:
+    """A small body announced by Content-Length is read inside the attempt, as a proxy buffering it would: an
+    instance dying between headers and body is then a failed attempt (retried where allowed), not a ReadError in
+    the caller's hands. Larger or chunked bodies stream to the caller untouched."""
+    for name, value in raw.headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value) <= PREFETCH_LIMIT
+            except ValueError:
+                return False
+    return False
+
+
+def _discard(response: httpx.Response) -> None:
+    """Drop an attempt's response that a retry replaces; reading a small body keeps its connection reusable."""
+    try:
+        length = int(response.headers.get("content-length", "0") or 0)
+        if length <= 65536:
+            response.read()
+    except Exception:
+        pass
+    finally:
+        response.close()
+
+
+async def _adiscard(response: httpx.Response) -> None:
+    try:
+        length = int(response.headers.get("content-length", "0") or 0)
+        if length <= 65536:
+            await response.aread()
+    except Exception:
+        pass
+    finally:
+        await response.aclose()

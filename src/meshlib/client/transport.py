@@ -1,0 +1,267 @@
+"""The sync HTTP shell: ``MeshTransport`` drives the policy flow (``policy/flow.py``) over httpcore pools, one per
+destination service; hosts outside the mesh go to a plain httpx transport."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpcore
+import httpx
+
+from ..errors import MeshError
+from ..mesh import Mesh
+from ..policy.classify import classify_status
+from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
+from .call import _Call, _count_unresolved, _External, _fault_response, _raise_done
+from .errors import classify_error
+from .names import mesh_service_name
+from .streams import _discard, _ResponseStream, _small_body
+
+#: httpx's own defaults, so a mesh client behaves like a plain one.
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+
+
+class MeshTransport(httpx.BaseTransport):
+    """An httpx transport that resolves mesh hosts through discovery and applies the mesh policy; other hosts
+    go to ``passthrough`` untouched."""
+
+    def __init__(
+        self,
+        mesh: Mesh | None,
+        *,
+        passthrough: httpx.BaseTransport | None = None,
+        pool: httpcore.ConnectionPool | Any | None = None,
+        verify: Any = True,
+        cert: Any = None,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _DEFAULT_LIMITS,
+        trust_env: bool = True,
+    ) -> None:
+        if mesh is not None:
+            self.__dict__["mesh"] = mesh
+        self._passthrough = passthrough or httpx.HTTPTransport(
+            verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
+        )
+        self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
+        self._pools = _Pools(lambda: httpcore.ConnectionPool(**self._pool_options), pool)
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """The process default Mesh, looked up at the first request rather than when the client was made, so that
+        ``meshlib.serve(app, service=...)`` names it even when the app built its clients at import."""
+        return Mesh.default()
+
+    @functools.cached_property
+    def _pool_options(self) -> dict[str, Any]:
+        """Once per transport (building an SSL context costs milliseconds), when the first pool is made."""
+        return _pool_options(self.mesh, *self._pool_settings)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        service = mesh_service_name(request.url.host)
+        if service is None:
+            if self.mesh.telemetry is None:
+                return self._passthrough.handle_request(request)
+            external = _External(self.mesh, request)
+            try:
+                passed = self._passthrough.handle_request(request)
+            except BaseException as exc:
+                external.finish(None, exc)
+                raise
+            external.finish(passed, None)
+            return passed
+        try:
+            state = self.mesh.service_state(service)
+        except MeshError:
+            _count_unresolved(self.mesh, service, request)
+            raise
+        call = _Call(self.mesh, state, request, service, hedging=True)
+        flow = call.flow
+        response: httpx.Response | None = None
+        done: Done | None = None
+        side: _Threads | None = None  # hedged calls: attempts side by side on worker threads
+        try:
+            action = next(flow)
+            while True:
+                if isinstance(action, Sleep):
+                    time.sleep(action.seconds)
+                    action = next(flow)
+                elif side is None and isinstance(action, Send) and action.hedge_after is None:  # the plain path
+                    if response is not None:
+                        _discard(response)
+                        response = None
+                    result, response = self._attempt(call.attempt_request(action), service, action.attempt)
+                    call.attempt_done(result)
+                    action = flow.send(result)
+                else:
+                    if side is None:
+                        side = _Threads(self, call, service)
+                    if isinstance(action, Send):
+                        side.start(action)
+                    answered = side.next(action.hedge_after)
+                    action = flow.send(HEDGE_DUE if answered is None else answered)
+        except StopIteration as stop:
+            done = stop.value
+        finally:
+            flow.close()
+            if side is not None:
+                response = side.settle(done.winner if done is not None else None)
+            if done is None or done.error is not None:
+                if response is not None:
+                    response.close()
+                    response = None
+            elif response is None:
+                response = _fault_response(done)
+            call.finish(done, response)
+        assert done is not None
+        if done.error is not None:
+            _raise_done(done, self.mesh)
+        assert response is not None
+        return response
+
+    def _attempt(
+        self, request: httpcore.Request, service: str, attempt: int
+    ) -> tuple[Result, httpx.Response | None]:
+        """One attempt; a small body is read inside it (a reset mid-body is then a failed, retryable attempt)."""
+        try:
+            raw = self._pools.get(service).handle_request(request)
+        except Exception as exc:
+            return Result(classify_error(exc), exc, attempt), None
+        response = httpx.Response(
+            status_code=raw.status, headers=raw.headers, stream=_ResponseStream(raw.stream), extensions=raw.extensions
+        )
+        result = Result(classify_status(raw.status), None, attempt)
+        if _small_body(raw):
+            try:
+                response.read()
+            except Exception as exc:
+                response.close()
+                return Result(classify_error(exc), exc, attempt), None
+        return result, response
+
+    def close(self) -> None:
+        for pool in self._pools.all():
+            pool.close()
+        self._passthrough.close()
+
+
+_workers: concurrent.futures.ThreadPoolExecutor | None = None
+_workers_lock = threading.Lock()
+
+
+def _hedge_workers() -> concurrent.futures.ThreadPoolExecutor:
+    global _workers
+    if _workers is None:
+        with _workers_lock:
+            if _workers is None:
+                _workers = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="meshlib-hedge")
+    return _workers
+
+
+class _Threads:
+    """The attempts of one hedged call in the sync client, each on a worker thread (the caller's thread waits for
+    the first to end). A thread blocked in a socket cannot be cancelled: a loser runs to its end in the background
+    and its response is closed there, never handed to anyone."""
+
+    def __init__(self, transport: MeshTransport, call: _Call, service: str) -> None:
+        self.transport = transport
+        self.call = call
+        self.service = service
+        self.ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.running: dict[int, tuple[concurrent.futures.Future[tuple[Result, httpx.Response | None]], Any]] = {}
+        self.answered: dict[int, httpx.Response | None] = {}
+
+    def start(self, action: Send) -> None:
+        request = self.call.attempt_request(action)  # in the caller's thread: its trace context
+        span = self.call.take_attempt_span()
+        attempt = action.attempt
+        future = _hedge_workers().submit(self.transport._attempt, request, self.service, attempt)
+        future.add_done_callback(lambda _: self.ended.put(attempt))
+        self.running[attempt] = (future, span)
+
+    def next(self, hedge_after: float | None) -> Result | None:
+        try:
+            attempt = self.ended.get(timeout=hedge_after)
+        except queue.Empty:
+            return None
+        future, span = self.running.pop(attempt)
+        result, response = future.result()
+        self.answered[attempt] = response
+        self.call.attempt_done(result, span)
+        return result
+
+    def settle(self, winner: int | None) -> httpx.Response | None:
+        for future, span in self.running.values():
+            if span is not None:
+                span.end()
+            future.add_done_callback(_close_late)
+        self.running.clear()
+        kept = self.answered.pop(winner, None) if winner is not None else None
+        for response in self.answered.values():
+            if response is not None:
+                _discard(response)
+        self.answered.clear()
+        return kept
+
+
+def _close_late(future: concurrent.futures.Future[tuple[Result, httpx.Response | None]]) -> None:
+    """A losing attempt that ended after the call did: drop its response (reading a small one keeps its
+    connection reusable)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    _, response = future.result()
+    if response is not None:
+        _discard(response)
+
+
+class _Pools:
+    """One connection pool per destination service. httpcore reuses connections by address alone; with mesh TLS a
+    connection is verified for one service name, so it must never carry another service's requests (an address
+    reused by another service, or a wrong discovery entry, would otherwise skip the identity check)."""
+
+    def __init__(self, factory: Callable[[], Any], shared: Any | None = None) -> None:
+        self._factory = factory
+        self._shared = shared
+        self._pools: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, service: str) -> Any:
+        if self._shared is not None:
+            return self._shared
+        pool = self._pools.get(service)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(service)
+                if pool is None:
+                    pool = self._pools[service] = self._factory()
+        return pool
+
+    def all(self) -> list[Any]:
+        return [self._shared] if self._shared is not None else list(self._pools.values())
+
+
+def _pool_options(
+    mesh: Mesh, verify: Any, cert: Any, trust_env: bool, limits: httpx.Limits, http1: bool, http2: bool
+) -> dict[str, Any]:
+    """httpcore pool settings for mesh hops, as httpx would set them; with mesh TLS the instance's identity context
+    (a live one: rotations apply to new connections)."""
+    ssl_context: ssl.SSLContext = (
+        mesh.identity.client
+        if mesh.identity is not None
+        else httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    )
+    return {
+        "ssl_context": ssl_context,
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "http1": http1,
+        "http2": http2,
+    }
