@@ -240,13 +240,14 @@ def test_endpoint_changes_are_followed_without_cancelling_calls_in_flight(instan
     assert not channel.endpoints._retiring, "a's channel closed once its last call was done"
 
 
-def test_an_instance_stopping_under_load_while_still_listed_fails_no_unary_call(instances):
-    """It finishes what it has and refuses the rest (its port closes) while discovery still lists it: every refused
-    call is retried elsewhere. (A SIGKILLed instance is tests/test_grpc_processes.py; a stop with no grace at all
-    cancels calls in flight with CANCELLED, which gRPC does not retry, and neither do we.)"""
-    a, _b, _c = instances
+def test_an_instance_leaving_under_load_fails_no_unary_call(instances):
+    """The graceful path: the instance leaves discovery, then stops with a grace period. Calls in flight on it
+    finish; new ones go elsewhere at once. (A SIGKILLed instance is tests/test_grpc_processes.py. A server stopping
+    while still listed may refuse new calls with CANCELLED, which gRPC does not retry, and neither do we.)"""
+    a, b, c = instances
     mesh = client_mesh([i.endpoint for i in instances])
-    stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
+    channel = mesh.grpc_channel("echo")
+    stub = pb2_grpc.EchoStub(channel)
     results: dict[str, Any] = {}
 
     def load() -> None:
@@ -255,7 +256,12 @@ def test_an_instance_stopping_under_load_while_still_listed_fails_no_unary_call(
     runner = threading.Thread(target=load)
     runner.start()
     wait_for(lambda: a.behaviour.calls >= 20, what="load to reach a")
-    a.server.server.stop(5)  # stops accepting at once, still listed in discovery
+    mesh.discovery.set("echo", [b.endpoint, c.endpoint])  # type: ignore[attr-defined]
+    # the drain: a's channel retired, and closed once its last call is done (what meshlib.grpc.server's
+    # drain_delay gives callers), then a stops
+    wait_for(lambda: f"127.0.0.1:{a.port}" not in channel.endpoints.labels() and not channel.endpoints._retiring,
+             what="a's channel to be retired and drained")
+    a.server.server.stop(5)
     runner.join(60)
     assert results["errors"] == [], results["errors"][:1]
     assert sum(results["seen"].values()) == 600

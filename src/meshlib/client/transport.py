@@ -19,6 +19,7 @@ from ..errors import MeshError
 from ..mesh import Mesh
 from ..policy.classify import classify_status
 from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
+from ..workers import worker_pool
 from .call import _Call, _count_unresolved, _External, _fault_response, _raise_done
 from .errors import classify_error
 from .names import mesh_service_name
@@ -152,19 +153,6 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough.close()
 
 
-_workers: concurrent.futures.ThreadPoolExecutor | None = None
-_workers_lock = threading.Lock()
-
-
-def _hedge_workers() -> concurrent.futures.ThreadPoolExecutor:
-    global _workers
-    if _workers is None:
-        with _workers_lock:
-            if _workers is None:
-                _workers = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="meshlib-hedge")
-    return _workers
-
-
 class _Threads:
     """The attempts of one hedged call in the sync client, each on a worker thread (the caller's thread waits for
     the first to end). A thread blocked in a socket cannot be cancelled: a loser runs to its end in the background
@@ -182,7 +170,7 @@ class _Threads:
         request = self.call.attempt_request(action)  # in the caller's thread: its trace context
         span = self.call.take_attempt_span()
         attempt = action.attempt
-        future = _hedge_workers().submit(self.transport._attempt, request, self.service, attempt)
+        future = worker_pool().submit(self.transport._attempt, request, self.service, attempt)
         future.add_done_callback(lambda _: self.ended.put(attempt))
         self.running[attempt] = (future, span)
 

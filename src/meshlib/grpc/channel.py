@@ -19,21 +19,10 @@ import grpc
 
 from ..errors import MeshError
 from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep, Wait
+from ..workers import worker_pool
 from .call import Metadata, RpcCall, code_of, mesh_failure
 from .endpoints import Options
 from .facade import Facade, Method, method_of
-
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _futures() -> concurrent.futures.ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="meshlib-grpc-future")
-    return _executor
 
 
 def _make_channel(target: str, credentials: grpc.ChannelCredentials | None, options: Options) -> grpc.Channel:
@@ -97,7 +86,8 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
-        future = _futures().submit(self.__call__, request, timeout, metadata, credentials, wait_for_ready, compression)
+        work = (request, timeout, metadata, credentials, wait_for_ready, compression)
+        future = worker_pool().submit(self.__call__, *work)
         return _Future(future)
 
     def with_call(
