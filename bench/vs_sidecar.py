@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--concurrency", default="1,16,64", help="async runs: calls in flight (1 KB payload)")
     parser.add_argument("--serve-app", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mesh", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -282,6 +283,7 @@ def main() -> None:
             "application, plain uvicorn": rss_kb(app_pid),
             "application under meshlib.serve (strict)": rss_kb(stack.procs[2].pid),
         }
+        results["concurrent"] = concurrent(stack, tmp, [int(c) for c in args.concurrency.split(",")], args.requests)
         report(results)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +294,86 @@ def main() -> None:
         stack.close()
 
 
+def concurrent(stack: Stack, tmp: Path, levels: list[int], requests: int) -> dict[str, Any]:
+    """Async clients with ``level`` calls in flight, 1 KB answers: throughput, and CPU per 1,000 requests over
+    every process on the path (aiohttp for the floor and Envoy paths, meshlib.AsyncClient for meshlib's)."""
+    import asyncio
+    import itertools
+
+    import meshlib
+    from meshlib.discovery import StaticDiscovery
+    from meshlib.endpoints import Endpoint
+
+    app_pid = stack.procs[0].pid
+    out: dict[str, Any] = {}
+
+    async def run(level: int) -> dict[str, Any]:
+        import aiohttp
+
+        limits = httpx.Limits(max_connections=max(level, 10), max_keepalive_connections=max(level, 10))
+        # a fast client in front of the floor and Envoy paths (plain httpx's pool, quadratic in calls in flight,
+        # would be the bottleneck there, not Envoy)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(level, 10)))
+        static = StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_plain_port)]})
+        mesh_plain = meshlib.Mesh(service="front", control_plane="", state_dir=str(tmp / "a1"), discovery=static)
+        static_tls = StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_tls_port)]})
+        mesh_tls = meshlib.Mesh(service="front", control_plane="", tls="strict", state_dir=str(tmp / "a2"),
+                                discovery=static_tls)
+        meshed, meshed_tls = mesh_plain.async_client(limits=limits), mesh_tls.async_client(limits=limits)
+
+        def via_aiohttp(url: str) -> Any:
+            async def get() -> None:
+                async with session.get(url) as response:
+                    await response.read()
+                    assert response.status == 200
+
+            return get
+
+        def via_meshlib(client: Any) -> Any:
+            async def get() -> None:
+                (await client.get("http://payments/p/1024")).raise_for_status()
+
+            return get
+
+        paths = [
+            ("floor", via_aiohttp(f"http://127.0.0.1:{stack.app_port}/p/1024"), [app_pid]),
+            ("envoy", via_aiohttp(f"http://127.0.0.1:{stack.envoy_plain_port}/p/1024"),
+             [app_pid, *stack.envoy_plain_pids]),
+            ("envoy-mtls", via_aiohttp(f"http://127.0.0.1:{stack.envoy_tls_port}/p/1024"),
+             [app_pid, *stack.envoy_tls_pids]),
+            ("meshlib", via_meshlib(meshed), [stack.procs[1].pid]),
+            ("meshlib-mtls", via_meshlib(meshed_tls), [stack.procs[2].pid]),
+        ]
+        figures: dict[str, Any] = {}
+        try:
+            for name, get, pids in paths:
+                for warm in (True, False):
+                    n = min(requests, 300) if warm else requests
+                    left = itertools.count()
+
+                    async def worker(get: Any = get, n: int = n, left: Any = left) -> None:
+                        while next(left) < n:
+                            await get()
+
+                    before = sum(cpu_ticks(p) for p in pids)
+                    cpu, wall = time.process_time(), time.perf_counter()
+                    await asyncio.gather(*(worker() for _ in range(level)))
+                    elapsed = time.perf_counter() - wall
+                    used = (sum(cpu_ticks(p) for p in pids) - before) / TICK + time.process_time() - cpu
+                figures[name] = {"req_per_s": n / elapsed, "cpu_s_per_1000": used / n * 1000}
+        finally:
+            await session.close()
+            await meshed.aclose()
+            await meshed_tls.aclose()
+            mesh_plain.close()
+            mesh_tls.close()
+        return figures
+
+    for level in levels:
+        out[str(level)] = asyncio.run(run(level))
+    return out
+
+
 def report(results: dict[str, Any]) -> None:
     print(f"{results['rounds']} rounds x {results['requests_per_round']} sequential GETs per path and payload")
     print(f"{'path':14} {'payload':7} {'p50':>8} {'+p50':>9} {'+p99':>9} {'+max':>9} {'CPU s/1k req':>13}")
@@ -300,6 +382,10 @@ def report(results: dict[str, Any]) -> None:
             print(f"{name:14} {payload:7} {r['p50_ms']:6.3f}ms {r['added_p50_us']:7.0f}us {r['added_p99_us']:7.0f}us "
                   f"{r['added_max_us']:7.0f}us {r['cpu_s_per_1000']:13.3f}")
     print("resident memory:", ", ".join(f"{k} {v / 1024:.1f} MB" for k, v in results["rss_kb"].items()))
+    print(f"\nasync, 1 KB, {'path':14} {'req/s':>8} {'CPU s/1k req':>13}")
+    for level, figures in results.get("concurrent", {}).items():
+        for name, f in figures.items():
+            print(f"{level:>3} in flight  {name:14} {f['req_per_s']:8.0f} {f['cpu_s_per_1000']:13.3f}")
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
