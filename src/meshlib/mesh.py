@@ -70,7 +70,7 @@ def make_discovery(settings: MeshSettings) -> Discovery:
         return RegistryDiscovery(
             f"{scheme}://{address}",
             state_dir=settings.state_dir,
-            token=os.environ.get("MESH_BOOTSTRAP_TOKEN") or None,
+            token=settings.bootstrap_token or None,
             verify=control_plane_verify(settings),
         )
     if spec.startswith("consul://"):
@@ -79,7 +79,7 @@ def make_discovery(settings: MeshSettings) -> Discovery:
         rest = spec[len("consul://") :].strip("/")
         scheme = "http"
         if not rest:  # consul:// alone: where Consul's own tools look
-            addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+            addr = settings.consul_http_addr
             if addr.startswith(("http://", "https://")):
                 scheme, _, addr = addr.partition("://")
             rest = addr
@@ -87,7 +87,7 @@ def make_discovery(settings: MeshSettings) -> Discovery:
         return ConsulDiscovery(
             host.strip("[]"),
             int(port),
-            token=os.environ.get("CONSUL_HTTP_TOKEN") or None,
+            token=settings.consul_http_token or None,
             scheme=scheme,
             state_dir=settings.state_dir,
         )
@@ -174,18 +174,22 @@ class Mesh:
         from .security.identity import Identity
         from .security.spiffe import SpiffeId
 
-        env = os.environ
-        lifetime = env.get("MESH_TLS_CERT_LIFETIME")
+        settings = self.settings
+        lifetime = settings.tls_cert_lifetime
+        try:
+            requested = parse_duration(lifetime, maximum=7 * 86400.0) if lifetime else None
+        except ValueError as exc:
+            raise ConfigurationError(f"MESH_TLS_CERT_LIFETIME={lifetime!r}: {exc}") from None
         identity = Identity(
-            SpiffeId(self.settings.trust_domain, self.settings.namespace, self.service),
-            self.settings.state_dir,
-            control_plane=self.settings.control_plane or None,
-            bootstrap_token=env.get("MESH_BOOTSTRAP_TOKEN") or None,
-            cert_file=env.get("MESH_TLS_CERT") or None,
-            key_file=env.get("MESH_TLS_KEY") or None,
-            ca_file=env.get("MESH_TLS_CA") or None,
-            lifetime=parse_duration(lifetime, maximum=7 * 86400.0) if lifetime else None,
-            verify=control_plane_verify(self.settings),
+            SpiffeId(settings.trust_domain, settings.namespace, self.service),
+            settings.state_dir,
+            control_plane=settings.control_plane or None,
+            bootstrap_token=settings.bootstrap_token or None,
+            cert_file=settings.tls_cert or None,
+            key_file=settings.tls_key or None,
+            ca_file=settings.tls_ca or None,
+            lifetime=requested,
+            verify=control_plane_verify(settings),
         )
         return identity.start(timeout=self.settings.discovery_timeout * 6)
 

@@ -71,6 +71,16 @@ class MeshSettings:
     propagate_headers: str = ""
     #: A service not called for this long stops being watched (its state is dropped; the next call watches again).
     watch_idle_timeout: float = 600.0
+    #: Gets this instance its certificate from the control plane's CA, and lets it register.
+    bootstrap_token: str = field(default="", repr=False)
+    #: Certificate, key and roots from files (users with their own PKI), and the lifetime asked of the mesh CA.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_cert_lifetime: str = ""
+    #: Where ``consul://`` (without an address) looks, and its ACL token: as Consul's own tools read them.
+    consul_http_addr: str = "127.0.0.1:8500"
+    consul_http_token: str = field(default="", repr=False)
 
     _ENV = {
         "service": "MESH_SERVICE",
@@ -85,6 +95,13 @@ class MeshSettings:
         "access_log_sample": "MESH_ACCESS_LOG_SAMPLE",
         "control_plane_ca": "MESH_CONTROL_PLANE_CA",
         "propagate_headers": "MESH_PROPAGATE_HEADERS",
+        "bootstrap_token": "MESH_BOOTSTRAP_TOKEN",
+        "tls_cert": "MESH_TLS_CERT",
+        "tls_key": "MESH_TLS_KEY",
+        "tls_ca": "MESH_TLS_CA",
+        "tls_cert_lifetime": "MESH_TLS_CERT_LIFETIME",
+        "consul_http_addr": "CONSUL_HTTP_ADDR",
+        "consul_http_token": "CONSUL_HTTP_TOKEN",
     }
 
     @classmethod

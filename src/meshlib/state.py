@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomic
 
 log = logging.getLogger("meshlib.state")
 
@@ -20,13 +20,7 @@ class StateDir:
     def save(self, name: str, value: Any) -> None:
         target = self.path / name
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(value, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            write_atomic(target, json.dumps(value).encode())
         except OSError as exc:  # a read-only or full disk must not break the data path
             log.warning("could not write %s: %s", target, exc)
 

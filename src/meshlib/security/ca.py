@@ -4,7 +4,6 @@ brings), issuing short-lived leaf certificates from CSRs. Private keys of instan
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigurationError
+from ..files import write_atomic
 from ..settings import validate_service_name
 from .spiffe import SpiffeId
 
@@ -33,13 +33,8 @@ def _now() -> dt.datetime:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only (0600), also over an existing file of laxer mode: the mode
-    is set on the descriptor before any byte is written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """A private key, readable by its owner only (0600), written atomically (``files.write_atomic``)."""
+    write_atomic(path, data, private=True)
 
 
 #: Curves accepted in CSRs; with RSA, at least MIN_RSA_BITS.

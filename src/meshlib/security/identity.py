@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError, IdentityError
+from ..files import write_atomic
 from ..wire import refusal_text
 from .ca import load_certificates, load_private_key
 from .spiffe import SpiffeId
@@ -37,20 +38,6 @@ RENEW_AT = 2 / 3
 
 class IdentityConfigError(IdentityError):
     """Nothing to get a certificate from: retrying cannot help."""
-
-
-def _atomic_write(path: Path, data: bytes, private: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        if private:
-            os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Identity:
@@ -229,9 +216,9 @@ class Identity:
     def _install(self, cert_pem: bytes, key_pem: bytes, roots_pem: bytes) -> None:
         cert = load_certificates(cert_pem, "certificate")[0]
         cert_path, key_path = self.dir / "cert.pem", self.dir / "key.pem"
-        _atomic_write(key_path, key_pem, private=True)
-        _atomic_write(cert_path, cert_pem, private=False)
-        _atomic_write(self.dir / "roots.pem", roots_pem, private=False)
+        write_atomic(key_path, key_pem, private=True)
+        write_atomic(cert_path, cert_pem)
+        write_atomic(self.dir / "roots.pem", roots_pem)
         try:
             for ctx in self.contexts:
                 ctx.load_verify_locations(cadata=roots_pem.decode())
