@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .discovery import Discovery, StaticDiscovery
+from .discovery import Discovery
+from .discovery.factory import make_discovery
 from .endpoints import EndpointSet
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
 from .rules.model import EMPTY_RULES, Rules, parse_duration
-from .settings import MeshSettings, control_plane_verify, registry_of
+from .settings import MeshSettings, control_plane_verify
 from .telemetry import Telemetry
 
 log = logging.getLogger("meshlib")
@@ -46,52 +47,6 @@ def _warn_program_name(name: str) -> None:
             "authorized, traced and counted by it)",
             name,
         )
-
-
-def _host_port(spec: str, scheme: str) -> str:
-    rest = spec[len(scheme) :].strip("/")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"MESH_DISCOVERY={spec!r}: expected {scheme}host:port")
-    return rest
-
-
-def make_discovery(settings: MeshSettings) -> Discovery:
-    spec = settings.discovery
-    if spec.startswith("static:"):
-        return StaticDiscovery(spec[len("static:") :])
-    if spec.startswith("registry://"):
-        from .discovery.registry import RegistryDiscovery
-
-        address = _host_port(spec, "registry://")
-        # the registry lives in the control plane: when that is https:// at the same address, so is the registry
-        cp = settings.control_plane
-        scheme = "https" if cp.startswith("https://") and registry_of(cp) == f"registry://{address}" else "http"
-        return RegistryDiscovery(
-            f"{scheme}://{address}",
-            state_dir=settings.state_dir,
-            token=settings.bootstrap_token or None,
-            verify=control_plane_verify(settings),
-        )
-    if spec.startswith("consul://"):
-        from .discovery.consul import ConsulDiscovery
-
-        rest = spec[len("consul://") :].strip("/")
-        scheme = "http"
-        if not rest:  # consul:// alone: where Consul's own tools look
-            addr = settings.consul_http_addr
-            if addr.startswith(("http://", "https://")):
-                scheme, _, addr = addr.partition("://")
-            rest = addr
-        host, port = _host_port("consul://" + rest, "consul://").rsplit(":", 1)
-        return ConsulDiscovery(
-            host.strip("[]"),
-            int(port),
-            token=settings.consul_http_token or None,
-            scheme=scheme,
-            state_dir=settings.state_dir,
-        )
-    raise ConfigurationError(f"MESH_DISCOVERY={spec!r} is not supported by this build")
 
 
 class Mesh:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Coroutine
 from typing import Any
 
@@ -22,10 +21,12 @@ from .errors import classify_error
 from .names import mesh_service_name
 from .pools import AsyncEndpointPools
 from .streams import _adiscard, _AsyncResponseStream, _small_body
-from .transport import _DEFAULT_LIMITS, _pool_options, _Pools
+from .transport import _DEFAULT_LIMITS, MeshShell, _Pools
 
 
-class AsyncMeshTransport(httpx.AsyncBaseTransport):
+class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
+    """The async twin of ``MeshTransport``."""
+
     def __init__(
         self,
         mesh: Mesh | None,
@@ -39,24 +40,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits = _DEFAULT_LIMITS,
         trust_env: bool = True,
     ) -> None:
-        if mesh is not None:
-            self.__dict__["mesh"] = mesh
+        self._bind(mesh, (verify, cert, trust_env, limits, http1, http2))
         self._passthrough = passthrough or httpx.AsyncHTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
         # per-endpoint keep-alive stacks (client/pools.py), not httpcore's pool: the endpoint is already chosen
         self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options), pool)
-
-    @functools.cached_property
-    def mesh(self) -> Mesh:
-        """See ``MeshTransport.mesh``."""
-        return Mesh.default()
-
-    @functools.cached_property
-    def _pool_options(self) -> dict[str, Any]:
-        """See ``MeshTransport._pool_options``."""
-        return _pool_options(self.mesh, *self._pool_settings)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)

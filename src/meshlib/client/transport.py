@@ -29,7 +29,30 @@ from .streams import _discard, _ResponseStream, _small_body
 _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
 
-class MeshTransport(httpx.BaseTransport):
+class MeshShell:
+    """What the sync and async transports share: the Mesh they serve (the process default unless one was given,
+    looked up at the first request) and their pool settings, turned into pool options once."""
+
+    _pool_settings: tuple[Any, ...]
+
+    def _bind(self, mesh: Mesh | None, pool_settings: tuple[Any, ...]) -> None:
+        if mesh is not None:
+            self.__dict__["mesh"] = mesh
+        self._pool_settings = pool_settings
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        """The process default Mesh, looked up at the first request rather than when the client was made, so that
+        ``meshlib.serve(app, service=...)`` names it even when the app built its clients at import."""
+        return Mesh.default()
+
+    @functools.cached_property
+    def _pool_options(self) -> dict[str, Any]:
+        """Once per transport (building an SSL context costs milliseconds), when the first pool is made."""
+        return _pool_options(self.mesh, *self._pool_settings)
+
+
+class MeshTransport(MeshShell, httpx.BaseTransport):
     """An httpx transport that resolves mesh hosts through discovery and applies the mesh policy; other hosts
     go to ``passthrough`` untouched."""
 
@@ -46,24 +69,11 @@ class MeshTransport(httpx.BaseTransport):
         limits: httpx.Limits = _DEFAULT_LIMITS,
         trust_env: bool = True,
     ) -> None:
-        if mesh is not None:
-            self.__dict__["mesh"] = mesh
+        self._bind(mesh, (verify, cert, trust_env, limits, http1, http2))
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pool_settings = (verify, cert, trust_env, limits, http1, http2)
         self._pools = _Pools(lambda: httpcore.ConnectionPool(**self._pool_options), pool)
-
-    @functools.cached_property
-    def mesh(self) -> Mesh:
-        """The process default Mesh, looked up at the first request rather than when the client was made, so that
-        ``meshlib.serve(app, service=...)`` names it even when the app built its clients at import."""
-        return Mesh.default()
-
-    @functools.cached_property
-    def _pool_options(self) -> dict[str, Any]:
-        """Once per transport (building an SSL context costs milliseconds), when the first pool is made."""
-        return _pool_options(self.mesh, *self._pool_settings)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
