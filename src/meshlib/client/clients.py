@@ -10,10 +10,36 @@ import httpx
 from ..mesh import Mesh
 from .async_transport import AsyncMeshTransport
 from .names import mesh_service_name
-from .transport import _DEFAULT_LIMITS, MeshTransport
+from .transport import _DEFAULT_LIMITS, MeshShell, MeshTransport
 
 
-class Client(httpx.Client):
+class _MeshRouting:
+    """What both clients add to httpx: mesh hosts always take the mesh transport (also under environment proxies),
+    and ``.mesh`` names the Mesh they go through."""
+
+    _transport: Any
+
+    @property
+    def mesh(self) -> Mesh:
+        """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
+        transport = self._transport
+        assert isinstance(transport, MeshShell)
+        return transport.mesh
+
+    def _transport_for_url(self, url: httpx.URL) -> Any:
+        if mesh_service_name(url.host) is not None:
+            return self._transport
+        return super()._transport_for_url(url)  # type: ignore[misc]
+
+
+def _connection_options(
+    verify: Any, cert: Any, http1: bool, http2: bool, limits: httpx.Limits, trust_env: bool
+) -> dict[str, Any]:
+    """The options httpx uses for its own transports, given to the mesh transport and to httpx alike."""
+    return {"verify": verify, "cert": cert, "http1": http1, "http2": http2, "limits": limits, "trust_env": trust_env}
+
+
+class Client(_MeshRouting, httpx.Client):
     """An ``httpx.Client`` whose requests to mesh hosts (``http://payments/...``) go through the mesh.
 
     Everything httpx accepts keeps working. A ``transport=`` given here serves the non-mesh hosts; mesh hosts
@@ -33,42 +59,13 @@ class Client(httpx.Client):
         trust_env: bool = True,
         **kwargs: Any,
     ) -> None:
+        options = _connection_options(verify, cert, http1, http2, limits, trust_env)
         if not isinstance(transport, MeshTransport):
-            transport = MeshTransport(
-                mesh,
-                passthrough=transport,
-                verify=verify,
-                cert=cert,
-                http1=http1,
-                http2=http2,
-                limits=limits,
-                trust_env=trust_env,
-            )
-        super().__init__(
-            transport=transport,
-            verify=verify,
-            cert=cert,
-            http1=http1,
-            http2=http2,
-            limits=limits,
-            trust_env=trust_env,
-            **kwargs,
-        )
-
-    @property
-    def mesh(self) -> Mesh:
-        """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
-        transport = self._transport
-        assert isinstance(transport, MeshTransport)
-        return transport.mesh
-
-    def _transport_for_url(self, url: httpx.URL) -> httpx.BaseTransport:
-        if mesh_service_name(url.host) is not None:
-            return self._transport
-        return super()._transport_for_url(url)
+            transport = MeshTransport(mesh, passthrough=transport, **options)
+        super().__init__(transport=transport, **options, **kwargs)
 
 
-class AsyncClient(httpx.AsyncClient):
+class AsyncClient(_MeshRouting, httpx.AsyncClient):
     """The ``httpx.AsyncClient`` drop-in; see ``Client``."""
 
     def __init__(
@@ -84,36 +81,7 @@ class AsyncClient(httpx.AsyncClient):
         trust_env: bool = True,
         **kwargs: Any,
     ) -> None:
+        options = _connection_options(verify, cert, http1, http2, limits, trust_env)
         if not isinstance(transport, AsyncMeshTransport):
-            transport = AsyncMeshTransport(
-                mesh,
-                passthrough=transport,
-                verify=verify,
-                cert=cert,
-                http1=http1,
-                http2=http2,
-                limits=limits,
-                trust_env=trust_env,
-            )
-        super().__init__(
-            transport=transport,
-            verify=verify,
-            cert=cert,
-            http1=http1,
-            http2=http2,
-            limits=limits,
-            trust_env=trust_env,
-            **kwargs,
-        )
-
-    @property
-    def mesh(self) -> Mesh:
-        """See ``Client.mesh``."""
-        transport = self._transport
-        assert isinstance(transport, AsyncMeshTransport)
-        return transport.mesh
-
-    def _transport_for_url(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
-        if mesh_service_name(url.host) is not None:
-            return self._transport
-        return super()._transport_for_url(url)
+            transport = AsyncMeshTransport(mesh, passthrough=transport, **options)
+        super().__init__(transport=transport, **options, **kwargs)
