@@ -98,7 +98,8 @@ def bounded(
         def data_received(self, data: bytes) -> None:
             self._mesh_headers_ended = False
             super().data_received(data)
-            # count a chunk only when no request's headers ended inside it (so a body never counts)
+            # count a chunk only when no request's headers or body ended inside it (so a body never counts: the
+            # chunk that completes a body leaves us "in headers" for the next request)
             if self._mesh_in_headers and not self._mesh_headers_ended and self.parser is not None:
                 self._mesh_header_bytes += len(data)
                 if self._mesh_header_bytes > max_header_bytes and not self.transport.is_closing():
@@ -123,6 +124,7 @@ def bounded(
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._mesh_in_headers = True  # bytes from here on are the next request's headers
+            self._mesh_headers_ended = True  # ...but not the rest of this chunk, which held the body's end
             self._mesh_header_bytes = 0
 
         def connection_lost(self, exc: Exception | None) -> None:
