@@ -15,6 +15,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -173,6 +174,9 @@ class MeshMetrics:
             self.mirror_skipped,
         )
         self.gauges = (self.rules_version, self.cert_expiry)
+        #: Callers whose certificate proved their identity: peer service -> SPIFFE ID (for the dashboard's mTLS
+        #: edges). Bounded; written once per new caller, read by the stats reporter.
+        self.verified_peers: dict[str, str] = {}
         self._client_labels: dict[tuple[str, str, str, str, str], Labels] = {}
         self._server_labels: dict[tuple[str, str, str, str, bool], Labels] = {}
         self._exporter: _OtelExport | None = None
@@ -211,6 +215,10 @@ class MeshMetrics:
             if len(self._server_labels) < MAX_SERIES:
                 self._server_labels[key] = labels
         return labels
+
+    def note_verified_peer(self, service: str, uri: str) -> None:
+        if service not in self.verified_peers and len(self.verified_peers) < 1000:
+            self.verified_peers[service] = uri
 
     def prometheus(self) -> str:
         return render_prometheus(self)
@@ -260,26 +268,36 @@ class _OtelExport:
             )
         self._running = True
         self._lock = threading.Lock()
+        self._flushing = threading.Event()
         threading.Thread(target=self._drain, name="meshlib-otel-metrics", daemon=True).start()
 
     def _drain(self) -> None:
         while self._running:
-            try:
-                name, value, labels = self.queue.get(timeout=0.5)
-            except queue.Empty:
+            if self._flushing.is_set():  # let flush() have the lock (locks are not fair)
+                time.sleep(0.01)
                 continue
+            # the lock is held while waiting, so a sample is never out of the queue but not yet recorded when
+            # flush() runs (flush waits at most one wait; the request path never takes this lock)
             with self._lock:
+                try:
+                    name, value, labels = self.queue.get(timeout=0.25)
+                except queue.Empty:
+                    continue
                 self.sdk_histograms[name].record(value, dict(labels))
 
     def flush(self) -> None:
         """Record every queued sample, then have the SDK export now."""
-        with self._lock:
-            while True:
-                try:
-                    name, value, labels = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                self.sdk_histograms[name].record(value, dict(labels))
+        self._flushing.set()
+        try:
+            with self._lock:
+                while True:
+                    try:
+                        name, value, labels = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    self.sdk_histograms[name].record(value, dict(labels))
+        finally:
+            self._flushing.clear()
         self.provider.force_flush()
 
     def shutdown(self) -> None:
