@@ -29,3 +29,8 @@ def test_demo_runs_every_scene_and_passes(tmp_path):
     ):
         assert re.search(rf"PASS\s+{re.escape(scene)}:", out), scene
     assert "Traceback" not in out + result.stderr
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ui", out)
+    # after the control plane came back, the instances' reports rebuilt the topology it shows
+    dashboard = re.search(r"dashboard: (\d+) services, (\d+) edges \((.*)\)", out)
+    assert dashboard, out
+    assert "frontend->catalog" in dashboard.group(3) and "catalog->inventory" in dashboard.group(3)

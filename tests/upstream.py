@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 import uvicorn
 
 
-def make_app(name: str, status: int, delay: float) -> Any:
+def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
     state: dict[str, Any] = {
         "status": status, "delay": delay, "counts": {}, "die_mid_body": False, "slow_every": 0, "slow_delay": 0.0,
         "served": 0,
@@ -70,6 +70,17 @@ def make_app(name: str, status: int, delay: float) -> Any:
             if "die_mid_body" in query:
                 state["die_mid_body"] = query["die_mid_body"][0] == "1"
             await send_json(send, 200, {"instance": name, "status": state["status"], "delay": state["delay"]})
+            return
+        if forward_to and path.startswith("/fwd/"):  # a meshed caller: the rest of the path goes to forward_to
+            import meshlib
+
+            if "client" not in state:
+                state["client"] = meshlib.AsyncClient(timeout=5.0)
+            try:
+                answer = await state["client"].get(f"http://{forward_to}/{path[5:]}")
+                await send_json(send, answer.status_code, {"instance": name, "upstream": answer.json()})
+            except Exception as exc:  # the caller sees why (tests read it)
+                await send_json(send, 502, {"instance": name, "error": f"{type(exc).__name__}: {exc}"})
             return
         if path == "/-/ok":  # a fixed tiny answer, for benchmarks
             await send_json(send, 200, "ok")
@@ -120,9 +131,10 @@ def main() -> None:
     parser.add_argument("--tags", default="", help="comma-separated tags, with --mesh-service")
     parser.add_argument("--header-timeout", type=float, default=10.0, help="with --mesh-service")
     parser.add_argument("--drain-delay", type=float, default=0.3, help="with --mesh-service")
+    parser.add_argument("--forward-to", default="", help="/fwd/<path> calls <path> of this service over the mesh")
     parser.add_argument("--keep-alive", type=float, default=5.0, help="idle keep-alive connections closed after")
     args = parser.parse_args()
-    app = make_app(args.name, args.status, args.delay)
+    app = make_app(args.name, args.status, args.delay, args.forward_to)
     if args.mesh_service:
         import meshlib
 

@@ -196,66 +196,12 @@ def cmd_rules_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Services, instances, rule version, and golden signals read from every instance's /-/mesh/metrics."""
-    from .telemetry import signals
+    from .cli_status import status
 
     rules = _check(_request(args, "GET", "/v1/rules"))
     registry = _check(_request(args, "GET", "/v1/registry/services"))
     print(f"control plane {_control_plane(args)}: rules version {rules['version']}")
-    services = registry["services"]
-    if not services:
-        print("no registered instances")
-        return 0
-    context = None
-    if os.environ.get("MESH_BOOTSTRAP_TOKEN"):  # an identity of our own, to read strict-mTLS instances
-        import tempfile
-
-        from .security.identity import Identity
-        from .security.spiffe import SpiffeId
-
-        identity = Identity(
-            SpiffeId(
-                os.environ.get("MESH_TRUST_DOMAIN", "mesh.local"),
-                os.environ.get("MESH_NAMESPACE", "default"),
-                "meshctl",
-            ),
-            tempfile.mkdtemp(prefix="meshctl-"),
-            control_plane=_control_plane(args),
-            bootstrap_token=os.environ["MESH_BOOTSTRAP_TOKEN"],
-        )
-        identity.refresh()
-        context = identity.client
-    instances = [inst for items in services.values() for inst in items]
-    before, _ = signals.scrape(instances, context)
-    time.sleep(args.interval)  # the measuring window for rates
-    after, problems = signals.scrape(instances, context)
-    rows = {row.service: row for row in signals.between(before, after, args.interval)}
-    print(f"{'SERVICE':16} {'INSTANCES':>9} {'REQ/S':>8} {'SUCCESS':>8} {'P50 MS':>8} {'P99 MS':>8}")
-    for name, items in services.items():
-        row = rows.get(name)
-        if row is None or row.requests == 0:
-            print(f"{name:16} {len(items):>9} {'-':>8} {'-':>8} {'-':>8} {'-':>8}")
-        else:
-            print(
-                f"{name:16} {len(items):>9} {row.rate:>8.1f} {row.success:>8.1%} {row.p50_ms:>8.1f} {row.p99_ms:>8.1f}"
-            )
-    if args.verbose:
-        for name, items in services.items():
-            for inst in items:
-                tags = ",".join(inst["tags"]) or "-"
-                print(
-                    f"  {name} {inst['address']}:{inst['port']}  tags={tags}  tls={inst['meta'].get('mesh_tls', '?')}"
-                )
-    for problem in problems:
-        print(f"  (no metrics from {problem})", file=sys.stderr)
-    strict = [i for i in instances if i["meta"].get("mesh_tls") == "strict"]
-    if strict and context is None:
-        print(
-            f"  ({len(strict)} instance(s) run strict mTLS: set MESH_BOOTSTRAP_TOKEN so meshctl gets an identity "
-            "of its own and can read their metrics)",
-            file=sys.stderr,
-        )
-    return 0
+    return status(args, _control_plane(args), registry["services"], _request(args, "GET", "/v1/stats/topology"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -282,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(duration=args.duration, ui=not args.no_ui)
+    return run_demo(duration=args.duration, ui=not args.no_ui, stay=args.stay)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -366,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rules_rollback)
 
     p = sub.add_parser("status", help="services, instances, rule version, golden signals")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two metric reads")
+    p.add_argument("--interval", type=float, default=1.0, help="with --scrape: seconds between the two metric reads")
+    p.add_argument(
+        "--scrape", action="store_true",
+        help="read every instance's /-/mesh/metrics instead of the figures instances report to the control plane",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="list every instance")
     p.set_defaults(func=cmd_status)
 
@@ -381,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a whole mesh on this machine, with traffic and failure scenes")
     p.add_argument("--duration", type=float, default=60.0, help="seconds (roughly) for the whole demo")
+    p.add_argument("--stay", action="store_true", help="after the scenes, keep the mesh, traffic and dashboard up")
     p.add_argument("--no-ui", action="store_true", help="plain log lines instead of the live view")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from .demo_live import _dashboard_back, _interrupt, _start_live
+from .demo_scenes import _rules, _scenes
 from .errors import MeshError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -269,38 +271,7 @@ def _generate_grpc_code() -> None:
         sys.path.remove(str(EXAMPLES / "grpc_app"))
 
 
-def _rules(v2_weight: int) -> dict[str, Any]:
-    to: list[dict[str, Any]]
-    if v2_weight >= 100:
-        to = [{"subset": "v2"}]
-    elif v2_weight <= 0:
-        to = [{"subset": "v1"}]
-    else:
-        to = [{"subset": "v1", "weight": 100 - v2_weight}, {"subset": "v2", "weight": v2_weight}]
-    return {
-        "services": {
-            # Who may call whom: enforced by each service, by the caller's certificate.
-            "frontend": {"authorization": {"mode": "strict", "allow": ["loadgen"]}},
-            "catalog": {"authorization": {"mode": "strict", "allow": ["frontend"]}},
-            "inventory": {"authorization": {"mode": "strict", "allow": ["catalog"]}},
-            "checkout": {"authorization": {"mode": "strict", "allow": ["frontend"]}},
-            "payments": {
-                "authorization": {"mode": "strict", "allow": ["checkout"]},
-                # A 503 from payments means nothing was charged, so its POSTs may be retried on another instance.
-                "retries": {"attempts": 3, "retry_non_idempotent": True},
-                "circuit_breaker": {"consecutive_failures": 3, "open_for": "30s"},
-                "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
-                "routes": [
-                    {"match": {"headers": {"x-payments-version": "v1"}}, "to": [{"subset": "v1"}]},
-                    {"match": {"headers": {"x-payments-version": "v2"}}, "to": [{"subset": "v2"}]},
-                    {"to": to},
-                ],
-            },
-        }
-    }
-
-
-def run_demo(duration: float = 60.0, ui: bool = True) -> int:
+def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int:
     if not (EXAMPLES / "fastapi_app" / "payments.py").exists():
         print(
             "meshctl demo: the example apps are not here; run it from a source checkout of meshlib "
@@ -319,6 +290,7 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
     try:
         demo.say("starting the control plane (rules + embedded registry)")
         demo.start_control_plane()
+        demo.say(f"dashboard: {demo.cp_url}/ui (live while the scenes run; admin token for rollback: {demo.token})")
         demo.apply_rules(_rules(0))
         demo.say(
             "starting the shop (mTLS strict, authorization by identity): 2x frontend (Flask), 2x catalog, "
@@ -372,6 +344,13 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
                         f"    {row.service:9} {row.rate:6.1f} req/s  {row.success:7.1%} ok  "
                         f"p50 {row.p50_ms:6.1f} ms  p99 {row.p99_ms:6.1f} ms"
                     )
+        _dashboard_back(demo)
+        if stay:
+            demo.say(f"the mesh keeps running with traffic; dashboard at {demo.cp_url}/ui. Ctrl-C stops it.")
+            signal.signal(signal.SIGTERM, _interrupt)  # a stop from a process manager ends it as cleanly as Ctrl-C
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(1)
         traffic.stop.set()
         for w in workers:
             w.join(15)
@@ -395,165 +374,3 @@ def run_demo(duration: float = 60.0, ui: bool = True) -> int:
     for r in demo.results:
         print(f"  {'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}")
     return 1 if failed else 0
-
-
-Check = Callable[[dict[str, Any], list[Sample]], tuple[bool, str]]
-
-
-def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], None], Check]]:
-    def share(stats: dict[str, Any], version: str) -> float:
-        total = sum(stats["versions"].values())
-        return stats["versions"][version] / total if total else 0.0
-
-    def baseline(stats: dict[str, Any], _: list[Sample]) -> tuple[bool, str]:
-        ok = stats["n"] > 0 and stats["failed"] == 0 and share(stats, "v1") == 1.0
-        return ok, f"{stats['rps']:.0f} req/s, {stats['success']:.1%} ok, p50 {stats['p50']:.1f} ms, all payments on v1"
-
-    def canary(percent: int) -> Check:
-        def check(stats: dict[str, Any], _: list[Sample]) -> tuple[bool, str]:
-            got = share(stats, "v2")
-            n = max(1, sum(stats["versions"].values()))
-            p = percent / 100
-            # four standard deviations of a binomial share, plus one request; and a canary must really send some
-            # traffic each way (a 5% rule that sent nothing to v2 fails, whatever the tolerance)
-            tolerance = 4 * (p * (1 - p) / n) ** 0.5 + 1 / n
-            both_sides = 0 < got < 1 if 0 < percent < 100 else True
-            ok = stats["failed"] == 0 and abs(got - p) <= tolerance and both_sides
-            return ok, f"payments v2 share {got:.1%} of {n} (rule: {percent}%), {stats['failed']} failed"
-
-        return check
-
-    def no_failures(what: str) -> Check:
-        def check(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
-            failed = sum(1 for s in whole if not s.ok)
-            return failed == 0 and len(whole) > 0, f"{len(whole)} requests, {failed} failed; {what}"
-
-        return check
-
-    def kill_catalog() -> None:
-        victim = next(c for c in demo.children if c.name == "catalog-1")
-        victim.proc.kill()
-        demo.say(f"  SIGKILL catalog-1 (port {victim.port}); its traffic must move away")
-
-    def break_payments() -> None:
-        demo.start(
-            "payments-v2-broken", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2", PAYMENTS_BROKEN="1"
-        )
-        demo.wait(lambda: len(demo.registered("payments")) == 4, 30, "the broken instance to register")
-        demo.say("  a broken payments v2 instance (answers 503) joined; its breaker must open")
-
-    def intruder() -> None:
-        import meshlib
-
-        outcome: dict[str, Any] = {}
-        with (
-            meshlib.Mesh(
-                service="intruder",
-                discovery=f"registry://127.0.0.1:{demo.cp_port}",
-                control_plane=demo.cp_url,
-                tls="strict",
-                state_dir=str(demo.tmp / "state" / "intruder"),
-            ) as mesh,
-            mesh.client() as client,
-        ):
-            answers = [client.post("http://payments/charge", json={"amount_cents": 1}) for _ in range(5)]
-            outcome["codes"] = [a.status_code for a in answers]
-            outcome["reason"] = answers[0].json().get("reason", "")
-        demo.intruder = outcome
-        demo.say(f"  an 'intruder' service with a valid mesh identity called payments: {outcome['codes']}")
-
-    def denied(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
-        outcome = getattr(demo, "intruder", {})
-        failed = sum(1 for s in whole if not s.ok)
-        ok = outcome.get("codes") == [403] * 5 and "intruder" in outcome.get("reason", "") and failed == 0
-        return (
-            ok,
-            f"intruder got {outcome.get('codes')} ({outcome.get('reason', '')[:60]}); shop traffic {failed} failed",
-        )
-
-    def stop_control_plane() -> None:
-        assert demo.control_plane is not None
-        demo.control_plane.kill()
-        demo.control_plane.wait(5)
-        demo.say("  control plane SIGKILLed: instances keep their last rules and endpoints")
-
-    def still_routed(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
-        failed = sum(1 for s in whole if not s.ok)
-        got = share(stats, "v2")
-        return failed == 0 and got == 1.0, f"{len(whole)} requests, {failed} failed, payments v2 share {got:.0%}"
-
-    return [
-        ("baseline", "every request succeeds", lambda: None, baseline),
-        ("canary 5%", "about 5% of payments on v2", lambda: _apply(demo, 5), canary(5)),
-        ("canary 50%", "about half of payments on v2", lambda: _apply(demo, 50), canary(50)),
-        ("canary 100%", "every payment on v2", lambda: _apply(demo, 100), canary(100)),
-        ("instance killed", "no failed requests", kill_catalog, no_failures("catalog-1 gone, traffic moved away")),
-        (
-            "broken instance",
-            "no failed requests: retried, then ejected",
-            break_payments,
-            no_failures("the broken instance was retried around and ejected"),
-        ),
-        ("unauthorized caller", "403 before the handler runs, by certificate", intruder, denied),
-        ("control plane down", "traffic and routing unaffected", stop_control_plane, still_routed),
-    ]
-
-
-def _apply(demo: Demo, percent: int) -> None:
-    version = demo.apply_rules(_rules(percent))
-    demo.say(f"  rules version {version}: payments v2 at {percent}%")
-
-
-def _start_live(demo: Demo, traffic: Traffic) -> Any:
-    try:
-        from rich.console import Group
-        from rich.live import Live
-        from rich.panel import Panel
-        from rich.table import Table
-    except ImportError:
-        demo.ui = False
-        return None
-
-    def render() -> Any:
-        now = time.monotonic()
-        stats = summarize(traffic.window(now - 3), 3)
-        table = Table(title=f"meshlib demo — scene: {demo.scene}", expand=True)
-        for col in ("req/s", "success", "p50 ms", "p99 ms", "payments v1", "payments v2", "errors"):
-            table.add_column(col, justify="right")
-        total = sum(stats["versions"].values()) or 1
-        table.add_row(
-            f"{stats['rps']:.0f}",
-            f"{stats['success']:.1%}",
-            f"{stats['p50']:.1f}",
-            f"{stats['p99']:.1f}",
-            f"{stats['versions']['v1'] / total:.0%}",
-            f"{stats['versions']['v2'] / total:.0%}",
-            ", ".join(f"{k}: {v}" for k, v in traffic.errors.items()) or "-",
-        )
-        per_service = Table(title="golden signals per service (from each instance's /-/mesh/metrics)", expand=True)
-        for col in ("service", "req/s", "success", "p50 ms", "p99 ms"):
-            per_service.add_column(col, justify="right" if col != "service" else "left")
-        for row in demo.signal_rows:
-            per_service.add_row(
-                row.service, f"{row.rate:.0f}", f"{row.success:.1%}", f"{row.p50_ms:.1f}", f"{row.p99_ms:.1f}"
-            )
-        results = "\n".join(f"{'PASS' if r.passed else 'FAIL'}  {r.name}: {r.detail}" for r in demo.results)
-        return Group(
-            table, per_service, Panel("\n".join(demo.log_lines), title="events"), Panel(results or "…", title="scenes")
-        )
-
-    live = Live(render(), refresh_per_second=4, transient=False)
-    live.start()
-
-    def refresh() -> None:
-        last = 0.0
-        while live.is_started and not traffic.stop.is_set():
-            if time.monotonic() - last >= 1.0:
-                last = time.monotonic()
-                with contextlib.suppress(Exception):  # a scraping hiccup must not stop the view
-                    demo.signal_rows = demo.golden_signals()
-            live.update(render())
-            time.sleep(0.25)
-
-    threading.Thread(target=refresh, daemon=True).start()
-    return live

@@ -81,6 +81,8 @@ class Admission:
         elapsed = time.monotonic() - self.started
         peer = self.peer.service if self.peer is not None else self.caller
         metrics = tel.metrics
+        if self.peer is not None and peer not in metrics.verified_peers:
+            metrics.note_verified_peer(peer, self.peer.uri)
         metrics.server_duration.record(
             elapsed, metrics.server_labels(peer, route, self.method, status_class(status), self.mirrored)
         )

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .mirror import Mirror
     from .rules.watcher import RulesWatcher
     from .security.identity import Identity
+    from .telemetry.report import StatsReporter
 
 
 _warned_program_name = False
@@ -120,6 +121,18 @@ class Mesh:
                 self.settings.control_plane,
                 self.apply_rules,
                 state_dir=self.settings.state_dir,
+                verify=control_plane_verify(self.settings),
+            ).start()
+        #: Golden-signal reports for the control plane's dashboard (``MESH_STATS_INTERVAL``; 0 turns them off).
+        self.stats: StatsReporter | None = None
+        if self.settings.control_plane and self.telemetry is not None and self.settings.stats_interval > 0:
+            from .telemetry.report import StatsReporter
+
+            self.stats = StatsReporter(
+                self,
+                self.settings.control_plane,
+                self.settings.stats_interval,
+                token=self.settings.bootstrap_token,
                 verify=control_plane_verify(self.settings),
             ).start()
 
@@ -343,6 +356,8 @@ class Mesh:
             self.mirror.close()
         if self.rules_watcher is not None:
             self.rules_watcher.close()
+        if self.stats is not None:
+            self.stats.close()
         if self.identity is not None:
             self.identity.close()
         self.discovery.close()

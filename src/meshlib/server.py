@@ -132,13 +132,12 @@ def serve(
             "(is another instance running? pick another port, or 0 for a free one)"
         ) from None
     bound_port = int(sock.getsockname()[1])
+    address = advertise or advertised_address(host)
     registration = mesh.discovery.register(
-        mesh.service,
-        advertise or advertised_address(host),
-        bound_port,
-        tags=tags,
-        meta={**(meta or {}), "mesh_tls": mesh.settings.tls},
+        mesh.service, address, bound_port, tags=tags, meta={**(meta or {}), "mesh_tls": mesh.settings.tls}
     )
+    if mesh.stats is not None:
+        mesh.stats.serving(registration, address, bound_port)
 
     config = mesh_uvicorn_config(
         endpoints,

@@ -81,6 +81,8 @@ class MeshSettings:
     #: Where ``consul://`` (without an address) looks, and its ACL token: as Consul's own tools read them.
     consul_http_addr: str = "127.0.0.1:8500"
     consul_http_token: str = field(default="", repr=False)
+    #: Seconds between golden-signal reports to the control plane's dashboard (0: never report).
+    stats_interval: float = 2.0
 
     _ENV = {
         "service": "MESH_SERVICE",
@@ -102,6 +104,7 @@ class MeshSettings:
         "tls_cert_lifetime": "MESH_TLS_CERT_LIFETIME",
         "consul_http_addr": "CONSUL_HTTP_ADDR",
         "consul_http_token": "CONSUL_HTTP_TOKEN",
+        "stats_interval": "MESH_STATS_INTERVAL",
     }
 
     @classmethod
@@ -129,6 +132,14 @@ class MeshSettings:
                 values["access_log_sample"] = float(raw)
             except ValueError:
                 raise ConfigurationError(f"MESH_ACCESS_LOG_SAMPLE={raw!r}: expected a number from 0 to 1") from None
+        if isinstance(values.get("stats_interval"), str):
+            raw = str(values["stats_interval"])
+            try:
+                values["stats_interval"] = float(raw)
+            except ValueError:
+                raise ConfigurationError(
+                    f"MESH_STATS_INTERVAL={raw!r}: expected seconds (0 turns reports off)"
+                ) from None
         settings = cls(**values)  # type: ignore[arg-type]
         return settings.validated()
 
@@ -159,6 +170,10 @@ class MeshSettings:
                 )
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigurationError(f"MESH_ACCESS_LOG_SAMPLE={self.access_log_sample}: must be from 0 to 1")
+        if not (self.stats_interval == 0 or 0.2 <= self.stats_interval <= 3600):
+            raise ConfigurationError(
+                f"MESH_STATS_INTERVAL={self.stats_interval}: expected 0 (off) or 0.2 to 3600 seconds"
+            )
         state_dir = self.state_dir or str(Path.home() / ".cache" / "meshlib" / self.service)
         return replace(self, state_dir=state_dir)
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -35,7 +36,10 @@ from .requests import (
     too_large,
     wait_param,
 )
+from .stats import StatsBook
+from .stats_routes import stats_routes
 from .store import CasConflict, Revision, RulesStore, UnknownVersion
+from .ui import CsrfGuard, new_csrf_token, ui_routes
 
 log = logging.getLogger("meshlib.control")
 
@@ -70,6 +74,10 @@ class ControlPlane:
         self.max_rules_bytes = max_rules_bytes
         self.allow_unsafe_addresses = allow_unsafe_addresses
         self.closing = False
+        #: Golden signals reported by instances, for the dashboard and /v1/stats.
+        self.stats = StatsBook()
+        #: Writes from a browser must show this (it is in the dashboard page; it is not a credential).
+        self.csrf_token = new_csrf_token()
         self._set_current(store.current())
 
     def _set_current(self, revision: Revision) -> None:
@@ -309,6 +317,7 @@ def build_app(cp: ControlPlane) -> Starlette:
 
     return Starlette(
         routes=[
+            *ui_routes(cp),  # first: /v1/rules/diff before /v1/rules/{version}
             Route("/v1/rules", get_rules, methods=["GET"]),
             Route("/v1/rules", put_rules, methods=["PUT"]),
             Route("/v1/rules/history", history, methods=["GET"]),
@@ -319,6 +328,8 @@ def build_app(cp: ControlPlane) -> Starlette:
             Route("/v1/ca/roots", ca_roots, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *stats_routes(cp),
         ],
+        middleware=[Middleware(CsrfGuard, token=cp.csrf_token)],
         lifespan=lifespan,
     )

@@ -211,13 +211,17 @@ def registration_for(
     side: SidePort | None = None,
 ) -> Registration:
     extra = {"metrics_port": str(side.port)} if side is not None else {}
-    return mesh.discovery.register(
+    address = advertise or advertised_address(host)
+    registration = mesh.discovery.register(
         mesh.service,
-        advertise or advertised_address(host),
+        address,
         port,
         tags=tags,
         meta={**(meta or {}), "mesh_tls": advertised_tls(mesh), "protocol": "grpc", **extra},
     )
+    if mesh.stats is not None:
+        mesh.stats.serving(registration, address, port)
+    return registration
 
 
 def server(

@@ -1,0 +1,165 @@
+"""``/v1/stats``: reports in (``POST /v1/stats/report``, registry credentials) and golden signals out (read-only
+JSON for the dashboard, ``meshctl status`` and scripts)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .requests import TooLarge, error, read_body, too_large
+from .stats import FORGET_AFTER, MAX_INSTANCES, MAX_SERIES, WINDOW, InstanceState, StatsBook
+from .stats_report import MAX_REPORT_BYTES, parse_report
+from .stats_ring import SLOT_SECONDS, SLOTS
+
+if TYPE_CHECKING:
+    from .app import ControlPlane
+
+
+def _authority(address: str, port: int | None) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def instances_of(cp: ControlPlane, book: StatsBook, service: str, now: float) -> list[dict[str, Any]]:
+    """The registry's live instances and the instances that report, merged: state is ``up``, ``ejected`` (a
+    caller's breaker is open for it), ``silent`` (registered, but its reports stopped) or ``gone``."""
+    registered = {i.id: i for i in cp.registry.services().get(service, [])}
+    reporters: dict[str, InstanceState] = {s.report.instance: s for s in book.reporters(service)}
+    breakers = book.breaker_views(service)
+    rows = []
+    for instance_id in sorted(set(registered) | set(reporters)):
+        entry = registered.get(instance_id)
+        state = reporters.get(instance_id)
+        report = state.report if state is not None else None
+        address = entry.address if entry else (report.address if report else None)
+        port = entry.port if entry else (report.port if report else None)
+        if entry is None and (report is None or report.address is None):
+            continue  # a client-only process (a script, a worker): counted as a caller, not an instance
+        reporting = state is not None and book.status(state, now) == "reporting"
+        views = breakers.get(_authority(str(address), port), []) if address else []
+        ejected_by = sorted({v["caller"] for v in views if v["state"] == "open"})
+        if entry is None:
+            health = "up" if reporting else "gone"
+        elif state is not None and not reporting:
+            health = "silent"
+        else:
+            health = "up"
+        if ejected_by and health == "up":
+            health = "ejected"
+        rows.append(
+            {
+                "id": instance_id,
+                "address": address,
+                "port": port,
+                "tags": entry.tags if entry else [],
+                "tls": (entry.meta.get("mesh_tls") if entry else None) or (report.tls if report else None),
+                "identity": report.identity if report else None,
+                "registered": entry is not None,
+                "reporting": reporting,
+                "last_report_s_ago": round(now - state.last_seen, 1) if state is not None else None,
+                "state": health,
+                "breakers": views,
+                "ejected_by": ejected_by,
+                "rps": round(state.rps, 3) if state is not None and reporting else None,
+                "rules_version": report.rules_version if report else None,
+            }
+        )
+    return rows
+
+
+def service_names(cp: ControlPlane, book: StatsBook) -> list[str]:
+    return sorted(set(cp.registry.services()) | book.services())
+
+
+def topology(cp: ControlPlane, book: StatsBook, now: float) -> dict[str, Any]:
+    figures = book.service_figures(now)
+    services = []
+    for name in service_names(cp, book):
+        instances = instances_of(cp, book, name, now)
+        tls = sorted({str(i["tls"]) for i in instances if i["tls"]})
+        services.append(
+            {
+                "name": name,
+                "instances": len(instances),
+                "instances_up": sum(1 for i in instances if i["state"] == "up"),
+                "tls": tls,
+                "callers_only": not instances,
+                **(figures.get(name) or StatsBook.figures_empty()),
+            }
+        )
+    return {"generated_at": now, "window_s": WINDOW, "services": services, "edges": book.edges(now)}
+
+
+def service_detail(cp: ControlPlane, book: StatsBook, name: str, now: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "generated_at": now,
+        "window_s": WINDOW,
+        "slot_s": SLOT_SECONDS,
+        "instances": instances_of(cp, book, name, now),
+        "inbound": book.routes("in", name, now),
+        "outbound": book.routes("out", name, now),
+        "mirrored": book.routes("mirror", name, now),
+        "counters": book.counters(name, now),
+        "timeline": {"inbound": book.timeline("in", name, now), "outbound": book.timeline("out", name, now)},
+        **(book.service_figures(now).get(name) or StatsBook.figures_empty()),
+    }
+
+
+def stats_routes(cp: ControlPlane) -> list[Route]:
+    book = cp.stats
+
+    async def report(request: Request) -> Response:
+        denied = cp.check_registry(request)
+        if denied is not None:
+            return denied
+        try:
+            body = await read_body(request, MAX_REPORT_BYTES)
+        except TooLarge:
+            return too_large(MAX_REPORT_BYTES)
+        try:
+            parsed = parse_report(json.loads(body or b"null"))
+        except (ValueError, RecursionError) as exc:
+            return error(400, f"invalid stats report: {exc}")
+        if not book.ingest(parsed):
+            return error(503, f"stats: {MAX_INSTANCES} instances already report; this one is not kept")
+        return Response(status_code=204)
+
+    async def summary(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "reports": book.reports,
+                "instances": len(book.instances),
+                "series": len(book.series),
+                "dropped_series": book.dropped_series,
+                "limits": {
+                    "instances": MAX_INSTANCES,
+                    "series": MAX_SERIES,
+                    "history_s": SLOTS * SLOT_SECONDS,
+                    "forget_after_s": FORGET_AFTER,
+                },
+            }
+        )
+
+    async def get_topology(request: Request) -> Response:
+        return JSONResponse(topology(cp, book, book.clock()))
+
+    async def get_service(request: Request) -> Response:
+        name = request.path_params["name"]
+        names = service_names(cp, book)
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            return error(404, f"no service {name[:64]!r} is registered or reporting{hint}")
+        return JSONResponse(service_detail(cp, book, name, book.clock()))
+
+    return [
+        Route("/v1/stats/report", report, methods=["POST"]),
+        Route("/v1/stats", summary, methods=["GET"]),
+        Route("/v1/stats/topology", get_topology, methods=["GET"]),
+        Route("/v1/stats/services/{name}", get_service, methods=["GET"]),
+    ]
