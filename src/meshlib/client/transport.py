@@ -24,6 +24,7 @@ from .call import _Call, _count_unresolved, _External, _fault_response, _raise_d
 from .errors import classify_error
 from .names import mesh_service_name
 from .streams import _discard, _ResponseStream, _small_body
+from .tls_reads import CoalescingBackend
 
 #: httpx's own defaults, so a mesh client behaves like a plain one.
 _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
@@ -73,7 +74,9 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
-        self._pools = _Pools(lambda: httpcore.ConnectionPool(**self._pool_options), pool)
+        self._pools = _Pools(
+            lambda: httpcore.ConnectionPool(**self._pool_options, network_backend=CoalescingBackend()), pool
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
