@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from meshlib.telemetry.metrics import MeshMetrics
-from meshlib.telemetry.signals import between, parse
+from meshlib.telemetry.signals import between, parse, per_instance_delta
 
 
 def test_signals_from_rendered_metrics():
@@ -20,3 +20,21 @@ def test_signals_from_rendered_metrics():
     assert row.service == "catalog" and row.requests == 100 and row.rate == 50.0
     assert row.success == 0.98
     assert row.p50_ms == 5.0 and row.p99_ms == 250.0  # bucket upper bounds
+
+
+def test_a_killed_instance_leaving_the_sum_is_not_negative_traffic():
+    """The demo's live view once showed negative req/s after a kill: its cumulative counts left the sum."""
+    alive, killed = MeshMetrics("catalog"), MeshMetrics("catalog")
+    labels = alive.server_labels("frontend", "/", "GET", "2xx")
+    for _ in range(100):
+        alive.server_duration.record(0.002, labels)
+        killed.server_duration.record(0.002, labels)
+    before = {"a:1": parse(alive.prometheus()), "k:2": parse(killed.prometheus())}
+    for _ in range(10):
+        alive.server_duration.record(0.002, labels)
+    after = {"a:1": parse(alive.prometheus())}
+    (row,) = between({}, per_instance_delta(before, after), 1.0)
+    assert row.requests == 10 and row.rate == 10.0 and row.success == 1.0
+    born = {**after, "n:3": parse(alive.prometheus())}  # a new instance's counts are not traffic of this interval
+    (row,) = between({}, per_instance_delta(after, born), 1.0)
+    assert row.requests == 0

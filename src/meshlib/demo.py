@@ -135,13 +135,14 @@ class Demo:
 
         if self.mesh is None or self.mesh.identity is None:
             return []
-        histograms, _ = signals.scrape(self.instances(), self.mesh.identity.client, timeout=1.0)
+        per_instance, _ = signals.scrape_each(self.instances(), self.mesh.identity.client, timeout=1.0)
         now = time.monotonic()
         previous = self._last_scrape
-        self._last_scrape = (now, histograms)
+        self._last_scrape = (now, per_instance)
         if previous is None:
             return []
-        return signals.between(previous[1], histograms, now - previous[0])
+        # per instance: a killed instance's counts leaving the sum is not negative traffic
+        return signals.between({}, signals.per_instance_delta(previous[1], per_instance), now - previous[0])
 
     # -- processes --------------------------------------------------------------------------------
 

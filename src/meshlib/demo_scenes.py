@@ -111,7 +111,8 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
         ok = outcome.get("codes") == [403] * 5 and "intruder" in outcome.get("reason", "") and failed == 0
         return (
             ok,
-            f"intruder got {outcome.get('codes')} ({outcome.get('reason', '')[:60]}); shop traffic {failed} failed",
+            f"intruder got {outcome.get('codes')} ({_clip(outcome.get('reason', ''), 80)}); "
+            f"shop traffic {failed} failed",
         )
 
     def stop_control_plane() -> None:
@@ -145,3 +146,10 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
 def _apply(demo: Demo, percent: int) -> None:
     version = demo.apply_rules(_rules(percent))
     demo.say(f"  rules version {version}: payments v2 at {percent}%")
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters, cut at a word boundary (a reason cut mid-word reads as a different word)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + "…"

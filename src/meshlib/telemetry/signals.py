@@ -79,6 +79,23 @@ class Signals:
     requests: float
 
 
+def per_instance_delta(
+    before: dict[str, dict[str, Histogram]], after: dict[str, dict[str, Histogram]]
+) -> dict[str, Histogram]:
+    """Per service, what its instances served between two scrapes, counting only instances seen in both: an
+    instance that died (or was born) in between changes the sum of cumulative counts, not the traffic."""
+    out: dict[str, Histogram] = defaultdict(Histogram)
+    for instance, services in after.items():
+        old = before.get(instance)
+        if old is None:
+            continue
+        for service, now in services.items():
+            out[service].add(now)
+            if service in old:
+                out[service].add(old[service], -1.0)
+    return dict(out)
+
+
 def between(before: dict[str, Histogram], after: dict[str, Histogram], seconds: float) -> list[Signals]:
     """Signals over the interval between two scrapes (of the same instances, summed)."""
     rows = []
@@ -106,9 +123,21 @@ def scrape(
 ) -> tuple[dict[str, Histogram], list[str]]:
     """Read ``/-/mesh/metrics`` of every instance (``{"service", "address", "port", "meta"}``) and sum per service.
     Instances in strict mTLS need ``context`` (a mesh identity's client context). Returns (histograms, problems)."""
+    per_instance, problems = scrape_each(instances, context, namespace, timeout)
+    total: dict[str, Histogram] = defaultdict(Histogram)
+    for services in per_instance.values():
+        for service, h in services.items():
+            total[service].add(h)
+    return dict(total), problems
+
+
+def scrape_each(
+    instances: list[dict[str, Any]], context: ssl.SSLContext | None, namespace: str = "default", timeout: float = 2.0
+) -> tuple[dict[str, dict[str, Histogram]], list[str]]:
+    """As ``scrape``, per instance (keyed ``address:port``): for deltas that survive instances coming and going."""
     import httpx
 
-    total: dict[str, Histogram] = defaultdict(Histogram)
+    out: dict[str, dict[str, Histogram]] = {}
     problems: list[str] = []
     for inst in instances:
         meta = inst.get("meta") or {}
@@ -132,7 +161,5 @@ def scrape(
         except httpx.HTTPError as exc:
             problems.append(f"{inst['service']} {host}:{port}: {exc}")
             continue
-        for service, h in parse(r.text).items():
-            if service == inst["service"]:
-                total[service].add(h)
-    return dict(total), problems
+        out[f"{host}:{port}"] = {service: h for service, h in parse(r.text).items() if service == inst["service"]}
+    return out, problems
