@@ -294,3 +294,35 @@ def test_otel_metrics_exporter_gets_the_same_metrics(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "http.client.request.duration" in out and "mesh.client.retries" in out
     assert '"count": 3' in out
+
+
+def test_failed_requests_carry_error_type_on_every_path(tracing):
+    """One recorder ends every span (telemetry/record.py): a 5xx is an error with ``error.type`` on the server span,
+    on the mesh call's span, and on a call to a host outside the mesh."""
+    from opentelemetry.trace import StatusCode
+
+    provider, exporter = tracing
+
+    async def boom(request: Request) -> JSONResponse:
+        return JSONResponse({"error": "no"}, status_code=503)
+
+    server_mesh = mesh("beta", provider, {})
+    server = ThreadedServer(MeshMiddleware(Starlette(routes=[Route("/boom", boom)]), server_mesh))
+    caller = mesh("tester", provider, {"beta": [server.port]})
+    try:
+        with caller.client() as client:
+            assert client.get("http://beta/boom").status_code == 503  # retried, still 503
+            assert client.get(f"http://127.0.0.1:{server.port}/boom").status_code == 503  # not a mesh host
+    finally:
+        server.stop()
+        caller.close()
+        server_mesh.close()
+    spans = exporter.get_finished_spans()
+    server_spans = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert server_spans and all(s.attributes["error.type"] == "503" for s in server_spans)
+    assert all(s.status.status_code is StatusCode.ERROR and s.name == "GET /boom" for s in server_spans)
+    calls = [s for s in spans if s.kind is SpanKind.CLIENT and "mesh.attempts" in (s.attributes or {})]
+    assert calls and calls[0].attributes["error.type"] and calls[0].status.status_code is StatusCode.ERROR
+    external = [s for s in spans if s.kind is SpanKind.CLIENT and s.attributes.get("server.address") == "127.0.0.1"]
+    assert external and external[0].attributes["error.type"] == "503"
+    assert external[0].attributes["http.response.status_code"] == 503

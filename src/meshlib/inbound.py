@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .mesh import Mesh
@@ -26,7 +26,7 @@ from .propagation import incoming_deadline, propagated_headers
 from .security import authz
 from .security.spiffe import SpiffeId
 from .security.tls import identity_from_der, identity_from_pem
-from .telemetry.metrics import status_class
+from .telemetry.record import record_server_request
 
 log = logging.getLogger("meshlib.authz")
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -78,46 +78,21 @@ class Admission:
         tel = self.mesh.telemetry
         if tel is None:
             return
-        elapsed = time.monotonic() - self.started
-        peer = self.peer.service if self.peer is not None else self.caller
-        metrics = tel.metrics
-        if self.peer is not None and peer not in metrics.verified_peers:
-            metrics.note_verified_peer(peer, self.peer.uri)
-        metrics.server_duration.record(
-            elapsed, metrics.server_labels(peer, route, self.method, status_class(status), self.mirrored)
+        record_server_request(
+            tel,
+            self.span,
+            service=self.mesh.service,
+            peer=self.peer.service if self.peer is not None else self.caller,
+            peer_uri=self.peer.uri if self.peer is not None else None,
+            route=route,
+            method=self.method,
+            path=self.path,
+            status=status,
+            elapsed=time.monotonic() - self.started,
+            mirrored=self.mirrored,
+            rpc=self.rpc,
+            attempt=_attempt_number(self.attempt),
         )
-        span = self.span
-        if span is not None:
-            if span.is_recording() and not self.rpc:
-                if route:
-                    span.update_name(f"{self.method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(StatusCode.ERROR, str(status))
-            if span.is_recording():
-                span.set_attribute("mesh.service", self.mesh.service)
-                if self.mirrored:
-                    span.set_attribute("mesh.mirror", True)
-                if peer:
-                    span.set_attribute("mesh.peer_service", peer)
-            span.end()
-        if tel.access.wanted():
-            ctx = span.get_span_context() if span is not None else trace.get_current_span().get_span_context()
-            tel.access.write(
-                {
-                    "kind": "server",
-                    "source": peer or None,
-                    "source_identity": self.peer.uri if self.peer is not None else None,
-                    "destination": self.mesh.service,
-                    "method": self.method,
-                    "path": self.path,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "attempt": _attempt_number(self.attempt),
-                    "trace_id": f"{ctx.trace_id:032x}" if ctx.is_valid else None,
-                }
-            )
 
 
 def _attempt_number(raw: str | None) -> int | None:

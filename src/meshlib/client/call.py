@@ -29,8 +29,7 @@ from ..policy.deadline import to_epoch_millis
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
-from ..telemetry.client_calls import finish_client_call
-from ..telemetry.metrics import status_class
+from ..telemetry.record import record_client_call, record_external_call
 from ..telemetry.tracing import outbound_traceparent, traceparent_of
 from .errors import classify_error, to_httpx_error
 
@@ -201,7 +200,7 @@ class _Call:
             span_attributes["mesh.subset"] = self.plan.choice.subset
         if status is not None:
             span_attributes["http.response.status_code"] = status
-        finish_client_call(
+        record_client_call(
             tel,
             self.span,
             source=self.mesh.service,
@@ -258,21 +257,15 @@ class _External:
         assert tel is not None
         status = response.status_code if response is not None else None
         outcome = classify_error(error).kind.value if error is not None else classify_status(status or 0).kind.value
-        metrics = tel.metrics
-        attrs = metrics.client_labels(
-            self.request.url.host, "external", self.request.method, status_class(status), outcome
+        record_external_call(
+            tel,
+            self.span,
+            host=self.request.url.host,
+            method=self.request.method,
+            status=status,
+            outcome=outcome,
+            elapsed=self.mesh.clock() - self.started,
         )
-        metrics.client_duration.record(self.mesh.clock() - self.started, attrs)
-        span = self.span
-        if span is None:
-            return
-        if span.is_recording():
-            if status is not None:
-                span.set_attribute("http.response.status_code", status)
-            if status is None or status >= 500:
-                span.set_attribute("error.type", outcome if status is None else str(status))
-                span.set_status(StatusCode.ERROR, outcome)
-        span.end()
 
 
 def _outcome(done: Done | None, status: int | None) -> str:

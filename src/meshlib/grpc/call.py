@@ -27,7 +27,7 @@ from ..policy.deadline import to_epoch_millis
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
-from ..telemetry.client_calls import finish_client_call
+from ..telemetry.record import record_client_call
 from ..telemetry.tracing import random_traceparent, traceparent_of
 from .status import HTTP_EQUIVALENT, MeshRpcError, code_of_http, from_mesh_error, verdict_of, with_attempts
 
@@ -184,7 +184,7 @@ class RpcCall:
             self.attempt_span.end()
             self.attempt_span = None
         outcome = _outcome(done, code)
-        finish_client_call(
+        record_client_call(
             tel,
             self.span,
             source=self.mesh.service,
