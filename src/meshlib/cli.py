@@ -105,7 +105,7 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from .rules.model import parse_duration
+    from .rules.checks import parse_duration
     from .security.ca import MAX_LEAF_LIFETIME, CertificateAuthority, write_private
     from .settings import validate_service_name
 

@@ -18,7 +18,8 @@ from .endpoints import EndpointSet
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
-from .rules.model import EMPTY_RULES, Rules, parse_duration
+from .rules.checks import parse_duration
+from .rules.model import EMPTY_RULES, Rules
 from .settings import MeshSettings, control_plane_verify
 from .telemetry import Telemetry
 

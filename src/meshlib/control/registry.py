@@ -81,7 +81,7 @@ class Instance:
 
 
 def parse_registration(body: Any, allow_unsafe_addresses: bool = False) -> Instance:
-    from ..rules.model import parse_duration
+    from ..rules.checks import parse_duration
     from ..settings import validate_service_name
 
     if not isinstance(body, dict):

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..rules.model import parse_duration
+from ..rules.checks import parse_duration
 from .longpoll import MAX_WAIT
 
 DEFAULT_WAIT = 30.0
