@@ -73,6 +73,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
         yield LiveMesh(cp, backends, frontend, mesh, calls)
     finally:
         stop.set()
+        for u in [frontend, *backends]:  # all at once: each drains for a moment before it exits
+            if u.proc.poll() is None:
+                u.proc.terminate()
         thread.join(10)
         mesh.close()
         for u in [*backends, frontend]:
