@@ -4,13 +4,15 @@
 
 Prints ``LISTENING <port>`` once it accepts connections. Every answer is JSON naming the instance and echoing the
 mesh headers it received. ``/-/behave?status=&delay=&slow_every=&slow_delay=`` changes behaviour at run time;
-``/-/count`` returns and ``/-/reset`` clears the per-method request counts.
+``/-/count`` returns and ``/-/reset`` clears the per-method request counts. ``/-/upload`` hashes a streamed body;
+``/-/download?size=N`` streams N bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -53,6 +55,27 @@ def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
                     return
         path = scope["path"]
         query = parse_qs(scope["query_string"].decode())
+        if path == "/-/upload":  # streamed: counted and hashed as it arrives, never held whole
+            digest, size = hashlib.sha256(), 0
+            while True:
+                message = await receive()
+                part = message.get("body", b"")
+                size += len(part)
+                digest.update(part)
+                if not message.get("more_body"):
+                    break
+            await send_json(send, 200, {"bytes": size, "sha256": digest.hexdigest()})
+            return
+        if path == "/-/download":  # ?size=N bytes, streamed in 64 KiB parts with a Content-Length
+            size = int(query["size"][0])
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(size).encode())]})
+            part = bytes(range(256)) * 256
+            while size > 0:
+                piece = part[: min(size, len(part))]
+                size -= len(piece)
+                await send({"type": "http.response.body", "body": piece, "more_body": size > 0})
+            return
         body = b""
         while True:
             message = await receive()

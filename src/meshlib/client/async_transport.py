@@ -20,7 +20,7 @@ from .call import _Call, _count_unresolved, _External, _fault_response, _raise_d
 from .errors import classify_error
 from .names import mesh_service_name
 from .pools import AsyncEndpointPools
-from .streams import _adiscard, _AsyncResponseStream, _small_body
+from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small
 from .transport import _DEFAULT_LIMITS, MeshShell, _Pools
 
 
@@ -45,7 +45,7 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
         # per-endpoint keep-alive stacks (client/pools.py), not httpcore's pool: the endpoint is already chosen
-        self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options), pool)
+        self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options, lean=_asyncio_running()), pool)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         service = mesh_service_name(request.url.host)
@@ -115,29 +115,26 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
         self, call: _Call, action: Send, service: str, own_span: bool = False
     ) -> tuple[Result, httpx.Response | None]:
         """One attempt: the request, and a small body read inside it (a reset mid-body is then a failed attempt)."""
-        request = call.attempt_request(action)
+        request = call.attempt(action)
         span = call.take_attempt_span() if own_span else None
         response: httpx.Response | None = None
         try:
             try:
-                raw = await self._pools.get(service).handle_async_request(request)
+                pools = self._pools.get(service)
+                if type(pools) is AsyncEndpointPools:
+                    raw = await pools.send(request)
+                else:  # a pool given to the transport (httpcore's interface)
+                    raw = await pools.handle_async_request(request.to_httpcore())
+                stream = raw.stream
+                if type(stream) is not httpx.ByteStream:  # not already in memory
+                    stream = await aread_small(stream) if _small_body(raw) else _AsyncResponseStream(stream)
             except Exception as exc:
                 result = Result(classify_error(exc), exc, action.attempt)
             else:
                 response = httpx.Response(
-                    status_code=raw.status,
-                    headers=raw.headers,
-                    stream=_AsyncResponseStream(raw.stream),
-                    extensions=raw.extensions,
+                    status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions
                 )
                 result = Result(classify_status(raw.status), None, action.attempt)
-                if _small_body(raw):
-                    try:
-                        await response.aread()
-                    except Exception as exc:
-                        await response.aclose()
-                        response = None
-                        result = Result(classify_error(exc), exc, action.attempt)
         except BaseException:  # cancelled (a hedge lost): the connection is closed, never reused half-read
             if response is not None:
                 await response.aclose()

@@ -32,6 +32,7 @@ from ..propagation import outbound_deadline, propagated_headers
 from ..telemetry.record import record_client_call, record_external_call
 from ..telemetry.tracing import outbound_traceparent, traceparent_of
 from .errors import classify_error, to_httpx_error
+from .outbound import Outbound
 
 _MESH_HEADER_PREFIX = b"x-mesh-"
 _MIRROR_HEADER = (b"x-mesh-mirror", b"1")
@@ -127,6 +128,9 @@ class _Call:
         )
 
     def attempt_request(self, send: Send) -> httpcore.Request:
+        return self.attempt(send).to_httpcore()
+
+    def attempt(self, send: Send) -> Outbound:
         endpoint = send.endpoint
         headers = list(self.base_headers)
         attempt = send.attempt
@@ -158,12 +162,15 @@ class _Call:
             now = self.mesh.clock()
             millis = to_epoch_millis(now + budget, now, time.time())
             headers.append((b"x-mesh-deadline", str(millis).encode()))
-        return httpcore.Request(
-            method=self.request.method,
-            url=httpcore.URL(scheme=scheme, host=endpoint.address, port=endpoint.port, target=self.target),
-            headers=headers,
-            content=self.request.stream,
-            extensions=extensions,
+        return Outbound(
+            self.request.method.encode("ascii"),
+            scheme,
+            endpoint.address,
+            endpoint.port,
+            self.target,
+            headers,
+            self.request.stream,
+            extensions,
         )
 
     def attempt_done(self, result: Result, span: Span | None = None) -> None:

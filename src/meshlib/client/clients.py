@@ -13,11 +13,31 @@ from .names import mesh_service_name
 from .transport import _DEFAULT_LIMITS, MeshShell, MeshTransport
 
 
+class _Cookies(httpx.Cookies):
+    """httpx's cookie jar, without asking it about answers that set no cookie. httpx hands every response to
+    ``http.cookiejar``, which builds a urllib request and an ``email.message`` for it whether or not it has
+    ``Set-Cookie``: about a sixth of a mesh call's CPU at 64 calls in flight. The jar's contents are the same."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        headers = response.headers
+        if "set-cookie" in headers or "set-cookie2" in headers:
+            super().extract_cookies(response)
+
+
 class _MeshRouting:
     """What both clients add to httpx: mesh hosts always take the mesh transport (also under environment proxies),
-    and ``.mesh`` names the Mesh they go through."""
+    ``.mesh`` names the Mesh they go through, and the cookie jar skips answers without cookies."""
 
     _transport: Any
+    _cookies: httpx.Cookies
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        self._cookies = _Cookies(cookies)
 
     @property
     def mesh(self) -> Mesh:
@@ -63,6 +83,7 @@ class Client(_MeshRouting, httpx.Client):
         if not isinstance(transport, MeshTransport):
             transport = MeshTransport(mesh, passthrough=transport, **options)
         super().__init__(transport=transport, **options, **kwargs)
+        self.cookies = self._cookies
 
 
 class AsyncClient(_MeshRouting, httpx.AsyncClient):
@@ -85,3 +106,4 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
         if not isinstance(transport, AsyncMeshTransport):
             transport = AsyncMeshTransport(mesh, passthrough=transport, **options)
         super().__init__(transport=transport, **options, **kwargs)
+        self.cookies = self._cookies

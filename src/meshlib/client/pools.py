@@ -19,8 +19,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpcore
+import httpx
 
-_Key = tuple[bytes, bytes, int]
+from .h1 import H1Connection
+from .h1_body import Body
+from .outbound import Answer, Outbound
+
+_Key = tuple[bytes, str, int]
+_Connection = H1Connection | httpcore.AsyncHTTPConnection
 
 
 class AsyncEndpointPools:
@@ -35,7 +41,10 @@ class AsyncEndpointPools:
         keepalive_expiry: float | None = 5.0,
         http1: bool = True,
         http2: bool = False,
+        lean: bool = True,
     ) -> None:
+        # the lean HTTP/1.1 engine (h1.py) needs asyncio; HTTP/2 and other event loops use httpcore's connection
+        self._lean = lean and http1 and not http2
         self._ssl_context = ssl_context
         self._max = max_connections or 1_000_000
         self._keepalive = max_keepalive_connections if max_keepalive_connections is not None else self._max
@@ -44,26 +53,30 @@ class AsyncEndpointPools:
         self._http2 = http2
         self._stacks: dict[_Key, _Stack] = {}
 
-    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        url = request.url
-        key = (url.scheme, url.host, url.port or (443 if url.scheme == b"https" else 80))
+    async def send(self, request: Outbound) -> Answer | httpcore.Response:
+        """One attempt over a connection of its endpoint's stack. An answer whose body came with its head (most
+        small ones) returns its connection at once and carries its body in memory."""
+        key = (request.scheme, request.host, request.port)
         stack = self._stacks.get(key)
         if stack is None:
-            origin = httpcore.Origin(*key)
-            stack = self._stacks[key] = _Stack(self, origin)
+            stack = self._stacks[key] = _Stack(self, key)
         timeouts = request.extensions.get("timeout") or {}
         connection = await stack.checkout(timeouts.get("pool"))
         try:
-            response = await connection.handle_async_request(request)
+            if isinstance(connection, H1Connection):
+                answer: Answer | httpcore.Response = await connection.send(request)
+            else:
+                answer = await connection.handle_async_request(request.to_httpcore())
         except BaseException:
             stack.checkin(connection)  # it closed itself if it was left in a bad state
             raise
-        return httpcore.Response(
-            status=response.status,
-            headers=response.headers,
-            content=_Returning(response.stream, connection, stack),
-            extensions=response.extensions,
-        )
+        body = answer.stream
+        if type(body) is Body and body.complete:
+            stack.checkin(connection)
+            answer.stream = httpx.ByteStream(body.take())
+            return answer
+        answer.stream = _Returning(body, connection, stack)
+        return answer
 
     async def aclose(self) -> None:
         stacks, self._stacks = list(self._stacks.values()), {}
@@ -78,24 +91,27 @@ class AsyncEndpointPools:
 class _Stack:
     __slots__ = ("active", "idle", "origin", "owner", "waiters")
 
-    def __init__(self, owner: AsyncEndpointPools, origin: httpcore.Origin) -> None:
+    def __init__(self, owner: AsyncEndpointPools, origin: _Key) -> None:
         self.owner = owner
         self.origin = origin
-        self.idle: list[httpcore.AsyncHTTPConnection] = []
+        self.idle: list[_Connection] = []
         self.active = 0  # checked out, or being connected
-        self.waiters: collections.deque[asyncio.Future[httpcore.AsyncHTTPConnection | None]] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
 
-    def _new(self) -> httpcore.AsyncHTTPConnection:
+    def _new(self) -> _Connection:
         owner = self.owner
+        scheme, host, port = self.origin
+        if owner._lean:
+            return H1Connection(scheme, host, port, owner._ssl_context, owner._expiry)
         return httpcore.AsyncHTTPConnection(
-            origin=self.origin,
+            origin=httpcore.Origin(scheme, host.encode("ascii"), port),
             ssl_context=owner._ssl_context,
             keepalive_expiry=owner._expiry,
             http1=owner._http1,
             http2=owner._http2,
         )
 
-    async def checkout(self, timeout: float | None) -> httpcore.AsyncHTTPConnection:
+    async def checkout(self, timeout: float | None) -> _Connection:
         idle = self.idle
         while idle:
             connection = idle.pop()
@@ -108,13 +124,14 @@ class _Stack:
             self.active += 1
             return self._new()
         # at the cap: wait for a connection handed over by a release (or for room to open one)
-        waiter: asyncio.Future[httpcore.AsyncHTTPConnection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         try:
             handed = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
+            _, host, port = self.origin
             raise httpcore.PoolTimeout(
-                f"no connection to {self.origin} free within {timeout:g}s ({self.owner._max} in use)"
+                f"no connection to {host}:{port} free within {timeout:g}s ({self.owner._max} in use)"
             ) from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
@@ -131,7 +148,7 @@ class _Stack:
                 self.waiters.remove(waiter)
         return handed if handed is not None else self._new()
 
-    def checkin(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    def checkin(self, connection: _Connection) -> None:
         """A request is done with ``connection`` (response closed, or it failed)."""
         reusable = connection.is_idle() and not connection.is_closed()
         waiters = self.waiters
@@ -161,7 +178,7 @@ class _Stack:
 _closing: set[asyncio.Task[None]] = set()
 
 
-def _close_soon(connection: httpcore.AsyncHTTPConnection) -> None:
+def _close_soon(connection: _Connection) -> None:
     """Close a connection dropped from a stack without making the caller (a release) wait for it."""
     task = asyncio.get_running_loop().create_task(connection.aclose())
     _closing.add(task)
@@ -173,7 +190,7 @@ class _Returning:
 
     __slots__ = ("_connection", "_returned", "_stack", "_stream")
 
-    def __init__(self, stream: Any, connection: httpcore.AsyncHTTPConnection, stack: _Stack) -> None:
+    def __init__(self, stream: Any, connection: _Connection, stack: _Stack) -> None:
         self._stream = stream
         self._connection = connection
         self._stack = stack

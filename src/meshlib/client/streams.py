@@ -10,6 +10,7 @@ import httpcore
 import httpx
 
 from .errors import to_httpx_error
+from .outbound import Answer
 
 
 class _ResponseStream(httpx.SyncByteStream):
@@ -55,7 +56,7 @@ class _AsyncResponseStream(httpx.AsyncByteStream):
 PREFETCH_LIMIT = 64 * 1024
 
 
-def _small_body(raw: httpcore.Response) -> bool:
+def _small_body(raw: httpcore.Response | Answer) -> bool:
     """A small body announced by Content-Length is read inside the attempt, as a proxy buffering it would: an
     instance dying between headers and body is then a failed attempt (retried where allowed), not a ReadError in
     the caller's hands. Larger or chunked bodies stream to the caller untouched."""
@@ -66,6 +67,24 @@ def _small_body(raw: httpcore.Response) -> bool:
             except ValueError:
                 return False
     return False
+
+
+def read_small(stream: Any) -> httpx.ByteStream:
+    """A small body read inside the attempt, handed to httpx as an unread in-memory stream: httpx reads it, closes
+    it and sets ``response.elapsed`` as it does for any response (a response read here would have none)."""
+    try:
+        body = b"".join(stream)
+    finally:
+        stream.close()
+    return httpx.ByteStream(body)
+
+
+async def aread_small(stream: Any) -> httpx.ByteStream:
+    try:
+        body = b"".join([part async for part in stream])
+    finally:
+        await stream.aclose()
+    return httpx.ByteStream(body)
 
 
 def _discard(response: httpx.Response) -> None:

@@ -23,7 +23,7 @@ from ..workers import worker_pool
 from .call import _Call, _count_unresolved, _External, _fault_response, _raise_done
 from .errors import classify_error
 from .names import mesh_service_name
-from .streams import _discard, _ResponseStream, _small_body
+from .streams import _discard, _ResponseStream, _small_body, read_small
 from .tls_reads import CoalescingBackend
 
 #: httpx's own defaults, so a mesh client behaves like a plain one.
@@ -146,19 +146,11 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         """One attempt; a small body is read inside it (a reset mid-body is then a failed, retryable attempt)."""
         try:
             raw = self._pools.get(service).handle_request(request)
+            stream = read_small(raw.stream) if _small_body(raw) else _ResponseStream(raw.stream)
         except Exception as exc:
             return Result(classify_error(exc), exc, attempt), None
-        response = httpx.Response(
-            status_code=raw.status, headers=raw.headers, stream=_ResponseStream(raw.stream), extensions=raw.extensions
-        )
-        result = Result(classify_status(raw.status), None, attempt)
-        if _small_body(raw):
-            try:
-                response.read()
-            except Exception as exc:
-                response.close()
-                return Result(classify_error(exc), exc, attempt), None
-        return result, response
+        response = httpx.Response(status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions)
+        return Result(classify_status(raw.status), None, attempt), response
 
     def close(self) -> None:
         for pool in self._pools.all():

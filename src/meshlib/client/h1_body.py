@@ -1,0 +1,142 @@
+"""The bytes of an HTTP/1.1 exchange for ``h1.H1Connection``: the request head (validated: nothing from a caller
+may split a header or a request line), request bodies written with framing checked, and the response body
+stream the caller reads."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import httpcore
+import httpx
+
+if TYPE_CHECKING:
+    from .h1 import H1Connection
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE_OK = re.compile(rb"[^\r\n\x00]*")
+_TARGET = re.compile(rb"[^\x00-\x20\x7f]+")
+
+
+def request_head(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], stream: Any
+) -> tuple[bytes, int | None, bytes | None]:
+    """(the head's bytes, the declared Content-Length or -1 for chunked or None, the whole body when it is already
+    in memory). Raises ``httpcore.LocalProtocolError`` naming what would have broken the framing."""
+    if _TOKEN.fullmatch(method) is None:
+        raise httpcore.LocalProtocolError(f"invalid HTTP method {method!r}")
+    if _TARGET.fullmatch(target) is None:
+        raise httpcore.LocalProtocolError(f"invalid request target {target!r}")
+    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    length: int | None = None
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None:
+            raise httpcore.LocalProtocolError(f"invalid header name {name!r}")
+        if _VALUE_OK.fullmatch(value) is None:
+            raise httpcore.LocalProtocolError(f"invalid value for header {name.decode()!r}: CR, LF or NUL")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            if not value.strip().isdigit() or (length is not None and length != int(value)):
+                raise httpcore.LocalProtocolError(f"invalid Content-Length {value!r}")
+            length = int(value)
+        elif lowered == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise httpcore.LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
+            length = -1
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    whole: bytes | None = None
+    if isinstance(stream, httpx.ByteStream):
+        whole = b"".join(stream)
+        if length == -1:
+            whole = b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole) if whole else b"0\r\n\r\n"
+        elif len(whole) != (length or 0):
+            raise httpcore.LocalProtocolError(f"the body is {len(whole)} bytes, Content-Length says {length}")
+    return b"".join(lines), length, whole
+
+
+async def write_body(connection: H1Connection, stream: Any, length: int | None, timeout: float | None) -> None:
+    """Stream a request body, framed as its head declared, pausing while the socket's buffer is full."""
+    sent = 0
+    chunked = length == -1
+    async for part in stream:
+        if not part:
+            continue
+        head = connection._head
+        if head is not None and head.done():  # answered before the upload ended (413, 401...): stop sending
+            connection._lost = connection._lost or ConnectionAbortedError("answered before the body was sent")
+            return
+        sent += len(part)
+        if not chunked and sent > (length or 0):
+            raise httpcore.LocalProtocolError(f"the body is longer than its Content-Length ({length})")
+        connection._write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+        await connection._drained(timeout)
+    if chunked:
+        connection._write(b"0\r\n\r\n")
+    elif sent != (length or 0):
+        raise httpcore.LocalProtocolError(f"the body ended after {sent} bytes, Content-Length says {length}")
+    await connection._drained(timeout)
+
+
+class Body:
+    """A response body as it arrives: parts fed by the parser, read by the caller (httpcore's stream interface).
+    Closing it before the end closes the connection: a half-read connection is never reused."""
+
+    __slots__ = ("_connection", "_error", "_parts", "_timeout", "_waiter", "buffered", "complete")
+
+    def __init__(self, connection: H1Connection, timeout: float | None) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._parts: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.buffered = 0
+        self.complete = False
+
+    def feed(self, data: bytes) -> None:
+        self._parts.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.complete and self._error is None:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:  # a result, never an exception: the error is raised by the reader itself
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            parts = self._parts
+            if parts:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                self._parts = []
+                if self.buffered > 0:
+                    self.buffered = 0
+                    self._connection.resume_reading()
+                yield data
+            elif self.complete:
+                return
+            elif self._error is not None:
+                raise self._error
+            else:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._connection._wait(self._waiter, self._timeout, httpcore.ReadTimeout)
+
+    def take(self) -> bytes:
+        """The whole body, once complete (the caller reads it from memory, not through this stream)."""
+        parts, self._parts, self.buffered = self._parts, [], 0
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def aclose(self) -> None:
+        if not self.complete:
+            self._connection._close()

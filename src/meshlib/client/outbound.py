@@ -1,0 +1,56 @@
+"""One attempt's request and answer as the async engine passes them: plain slotted objects. httpcore's models
+validate and copy every header on construction; the attempt's headers are built by the mesh and checked once,
+where they are written (``h1_body.request_head``). httpcore's objects are made only where httpcore runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpcore
+
+
+class Outbound:
+    """An attempt's request: the endpoint's origin, the target and raw headers, the body stream."""
+
+    __slots__ = ("extensions", "headers", "host", "method", "port", "scheme", "stream", "target")
+
+    def __init__(
+        self,
+        method: bytes,
+        scheme: bytes,
+        host: str,
+        port: int,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        stream: Any,
+        extensions: dict[str, Any],
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.target = target
+        self.headers = headers
+        self.stream = stream
+        self.extensions = extensions
+
+    def to_httpcore(self) -> httpcore.Request:
+        return httpcore.Request(
+            method=self.method,
+            url=httpcore.URL(scheme=self.scheme, host=self.host, port=self.port, target=self.target),
+            headers=self.headers,
+            content=self.stream,
+            extensions=self.extensions,
+        )
+
+
+class Answer:
+    """An attempt's response head and body stream (the attributes of ``httpcore.Response`` the shells read)."""
+
+    __slots__ = ("extensions", "headers", "status", "stream")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], stream: Any, extensions: dict[str, Any]):
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+        self.extensions = extensions
