@@ -526,3 +526,33 @@ def test_http2_or_another_event_loop_falls_back_to_httpcore_connections():
                 await pools.aclose()
 
     run(main)
+
+
+def test_one_connection_honours_each_request_s_own_read_timeout():
+    """The connection reuses one timer across requests: a shorter timeout after a longer one still fires on time,
+    and a longer one after a shorter one does not fire early."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while True:
+            _, headers, _ = await server.read_request(reader)
+            await asyncio.sleep(float(headers.get(b"x-delay", b"0")))
+            writer.write(OK)
+
+    def slow(port: int, delay: float, timeout: float) -> Outbound:
+        return request(port, headers=[(b"x-delay", str(delay).encode())], timeout=timeout)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with Server(script) as server:
+            pools = AsyncEndpointPools()
+            assert (await fetch(pools, slow(server.port, 0, 0.2)))[2] == b"ok"
+            assert (await fetch(pools, slow(server.port, 0.5, 3.0)))[2] == b"ok", "no early timeout"
+            assert (await fetch(pools, slow(server.port, 0, 10.0)))[2] == b"ok"
+            started = loop.time()
+            with pytest.raises(httpcore.ReadTimeout):
+                await fetch(pools, slow(server.port, 5, 0.3))
+            assert loop.time() - started < 2.0, "the shorter timeout fired on time, not at the armed 10 s"
+            assert server.connections == 1
+            await pools.aclose()
+
+    run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections.abc import Coroutine
 from typing import Any
 
@@ -134,6 +135,10 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                 response = httpx.Response(
                     status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions
                 )
+                if type(stream) is httpx.ByteStream:
+                    # read here, synchronously (cheaper than httpx's async read after us); timed as httpx would
+                    response.read()
+                    response.elapsed = datetime.timedelta(seconds=call.mesh.clock() - call.started)
                 result = Result(classify_status(raw.status), None, action.attempt)
         except BaseException:  # cancelled (a hedge lost): the connection is closed, never reused half-read
             if response is not None:

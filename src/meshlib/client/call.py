@@ -222,11 +222,12 @@ class _Call:
             attempts=done.attempts if done is not None else 0,
             budget_exhausted=done is not None and done.budget_exhausted,
             span_attributes=span_attributes,
-            log_fields={
+            log_fields=lambda: {
                 "status": status,
                 "bytes": int(response.headers.get("content-length", 0) or 0) if response is not None else 0,
             },
         )
+
 
 class _External:
     """A call to a host outside the mesh: still traced and metered. Marks the context so that an

@@ -16,7 +16,6 @@ It implements the part of ``httpcore.AsyncHTTPConnection`` that ``pools._Stack``
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import ssl
 import time
 from typing import Any
@@ -25,10 +24,10 @@ import httpcore
 import httptools
 
 from .h1_body import Body, request_head, write_body
+from .h1_timer import Watch
 from .outbound import Answer, Outbound
 
 _IDLE, _ACTIVE, _CLOSED = 0, 1, 2
-_NO_CONTEXT = contextvars.Context()
 _HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
 
 
@@ -60,6 +59,7 @@ class H1Connection(asyncio.Protocol):
         self._lost: BaseException | None = None
         self._read_timeout: float | None = None
         self._reading_paused = False
+        self.watch = Watch()
 
     # -- what pools._Stack uses -------------------------------------------------------------------------------
     def has_expired(self) -> bool:
@@ -103,11 +103,12 @@ class H1Connection(asyncio.Protocol):
                 else:
                     transport.write(head_bytes)
                     transport.write(whole)
-                await self._drained(timeouts.get("write"))
+                if self._paused_writing is not None or self._lost is not None:
+                    await self._drained(timeouts.get("write"))
             else:
                 transport.write(head_bytes)
                 await write_body(self, request.stream, length, timeouts.get("write"))
-            await self._wait(head, timeouts.get("read"), httpcore.ReadTimeout)
+            await self.watch.arm(head, timeouts.get("read"), httpcore.ReadTimeout)
         except BaseException as exc:
             self._close()
             if isinstance(exc, httpcore.RemoteProtocolError) and reused and not self._headers:
@@ -118,22 +119,12 @@ class H1Connection(asyncio.Protocol):
         return Answer(self._status, self._headers, body, {"http_version": b"HTTP/1.1", "reason_phrase": self._reason})
 
     # -- I/O helpers used by the body streams ---------------------------------------------------------------
-    async def _wait(self, future: asyncio.Future[Any], timeout: float | None, kind: type[Exception]) -> Any:
-        if future.done() or timeout is None:
-            return await future
-        # an empty context: call_later would otherwise copy the caller's (OTel's included) for every request
-        handle = asyncio.get_running_loop().call_later(timeout, _expire, future, kind, timeout, context=_NO_CONTEXT)
-        try:
-            return await future
-        finally:
-            handle.cancel()
-
     async def _drained(self, timeout: float | None) -> None:
         if self._lost is not None and self._head is not None and not self._head.done():
             raise httpcore.WriteError(f"the connection to {self._where()} closed while the request was sent")
         paused = self._paused_writing
         if paused is not None:
-            await self._wait(paused, timeout, httpcore.WriteTimeout)
+            await self.watch.arm(paused, timeout, httpcore.WriteTimeout)
 
     def _write(self, data: bytes) -> None:
         assert self._transport is not None
@@ -160,6 +151,7 @@ class H1Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._state = _CLOSED
+        self.watch.stop()
         transport = self._transport
         if transport is not None:
             transport.abort() if self._body is None or not self._body.complete else transport.close()
@@ -206,6 +198,7 @@ class H1Connection(asyncio.Protocol):
         self._ended(exc)
 
     def _ended(self, exc: Exception | None) -> None:
+        self.watch.stop()
         if self._lost is None:
             self._lost = exc or ConnectionResetError("closed by the server")
         paused = self._paused_writing
@@ -294,11 +287,6 @@ class H1Connection(asyncio.Protocol):
         if self._reading_paused and self._transport is not None and self._state != _CLOSED:
             self._reading_paused = False
             self._transport.resume_reading()
-
-
-def _expire(future: asyncio.Future[Any], kind: type[Exception], timeout: float) -> None:
-    if not future.done():
-        _settle(future, kind(f"no progress within {timeout:g}s"))
 
 
 def _settle(future: asyncio.Future[Any], exc: BaseException) -> None:

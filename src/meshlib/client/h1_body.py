@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_OK = re.compile(rb"[^\r\n\x00]*")
 _TARGET = re.compile(rb"[^\x00-\x20\x7f]+")
+# a whole well-formed head in one pass (with the line count checked apart: a CR LF inside a value would
+# otherwise read as a header line of its own)
+_HEAD = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^\x00-\x20\x7f]+ HTTP/1\.1\r\n"
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\r\n\x00]*\r\n)*\r\n"
+)
 
 
 def request_head(
@@ -25,28 +31,24 @@ def request_head(
 ) -> tuple[bytes, int | None, bytes | None]:
     """(the head's bytes, the declared Content-Length or -1 for chunked or None, the whole body when it is already
     in memory). Raises ``httpcore.LocalProtocolError`` naming what would have broken the framing."""
-    if _TOKEN.fullmatch(method) is None:
-        raise httpcore.LocalProtocolError(f"invalid HTTP method {method!r}")
-    if _TARGET.fullmatch(target) is None:
-        raise httpcore.LocalProtocolError(f"invalid request target {target!r}")
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     length: int | None = None
     for name, value in headers:
-        if _TOKEN.fullmatch(name) is None:
-            raise httpcore.LocalProtocolError(f"invalid header name {name!r}")
-        if _VALUE_OK.fullmatch(value) is None:
-            raise httpcore.LocalProtocolError(f"invalid value for header {name.decode()!r}: CR, LF or NUL")
-        lowered = name.lower()
-        if lowered == b"content-length":
-            if not value.strip().isdigit() or (length is not None and length != int(value)):
-                raise httpcore.LocalProtocolError(f"invalid Content-Length {value!r}")
-            length = int(value)
-        elif lowered == b"transfer-encoding":
-            if value.strip().lower() != b"chunked":
-                raise httpcore.LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
-            length = -1
         lines += (name, b": ", value, b"\r\n")
+        if name[:1] in b"cCtT" and len(name) in (14, 17):
+            lowered = name.lower()
+            if lowered == b"content-length":
+                if not value.strip().isdigit() or (length is not None and length != int(value)):
+                    raise httpcore.LocalProtocolError(f"invalid Content-Length {value!r}")
+                length = int(value)
+            elif lowered == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise httpcore.LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
+                length = -1
     lines.append(b"\r\n")
+    head = b"".join(lines)
+    if _HEAD.fullmatch(head) is None or head.count(b"\n") != len(headers) + 2:
+        _name_the_problem(method, target, headers)
     whole: bytes | None = None
     if isinstance(stream, httpx.ByteStream):
         whole = b"".join(stream)
@@ -54,7 +56,20 @@ def request_head(
             whole = b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole) if whole else b"0\r\n\r\n"
         elif len(whole) != (length or 0):
             raise httpcore.LocalProtocolError(f"the body is {len(whole)} bytes, Content-Length says {length}")
-    return b"".join(lines), length, whole
+    return head, length, whole
+
+
+def _name_the_problem(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    if _TOKEN.fullmatch(method) is None:
+        raise httpcore.LocalProtocolError(f"invalid HTTP method {method!r}")
+    if _TARGET.fullmatch(target) is None:
+        raise httpcore.LocalProtocolError(f"invalid request target {target!r}")
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None:
+            raise httpcore.LocalProtocolError(f"invalid header name {name!r}")
+        if _VALUE_OK.fullmatch(value) is None:
+            raise httpcore.LocalProtocolError(f"invalid value for header {name.decode()!r}: CR, LF or NUL")
+    raise httpcore.LocalProtocolError("invalid request head")  # pragma: no cover - one of the above applies
 
 
 async def write_body(connection: H1Connection, stream: Any, length: int | None, timeout: float | None) -> None:
@@ -130,7 +145,7 @@ class Body:
                 raise self._error
             else:
                 self._waiter = asyncio.get_running_loop().create_future()
-                await self._connection._wait(self._waiter, self._timeout, httpcore.ReadTimeout)
+                await self._connection.watch.arm(self._waiter, self._timeout, httpcore.ReadTimeout)
 
     def take(self) -> bytes:
         """The whole body, once complete (the caller reads it from memory, not through this stream)."""

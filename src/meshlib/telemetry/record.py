@@ -6,7 +6,7 @@ log line happen here; the shells pass only what is their own (status, route, spa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -52,10 +52,11 @@ def record_client_call(
     attempts: int,
     budget_exhausted: bool = False,
     span_attributes: Mapping[str, Any] | None = None,
-    log_fields: Mapping[str, Any] | None = None,
+    log_fields: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """One outbound mesh call. ``status`` is an HTTP status (a gRPC status's HTTP equivalent) for the status class;
-    ``error_type`` set marks the call failed on its span."""
+    ``error_type`` set marks the call failed on its span. ``log_fields`` may be a function, called only for an
+    access log line that is written."""
     metrics = tel.metrics
     metrics.client_duration.record(
         elapsed, metrics.client_labels(destination, route, method, status_class(status), outcome)
@@ -75,7 +76,7 @@ def record_client_call(
                 "destination": destination,
                 "method": method,
                 "path": path,
-                **(log_fields or {}),
+                **((log_fields() if callable(log_fields) else log_fields) or {}),
                 "outcome": outcome,
                 "duration_ms": round(elapsed * 1000, 3),
                 "attempts": attempts,
