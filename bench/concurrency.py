@@ -1,13 +1,15 @@
 """Async clients at concurrency, side by side in one run (not a CI test): aiohttp, plain httpx.AsyncClient and
-meshlib.AsyncClient against the same two loopback upstreams (uvicorn, uvloop + httptools when installed).
+meshlib.AsyncClient against the same two loopback upstreams (uvicorn, uvloop + httptools when installed),
+plaintext and with mutual TLS.
 
-    pip install aiohttp   # or: pip install -e '.[bench]'
-    python bench/concurrency.py [--rounds 5] [--requests 2000] [--concurrency 1,16,64,256]
+    pip install -e '.[bench]'
+    python bench/concurrency.py [--rounds 5] [--requests 2000] [--concurrency 1,16,64,256] [--modes plain,mtls]
 
-For each concurrency, rounds interleave the three clients (A, B, C, A, B, C, ...). Each round sends ``--requests``
-GETs of a tiny answer from that many tasks at once, spread over the two upstreams (round robin for aiohttp and
-httpx, the mesh's balancer for meshlib). Reported: median over rounds of client CPU per request (the client
-process's CPU, all threads) and of throughput, and meshlib's ratios to the others.
+For each mode and concurrency, rounds interleave the three clients (A, B, C, A, B, C, ...). Each round sends
+``--requests`` GETs of a tiny answer from that many tasks at once, spread over the two upstreams (round robin for
+aiohttp and httpx, the mesh's balancer for meshlib). In ``mtls`` mode the upstreams require client certificates
+from a meshlib CA; every client presents one (meshlib as its mesh identity, strict). Reported: median over rounds
+of client CPU per request (the client process's CPU, all threads) and of throughput, and meshlib's ratios.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
+import ssl
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,14 +53,43 @@ async def measure(get: Get, requests: int, concurrency: int) -> tuple[float, flo
     return (time.process_time() - cpu) / requests, requests / (time.perf_counter() - wall)
 
 
-async def clients(ports: list[int], concurrency: int) -> tuple[dict[str, Get], list[Any]]:
+def certificates(tmp: Path) -> dict[str, dict[str, str]]:
+    """A meshlib CA, a server certificate for ``svc`` and a client one for ``bench``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from meshlib.security.ca import CertificateAuthority
+
+    ca = CertificateAuthority.init(tmp / "ca")
+    files: dict[str, dict[str, str]] = {}
+    for service in ("svc", "bench"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued = ca.issue(key.public_key(), service)
+        paths = {"cert": tmp / f"{service}.crt", "key": tmp / f"{service}.key", "ca": tmp / "ca.crt"}
+        paths["cert"].write_bytes(issued.pem() + issued.chain_pem())
+        paths["key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        paths["ca"].write_bytes(ca.roots_pem())
+        files[service] = {k: str(v) for k, v in paths.items()}
+    return files
+
+
+async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None) -> tuple[dict[str, Get], Any]:
     import aiohttp
 
-    urls = itertools.cycle([f"http://127.0.0.1:{p}/-/ok" for p in ports])
+    scheme = "https" if tls else "http"
+    urls = itertools.cycle([f"{scheme}://127.0.0.1:{p}/-/ok" for p in ports])
     limit = max(concurrency, 10)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit))
-    plain = httpx.AsyncClient(limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
-    mesh = meshlib.Mesh(service="bench", control_plane="",
+    context: ssl.SSLContext | None = None
+    if tls:  # the chain is verified; the name is not (the certificate names svc.default.mesh, not 127.0.0.1)
+        context = ssl.create_default_context(cafile=tls["ca"])
+        context.check_hostname = False
+        context.load_cert_chain(tls["cert"], tls["key"])
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ssl=context or False))
+    plain = httpx.AsyncClient(verify=context or True,
+                              limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
+    mesh = meshlib.Mesh(service="bench", control_plane="", tls="strict" if tls else "off",
+                        state_dir=tempfile.mkdtemp(prefix="bench-mesh-"),
                         discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", p) for p in ports]}))
     meshed = mesh.async_client(limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
 
@@ -70,13 +104,20 @@ async def clients(ports: list[int], concurrency: int) -> tuple[dict[str, Get], l
     async def via_meshlib() -> None:
         (await meshed.get("http://svc/-/ok")).raise_for_status()
 
-    return {"aiohttp": via_aiohttp, "httpx": via_httpx, "meshlib": via_meshlib}, [session, plain, meshed, mesh]
+    async def close() -> None:
+        await session.close()
+        await plain.aclose()
+        await meshed.aclose()
+        mesh.close()
+
+    return {"aiohttp": via_aiohttp, "httpx": via_httpx, "meshlib": via_meshlib}, close
 
 
-async def run(ports: list[int], concurrency: int, rounds: int, requests: int) -> dict[str, tuple[float, float]]:
-    gets, closers = await clients(ports, concurrency)
+async def run(ports: list[int], concurrency: int, rounds: int, requests: int,
+              tls: dict[str, str] | None) -> dict[str, tuple[float, float]]:
+    gets, close = await clients(ports, concurrency, tls)
     try:
-        for get in gets.values():  # warm-up: connections, first-use costs
+        for get in gets.values():  # warm-up: connections, handshakes, first-use costs
             await measure(get, min(requests, 500), concurrency)
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in gets}
         for _ in range(rounds):
@@ -85,11 +126,7 @@ async def run(ports: list[int], concurrency: int, rounds: int, requests: int) ->
         return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
                 for name, rs in results.items()}
     finally:
-        session, plain, meshed, mesh = closers
-        await session.close()
-        await plain.aclose()
-        await meshed.aclose()
-        mesh.close()
+        await close()
 
 
 def main() -> None:
@@ -97,21 +134,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--modes", default="plain,mtls")
     args = parser.parse_args()
-    upstreams = [Upstream(name).wait_listening() for name in ("a", "b")]
-    try:
-        ports = [u.port for u in upstreams]
-        print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {args.rounds} rounds x {args.requests}")
-        print(f"{'conc':>5} {'client':8} {'CPU/req':>10} {'req/s':>8}   meshlib CPU ratio")
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            figures = asyncio.run(run(ports, concurrency, args.rounds, args.requests))
-            mesh_cpu = figures["meshlib"][0]
-            for name, (cpu, rate) in figures.items():
-                ratio = "" if name == "meshlib" else f"{mesh_cpu / cpu:6.2f}x of {name}"
-                print(f"{concurrency:5d} {name:8} {cpu * 1e6:8.1f}us {rate:8.0f}   {ratio}")
-    finally:
-        for u in upstreams:
-            u.stop()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
+    files = certificates(tmp)
+    server = files["svc"]
+    os.environ.update(MESH_TLS_CERT=files["bench"]["cert"], MESH_TLS_KEY=files["bench"]["key"],
+                      MESH_TLS_CA=files["bench"]["ca"])
+    print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {args.rounds} rounds x {args.requests}")
+    print(f"{'mode':5} {'conc':>5} {'client':8} {'CPU/req':>10} {'req/s':>8}   meshlib CPU ratio")
+    for mode in args.modes.split(","):
+        tls = files["bench"] if mode == "mtls" else None
+        extra = ("--tls", server["cert"], server["key"], server["ca"]) if tls else ()
+        upstreams = [Upstream(name, extra_args=extra).wait_listening() for name in ("a", "b")]
+        try:
+            ports = [u.port for u in upstreams]
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                figures = asyncio.run(run(ports, concurrency, args.rounds, args.requests, tls))
+                mesh_cpu = figures["meshlib"][0]
+                for name, (cpu, rate) in figures.items():
+                    ratio = "" if name == "meshlib" else f"{mesh_cpu / cpu:6.2f}x of {name}"
+                    print(f"{mode:5} {concurrency:5d} {name:8} {cpu * 1e6:8.1f}us {rate:8.0f}   {ratio}", flush=True)
+        finally:
+            for u in upstreams:
+                u.stop()
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--drain-delay", type=float, default=0.3, help="with --mesh-service")
     parser.add_argument("--forward-to", default="", help="/fwd/<path> calls <path> of this service over the mesh")
     parser.add_argument("--keep-alive", type=float, default=5.0, help="idle keep-alive connections closed after")
+    parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"), help="mTLS: client certificates required")
     args = parser.parse_args()
     app = make_app(args.name, args.status, args.delay, args.forward_to)
     if args.mesh_service:
@@ -175,8 +176,14 @@ def main() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
+    tls: dict[str, Any] = {}
+    if args.tls:
+        import ssl
+
+        cert, key, ca = args.tls
+        tls = {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=args.keep_alive
+        app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=args.keep_alive, **tls
     )
     server = uvicorn.Server(config)
     original_startup = server.startup
