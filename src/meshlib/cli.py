@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from .settings import env_value
+
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:7400"
 
 
@@ -21,11 +23,11 @@ class CliError(Exception):
 
 
 def _control_plane(args: argparse.Namespace) -> str:
-    return str(args.control_plane or os.environ.get("MESH_CONTROL_PLANE") or DEFAULT_CONTROL_PLANE).rstrip("/")
+    return str(args.control_plane or env_value("control_plane") or DEFAULT_CONTROL_PLANE).rstrip("/")
 
 
 def _admin_headers() -> dict[str, str]:
-    token = os.environ.get("MESH_ADMIN_TOKEN")
+    token = env_value("admin_token")
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
     p.add_argument("--tags", help="comma-separated tags (subsets select by them)")
-    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"), help="uvicorn's log level")
+    p.add_argument("--log-level", default=env_value("log_level", "info"), help="uvicorn's log level")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a whole mesh on this machine, with traffic and failure scenes")

@@ -7,12 +7,13 @@ reads every instance's ``/-/mesh/metrics`` twice instead, which needs an identit
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
 
 import httpx
+
+from .settings import env_value
 
 HEADER = f"{'SERVICE':16} {'INSTANCES':>9} {'REQ/S':>8} {'SUCCESS':>8} {'P50 MS':>8} {'P99 MS':>8}"
 
@@ -67,7 +68,8 @@ def _from_scrape(args: argparse.Namespace, control_plane: str, services: dict[st
     from .telemetry import signals
 
     context = None
-    if os.environ.get("MESH_BOOTSTRAP_TOKEN"):  # an identity of our own, to read strict-mTLS instances
+    bootstrap_token = env_value("bootstrap_token")
+    if bootstrap_token:  # an identity of our own, to read strict-mTLS instances
         import tempfile
 
         from .security.identity import Identity
@@ -75,13 +77,13 @@ def _from_scrape(args: argparse.Namespace, control_plane: str, services: dict[st
 
         identity = Identity(
             SpiffeId(
-                os.environ.get("MESH_TRUST_DOMAIN", "mesh.local"),
-                os.environ.get("MESH_NAMESPACE", "default"),
+                env_value("trust_domain", "mesh.local"),
+                env_value("namespace", "default"),
                 "meshctl",
             ),
             tempfile.mkdtemp(prefix="meshctl-"),
             control_plane=control_plane,
-            bootstrap_token=os.environ["MESH_BOOTSTRAP_TOKEN"],
+            bootstrap_token=bootstrap_token,
         )
         identity.refresh()
         context = identity.client

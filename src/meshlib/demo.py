@@ -30,6 +30,7 @@ import httpx
 from .demo_live import _dashboard_back, _interrupt, _start_live
 from .demo_scenes import _rules, _scenes
 from .errors import MeshError
+from .settings import env_value
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -247,7 +248,7 @@ class Demo:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        if os.environ.get("MESHLIB_DEMO_KEEP"):
+        if env_value("demo_keep"):
             print(f"demo files kept in {self.tmp}", file=sys.stderr)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import threading
 import time
@@ -20,7 +19,7 @@ from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
 from .rules.checks import parse_duration
 from .rules.model import EMPTY_RULES, Rules
-from .settings import MeshSettings, control_plane_verify
+from .settings import MeshSettings, control_plane_verify, env_value
 from .telemetry import Telemetry
 
 log = logging.getLogger("meshlib")
@@ -82,7 +81,7 @@ class Mesh:
             access_log=access_log,
         )
         self.service = self.settings.service
-        if service is None and settings is None and "MESH_SERVICE" not in os.environ:
+        if service is None and settings is None and not env_value("service"):
             _warn_program_name(self.service)
         self.telemetry: Telemetry | None = None
         if self.settings.telemetry:

@@ -6,6 +6,7 @@ import os
 import re
 import ssl
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -176,6 +177,21 @@ class MeshSettings:
             )
         state_dir = self.state_dir or str(Path.home() / ".cache" / "meshlib" / self.service)
         return replace(self, state_dir=state_dir)
+
+
+#: Variables read by the tools that build no Mesh (meshctl, the control plane), named here with the rest.
+TOOL_ENV = {
+    "admin_token": "MESH_ADMIN_TOKEN",
+    "log_level": "MESH_LOG_LEVEL",
+    "demo_keep": "MESHLIB_DEMO_KEEP",
+}
+
+
+def env_value(name: str, default: str = "", environ: Mapping[str, str] | None = None) -> str:
+    """One variable by its setting's name (``"bootstrap_token"`` reads ``MESH_BOOTSTRAP_TOKEN``), unvalidated:
+    for the command-line tools and the control plane. A Mesh reads its own through ``MeshSettings.from_env``."""
+    var = MeshSettings._ENV.get(name) or TOOL_ENV[name]
+    return (os.environ if environ is None else environ).get(var, default)
 
 
 def control_plane_verify(settings: MeshSettings) -> ssl.SSLContext | bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from ..errors import ConfigurationError
 from ..rules.document import MAX_DOCUMENT_BYTES
 from ..security.ca import CertificateAuthority, issue_server_certificate, write_private
 from ..security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
+from ..settings import env_value
 from .app import ControlPlane, build_app
 from .store import RulesStore, SQLiteRulesStore
 
@@ -31,11 +31,11 @@ def open_store(spec: str, state_dir: Path) -> RulesStore:
         from .consul_store import ConsulRulesStore
 
         address, _, prefix = spec[len("consul://") :].partition("/")
-        host, sep, port = (address or os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")).rpartition(":")
+        host, sep, port = (address or env_value("consul_http_addr", "127.0.0.1:8500")).rpartition(":")
         if not sep or not port.isdigit():
             raise ConfigurationError(f"--store {spec!r}: expected consul://host:port[/prefix]")
         return ConsulRulesStore(
-            host, int(port), token=os.environ.get("CONSUL_HTTP_TOKEN") or None, prefix=prefix or "meshlib/rules"
+            host, int(port), token=env_value("consul_http_token") or None, prefix=prefix or "meshlib/rules"
         )
     raise ConfigurationError(f"--store {spec!r}: expected sqlite, sqlite:PATH or consul://host:port[/prefix]")
 
@@ -80,7 +80,7 @@ def run_control_plane(
 ) -> None:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    registry_token = registry_token if registry_token is not None else os.environ.get("MESH_BOOTSTRAP_TOKEN")
+    registry_token = registry_token if registry_token is not None else env_value("bootstrap_token")
     if not registry_token and not _is_loopback_host(host) and not insecure:
         raise ConfigurationError(
             f"refusing to listen on {host} without MESH_BOOTSTRAP_TOKEN: anyone who can reach the port could "
@@ -92,7 +92,7 @@ def run_control_plane(
     ca = open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain)
     cp = ControlPlane(
         open_store(store, state),
-        admin_token=admin_token if admin_token is not None else os.environ.get("MESH_ADMIN_TOKEN"),
+        admin_token=admin_token if admin_token is not None else env_value("admin_token"),
         registry_token=registry_token,
         ca=ca,
         max_rules_bytes=max_rules_bytes,
