@@ -132,3 +132,38 @@ def test_the_sync_client_hedges_on_worker_threads(three):
     assert sum(t >= 0.29 for t in took) <= 2, f"calls waited for the slow instance: {took}"
     assert slow.hits() >= 12, "about half the calls started on the slow instance"
     assert after["a"] > 0 and after["b"] > 0, "both instances' connections still work afterwards"
+
+
+def test_a_caller_cancelled_mid_hedge_stops_every_attempt_at_once(three):
+    """The caller's task is cancelled while both attempts of a hedged call are in flight: the call ends through
+    the same path as any other (both attempts cancelled, their connections closed, the load accounting back to
+    zero) at once, not when the slow attempts would have answered."""
+    slow, slower, _ = three
+    slow.behave(delay=1.5)
+    slower.behave(delay=1.5)
+    mesh = mesh_over([slow, slower], {"hedging": {"delay": "20ms", "budget_percent": 100},
+                                      "load_balancer": "round_robin"})
+
+    async def main() -> tuple[int, int, float]:
+        async with mesh.async_client(timeout=5) as client:
+            call = asyncio.ensure_future(client.get("http://svc/x"))
+            handles = mesh.service_state("svc").handles
+            for _ in range(200):  # until both attempts are out (the backup leaves after 20 ms)
+                if sum(h.load.outstanding for h in handles) == 2:
+                    break
+                await asyncio.sleep(0.005)
+            in_flight = sum(h.load.outstanding for h in handles)
+            started = time.perf_counter()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            took = time.perf_counter() - started
+            engine = client._transport._pools._pools["svc"]  # type: ignore[attr-defined]
+            active = sum(stack.active for stack in engine._stacks.values())
+            return in_flight, sum(h.load.outstanding for h in handles) + active, took
+
+    with mesh:
+        in_flight, left, took = asyncio.run(main())
+    assert in_flight == 2, "both attempts were in flight when the caller gave up"
+    assert left == 0, "no attempt, connection slot or load estimate outlived the call"
+    assert took < 0.5, f"the cancellation took {took:.2f}s: attempts were waited for, not cancelled"

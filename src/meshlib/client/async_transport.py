@@ -16,9 +16,11 @@ import httpx
 from ..errors import MeshError
 from ..mesh import Mesh
 from ..policy.classify import classify_status
-from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
-from .call import _Call, _count_unresolved, _External, _fault_response, _raise_done
+from ..policy.flow import Result, Send
+from .call import _Call, _count_unresolved
+from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
 from .errors import classify_error
+from .external import _External
 from .names import mesh_service_name
 from .pools import AsyncEndpointPools
 from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small
@@ -69,48 +71,37 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                 _count_unresolved(self.mesh, service, request)
                 raise
         call = _Call(self.mesh, state, request, service, hedging=_asyncio_running())
-        flow = call.flow
-        response: httpx.Response | None = None
-        done: Done | None = None
+        driver = drive(call)
         side: _SideBySide | None = None  # attempts in flight together (hedged calls only)
         try:
-            action = next(flow)
+            effect = next(driver)
             while True:
-                kind = type(action)
-                if kind is Send and action.hedge_after is None and side is None:  # type: ignore[union-attr]
-                    if response is not None:
-                        await _adiscard(response)
-                    result, response = await self._attempt(call, action, service)  # type: ignore[arg-type]
-                    call.attempt_done(result)
-                    action = flow.send(result)
-                elif kind is Sleep:
-                    await anyio.sleep(action.seconds)  # type: ignore[union-attr]
-                    action = next(flow)
-                else:  # hedged: a backup alongside, or wait for the attempts in flight
-                    if side is None:
-                        side = _SideBySide()
-                    if kind is Send:
-                        side.start(action.attempt, self._attempt(call, action, service, own_span=True))  # type: ignore[union-attr,arg-type]
-                    answered = await side.next(action.hedge_after)  # type: ignore[union-attr]
-                    action = flow.send(HEDGE_DUE if answered is None else answered)
+                try:
+                    kind = type(effect)
+                    out: Any = None
+                    if kind is Attempt:
+                        out = await self._attempt(call, effect.send, service)  # type: ignore[union-attr]
+                    elif kind is Pause:
+                        await anyio.sleep(effect.seconds)  # type: ignore[union-attr]
+                    elif kind is Drop:
+                        response = effect.response  # type: ignore[union-attr]
+                        await (_adiscard(response) if effect.read_small else response.aclose())  # type: ignore[union-attr]
+                    else:
+                        side = side or _SideBySide()
+                        if kind is Alongside:
+                            send = effect.send  # type: ignore[union-attr]
+                            side.start(send.attempt, self._attempt(call, send, service, own_span=True))
+                        elif kind is NextDone:
+                            out = await side.next(effect.timeout)  # type: ignore[union-attr]
+                        else:
+                            out = await side.settle(effect.winner)  # type: ignore[union-attr]
+                except BaseException as exc:  # cancelled: the call ends the same way, through the driver
+                    effect = driver.throw(exc)
+                    continue
+                effect = driver.send(out)
         except StopIteration as stop:
-            done = stop.value
-        finally:
-            flow.close()
-            if side is not None:
-                response = await side.settle(done.winner if done is not None else None)
-            if done is None or done.error is not None:
-                if response is not None:
-                    await response.aclose()
-                    response = None
-            elif response is None:
-                response = _fault_response(done)
-            call.finish(done, response)
-        assert done is not None
-        if done.error is not None:
-            _raise_done(done, self.mesh)
-        assert response is not None
-        return response
+            answer: httpx.Response = stop.value
+            return answer
 
     async def _attempt(
         self, call: _Call, action: Send, service: str, own_span: bool = False

@@ -1,37 +1,30 @@
-"""One mesh call between its attempts, shared by the sync and async HTTP shells: each attempt's
-``httpcore.Request`` for the chosen endpoint (origin tuple and raw headers, cheaper than copying the ``httpx.URL``),
-and the call's telemetry. Also calls to hosts outside the mesh, which are still traced and metered."""
+"""One mesh call between its attempts, shared by the sync and async HTTP shells: each attempt's request for the
+chosen endpoint (an ``outbound.Outbound``: origin and raw headers, cheaper than copying the ``httpx.URL``; an
+``httpcore.Request`` where httpcore sends it), and the call's telemetry."""
 
 from __future__ import annotations
 
-import contextvars
 import time
 from typing import Any
 
 import httpcore
 import httpx
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
 from opentelemetry.trace import Span, StatusCode
 
 from ..errors import (
     CircuitOpenError,
     DeadlineExceededError,
-    MeshError,
     NoEndpointsError,
     RetryBudgetExhaustedError,
     UnavailableError,
 )
 from ..mesh import Mesh
-from ..policy.classify import classify_status
 from ..policy.deadline import to_epoch_millis
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
-from ..telemetry.record import record_client_call, record_external_call
+from ..telemetry.record import record_client_call
 from ..telemetry.tracing import outbound_traceparent, traceparent_of
-from .errors import classify_error, to_httpx_error
 from .outbound import Outbound
 
 _MESH_HEADER_PREFIX = b"x-mesh-"
@@ -229,53 +222,6 @@ class _Call:
         )
 
 
-class _External:
-    """A call to a host outside the mesh: still traced and metered. Marks the context so that an
-    ``opentelemetry-instrumentation-httpx`` in the app does not record the same request a second time."""
-
-    __slots__ = ("mesh", "request", "span", "started", "token")
-
-    def __init__(self, mesh: Mesh, request: httpx.Request) -> None:
-        tel = mesh.telemetry
-        assert tel is not None
-        self.mesh = mesh
-        self.request = request
-        self.started = mesh.clock()
-        self.span: Span | None = None
-        self.token: contextvars.Token[otel_context.Context] | None = None
-        host = request.url.host
-        if not tel.tracer.active():
-            self.span = None
-            self.token = None
-            if "traceparent" not in request.headers:
-                request.headers["traceparent"] = outbound_traceparent().decode()
-            return
-        self.span = span = tel.tracer.start_call(request.method, host, str(request.url))
-        if "traceparent" not in request.headers:
-            request.headers["traceparent"] = (
-                traceparent_of(span) if span.is_recording() else outbound_traceparent()
-            ).decode()
-        ctx = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, trace.set_span_in_context(span))
-        self.token = otel_context.attach(ctx)
-
-    def finish(self, response: httpx.Response | None, error: BaseException | None) -> None:
-        if self.token is not None:
-            otel_context.detach(self.token)
-        tel = self.mesh.telemetry
-        assert tel is not None
-        status = response.status_code if response is not None else None
-        outcome = classify_error(error).kind.value if error is not None else classify_status(status or 0).kind.value
-        record_external_call(
-            tel,
-            self.span,
-            host=self.request.url.host,
-            method=self.request.method,
-            status=status,
-            outcome=outcome,
-            elapsed=self.mesh.clock() - self.started,
-        )
-
-
 def _outcome(done: Done | None, status: int | None) -> str:
     if done is None:
         return "cancelled"
@@ -296,22 +242,6 @@ _ERROR_OUTCOMES: dict[type[BaseException], str] = {
     RetryBudgetExhaustedError: "retry-budget-exhausted",
     UnavailableError: "unavailable",
 }
-
-
-def _fault_response(done: Done) -> httpx.Response:
-    assert done.abort_status is not None
-    return httpx.Response(done.abort_status, headers={"x-mesh-fault": "abort"}, content=b"fault injected by mesh rules")
-
-
-def _raise_done(done: Done, mesh: Mesh) -> None:
-    error = done.error
-    assert error is not None
-    cause = done.result.error if done.result is not None else None
-    if type(error) is NoEndpointsError and error.service and "discovery lists none" in str(error):
-        error = NoEndpointsError(f"{error}; {mesh.explain_empty(error.service)}", service=error.service)
-    if isinstance(error, MeshError):
-        raise error from cause
-    raise to_httpx_error(error)
 
 
 def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:

@@ -18,10 +18,12 @@ import httpx
 from ..errors import MeshError
 from ..mesh import Mesh
 from ..policy.classify import classify_status
-from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
+from ..policy.flow import Result, Send
 from ..workers import worker_pool
-from .call import _Call, _count_unresolved, _External, _fault_response, _raise_done
+from .call import _Call, _count_unresolved
+from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
 from .errors import classify_error
+from .external import _External
 from .names import mesh_service_name
 from .streams import _discard, _ResponseStream, _small_body, read_small
 from .tls_reads import CoalescingBackend
@@ -97,48 +99,37 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             _count_unresolved(self.mesh, service, request)
             raise
         call = _Call(self.mesh, state, request, service, hedging=True)
-        flow = call.flow
-        response: httpx.Response | None = None
-        done: Done | None = None
+        driver = drive(call)
         side: _Threads | None = None  # hedged calls: attempts side by side on worker threads
         try:
-            action = next(flow)
+            effect = next(driver)
             while True:
-                if isinstance(action, Sleep):
-                    time.sleep(action.seconds)
-                    action = next(flow)
-                elif side is None and isinstance(action, Send) and action.hedge_after is None:  # the plain path
-                    if response is not None:
-                        _discard(response)
-                        response = None
-                    result, response = self._attempt(call.attempt_request(action), service, action.attempt)
-                    call.attempt_done(result)
-                    action = flow.send(result)
-                else:
-                    if side is None:
-                        side = _Threads(self, call, service)
-                    if isinstance(action, Send):
-                        side.start(action)
-                    answered = side.next(action.hedge_after)
-                    action = flow.send(HEDGE_DUE if answered is None else answered)
+                try:
+                    kind = type(effect)
+                    out: Any = None
+                    if kind is Attempt:
+                        send = effect.send  # type: ignore[union-attr]
+                        out = self._attempt(call.attempt_request(send), service, send.attempt)
+                    elif kind is Pause:
+                        time.sleep(effect.seconds)  # type: ignore[union-attr]
+                    elif kind is Drop:
+                        response = effect.response  # type: ignore[union-attr]
+                        _discard(response) if effect.read_small else response.close()  # type: ignore[union-attr]
+                    else:
+                        side = side or _Threads(self, call, service)
+                        if kind is Alongside:
+                            side.start(effect.send)  # type: ignore[union-attr]
+                        elif kind is NextDone:
+                            out = side.next(effect.timeout)  # type: ignore[union-attr]
+                        else:
+                            out = side.settle(effect.winner)  # type: ignore[union-attr]
+                except BaseException as exc:  # interrupted: the call ends the same way, through the driver
+                    effect = driver.throw(exc)
+                    continue
+                effect = driver.send(out)
         except StopIteration as stop:
-            done = stop.value
-        finally:
-            flow.close()
-            if side is not None:
-                response = side.settle(done.winner if done is not None else None)
-            if done is None or done.error is not None:
-                if response is not None:
-                    response.close()
-                    response = None
-            elif response is None:
-                response = _fault_response(done)
-            call.finish(done, response)
-        assert done is not None
-        if done.error is not None:
-            _raise_done(done, self.mesh)
-        assert response is not None
-        return response
+            answer: httpx.Response = stop.value
+            return answer
 
     def _attempt(
         self, request: httpcore.Request, service: str, attempt: int
