@@ -556,3 +556,38 @@ def test_one_connection_honours_each_request_s_own_read_timeout():
             await pools.aclose()
 
     run(main)
+
+
+def test_a_pool_given_to_the_transports_may_answer_from_memory():
+    """``pool=`` takes any object with httpcore's pool interface; httpcore's in-memory streams have no close."""
+    from meshlib.client.async_transport import AsyncMeshTransport
+    from meshlib.client.transport import MeshTransport
+
+    def answer() -> httpcore.Response:
+        return httpcore.Response(200, headers=[(b"content-length", b"2")], content=b"ok")
+
+    class Pool:
+        def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+            return answer()
+
+        def close(self) -> None:
+            pass
+
+    class AsyncPool:
+        async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+            return answer()
+
+        async def aclose(self) -> None:
+            pass
+
+    mesh = meshlib.Mesh(service="t", control_plane="", telemetry=False,
+                        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", 9)]}))
+    with meshlib.Client(mesh=mesh, transport=MeshTransport(mesh, pool=Pool())) as client:
+        assert client.get("http://svc/x").text == "ok"
+
+    async def main() -> str:
+        async with meshlib.AsyncClient(mesh=mesh, transport=AsyncMeshTransport(mesh, pool=AsyncPool())) as client:
+            return (await client.get("http://svc/x")).text
+
+    assert run(main) == "ok"
+    mesh.close()

@@ -75,7 +75,9 @@ def read_small(stream: Any) -> httpx.ByteStream:
     try:
         body = b"".join(stream)
     finally:
-        stream.close()
+        close = getattr(stream, "close", None)  # httpcore's in-memory streams have none
+        if close is not None:
+            close()
     return httpx.ByteStream(body)
 
 
@@ -83,7 +85,9 @@ async def aread_small(stream: Any) -> httpx.ByteStream:
     try:
         body = b"".join([part async for part in stream])
     finally:
-        await stream.aclose()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
     return httpx.ByteStream(body)
 
 
