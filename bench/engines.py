@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
+from concurrency import Get, measure  # noqa: E402
 
 import meshlib  # noqa: E402
-from concurrency import Get, measure  # noqa: E402
 from harness import Upstream  # noqa: E402
 from meshlib.client.async_transport import AsyncMeshTransport  # noqa: E402
 from meshlib.client.pools import AsyncEndpointPools  # noqa: E402
@@ -78,7 +78,6 @@ async def clients(ports: list[int], concurrency: int) -> tuple[dict[str, Get], l
     limit = max(concurrency, 10)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit))
     bridge_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), auto_decompress=False)
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
     modern = httpx2.AsyncClient(limits=httpx2.Limits(max_connections=limit, max_keepalive_connections=limit))
     bridged = httpx.AsyncClient(transport=AiohttpTransport(bridge_session))
     discovery = StaticDiscovery({"svc": [Endpoint("127.0.0.1", p) for p in ports]})
