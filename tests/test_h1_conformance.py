@@ -591,3 +591,25 @@ def test_a_pool_given_to_the_transports_may_answer_from_memory():
 
     assert run(main) == "ok"
     mesh.close()
+
+
+def test_an_answer_head_over_the_limit_is_refused():
+    """A server streaming headers without end cannot make the client hold them: the head is bounded."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(20_000):  # about 600 KB of headers, never ending the head
+            writer.write(b"x-filler-%05d: %s\r\n" % (i, b"v" * 16))
+            if i % 500 == 0:
+                await writer.drain()
+        await asyncio.sleep(1)
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pools = AsyncEndpointPools()
+            with pytest.raises(httpcore.RemoteProtocolError, match="over 65536 bytes"):
+                await fetch(pools, request(server.port))
+            assert pools.connections() == 0
+
+    run(main)

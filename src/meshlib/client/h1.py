@@ -23,15 +23,13 @@ from typing import Any
 import httpcore
 import httptools
 
-from .h1_body import Body, request_head, write_body
+from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader
+from .h1_body import request_head, write_body
 from .h1_timer import Watch
 from .outbound import Answer, Outbound
 
-_IDLE, _ACTIVE, _CLOSED = 0, 1, 2
-_HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
 
-
-class H1Connection(asyncio.Protocol):
+class H1Connection(AnswerReader, asyncio.Protocol):
     """One keep-alive connection to one endpoint, used by one request at a time."""
 
     def __init__(
@@ -50,11 +48,12 @@ class H1Connection(asyncio.Protocol):
         self._head: asyncio.Future[None] | None = None
         self._status = 0
         self._reason = b""
+        self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: the body's end is known without the connection closing
         self._head_request = False
         self._informational = False
-        self._body: Body | None = None
+        self._body = None
         self._paused_writing: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
         self._read_timeout: float | None = None
@@ -221,67 +220,6 @@ class H1Connection(asyncio.Protocol):
         paused, self._paused_writing = self._paused_writing, None
         if paused is not None and not paused.done():
             paused.set_result(None)
-
-    # -- httptools callbacks ------------------------------------------------------------------------------
-    def on_status(self, status: bytes) -> None:
-        self._reason = status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        assert parser is not None
-        status = parser.get_status_code()
-        if 100 <= status < 200:
-            if status == 101:
-                raise httpcore.RemoteProtocolError(f"{self._where()} switched protocols; mesh hops do not upgrade")
-            self._informational = True  # skipped: the real answer follows on the same connection
-            return
-        self._status = status
-        framed = False
-        for name, value in self._headers:
-            lowered = name.lower()
-            if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
-                framed = True
-        self._framed = framed or self._head_request or status in (204, 304)
-        self._body = Body(self, self._read_timeout)
-        if self._head_request:
-            self.on_message_complete()
-        head = self._head
-        if head is not None and not head.done():
-            head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        body_stream = self._body
-        if body_stream is not None:
-            body_stream.feed(body)
-            if body_stream.buffered > _HIGH_WATER and self._transport is not None and not self._reading_paused:
-                self._reading_paused = True
-                self._transport.pause_reading()
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            self._headers = []
-            return
-        body = self._body
-        if body is None or body.complete:
-            return
-        parser = self._parser
-        keep = parser is not None and parser.should_keep_alive() and not self._head_request
-        if self._head_request:
-            keep = self._keep_alive_header()
-        self._parser = None  # nothing more may arrive until the next request
-        body.finish()
-        if keep and self._lost is None and self._state == _ACTIVE:
-            self._state = _IDLE
-            self._idle_since = time.monotonic()
-        else:
-            self._close()
-
-    def _keep_alive_header(self) -> bool:
-        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in self._headers)
 
     def resume_reading(self) -> None:
         if self._reading_paused and self._transport is not None and self._state != _CLOSED:

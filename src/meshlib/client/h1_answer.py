@@ -1,0 +1,113 @@
+"""Reading an answer on an ``h1.H1Connection``: the httptools (llhttp) callbacks that fill in its status, headers
+and body, and decide at its end whether the connection may carry another request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, cast
+
+import httpcore
+import httptools
+
+from .h1_body import Body
+
+if TYPE_CHECKING:
+    from .h1 import H1Connection
+
+_IDLE, _ACTIVE, _CLOSED = 0, 1, 2
+_HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
+#: The most an answer's status line and headers may hold (names and values); past it the answer is refused.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class AnswerReader:
+    """The parser's side of a connection (mixed into ``H1Connection``, which owns the I/O and the state)."""
+
+    _parser: httptools.HttpResponseParser | None
+    _head: asyncio.Future[None] | None
+    _transport: asyncio.Transport | None
+    _body: Body | None
+    _headers: list[tuple[bytes, bytes]]
+    _reason: bytes
+    _head_bytes: int
+    _status: int
+    _framed: bool
+    _head_request: bool
+    _informational: bool
+    _reading_paused: bool
+    _read_timeout: float | None
+    _lost: BaseException | None
+    _state: int
+    _idle_since: float
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def on_status(self, status: bytes) -> None:
+        self._reason = status
+        self._head_bytes = len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:  # a hostile or broken server: bounded, as h11 bounds it
+            raise httpcore.RemoteProtocolError(f"{self._where()} sent an answer head over {MAX_HEAD_BYTES} bytes")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise httpcore.RemoteProtocolError(f"{self._where()} switched protocols; mesh hops do not upgrade")
+            self._informational = True  # skipped: the real answer follows on the same connection
+            return
+        self._status = status
+        framed = False
+        for name, value in self._headers:
+            if len(name) in (14, 17):  # content-length, transfer-encoding
+                lowered = name.lower()
+                if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                    framed = True
+        self._framed = framed or self._head_request or status in (204, 304)
+        self._body = Body(cast("H1Connection", self), self._read_timeout)
+        if self._head_request:
+            self.on_message_complete()
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        body_stream = self._body
+        if body_stream is not None:
+            body_stream.feed(body)
+            if body_stream.buffered > _HIGH_WATER and self._transport is not None and not self._reading_paused:
+                self._reading_paused = True
+                self._transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            self._headers = []
+            return
+        body = self._body
+        if body is None or body.complete:
+            return
+        parser = self._parser
+        keep = parser is not None and parser.should_keep_alive() and not self._head_request
+        if self._head_request:
+            keep = self._keep_alive_header()
+        self._parser = None  # nothing more may arrive until the next request
+        body.finish()
+        if keep and self._lost is None and self._state == _ACTIVE:
+            self._state = _IDLE
+            self._idle_since = time.monotonic()
+        else:
+            self._close()
+
+    def _keep_alive_header(self) -> bool:
+        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in self._headers)
