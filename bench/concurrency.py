@@ -29,8 +29,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
+from meshcerts import issue_files  # noqa: E402
 
 import meshlib  # noqa: E402
 from harness import Upstream  # noqa: E402
@@ -55,23 +57,7 @@ async def measure(get: Get, requests: int, concurrency: int) -> tuple[float, flo
 
 def certificates(tmp: Path) -> dict[str, dict[str, str]]:
     """A meshlib CA, a server certificate for ``svc`` and a client one for ``bench``."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from meshlib.security.ca import CertificateAuthority
-
-    ca = CertificateAuthority.init(tmp / "ca")
-    files: dict[str, dict[str, str]] = {}
-    for service in ("svc", "bench"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        issued = ca.issue(key.public_key(), service)
-        paths = {"cert": tmp / f"{service}.crt", "key": tmp / f"{service}.key", "ca": tmp / "ca.crt"}
-        paths["cert"].write_bytes(issued.pem() + issued.chain_pem())
-        paths["key"].write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        paths["ca"].write_bytes(ca.roots_pem())
-        files[service] = {k: str(v) for k, v in paths.items()}
-    return files
+    return issue_files(tmp, ("svc", "bench"))
 
 
 async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None) -> tuple[dict[str, Get], Any]:

