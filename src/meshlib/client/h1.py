@@ -50,6 +50,7 @@ class H1Connection(AnswerReader, asyncio.Protocol):
         self._reason = b""
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
+        self._answer_headers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: the body's end is known without the connection closing
         self._head_request = False
         self._informational = False
@@ -110,12 +111,13 @@ class H1Connection(AnswerReader, asyncio.Protocol):
             await self.watch.arm(head, timeouts.get("read"), httpcore.ReadTimeout)
         except BaseException as exc:
             self._close()
-            if isinstance(exc, httpcore.RemoteProtocolError) and reused and not self._headers:
+            if isinstance(exc, httpcore.RemoteProtocolError) and reused and self._body is None:
                 exc.args = (f"{exc} (a reused keep-alive connection to {self._where()})",)
             raise
         body = self._body
         assert body is not None
-        return Answer(self._status, self._headers, body, {"http_version": b"HTTP/1.1", "reason_phrase": self._reason})
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason}
+        return Answer(self._status, self._answer_headers, body, extensions)
 
     # -- I/O helpers used by the body streams ---------------------------------------------------------------
     async def _drained(self, timeout: float | None) -> None:

@@ -29,6 +29,7 @@ class AnswerReader:
     _transport: asyncio.Transport | None
     _body: Body | None
     _headers: list[tuple[bytes, bytes]]
+    _answer_headers: list[tuple[bytes, bytes]]
     _reason: bytes
     _head_bytes: int
     _status: int
@@ -74,6 +75,7 @@ class AnswerReader:
                 if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
                     framed = True
         self._framed = framed or self._head_request or status in (204, 304)
+        self._answer_headers, self._headers = self._headers, []  # trailers, if any, land apart and are dropped
         self._body = Body(cast("H1Connection", self), self._read_timeout)
         if self._head_request:
             self.on_message_complete()
@@ -110,4 +112,5 @@ class AnswerReader:
             self._close()
 
     def _keep_alive_header(self) -> bool:
-        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in self._headers)
+        headers = self._answer_headers
+        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
