@@ -214,6 +214,7 @@ def test_whole_call_timeout_is_a_deadline(upstreams):
             client.get("http://svc/x")
         assert time.monotonic() - started < 2.0  # the call's deadline, not the server's 3 s
         assert isinstance(info.value, httpx.TimeoutException)
+    slow.kill()  # not a graceful stop: that would wait out the abandoned 3 s request
 
 
 def test_incoming_deadline_caps_outbound_timeout(upstreams):
@@ -229,6 +230,7 @@ def test_incoming_deadline_caps_outbound_timeout(upstreams):
             assert time.monotonic() - started < 2.0  # the inherited deadline, not the server's 3 s
         finally:
             incoming_deadline.reset(token)
+    slow.kill()  # not a graceful stop: that would wait out the abandoned 3 s request
 
 
 # -- the async client: the same behaviour through the same policy core ---------------------------
