@@ -614,3 +614,31 @@ def test_an_answer_head_over_the_limit_is_refused():
             assert pools.connections() == 0
 
     run(main)
+
+
+def test_a_call_cancelled_while_connecting_leaves_nothing_behind():
+    """Cancelled mid-handshake (here: a server that accepts and never speaks TLS), the connection is dropped, not
+    put back in the stack as if it were idle."""
+    import ssl
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await asyncio.sleep(5)
+
+    async def main() -> None:
+        async with Server(silent) as server:
+            context = ssl.create_default_context()
+            pools = AsyncEndpointPools(ssl_context=context)
+            outbound = request(server.port)
+            outbound.scheme = b"https"
+            call = asyncio.ensure_future(fetch(pools, outbound))
+            for _ in range(100):  # until the TCP connection is up and the handshake waits
+                if server.connections:
+                    break
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            stack = next(iter(pools._stacks.values()))
+            assert (stack.active, stack.idle) == (0, []), "nothing kept from a connection that never finished"
+
+    run(main)

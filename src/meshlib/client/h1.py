@@ -149,6 +149,9 @@ class H1Connection(AnswerReader, asyncio.Protocol):
         except OSError as exc:  # refused, unreachable, and TLS failures (ssl.SSLError is an OSError)
             self._close()
             raise httpcore.ConnectError(f"{exc} (connecting to {self._where()})") from exc
+        except BaseException:  # cancelled mid-connect: never kept as if it were an idle connection
+            self._close()
+            raise
 
     def _close(self) -> None:
         self._state = _CLOSED
