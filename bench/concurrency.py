@@ -115,12 +115,34 @@ async def run(ports: list[int], concurrency: int, rounds: int, requests: int,
         await close()
 
 
+async def tls_cost(plain_ports: list[int], tls_ports: list[int], concurrency: int, rounds: int, requests: int,
+                   tls: dict[str, str]) -> dict[str, float]:
+    """What mTLS adds on keep-alive connections, side by side: each client plain and with mTLS in the same
+    interleaved rounds (the ``plain`` and ``mtls`` modes above run at different times, on different upstreams)."""
+    plain_gets, close_plain = await clients(plain_ports, concurrency, None)
+    tls_gets, close_tls = await clients(tls_ports, concurrency, tls)
+    gets = {"aiohttp": plain_gets["aiohttp"], "aiohttp+mTLS": tls_gets["aiohttp"],
+            "meshlib": plain_gets["meshlib"], "meshlib+mTLS": tls_gets["meshlib"]}
+    try:
+        for get in gets.values():
+            await measure(get, min(requests, 500), concurrency)
+        results: dict[str, list[float]] = {name: [] for name in gets}
+        for _ in range(rounds):
+            for name, get in gets.items():
+                results[name].append((await measure(get, requests, concurrency))[0])
+        return {name: statistics.median(values) for name, values in results.items()}
+    finally:
+        await close_plain()
+        await close_tls()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,16,64,256")
-    parser.add_argument("--modes", default="plain,mtls")
+    parser.add_argument("--modes", default="plain,mtls,tls-cost",
+                        help="plain, mtls: the three clients; tls-cost: plain and mTLS side by side")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
     files = certificates(tmp)
@@ -129,7 +151,11 @@ def main() -> None:
                       MESH_TLS_CA=files["bench"]["ca"])
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {args.rounds} rounds x {args.requests}")
     print(f"{'mode':5} {'conc':>5} {'client':8} {'CPU/req':>10} {'req/s':>8}   meshlib CPU ratio")
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    if "tls-cost" in modes:
+        modes.remove("tls-cost")
+        print_tls_cost(args, files)
+    for mode in modes:
         tls = files["bench"] if mode == "mtls" else None
         extra = ("--tls", server["cert"], server["key"], server["ca"]) if tls else ()
         upstreams = [Upstream(name, extra_args=extra).wait_listening() for name in ("a", "b")]
@@ -144,6 +170,24 @@ def main() -> None:
         finally:
             for u in upstreams:
                 u.stop()
+
+
+def print_tls_cost(args: argparse.Namespace, files: dict[str, dict[str, str]]) -> None:
+    server = files["svc"]
+    plain_ups = [Upstream(name).wait_listening() for name in ("a", "b")]
+    tls_ups = [Upstream(name, extra_args=("--tls", server["cert"], server["key"], server["ca"])).wait_listening()
+               for name in ("c", "d")]
+    try:
+        print(f"{'tls-cost':8} {'conc':>5} {'client':13} {'CPU/req':>10} {'mTLS adds':>10}")
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            figures = asyncio.run(tls_cost([u.port for u in plain_ups], [u.port for u in tls_ups], concurrency,
+                                           args.rounds, args.requests, files["bench"]))
+            for name, cpu in figures.items():
+                added = f"{(cpu - figures[name.split('+')[0]]) * 1e6:+8.1f}us" if "+" in name else ""
+                print(f"{'tls-cost':8} {concurrency:5d} {name:13} {cpu * 1e6:8.1f}us {added:>10}", flush=True)
+    finally:
+        for u in plain_ups + tls_ups:
+            u.stop()
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class Mesh:
         self.propagated_names = self.settings.propagated_names
         #: Every mesh hop is mTLS with the peer's identity verified, whatever discovery advertises.
         self.strict = self.settings.tls == "strict"
+        self._server_names: dict[str, str] = {}
         if self.settings.tls != "off":
             self.identity = self._start_identity()
             if self.telemetry is not None:
@@ -161,9 +162,16 @@ class Mesh:
         )
         return identity.start(timeout=self.settings.discovery_timeout * 6)
 
-    @property
-    def dns_suffix(self) -> bytes:
-        return f".{self.settings.namespace}.mesh".encode()
+    def server_name(self, service: str) -> str:
+        """The name a mesh server's certificate is verified against: ``<service>.<namespace>.mesh`` (made once per
+        service: it is asked on every call)."""
+        names = self._server_names
+        name = names.get(service)
+        if name is None:
+            if len(names) >= 10_000:  # bounded, whatever a process calls
+                names.clear()
+            name = names[service] = f"{service}.{self.settings.namespace}.mesh"
+        return name
 
     def apply_rules(self, rules: Rules) -> None:
         """Swap in a new rules document: every service's routes and policy change at once; calls in flight keep

@@ -65,7 +65,7 @@ class _Call:
         self.scheme = url.raw_scheme
         self.target = url.raw_path
         # Mesh TLS: connect to the endpoint's address, verify the server as <service>.<namespace>.mesh
-        self.sni = (service.encode() + mesh.dns_suffix).decode() if mesh.identity is not None else None
+        self.sni = mesh.server_name(service) if mesh.identity is not None else None
         carried = propagated_headers.get()
         if carried:  # routing headers of the request being handled, unless this call sets them itself
             headers = request.headers
