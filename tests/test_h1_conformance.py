@@ -642,3 +642,41 @@ def test_a_call_cancelled_while_connecting_leaves_nothing_behind():
             assert (stack.active, stack.idle) == (0, []), "nothing kept from a connection that never finished"
 
     run(main)
+
+
+def test_a_compressed_answer_is_decoded_for_the_caller():
+    """Answers read whole inside the attempt still go through httpx's decoders (gzip here)."""
+    import gzip
+
+    body = gzip.compress(b'{"hello": "mesh"}')
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-type: application/json\r\n")
+            writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def main() -> None:
+        async with Server(script) as server:
+            mesh = meshlib.Mesh(service="t", control_plane="", telemetry=False,
+                                discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", server.port)]}))
+            async with mesh.async_client(timeout=5) as client:
+                assert (await client.get("http://svc/x")).json() == {"hello": "mesh"}
+            mesh.close()
+
+    run(main)
+
+
+def test_idle_connections_past_the_keep_alive_expiry_are_not_reused():
+    async def main() -> None:
+        async with Server(keep_answering) as server:
+            pools = AsyncEndpointPools(keepalive_expiry=0.2)
+            assert (await fetch(pools, request(server.port)))[2] == b"ok"
+            assert (await fetch(pools, request(server.port)))[2] == b"ok"
+            assert server.connections == 1, "reused while fresh"
+            await asyncio.sleep(0.3)
+            assert (await fetch(pools, request(server.port)))[2] == b"ok"
+            assert server.connections == 2, "a new connection once the idle one expired"
+            await pools.aclose()
+
+    run(main)
