@@ -31,24 +31,12 @@ def request_head(
 ) -> tuple[bytes, int | None, bytes | None]:
     """(the head's bytes, the declared Content-Length or -1 for chunked or None, the whole body when it is already
     in memory). Raises ``httpcore.LocalProtocolError`` naming what would have broken the framing."""
-    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
-    length: int | None = None
-    for name, value in headers:
-        lines += (name, b": ", value, b"\r\n")
-        if name[:1] in b"cCtT" and len(name) in (14, 17):
-            lowered = name.lower()
-            if lowered == b"content-length":
-                if not value.strip().isdigit() or (length is not None and length != int(value)):
-                    raise httpcore.LocalProtocolError(f"invalid Content-Length {value!r}")
-                length = int(value)
-            elif lowered == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise httpcore.LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
-                length = -1
-    lines.append(b"\r\n")
-    head = b"".join(lines)
+    head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join([b"%s: %s\r\n" % pair for pair in headers]))
     if _HEAD.fullmatch(head) is None or head.count(b"\n") != len(headers) + 2:
         _name_the_problem(method, target, headers)
+    lowered = head.lower()  # valid now: every line is a header, so a match is a header's name
+    framed = b"\ncontent-length:" in lowered or b"\ntransfer-encoding:" in lowered
+    length = _framing(headers) if framed else None
     whole: bytes | None = None
     if isinstance(stream, httpx.ByteStream):
         whole = b"".join(stream)
@@ -57,6 +45,22 @@ def request_head(
         elif len(whole) != (length or 0):
             raise httpcore.LocalProtocolError(f"the body is {len(whole)} bytes, Content-Length says {length}")
     return head, length, whole
+
+
+def _framing(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's framing the head declares: its Content-Length, -1 for chunked, None for none."""
+    length: int | None = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            if not value.strip().isdigit() or (length is not None and length != int(value)):
+                raise httpcore.LocalProtocolError(f"invalid Content-Length {value!r}")
+            length = int(value)
+        elif lowered == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise httpcore.LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
+            length = -1
+    return length
 
 
 def _name_the_problem(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
