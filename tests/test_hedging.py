@@ -139,8 +139,8 @@ def test_a_caller_cancelled_mid_hedge_stops_every_attempt_at_once(three):
     the same path as any other (both attempts cancelled, their connections closed, the load accounting back to
     zero) at once, not when the slow attempts would have answered."""
     slow, slower, _ = three
-    slow.behave(delay=1.5)
-    slower.behave(delay=1.5)
+    slow.behave(delay=3.0)
+    slower.behave(delay=3.0)
     mesh = mesh_over([slow, slower], {"hedging": {"delay": "20ms", "budget_percent": 100},
                                       "load_balancer": "round_robin"})
 
@@ -148,7 +148,8 @@ def test_a_caller_cancelled_mid_hedge_stops_every_attempt_at_once(three):
         async with mesh.async_client(timeout=5) as client:
             call = asyncio.ensure_future(client.get("http://svc/x"))
             handles = mesh.service_state("svc").handles
-            for _ in range(200):  # until both attempts are out (the backup leaves after 20 ms)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:  # until both attempts are out (the backup leaves after 20 ms)
                 if sum(h.load.outstanding for h in handles) == 2:
                     break
                 await asyncio.sleep(0.005)
@@ -164,6 +165,8 @@ def test_a_caller_cancelled_mid_hedge_stops_every_attempt_at_once(three):
 
     with mesh:
         in_flight, left, took = asyncio.run(main())
+    slow.kill()  # not a graceful stop: that would wait out the abandoned 3 s requests
+    slower.kill()
     assert in_flight == 2, "both attempts were in flight when the caller gave up"
     assert left == 0, "no attempt, connection slot or load estimate outlived the call"
     assert took < 0.5, f"the cancellation took {took:.2f}s: attempts were waited for, not cancelled"
