@@ -99,18 +99,24 @@ async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None
     return {"aiohttp": via_aiohttp, "httpx": via_httpx, "meshlib": via_meshlib}, close
 
 
+async def interleaved(gets: dict[str, Get], concurrency: int, rounds: int,
+                      requests: int) -> dict[str, tuple[float, float]]:
+    """A warm-up for each, then ``rounds`` rounds of A, B, C, ...: the median (CPU per request, req/s) of each."""
+    for get in gets.values():  # connections, handshakes, first-use costs
+        await measure(get, min(requests, 500), concurrency)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in gets}
+    for _ in range(rounds):
+        for name, get in gets.items():
+            results[name].append(await measure(get, requests, concurrency))
+    return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+            for name, rs in results.items()}
+
+
 async def run(ports: list[int], concurrency: int, rounds: int, requests: int,
               tls: dict[str, str] | None) -> dict[str, tuple[float, float]]:
     gets, close = await clients(ports, concurrency, tls)
     try:
-        for get in gets.values():  # warm-up: connections, handshakes, first-use costs
-            await measure(get, min(requests, 500), concurrency)
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in gets}
-        for _ in range(rounds):
-            for name, get in gets.items():
-                results[name].append(await measure(get, requests, concurrency))
-        return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-                for name, rs in results.items()}
+        return await interleaved(gets, concurrency, rounds, requests)
     finally:
         await close()
 
@@ -124,13 +130,8 @@ async def tls_cost(plain_ports: list[int], tls_ports: list[int], concurrency: in
     gets = {"aiohttp": plain_gets["aiohttp"], "aiohttp+mTLS": tls_gets["aiohttp"],
             "meshlib": plain_gets["meshlib"], "meshlib+mTLS": tls_gets["meshlib"]}
     try:
-        for get in gets.values():
-            await measure(get, min(requests, 500), concurrency)
-        results: dict[str, list[float]] = {name: [] for name in gets}
-        for _ in range(rounds):
-            for name, get in gets.items():
-                results[name].append((await measure(get, requests, concurrency))[0])
-        return {name: statistics.median(values) for name, values in results.items()}
+        figures = await interleaved(gets, concurrency, rounds, requests)
+        return {name: cpu for name, (cpu, _) in figures.items()}
     finally:
         await close_plain()
         await close_tls()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import statistics
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
-from concurrency import Get, measure  # noqa: E402
+from concurrency import Get, interleaved  # noqa: E402
 
 import meshlib  # noqa: E402
 from harness import Upstream  # noqa: E402
@@ -113,13 +112,8 @@ async def clients(ports: list[int], concurrency: int) -> tuple[dict[str, Get], l
 async def run(ports: list[int], concurrency: int, rounds: int, requests: int) -> dict[str, float]:
     gets, closers = await clients(ports, concurrency)
     try:
-        for get in gets.values():
-            await measure(get, min(requests, 500), concurrency)
-        results: dict[str, list[float]] = {name: [] for name in gets}
-        for _ in range(rounds):
-            for name, get in gets.items():
-                results[name].append((await measure(get, requests, concurrency))[0])
-        return {name: statistics.median(values) for name, values in results.items()}
+        figures = await interleaved(gets, concurrency, rounds, requests)
+        return {name: cpu for name, (cpu, _) in figures.items()}
     finally:
         session, bridge_session, modern, bridged, on_httpcore, on_h1, mesh = closers
         await session.close()
