@@ -23,7 +23,7 @@ from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
 from .pools import AsyncEndpointPools
-from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small
+from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small, read_response
 from .transport import _DEFAULT_LIMITS, MeshShell, _Pools
 
 
@@ -117,19 +117,21 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                     raw = await pools.send(request)
                 else:  # a pool given to the transport (httpcore's interface)
                     raw = await pools.handle_async_request(request.to_httpcore())
-                stream = raw.stream
-                if type(stream) is not httpx.ByteStream:  # not already in memory
-                    stream = await aread_small(stream) if _small_body(raw) else _AsyncResponseStream(stream)
+                arrived: Any = raw.stream
+                stream = arrived if type(arrived) is bytes else (  # not already in memory
+                    await aread_small(arrived) if _small_body(raw) else _AsyncResponseStream(arrived)
+                )
             except Exception as exc:
                 result = Result(classify_error(exc), exc, action.attempt)
             else:
-                response = httpx.Response(
-                    status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions
-                )
-                if type(stream) is httpx.ByteStream:
+                if isinstance(stream, bytes):
                     # read here, synchronously (cheaper than httpx's async read after us); timed as httpx would
-                    response.read()
+                    response = read_response(raw.status, raw.headers, stream, raw.extensions)
                     response.elapsed = datetime.timedelta(seconds=call.mesh.clock() - call.started)
+                else:
+                    response = httpx.Response(
+                        status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions
+                    )
                 result = Result(classify_status(raw.status), None, action.attempt)
         except BaseException:  # cancelled (a hedge lost): the connection is closed, never reused half-read
             if response is not None:

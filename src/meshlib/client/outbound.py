@@ -45,7 +45,8 @@ class Outbound:
 
 
 class Answer:
-    """An attempt's response head and body stream (the attributes of ``httpcore.Response`` the shells read)."""
+    """An attempt's response head and body stream (the attributes of ``httpcore.Response`` the shells read); the
+    body as ``bytes`` when it came whole with the head."""
 
     __slots__ = ("extensions", "headers", "status", "stream")
 

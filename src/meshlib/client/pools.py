@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpcore
-import httpx
 
 from .h1 import H1Connection
 from .h1_body import Body
@@ -73,7 +72,7 @@ class AsyncEndpointPools:
         body = answer.stream
         if type(body) is Body and body.complete:
             stack.checkin(connection)
-            answer.stream = httpx.ByteStream(body.take())
+            answer.stream = body.take()  # bytes: read into the response by the shell
             return answer
         answer.stream = _Returning(body, connection, stack)
         return answer
