@@ -40,6 +40,10 @@ from meshlib.discovery import StaticDiscovery  # noqa: E402
 from meshlib.endpoints import Endpoint  # noqa: E402
 
 Get = Callable[[], Awaitable[None]]
+#: Upstreams keep idle connections longer than a round of the other clients takes at 256 in flight: with uvicorn's
+#: 5 s, a client's idle connections could close under it between its rounds (plain httpx then failed a request).
+KEEP_ALIVE = ("--keep-alive", "300")
+IDLE = 60.0
 
 
 async def measure(get: Get, requests: int, concurrency: int) -> tuple[float, float]:
@@ -71,13 +75,16 @@ async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None
         context = ssl.create_default_context(cafile=tls["ca"])
         context.check_hostname = False
         context.load_cert_chain(tls["cert"], tls["key"])
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ssl=context or False))
-    plain = httpx.AsyncClient(verify=context or True,
-                              limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
+    # every client keeps idle connections 60 s: at 256 in flight a round of plain httpx takes about 5 s, httpx's
+    # default expiry, and the next rounds then measured new TLS handshakes rather than requests
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=context or False, keepalive_timeout=IDLE))
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=IDLE)
+    plain = httpx.AsyncClient(verify=context or True, limits=limits)
     mesh = meshlib.Mesh(service="bench", control_plane="", tls="strict" if tls else "off",
                         state_dir=tempfile.mkdtemp(prefix="bench-mesh-"),
                         discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", p) for p in ports]}))
-    meshed = mesh.async_client(limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
+    meshed = mesh.async_client(limits=limits)
 
     async def via_aiohttp() -> None:
         async with session.get(next(urls)) as response:
@@ -158,7 +165,7 @@ def main() -> None:
         print_tls_cost(args, files)
     for mode in modes:
         tls = files["bench"] if mode == "mtls" else None
-        extra = ("--tls", server["cert"], server["key"], server["ca"]) if tls else ()
+        extra = KEEP_ALIVE + (("--tls", server["cert"], server["key"], server["ca"]) if tls else ())
         upstreams = [Upstream(name, extra_args=extra).wait_listening() for name in ("a", "b")]
         try:
             ports = [u.port for u in upstreams]
@@ -175,9 +182,9 @@ def main() -> None:
 
 def print_tls_cost(args: argparse.Namespace, files: dict[str, dict[str, str]]) -> None:
     server = files["svc"]
-    plain_ups = [Upstream(name).wait_listening() for name in ("a", "b")]
-    tls_ups = [Upstream(name, extra_args=("--tls", server["cert"], server["key"], server["ca"])).wait_listening()
-               for name in ("c", "d")]
+    plain_ups = [Upstream(name, extra_args=KEEP_ALIVE).wait_listening() for name in ("a", "b")]
+    tls_ups = [Upstream(name, extra_args=(*KEEP_ALIVE, "--tls", server["cert"], server["key"], server["ca"]))
+               .wait_listening() for name in ("c", "d")]
     try:
         print(f"{'tls-cost':8} {'conc':>5} {'client':13} {'CPU/req':>10} {'mTLS adds':>10}")
         for concurrency in (int(c) for c in args.concurrency.split(",")):
