@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .mesh import Mesh
@@ -155,7 +156,7 @@ def admit(
     names = mesh.propagated_names
     if names:
         adm.propagated = tuple((n, v) for n in names if (v := header(n)) is not None)
-    parent = _PROPAGATOR.extract(carrier)
+    parent = incoming_trace(carrier)
     tel = mesh.telemetry
     if tel is not None and tel.tracer.active():
         adm.span = tel.tracer.start_server(method, "", parent)
@@ -163,6 +164,26 @@ def admit(
     else:
         adm.context = parent
     return adm
+
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def incoming_trace(carrier: Mapping[str, str]) -> otel_context.Context:
+    """The caller's trace context: what OTel's W3C propagator extracts, without its getter, module-level regex
+    search and header-list plumbing for the one form mesh hops send (a version 00 ``traceparent``, no
+    ``tracestate``). Every other form goes to the propagator itself."""
+    header = carrier.get("traceparent")
+    if header is None:
+        return otel_context.Context()
+    match = _TRACEPARENT.fullmatch(header)
+    if match is None or "tracestate" in carrier:
+        return _PROPAGATOR.extract(carrier)
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    if not trace_id or not span_id:
+        return otel_context.Context()
+    remote = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match[3], 16)))
+    return trace.set_span_in_context(NonRecordingSpan(remote), otel_context.Context())
 
 
 def _denied(mesh: Mesh, peer: SpiffeId | None, decision: authz.Decision, method: str, path: str) -> None:
