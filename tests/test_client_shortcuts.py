@@ -66,6 +66,24 @@ def test_a_body_read_inside_the_attempt_is_the_response_httpx_would_give(upstrea
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_the_sync_client_hands_over_the_same_responses(upstream: Upstream) -> None:
+    def state(response: httpx.Response) -> dict[str, object]:
+        with pytest.raises(httpx.StreamConsumed):
+            list(response.iter_raw())
+        return {
+            "content": response.content, "downloaded": response.num_bytes_downloaded, "closed": response.is_closed,
+            "consumed": response.is_stream_consumed, "pieces": list(response.iter_bytes(chunk_size=300)),
+            "again": response.read(), "elapsed": response.elapsed.total_seconds() > 0,
+        }
+
+    mesh = _mesh(upstream.port)
+    with mesh.client(timeout=10) as meshed, httpx.Client(timeout=10) as plain:
+        for size in (0, 1000, 65536, 70_000):  # read inside the attempt up to 64 KiB, streamed past it
+            path = f"/-/download?size={size}"
+            assert state(meshed.get(f"http://svc{path}")) == state(plain.get(f"http://127.0.0.1:{upstream.port}{path}"))
+    mesh.close()
+
+
 def test_read_response_falls_back_to_httpx_for_encoded_bodies_and_when_turned_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

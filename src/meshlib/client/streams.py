@@ -69,16 +69,15 @@ def _small_body(raw: httpcore.Response | Answer) -> bool:
     return False
 
 
-def read_small(stream: Any) -> httpx.ByteStream:
-    """A small body read inside the attempt, handed to httpx as an unread in-memory stream: httpx reads it, closes
-    it and sets ``response.elapsed`` as it does for any response (a response read here would have none)."""
+def read_small(stream: Any) -> bytes:
+    """A small body read inside the attempt (the shells hand it over with ``read_response``)."""
     try:
         body = b"".join(stream)
     finally:
         close = getattr(stream, "close", None)  # httpcore's in-memory streams have none
         if close is not None:
             close()
-    return httpx.ByteStream(body)
+    return body
 
 
 async def aread_small(stream: Any) -> bytes:

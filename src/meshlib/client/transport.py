@@ -4,6 +4,7 @@ destination service; hosts outside the mesh go to a plain httpx transport."""
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import functools
 import queue
 import ssl
@@ -25,7 +26,7 @@ from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
 from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
-from .streams import _discard, _ResponseStream, _small_body, read_small
+from .streams import _discard, _ResponseStream, _small_body, read_response, read_small
 from .tls_reads import CoalescingBackend
 
 #: httpx's own defaults, so a mesh client behaves like a plain one.
@@ -109,7 +110,7 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
                     out: Any = None
                     if kind is Attempt:
                         send = effect.send  # type: ignore[union-attr]
-                        out = self._attempt(call.attempt_request(send), service, send.attempt)
+                        out = self._attempt(call.attempt_request(send), service, send.attempt, call.started)
                     elif kind is Pause:
                         time.sleep(effect.seconds)  # type: ignore[union-attr]
                     elif kind is Drop:
@@ -132,15 +133,21 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             return answer
 
     def _attempt(
-        self, request: httpcore.Request, service: str, attempt: int
+        self, request: httpcore.Request, service: str, attempt: int, started: float
     ) -> tuple[Result, httpx.Response | None]:
-        """One attempt; a small body is read inside it (a reset mid-body is then a failed, retryable attempt)."""
+        """One attempt; a small body is read inside it (a reset mid-body is then a failed, retryable attempt) and
+        handed over read, timed from the call's start as httpx would time it."""
         try:
             raw = self._pools.get(service).handle_request(request)
-            stream = read_small(raw.stream) if _small_body(raw) else _ResponseStream(raw.stream)
+            body = read_small(raw.stream) if _small_body(raw) else None
         except Exception as exc:
             return Result(classify_error(exc), exc, attempt), None
-        response = httpx.Response(status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions)
+        if body is not None:
+            response = read_response(raw.status, raw.headers, body, raw.extensions)
+            response.elapsed = datetime.timedelta(seconds=self.mesh.clock() - started)
+        else:
+            stream = _ResponseStream(raw.stream)
+            response = httpx.Response(raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions)
         return Result(classify_status(raw.status), None, attempt), response
 
     def close(self) -> None:
@@ -166,7 +173,7 @@ class _Threads:
         request = self.call.attempt_request(action)  # in the caller's thread: its trace context
         span = self.call.take_attempt_span()
         attempt = action.attempt
-        future = worker_pool().submit(self.transport._attempt, request, self.service, attempt)
+        future = worker_pool().submit(self.transport._attempt, request, self.service, attempt, self.call.started)
         future.add_done_callback(lambda _: self.ended.put(attempt))
         self.running[attempt] = (future, span)
 
