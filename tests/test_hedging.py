@@ -70,9 +70,9 @@ def test_hedging_at_p95_cuts_the_tail_of_a_sometimes_slow_instance_at_a_bounded_
     p99 = ordered[int(len(ordered) * 0.99)]
     assert len(latencies) == 600
     # without hedging, 3% of calls take the full 300 ms and so does the p99; with it, they take about the hedge
-    # delay plus a fast answer (25-35 ms here on a quiet machine). Half the slow delay leaves room for a loaded CI
-    # machine without letting an unhedged tail pass.
-    assert p99 < 0.15, f"p99 {p99 * 1000:.0f} ms"
+    # delay plus a fast answer (25-35 ms here on a quiet machine, 170 ms once on a loaded one: the p95 delay grows
+    # with the machine's latency). 250 ms leaves room for that without letting an unhedged tail (>= 300 ms) pass.
+    assert p99 < 0.25, f"p99 {p99 * 1000:.0f} ms"
     assert len(latencies) < sent <= len(latencies) * 1.10, f"{sent} requests sent for {len(latencies)} calls"
 
 
