@@ -1,6 +1,8 @@
-"""The lean HTTP/1.1 engine (client/h1.py) against scripted loopback servers that answer byte for byte: chunked
-bodies, ``Connection: close``, 1xx answers, HEAD, bodies ended by the connection's close, a server closing a
-reused connection, malformed and truncated answers, timeouts, cancellation, request framing and injection."""
+"""The lean HTTP/1.1 engines (client/h1.py, async; client/h1_sync.py, sync) against scripted loopback servers that
+answer byte for byte: chunked bodies, ``Connection: close``, 1xx answers, HEAD, bodies ended by the connection's
+close, a server closing a reused connection, malformed and truncated answers, timeouts, cancellation, request
+framing and injection. Tests marked ``both`` run once per engine: the sync one is driven from worker threads
+through ``SyncEngine``, which gives it the async engine's interface."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import meshlib
 from meshlib.client.h1 import H1Connection
 from meshlib.client.outbound import Outbound
 from meshlib.client.pools import AsyncEndpointPools
+from meshlib.client.sync_pools import EndpointPools
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
 
@@ -92,6 +95,57 @@ async def fetch(pools: AsyncEndpointPools, outbound: Outbound) -> tuple[int, dic
     return answer.status, {k.lower(): v for k, v in answer.headers}, body
 
 
+class SyncEngine:
+    """``sync_pools.EndpointPools`` behind ``AsyncEndpointPools``'s interface: every blocking call runs on a worker
+    thread, so the scripted servers keep running on the test's event loop."""
+
+    def __init__(self, **options: Any) -> None:
+        self.pools = EndpointPools(**options)
+        self._stacks = self.pools._stacks
+
+    async def send(self, outbound: Outbound) -> Any:
+        if hasattr(outbound.stream, "__aiter__") and not hasattr(outbound.stream, "__iter__"):
+            outbound.stream = [part async for part in outbound.stream]  # the sync engine iterates it itself
+        answer = await asyncio.to_thread(self.pools.send, outbound)
+        if type(answer.stream) is not bytes:
+            answer.stream = _ThreadedParts(answer.stream)
+        return answer
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.pools.close)
+
+    def connections(self) -> int:
+        return self.pools.connections()
+
+
+class _ThreadedParts:
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._parts = iter(stream)
+
+    def __aiter__(self) -> _ThreadedParts:
+        return self
+
+    async def __anext__(self) -> bytes:
+        part: bytes | None = await asyncio.to_thread(next, self._parts, None)
+        if part is None:
+            raise StopAsyncIteration
+        return part
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._stream.close)
+
+
+@pytest.fixture(params=["async", "sync"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "sync":
+        monkeypatch.setitem(globals(), "AsyncEndpointPools", SyncEngine)
+    return str(request.param)
+
+
+both = pytest.mark.usefixtures("engine")
+
+
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(asyncio.wait_for(main(), 30))
 
@@ -106,6 +160,7 @@ async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         await writer.drain()
 
 
+@both
 def test_keep_alive_reuses_one_connection_for_sequential_calls():
     async def main() -> None:
         async with Server(keep_answering) as server:
@@ -118,6 +173,7 @@ def test_keep_alive_reuses_one_connection_for_sequential_calls():
     run(main)
 
 
+@both
 def test_chunked_answers_are_decoded_and_the_connection_reused():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         while True:
@@ -143,6 +199,7 @@ def test_chunked_answers_are_decoded_and_the_connection_reused():
     run(main)
 
 
+@both
 def test_connection_close_is_honoured():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -161,6 +218,7 @@ def test_connection_close_is_honoured():
     run(main)
 
 
+@both
 def test_informational_answers_are_skipped():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         while True:
@@ -183,6 +241,7 @@ def test_informational_answers_are_skipped():
     run(main)
 
 
+@both
 def test_an_upgrade_is_refused():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -197,6 +256,7 @@ def test_an_upgrade_is_refused():
     run(main)
 
 
+@both
 def test_head_answers_have_no_body_and_keep_the_connection():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         while True:
@@ -218,6 +278,7 @@ def test_head_answers_have_no_body_and_keep_the_connection():
     run(main)
 
 
+@both
 def test_no_content_and_not_modified_have_no_body():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -239,6 +300,7 @@ def test_no_content_and_not_modified_have_no_body():
     run(main)
 
 
+@both
 def test_a_body_ended_by_the_close_of_the_connection():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -258,6 +320,7 @@ def test_a_body_ended_by_the_close_of_the_connection():
     run(main)
 
 
+@both
 def test_a_server_closing_right_after_its_answer():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -275,6 +338,7 @@ def test_a_server_closing_right_after_its_answer():
     run(main)
 
 
+@both
 def test_a_server_closing_a_reused_connection_before_answering_is_an_error_that_names_it():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -294,6 +358,7 @@ def test_a_server_closing_a_reused_connection_before_answering_is_an_error_that_
     run(main)
 
 
+@both
 def test_a_truncated_body_is_an_error_and_the_connection_is_not_reused():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -309,6 +374,7 @@ def test_a_truncated_body_is_an_error_and_the_connection_is_not_reused():
     run(main)
 
 
+@both
 @pytest.mark.parametrize(
     "answer",
     [
@@ -334,6 +400,7 @@ def test_malformed_answers_are_protocol_errors(answer: bytes):
     run(main)
 
 
+@both
 def test_bytes_arriving_on_an_idle_connection_retire_it():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -360,6 +427,26 @@ def test_bytes_arriving_on_an_idle_connection_retire_it():
     run(main)
 
 
+@both
+def test_an_answer_followed_by_unasked_bytes_in_the_same_read_retires_the_connection():
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(OK + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nextra")  # one write: one read
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(script) as server:
+            pools = AsyncEndpointPools()
+            for _ in range(3):
+                assert await fetch(pools, request(server.port)) == (200, {b"content-length": b"2"}, b"ok")
+            assert server.connections == 3, "never reused after bytes nobody asked for"
+            await pools.aclose()
+
+    run(main)
+
+
+@both
 def test_a_read_timeout_names_itself_and_the_next_call_works():
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -380,6 +467,7 @@ def test_a_read_timeout_names_itself_and_the_next_call_works():
     run(main)
 
 
+@both
 def test_a_connect_failure_is_a_connect_error_naming_the_address():
     async def main() -> None:
         async with Server(keep_answering) as server:
@@ -423,6 +511,7 @@ def test_cancelling_mid_body_closes_the_connection():
     run(main)
 
 
+@both
 def test_request_bodies_stream_chunked_and_by_length():
     async def chunks() -> AsyncIterator[bytes]:
         for part in (b"alpha ", b"", b"beta ", b"gamma"):
@@ -442,6 +531,7 @@ def test_request_bodies_stream_chunked_and_by_length():
     run(main)
 
 
+@both
 @pytest.mark.parametrize(
     ("headers", "body", "problem"),
     [
@@ -464,6 +554,7 @@ def test_requests_that_would_break_framing_are_refused_before_sending(headers: A
     run(main)
 
 
+@both
 def test_a_target_with_spaces_is_refused():
     async def main() -> None:
         async with Server(keep_answering) as server:
@@ -531,6 +622,7 @@ def test_http2_or_another_event_loop_falls_back_to_httpcore_connections():
     run(main)
 
 
+@both
 def test_one_connection_honours_each_request_s_own_read_timeout():
     """The connection reuses one timer across requests: a shorter timeout after a longer one still fires on time,
     and a longer one after a shorter one does not fire early."""
@@ -597,6 +689,7 @@ def test_a_pool_given_to_the_transports_may_answer_from_memory():
     mesh.close()
 
 
+@both
 def test_an_answer_head_over_the_limit_is_refused():
     """A server streaming headers without end cannot make the client hold them: the head is bounded."""
 
@@ -670,6 +763,7 @@ def test_a_compressed_answer_is_decoded_for_the_caller():
     run(main)
 
 
+@both
 def test_idle_connections_past_the_keep_alive_expiry_are_not_reused():
     async def main() -> None:
         async with Server(keep_answering) as server:

@@ -1,13 +1,12 @@
 """One mesh call between its attempts, shared by the sync and async HTTP shells: each attempt's request for the
-chosen endpoint (an ``outbound.Outbound``: origin and raw headers, cheaper than copying the ``httpx.URL``; an
-``httpcore.Request`` where httpcore sends it), and the call's telemetry."""
+chosen endpoint (an ``outbound.Outbound``: origin and raw headers, cheaper than copying the ``httpx.URL``; turned
+into an ``httpcore.Request`` only where httpcore sends it), and the call's telemetry."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import httpcore
 import httpx
 from opentelemetry.trace import Span, StatusCode
 
@@ -34,7 +33,7 @@ _ATTEMPT_VALUES = [str(i).encode() for i in range(16)]
 
 class _Call:
     """Everything one mesh call needs between attempts, shared by the sync and async shells: builds each attempt's
-    ``httpcore.Request`` and does the call's telemetry (spans, metrics, access log)."""
+    ``Outbound`` request and does the call's telemetry (spans, metrics, access log)."""
 
     __slots__ = (
         "attempt_span",
@@ -120,9 +119,6 @@ class _Call:
             record=copy_of is None,
         )
 
-    def attempt_request(self, send: Send) -> httpcore.Request:
-        return self.attempt(send).to_httpcore()
-
     def attempt(self, send: Send) -> Outbound:
         endpoint = send.endpoint
         headers = list(self.base_headers)
@@ -181,7 +177,7 @@ class _Call:
             span.end()
 
     def take_attempt_span(self) -> Span | None:
-        """The span ``attempt_request`` just started, now the caller's to end (hedged attempts run side by side)."""
+        """The span ``attempt`` just started, now the caller's to end (hedged attempts run side by side)."""
         span, self.attempt_span = self.attempt_span, None
         return span
 

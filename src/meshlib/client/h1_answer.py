@@ -68,13 +68,7 @@ class AnswerReader:
             self._informational = True  # skipped: the real answer follows on the same connection
             return
         self._status = status
-        framed = False
-        for name, value in self._headers:
-            if len(name) in (14, 17):  # content-length, transfer-encoding
-                lowered = name.lower()
-                if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
-                    framed = True
-        self._framed = framed or self._head_request or status in (204, 304)
+        self._framed = is_framed(self._headers, status, self._head_request)
         self._answer_headers, self._headers = self._headers, []  # trailers, if any, land apart and are dropped
         self._body = Body(cast("H1Connection", self), self._read_timeout)
         if self._head_request:
@@ -102,7 +96,7 @@ class AnswerReader:
         parser = self._parser
         keep = parser is not None and parser.should_keep_alive() and not self._head_request
         if self._head_request:
-            keep = self._keep_alive_header()
+            keep = keep_alive_header(self._answer_headers)
         self._parser = None  # nothing more may arrive until the next request
         body.finish()
         if keep and self._lost is None and self._state == _ACTIVE:
@@ -111,6 +105,20 @@ class AnswerReader:
         else:
             self._close()
 
-    def _keep_alive_header(self) -> bool:
-        headers = self._answer_headers
-        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
+
+def is_framed(headers: list[tuple[bytes, bytes]], status: int, head_request: bool) -> bool:
+    """Whether an answer's end is known without the connection closing: a Content-Length or chunked body, or no
+    body at all (HEAD, 204, 304)."""
+    if head_request or status in (204, 304):
+        return True
+    for name, value in headers:
+        if len(name) in (14, 17):  # content-length, transfer-encoding
+            lowered = name.lower()
+            if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                return True
+    return False
+
+
+def keep_alive_header(headers: list[tuple[bytes, bytes]]) -> bool:
+    """After a HEAD answer (which the parser cannot frame): the connection stays open unless it says close."""
+    return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)

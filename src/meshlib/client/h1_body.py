@@ -78,8 +78,7 @@ def _name_the_problem(method: bytes, target: bytes, headers: list[tuple[bytes, b
 
 async def write_body(connection: H1Connection, stream: Any, length: int | None, timeout: float | None) -> None:
     """Stream a request body, framed as its head declared, pausing while the socket's buffer is full."""
-    sent = 0
-    chunked = length == -1
+    framer = Framer(length)
     async for part in stream:
         if not part:
             continue
@@ -87,16 +86,42 @@ async def write_body(connection: H1Connection, stream: Any, length: int | None, 
         if head is not None and head.done():  # answered before the upload ended (413, 401...): stop sending
             connection._lost = connection._lost or ConnectionAbortedError("answered before the body was sent")
             return
-        sent += len(part)
-        if not chunked and sent > (length or 0):
-            raise httpcore.LocalProtocolError(f"the body is longer than its Content-Length ({length})")
-        connection._write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+        connection._write(framer.frame(part))
         await connection._drained(timeout)
-    if chunked:
-        connection._write(b"0\r\n\r\n")
-    elif sent != (length or 0):
-        raise httpcore.LocalProtocolError(f"the body ended after {sent} bytes, Content-Length says {length}")
+    end = framer.end()
+    if end:
+        connection._write(end)
     await connection._drained(timeout)
+
+
+class Framer:
+    """A streamed request body's parts as they go on the wire: chunked, or checked against the Content-Length the
+    head declared (a body longer or shorter than declared would break the connection's framing)."""
+
+    __slots__ = ("_chunked", "_length", "_sent")
+
+    def __init__(self, length: int | None) -> None:
+        self._chunked = length == -1
+        self._length = length or 0
+        self._sent = 0
+
+    def frame(self, part: bytes) -> bytes:
+        if self._chunked:
+            return b"%x\r\n%s\r\n" % (len(part), part)
+        self._sent += len(part)
+        if self._sent > self._length:
+            raise httpcore.LocalProtocolError(f"the body is longer than its Content-Length ({self._length})")
+        return part
+
+    def end(self) -> bytes:
+        """What closes the body (chunked: the last chunk); raises if a sized body came up short."""
+        if self._chunked:
+            return b"0\r\n\r\n"
+        if self._sent != self._length:
+            raise httpcore.LocalProtocolError(
+                f"the body ended after {self._sent} bytes, Content-Length says {self._length}"
+            )
+        return b""
 
 
 class Body:

@@ -1,5 +1,6 @@
-"""The sync HTTP shell: ``MeshTransport`` drives the policy flow (``policy/flow.py``) over httpcore pools, one per
-destination service; hosts outside the mesh go to a plain httpx transport."""
+"""The sync HTTP shell: ``MeshTransport`` drives the policy flow (``policy/flow.py``) over one outbound engine per
+destination service (``sync_pools.py``; httpcore's pool for HTTP/2 or a pool given in); hosts outside the mesh go
+to a plain httpx transport."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
 from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
+from .outbound import Answer, Outbound
 from .streams import _discard, _ResponseStream, _small_body, read_response, read_small
+from .sync_pools import EndpointPools
 from .tls_reads import CoalescingBackend
 
 #: httpx's own defaults, so a mesh client behaves like a plain one.
@@ -77,8 +80,12 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         self._passthrough = passthrough or httpx.HTTPTransport(
             verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
         )
+        lean = http1 and not http2  # the lean HTTP/1.1 engine; HTTP/2 stays on httpcore's pool
         self._pools = _Pools(
-            lambda: httpcore.ConnectionPool(**self._pool_options, network_backend=CoalescingBackend()), pool
+            lambda: EndpointPools(**self._pool_options)
+            if lean
+            else httpcore.ConnectionPool(**self._pool_options, network_backend=CoalescingBackend()),
+            pool,
         )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -110,7 +117,7 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
                     out: Any = None
                     if kind is Attempt:
                         send = effect.send  # type: ignore[union-attr]
-                        out = self._attempt(call.attempt_request(send), service, send.attempt, call.started)
+                        out = self._attempt(call.attempt(send), service, send.attempt, call.started)
                     elif kind is Pause:
                         time.sleep(effect.seconds)  # type: ignore[union-attr]
                     elif kind is Drop:
@@ -133,13 +140,18 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             return answer
 
     def _attempt(
-        self, request: httpcore.Request, service: str, attempt: int, started: float
+        self, request: Outbound, service: str, attempt: int, started: float
     ) -> tuple[Result, httpx.Response | None]:
         """One attempt; a small body is read inside it (a reset mid-body is then a failed, retryable attempt) and
         handed over read, timed from the call's start as httpx would time it."""
         try:
-            raw = self._pools.get(service).handle_request(request)
-            body = read_small(raw.stream) if _small_body(raw) else None
+            pools = self._pools.get(service)
+            if type(pools) is EndpointPools:
+                raw: Answer | httpcore.Response = pools.send(request)
+            else:  # httpcore's pool: HTTP/2, or a pool given to the transport
+                raw = pools.handle_request(request.to_httpcore())
+            arrived: Any = raw.stream
+            body = arrived if type(arrived) is bytes else (read_small(arrived) if _small_body(raw) else None)
         except Exception as exc:
             return Result(classify_error(exc), exc, attempt), None
         if body is not None:
@@ -170,7 +182,7 @@ class _Threads:
         self.answered: dict[int, httpx.Response | None] = {}
 
     def start(self, action: Send) -> None:
-        request = self.call.attempt_request(action)  # in the caller's thread: its trace context
+        request = self.call.attempt(action)  # in the caller's thread: its trace context
         span = self.call.take_attempt_span()
         attempt = action.attempt
         future = worker_pool().submit(self.transport._attempt, request, self.service, attempt, self.call.started)
