@@ -9,6 +9,10 @@ Paths, each serving the same application code (a payload of 1 KB or 64 KB):
   envoy-mtls     the same, mTLS between the sidecars (certificates from meshlib's CA, SPIFFE IDs checked)
   meshlib        meshlib.Client -> the application under meshlib.serve (MESH_TLS=off)
   meshlib-mtls   meshlib.Client -> the application under meshlib.serve (MESH_TLS=strict)
+  floor-mc       meshlib.Client (mesh TLS off) -> the application (plain uvicorn)
+  envoy-mtls-mc  meshlib.Client (mesh TLS off) -> the mTLS Envoy pair -> the application
+The last two put the same client engine on both sides of a second comparison ("same client"): the mesh hop's
+cost against the sidecars' without the difference between meshlib.Client and plain httpx.
 Envoy runs one worker per sidecar, with meshlib's default retries and outlier detection configured.
 
 Rounds interleave the paths (drift hits all alike); each round sends ``--requests`` sequential GETs per path.
@@ -229,8 +233,16 @@ def main() -> None:
                           MESH_TLS_CA=stack.files["front"]["ca"])
         mesh_tls = meshlib.Mesh(service="front", control_plane="", tls="strict", state_dir=str(tmp / "c2"),
                                 discovery=StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_tls_port)]}))
+        # the same client engine on every path: meshlib.Client (mesh TLS off) straight to the app, and in front of
+        # the Envoy pair, so the mesh hop can also be compared with the sidecars' without the clients' difference
+        direct = meshlib.Mesh(service="front", control_plane="", tls="off", state_dir=str(tmp / "c3"),
+                              discovery=StaticDiscovery({"app": [Endpoint("127.0.0.1", stack.app_port)],
+                                                         "sidecar": [Endpoint("127.0.0.1", stack.envoy_tls_port)]}))
+        same_client = direct.client()
         paths = [
             Path_("floor", plain, f"http://127.0.0.1:{stack.app_port}", [app_pid]),
+            Path_("floor-mc", same_client, "http://app", [app_pid]),
+            Path_("envoy-mtls-mc", same_client, "http://sidecar", [app_pid, *stack.envoy_tls_pids]),
             Path_("envoy", plain, f"http://127.0.0.1:{stack.envoy_plain_port}", [app_pid, *stack.envoy_plain_pids]),
             Path_("envoy-mtls", plain, f"http://127.0.0.1:{stack.envoy_tls_port}", [app_pid, *stack.envoy_tls_pids]),
             Path_("meshlib", mesh_plain.client(), "http://payments", [stack.procs[1].pid]),
@@ -264,6 +276,20 @@ def main() -> None:
                     "cpu_s_per_1000": cpu,
                 }
             results["paths"][path.name] = entry
+        same = {p.name: p for p in paths}
+        base_mc = same["floor-mc"]
+        results["same_client"] = {  # added over meshlib.Client -> app, for the paths meshlib.Client drives
+            name: {
+                payload: {
+                    "added_p50_us": (quantile(same[name].latencies[payload], 0.5)
+                                     - quantile(base_mc.latencies[payload], 0.5)) * 1e6,
+                    "added_p99_us": (quantile(same[name].latencies[payload], 0.99)
+                                     - quantile(base_mc.latencies[payload], 0.99)) * 1e6,
+                }
+                for payload in PAYLOADS
+            }
+            for name in ("envoy-mtls-mc", "meshlib", "meshlib-mtls")
+        }
         results["rss_kb"] = {
             "envoy pair (plaintext)": sum(rss_kb(p) for p in stack.envoy_plain_pids),
             "envoy pair (mTLS)": sum(rss_kb(p) for p in stack.envoy_tls_pids),
@@ -368,6 +394,10 @@ def report(results: dict[str, Any]) -> None:
         for payload, r in entry.items():
             print(f"{name:14} {payload:7} {r['p50_ms']:6.3f}ms {r['added_p50_us']:7.0f}us {r['added_p99_us']:7.0f}us "
                   f"{r['added_max_us']:7.0f}us {r['cpu_s_per_1000']:13.3f}")
+    print("same client engine (meshlib.Client) on every path, added over meshlib.Client -> app:")
+    for name, entry in results.get("same_client", {}).items():
+        for payload, r in entry.items():
+            print(f"  {name:14} {payload:7} +p50 {r['added_p50_us']:7.0f}us +p99 {r['added_p99_us']:7.0f}us")
     print("resident memory:", ", ".join(f"{k} {v / 1024:.1f} MB" for k, v in results["rss_kb"].items()))
     print(f"\nasync, 1 KB, {'path':14} {'req/s':>8} {'CPU s/1k req':>13}")
     for level, figures in results.get("concurrent", {}).items():
@@ -384,7 +414,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("(matplotlib not installed: no chart)")
         return
-    names = [n for n in results["paths"] if n != "floor"]
+    names = [n for n in results["paths"] if n not in ("floor", "floor-mc", "envoy-mtls-mc")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, payload in zip(axes, PAYLOADS, strict=True):
         p50 = [results["paths"][n][payload]["added_p50_us"] for n in names]
