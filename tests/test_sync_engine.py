@@ -286,3 +286,24 @@ def outbound(port: int, pool_timeout: float = 5.0) -> Any:
     timeouts = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": pool_timeout}
     return Outbound(b"GET", b"http", "127.0.0.1", port, b"/", [(b"host", b"svc")], httpx.ByteStream(b""),
                     {"timeout": timeouts})
+
+
+def test_closing_the_pools_closes_connections_still_in_use_when_they_are_released():
+    def script(conn: socket.socket, served: Served) -> None:
+        served.read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n")
+        time.sleep(0.2)
+        conn.sendall(b"0\r\n\r\n")
+        conn.settimeout(5)
+        if not conn.recv(1):
+            served.closed_by_client += 1
+
+    with scripted(script) as served:
+        pools = EndpointPools()
+        answer = pools.send(outbound(served.port))
+        stack = next(iter(pools._stacks.values()))
+        pools.close()  # while the answer is still being read
+        assert b"".join(answer.stream) == b"ok"
+        answer.stream.close()
+        assert stack.idle == [] and stack.active == 0, "not kept for reuse by a closed client"
+        wait_for(lambda: served.closed_by_client == 1, what="the server to see the connection close")

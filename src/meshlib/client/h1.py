@@ -17,32 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from typing import Any
 
 import httpcore
 import httptools
 
-from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader
+from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader, KeepAlive
 from .h1_body import request_head, write_body
 from .h1_timer import Watch
 from .outbound import Answer, Outbound
 
 
-class H1Connection(AnswerReader, asyncio.Protocol):
+class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
     """One keep-alive connection to one endpoint, used by one request at a time."""
 
     def __init__(
         self, scheme: bytes, host: str, port: int, ssl_context: ssl.SSLContext | None, keepalive: float | None
     ) -> None:
-        self._host = host
-        self._port = port
-        self._ssl = ssl_context if scheme == b"https" else None
-        self._keepalive = keepalive
+        super().__init__(scheme, host, port, ssl_context, keepalive)
         self._transport: asyncio.Transport | None = None
-        self._state = _IDLE
-        self._idle_since = 0.0
-        self._used = False
         # the response being read
         self._parser: httptools.HttpResponseParser | None = None
         self._head: asyncio.Future[None] | None = None
@@ -63,16 +56,7 @@ class H1Connection(AnswerReader, asyncio.Protocol):
 
     # -- what pools._Stack uses -------------------------------------------------------------------------------
     def has_expired(self) -> bool:
-        if self._state == _CLOSED:
-            return True
-        keepalive = self._keepalive
-        return keepalive is not None and self._used and time.monotonic() - self._idle_since > keepalive
-
-    def is_idle(self) -> bool:
-        return self._state == _IDLE
-
-    def is_closed(self) -> bool:
-        return self._state == _CLOSED
+        return self._idle_too_long()
 
     async def aclose(self) -> None:
         self._close()
@@ -130,9 +114,6 @@ class H1Connection(AnswerReader, asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         assert self._transport is not None
         self._transport.write(data)
-
-    def _where(self) -> str:
-        return f"{self._host}:{self._port}"
 
     async def _connect(self, timeout: float | None, sni: str | None) -> None:
         loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ and body, and decide at its end whether the connection may carry another request
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -19,6 +20,39 @@ _IDLE, _ACTIVE, _CLOSED = 0, 1, 2
 _HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
 #: The most an answer's status line and headers may hold (names and values); past it the answer is refused.
 MAX_HEAD_BYTES = 64 * 1024
+
+
+class KeepAlive:
+    """What both engines' connections share: their endpoint, and the keep-alive state their stacks read."""
+
+    __slots__ = ("_host", "_idle_since", "_keepalive", "_port", "_ssl", "_state", "_used")
+
+    def __init__(
+        self, scheme: bytes, host: str, port: int, ssl_context: ssl.SSLContext | None, keepalive: float | None
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._ssl = ssl_context if scheme == b"https" else None
+        self._keepalive = keepalive
+        self._state = _IDLE
+        self._idle_since = 0.0
+        self._used = False
+
+    def _idle_too_long(self) -> bool:
+        """Closed, or idle past the keep-alive expiry."""
+        if self._state == _CLOSED:
+            return True
+        keepalive = self._keepalive
+        return keepalive is not None and self._used and time.monotonic() - self._idle_since > keepalive
+
+    def is_idle(self) -> bool:
+        return self._state == _IDLE
+
+    def is_closed(self) -> bool:
+        return self._state == _CLOSED
+
+    def _where(self) -> str:
+        return f"{self._host}:{self._port}"
 
 
 class AnswerReader:

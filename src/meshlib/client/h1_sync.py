@@ -24,7 +24,7 @@ from typing import Any
 import httpcore
 import httptools
 
-from .h1_answer import _ACTIVE, _CLOSED, _IDLE, MAX_HEAD_BYTES, is_framed, keep_alive_header
+from .h1_answer import _ACTIVE, _CLOSED, _IDLE, MAX_HEAD_BYTES, KeepAlive, is_framed, keep_alive_header
 from .h1_body import Framer, request_head
 from .outbound import Answer, Outbound
 
@@ -34,28 +34,21 @@ READ_SIZE = 65536
 _JOIN_BELOW = 65536
 
 
-class SyncH1Connection:
+class SyncH1Connection(KeepAlive):
     """One keep-alive connection to one endpoint, used by one thread's request at a time."""
 
     __slots__ = (
-        "_complete", "_framed", "_head_bytes", "_head_done", "_head_request", "_headers", "_host", "_idle_since",
-        "_informational", "_keepalive", "_parser", "_parts", "_poll", "_port", "_reason", "_sock", "_ssl",
-        "_state", "_status", "_stray", "_timeout", "_used",
+        "_complete", "_framed", "_head_bytes", "_head_done", "_head_request", "_headers", "_informational",
+        "_parser", "_parts", "_poll", "_reason", "_sock", "_status", "_stray", "_timeout",
     )
 
     def __init__(
         self, scheme: bytes, host: str, port: int, ssl_context: ssl.SSLContext | None, keepalive: float | None
     ) -> None:
-        self._host = host
-        self._port = port
-        self._ssl = ssl_context if scheme == b"https" else None
-        self._keepalive = keepalive
+        super().__init__(scheme, host, port, ssl_context, keepalive)
         self._sock: socket.socket | None = None
         self._poll: Any = None
         self._timeout: float | None = -1.0  # what the socket is set to (settimeout is a system call: set on change)
-        self._state = _IDLE
-        self._idle_since = 0.0
-        self._used = False
         self._parser: httptools.HttpResponseParser | None = None
         self._status = 0
         self._reason = b""
@@ -75,20 +68,10 @@ class SyncH1Connection:
         nobody asked for: either way it cannot carry a request). One poll of this socket only."""
         if self._state == _CLOSED:
             return True
-        keepalive = self._keepalive
-        if keepalive is not None and self._used and time.monotonic() - self._idle_since > keepalive:
-            self.close()
-            return True
-        if self._poll is not None and self._poll.poll(0):
+        if self._idle_too_long() or (self._poll is not None and self._poll.poll(0)):
             self.close()
             return True
         return False
-
-    def is_idle(self) -> bool:
-        return self._state == _IDLE
-
-    def is_closed(self) -> bool:
-        return self._state == _CLOSED
 
     def close(self) -> None:
         self._state = _CLOSED
@@ -140,9 +123,6 @@ class SyncH1Connection:
         return Answer(self._status, self._headers, SyncBody(self), extensions)
 
     # -- I/O ----------------------------------------------------------------------------------------------
-    def _where(self) -> str:
-        return f"{self._host}:{self._port}"
-
     def _set_timeout(self, seconds: float | None) -> None:
         if seconds != self._timeout:
             assert self._sock is not None

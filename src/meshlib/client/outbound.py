@@ -4,6 +4,7 @@ where they are written (``h1_body.request_head``). httpcore's objects are made o
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpcore
@@ -55,3 +56,20 @@ class Answer:
         self.headers = headers
         self.stream = stream
         self.extensions = extensions
+
+
+class PoolLimits:
+    """httpx's pool options as both engines' per-endpoint stacks read them (``limits`` apply per endpoint)."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int | None = 100,
+        max_keepalive_connections: int | None = 20,
+        keepalive_expiry: float | None = 5.0,
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._max = max_connections or 1_000_000
+        self._keepalive = max_keepalive_connections if max_keepalive_connections is not None else self._max
+        self._expiry = keepalive_expiry

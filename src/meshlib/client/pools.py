@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,32 +21,19 @@ import httpcore
 
 from .h1 import H1Connection
 from .h1_body import Body
-from .outbound import Answer, Outbound
+from .outbound import Answer, Outbound, PoolLimits
 
 _Key = tuple[bytes, str, int]
 _Connection = H1Connection | httpcore.AsyncHTTPConnection
 
 
-class AsyncEndpointPools:
+class AsyncEndpointPools(PoolLimits):
     """What ``httpcore.AsyncConnectionPool`` is to httpx's transport, for one destination service's endpoints."""
 
-    def __init__(
-        self,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        max_connections: int | None = 100,
-        max_keepalive_connections: int | None = 20,
-        keepalive_expiry: float | None = 5.0,
-        http1: bool = True,
-        http2: bool = False,
-        lean: bool = True,
-    ) -> None:
+    def __init__(self, *, http1: bool = True, http2: bool = False, lean: bool = True, **limits: Any) -> None:
+        super().__init__(**limits)
         # the lean HTTP/1.1 engine (h1.py) needs asyncio; HTTP/2 and other event loops use httpcore's connection
         self._lean = lean and http1 and not http2
-        self._ssl_context = ssl_context
-        self._max = max_connections or 1_000_000
-        self._keepalive = max_keepalive_connections if max_keepalive_connections is not None else self._max
-        self._expiry = keepalive_expiry
         self._http1 = http1
         self._http2 = http2
         self._stacks: dict[_Key, _Stack] = {}

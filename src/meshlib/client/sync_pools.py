@@ -9,7 +9,6 @@ threads past it wait (``pool`` timeout). No lock is held while a connection conn
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -18,27 +17,17 @@ from typing import Any
 import httpcore
 
 from .h1_sync import SyncBody, SyncH1Connection
-from .outbound import Answer, Outbound
+from .outbound import Answer, Outbound, PoolLimits
 
 _Key = tuple[bytes, str, int]
 
 
-class EndpointPools:
+class EndpointPools(PoolLimits):
     """What ``httpcore.ConnectionPool`` is to httpx's transport, for one destination service's endpoints."""
 
-    def __init__(
-        self,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        max_connections: int | None = 100,
-        max_keepalive_connections: int | None = 20,
-        keepalive_expiry: float | None = 5.0,
-        **_: Any,  # http1 / http2: the transport gives HTTP/2 to httpcore's pool, never to this one
-    ) -> None:
-        self._ssl_context = ssl_context
-        self._max = max_connections or 1_000_000
-        self._keepalive = max_keepalive_connections if max_keepalive_connections is not None else self._max
-        self._expiry = keepalive_expiry
+    def __init__(self, *, http1: bool = True, http2: bool = False, **limits: Any) -> None:
+        # http1 / http2 are accepted as the pool options carry them; the transport gives HTTP/2 to httpcore's pool
+        super().__init__(**limits)
         self._stacks: dict[_Key, _Stack] = {}
         self._lock = threading.Lock()
 
@@ -77,13 +66,14 @@ class EndpointPools:
 
 
 class _Stack:
-    __slots__ = ("active", "idle", "origin", "owner", "ready")
+    __slots__ = ("active", "closed", "idle", "origin", "owner", "ready")
 
     def __init__(self, owner: EndpointPools, origin: _Key) -> None:
         self.owner = owner
         self.origin = origin
         self.idle: list[SyncH1Connection] = []
         self.active = 0  # checked out, or being connected
+        self.closed = False  # the client was closed: connections still in use are closed when released
         self.ready = threading.Condition(threading.Lock())
 
     def checkout(self, timeout: float | None) -> SyncH1Connection:
@@ -120,7 +110,9 @@ class _Stack:
         dropped: SyncH1Connection | None = None
         with self.ready:
             self.active -= 1
-            if connection.is_idle() and not connection.is_closed():
+            if self.closed:
+                dropped = connection
+            elif connection.is_idle() and not connection.is_closed():
                 self.idle.append(connection)
                 if len(self.idle) > self.owner._keepalive:  # keep the most recently used; close the oldest
                     dropped = self.idle.pop(0)
@@ -130,6 +122,7 @@ class _Stack:
 
     def close(self) -> None:
         with self.ready:
+            self.closed = True
             idle, self.idle = self.idle, []
         for connection in idle:
             connection.close()
