@@ -307,3 +307,28 @@ def test_closing_the_pools_closes_connections_still_in_use_when_they_are_release
         answer.stream.close()
         assert stack.idle == [] and stack.active == 0, "not kept for reuse by a closed client"
         wait_for(lambda: served.closed_by_client == 1, what="the server to see the connection close")
+
+
+def test_a_forked_child_never_uses_its_parent_s_connections():
+    """A pre-forking server (gunicorn --preload) may make the client before it forks: a child that reused the
+    parent's keep-alive connection would read the parent's answers."""
+    import os
+
+    with scripted(answering()) as served:
+        mesh = mesh_to(served.port)
+        client = mesh.client(timeout=5)
+        assert client.get("http://svc/parent").text == "ok"
+        pid = os.fork()
+        if pid == 0:  # the child: one call, then out without running the test process's cleanup
+            code = 1
+            try:
+                code = 0 if client.get("http://svc/child").text == "ok" else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert served.connections == 2, "the child connected afresh"
+        assert client.get("http://svc/parent-again").text == "ok"
+        assert served.connections == 2, "the parent's connection is still open and reused"
+        client.close()
+        mesh.close()

@@ -9,6 +9,7 @@ threads past it wait (``pool`` timeout). No lock is held while a connection conn
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -30,10 +31,13 @@ class EndpointPools(PoolLimits):
         super().__init__(**limits)
         self._stacks: dict[_Key, _Stack] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def send(self, request: Outbound) -> Answer:
         """One attempt over a connection of its endpoint's stack. An answer whose body came with its head (most
         small ones) returns its connection at once and carries its body as ``bytes``."""
+        if self._pid != os.getpid():
+            self._forked()
         key = (request.scheme, request.host, request.port)
         stack = self._stacks.get(key)
         if stack is None:
@@ -58,6 +62,17 @@ class EndpointPools(PoolLimits):
         with self._lock:
             stacks, self._stacks = list(self._stacks.values()), {}
         for stack in stacks:
+            stack.close()
+
+    def _forked(self) -> None:
+        """In a child process (a pre-forking server that made the client before it forked): connections made by
+        the parent are its own, and two processes on one connection would read each other's answers. The child
+        closes its copies (the parent's stay open) and connects afresh; a lock held at the fork is not reused."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        stacks, self._stacks = list(self._stacks.values()), {}
+        for stack in stacks:
+            stack.ready = threading.Condition(threading.Lock())
             stack.close()
 
     def connections(self) -> int:
