@@ -332,3 +332,22 @@ def test_a_forked_child_never_uses_its_parent_s_connections():
         assert served.connections == 2, "the parent's connection is still open and reused"
         client.close()
         mesh.close()
+
+
+def test_an_upload_whose_own_iterator_fails_raises_that_error_and_drops_the_connection():
+    with scripted(answering()) as served:
+        pools = EndpointPools()
+
+        def parts() -> Iterator[bytes]:
+            yield b"first part"
+            raise OSError("the file being uploaded went away")
+
+        request = outbound(served.port)
+        request.method = b"POST"
+        request.headers = [(b"host", b"svc"), (b"transfer-encoding", b"chunked")]
+        request.stream = parts()
+        with pytest.raises(OSError, match="went away"):
+            pools.send(request)
+        assert pools.connections() == 0, "a half-sent request's connection is never reused"
+        assert pools.send(outbound(served.port)).stream == b"ok"
+        pools.close()

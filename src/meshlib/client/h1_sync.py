@@ -166,22 +166,31 @@ class SyncH1Connection(KeepAlive):
         sock = self._sock
         assert sock is not None
         self._set_timeout(timeout)
+
+        def write(data: bytes) -> None:
+            try:
+                sock.sendall(data)
+            except TimeoutError:
+                raise httpcore.WriteTimeout(
+                    f"could not send the request to {self._where()} within {timeout:g}s"
+                ) from None
+            except OSError as exc:
+                raise _WriteFailed from exc
+
         try:
             if whole is None:
-                sock.sendall(head)
+                write(head)
                 framer = Framer(length)
-                for part in stream:
+                for part in stream:  # the caller's iterator: its own errors propagate as they are
                     if part:
-                        sock.sendall(framer.frame(part))
-                sock.sendall(framer.end())
+                        write(framer.frame(part))
+                write(framer.end())
             elif len(whole) < _JOIN_BELOW:
-                sock.sendall(head + whole)
+                write(head + whole)
             else:
-                sock.sendall(head)
-                sock.sendall(whole)
-        except TimeoutError:
-            raise httpcore.WriteTimeout(f"could not send the request to {self._where()} within {timeout:g}s") from None
-        except OSError:
+                write(head)
+                write(whole)
+        except _WriteFailed:
             # the server may have answered and closed before reading it all (a 413, a 401): read that answer, as
             # httpcore does; with no answer, the read names the closed connection
             pass
@@ -290,6 +299,10 @@ class SyncH1Connection(KeepAlive):
             self._idle_since = time.monotonic()
         else:
             self.close()
+
+
+class _WriteFailed(Exception):
+    """The socket refused a write (the server closed or reset the connection)."""
 
 
 class SyncBody:
