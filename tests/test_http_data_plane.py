@@ -31,9 +31,9 @@ def test_requests_spread_over_all_instances(upstreams):
     seen = instances_of(responses)
     assert set(seen) == {u.name for u in ups}, seen
     # every instance takes a share. Neither an upper bound nor an even split: the balancer is peak-EWMA, which keeps a
-    # slow sample (a connect, a GC pause on a loaded machine) for seconds, and this test lasts well under one. One
-    # instance took 63% in a full-suite run; another got 6% after the sync client's own engine made the calls faster
-    # (the same spike, a shorter test). In isolation the split is about 30/33/37%.
+    # slow sample (a connect, a thread kept waiting for the GIL on a loaded machine) for seconds, and this test lasts
+    # well under one. One instance took 63% in a full-suite run, another 6% (both before garbage-collection pauses
+    # were left out of the estimates). In isolation the split is about 30/33/37%.
     assert min(seen.values()) >= 0.02 * len(responses), seen
 
 

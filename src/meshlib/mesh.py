@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import gc_pauses
 from .discovery import Discovery
 from .discovery.factory import make_discovery
 from .endpoints import EndpointSet
@@ -66,6 +67,7 @@ class Mesh:
         default_policy: ServicePolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        paused: Callable[[], float] | None = None,
         settings: MeshSettings | None = None,
         telemetry: bool | None = None,
         access_log: bool | None = None,
@@ -94,6 +96,7 @@ class Mesh:
         self.discovery = discovery if isinstance(discovery, Discovery) else make_discovery(self.settings)
         self.clock = clock
         self.rand = rand
+        self.paused = paused or gc_pauses.meter_for(clock)  # garbage-collection pauses, kept out of latency estimates
         self.default_policy = default_policy
         self._policies: dict[str, ServicePolicy] = dict(policies or {})
         self._services: dict[str, ServiceState] = {}

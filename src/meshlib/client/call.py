@@ -114,6 +114,7 @@ class _Call:
             deadline=outbound_deadline(now, state.policy.timeout),
             clock=mesh.clock,
             rand=mesh.rand,
+            paused=mesh.paused,
             plan=plan,
             hedging=hedging,
             record=copy_of is None,

@@ -118,6 +118,7 @@ class RpcCall:
             deadline=outbound_deadline(now, timeout),
             clock=mesh.clock,
             rand=mesh.rand,
+            paused=mesh.paused,
             plan=plan,
         )
 

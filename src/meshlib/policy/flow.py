@@ -31,6 +31,7 @@ from .steps import (
     deadline_error,
     describe,
     final_error,
+    no_pauses,
     record_outcome,
     stop_call,
 )
@@ -46,6 +47,7 @@ def call_flow(
     deadline: float | None,
     clock: Callable[[], float],
     rand: Callable[[], float],
+    paused: Callable[[], float] = no_pauses,
     plan: CallPlan = DEFAULT_PLAN,
     hedgeable: bool = False,
     hedging: bool = True,
@@ -55,7 +57,9 @@ def call_flow(
     they are idempotent (or ``hedgeable``: gRPC, whose hedging is itself the caller's statement that a call may
     run twice); every other call is tried, then retried, one attempt at a time. A shell that cannot run attempts
     side by side passes ``hedging=False``. ``record=False`` (a mirrored copy) leaves the endpoints' breakers and
-    latency estimates alone: a copy measures its target, it does not steer the real traffic."""
+    latency estimates alone: a copy measures its target, it does not steer the real traffic. ``paused`` is the
+    seconds this process has stood still in garbage collection so far (``meshlib/gc_pauses.py``): an attempt's recorded
+    latency leaves out the pauses during it."""
     now = clock()
     faults = plan.faults
     if faults is not None:  # injected by the rules, before anything else, as a real failure would be
@@ -74,7 +78,8 @@ def call_flow(
     ):
         return (
             yield from hedged_flow(
-                service, hedger, method=method, deadline=deadline, now=now, clock=clock, rand=rand, plan=plan
+                service, hedger, method=method, deadline=deadline, now=now, clock=clock, rand=rand, plan=plan,
+                paused=paused,
             )
         )
     service.budget.deposit(now)
@@ -103,7 +108,7 @@ def call_flow(
         timeout = per_try if remaining is None else (remaining if per_try is None else min(per_try, remaining))
         load = handle.load
         load.outstanding += 1
-        started = now
+        started = now - paused()
         answered = False
         try:
             sent = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state)
@@ -122,7 +127,7 @@ def call_flow(
                 handle.breaker.release()
             return Done(result, result.error, attempt)
         if record:
-            record_outcome(service, pick, result, now - started, now)
+            record_outcome(service, pick, result, max(0.0, now - paused() - started), now)
         tried.append(handle)
         last = result
         if verdict.is_failure:

@@ -27,6 +27,7 @@ from .steps import (
     deadline_error,
     describe,
     final_error,
+    no_pauses,
     record_outcome,
     stop_call,
 )
@@ -42,6 +43,7 @@ def hedged_flow(
     clock: Callable[[], float],
     rand: Callable[[], float],
     plan: CallPlan,
+    paused: Callable[[], float] = no_pauses,
 ) -> CallFlow:
     service.budget.deposit(now)
     hedger.budget.deposit(now)
@@ -51,7 +53,8 @@ def hedged_flow(
     hedges_left = hedger.policy.max_attempts - 1 if delay is not None else 0
     tried: list[EndpointHandle] = []
     log: list[str] = []
-    flights: dict[int, tuple[Pick, float]] = {}  # attempt -> (its pick, when it started)
+    # attempt -> (its pick, when it started less the pauses so far: ``now - paused() - started`` is its latency)
+    flights: dict[int, tuple[Pick, float]] = {}
     last: Result | None = None
     attempt = hedges = 0
     send = True  # a first attempt, a backup or a retry is due
@@ -83,7 +86,7 @@ def hedged_flow(
                     attempt += 1
                     handle = pick.handle
                     handle.load.outstanding += 1
-                    flights[attempt] = (pick, now)
+                    flights[attempt] = (pick, now - paused())
                     timeout = per_try if remaining is None else (
                         remaining if per_try is None else min(per_try, remaining)
                     )
@@ -115,7 +118,7 @@ def hedged_flow(
                 if pick.trial:
                     handle.breaker.release()
                 return Done(result, result.error, attempt, winner=key, hedges=hedges)
-            record_outcome(service, pick, result, now - started, now)
+            record_outcome(service, pick, result, max(0.0, now - paused() - started), now)
             tried.append(handle)
             last = result
             if verdict.is_failure:
@@ -143,11 +146,12 @@ def hedged_flow(
     finally:
         if flights:
             end = clock()
+            spent = end - paused()
             for pick, started in flights.values():  # the losers, cancelled by the shell
                 load = pick.handle.load
                 load.outstanding -= 1
                 # what a loser took is at least this long: a lower bound keeps its endpoint's estimate honest
                 # (else a slow endpoint whose attempts always lose would never show it, and keep its share)
-                load.observe(end - started, end)
+                load.observe(max(0.0, spent - started), end)
                 if pick.trial:
                     pick.handle.breaker.release()

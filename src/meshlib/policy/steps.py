@@ -96,6 +96,11 @@ def describe(handle: EndpointHandle, result: Result) -> str:
     return line
 
 
+def no_pauses() -> float:
+    """The garbage-collection pause meter of a flow that is given none (a fake clock has no pauses in it)."""
+    return 0.0
+
+
 def record_outcome(service: ServiceState, pick: Pick, result: Result, rtt: float, now: float) -> None:
     """One attempt's outcome, charged to its endpoint: the load estimate (a failure as at least the failure
     penalty; the probe that closes a breaker revives the endpoint afresh), the breaker (within the service's
