@@ -241,3 +241,27 @@ def test_client_tls_reads_take_every_record_on_the_socket(strict_server, monkeyp
         assert r.content == bytes(i % 251 for i in range(1 << 20))
         assert len(reads) <= 40, f"{engine}: {len(reads)} reads for 1 MiB: {reads[:8]}..."
         assert max(reads) > 16384, engine  # records were coalesced
+
+
+def test_a_hops_network_stream_shows_the_verified_peer_as_httpcore_streams_do(strict_server):
+    """``response.extensions["network_stream"].get_extra_info(...)`` on both lean engines: the peer certificate the
+    mesh verified (its SPIFFE ID), the addresses and the socket; None for a name httpcore does not answer either."""
+    _, server, mesh = strict_server
+
+    def check(response: httpx.Response) -> None:
+        stream = response.extensions["network_stream"]
+        cert = stream.get_extra_info("ssl_object").getpeercert()
+        assert ("URI", "spiffe://mesh.local/ns/default/sa/svc") in cert["subjectAltName"]
+        assert stream.get_extra_info("server_addr")[:2] == ("127.0.0.1", server.port)
+        assert stream.get_extra_info("client_addr")[0] == "127.0.0.1"
+        assert stream.get_extra_info("socket") is not None
+        assert stream.get_extra_info("no-such-thing") is None
+
+    with mesh.client() as client:
+        check(client.get("http://svc/sized?n=10"))
+
+    async def main() -> None:
+        async with mesh.async_client() as client:
+            check(await client.get("http://svc/sized?n=10"))
+
+    asyncio.run(main())

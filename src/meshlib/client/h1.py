@@ -27,6 +27,9 @@ from .h1_body import request_head, write_body
 from .h1_timer import Watch
 from .outbound import Answer, Outbound
 
+#: httpcore's ``get_extra_info`` names, as asyncio's transports call them.
+_TRANSPORT_INFO = {"ssl_object": "ssl_object", "client_addr": "sockname", "server_addr": "peername", "socket": "socket"}
+
 
 class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
     """One keep-alive connection to one endpoint, used by one request at a time."""
@@ -100,8 +103,15 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
             raise
         body = self._body
         assert body is not None
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason}
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason, "network_stream": self}
         return Answer(self._status, self._answer_headers, body, extensions)
+
+    def get_extra_info(self, info: str) -> Any:
+        transport = self._transport
+        name = _TRANSPORT_INFO.get(info)
+        if transport is None or name is None or self._state == _CLOSED:
+            return None
+        return transport.get_extra_info(name)
 
     # -- I/O helpers used by the body streams ---------------------------------------------------------------
     async def _drained(self, timeout: float | None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpcore
 import httptools
@@ -53,6 +53,12 @@ class KeepAlive:
 
     def _where(self) -> str:
         return f"{self._host}:{self._port}"
+
+    def get_extra_info(self, info: str) -> Any:
+        """The connection is its answers' ``extensions["network_stream"]``, for callers that read a hop's peer
+        certificate or addresses as on httpcore's streams: ``ssl_object`` (its ``getpeercert()`` holds the SPIFFE ID
+        the mesh verified), ``client_addr``, ``server_addr``, ``socket``; None for other names, or once closed."""
+        return None
 
 
 class AnswerReader:

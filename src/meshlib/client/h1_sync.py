@@ -73,6 +73,18 @@ class SyncH1Connection(KeepAlive):
             return True
         return False
 
+    def get_extra_info(self, info: str) -> Any:
+        sock = self._sock
+        if sock is None:
+            return None
+        if info == "ssl_object":
+            return sock if isinstance(sock, ssl.SSLSocket) else None
+        if info == "client_addr":
+            return sock.getsockname()
+        if info == "server_addr":
+            return sock.getpeername()
+        return sock if info == "socket" else None
+
     def close(self) -> None:
         self._state = _CLOSED
         sock, self._sock = self._sock, None
@@ -115,7 +127,7 @@ class SyncH1Connection(KeepAlive):
             if isinstance(exc, httpcore.RemoteProtocolError) and reused:
                 exc.args = (f"{exc} (a reused keep-alive connection to {self._where()})",)
             raise
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason}
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason, "network_stream": self}
         if self._complete:
             parts = self._parts
             self._parts = []
