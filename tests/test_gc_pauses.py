@@ -70,12 +70,13 @@ def test_a_pause_while_an_answer_waits_is_left_out_of_its_endpoints_estimate(ups
 
 
 def test_the_meter_counts_collections_only_when_the_clock_is_real():
-    meter = static_mesh({"svc": [1]}).paused
-    before = meter()
-    pause_in_collection()
-    assert meter() - before >= PAUSE
+    with static_mesh({"svc": [1]}, telemetry=False) as mesh:
+        before = mesh.paused()
+        pause_in_collection()
+        assert mesh.paused() - before >= PAUSE
     fake: Any = lambda: 0.0  # noqa: E731 - a test's fake clock
-    assert static_mesh({"svc": [1]}, clock=fake).paused is no_pauses
+    with static_mesh({"svc": [1]}, telemetry=False, clock=fake) as mesh:
+        assert mesh.paused is no_pauses
 
 
 @pytest.mark.parametrize("hedging", [None, HedgingPolicy(delay=5.0)], ids=["plain", "hedged"])
