@@ -9,55 +9,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import httpx
-
+from .cli_http import DEFAULT_CONTROL_PLANE, CliError, admin_headers, check, control_plane_url, print_json, request
+from .cli_tokens import add_token_commands
 from .settings import env_value
-
-DEFAULT_CONTROL_PLANE = "http://127.0.0.1:7400"
-
-
-class CliError(Exception):
-    """Reported as one line on stderr with exit status 1; never a traceback."""
-
-
-def _control_plane(args: argparse.Namespace) -> str:
-    return str(args.control_plane or env_value("control_plane") or DEFAULT_CONTROL_PLANE).rstrip("/")
-
-
-def _admin_headers() -> dict[str, str]:
-    token = env_value("admin_token")
-    return {"authorization": f"Bearer {token}"} if token else {}
-
-
-def _request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    url = _control_plane(args) + path
-    try:
-        return httpx.request(method, url, timeout=10, trust_env=False, **kwargs)
-    except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach the control plane at {_control_plane(args)}: {exc}") from None
-
-
-def _check(response: httpx.Response) -> Any:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": response.text}
-    if response.status_code >= 400:
-        message = body.get("error", response.reason_phrase) if isinstance(body, dict) else str(body)
-        lines = [f"{response.status_code}: {message}"]
-        if isinstance(body, dict):
-            lines += [f"  - {e['path']}: {e['error']}" for e in body.get("errors", [])]
-        if response.status_code == 401:
-            lines.append("  (set MESH_ADMIN_TOKEN to the control plane's admin token)")
-        raise CliError("\n".join(lines))
-    return body
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
-
 
 # -- commands -------------------------------------------------------------------------------------
 
@@ -144,10 +99,10 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
     document = parse_rules(text, args.file)
     validate_rules(document)  # the same checks the server makes, reported before anything is sent
     params = {"cas": args.cas} if args.cas is not None else {}
-    headers = {**_admin_headers(), "content-type": "application/json"}
+    headers = {**admin_headers(), "content-type": "application/json"}
     if args.comment:
         headers["x-mesh-comment"] = args.comment
-    body = _check(_request(args, "PUT", "/v1/rules", params=params, content=json.dumps(document), headers=headers))
+    body = check(request(args, "PUT", "/v1/rules", params=params, content=json.dumps(document), headers=headers))
     print(f"rules version {body['version']} applied")
     for warning in body.get("warnings", []):
         print(f"  warning: {warning['path']}: {warning['error']}")
@@ -170,19 +125,19 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
 
 def cmd_rules_get(args: argparse.Namespace) -> int:
     path = f"/v1/rules/{args.version}" if args.version is not None else "/v1/rules"
-    body = _check(_request(args, "GET", path))
+    body = check(request(args, "GET", path))
     if args.output == "yaml":
         import yaml
 
         print(f"# version {body['version']}")
         print(yaml.safe_dump(body["rules"], sort_keys=False) if body["rules"] else "{}")
     else:
-        _print_json(body)
+        print_json(body)
     return 0
 
 
 def cmd_rules_history(args: argparse.Namespace) -> int:
-    body = _check(_request(args, "GET", "/v1/rules/history", params={"limit": args.limit}))
+    body = check(request(args, "GET", "/v1/rules/history", params={"limit": args.limit}))
     print(f"{'VERSION':>7}  {'WHEN (UTC)':19}  {'AUTHOR':12}  COMMENT")
     for v in body["versions"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_at"]))
@@ -192,7 +147,7 @@ def cmd_rules_history(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_rollback(args: argparse.Namespace) -> int:
-    body = _check(_request(args, "POST", "/v1/rules/rollback", params={"to": args.version}, headers=_admin_headers()))
+    body = check(request(args, "POST", "/v1/rules/rollback", params={"to": args.version}, headers=admin_headers()))
     print(f"rolled back to version {body['rolled_back_to']}: now version {body['version']}")
     return 0
 
@@ -200,10 +155,10 @@ def cmd_rules_rollback(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .cli_status import status
 
-    rules = _check(_request(args, "GET", "/v1/rules"))
-    registry = _check(_request(args, "GET", "/v1/registry/services"))
-    print(f"control plane {_control_plane(args)}: rules version {rules['version']}")
-    return status(args, _control_plane(args), registry["services"], _request(args, "GET", "/v1/stats/topology"))
+    rules = check(request(args, "GET", "/v1/rules"))
+    registry = check(request(args, "GET", "/v1/registry/services"))
+    print(f"control plane {control_plane_url(args)}: rules version {rules['version']}")
+    return status(args, control_plane_url(args), registry["services"], request(args, "GET", "/v1/stats/topology"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -312,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = rsub.add_parser("rollback", help="make an old version current again (as a new version)")
     p.add_argument("version", type=int, help="the version to make current again (as a new version)")
     p.set_defaults(func=cmd_rules_rollback)
+
+    add_token_commands(sub)
 
     p = sub.add_parser("status", help="services, instances, rule version, golden signals")
     p.add_argument("--interval", type=float, default=1.0, help="with --scrape: seconds between the two metric reads")

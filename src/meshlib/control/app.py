@@ -39,6 +39,8 @@ from .requests import (
 from .stats import StatsBook
 from .stats_routes import stats_routes
 from .store import CasConflict, Revision, RulesStore, UnknownVersion
+from .token_routes import token_routes
+from .tokens import ANY_SERVICE, Grant, TokenStore
 from .ui import CsrfGuard, new_csrf_token, ui_routes
 
 log = logging.getLogger("meshlib.control")
@@ -62,8 +64,11 @@ class ControlPlane:
         ca: CertificateAuthority | None = None,
         max_rules_bytes: int = MAX_DOCUMENT_BYTES,
         allow_unsafe_addresses: bool = False,
+        tokens: TokenStore | None = None,
     ) -> None:
         self.store = store
+        #: Join tokens scoped to services (None: only the shared token, or loopback writes, are accepted).
+        self.tokens = tokens
         self.ca = ca
         self.admin_token = admin_token or None
         self.registry_token = registry_token or None
@@ -114,18 +119,41 @@ class ControlPlane:
             return error(403, "admin writes are disabled: start the control plane with MESH_ADMIN_TOKEN set")
         return self._token_refusal(request, self.admin_token, "MESH_ADMIN_TOKEN")
 
-    def check_registry(self, request: Request) -> Response | None:
+    def join_grant(self, request: Request) -> Grant | Response:
+        """What this request's credential may act as (a join token's services, or any service for the shared
+        development token and for loopback writes with no token configured), or the refusal to send."""
+        token = self._bearer(request)
+        if token is not None and self.tokens is not None and self.tokens.holds(token):
+            checked = self.tokens.check(token)
+            if isinstance(checked, str):
+                return error(401, f"{checked}: ask the operator for a new one (meshctl token create)",
+                             reason="wrong", variable="MESH_BOOTSTRAP_TOKEN")
+            return checked
         if self.registry_token is None:
-            # no token: only processes on this machine may write (the port may still be reachable from others)
-            client = request.client
-            if client is not None and is_loopback(client.host):
-                return None
-            return error(
-                403,
-                "registry writes from other machines need a token: start the control plane with "
-                "MESH_BOOTSTRAP_TOKEN set, and set the same MESH_BOOTSTRAP_TOKEN on every instance",
-            )
-        return self._token_refusal(request, self.registry_token, "MESH_BOOTSTRAP_TOKEN")
+            if token is None and (self.tokens is None or not self.tokens.active()):
+                # no token configured at all (the development default): only processes on this machine may write,
+                # as any service; once a join token exists, every write needs one
+                client = request.client
+                if client is not None and is_loopback(client.host):
+                    return ANY_SERVICE
+            if token is None:
+                return error(
+                    403,
+                    "registry writes need a join token: create one with meshctl token create --service NAME and "
+                    "set it as MESH_BOOTSTRAP_TOKEN on the instance", reason="missing", variable="MESH_BOOTSTRAP_TOKEN",
+                )
+            return error(401, "wrong token: it is neither a join token of this control plane nor its shared "
+                         "MESH_BOOTSTRAP_TOKEN", reason="wrong", variable="MESH_BOOTSTRAP_TOKEN")
+        refusal = self._token_refusal(request, self.registry_token, "MESH_BOOTSTRAP_TOKEN")
+        return refusal if refusal is not None else ANY_SERVICE
+
+    @staticmethod
+    def out_of_scope(grant: Grant, service: str, namespace: str | None = None) -> Response | None:
+        """403 when ``grant`` may not act as ``service`` (in ``namespace``, for a certificate)."""
+        if grant.allows(service, namespace):
+            return None
+        where = f" in namespace {namespace!r}" if namespace is not None else ""
+        return error(403, f"{grant.describe()} may not act as {service!r}{where}", reason="scope")
 
     def _token_refusal(self, request: Request, expected: str, variable: str) -> Response | None:
         """None when the request carries ``expected``; else a 401 that tells a missing token from a wrong one."""
@@ -243,11 +271,14 @@ def build_app(cp: ControlPlane) -> Starlette:
             return error(
                 503, "this control plane has no CA: run meshctl ca init (or start it with --ca-cert/--ca-key)"
             )
-        if cp.registry_token is None:
+        if cp.registry_token is None and cp.tokens is None:
             return error(403, "certificate issuing is disabled: start the control plane with MESH_BOOTSTRAP_TOKEN set")
-        denied = cp.check_registry(request)
-        if denied is not None:
-            return denied
+        grant = cp.join_grant(request)
+        if isinstance(grant, Response):
+            return grant
+        if grant is ANY_SERVICE and cp.registry_token is None:
+            return error(403, "certificate issuing needs a join token (meshctl token create --service NAME) or the "
+                         "shared MESH_BOOTSTRAP_TOKEN; a loopback caller without one gets none", reason="missing")
         try:
             body = json.loads(await read_body(request, SMALL_BODY_BYTES) or b"null")
             if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
@@ -256,6 +287,9 @@ def build_app(cp: ControlPlane) -> Starlette:
             namespace = body.get("namespace", "default")
             if not isinstance(service, str) or not isinstance(namespace, str):
                 raise ValueError("service and namespace must be strings")
+            refused = cp.out_of_scope(grant, service, namespace)
+            if refused is not None:
+                return refused
             lifetime = float(body.get("lifetime_seconds", DEFAULT_LEAF_LIFETIME.total_seconds()))
             if not 2 <= lifetime <= 7 * 86400:
                 raise ValueError("lifetime_seconds must be between 2 and 604800")
@@ -329,6 +363,7 @@ def build_app(cp: ControlPlane) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *stats_routes(cp),
+            *token_routes(cp),
         ],
         middleware=[Middleware(CsrfGuard, token=cp.csrf_token)],
         lifespan=lifespan,

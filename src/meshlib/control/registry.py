@@ -163,6 +163,16 @@ class Registry:
             self._changed(instance.service)
         return instance
 
+    def owns(self, instance_id: str, secret: str | None) -> bool:
+        """``secret`` is the secret of the registered instance ``instance_id``."""
+        try:
+            return self._owned(instance_id, secret) is not None
+        except NotOwner:
+            return False
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self._instances.get(instance_id)
+
     def heartbeat(self, instance_id: str, secret: str | None) -> bool:
         """False when unknown (register again); NotOwner without the instance's secret."""
         instance = self._owned(instance_id, secret)

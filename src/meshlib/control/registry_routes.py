@@ -27,9 +27,9 @@ MAX_WATCHED = 10_000
 
 def registry_routes(cp: ControlPlane) -> list[Route]:
     async def register(request: Request) -> Response:
-        denied = cp.check_registry(request)
-        if denied is not None:
-            return denied
+        grant = cp.join_grant(request)
+        if isinstance(grant, Response):
+            return grant
         try:
             raw = await read_body(request, SMALL_BODY_BYTES)
             instance = parse_registration(json.loads(raw or b"null"), cp.allow_unsafe_addresses)
@@ -37,6 +37,9 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
             return too_large(SMALL_BODY_BYTES)
         except (RegistrationError, ValueError, RecursionError) as exc:
             return error(400, f"invalid registration: {exc}")
+        refused = cp.out_of_scope(grant, instance.service)
+        if refused is not None:
+            return refused
         try:
             cp.registry.register(instance, request.headers.get(SECRET_HEADER))
         except NotOwner:
@@ -48,13 +51,18 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
         return JSONResponse({"id": instance.id, "ttl": instance.ttl, "secret": instance.secret})
 
     def owned(action: Callable[[str, str | None], bool], unknown: str) -> Callable[[Request], Awaitable[Response]]:
-        """A write to one instance's entry: the bootstrap token, then the instance's own secret."""
+        """A write to one instance's entry: a token that may act as its service, then the instance's own secret."""
 
         async def endpoint(request: Request) -> Response:
-            denied = cp.check_registry(request)
-            if denied is not None:
-                return denied
+            grant = cp.join_grant(request)
+            if isinstance(grant, Response):
+                return grant
             instance_id = request.path_params["id"]
+            held = cp.registry.get(instance_id)
+            if held is not None:
+                refused = cp.out_of_scope(grant, held.service)
+                if refused is not None:
+                    return refused
             try:
                 known = action(instance_id, request.headers.get(SECRET_HEADER))
             except NotOwner:

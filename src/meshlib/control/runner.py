@@ -18,6 +18,7 @@ from ..security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bound
 from ..settings import env_value
 from .app import ControlPlane, build_app
 from .store import RulesStore, SQLiteRulesStore
+from .tokens import TokenStore
 
 log = logging.getLogger("meshlib.control")
 
@@ -81,29 +82,43 @@ def run_control_plane(
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     registry_token = registry_token if registry_token is not None else env_value("bootstrap_token")
-    if not registry_token and not _is_loopback_host(host) and not insecure:
+    admin_token = admin_token if admin_token is not None else env_value("admin_token")
+    if admin_token and registry_token and admin_token == registry_token:
         raise ConfigurationError(
-            f"refusing to listen on {host} without MESH_BOOTSTRAP_TOKEN: anyone who can reach the port could "
-            "register instances and get certificates. Set MESH_BOOTSTRAP_TOKEN (and the same on every instance), "
-            "or pass --insecure to accept that"
+            "MESH_ADMIN_TOKEN equals MESH_BOOTSTRAP_TOKEN: every instance holds the bootstrap token, so every "
+            "instance could change the rules. Give the admin token a value of its own"
+        )
+    if not registry_token and not admin_token and not _is_loopback_host(host) and not insecure:
+        raise ConfigurationError(
+            f"refusing to listen on {host} with neither MESH_ADMIN_TOKEN (to create join tokens with meshctl token "
+            "create) nor MESH_BOOTSTRAP_TOKEN: nobody could join, and a proxy in front would make every caller "
+            "look local. Set MESH_ADMIN_TOKEN, or pass --insecure to accept that"
         )
     if (tls_cert or tls_key) and not (tls_cert and tls_key):
         raise ConfigurationError("--tls-cert and --tls-key go together")
     ca = open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain)
     cp = ControlPlane(
         open_store(store, state),
-        admin_token=admin_token if admin_token is not None else env_value("admin_token"),
+        admin_token=admin_token,
         registry_token=registry_token,
         ca=ca,
         max_rules_bytes=max_rules_bytes,
         allow_unsafe_addresses=allow_unsafe_addresses,
+        tokens=TokenStore(state / "tokens.db"),
     )
     if cp.admin_token is None:
         log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
-    if cp.registry_token is None:
+    if cp.registry_token is not None:
         log.warning(
-            "MESH_BOOTSTRAP_TOKEN is not set: registry writes are accepted from this machine (loopback) only, and "
-            "certificate issuing is off. Set MESH_BOOTSTRAP_TOKEN here and on every instance for a real mesh"
+            "MESH_BOOTSTRAP_TOKEN is set: development mode, where any holder of that one token may take ANY "
+            "service's identity. For a real mesh, give each service its own join token (meshctl token create "
+            "--service NAME) and unset MESH_BOOTSTRAP_TOKEN here"
+        )
+    elif cp.tokens is None or not cp.tokens.active():
+        log.warning(
+            "no join token exists and MESH_BOOTSTRAP_TOKEN is not set: registry writes are accepted from this "
+            "machine (loopback) only, and certificate issuing is off. Create join tokens with meshctl token create "
+            "--service NAME (and set each as MESH_BOOTSTRAP_TOKEN on that service's instances)"
         )
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -138,6 +153,8 @@ def run_control_plane(
         server.run(sockets=[sock])
     finally:
         cp.store.close()
+        if cp.tokens is not None:
+            cp.tokens.close()
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..wire import SECRET_HEADER
 from .requests import TooLarge, error, read_body, too_large
 from .stats import FORGET_AFTER, MAX_INSTANCES, MAX_SERIES, WINDOW, InstanceState, StatsBook
 from .stats_report import MAX_REPORT_BYTES, parse_report
@@ -114,9 +115,9 @@ def stats_routes(cp: ControlPlane) -> list[Route]:
     book = cp.stats
 
     async def report(request: Request) -> Response:
-        denied = cp.check_registry(request)
-        if denied is not None:
-            return denied
+        grant = cp.join_grant(request)
+        if isinstance(grant, Response):
+            return grant
         try:
             body = await read_body(request, MAX_REPORT_BYTES)
         except TooLarge:
@@ -125,6 +126,14 @@ def stats_routes(cp: ControlPlane) -> list[Route]:
             parsed = parse_report(json.loads(body or b"null"))
         except (ValueError, RecursionError) as exc:
             return error(400, f"invalid stats report: {exc}")
+        refused = cp.out_of_scope(grant, parsed.service)
+        if refused is not None:
+            return refused
+        held = cp.registry.get(parsed.instance)
+        if held is not None and not cp.registry.owns(parsed.instance, request.headers.get(SECRET_HEADER)):
+            # a registered instance's figures (its health, its breakers) come only from the instance itself
+            return error(403, f"stats for registered instance {parsed.instance!r} need its {SECRET_HEADER}",
+                         reason="secret")
         if not book.ingest(parsed):
             return error(503, f"stats: {MAX_INSTANCES} instances already report; this one is not kept")
         return Response(status_code=204)

@@ -164,6 +164,10 @@ class Registration:
     def _register(self) -> None:
         raise NotImplementedError
 
+    def credentials(self) -> dict[str, str]:
+        """Headers that prove a request comes from this registered instance (its stats reports carry them)."""
+        return {}
+
     def _heartbeat(self) -> None:
         raise NotImplementedError
 

@@ -123,6 +123,8 @@ class RegistryRegistration(Registration):
     def _headers(self) -> dict[str, str]:
         return {SECRET_HEADER: self.secret} if self.secret else {}
 
+    credentials = _headers
+
     def _put(self, path: str, **kwargs: object) -> httpx.Response:
         """A request to the registry; transport errors become one line naming the registry (they are retried)."""
         try:

@@ -99,7 +99,9 @@ class Identity:
                 self.refresh()
                 break
             except IdentityError as exc:
-                if isinstance(exc, IdentityConfigError) or time.monotonic() + delay > deadline:
+                if isinstance(exc, IdentityConfigError):  # refused (a token out of scope, say): said at once
+                    raise IdentityConfigError(f"{self.id}: no certificate: {exc}") from None
+                if time.monotonic() + delay > deadline:
                     raise IdentityError(f"{self.id}: no certificate within {timeout:g}s: {exc}") from None
                 log.warning("%s: %s; retrying", self.id, exc)
                 time.sleep(delay)

@@ -152,7 +152,8 @@ class StatsReporter:
 
     def send_once(self) -> bool:
         try:
-            r = self._http.post("/v1/stats/report", json=self.report())
+            credentials = self.registration.credentials() if self.registration is not None else {}
+            r = self._http.post("/v1/stats/report", json=self.report(), headers=credentials)
         except httpx.HTTPError as exc:
             log.debug("stats report to %s failed: %s", self._http.base_url, exc)
             return False
