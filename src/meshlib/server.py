@@ -22,6 +22,7 @@ from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
 from .errors import ConfigurationError, RegistrationRefused
 from .mesh import Mesh
+from .security.body_buffer import buffered_body
 from .security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .security.server_tls import sniffing, with_peer_identity
 
@@ -114,7 +115,8 @@ def serve(
     if not is_asgi(app):
         from a2wsgi import WSGIMiddleware
 
-        app = WSGIMiddleware(app, workers=wsgi_workers)
+        # the body is read on the event loop before a worker thread is taken (slow senders hold no thread)
+        app = buffered_body(WSGIMiddleware(app, workers=wsgi_workers))
         lifespan: Literal["auto", "on", "off"] = "off"
     else:
         lifespan = "auto"

@@ -129,7 +129,7 @@ def run_control_plane(
         log_level=log_level,
         access_log=False,
         backlog=16384,
-        timeout_keep_alive=120,
+        timeout_keep_alive=15,
         timeout_graceful_shutdown=10,
         lifespan="on",
         limit_concurrency=max_connections,
