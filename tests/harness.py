@@ -31,6 +31,14 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float 
         time.sleep(interval)
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now, in MiB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (for 'instance is down' endpoints)."""
     with socket.socket() as s:

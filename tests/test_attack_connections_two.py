@@ -13,19 +13,11 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from harness import Upstream, wait_for
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+from harness import Upstream, rss_mb, wait_for
 
 
 @pytest.fixture

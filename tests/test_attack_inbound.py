@@ -87,3 +87,26 @@ def test_fuzz_inbound_headers_give_a_clean_answer(fuzz_mesh, deadline, tracepare
     else:
         assert adm.deadline is None or adm.deadline <= time.time() + MAX_INCOMING_DEADLINE + 1
         adm.finish(200)
+
+
+def test_denial_log_lines_are_escaped_and_rate_limited(caplog):
+    """A path with %0A (decoded to a newline by the server) wrote a forged line into the authz log, once per
+    request. Now the line is escaped, and a flood of denials writes one line a second per caller identity."""
+    import logging
+
+    from meshlib.rules.model import validate_rules
+
+    mesh = meshlib.Mesh(service="ledger", discovery=StaticDiscovery({}), control_plane="")
+    try:
+        mesh.apply_rules(validate_rules({"services": {"ledger": {"authorization": {"mode": "strict",
+                                                                                    "allow": ["payments"]}}}}))
+        caplog.set_level(logging.WARNING, logger="meshlib.authz")
+        forged = "/x\n2026-12-03 WARNING meshlib.authz authorization allowed GET /admin"
+        for _ in range(200):
+            adm = admit(mesh, "GET", forged, {}.get, None, {})
+            assert adm.reply is not None and adm.reply.status == 403
+    finally:
+        mesh.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "meshlib.authz"]
+    assert 1 <= len(lines) <= 3, f"{len(lines)} denial lines for 200 denials in well under a second"
+    assert all("\n" not in line for line in lines) and "\\n2026-12-03" in lines[0]

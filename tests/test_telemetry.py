@@ -91,7 +91,7 @@ def test_two_hops_make_one_correctly_parented_trace(tracing):
     assert tester_call.kind is SpanKind.CLIENT and tester_call.parent is None
     assert tester_call.attributes["server.address"] == "alpha"
     assert alpha_server.attributes["http.response.status_code"] == 200
-    assert beta_server.attributes["mesh.peer_service"] == "alpha"
+    assert beta_server.attributes["mesh.peer_service"] == "(unverified)"  # plaintext: what alpha claims is no label
 
 
 def test_retried_call_shows_two_attempt_spans(tracing):
@@ -162,7 +162,7 @@ def test_metrics_attributes_counts_and_prometheus_endpoint(tracing):
     assert "mesh_client_retries" in client_families
     server = families["http_server_request_duration_seconds"]
     count = next(s for s in server.samples if s.name.endswith("_count"))
-    assert count.value == 7 and count.labels["mesh_peer_service"] == "tester"
+    assert count.value == 7 and count.labels["mesh_peer_service"] == "(unverified)"
     assert count.labels["http_response_status_class"] == "2xx"
     assert any(s.name.endswith("_bucket") and s.labels["le"] == "+Inf" for s in server.samples)
 
@@ -185,7 +185,8 @@ def test_access_log_lines_have_the_fields_and_no_secrets(tracing, caplog):
         assert key in client_line, key
     assert client_line["source"] == "tester" and client_line["destination"] == "beta"
     assert client_line["status"] == 200 and client_line["path"] == "/hello"
-    assert server_line["source"] == "tester" and server_line["destination"] == "beta"
+    assert server_line["source"] == "(unverified)" and server_line["destination"] == "beta"
+    assert server_line["claimed_source"] == "tester"  # what x-mesh-caller said, a valid name, in the log only
     assert server_line["trace_id"] == client_line["trace_id"]
     assert "s3cret" not in json.dumps(lines)
 

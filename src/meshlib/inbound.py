@@ -21,12 +21,15 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .logsafe import Throttle, printable
 from .mesh import Mesh
 from .policy.deadline import parse_deadline_header
 from .propagation import incoming_deadline, propagated_headers
 from .security import authz
 from .security.spiffe import SpiffeId
 from .security.tls import identity_from_der, identity_from_pem
+from .settings import is_service_name
+from .telemetry.metrics import UNVERIFIED_PEER
 from .telemetry.record import record_server_request
 
 log = logging.getLogger("meshlib.authz")
@@ -83,7 +86,7 @@ class Admission:
             tel,
             self.span,
             service=self.mesh.service,
-            peer=self.peer.service if self.peer is not None else self.caller,
+            peer=self.peer.service if self.peer is not None else (UNVERIFIED_PEER if self.caller else ""),
             peer_uri=self.peer.uri if self.peer is not None else None,
             route=route,
             method=self.method,
@@ -93,6 +96,7 @@ class Admission:
             mirrored=self.mirrored,
             rpc=self.rpc,
             attempt=_attempt_number(self.attempt),
+            claimed=self.caller if self.peer is None and is_service_name(self.caller) else None,
         )
 
 
@@ -186,6 +190,10 @@ def incoming_trace(carrier: Mapping[str, str]) -> otel_context.Context:
     return trace.set_span_in_context(NonRecordingSpan(remote), otel_context.Context())
 
 
+#: Denial lines: one a second per (verdict, caller identity), so a flood of refused calls cannot flood the log.
+_DENIALS = Throttle(1.0)
+
+
 def _denied(mesh: Mesh, peer: SpiffeId | None, decision: authz.Decision, method: str, path: str) -> None:
     mode = "permissive" if decision.allowed else "strict"
     if mesh.telemetry is not None:
@@ -196,7 +204,12 @@ def _denied(mesh: Mesh, peer: SpiffeId | None, decision: authz.Decision, method:
         )
         mesh.telemetry.metrics.authz_denied.add(1, labels)
     verb = "would deny" if decision.allowed else "denied"
-    log.warning("authorization %s %s %s (%s): %s", verb, method, path, mode, decision.reason)
+    held = _DENIALS.allow(f"{verb} {peer.uri if peer is not None else ''}")
+    if held is None:
+        return
+    more = f" ({held} more like it since the last line)" if held else ""
+    log.warning("authorization %s %s %s (%s): %s%s", verb, printable(method, 16), printable(path), mode,
+                printable(decision.reason, 300), more)
 
 
 #: The verified identity of the caller of the request being handled (None: plaintext or not a mesh identity).

@@ -18,6 +18,10 @@ _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def is_service_name(name: str) -> bool:
+    return len(name) <= 63 and _SERVICE_NAME.match(name) is not None
+
+
 def validate_service_name(name: str) -> str:
     """Service names become hostnames and SPIFFE path segments: DNS-label rules."""
     if not _SERVICE_NAME.match(name):

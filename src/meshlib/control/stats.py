@@ -17,6 +17,9 @@ from .stats_ring import SLOT_SECONDS, SLOTS, Ring, Window, covered, slot_of
 
 MAX_INSTANCES = 5000
 MAX_SERIES = 2000
+#: Rows (histograms, counters, open breakers) kept over all instances' last reports: the book's memory is bounded
+#: by this whatever the number of reporters (a full report is 8,000 rows; an ordinary instance's a few dozen).
+MAX_BOOK_ROWS = 120_000
 #: An instance is "silent" when three of its report intervals (at least this long) pass without a report; after
 #: FORGET_AFTER it is dropped.
 SILENT_AFTER = 1.5
@@ -51,6 +54,8 @@ class StatsBook:
         self.series: dict[SeriesKey, Ring] = {}
         self.dropped_series = 0
         self.reports = 0
+        #: Rows held in the kept reports (see MAX_BOOK_ROWS).
+        self.rows = 0
         #: Since when figures are collected (rates over a young book divide by its age, not a full minute).
         self.since: float | None = None
 
@@ -63,6 +68,10 @@ class StatsBook:
         previous = self.instances.get(report.instance)
         if previous is None and len(self.instances) >= MAX_INSTANCES:
             return False
+        held = previous.report.size() if previous is not None else 0
+        if self.rows - held + report.size() > MAX_BOOK_ROWS:
+            return False
+        self.rows += report.size() - held
         if previous is not None and (previous.report.started != report.started or previous.report.service !=
                                      report.service):
             previous = None  # a restart (or a reused id): its counts began again from zero
@@ -136,7 +145,7 @@ class StatsBook:
     def forget(self, now: float) -> None:
         """Drop instances silent for FORGET_AFTER, and series with nothing in their 15 minutes."""
         for instance_id in [i for i, s in self.instances.items() if now - s.last_seen > FORGET_AFTER]:
-            del self.instances[instance_id]
+            self.rows -= self.instances.pop(instance_id).report.size()
         oldest = slot_of(now) - SLOTS
         if len(self.series) >= MAX_SERIES:
             for key in [k for k, r in self.series.items() if max(r.slots) <= oldest]:
@@ -269,11 +278,14 @@ class StatsBook:
     def timeline(self, direction: str, service: str, now: float) -> list[dict[str, Any]]:
         return self._timeline(lambda k: k[0] == direction and k[1] == service, now)
 
-    def breaker_views(self, service: str) -> dict[str, list[dict[str, str]]]:
-        """Per endpoint ``address:port`` of ``service``: which callers see its breaker not closed."""
-        views: dict[str, list[dict[str, str]]] = {}
+    def breaker_views(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, str]]]:
+        """For each (service, ``address:port``) in ``wanted``: which callers see its breaker not closed. One pass
+        over the rows, keeping only the endpoints asked about (reports may name any number of others)."""
+        views: dict[tuple[str, str], list[dict[str, str]]] = {}
         for state in self.instances.values():
+            caller = state.report.instance
             for destination, authority, breaker in state.report.endpoints:
-                if destination == service and breaker != "closed":
-                    views.setdefault(authority, []).append({"caller": state.report.instance, "state": breaker})
+                key = (destination, authority)
+                if key in wanted:
+                    views.setdefault(key, []).append({"caller": caller, "state": breaker})
         return views

@@ -1,6 +1,7 @@
 """Validation of an instance's stats report (``POST /v1/stats/report``): untrusted input, checked for shape, types,
 sizes and finiteness before any of it is kept. Errors name the field, so a mismatched meshlib version is easy to
-spot."""
+spot. A bad *row* (a peer that is not a service name, a miscounted histogram) loses that row, not the report: the
+answer lists what was refused, and the reporter logs it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..settings import validate_service_name
-from ..telemetry.metrics import LATENCY_BUCKETS
+from ..telemetry.metrics import LATENCY_BUCKETS, UNVERIFIED_PEER
 
 MAX_REPORT_BYTES = 256 << 10
 MAX_ROWS = 2000
@@ -22,6 +23,8 @@ COUNTER_NAMES = frozenset(
     ("retries", "budget_exhausted", "ejections", "authz_denied", "mirror_dropped", "mirror_skipped")
 )
 BREAKER_STATES = frozenset(("closed", "open", "half-open"))
+#: Refused rows named in the answer, at most.
+MAX_REFUSED_LISTED = 10
 
 
 class ReportError(ValueError):
@@ -54,7 +57,14 @@ class Report:
     outbound: tuple[Row, ...]
     counters: dict[tuple[str, str], float]
     verified_peers: dict[str, str]
+    #: (destination service, address:port, breaker state) for every breaker that is not closed.
     endpoints: tuple[tuple[str, str, str], ...]
+    #: What was refused row by row (the first few), for the answer.
+    refused: tuple[str, ...] = ()
+
+    def size(self) -> int:
+        """Rows this report keeps, for the book's total budget."""
+        return len(self.inbound) + len(self.outbound) + len(self.counters) + len(self.endpoints)
 
 
 def _text(value: Any, where: str, limit: int = 256, optional: bool = False) -> Any:
@@ -83,35 +93,66 @@ def _list(value: Any, where: str, limit: int) -> list[Any]:
     return value
 
 
-def _rows(value: Any, where: str, fourth: str) -> tuple[Row, ...]:
+def _peer(value: Any, where: str) -> str:
+    """A row's peer: empty (no mesh caller), the unverified-caller label, or a valid service name; never free text."""
+    if value == "" or value == UNVERIFIED_PEER:
+        return str(value)
+    if not isinstance(value, str):
+        raise ReportError(f"{where}: expected a service name")
+    try:
+        return validate_service_name(value)
+    except ConfigurationError:
+        raise ReportError(f"{where}: {value[:80]!r} is not a service name") from None
+
+
+class _Refusals:
+    def __init__(self) -> None:
+        self.count = 0
+        self.listed: list[str] = []
+
+    def add(self, exc: ReportError) -> None:
+        self.count += 1
+        if len(self.listed) < MAX_REFUSED_LISTED:
+            self.listed.append(str(exc))
+
+    def summary(self) -> tuple[str, ...]:
+        more = self.count - len(self.listed)
+        return (*self.listed, f"... and {more} more") if more > 0 else tuple(self.listed)
+
+
+def _rows(value: Any, where: str, fourth: str, refusals: _Refusals) -> tuple[Row, ...]:
     rows = []
-    n_buckets = len(LATENCY_BUCKETS) + 1
     for i, raw in enumerate(_list(value, where, MAX_ROWS)):
-        at = f"{where}[{i}]"
-        if not isinstance(raw, list) or len(raw) != 7:
-            raise ReportError(f"{at}: expected [peer, route, status class, {fourth}, count, sum, buckets]")
-        peer, route, status, extra, count, total, buckets = raw
-        if fourth == "mirrored":
-            if extra not in (0, 1) or isinstance(extra, bool):
-                raise ReportError(f"{at}: mirrored must be 0 or 1")
-            extra = str(extra)
-        bucket_list = _list(buckets, f"{at}.buckets", n_buckets)
-        if len(bucket_list) != n_buckets:
-            raise ReportError(f"{at}.buckets: expected {n_buckets} bucket counts")
-        counts = tuple(_count(c, f"{at}.buckets") for c in bucket_list)
-        n = _count(count, f"{at}.count")
-        if sum(counts) != n:
-            raise ReportError(f"{at}: bucket counts do not add up to count")
-        rows.append(
-            Row(
-                (_text(peer, f"{at}.peer"), _text(route, f"{at}.route", 512), _text(status, f"{at}.status", 16),
-                 _text(extra, f"{at}.{fourth}", 32)),
-                n,
-                _number(total, f"{at}.sum"),
-                counts,
-            )
-        )
+        try:
+            rows.append(_row(raw, f"{where}[{i}]", fourth))
+        except ReportError as exc:
+            refusals.add(exc)
     return tuple(rows)
+
+
+def _row(raw: Any, at: str, fourth: str) -> Row:
+    n_buckets = len(LATENCY_BUCKETS) + 1
+    if not isinstance(raw, list) or len(raw) != 7:
+        raise ReportError(f"{at}: expected [peer, route, status class, {fourth}, count, sum, buckets]")
+    peer, route, status, extra, count, total, buckets = raw
+    if fourth == "mirrored":
+        if extra not in (0, 1) or isinstance(extra, bool):
+            raise ReportError(f"{at}: mirrored must be 0 or 1")
+        extra = str(extra)
+    bucket_list = _list(buckets, f"{at}.buckets", n_buckets)
+    if len(bucket_list) != n_buckets:
+        raise ReportError(f"{at}.buckets: expected {n_buckets} bucket counts")
+    counts = tuple(_count(c, f"{at}.buckets") for c in bucket_list)
+    n = _count(count, f"{at}.count")
+    if sum(counts) != n:
+        raise ReportError(f"{at}: bucket counts do not add up to count")
+    return Row(
+        (_peer(peer, f"{at}.peer"), _text(route, f"{at}.route", 512), _text(status, f"{at}.status", 16),
+         _text(extra, f"{at}.{fourth}", 32)),
+        n,
+        _number(total, f"{at}.sum"),
+        counts,
+    )
 
 
 def parse_report(body: Any) -> Report:
@@ -134,20 +175,36 @@ def parse_report(body: Any) -> Report:
     bounds = body.get("buckets")
     if bounds != list(LATENCY_BUCKETS):
         raise ReportError("buckets: latency bucket bounds differ from this control plane's (mixed meshlib versions?)")
+    refusals = _Refusals()
     counters: dict[tuple[str, str], float] = {}
     for i, raw in enumerate(_list(body.get("counters", []), "counters", MAX_COUNTER_ROWS)):
-        if not isinstance(raw, list) or len(raw) != 3 or raw[0] not in COUNTER_NAMES:
-            raise ReportError(f"counters[{i}]: expected [name, peer, value] with a known name")
-        counters[(raw[0], _text(raw[1], f"counters[{i}].peer"))] = _number(raw[2], f"counters[{i}].value")
+        try:
+            if not isinstance(raw, list) or len(raw) != 3 or raw[0] not in COUNTER_NAMES:
+                raise ReportError(f"counters[{i}]: expected [name, peer, value] with a known name")
+            counters[(raw[0], _peer(raw[1], f"counters[{i}].peer"))] = _number(raw[2], f"counters[{i}].value")
+        except ReportError as exc:
+            refusals.add(exc)
     peers = body.get("verified_peers", {})
     if not isinstance(peers, dict) or len(peers) > MAX_PEERS:
         raise ReportError(f"verified_peers: expected an object of at most {MAX_PEERS} entries")
-    verified = {_text(k, "verified_peers"): _text(v, "verified_peers", 512) for k, v in peers.items()}
+    verified: dict[str, str] = {}
+    for k, v in peers.items():
+        try:
+            verified[_peer(k, "verified_peers")] = _text(v, "verified_peers", 512)
+        except ReportError as exc:
+            refusals.add(exc)
     endpoints = []
     for i, raw in enumerate(_list(body.get("endpoints", []), "endpoints", MAX_ENDPOINT_ROWS)):
-        if not isinstance(raw, list) or len(raw) != 3 or raw[2] not in BREAKER_STATES:
-            raise ReportError(f"endpoints[{i}]: expected [service, address:port, breaker state]")
-        endpoints.append((_text(raw[0], f"endpoints[{i}]"), _text(raw[1], f"endpoints[{i}]", 300), str(raw[2])))
+        try:
+            if not isinstance(raw, list) or len(raw) != 3 or raw[2] not in BREAKER_STATES:
+                raise ReportError(f"endpoints[{i}]: expected [service, address:port, breaker state]")
+            destination = _peer(raw[0], f"endpoints[{i}]")
+            authority = _text(raw[1], f"endpoints[{i}]", 300)
+        except ReportError as exc:
+            refusals.add(exc)
+            continue
+        if raw[2] != "closed":  # only open and half-open breakers are ever shown: closed ones are not kept
+            endpoints.append((destination, authority, str(raw[2])))
     rules_version = body.get("rules_version", 0)
     interval = _number(body.get("interval", 2.0), "interval")
     if not 0.2 <= interval <= 3600:
@@ -162,9 +219,10 @@ def parse_report(body: Any) -> Report:
         identity=_text(body.get("identity"), "identity", 512, optional=True),
         rules_version=_count(rules_version, "rules_version"),
         interval=interval,
-        inbound=_rows(body.get("inbound", []), "inbound", "mirrored"),
-        outbound=_rows(body.get("outbound", []), "outbound", "outcome"),
+        inbound=_rows(body.get("inbound", []), "inbound", "mirrored", refusals),
+        outbound=_rows(body.get("outbound", []), "outbound", "outcome", refusals),
         counters=counters,
         verified_peers=verified,
         endpoints=tuple(endpoints),
+        refused=refusals.summary(),
     )

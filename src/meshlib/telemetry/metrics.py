@@ -24,6 +24,9 @@ from importlib.metadata import entry_points
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 #: A hard cap on label combinations per instrument.
 MAX_SERIES = 10_000
+#: The peer label of a caller that proved no identity: what it claims (``x-mesh-caller``) is never a label, so it
+#: can neither forge an edge, blow up the series, nor make a report unacceptable.
+UNVERIFIED_PEER = "(unverified)"
 
 
 def status_class(status: int | None) -> str:

@@ -113,6 +113,7 @@ def record_server_request(
     mirrored: bool,
     rpc: bool,
     attempt: int | None,
+    claimed: str | None = None,
 ) -> None:
     """One inbound request, after its response. A gRPC shell names its span and sets the RPC attributes itself
     (``rpc``): no HTTP ones are added here."""
@@ -140,6 +141,7 @@ def record_server_request(
                 "kind": "server",
                 "source": peer or None,
                 "source_identity": peer_uri,
+                **({"claimed_source": claimed} if claimed is not None and peer_uri is None else {}),
                 "destination": service,
                 "method": method,
                 "path": path,

@@ -134,6 +134,7 @@ class StatsReporter:
         )
         self._stop = threading.Event()
         self._warned = False
+        self._refused_quiet_until = 0.0
         self._thread = threading.Thread(target=self._run, name="meshlib-stats", daemon=True)
 
     def start(self) -> StatsReporter:
@@ -163,7 +164,21 @@ class StatsReporter:
                 log.warning("the control plane refused this instance's stats report: %s", refusal_text(r))
             return False
         self.sent += 1
+        if r.status_code == 200:
+            self._log_refused(r)
         return True
+
+    def _log_refused(self, r: httpx.Response) -> None:
+        """The control plane kept the report but refused some rows: said at most every 10 minutes."""
+        try:
+            refused = r.json().get("refused")
+        except (ValueError, AttributeError):
+            return
+        now = time.monotonic()
+        if refused and now >= self._refused_quiet_until:
+            self._refused_quiet_until = now + 600.0
+            shown = "; ".join(str(x)[:200] for x in list(refused)[:5])
+            log.warning("the control plane refused part of this instance's stats report: %s", shown)
 
     def _run(self) -> None:
         delay = self.interval
