@@ -41,7 +41,7 @@ def send_huge_header(port: int) -> tuple[int, bytes]:
     sent = 0
     answer = b""
     try:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nx-big: ")
         chunk = b"a" * 65536
         while sent < 100 << 20:
             sock.sendall(chunk)
@@ -88,7 +88,7 @@ def test_large_bodies_never_count_as_headers(target, cp, served):
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0]))) as sock:
                 path = "/" + url.split("/", 3)[3]
-                sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n".encode())
+                sock.sendall(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {size}\r\n\r\n".encode())
                 time.sleep(0.01)  # headers first, as clients send them: the body then arrives in chunks of its own
                 sock.sendall(b"a" * size)
                 sock.settimeout(10)
@@ -106,7 +106,7 @@ def test_slow_or_silent_connections_are_closed(target, behaviour, cp, served):
         if behaviour == "one byte":
             sock.sendall(b"G")
         started = time.monotonic()
-        request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n"
+        request = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n"
         position = 0
 
         def closed() -> bool:
@@ -129,7 +129,7 @@ def _hold_long_polls(cp, path: str, count: int) -> list[socket.socket]:
     socks = []
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", cp.port))
-        s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n".encode())
         socks.append(s)
     return socks
 
@@ -162,7 +162,7 @@ def test_connection_limit_answers_503_beyond_it(cp):
 
 def metric_via_socket(port: int) -> int:
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
         s.settimeout(5)
         status = s.recv(100).split(b" ", 2)[1]
     return int(status)

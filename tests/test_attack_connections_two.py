@@ -38,7 +38,7 @@ def served(cp, tmp_path) -> Iterator[Upstream]:
 def flood(port: int, path: str, megabytes: int) -> tuple[int, bool]:
     """Pipelined GETs on one connection that never reads an answer; returns bytes sent and whether the server
     closed the connection."""
-    request = f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n".encode()
     chunk = request * (65536 // len(request))
     sent = 0
     closed = False
@@ -67,7 +67,7 @@ def test_a_pipelining_flood_cannot_grow_the_server(target, cp, served):
     assert httpx.get(health, timeout=5).status_code == 200
     # a few pipelined requests, read as they come, are still answered (pipelining itself is allowed)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode() * 4)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n".encode() * 4)
         sock.settimeout(5)
         got = b""
         while got.count(b"HTTP/1.1 200") < 4:
@@ -113,7 +113,7 @@ def test_slow_request_bodies_cannot_take_a_flask_app_down(tmp_path):
         # 12 connections (3x the worker threads), each a declared 100 kB body sent a byte every 0.5 s
         for _ in range(12):
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
+            s.sendall(b"POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n")
             socks.append(s)
 
         rounds = [0]
@@ -161,7 +161,7 @@ def test_idle_keep_alive_connections_do_not_hold_the_slots(cp):
     try:
         for _ in range(40):
             s = socket.create_connection(("127.0.0.1", cp.port))
-            s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            s.sendall(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
             s.settimeout(5)
             assert s.recv(4096).startswith(b"HTTP/1.1 200")
             idle.append(s)
@@ -181,7 +181,7 @@ def test_a_large_head_in_one_write_is_refused(target, cp, served):
     path = "/healthz" if target == "control-plane" else "/-/mesh/health"
     headers = "".join(f"x-h{i}: {'v' * 1000}\r\n" for i in range(100))  # 100 KB, one write, complete head
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n{headers}\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: localhost\r\n{headers}\r\n".encode())
         sock.settimeout(5)
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:80]

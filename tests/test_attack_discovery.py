@@ -146,3 +146,25 @@ def test_discovery_errors_are_never_empty():
     assert error_text(httpx.ConnectError("All connection attempts failed")) == (
         "ConnectError: All connection attempts failed"
     )
+
+
+@pytest.mark.parametrize("address", ["2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "::ffff:169.254.169.254",
+                                     "0", "169.254.169.254", "0.0.0.0"])
+def test_clients_never_list_an_unsafe_address_whatever_its_spelling(address):
+    """A registry (or Consul) answer naming the metadata address in another spelling: that instance is left out,
+    the others are used, and nothing is ever dialed there."""
+    answer = {"instances": [{"id": "evil", "address": address, "port": 80},
+                            {"id": "good", "address": "127.0.0.1", "port": 8001},
+                            {"id": "odd", "address": "2130706433", "port": 8002}]}
+    snapshot = parse_snapshot("payments", answer, 3)
+    assert sorted((e.address, e.port) for e in snapshot.endpoints) == [("127.0.0.1", 8001), ("127.0.0.1", 8002)]
+
+
+def test_the_consul_backend_leaves_out_unsafe_addresses_too():
+    from meshlib.discovery.consul import _endpoints
+
+    entries = [{"Node": {"Address": "10.0.0.5"}, "Service": {"ID": "a", "Address": "0xa9fea9fe", "Port": 80}},
+               {"Node": {"Address": "0"}, "Service": {"ID": "b", "Address": "", "Port": 81}},
+               {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": "c", "Address": "", "Port": 8001}}]
+    snapshot = _endpoints("payments", entries, 7)
+    assert [(e.address, e.port) for e in snapshot.endpoints] == [("127.0.0.1", 8001)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -77,6 +78,14 @@ def test_another_token_holder_cannot_overwrite_heartbeat_or_deregister_an_instan
         ("address", "::", "unspecified"),
         ("address", "169.254.169.254", "link-local"),
         ("address", "fe80::1", "link-local"),
+        # other spellings of the same addresses, as connect() reads them
+        ("address", "2852039166", "link-local"),
+        ("address", "0xa9fea9fe", "link-local"),
+        ("address", "0251.0376.0251.0376", "link-local"),
+        ("address", "::ffff:169.254.169.254", "link-local"),
+        ("address", "0", "unspecified"),
+        ("address", "0x0", "unspecified"),
+        ("address", "224.0.0.1", "multicast"),
         ("address", "bad host name!", "neither an IP"),
         ("port", 0, "port"),
         ("port", 70000, "port"),
@@ -99,6 +108,12 @@ def _json(body: dict[str, object]) -> bytes:
     import json
 
     return json.dumps(body, allow_nan=True).encode()
+
+
+def test_numeric_spellings_are_stored_in_their_canonical_form(cp):
+    assert register(cp, {**VICTIM, "address": "2130706433"}).status_code == 200  # 127.0.0.1, as connect() reads it
+    [entry] = listed(cp, "payments")
+    assert entry["address"] == "127.0.0.1"
 
 
 def test_unsafe_addresses_only_when_explicitly_allowed(control_plane, tmp_path):
@@ -175,3 +190,95 @@ def test_registry_writes_need_the_bootstrap_token(cp, header):
     assert httpx.delete(cp.url + "/v1/registry/payments-1", headers=headers).status_code == 401
     assert listed(cp, "payments") == []
     assert register(cp, VICTIM).status_code == 200  # the right token works
+
+
+def test_dns_rebinding_is_refused(control_plane):
+    """A page from another host name, re-pointed at 127.0.0.1, reads /ui for its CSRF token and registers a fake
+    payments as a local process (200 before). The control plane answers only the names it serves, and a browser's
+    request is never trusted for coming from loopback."""
+    cp = control_plane(bootstrap_token=None)
+    rebound = {"host": f"evil.example:{cp.port}"}
+    page = httpx.get(cp.url + "/ui", headers={**rebound, "sec-fetch-site": "same-origin"})
+    assert page.status_code == 421 and "--allowed-host" in page.json()["error"]
+    fake = {"service": "payments", "address": "127.0.0.1", "port": 8001}
+    browser = {**rebound, "origin": f"http://evil.example:{cp.port}", "sec-fetch-site": "same-origin"}
+    r = httpx.put(cp.url + "/v1/registry/register", json=fake, headers=browser)
+    assert r.status_code == 421
+    # even under a name it serves, a browser request gets no loopback trust (the page's CSRF token is not enough)
+    csrf = httpx.get(cp.url + "/ui").text.split('name="mesh-csrf" content="', 1)[1].split('"', 1)[0]
+    same = {"origin": f"http://127.0.0.1:{cp.port}", "sec-fetch-site": "same-origin", "x-mesh-csrf": csrf}
+    r = httpx.put(cp.url + "/v1/registry/register", json=fake, headers=same)
+    assert r.status_code == 403, r.text
+    assert listed(cp, "payments") == []
+    # tools on this machine are unaffected, by IP and by localhost
+    assert httpx.put(cp.url + "/v1/registry/register", json=fake).status_code == 200
+    assert httpx.get(f"http://localhost:{cp.port}/healthz").status_code == 200
+
+
+def test_allowed_host_names_are_served(control_plane, tmp_path):
+    cp = control_plane(tmp_path / "named", extra_args=("--allowed-host", "meshcp.internal"))
+    assert httpx.get(cp.url + "/healthz", headers={"host": f"meshcp.internal:{cp.port}"}).status_code == 200
+    assert httpx.get(cp.url + "/healthz", headers={"host": "other.internal"}).status_code == 421
+
+
+def test_watches_naming_unknown_services_are_bounded(control_plane):
+    """70 token-less watches naming 4,096 never-registered services each (1.27 MB a watch before, ~20 GB at the
+    connection cap): the names all waiting watches hold are capped (503 past it), memory stays bounded, and a
+    registry change is answered at once however many names wait."""
+    import json
+    import socket
+
+    from harness import rss_mb
+    from meshlib.control.registry_routes import MAX_WATCHED, MAX_WATCHED_TOTAL
+
+    cp = control_plane()
+    before = rss_mb(cp.proc.pid)
+    socks = []
+    try:
+        for w in range(70):
+            body = json.dumps({"services": [f"ghost-{w}-{i}" for i in range(MAX_WATCHED)]}).encode()
+            s = socket.create_connection(("127.0.0.1", cp.port))
+            s.sendall(b"POST /v1/registry/watch?index=5&wait=300s HTTP/1.1\r\nhost: localhost\r\n"
+                      b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            socks.append(s)
+        refused = []
+
+        def answered() -> bool:
+            for s in socks:
+                if s in refused:
+                    continue
+                s.settimeout(0.01)
+                try:
+                    data = s.recv(200)
+                except TimeoutError:
+                    continue
+                assert data.startswith(b"HTTP/1.1 503"), data
+                refused.append(s)
+            return len(refused) >= 70 - MAX_WATCHED_TOTAL // MAX_WATCHED
+
+        wait_for(answered, timeout=30, interval=0.1, what="the watches past the total to be refused")
+        growth = rss_mb(cp.proc.pid) - before
+        assert growth < 60, f"{70 - len(refused)} waiting watches hold {growth:.0f} MB"
+        started = time.monotonic()
+        r = httpx.put(cp.url + "/v1/registry/register", json={"service": "real", "address": "127.0.0.1", "port": 1})
+        assert r.status_code == 200 and httpx.get(cp.url + "/healthz").status_code == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_waiting_watch_sees_its_own_changes_only_and_catches_up_after_the_log():
+    from meshlib.control.registry import CHANGE_LOG, parse_registration
+
+    registry = Registry()
+    check = registry.watch(frozenset({"payments"}), registry.index)
+    registry.register(parse_registration({"service": "ledger", "address": "127.0.0.1", "port": 1}))
+    assert not check()
+    registry.register(parse_registration({"service": "payments", "address": "127.0.0.1", "port": 2}))
+    assert check()
+    behind = registry.watch(frozenset({"payments"}), registry.index)
+    registry.register(parse_registration({"service": "payments", "address": "127.0.0.1", "port": 3}))
+    for i in range(CHANGE_LOG + 10):  # the change to payments falls out of the log: the watch checks its names
+        registry.register(parse_registration({"service": "ledger", "address": "127.0.0.1", "port": 10 + i}))
+    assert behind()

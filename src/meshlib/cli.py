@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_header_bytes=args.max_header_bytes,
         max_connections=args.max_connections,
         max_rules_bytes=args.max_rules_bytes,
+        allowed_hosts=args.allowed_host,
     )
     return 0
 
@@ -231,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="larger request headers get 431")
     p.add_argument("--max-connections", type=int, default=16_000, help="concurrent connections before 503")
     p.add_argument("--max-rules-bytes", type=int, default=1 << 20, help="larger rules documents get 413")
+    p.add_argument(
+        "--allowed-host", action="append", metavar="NAME",
+        help="a host name clients reach this control plane by (repeatable; IP addresses, localhost and this "
+        "machine's names always are; '*' for any): other names get 421, against DNS rebinding",
+    )
     p.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("ca", help="the mesh certificate authority")

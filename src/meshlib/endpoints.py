@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-_log = logging.getLogger("meshlib.discovery")
+from .addresses import UnsafeAddress, is_hostname, normalised, numeric_ip
+from .logsafe import Throttle, printable
+
+log = logging.getLogger("meshlib.discovery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,27 +81,31 @@ class SnapshotError(ValueError):
     """A discovery answer (or a cached one) is not a valid list of instances; the last good snapshot stays."""
 
 
+class UnsafeEndpoint(SnapshotError):
+    """An instance listed at an address that is never dialed (unspecified, link-local, multicast): that instance is
+    left out, the rest of the answer is used."""
+
+
 #: Most instances one snapshot may list; a larger answer is refused rather than held.
 MAX_INSTANCES = 10_000
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
 
 
 def valid_address(address: object) -> bool:
-    """An IP address or a DNS host name."""
-    if not isinstance(address, str):
-        return False
-    try:
-        ipaddress.ip_address(address)
-        return True
-    except ValueError:
-        return _HOSTNAME.match(address) is not None
+    """An IP address (in any numeric spelling) or a DNS host name."""
+    return isinstance(address, str) and (numeric_ip(address) is not None or is_hostname(address))
 
 
 def endpoint_from_fields(address: object, port: object, tags: object, meta: object, instance_id: object) -> Endpoint:
-    """One instance, validated field by field; SnapshotError naming the bad field."""
-    if not valid_address(address):
+    """One instance, validated field by field; SnapshotError naming the bad field (UnsafeEndpoint for an address
+    that must not be dialed)."""
+    if not isinstance(address, str):
         raise SnapshotError(f"address {str(address)[:80]!r} is neither an IP address nor a host name")
+    try:
+        address = normalised(address)
+    except UnsafeAddress as exc:
+        raise UnsafeEndpoint(f"address {exc}: left out") from None
+    except ValueError as exc:
+        raise SnapshotError(f"address {exc}") from None
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise SnapshotError(f"port {str(port)[:20]!r} is not an integer from 1 to 65535")
     tags = [] if tags is None else tags
@@ -113,8 +118,18 @@ def endpoint_from_fields(address: object, port: object, tags: object, meta: obje
         instance_id = ""
     if not isinstance(instance_id, str):
         raise SnapshotError("id must be a string")
-    assert isinstance(address, str)
     return Endpoint(address, port, frozenset(tags), dict(meta), id=instance_id)
+
+
+_SKIPPED = Throttle(60.0)
+
+
+def skip_unsafe(service: str, where: str, exc: UnsafeEndpoint) -> None:
+    """Log (once a minute per service) an instance left out of a discovery answer for its address."""
+    held = _SKIPPED.allow(service)
+    if held is not None:
+        log.warning("discovery: %s of %s: %s%s", where, service, printable(str(exc)),
+                    f" ({held} more since the last line)" if held else "")
 
 
 def parse_snapshot(service: str, payload: object, index: int) -> EndpointSet:
@@ -136,6 +151,8 @@ def parse_snapshot(service: str, payload: object, index: int) -> EndpointSet:
                 endpoint_from_fields(item.get("address"), item.get("port"), item.get("tags"), item.get("meta"),
                                      item.get("id"))
             )
+        except UnsafeEndpoint as exc:
+            skip_unsafe(service, f"instances[{i}]", exc)
         except SnapshotError as exc:
             raise SnapshotError(f"instances[{i}]: {exc}") from None
     return EndpointSet.of(service, endpoints, index)

@@ -21,6 +21,7 @@ from ..errors import ConfigurationError
 from ..rules.document import MAX_DOCUMENT_BYTES, parse_document
 from ..rules.model import Rules, RulesValidationError, validate_rules
 from ..security.ca import DEFAULT_LEAF_LIFETIME, CertificateAuthority, CsrError
+from .hosts import HostGuard
 from .longpoll import ChangeSignal, Wakers, hold
 from .registry import Registry
 from .registry_routes import registry_routes
@@ -65,7 +66,10 @@ class ControlPlane:
         max_rules_bytes: int = MAX_DOCUMENT_BYTES,
         allow_unsafe_addresses: bool = False,
         tokens: TokenStore | None = None,
+        allowed_hosts: frozenset[str] | None = None,
     ) -> None:
+        #: Host names served (None: any); see ``hosts.HostGuard``.
+        self.allowed_hosts = allowed_hosts
         self.store = store
         #: Join tokens scoped to services (None: only the shared token, or loopback writes, are accepted).
         self.tokens = tokens
@@ -79,6 +83,8 @@ class ControlPlane:
         self.max_rules_bytes = max_rules_bytes
         self.allow_unsafe_addresses = allow_unsafe_addresses
         self.closing = False
+        #: Names held by waiting multiplexed watches, all together (bounded: see registry_routes).
+        self.watched_names = 0
         #: Golden signals reported by instances, for the dashboard and /v1/stats.
         self.stats = StatsBook()
         #: Writes from a browser must show this (it is in the dashboard page; it is not a credential).
@@ -132,9 +138,11 @@ class ControlPlane:
         if self.registry_token is None:
             if token is None and (self.tokens is None or not self.tokens.active()):
                 # no token configured at all (the development default): only processes on this machine may write,
-                # as any service; once a join token exists, every write needs one
+                # as any service; once a join token exists, every write needs one. A browser's request is never
+                # trusted for coming from loopback: any page the browser shows can send one
                 client = request.client
-                if client is not None and is_loopback(client.host):
+                browser = "origin" in request.headers or "sec-fetch-site" in request.headers
+                if client is not None and is_loopback(client.host) and not browser:
                     return ANY_SERVICE
             if token is None:
                 return error(
@@ -365,6 +373,6 @@ def build_app(cp: ControlPlane) -> Starlette:
             *stats_routes(cp),
             *token_routes(cp),
         ],
-        middleware=[Middleware(CsrfGuard, token=cp.csrf_token)],
+        middleware=[Middleware(HostGuard, hosts=cp.allowed_hosts), Middleware(CsrfGuard, token=cp.csrf_token)],
         lifespan=lifespan,
     )

@@ -11,13 +11,14 @@ addresses are refused unless the control plane explicitly allows them."""
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..addresses import UnsafeAddress, normalised
 from .longpoll import ChangeSignal
 
 
@@ -32,29 +33,20 @@ class NotOwner(Exception):
 #: Longest TTL an instance may ask for; a longer one would outlive a crashed instance for hours.
 MAX_TTL = 3600.0
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,200}$")
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 def check_address(address: str, allow_unsafe: bool = False) -> str:
-    """An IP address or a DNS name; unspecified, link-local and multicast IPs are refused unless allowed."""
+    """An IP address (returned in its canonical form, whatever numeric spelling it came in) or a DNS name;
+    unspecified, link-local and multicast IPs are refused unless allowed."""
     try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        if not _HOSTNAME.match(address):
-            raise RegistrationError(f"address: {address[:80]!r} is neither an IP address nor a host name") from None
-        return address
-    if not allow_unsafe:
-        if ip.is_unspecified:
-            raise RegistrationError(
-                f"address: {address} is unspecified; advertise the address callers should connect to"
-            )
-        if ip.is_link_local or ip.is_multicast:
-            raise RegistrationError(
-                f"address: {address} is link-local or multicast and is refused "
-                "(start the control plane with --allow-unsafe-addresses to accept it)"
-            )
-    return address
+        return normalised(address, allow_unsafe)
+    except UnsafeAddress as exc:
+        raise RegistrationError(
+            f"address: {exc}; advertise the address callers should connect to (start the control plane with "
+            "--allow-unsafe-addresses to accept it)"
+        ) from None
+    except ValueError as exc:
+        raise RegistrationError(f"address: {exc}") from None
 
 
 @dataclass(slots=True)
@@ -99,7 +91,7 @@ def parse_registration(body: Any, allow_unsafe_addresses: bool = False) -> Insta
     address = body.get("address")
     if not isinstance(address, str) or not address:
         raise RegistrationError("address: required string")
-    check_address(address, allow_unsafe_addresses)
+    address = check_address(address, allow_unsafe_addresses)
     port = body.get("port")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise RegistrationError("port: required integer 1-65535")
@@ -124,6 +116,37 @@ def parse_registration(body: Any, allow_unsafe_addresses: bool = False) -> Insta
 
 
 _EMPTY_ANSWER = b'{"index": 1, "instances": []}'
+#: Changes remembered for waiting watches; a watch that falls further behind checks its names once.
+CHANGE_LOG = 4096
+
+
+class WatchCheck:
+    """Has any of ``names`` changed after ``index``? Asked on every registry change by every waiting watch: it
+    looks only at the changes made since it last looked (a cursor into ``Registry.changes``), so a change costs
+    each waiting watch O(1), not O(names it watches)."""
+
+    def __init__(self, registry: Registry, names: frozenset[str], index: int) -> None:
+        self.registry = registry
+        self.names = names
+        self.index = index
+        self.seen = registry.index
+
+    def __call__(self) -> bool:
+        registry = self.registry
+        if registry.index == self.seen:
+            return False
+        changes = registry.changes
+        if not changes or changes[0][0] > self.seen + 1:  # fell behind the log: check every name once
+            self.seen = registry.index
+            return bool(registry.changed_since(sorted(self.names), self.index))
+        for at, service in reversed(changes):
+            if at <= self.seen:
+                break
+            if service in self.names:
+                self.seen = registry.index
+                return True
+        self.seen = registry.index
+        return False
 
 
 class Registry:
@@ -134,10 +157,13 @@ class Registry:
         self._service_index: dict[str, int] = {}
         self.signal = ChangeSignal()
         self._cache: dict[str, tuple[int, bytes]] = {}
+        #: The last changes, (index, service), so a waiting watch checks what changed, not every name it watches.
+        self.changes: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG)
 
     def _changed(self, service: str) -> None:
         self.index += 1
         self._service_index[service] = self.index
+        self.changes.append((self.index, service))
         self._cache.pop(service, None)
         self.signal.fire()
 
@@ -207,6 +233,9 @@ class Registry:
         """Of ``names``, those whose instances changed after ``index`` (all of them for index 0)."""
         known = self._service_index
         return [n for n in names if known.get(n, 1) > index]
+
+    def watch(self, names: frozenset[str], index: int) -> WatchCheck:
+        return WatchCheck(self, names, index)
 
     def encoded_many(self, names: list[str]) -> bytes:
         """The multiplexed watch answer: the registry's index and, per service, its own answer (each serialised once

@@ -21,8 +21,10 @@ from .requests import SMALL_BODY_BYTES, BadQuery, TooLarge, error, int_param, re
 if TYPE_CHECKING:
     from .app import ControlPlane
 
-#: Most services one multiplexed watch may name.
-MAX_WATCHED = 10_000
+#: Most services one multiplexed watch may name, and all waiting watches together (about 100 bytes a name held):
+#: unauthenticated watches naming never-registered services cannot hold gigabytes.
+MAX_WATCHED = 4096
+MAX_WATCHED_TOTAL = 250_000
 
 
 def registry_routes(cp: ControlPlane) -> list[Route]:
@@ -122,11 +124,16 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
         session = request.query_params.get("session", "")[:64]
         registry = cp.registry
         if index and not registry.changed_since(names, index):
+            if cp.watched_names + len(names) > MAX_WATCHED_TOTAL:
+                return error(503, f"the control plane holds {MAX_WATCHED_TOTAL} watched names already; retry later",
+                             reason="watches")
+            check = registry.watch(frozenset(names), index)
             woken = cp.wakers.register(session) if session else None
+            cp.watched_names += len(names)
             try:
-                await hold(registry.signal, wait, lambda: bool(registry.changed_since(names, index)) or cp.closing,
-                           request.receive, woken)
+                await hold(registry.signal, wait, lambda: check() or cp.closing, request.receive, woken)
             finally:
+                cp.watched_names -= len(names)
                 if woken is not None:
                     cp.wakers.done(session, woken)
         changed = registry.changed_since(names, index)

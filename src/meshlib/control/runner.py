@@ -17,6 +17,7 @@ from ..security.ca import CertificateAuthority, issue_server_certificate, write_
 from ..security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from ..settings import env_value
 from .app import ControlPlane, build_app
+from .hosts import default_hosts
 from .store import RulesStore, SQLiteRulesStore
 from .tokens import TokenStore
 
@@ -78,6 +79,7 @@ def run_control_plane(
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_connections: int = 16_000,
     max_rules_bytes: int = MAX_DOCUMENT_BYTES,
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,8 @@ def run_control_plane(
         max_rules_bytes=max_rules_bytes,
         allow_unsafe_addresses=allow_unsafe_addresses,
         tokens=TokenStore(state / "tokens.db"),
+        allowed_hosts=None if "*" in (allowed_hosts or ()) else default_hosts(host, [*(tls_names or ()),
+                                                                                    *(allowed_hosts or ())]),
     )
     if cp.admin_token is None:
         log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..endpoints import MAX_INSTANCES, EndpointSet, SnapshotError, endpoint_from_fields
+from ..endpoints import MAX_INSTANCES, EndpointSet, SnapshotError, UnsafeEndpoint, endpoint_from_fields, skip_unsafe
 from ..longpoll import LongPoller
 from .base import Discovery, Registration
 
@@ -75,6 +75,8 @@ def _endpoints(service: str, entries: Any, index: int) -> EndpointSet:
                     svc.get("ID"),
                 )
             )
+        except UnsafeEndpoint as exc:
+            skip_unsafe(service, f"entry [{i}]", exc)
         except SnapshotError as exc:
             raise SnapshotError(f"entry [{i}]: {exc}") from None
     return EndpointSet.of(service, endpoints, index)
