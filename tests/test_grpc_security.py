@@ -155,21 +155,23 @@ def test_an_unauthorized_identity_gets_permission_denied_and_the_handler_never_r
     assert strict.behaviour.calls == 1
 
 
-def test_permissive_accepts_tls_without_a_client_certificate_as_an_unauthenticated_caller(
-    monkeypatch, ca, tmp_path
-):
+def test_a_permissive_server_sees_its_callers_identity_and_refuses_certificate_less_tls(monkeypatch, ca, tmp_path):
+    """A permissive gRPC server once never asked for client certificates, so a valid mesh caller arrived without
+    an identity and authorization denied it. grpcio cannot request a certificate without requiring one, and the
+    permissive gRPC port is TLS-only anyway: it requires one, as strict does."""
     server = Strict(monkeypatch, ca, tmp_path, mode="permissive")
     try:
-        roots = ca.roots_pem()
-        channel = grpc.secure_channel(f"127.0.0.1:{server.endpoint.port}",
-                                      grpc.ssl_channel_credentials(root_certificates=roots),
-                                      options=[("grpc.ssl_target_name_override", "echo.default.mesh")])
-        reply = pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="hi"), timeout=5)
-        assert reply.peer == ""
         server.mesh.apply_rules(validate_rules({"services": {"echo": {"authorization": {"allow": ["front"]}}}}, 2))
+        front = tls_mesh(monkeypatch, issue(ca, tmp_path / "front", "front"), "front", "permissive",
+                         {"echo": [server.endpoint]}, tmp=tmp_path / "f")
+        reply = pb2_grpc.EchoStub(front.grpc_channel("echo")).Say(pb2.Hello(text="hi"), timeout=5)
+        assert reply.peer == "spiffe://mesh.local/ns/default/sa/front"
+        channel = grpc.secure_channel(f"127.0.0.1:{server.endpoint.port}",
+                                      grpc.ssl_channel_credentials(root_certificates=ca.roots_pem()),
+                                      options=[("grpc.ssl_target_name_override", "echo.default.mesh")])
         with pytest.raises(grpc.RpcError) as caught:
             pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="hi"), timeout=5)
-        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
 

@@ -539,6 +539,9 @@ def test_request_bodies_stream_chunked_and_by_length():
         ([(b"bad name", b"v")], b"", "invalid header name"),
         ([(b"content-length", b"5")], b"abc", "Content-Length says 5"),
         ([(b"transfer-encoding", b"gzip")], b"", "unsupported Transfer-Encoding"),
+        # both framings at once, in either order: a request smuggling shape, never sent
+        ([(b"content-length", b"3"), (b"transfer-encoding", b"chunked")], b"abc", "both Content-Length and"),
+        ([(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], b"abc", "both Content-Length and"),
     ],
 )
 def test_requests_that_would_break_framing_are_refused_before_sending(headers: Any, body: bytes, problem: str):

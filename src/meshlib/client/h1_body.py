@@ -48,8 +48,10 @@ def request_head(
 
 
 def _framing(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The body's framing the head declares: its Content-Length, -1 for chunked, None for none."""
+    """The body's framing the head declares: its Content-Length, -1 for chunked, None for none. Both at once are
+    refused, in either order: a server and a proxy that pick different ones see different requests (smuggling)."""
     length: int | None = None
+    chunked = False
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"content-length":
@@ -59,8 +61,10 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> int | None:
         elif lowered == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
                 raise httpcore.LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
-            length = -1
-    return length
+            chunked = True
+    if chunked and length is not None:
+        raise httpcore.LocalProtocolError("a request may not carry both Content-Length and Transfer-Encoding")
+    return -1 if chunked else length
 
 
 def _name_the_problem(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:

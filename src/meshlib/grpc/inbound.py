@@ -129,9 +129,10 @@ def code_from_context(context: Any, error: BaseException | None) -> grpc.StatusC
 
 def server_credentials(mesh: Mesh) -> grpc.ServerCredentials | None:
     """The mesh identity as gRPC server credentials, following rotations (gRPC asks at each new handshake);
-    None when the mesh's TLS is off. Strict requires a client certificate; permissive accepts callers without one
-    (they are unauthenticated: authorization sees no identity). gRPC cannot take plaintext and TLS on one port, so
-    a permissive gRPC server is TLS-only and is advertised as such."""
+    None when the mesh's TLS is off. gRPC cannot take plaintext and TLS on one port, so a permissive gRPC server
+    is TLS-only and is advertised as such; and grpcio can either require a client certificate or never ask for
+    one (no "request, don't require"), so permissive requires one as strict does: never asking would leave every
+    mesh caller without an identity, and authorization would deny valid callers."""
     identity = mesh.identity
     if identity is None:
         return None
@@ -151,9 +152,7 @@ def server_credentials(mesh: Mesh) -> grpc.ServerCredentials | None:
         served[0] = identity.rotations
         return configuration()
 
-    return grpc.dynamic_ssl_server_credentials(
-        configuration(), fetch, require_client_authentication=mesh.settings.tls == "strict"
-    )
+    return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
 
 
 def advertised_tls(mesh: Mesh) -> str:
