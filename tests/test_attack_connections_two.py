@@ -185,3 +185,33 @@ def test_a_large_head_in_one_write_is_refused(target, cp, served):
         sock.settimeout(5)
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+
+
+def test_one_client_cannot_keep_more_than_its_share_of_idle_connections(served):
+    from meshlib.security.connection_limits import MAX_IDLE_PER_CLIENT
+
+    socks = []
+    try:
+        for _ in range(MAX_IDLE_PER_CLIENT + 10):
+            s = socket.create_connection(("127.0.0.1", served.port))
+            s.sendall(b"GET /-/mesh/health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            s.settimeout(5)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            socks.append(s)
+
+        def closed(s: socket.socket) -> bool:
+            s.settimeout(0.01)
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        wait_for(lambda: sum(closed(s) for s in socks[MAX_IDLE_PER_CLIENT:]) == 10, timeout=10,
+                 what="the idle connections past the per-client cap to be closed")
+        # closed for the cap, not by keep-alive expiry (which would have closed the older ones first, and all)
+        assert not all(closed(s) for s in socks[:MAX_IDLE_PER_CLIENT])
+    finally:
+        for s in socks:
+            s.close()

@@ -12,7 +12,8 @@ plane and ``meshlib.serve`` both run on it):
 - at most ``MAX_PIPELINED`` requests may wait behind the one being answered: a client that pipelines megabytes of
   requests and never reads an answer is closed instead of queued (uvicorn queues every request of a read);
 - at the connection cap, a new connection closes keep-alive connections that wait idle, so idle clients
-  cannot hold every slot (a closed idle connection costs its client one reconnect).
+  cannot hold every slot (a closed idle connection costs its client one reconnect); and one client address may
+  keep at most ``MAX_IDLE_PER_CLIENT`` connections idle (past that, a connection going idle is closed).
 
 Refusals are counted and logged at INFO, rate-limited (``RefusalLog``), so an attack is visible without flooding
 the log.
@@ -35,6 +36,8 @@ HEADER_TIMEOUT = 10.0
 MIN_BODY_RATE = 1024.0
 #: Requests that may wait, read but unanswered, behind the one in progress on a connection.
 MAX_PIPELINED = 16
+#: Idle keep-alive connections one client address may hold.
+MAX_IDLE_PER_CLIENT = 256
 #: Bytes a header line costs beyond its name and value (": " and CRLF), for counting a head from its parts.
 _LINE_OVERHEAD = 4
 
@@ -85,13 +88,17 @@ def bounded(
     refusals: RefusalLog = REFUSALS,
     min_body_rate: float = MIN_BODY_RATE,
     max_pipelined: int = MAX_PIPELINED,
+    max_idle_per_client: int = MAX_IDLE_PER_CLIENT,
 ) -> type[Any]:
     """uvicorn's httptools protocol with the bounds above; any other protocol class is returned unchanged (h11
     has its own ``h11_max_incomplete_event_size``)."""
     if not hasattr(protocol_class, "on_headers_complete"):
         return protocol_class
 
+    idle_by_client: Counter[str] = Counter()
+
     class BoundedProtocol(protocol_class):  # type: ignore[misc]
+        _mesh_idle = False
         _mesh_in_headers = True
         _mesh_header_bytes = 0
         _mesh_head_bytes = 0
@@ -167,7 +174,28 @@ def bounded(
             self._mesh_disarm()
             raise _Refused(reason)
 
+        def _mesh_set_idle(self, idle: bool) -> None:
+            if idle == self._mesh_idle:
+                return
+            self._mesh_idle = idle
+            who = self.client[0] if self.client else ""
+            if idle:
+                idle_by_client[who] += 1
+                if idle_by_client[who] > max_idle_per_client:
+                    refusals.refused(f"more than {max_idle_per_client} idle connections from one client", self.client)
+                    self.transport.close()
+            else:
+                idle_by_client[who] -= 1
+                if idle_by_client[who] <= 0:
+                    del idle_by_client[who]
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.timeout_keep_alive_task is not None:  # waiting in keep-alive for the next request
+                self._mesh_set_idle(True)
+
         def data_received(self, data: bytes) -> None:
+            self._mesh_set_idle(False)
             self._mesh_headers_ended = False
             super().data_received(data)
             # count a chunk only when no request's headers or body ended inside it (so a body never counts: the
@@ -236,6 +264,7 @@ def bounded(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._mesh_disarm()
+            self._mesh_set_idle(False)
             super().connection_lost(exc)
 
     BoundedProtocol.__name__ = f"Bounded{protocol_class.__name__}"
