@@ -28,7 +28,6 @@ from .propagation import incoming_deadline, propagated_headers
 from .security import authz
 from .security.spiffe import SpiffeId
 from .security.tls import identity_from_der, identity_from_pem
-from .settings import is_service_name
 from .telemetry.metrics import UNVERIFIED_PEER
 from .telemetry.record import record_server_request
 
@@ -96,7 +95,7 @@ class Admission:
             mirrored=self.mirrored,
             rpc=self.rpc,
             attempt=_attempt_number(self.attempt),
-            claimed=self.caller if self.peer is None and is_service_name(self.caller) else None,
+            claimed=self.caller if self.peer is None else None,
         )
 
 

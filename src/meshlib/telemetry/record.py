@@ -12,6 +12,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
 
+from ..settings import is_service_name
 from . import Telemetry
 from .metrics import status_class
 
@@ -116,7 +117,8 @@ def record_server_request(
     claimed: str | None = None,
 ) -> None:
     """One inbound request, after its response. A gRPC shell names its span and sets the RPC attributes itself
-    (``rpc``): no HTTP ones are added here."""
+    (``rpc``): no HTTP ones are added here. ``claimed`` is an unverified caller's ``x-mesh-caller``, for the access
+    log only."""
     metrics = tel.metrics
     if peer_uri is not None and peer not in metrics.verified_peers:
         metrics.note_verified_peer(peer, peer_uri)
@@ -141,7 +143,8 @@ def record_server_request(
                 "kind": "server",
                 "source": peer or None,
                 "source_identity": peer_uri,
-                **({"claimed_source": claimed} if claimed is not None and peer_uri is None else {}),
+                # what an unverified caller says it is: in the log (one line, not a series), if it is a name at all
+                **({"claimed_source": claimed} if claimed and is_service_name(claimed) else {}),
                 "destination": service,
                 "method": method,
                 "path": path,
