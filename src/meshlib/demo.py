@@ -117,7 +117,8 @@ class Demo:
         self.ui = ui
         self.tmp = Path(tempfile.mkdtemp(prefix="meshlib-demo-"))
         self.token = secrets.token_urlsafe(16)
-        self.bootstrap = secrets.token_urlsafe(16)
+        #: One join token per service (meshctl token create), so each instance can be only its own service.
+        self.join_tokens: dict[str, str] = {}
         self.cp_port = _free_port()
         self.cp_url = f"http://127.0.0.1:{self.cp_port}"
         self.children: list[Child] = []
@@ -147,13 +148,23 @@ class Demo:
 
     # -- processes --------------------------------------------------------------------------------
 
-    def env(self, name: str) -> dict[str, str]:
+    def join_token(self, service: str) -> str:
+        """The join token of ``service``, created through the control plane's API on first use."""
+        if service not in self.join_tokens:
+            r = httpx.post(self.cp_url + "/v1/tokens", json={"services": [service], "description": "meshctl demo"},
+                           headers={"authorization": f"Bearer {self.token}"}, timeout=10, trust_env=False)
+            r.raise_for_status()
+            self.join_tokens[service] = str(r.json()["token"])
+        return self.join_tokens[service]
+
+    def env(self, name: str, service: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        if service is not None:
+            env["MESH_BOOTSTRAP_TOKEN"] = self.join_token(service)
         env.update(
             MESH_DISCOVERY=f"registry://127.0.0.1:{self.cp_port}",
             MESH_CONTROL_PLANE=self.cp_url,
             MESH_TLS="strict",
-            MESH_BOOTSTRAP_TOKEN=self.bootstrap,
             MESH_STATE_DIR=str(self.tmp / "state" / name),
             DEMO_INSTANCE=name,
             PYTHONPATH=os.pathsep.join(
@@ -187,7 +198,7 @@ class Demo:
     def start(self, name: str, service: str, app: str, tags: str = "", **extra_env: str) -> Child:
         """``app`` is ``module:app`` for ``meshctl run``, or a script path (a gRPC server reading ``PORT``)."""
         port = _free_port()
-        env = {**self.env(name), **extra_env, "PORT": str(port)}
+        env = {**self.env(name, service), **extra_env, "PORT": str(port)}
         if app.endswith(".py"):
             cmd = [sys.executable, app]
         else:
@@ -312,7 +323,7 @@ def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int
 
         import meshlib
 
-        os.environ["MESH_BOOTSTRAP_TOKEN"] = demo.bootstrap  # this process's meshes get identities too
+        os.environ["MESH_BOOTSTRAP_TOKEN"] = demo.join_token("loadgen")  # this process's meshes get identities too
         mesh = meshlib.Mesh(
             service="loadgen",
             discovery=f"registry://127.0.0.1:{demo.cp_port}",

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 if TYPE_CHECKING:
     from .demo import Demo, Sample, Traffic
@@ -89,6 +96,9 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
         import meshlib
 
         outcome: dict[str, Any] = {}
+        token = demo.join_token("intruder")
+        outcome["impersonation"] = _impersonation_refused(demo.cp_url, token)
+        os.environ["MESH_BOOTSTRAP_TOKEN"] = token  # the intruder's own identity, from its own join token
         with (
             meshlib.Mesh(
                 service="intruder",
@@ -102,17 +112,20 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
             answers = [client.post("http://payments/charge", json={"amount_cents": 1}) for _ in range(5)]
             outcome["codes"] = [a.status_code for a in answers]
             outcome["reason"] = answers[0].json().get("reason", "")
+        os.environ["MESH_BOOTSTRAP_TOKEN"] = demo.join_token("loadgen")
         demo.intruder = outcome
+        demo.say(f"  the intruder's join token asked for a 'payments' certificate: {outcome['impersonation']}")
         demo.say(f"  an 'intruder' service with a valid mesh identity called payments: {outcome['codes']}")
 
     def denied(stats: dict[str, Any], whole: list[Sample]) -> tuple[bool, str]:
         outcome = getattr(demo, "intruder", {})
         failed = sum(1 for s in whole if not s.ok)
         ok = outcome.get("codes") == [403] * 5 and "intruder" in outcome.get("reason", "") and failed == 0
+        ok = ok and str(outcome.get("impersonation", "")).startswith("refused")
         return (
             ok,
-            f"intruder got {outcome.get('codes')} ({_clip(outcome.get('reason', ''), 80)}); "
-            f"shop traffic {failed} failed",
+            f"intruder got {outcome.get('codes')} ({_clip(outcome.get('reason', ''), 80)}), a payments certificate "
+            f"{_clip(str(outcome.get('impersonation')), 40)}; shop traffic {failed} failed",
         )
 
     def stop_control_plane() -> None:
@@ -146,6 +159,21 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
 def _apply(demo: Demo, percent: int) -> None:
     version = demo.apply_rules(_rules(percent))
     demo.say(f"  rules version {version}: payments v2 at {percent}%")
+
+
+def _impersonation_refused(cp_url: str, token: str) -> str:
+    """Ask the CA for a ``payments`` certificate with another service's join token: "refused (403)" expected."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "payments")])
+    ).sign(key, hashes.SHA256())
+    body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "service": "payments"}
+    try:
+        r = httpx.post(cp_url + "/v1/ca/sign", json=body, headers={"authorization": f"Bearer {token}"}, timeout=10,
+                       trust_env=False)
+    except httpx.HTTPError as exc:
+        return f"not answered ({exc})"
+    return f"refused ({r.status_code})" if r.status_code in (401, 403) else f"ISSUED ({r.status_code})"
 
 
 def _clip(text: str, limit: int) -> str:
