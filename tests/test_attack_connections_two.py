@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from harness import Upstream, rss_mb, wait_for
+from harness import Upstream, rss_mb, served_instance, wait_for
 
 
 @pytest.fixture
@@ -27,10 +27,7 @@ def cp(control_plane):
 
 @pytest.fixture
 def served(cp, tmp_path) -> Iterator[Upstream]:
-    env = {"MESH_CONTROL_PLANE": cp.url, "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
-           "MESH_STATE_DIR": str(tmp_path / "served")}
-    upstream = Upstream("served", mesh_service="served", env=env, extra_args=("--header-timeout", "1"))
-    upstream.wait_listening()
+    upstream = served_instance(cp, tmp_path / "served", header_timeout=1)
     yield upstream
     upstream.stop()
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from harness import wait_for
+from harness import startup_lines, wait_for
 from meshlib.control.app import ControlPlane, build_app
 from meshlib.control.registry import Registry
 from meshlib.control.store import SQLiteRulesStore
@@ -156,20 +156,8 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
 
 
 def test_a_token_less_control_plane_warns_loudly(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshlib.cli", "serve", "--port", "0", "--state-dir", str(tmp_path / "cp")],
-        stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"},
-    )
-    try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        wait_for(lambda: lines.append(proc.stderr.readline()) or "listening on" in lines[-1], timeout=30,
-                 what="meshctl serve to start")
-        text = "".join(lines)
-        assert "MESH_BOOTSTRAP_TOKEN is not set" in text and "loopback" in text
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    text = startup_lines({"PATH": "/usr/bin:/bin"}, tmp_path / "cp")
+    assert "MESH_BOOTSTRAP_TOKEN is not set" in text and "loopback" in text
 
 
 def test_unknown_service_names_keep_no_state():

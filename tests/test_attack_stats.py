@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from harness import Upstream, rss_mb, wait_for
+from harness import rss_mb, served_instance, wait_for
 from meshlib.control.stats_report import MAX_ENDPOINT_ROWS
 from meshlib.telemetry.metrics import LATENCY_BUCKETS, UNVERIFIED_PEER
 
@@ -112,10 +112,7 @@ def test_a_bad_row_loses_the_row_not_the_report(control_plane):
 @pytest.fixture
 def served(control_plane, tmp_path):
     cp = control_plane()
-    env = {"MESH_CONTROL_PLANE": cp.url, "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
-           "MESH_STATE_DIR": str(tmp_path / "served"), "MESH_STATS_INTERVAL": "0.3"}
-    upstream = Upstream("served", mesh_service="served", env=env)
-    upstream.wait_listening()
+    upstream = served_instance(cp, tmp_path / "served", env={"MESH_STATS_INTERVAL": "0.3"})
     yield cp, upstream
     upstream.stop()
 

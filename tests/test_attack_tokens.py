@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import meshlib
-from harness import ADMIN_TOKEN, wait_for
+from harness import ADMIN_TOKEN, startup_lines, wait_for
 from meshlib.discovery.static import StaticDiscovery
 from meshlib.errors import IdentityError
 from meshlib.telemetry.metrics import LATENCY_BUCKETS
@@ -167,18 +167,8 @@ def test_meshctl_token_create_list_revoke(cp):
 def test_the_shared_bootstrap_token_is_development_mode_and_says_so(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env["MESH_BOOTSTRAP_TOKEN"] = "shared-dev-token"
-    proc = subprocess.Popen([sys.executable, "-m", "meshlib.cli", "serve", "--port", "0", "--state-dir",
-                             str(tmp_path / "cp")], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        wait_for(lambda: lines.append(proc.stderr.readline()) or "listening on" in lines[-1], timeout=30,
-                 what="meshctl serve to start")
-        text = "".join(lines)
-        assert "development mode" in text and "ANY" in text and "meshctl token create" in text
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    text = startup_lines(env, tmp_path / "cp")
+    assert "development mode" in text and "ANY" in text and "meshctl token create" in text
 
 
 def test_the_admin_token_may_not_equal_the_bootstrap_token(tmp_path):

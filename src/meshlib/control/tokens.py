@@ -102,6 +102,16 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _name(value: Any, field: str) -> str:
+    """A service or namespace name (DNS-label rules), or TokenError naming ``field``."""
+    if not isinstance(value, str):
+        raise TokenError(f"{field}: expected names (strings)")
+    try:
+        return validate_service_name(value)
+    except ConfigurationError as exc:
+        raise TokenError(f"{field}: {exc}") from None
+
+
 def parse_token_request(body: Any) -> tuple[list[str], str, float | None, str]:
     """``{"services": [...], "namespace": "default", "ttl_seconds": N, "description": "..."}`` validated."""
     if not isinstance(body, dict):
@@ -113,19 +123,8 @@ def parse_token_request(body: Any) -> tuple[list[str], str, float | None, str]:
     if not isinstance(services, list) or not services or len(services) > MAX_SERVICES:
         raise TokenError(f"services: expected a list of 1 to {MAX_SERVICES} service names")
     for name in services:
-        if not isinstance(name, str):
-            raise TokenError("services: expected service names (strings)")
-        try:
-            validate_service_name(name)
-        except ConfigurationError as exc:
-            raise TokenError(f"services: {exc}") from None
-    namespace = body.get("namespace", "default")
-    if not isinstance(namespace, str):
-        raise TokenError("namespace: expected a string")
-    try:
-        validate_service_name(namespace)
-    except ConfigurationError as exc:
-        raise TokenError(f"namespace: {exc}") from None
+        _name(name, "services")
+    namespace = _name(body.get("namespace", "default"), "namespace")
     ttl = body.get("ttl_seconds")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= MAX_TTL):
         raise TokenError("ttl_seconds: expected a number of seconds from 1 to 10 years, or null for no expiry")
