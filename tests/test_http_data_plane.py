@@ -153,8 +153,9 @@ def test_post_not_retried_on_503_but_retried_on_connection_refused(upstreams):
 
 def test_all_instances_down_typed_error_then_fast_failure():
     ports = [free_port() for _ in range(3)]
-    # every instance may be ejected (the default caps ejection at half of them: see the next test)
-    everything = ServicePolicy(circuit_breaker=BreakerPolicy(max_ejection_percent=100))
+    # every instance may be ejected (the default caps ejection at half of them: see the next test), and with the
+    # panic threshold off a pool whose instances are all ejected fails fast instead of trying them anyway
+    everything = ServicePolicy(circuit_breaker=BreakerPolicy(max_ejection_percent=100, panic_threshold_percent=0))
     with static_mesh({"svc": ports}, policies={"svc": everything}) as mesh, mesh.client() as client:
         with pytest.raises(meshlib.UnavailableError) as info:
             client.get("http://svc/x")

@@ -226,7 +226,10 @@ def test_the_shells_read_the_incoming_deadline_from_the_request_being_handled():
 
 
 def test_breaker_ejects_after_consecutive_failures_then_one_half_open_trial():
-    policy = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=5, open_for=30))
+    # panic off: a one-instance pool fails fast once ejected (the default, 50%, keeps it in rotation)
+    policy = ServicePolicy(
+        circuit_breaker=BreakerPolicy(consecutive_failures=5, open_for=30, panic_threshold_percent=0)
+    )
     s, clock = state(ports=[1], policy=policy)
     for _ in range(5):
         run(s, clock, [E503, E503, E503])
@@ -250,7 +253,9 @@ def test_breaker_ejects_after_consecutive_failures_then_one_half_open_trial():
 
 
 def test_failed_trial_reopens_and_cancelled_trial_frees_the_gate():
-    policy = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=1, open_for=10))
+    policy = ServicePolicy(
+        circuit_breaker=BreakerPolicy(consecutive_failures=1, open_for=10, panic_threshold_percent=0)
+    )
     s, clock = state(ports=[1], policy=policy)
     run(s, clock, [REFUSED])
     breaker = s.handles[0].breaker
@@ -435,7 +440,8 @@ def test_below_the_panic_threshold_traffic_goes_to_every_endpoint():
     assert [h.breaker.state for h in s.handles] == [OPEN, OPEN, OPEN, CLOSED]
     picked = {run(s, clock, [OK])[0][0].endpoint.port for _ in range(8)}
     assert picked == {1, 2, 3, 4}, "25% healthy < 50%: balanced over all"
-    off = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=1, max_ejection_percent=100))
+    off = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=1, max_ejection_percent=100,
+                                                    panic_threshold_percent=0))
     s.set_policy(off)
     assert {run(s, clock, [OK])[0][0].endpoint.port for _ in range(8)} == {4}, "no panic threshold: only healthy"
 

@@ -53,8 +53,11 @@ class BreakerPolicy:
     #: pile the whole load onto the few endpoints left.
     max_ejection_percent: float = 50.0
     #: When fewer than this share of a pool's endpoints is closed, balance over all of them, ejected ones included
-    #: (Envoy's panic threshold). 0, the default, turns it off: a pool whose endpoints are all ejected fails fast.
-    panic_threshold_percent: float = 0.0
+    #: (Envoy's panic threshold, and its default of 50%). It protects a one-instance service, and the last
+    #: instances of a pool, from being ejected into a total outage by a burst of errors: traffic keeps flowing to
+    #: them and fails (or succeeds) on its merits. 0 turns it off: a pool whose endpoints are all ejected then
+    #: fails fast with CircuitOpenError.
+    panic_threshold_percent: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,7 @@ def call_flow(
                 handle.breaker.release()
             return Done(result, result.error, attempt)
         if record:
-            record_outcome(service, pick, result, max(0.0, now - paused() - started), now)
+            record_outcome(service, pick, result, max(0.0, now - paused() - started), now, timeout)
         tried.append(handle)
         last = result
         if verdict.is_failure:

@@ -55,6 +55,7 @@ def hedged_flow(
     log: list[str] = []
     # attempt -> (its pick, when it started less the pauses so far: ``now - paused() - started`` is its latency)
     flights: dict[int, tuple[Pick, float]] = {}
+    allowed: dict[int, float | None] = {}  # the time each attempt was given
     last: Result | None = None
     attempt = hedges = 0
     send = True  # a first attempt, a backup or a retry is due
@@ -90,6 +91,7 @@ def hedged_flow(
                     timeout = per_try if remaining is None else (
                         remaining if per_try is None else min(per_try, remaining)
                     )
+                    allowed[attempt] = timeout
                     after = delay if hedges_left > 0 else None
                     message = yield Send(
                         handle.endpoint, timeout, attempt, handle.breaker.state, hedge_after=after
@@ -118,7 +120,7 @@ def hedged_flow(
                 if pick.trial:
                     handle.breaker.release()
                 return Done(result, result.error, attempt, winner=key, hedges=hedges)
-            record_outcome(service, pick, result, max(0.0, now - paused() - started), now)
+            record_outcome(service, pick, result, max(0.0, now - paused() - started), now, allowed.pop(key, None))
             tried.append(handle)
             last = result
             if verdict.is_failure:

@@ -16,7 +16,7 @@ from ..errors import (
     UnavailableError,
 )
 from .balancer import FAILURE_PENALTY
-from .classify import Verdict
+from .classify import Kind, Verdict
 from .retry import RetryDecision, Stop
 from .service import EndpointHandle, Pick, ServiceState
 
@@ -101,13 +101,40 @@ def no_pauses() -> float:
     return 0.0
 
 
-def record_outcome(service: ServiceState, pick: Pick, result: Result, rtt: float, now: float) -> None:
+#: A timeout of at least this many seconds counts against the endpoint even when it was the caller's (a hung
+#: instance is still ejected by callers with ordinary timeouts); shorter ones count only when they were the
+#: service's own per-try timeout.
+BLAMED_TIMEOUT = 1.0
+
+
+def blames_endpoint(verdict: Verdict, allowed: float | None, per_try: float | None) -> bool:
+    """Whether a failed attempt counts against its endpoint. A timeout does only when the endpoint was given the
+    service's own per-try timeout, or at least BLAMED_TIMEOUT: an attempt cut short by the caller's own tighter
+    deadline (``timeout=1e-6``, a gRPC deadline shorter than the work) says nothing about the endpoint, and once
+    opened the breakers of healthy instances. Every other failure does."""
+    if verdict.kind is not Kind.TIMEOUT or allowed is None:
+        return verdict.is_failure
+    if per_try is not None and allowed >= per_try:
+        return True
+    return allowed >= BLAMED_TIMEOUT
+
+
+def record_outcome(
+    service: ServiceState, pick: Pick, result: Result, rtt: float, now: float, allowed: float | None = None
+) -> None:
     """One attempt's outcome, charged to its endpoint: the load estimate (a failure as at least the failure
     penalty; the probe that closes a breaker revives the endpoint afresh), the breaker (within the service's
-    ejection cap), and the latency window hedging reads."""
+    ejection cap), and the latency window hedging reads. ``allowed`` is the time the attempt was given: a timeout
+    the caller's deadline imposed is only a lower bound on the endpoint's latency (``blames_endpoint``)."""
     handle = pick.handle
     load = handle.load
     verdict = result.verdict
+    if verdict.is_failure and not blames_endpoint(verdict, allowed, service.policy.retries.per_try_timeout):
+        if rtt > load.ewma:
+            load.observe(rtt, now)  # at least this slow: the one thing the cut-short attempt says
+        if pick.trial:
+            handle.breaker.release()  # the trial proved nothing either way: the next call may try again
+        return
     if verdict.is_failure:
         load.observe(max(rtt, FAILURE_PENALTY), now)
     elif pick.trial:
