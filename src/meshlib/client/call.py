@@ -118,6 +118,7 @@ class _Call:
             plan=plan,
             hedging=hedging,
             record=copy_of is None,
+            attempt_timeout=_shortest(timeouts),
         )
 
     def attempt(self, send: Send) -> Outbound:
@@ -249,3 +250,9 @@ def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:
         metrics.client_duration.record(
             0.0, metrics.client_labels(service, "default", request.method, "error", "no-endpoints")
         )
+
+
+def _shortest(timeouts: dict[str, float | None]) -> float | None:
+    """The caller's tightest httpx timeout (connect, read, write or pool: each bounds every attempt)."""
+    values = [value for value in timeouts.values() if value is not None]
+    return min(values) if values else None

@@ -6,21 +6,21 @@ from __future__ import annotations
 import httpcore
 import httpx
 
-from ..policy.classify import CONNECT_FAILURE, LOCAL_ERROR, RESET, TIMEOUT, Verdict
+from ..policy.classify import CONNECT_FAILURE, CONNECT_TIMEOUT, LOCAL_ERROR, RESET, TIMEOUT, Verdict
 
 _ERROR_KINDS: tuple[tuple[type[BaseException], Verdict], ...] = (
     # Order matters: the more specific classes come first.
-    (httpcore.ConnectTimeout, CONNECT_FAILURE),
+    (httpcore.ConnectTimeout, CONNECT_TIMEOUT),
     (httpcore.ConnectError, CONNECT_FAILURE),
-    (httpcore.PoolTimeout, CONNECT_FAILURE),
+    (httpcore.PoolTimeout, CONNECT_TIMEOUT),
     (httpcore.ReadTimeout, TIMEOUT),
     (httpcore.WriteTimeout, TIMEOUT),
     (httpcore.ReadError, RESET),
     (httpcore.WriteError, RESET),
     (httpcore.RemoteProtocolError, RESET),
-    (httpx.ConnectTimeout, CONNECT_FAILURE),
+    (httpx.ConnectTimeout, CONNECT_TIMEOUT),
     (httpx.ConnectError, CONNECT_FAILURE),
-    (httpx.PoolTimeout, CONNECT_FAILURE),
+    (httpx.PoolTimeout, CONNECT_TIMEOUT),
     (httpx.ReadTimeout, TIMEOUT),
     (httpx.WriteTimeout, TIMEOUT),
     (httpx.ReadError, RESET),

@@ -41,7 +41,7 @@ HTTP_EQUIVALENT: dict[grpc.StatusCode, int] = {
 _FAILURES = {
     grpc.StatusCode.UNAVAILABLE: Verdict(Kind.SERVER_ERROR, 503, "unavailable", True, False),
     grpc.StatusCode.RESOURCE_EXHAUSTED: Verdict(Kind.SERVER_ERROR, 429, "resource-exhausted", True, True),
-    grpc.StatusCode.DEADLINE_EXCEEDED: Verdict(Kind.TIMEOUT, 504, "deadline-exceeded", True, True),
+    grpc.StatusCode.DEADLINE_EXCEEDED: Verdict(Kind.TIMEOUT, 504, "deadline-exceeded", True, True, timed_out=True),
 }
 
 

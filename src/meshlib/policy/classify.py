@@ -29,6 +29,9 @@ class Verdict:
     is_failure: bool
     #: The request may have been seen by the server (so only idempotent requests may repeat it).
     reached_server: bool
+    #: The attempt ran out of the time it was given (a read or connect timeout): whether that is the endpoint's
+    #: fault depends on how much time that was (``steps.blames_endpoint``).
+    timed_out: bool = False
 
     @property
     def is_error(self) -> bool:
@@ -49,7 +52,9 @@ def _status_verdict(status: int) -> Verdict:
 _STATUS_VERDICTS = {status: _status_verdict(status) for status in range(100, 600)}
 CONNECT_FAILURE = Verdict(Kind.CONNECT_FAILURE, None, "connect-failure", True, False)
 RESET = Verdict(Kind.RESET, None, "reset", True, True)
-TIMEOUT = Verdict(Kind.TIMEOUT, None, "timeout", True, True)
+TIMEOUT = Verdict(Kind.TIMEOUT, None, "timeout", True, True, timed_out=True)
+#: A connect (or connection pool) timeout: retried as a connect failure, blamed as a timeout.
+CONNECT_TIMEOUT = Verdict(Kind.CONNECT_FAILURE, None, "connect-failure", True, False, timed_out=True)
 LOCAL_ERROR = Verdict(Kind.LOCAL_ERROR, None, "local-error", False, False)
 
 

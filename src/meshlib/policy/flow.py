@@ -28,6 +28,7 @@ from .steps import (
     Send,
     Sleep,
     Wait,
+    allowed_time,
     deadline_error,
     describe,
     final_error,
@@ -52,6 +53,7 @@ def call_flow(
     hedgeable: bool = False,
     hedging: bool = True,
     record: bool = True,
+    attempt_timeout: float | None = None,
 ) -> CallFlow:
     """One call's policy. Replayable calls to a service with ``hedging`` go the hedged way (``hedged.py``) when
     they are idempotent (or ``hedgeable``: gRPC, whose hedging is itself the caller's statement that a call may
@@ -59,7 +61,8 @@ def call_flow(
     side by side passes ``hedging=False``. ``record=False`` (a mirrored copy) leaves the endpoints' breakers and
     latency estimates alone: a copy measures its target, it does not steer the real traffic. ``paused`` is the
     seconds this process has stood still in garbage collection so far (``meshlib/gc_pauses.py``): an attempt's recorded
-    latency leaves out the pauses during it."""
+    latency leaves out the pauses during it. ``attempt_timeout`` is the caller's own limit on every attempt (httpx's
+    timeouts apply per try): a timeout under it is not held against the endpoint (``steps.blames_endpoint``)."""
     now = clock()
     faults = plan.faults
     if faults is not None:  # injected by the rules, before anything else, as a real failure would be
@@ -79,7 +82,7 @@ def call_flow(
         return (
             yield from hedged_flow(
                 service, hedger, method=method, deadline=deadline, now=now, clock=clock, rand=rand, plan=plan,
-                paused=paused,
+                paused=paused, attempt_timeout=attempt_timeout,
             )
         )
     service.budget.deposit(now)
@@ -127,7 +130,9 @@ def call_flow(
                 handle.breaker.release()
             return Done(result, result.error, attempt)
         if record:
-            record_outcome(service, pick, result, max(0.0, now - paused() - started), now, timeout)
+            record_outcome(
+                service, pick, result, max(0.0, now - paused() - started), now, allowed_time(timeout, attempt_timeout)
+            )
         tried.append(handle)
         last = result
         if verdict.is_failure:

@@ -24,6 +24,7 @@ from .steps import (
     Send,
     Sleep,
     Wait,
+    allowed_time,
     deadline_error,
     describe,
     final_error,
@@ -44,6 +45,7 @@ def hedged_flow(
     rand: Callable[[], float],
     plan: CallPlan,
     paused: Callable[[], float] = no_pauses,
+    attempt_timeout: float | None = None,
 ) -> CallFlow:
     service.budget.deposit(now)
     hedger.budget.deposit(now)
@@ -91,7 +93,7 @@ def hedged_flow(
                     timeout = per_try if remaining is None else (
                         remaining if per_try is None else min(per_try, remaining)
                     )
-                    allowed[attempt] = timeout
+                    allowed[attempt] = allowed_time(timeout, attempt_timeout)
                     after = delay if hedges_left > 0 else None
                     message = yield Send(
                         handle.endpoint, timeout, attempt, handle.breaker.state, hedge_after=after

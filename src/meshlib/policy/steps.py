@@ -16,7 +16,7 @@ from ..errors import (
     UnavailableError,
 )
 from .balancer import FAILURE_PENALTY
-from .classify import Kind, Verdict
+from .classify import Verdict
 from .retry import RetryDecision, Stop
 from .service import EndpointHandle, Pick, ServiceState
 
@@ -112,11 +112,18 @@ def blames_endpoint(verdict: Verdict, allowed: float | None, per_try: float | No
     service's own per-try timeout, or at least BLAMED_TIMEOUT: an attempt cut short by the caller's own tighter
     deadline (``timeout=1e-6``, a gRPC deadline shorter than the work) says nothing about the endpoint, and once
     opened the breakers of healthy instances. Every other failure does."""
-    if verdict.kind is not Kind.TIMEOUT or allowed is None:
+    if not verdict.timed_out or allowed is None:
         return verdict.is_failure
     if per_try is not None and allowed >= per_try:
         return True
     return allowed >= BLAMED_TIMEOUT
+
+
+def allowed_time(timeout: float | None, attempt_timeout: float | None) -> float | None:
+    """The time an attempt really had: the flow's own bound on it, or the caller's per-try limit if shorter."""
+    if attempt_timeout is None:
+        return timeout
+    return attempt_timeout if timeout is None else min(timeout, attempt_timeout)
 
 
 def record_outcome(
