@@ -321,3 +321,65 @@ def test_a_strict_mtls_instance_reports_without_the_control_plane_reaching_it(co
         up.stop()
     assert found["tls"] == "strict" and found["identity"] == "spiffe://mesh.local/ns/default/sa/ledger"
     assert found["port"] == up.port and found["registered"] and found["state"] == "up"
+
+
+def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(control_plane, upstreams):
+    cp: ControlPlaneProcess = control_plane()
+    ups = upstreams(3)
+    spec = ",".join(f"127.0.0.1:{u.port}" for u in ups)
+    settings = meshlib.MeshSettings(
+        service="caller", discovery=f"static:inventory={spec}", control_plane=cp.url, stats_interval=0.2,
+    ).validated()
+    mesh = meshlib.Mesh(settings=settings)
+    try:
+        with mesh.client() as client:
+            for _ in range(300):
+                client.get("http://inventory/items")
+
+            def view() -> list[dict[str, Any]] | None:
+                answer = httpx.get(cp.url + "/v1/stats/services/inventory")
+                if answer.status_code != 200:
+                    return None  # not reported yet
+                rows = answer.json()["estimates"]
+                return rows if len(rows) == 3 and abs(sum(r["share"] for r in rows) - 1) < 0.01 else None
+
+            rows = wait_for(view, timeout=10, interval=0.1, what="the caller's view of inventory")
+    finally:
+        mesh.close()
+    assert {r["endpoint"] for r in rows} == {f"127.0.0.1:{u.port}" for u in ups}
+    for r in rows:
+        assert r["caller_service"] == "caller" and r["breaker"] == "closed" and r["outstanding"] == 0
+        assert r["share"] >= 0.2, rows  # the first report's shares are over everything sent so far
+        assert 0 < r["latency_ms"] < 1000
+    shown = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "diagnostics", "endpoints", "inventory"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["CALLER", "ENDPOINT", "LATENCY", "MS", "IN", "FLIGHT", "BREAKER", "SHARE"]
+    assert len(lines) == 4 and all(line.split()[-2] == "closed" and line.endswith("%") for line in lines[1:])
+    unknown = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "diagnostics", "endpoints", "inventori"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert unknown.returncode == 1 and "did you mean inventory?" in unknown.stderr, unknown.stderr
+
+
+def test_shares_are_taken_between_two_reports_of_one_caller():
+    clock = Clock()
+    book = StatsBook(clock)
+
+    def ends(a: int, b: int) -> list[list[Any]]:
+        return [["inv", "10.0.0.1:80", "closed", 0.5, 0, a], ["inv", "10.0.0.2:80", "open", 40.0, 1, b]]
+
+    book.ingest(parse_report(report(instance="c-1", service="front", endpoints=ends(90, 10))))
+    assert [r["share"] for r in book.estimates("inv")] == [0.9, 0.1]
+    clock.now += 2
+    book.ingest(parse_report(report(instance="c-1", service="front", endpoints=ends(100, 40))))
+    rows = book.estimates("inv")
+    assert [r["share"] for r in rows] == [0.25, 0.75]  # 10 and 30 more since the previous report
+    assert rows[1]["breaker"] == "open" and rows[1]["latency_ms"] == 40.0 and rows[1]["outstanding"] == 1
+    assert book.estimates("other") == []
+    bad = parse_report(report(endpoints=[["inv", "10.0.0.1:80", "closed", -1, 0, 1]]))
+    assert bad.estimates == () and "endpoints[0] latency" in bad.refused[0]

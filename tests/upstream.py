@@ -3,7 +3,8 @@
     python tests/upstream.py --name a [--status 503] [--delay 0.05]
 
 Prints ``LISTENING <port>`` once it accepts connections. Every answer is JSON naming the instance and echoing the
-mesh headers it received. ``/-/behave?status=&delay=&slow_every=&slow_delay=`` changes behaviour at run time;
+mesh headers it received. ``/-/behave?status=&delay=&slow_every=&slow_delay=&fail_every=`` changes behaviour at
+run time;
 ``/-/count`` returns and ``/-/reset`` clears the per-method request counts. ``/-/upload`` hashes a streamed body;
 ``/-/download?size=N`` streams N bytes.
 """
@@ -27,7 +28,7 @@ import uvicorn
 def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
     state: dict[str, Any] = {
         "status": status, "delay": delay, "counts": {}, "die_mid_body": False, "slow_every": 0, "slow_delay": 0.0,
-        "served": 0,
+        "fail_every": 0, "served": 0,
     }
 
     async def send_json(send: Any, code: int, body: Any) -> None:
@@ -90,6 +91,8 @@ def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
             if "slow_every" in query:  # every Nth request waits slow_delay seconds first
                 state["slow_every"] = int(query["slow_every"][0])
                 state["slow_delay"] = float(query.get("slow_delay", ["0.3"])[0])
+            if "fail_every" in query:  # every Nth request answers 503
+                state["fail_every"] = int(query["fail_every"][0])
             if "die_mid_body" in query:
                 state["die_mid_body"] = query["die_mid_body"][0] == "1"
             await send_json(send, 200, {"instance": name, "status": state["status"], "delay": state["delay"]})
@@ -128,9 +131,10 @@ def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
         if state["delay"]:
             await asyncio.sleep(state["delay"])
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        failing = state["fail_every"] and state["served"] % state["fail_every"] == 0
         await send_json(
             send,
-            state["status"],
+            503 if failing else state["status"],
             {
                 "instance": name,
                 "method": scope["method"],

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_diagnostics import add_diagnostics_commands
 from .cli_http import DEFAULT_CONTROL_PLANE, CliError, admin_headers, check, control_plane_url, print_json, request
 from .cli_tokens import add_token_commands
 from .settings import env_value
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rules_rollback)
 
     add_token_commands(sub)
+    add_diagnostics_commands(sub)
 
     p = sub.add_parser("status", help="services, instances, rule version, golden signals")
     p.add_argument("--interval", type=float, default=1.0, help="with --scrape: seconds between the two metric reads")

@@ -307,7 +307,7 @@ def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int
         demo.apply_rules(_rules(0))
         demo.say(
             "starting the shop (mTLS strict, authorization by identity): 2x frontend (Flask), 2x catalog, "
-            "2x inventory (gRPC), 2x checkout, payments 2x v1 + 1x v2"
+            "2x inventory (gRPC), 2x checkout, payments 2x v1 + 2x v2"
         )
         _generate_grpc_code()
         for i in (1, 2):
@@ -315,9 +315,9 @@ def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int
             demo.start(f"catalog-{i}", "catalog", "catalog:app")
             demo.start(f"checkout-{i}", "checkout", "checkout:app")
             demo.start(f"payments-v1-{i}", "payments", "payments:app", tags="v1", PAYMENTS_VERSION="v1")
+            demo.start(f"payments-v2-{i}", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2")
             demo.start(f"frontend-{i}", "frontend", "frontend:app")
-        demo.start("payments-v2-1", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2")
-        expected = {"catalog": 2, "inventory": 2, "checkout": 2, "payments": 3, "frontend": 2}
+        expected = {"catalog": 2, "inventory": 2, "checkout": 2, "payments": 4, "frontend": 2}
         demo.wait(lambda: all(len(demo.registered(s)) == n for s, n in expected.items()), 60, "every instance")
         demo.say(f"all {sum(expected.values())} instances registered")
 

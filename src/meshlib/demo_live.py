@@ -94,3 +94,27 @@ def _dashboard_back(demo: Demo) -> None:
     topology = demo._get("/v1/stats/topology")
     edges = ", ".join(f"{e['source']}->{e['destination']}" for e in topology["edges"])
     demo.say(f"dashboard: {len(topology['services'])} services, {len(topology['edges'])} edges ({edges})")
+    _v2_shares(demo)
+
+
+def _v2_shares(demo: Demo) -> None:
+    """The dashboard's payments page: both healthy v2 instances take a fair part of the v2 traffic (the broken one
+    is ejected). One line the demo test reads."""
+    healthy = {c.port: c.name for c in demo.children if c.name in ("payments-v2-1", "payments-v2-2")}
+    rates: dict[str, float] = {}
+
+    def measured() -> bool:
+        detail = demo._get("/v1/stats/services/payments") or {}
+        rates.clear()
+        for instance in detail.get("instances", []):
+            name = healthy.get(instance.get("port"))
+            if name is not None and instance.get("rps"):
+                rates[name] = float(instance["rps"])
+        return len(rates) == len(healthy) and min(rates.values()) >= 0.25 * sum(rates.values())
+
+    with contextlib.suppress(RuntimeError):  # a timeout is said below, with what was seen
+        demo.wait(measured, 20, "both payments v2 instances to report their share")
+    total = sum(rates.values()) or 1.0
+    shares = ", ".join(f"{name} {rates.get(name, 0.0):.1f} req/s ({rates.get(name, 0.0) / total:.0%})"
+                       for name in sorted(healthy.values()))
+    demo.say(f"dashboard: payments v2 instances: {shares}")

@@ -89,7 +89,7 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
         demo.start(
             "payments-v2-broken", "payments", "payments:app", tags="v2", PAYMENTS_VERSION="v2", PAYMENTS_BROKEN="1"
         )
-        demo.wait(lambda: len(demo.registered("payments")) == 4, 30, "the broken instance to register")
+        demo.wait(lambda: len(demo.registered("payments")) == 5, 30, "the broken instance to register")
         demo.say("  a broken payments v2 instance (answers 503) joined; its breaker must open")
 
     def intruder() -> None:

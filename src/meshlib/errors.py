@@ -14,11 +14,17 @@ import httpx
 class MeshError(httpx.TransportError):
     """Base of every error meshlib raises."""
 
-    def __init__(self, message: str, *, service: str | None = None, attempts: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, *, service: str | None = None, attempts: Sequence[str] = (), reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.service = service
         #: One human-readable line per attempt: ``"127.0.0.1:8001 connect-failure (ConnectError: ...)"``.
         self.attempts = tuple(attempts)
+        #: Why, as a stable token code can branch on (each class documents its own), never the message text.
+        self.reason = reason
+        #: The call's decision log (``meshlib.policy.decisions.Decision``, one per attempt), when there was a call.
+        self.decisions: tuple[object, ...] = ()
 
 
 class ConfigurationError(MeshError, ValueError):
@@ -35,7 +41,16 @@ class IdentityError(MeshError):
 
 
 class NoEndpointsError(MeshError):
-    """The service is unknown to discovery, or it has no healthy instance."""
+    """The service is unknown to discovery, or it has no healthy instance. ``reason`` says which."""
+
+    #: Discovery has never answered for this name.
+    UNKNOWN_SERVICE = "unknown-service"
+    #: Discovery answers, and lists no usable instance.
+    NONE_LISTED = "none-listed"
+    #: The rules chose a subset that selects no instance.
+    SUBSET_EMPTY = "subset-empty"
+    #: Discovery did not answer in time (its last error is in the message).
+    NO_ANSWER = "no-discovery-answer"
 
 
 class CircuitOpenError(MeshError):

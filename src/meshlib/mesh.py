@@ -207,6 +207,7 @@ class Mesh:
                 f"{service}: discovery ({self.discovery.describe() or self.settings.discovery}) gave no answer within "
                 f"{self.settings.discovery_timeout:g}s" + (f"; last error: {last}" if last else ""),
                 service=service,
+                reason=NoEndpointsError.NO_ANSWER,
             )
         return state
 

@@ -19,6 +19,7 @@ from ..errors import (
 )
 from ..mesh import Mesh
 from ..policy.deadline import to_epoch_millis
+from ..policy.decisions import log_decisions
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
@@ -185,6 +186,9 @@ class _Call:
 
     def finish(self, done: Done | None, response: httpx.Response | None) -> None:
         """The call is over: end its span, record its metrics and (sampled) access log line."""
+        decisions = done.decisions if done is not None else None
+        if decisions:
+            log_decisions(self.service, decisions)
         tel = self.mesh.telemetry
         if tel is None:
             return
@@ -211,6 +215,7 @@ class _Call:
             error_type=(outcome if status is None else str(status)) if status is None or status >= 500 else None,
             elapsed=self.mesh.clock() - self.started,
             attempts=done.attempts if done is not None else 0,
+            decisions=decisions,
             budget_exhausted=done is not None and done.budget_exhausted,
             span_attributes=span_attributes,
             log_fields=lambda: {

@@ -119,8 +119,12 @@ def _raise_done(done: Done, mesh: Mesh) -> None:
     error = done.error
     assert error is not None
     cause = done.result.error if done.result is not None else None
-    if type(error) is NoEndpointsError and error.service and "discovery lists none" in str(error):
-        error = NoEndpointsError(f"{error}; {mesh.explain_empty(error.service)}", service=error.service)
+    if type(error) is NoEndpointsError and error.service and error.reason == NoEndpointsError.NONE_LISTED:
+        error = NoEndpointsError(
+            f"{error}; {mesh.explain_empty(error.service)}", service=error.service, reason=error.reason
+        )
     if isinstance(error, MeshError):
+        if done.decisions:
+            error.decisions = tuple(done.decisions)
         raise error from cause
     raise to_httpx_error(error)

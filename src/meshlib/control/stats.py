@@ -45,6 +45,9 @@ class InstanceState:
     rps: float = 0.0
     errors_per_s: float = 0.0
     first_seen: float = field(default_factory=time.time)
+    #: Each estimate's share of the attempts its caller sent to that destination since the previous report (aligned
+    #: with ``report.estimates``; over all attempts so far for a first report).
+    shares: tuple[float, ...] = ()
 
 
 class StatsBook:
@@ -94,6 +97,7 @@ class StatsBook:
                 ring = self._ring((name, report.service, peer, ""), False)
                 if ring is not None:
                     ring.add(now, delta, 0.0)
+        state.shares = _shares(report, old)
         if previous is not None:
             state.first_seen = previous.first_seen
             elapsed = max(now - previous.last_seen, 0.001)
@@ -278,6 +282,21 @@ class StatsBook:
     def timeline(self, direction: str, service: str, now: float) -> list[dict[str, Any]]:
         return self._timeline(lambda k: k[0] == direction and k[1] == service, now)
 
+    def estimates(self, service: str) -> list[dict[str, Any]]:
+        """What every caller's balancer sees of ``service``'s endpoints: latency estimate, attempts in flight,
+        breaker state and the caller's share of attempts sent to each (``meshctl diagnostics endpoints``)."""
+        rows = []
+        for state in self.instances.values():
+            report = state.report
+            for i, (destination, authority, breaker, latency, outstanding, _) in enumerate(report.estimates):
+                if destination == service:
+                    share = state.shares[i] if i < len(state.shares) else 0.0
+                    rows.append({"caller": report.instance, "caller_service": report.service, "endpoint": authority,
+                                 "latency_ms": latency, "outstanding": outstanding, "breaker": breaker,
+                                 "share": round(share, 4)})
+        rows.sort(key=lambda r: (r["caller"], r["endpoint"]))
+        return rows
+
     def breaker_views(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, str]]]:
         """For each (service, ``address:port``) in ``wanted``: which callers see its breaker not closed. One pass
         over the rows, keeping only the endpoints asked about (reports may name any number of others)."""
@@ -289,3 +308,19 @@ class StatsBook:
                 if key in wanted:
                     views.setdefault(key, []).append({"caller": caller, "state": breaker})
         return views
+
+
+def _shares(report: Report, old: Report | None) -> tuple[float, ...]:
+    """Each estimate's share of its destination's attempts between ``old`` and ``report`` (counts that went
+    down, a restart, count from zero)."""
+    if not report.estimates:
+        return ()
+    before = {(e[0], e[1]): e[5] for e in old.estimates} if old is not None else {}
+    deltas = []
+    totals: dict[str, int] = {}
+    for destination, authority, _, _, _, sent in report.estimates:
+        prior = before.get((destination, authority), 0)
+        delta = sent - prior if sent >= prior else sent
+        deltas.append(delta)
+        totals[destination] = totals.get(destination, 0) + delta
+    return tuple(d / totals[e[0]] if totals[e[0]] else 0.0 for d, e in zip(deltas, report.estimates, strict=True))

@@ -41,6 +41,10 @@ class Row:
     buckets: tuple[int, ...]
 
 
+#: (destination service, address:port, breaker state, latency estimate in ms, attempts in flight, attempts sent).
+Estimate = tuple[str, str, str, float, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class Report:
     instance: str
@@ -61,10 +65,13 @@ class Report:
     endpoints: tuple[tuple[str, str, str], ...]
     #: What was refused row by row (the first few), for the answer.
     refused: tuple[str, ...] = ()
+    #: What this caller's balancer sees of each endpoint it calls.
+    estimates: tuple[Estimate, ...] = ()
 
     def size(self) -> int:
         """Rows this report keeps, for the book's total budget."""
-        return len(self.inbound) + len(self.outbound) + len(self.counters) + len(self.endpoints)
+        return len(self.inbound) + len(self.outbound) + len(self.counters) + len(self.endpoints) + len(self.estimates)
+
 
 
 def _text(value: Any, where: str, limit: int = 256, optional: bool = False) -> Any:
@@ -194,12 +201,22 @@ def parse_report(body: Any) -> Report:
         except ReportError as exc:
             refusals.add(exc)
     endpoints = []
+    estimates: list[Estimate] = []
     for i, raw in enumerate(_list(body.get("endpoints", []), "endpoints", MAX_ENDPOINT_ROWS)):
         try:
-            if not isinstance(raw, list) or len(raw) != 3 or raw[2] not in BREAKER_STATES:
-                raise ReportError(f"endpoints[{i}]: expected [service, address:port, breaker state]")
+            if not isinstance(raw, list) or len(raw) not in (3, 6) or raw[2] not in BREAKER_STATES:
+                raise ReportError(
+                    f"endpoints[{i}]: expected [service, address:port, breaker state, latency ms, outstanding, sent]"
+                )
             destination = _peer(raw[0], f"endpoints[{i}]")
             authority = _text(raw[1], f"endpoints[{i}]", 300)
+            if len(raw) == 6:
+                latency = _number(raw[3], f"endpoints[{i}] latency")
+                if not 0 <= latency <= 3.6e6:
+                    raise ReportError(f"endpoints[{i}] latency: expected 0 to 3600000 ms")
+                outstanding = _count(raw[4], f"endpoints[{i}] outstanding")
+                sent = _count(raw[5], f"endpoints[{i}] sent")
+                estimates.append((destination, authority, str(raw[2]), latency, outstanding, sent))
         except ReportError as exc:
             refusals.add(exc)
             continue
@@ -225,4 +242,5 @@ def parse_report(body: Any) -> Report:
         verified_peers=verified,
         endpoints=tuple(endpoints),
         refused=refusals.summary(),
+        estimates=tuple(estimates),
     )

@@ -131,6 +131,7 @@ def service_detail(cp: ControlPlane, book: StatsBook, name: str, now: float) -> 
         "outbound": book.routes("out", name, now),
         "mirrored": book.routes("mirror", name, now),
         "counters": book.counters(name, now),
+        "estimates": book.estimates(name),
         "timeline": {"inbound": book.timeline("in", name, now), "outbound": book.timeline("out", name, now)},
         **(book.service_figures(now).get(name) or StatsBook.figures_empty()),
     }

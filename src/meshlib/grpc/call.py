@@ -24,6 +24,7 @@ from ..errors import (
 )
 from ..mesh import Mesh
 from ..policy.deadline import to_epoch_millis
+from ..policy.decisions import log_decisions
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
@@ -178,6 +179,9 @@ class RpcCall:
 
     def finish(self, done: Done | None, code: grpc.StatusCode | None) -> None:
         """The call is over: end its span, record its metrics and (sampled) access log line."""
+        decisions = done.decisions if done is not None else None
+        if decisions:
+            log_decisions(self.service, decisions)
         tel = self.mesh.telemetry
         if tel is None:
             return
@@ -198,6 +202,7 @@ class RpcCall:
             error_type=None if code is grpc.StatusCode.OK else outcome,
             elapsed=self.mesh.clock() - self.started,
             attempts=done.attempts if done is not None else 0,
+            decisions=decisions,
             span_attributes={"rpc.grpc.status_code": code.value[0] if code is not None else 2},
             log_fields={"grpc_status": code.name if code is not None else None},
         )
@@ -239,8 +244,10 @@ def code_of(error: BaseException | None) -> grpc.StatusCode:
 def mesh_failure(mesh: Mesh, error: BaseException) -> MeshRpcError:
     """A mesh error raised before any attempt (no answer from discovery, unknown service), as an RpcError whose
     details say where discovery looked and which name was probably meant."""
-    if isinstance(error, NoEndpointsError) and error.service and (
-        "discovery lists none" in str(error) or "unknown to discovery" in str(error)
+    if isinstance(error, NoEndpointsError) and error.service and error.reason in (
+        NoEndpointsError.NONE_LISTED, NoEndpointsError.UNKNOWN_SERVICE
     ):
-        error = NoEndpointsError(f"{error}; {mesh.explain_empty(error.service)}", service=error.service)
+        error = NoEndpointsError(
+            f"{error}; {mesh.explain_empty(error.service)}", service=error.service, reason=error.reason
+        )
     return from_mesh_error(error)

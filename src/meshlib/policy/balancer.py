@@ -27,12 +27,14 @@ class LoadStats:
     """Peak-EWMA latency and outstanding count of one endpoint. Shared by every call; updated without locks
     (a lost update under thread contention only blurs an estimate)."""
 
-    __slots__ = ("ewma", "outstanding", "stamp", "tau")
+    __slots__ = ("ewma", "outstanding", "sent", "stamp", "tau")
 
     def __init__(self, now: float, tau: float = DEFAULT_DECAY) -> None:
         self.ewma = 0.0
         self.stamp = now
         self.outstanding = 0
+        #: Attempts sent to this endpoint so far (the control plane turns two reports' counts into shares).
+        self.sent = 0
         self.tau = tau
 
     def observe(self, rtt: float, now: float) -> None:
@@ -80,11 +82,20 @@ class Balanced(Protocol):
 Random = Callable[[], float]
 
 
+#: A balancer's choice: the chosen index, the index it was weighed against (-1: none), and both their costs (what
+#: the decision log shows).
+Choice = tuple[int, int, float, float]
+
+
 class Balancer(Protocol):
     name: str
 
+    def choose(self, candidates: Sequence[Balanced], now: float, rand: Random) -> Choice:
+        """The chosen candidate and what it was weighed against. ``candidates`` is never empty."""
+        ...
+
     def pick(self, candidates: Sequence[Balanced], now: float, rand: Random) -> int:
-        """Index of the chosen candidate. ``candidates`` is never empty."""
+        """Index of the chosen candidate."""
         ...
 
 
@@ -99,28 +110,38 @@ def _two_indices(n: int, rand: Random) -> tuple[int, int]:
 class P2CPeakEwma:
     name = "p2c_ewma"
 
-    def pick(self, candidates: Sequence[Balanced], now: float, rand: Random) -> int:
+    def choose(self, candidates: Sequence[Balanced], now: float, rand: Random) -> Choice:
         n = len(candidates)
         if n == 1:
-            return 0
+            return 0, -1, candidates[0].load.cost(now), 0.0
         a, b = _two_indices(n, rand)
         load_a, load_b = candidates[a].load, candidates[b].load
-        if load_a.cost(now) <= load_b.cost(now):
+        cost_a, cost_b = load_a.cost(now), load_b.cost(now)
+        if cost_a <= cost_b:
             load_b.passed_over()
-            return a
+            return a, b, cost_a, cost_b
         load_a.passed_over()
-        return b
+        return b, a, cost_b, cost_a
+
+    def pick(self, candidates: Sequence[Balanced], now: float, rand: Random) -> int:
+        return self.choose(candidates, now, rand)[0]
 
 
 class LeastRequest:
+    """P2C over outstanding requests; the costs it reports are the outstanding counts."""
+
     name = "least_request"
 
-    def pick(self, candidates: Sequence[Balanced], now: float, rand: Random) -> int:
+    def choose(self, candidates: Sequence[Balanced], now: float, rand: Random) -> Choice:
         n = len(candidates)
         if n == 1:
-            return 0
+            return 0, -1, float(candidates[0].load.outstanding), 0.0
         a, b = _two_indices(n, rand)
-        return a if candidates[a].load.outstanding <= candidates[b].load.outstanding else b
+        out_a, out_b = candidates[a].load.outstanding, candidates[b].load.outstanding
+        return (a, b, float(out_a), float(out_b)) if out_a <= out_b else (b, a, float(out_b), float(out_a))
+
+    def pick(self, candidates: Sequence[Balanced], now: float, rand: Random) -> int:
+        return self.choose(candidates, now, rand)[0]
 
 
 class RoundRobin:
@@ -128,6 +149,10 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._next = 0
+
+    def choose(self, candidates: Sequence[Balanced], now: float, rand: Random) -> Choice:
+        i = self.pick(candidates, now, rand)
+        return i, -1, candidates[i].load.cost(now), 0.0
 
     def pick(self, candidates: Sequence[Balanced], now: float, rand: Random) -> int:
         i = self._next % len(candidates)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ..errors import MeshError
 from .classify import Kind
 from .config import IDEMPOTENT_METHODS
+from .decisions import Decision
 from .hedged import hedged_flow
 from .service import DEFAULT_PLAN, CallPlan, EndpointHandle, ServiceState
 from .steps import (
@@ -30,9 +31,12 @@ from .steps import (
     Wait,
     allowed_time,
     deadline_error,
+    decision_for,
     describe,
     final_error,
     no_pauses,
+    note_decision,
+    note_outcome,
     record_outcome,
     stop_call,
 )
@@ -62,7 +66,35 @@ def call_flow(
     latency estimates alone: a copy measures its target, it does not steer the real traffic. ``paused`` is the
     seconds this process has stood still in garbage collection so far (``meshlib/gc_pauses.py``): an attempt's recorded
     latency leaves out the pauses during it. ``attempt_timeout`` is the caller's own limit on every attempt (httpx's
-    timeouts apply per try): a timeout under it is not held against the endpoint (``steps.blames_endpoint``)."""
+    timeouts apply per try): a timeout under it is not held against the endpoint (``steps.blames_endpoint``).
+    The returned ``Done`` carries the call's decision log (``decisions.py``)."""
+    decisions: list[Decision] = []
+    done = yield from _flow(
+        service, decisions, method=method, replayable=replayable, deadline=deadline, clock=clock, rand=rand,
+        paused=paused, plan=plan, hedgeable=hedgeable, hedging=hedging, record=record,
+        attempt_timeout=attempt_timeout,
+    )
+    done.decisions = decisions
+    return done
+
+
+def _flow(
+    service: ServiceState,
+    decisions: list[Decision],
+    *,
+    method: str,
+    replayable: bool,
+    deadline: float | None,
+    clock: Callable[[], float],
+    rand: Callable[[], float],
+    paused: Callable[[], float] = no_pauses,
+    plan: CallPlan = DEFAULT_PLAN,
+    hedgeable: bool = False,
+    hedging: bool = True,
+    record: bool = True,
+    attempt_timeout: float | None = None,
+) -> CallFlow:
+    """The flow itself; each attempt's entry goes into ``decisions``."""
     now = clock()
     faults = plan.faults
     if faults is not None:  # injected by the rules, before anything else, as a real failure would be
@@ -82,7 +114,7 @@ def call_flow(
         return (
             yield from hedged_flow(
                 service, hedger, method=method, deadline=deadline, now=now, clock=clock, rand=rand, plan=plan,
-                paused=paused, attempt_timeout=attempt_timeout,
+                paused=paused, attempt_timeout=attempt_timeout, decisions=decisions,
             )
         )
     service.budget.deposit(now)
@@ -108,9 +140,12 @@ def call_flow(
 
         handle = pick.handle
         attempt += 1
+        entry = decision_for(pick, attempt)
+        decisions.append(entry)
         timeout = per_try if remaining is None else (remaining if per_try is None else min(per_try, remaining))
         load = handle.load
         load.outstanding += 1
+        load.sent += 1
         started = now - paused()
         answered = False
         try:
@@ -129,10 +164,10 @@ def call_flow(
             if pick.trial:
                 handle.breaker.release()
             return Done(result, result.error, attempt)
-        if record:
-            record_outcome(
-                service, pick, result, max(0.0, now - paused() - started), now, allowed_time(timeout, attempt_timeout)
-            )
+        blamed = record and record_outcome(
+            service, pick, result, max(0.0, now - paused() - started), now, allowed_time(timeout, attempt_timeout)
+        )
+        note_outcome(entry, result, blamed or not record)
         tried.append(handle)
         last = result
         if verdict.is_failure:
@@ -149,6 +184,7 @@ def call_flow(
             rand=rand,
             retry_non_idempotent=non_idempotent,
         )
+        note_decision(entry, decision, service, now)
         if not decision.retry:
             return stop_call(service, result, decision, log, attempt, deadline, now)
         yield Sleep(decision.delay)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..errors import MeshError
 from .classify import Kind
+from .decisions import Decision
 from .hedging import Hedger
 from .service import CallPlan, EndpointHandle, Pick, ServiceState
 from .steps import (
@@ -26,9 +27,12 @@ from .steps import (
     Wait,
     allowed_time,
     deadline_error,
+    decision_for,
     describe,
     final_error,
     no_pauses,
+    note_decision,
+    note_outcome,
     record_outcome,
     stop_call,
 )
@@ -46,6 +50,7 @@ def hedged_flow(
     plan: CallPlan,
     paused: Callable[[], float] = no_pauses,
     attempt_timeout: float | None = None,
+    decisions: list[Decision] | None = None,
 ) -> CallFlow:
     service.budget.deposit(now)
     hedger.budget.deposit(now)
@@ -58,6 +63,8 @@ def hedged_flow(
     # attempt -> (its pick, when it started less the pauses so far: ``now - paused() - started`` is its latency)
     flights: dict[int, tuple[Pick, float]] = {}
     allowed: dict[int, float | None] = {}  # the time each attempt was given
+    entries: dict[int, Decision] = {}
+    log_to = decisions if decisions is not None else []
     last: Result | None = None
     attempt = hedges = 0
     send = True  # a first attempt, a backup or a retry is due
@@ -87,8 +94,12 @@ def hedged_flow(
                     message = yield Wait(None)
                 else:
                     attempt += 1
+                    entry = decision_for(pick, attempt, hedge=bool(flights))
+                    entries[attempt] = entry
+                    log_to.append(entry)
                     handle = pick.handle
                     handle.load.outstanding += 1
+                    handle.load.sent += 1
                     flights[attempt] = (pick, now - paused())
                     timeout = per_try if remaining is None else (
                         remaining if per_try is None else min(per_try, remaining)
@@ -108,6 +119,8 @@ def hedged_flow(
                     hedges += 1
                     send = True
                 else:
+                    if hedges_left > 0 and log_to:
+                        log_to[-1].hedge_refused = "refused: the hedge budget is spent"
                     hedges_left = 0  # the budget says no: this call waits for what it has
                 continue
 
@@ -122,7 +135,11 @@ def hedged_flow(
                 if pick.trial:
                     handle.breaker.release()
                 return Done(result, result.error, attempt, winner=key, hedges=hedges)
-            record_outcome(service, pick, result, max(0.0, now - paused() - started), now, allowed.pop(key, None))
+            blamed = record_outcome(
+                service, pick, result, max(0.0, now - paused() - started), now, allowed.pop(key, None)
+            )
+            entry = entries.pop(key)
+            note_outcome(entry, result, blamed)
             tried.append(handle)
             last = result
             if verdict.is_failure:
@@ -140,6 +157,7 @@ def hedged_flow(
                 rand=rand,
                 retry_non_idempotent=True,  # hedged calls are idempotent by construction
             )
+            note_decision(entry, decision, service, now)
             if not decision.retry:
                 return stop_call(
                     service, result, decision, log, attempt, deadline, now, winner=key, hedges=hedges

@@ -65,6 +65,12 @@ class RetryBudget:
         self._retries[i] += 1
         return True
 
+    def allowance(self, now: float) -> tuple[float, float]:
+        """Retries left and the budget's size now (the decision log's "budget 19/20 left")."""
+        requests, retries = self._totals(now)
+        total = self.policy.ratio * requests + self.policy.min_per_second * self.slots
+        return total - retries, total
+
     def balance(self, now: float) -> float:
         requests, retries = self._totals(now)
         return self.policy.ratio * requests + self.policy.min_per_second * self.slots - retries

@@ -54,6 +54,10 @@ class Pick:
     handle: EndpointHandle
     #: This attempt is the breaker's single half-open trial.
     trial: bool
+    #: What the balancer weighed: this endpoint's cost, and the endpoint it was weighed against with its cost.
+    cost: float = 0.0
+    rival: EndpointHandle | None = None
+    rival_cost: float = 0.0
 
 
 class ServiceState:
@@ -194,15 +198,18 @@ class ServiceState:
         if not handles:
             if pool is not None:
                 message = f"{self.name}: subset {subset!r} (chosen by the rules) has no healthy endpoints"
+                reason = NoEndpointsError.SUBSET_EMPTY
             elif self.snapshot is None:
                 message = f"{self.name}: service unknown to discovery"
+                reason = NoEndpointsError.UNKNOWN_SERVICE
             else:
                 message = f"{self.name}: no healthy endpoints (discovery lists none)"
+                reason = NoEndpointsError.NONE_LISTED
             if self.excluded:
                 message = f"{message}; {self.excluded}"
-            raise NoEndpointsError(message, service=self.name)
+            raise NoEndpointsError(message, service=self.name, reason=reason)
         if self._not_closed == 0 and not tried:
-            return Pick(handles[self.balancer.pick(handles, now, rand)], False)
+            return self._balanced(handles, now, rand)
         for handle in handles:
             breaker = handle.breaker
             if breaker.state != CLOSED and handle not in tried:
@@ -216,7 +223,7 @@ class ServiceState:
         fresh = [h for h in closed if h not in tried] if tried else closed
         candidates = fresh or closed
         if candidates:
-            return Pick(candidates[self.balancer.pick(candidates, now, rand)], False)
+            return self._balanced(candidates, now, rand)
         if tried:
             return None
         waits = ", ".join(f"{h.label} reopens in {h.breaker.reopens_in(now):.1f}s" for h in handles)
@@ -224,3 +231,7 @@ class ServiceState:
             f"{self.name}: all {len(handles)} endpoints are ejected by their circuit breakers ({waits})",
             service=self.name,
         )
+
+    def _balanced(self, candidates: Sequence[EndpointHandle], now: float, rand: Callable[[], float]) -> Pick:
+        index, rival, cost, rival_cost = self.balancer.choose(candidates, now, rand)
+        return Pick(candidates[index], False, cost, candidates[rival] if rival >= 0 else None, rival_cost)

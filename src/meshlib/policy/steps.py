@@ -17,6 +17,7 @@ from ..errors import (
 )
 from .balancer import FAILURE_PENALTY
 from .classify import Verdict
+from .decisions import Decision
 from .retry import RetryDecision, Stop
 from .service import EndpointHandle, Pick, ServiceState
 
@@ -83,6 +84,8 @@ class Done:
     winner: int = 0
     #: (Hedged calls.) Backup attempts sent.
     hedges: int = 0
+    #: One entry per attempt: where it went and why, what came of it, and what was decided next.
+    decisions: list[Decision] | None = None
 
 
 Action = Send | Sleep | Wait
@@ -128,11 +131,12 @@ def allowed_time(timeout: float | None, attempt_timeout: float | None) -> float 
 
 def record_outcome(
     service: ServiceState, pick: Pick, result: Result, rtt: float, now: float, allowed: float | None = None
-) -> None:
+) -> bool:
     """One attempt's outcome, charged to its endpoint: the load estimate (a failure as at least the failure
     penalty; the probe that closes a breaker revives the endpoint afresh), the breaker (within the service's
     ejection cap), and the latency window hedging reads. ``allowed`` is the time the attempt was given: a timeout
-    the caller's deadline imposed is only a lower bound on the endpoint's latency (``blames_endpoint``)."""
+    the caller's deadline imposed is only a lower bound on the endpoint's latency (``blames_endpoint``). Returns
+    False for a failure not held against the endpoint."""
     handle = pick.handle
     load = handle.load
     verdict = result.verdict
@@ -141,7 +145,7 @@ def record_outcome(
             load.observe(rtt, now)  # at least this slow: the one thing the cut-short attempt says
         if pick.trial:
             handle.breaker.release()  # the trial proved nothing either way: the next call may try again
-        return
+        return False
     if verdict.is_failure:
         load.observe(max(rtt, FAILURE_PENALTY), now)
     elif pick.trial:
@@ -152,6 +156,33 @@ def record_outcome(
         if hedger is not None:
             hedger.latencies.add(rtt)
     handle.breaker.record(verdict.is_failure, pick.trial, service.may_eject() if verdict.is_failure else True)
+    return True
+
+
+def decision_for(pick: Pick, attempt: int, hedge: bool = False) -> Decision:
+    """The decision log's entry for an attempt about to be sent."""
+    handle = pick.handle
+    rival = pick.rival
+    return Decision(
+        attempt, handle.label, pick.cost, rival.label if rival is not None else None, pick.rival_cost,
+        handle.breaker.state, pick.trial, hedge,
+    )
+
+
+def note_outcome(entry: Decision, result: Result, blamed: bool) -> None:
+    entry.verdict = result.verdict.key
+    entry.unblamed = result.verdict.is_failure and not blamed
+
+
+def note_decision(entry: Decision, decision: RetryDecision, service: ServiceState, now: float) -> None:
+    """What was decided after the attempt: retry (and its backoff) or why not, and the budget's answer."""
+    if decision.stop is Stop.SUCCESS:
+        return
+    entry.retry = decision.retry
+    entry.reason = decision.reason
+    entry.backoff = decision.delay
+    if decision.retry or decision.budget_exhausted:
+        entry.budget_left, entry.budget_total = service.budget.allowance(now)
 
 
 def stop_call(
@@ -174,7 +205,7 @@ def stop_call(
         elif deadline is not None and (deadline - now <= 0 or decision.stop is Stop.NO_TIME):
             error = deadline_error(service.name, log)
         else:
-            error = final_error(service.name, result, log, decision.reason)
+            error = final_error(service.name, result, log, decision.reason, decision.stop.value)
     return Done(result, error, attempt, budget_exhausted=decision.budget_exhausted, winner=winner, hedges=hedges)
 
 
@@ -187,6 +218,7 @@ def deadline_error(service: str, log: list[str]) -> DeadlineExceededError:
         f"{service}: deadline exceeded after {len(log)} failed attempt(s): {attempts_text(log)}",
         service=service,
         attempts=log,
+        reason=Stop.NO_TIME.value,
     )
 
 
@@ -195,14 +227,18 @@ def budget_error(service: str, log: list[str]) -> RetryBudgetExhaustedError:
         f"{service}: retry budget exhausted, not retrying: {attempts_text(log)}",
         service=service,
         attempts=log,
+        reason=Stop.BUDGET.value,
     )
 
 
-def final_error(service: str, result: Result | None, log: list[str], reason: str) -> BaseException | None:
+def final_error(
+    service: str, result: Result | None, log: list[str], reason: str, why: str = "no endpoint left to retry on"
+) -> BaseException | None:
     if result is not None and not result.verdict.is_error:
         return None  # the last attempt got a response (say a 503): the caller gets that response
     return UnavailableError(
         f"{service}: {len(log)} attempt(s) failed ({reason}): {attempts_text(log)}",
         service=service,
         attempts=log,
+        reason=why,
     )

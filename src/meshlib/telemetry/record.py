@@ -6,12 +6,13 @@ log line happen here; the shells pass only what is their own (status, route, spa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, StatusCode
 
+from ..policy.decisions import Decision
 from ..settings import is_service_name
 from . import Telemetry
 from .metrics import status_class
@@ -52,12 +53,14 @@ def record_client_call(
     elapsed: float,
     attempts: int,
     budget_exhausted: bool = False,
+    decisions: Sequence[Decision] | None = None,
     span_attributes: Mapping[str, Any] | None = None,
     log_fields: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """One outbound mesh call. ``status`` is an HTTP status (a gRPC status's HTTP equivalent) for the status class;
     ``error_type`` set marks the call failed on its span. ``log_fields`` may be a function, called only for an
-    access log line that is written."""
+    access log line that is written. ``decisions`` (the call's decision log) become ``mesh.decision`` span events and
+    the access log's ``decisions`` field."""
     metrics = tel.metrics
     metrics.client_duration.record(
         elapsed, metrics.client_labels(destination, route, method, status_class(status), outcome)
@@ -68,6 +71,9 @@ def record_client_call(
             metrics.retries.add(attempts - 1, peers)
         if budget_exhausted:
             metrics.budget_exhausted.add(1, peers)
+    if decisions and span is not None and span.is_recording():
+        for decision in decisions:
+            span.add_event("mesh.decision", decision.event_attributes())
     end_span(span, {"mesh.route": route, "mesh.attempts": attempts, **(span_attributes or {})}, error_type, outcome)
     if tel.access.wanted():
         tel.access.write(
@@ -83,6 +89,7 @@ def record_client_call(
                 "attempts": attempts,
                 "route": route,
                 "trace_id": _trace_id(span) if span is not None else None,
+                **({"decisions": [d.text() for d in decisions]} if decisions else {}),
             }
         )
 

@@ -72,9 +72,13 @@ def build_report(
             counter_key = (name, attrs.get("mesh.peer_service", ""))
             counters[counter_key] = counters.get(counter_key, 0.0) + value
     endpoints = []
+    now = mesh.clock()
     for destination, state in list(mesh.services.items())[:MAX_DESTINATIONS]:
         for handle in state.handles[:MAX_ENDPOINTS]:
-            endpoints.append([destination, handle.label, handle.breaker.state])
+            load = handle.load
+            # what the balancer sees: breaker, latency estimate now (ms), attempts in flight, attempts sent so far
+            endpoints.append([destination, handle.label, handle.breaker.state, round(load.latency(now) * 1000, 3),
+                              load.outstanding, load.sent])
     identity = mesh.identity
     return {
         "v": REPORT_VERSION,

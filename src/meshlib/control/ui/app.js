@@ -223,6 +223,15 @@ function renderService(main, d) {
     { title: "last report", value: (i) => fmt.ago(i.last_report_s_ago) },
     { title: "req/s", num: true, value: (i) => fmt.rps(i.rps) },
   ], d.instances, "No instances registered or reporting.")));
+  main.append(el("h3", {}, "What each caller's balancer sees"));
+  main.append(el("div", { class: "panel", id: "estimates" }, table([
+    { title: "caller", value: (e) => e.caller },
+    { title: "instance", value: (e) => e.endpoint },
+    { title: "latency estimate", num: true, value: (e) => fmt.ms(e.latency_ms) },
+    { title: "in flight", num: true, value: (e) => String(e.outstanding) },
+    { title: "breaker", value: (e) => e.breaker },
+    { title: "share", num: true, value: (e) => fmt.pct(e.share) },
+  ], d.estimates || [], "No caller has reported its view of this service yet.")));
   const tl = d.timeline.inbound;
   main.append(el("div", { class: "charts" },
     sparkline("inbound req/s", tl, (p) => p.rps, fmt.rps),
