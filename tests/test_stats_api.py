@@ -328,7 +328,8 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
     ups = upstreams(3)
     spec = ",".join(f"127.0.0.1:{u.port}" for u in ups)
     settings = meshlib.MeshSettings(
-        service="caller", discovery=f"static:inventory={spec}", control_plane=cp.url, stats_interval=0.2,
+        # the first report comes about 3 s in, after the calls: its shares are over all 300 of them
+        service="caller", discovery=f"static:inventory={spec}", control_plane=cp.url, stats_interval=3.0,
     ).validated()
     mesh = meshlib.Mesh(settings=settings)
     try:
@@ -341,9 +342,10 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
                 if answer.status_code != 200:
                     return None  # not reported yet
                 rows = answer.json()["estimates"]
-                return rows if len(rows) == 3 and abs(sum(r["share"] for r in rows) - 1) < 0.01 else None
+                idle = all(r["outstanding"] == 0 for r in rows)
+                return rows if len(rows) == 3 and idle and abs(sum(r["share"] for r in rows) - 1) < 0.01 else None
 
-            rows = wait_for(view, timeout=10, interval=0.1, what="the caller's view of inventory")
+            rows = wait_for(view, timeout=20, interval=0.1, what="the caller's view of inventory")
     finally:
         mesh.close()
     assert {r["endpoint"] for r in rows} == {f"127.0.0.1:{u.port}" for u in ups}
@@ -379,6 +381,9 @@ def test_shares_are_taken_between_two_reports_of_one_caller():
     book.ingest(parse_report(report(instance="c-1", service="front", endpoints=ends(100, 40))))
     rows = book.estimates("inv")
     assert [r["share"] for r in rows] == [0.25, 0.75]  # 10 and 30 more since the previous report
+    clock.now += 2
+    book.ingest(parse_report(report(instance="c-1", service="front", endpoints=ends(100, 40))))
+    assert [r["share"] for r in book.estimates("inv")] == [0.25, 0.75]  # no calls since: the last shares kept
     assert rows[1]["breaker"] == "open" and rows[1]["latency_ms"] == 40.0 and rows[1]["outstanding"] == 1
     assert book.estimates("other") == []
     bad = parse_report(report(endpoints=[["inv", "10.0.0.1:80", "closed", -1, 0, 1]]))

@@ -97,7 +97,7 @@ class StatsBook:
                 ring = self._ring((name, report.service, peer, ""), False)
                 if ring is not None:
                     ring.add(now, delta, 0.0)
-        state.shares = _shares(report, old)
+        state.shares = _shares(report, old, previous.shares if previous is not None else ())
         if previous is not None:
             state.first_seen = previous.first_seen
             elapsed = max(now - previous.last_seen, 0.001)
@@ -310,12 +310,14 @@ class StatsBook:
         return views
 
 
-def _shares(report: Report, old: Report | None) -> tuple[float, ...]:
+def _shares(report: Report, old: Report | None, old_shares: tuple[float, ...]) -> tuple[float, ...]:
     """Each estimate's share of its destination's attempts between ``old`` and ``report`` (counts that went
-    down, a restart, count from zero)."""
+    down, a restart, count from zero). A destination not called since ``old`` keeps the shares it had then, so the
+    view shows the last traffic it saw rather than zeros."""
     if not report.estimates:
         return ()
     before = {(e[0], e[1]): e[5] for e in old.estimates} if old is not None else {}
+    kept = {(e[0], e[1]): s for e, s in zip(old.estimates, old_shares, strict=False)} if old is not None else {}
     deltas = []
     totals: dict[str, int] = {}
     for destination, authority, _, _, _, sent in report.estimates:
@@ -323,4 +325,7 @@ def _shares(report: Report, old: Report | None) -> tuple[float, ...]:
         delta = sent - prior if sent >= prior else sent
         deltas.append(delta)
         totals[destination] = totals.get(destination, 0) + delta
-    return tuple(d / totals[e[0]] if totals[e[0]] else 0.0 for d, e in zip(deltas, report.estimates, strict=True))
+    return tuple(
+        d / totals[e[0]] if totals[e[0]] else kept.get((e[0], e[1]), 0.0)
+        for d, e in zip(deltas, report.estimates, strict=True)
+    )
