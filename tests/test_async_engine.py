@@ -35,7 +35,7 @@ def mesh_over(upstreams: list[Upstream]) -> meshlib.Mesh:
 
 
 def engine_of(client: meshlib.AsyncClient) -> AsyncEndpointPools:
-    pools = client._transport._pools._pools  # type: ignore[attr-defined]
+    pools = client._mesh_transport._pools._pools  # type: ignore[attr-defined]
     engine = pools["svc"]
     assert isinstance(engine, AsyncEndpointPools)
     return engine

@@ -163,7 +163,7 @@ def test_a_caller_cancelled_mid_hedge_stops_every_attempt_at_once(three):
             with pytest.raises(asyncio.CancelledError):
                 await call
             took = time.perf_counter() - started
-            engine = client._transport._pools._pools["svc"]  # type: ignore[attr-defined]
+            engine = client._mesh_transport._pools._pools["svc"]  # type: ignore[attr-defined]
             active = sum(stack.active for stack in engine._stacks.values())
             return in_flight, sum(h.load.outstanding for h in handles) + active, took
 

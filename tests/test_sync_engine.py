@@ -102,7 +102,7 @@ def test_the_sync_client_uses_the_lean_engine_and_http2_keeps_httpcore():
         mesh = mesh_to(served.port)
         with mesh.client() as client:
             assert client.get("http://svc/x").text == "ok"
-            pools = client._transport._pools.get("svc")  # type: ignore[attr-defined]
+            pools = client._mesh_transport._pools.get("svc")  # type: ignore[attr-defined]
             assert type(pools) is EndpointPools
             assert all(type(c) is SyncH1Connection for s in pools._stacks.values() for c in s.idle)
         transport = MeshTransport(mesh, passthrough=httpx.HTTPTransport(), http2=True)
@@ -160,7 +160,7 @@ def test_a_streamed_answer_closed_half_read_closes_its_connection():
                 first = next(response.iter_raw())
                 assert first and set(first) == {ord("x")}
             assert seen_close.wait(5), "the server saw the connection close"
-            assert client._transport._pools.get("svc").connections() == 0  # type: ignore[attr-defined]
+            assert client._mesh_transport._pools.get("svc").connections() == 0  # type: ignore[attr-defined]
         mesh.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 from collections.abc import Coroutine
 from typing import Any
 
@@ -23,8 +24,8 @@ from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
 from .pools import AsyncEndpointPools
-from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small, read_response
-from .transport import _DEFAULT_LIMITS, MeshShell, _Pools
+from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small, read_response, streaming
+from .transport import _DEFAULT_LIMITS, _SCHEMES, MeshShell, _Pools, unsupported_scheme
 
 
 class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
@@ -44,20 +45,30 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
         trust_env: bool = True,
     ) -> None:
         self._bind(mesh, (verify, cert, trust_env, limits, http1, http2))
-        self._passthrough = passthrough or httpx.AsyncHTTPTransport(
-            verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
-        )
+        self._given_passthrough = passthrough
         # per-endpoint keep-alive stacks (client/pools.py), not httpcore's pool: the endpoint is already chosen
         self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options, lean=_asyncio_running()), pool)
 
+    @functools.cached_property
+    def _passthrough(self) -> httpx.AsyncBaseTransport:
+        """See ``MeshTransport._passthrough``."""
+        if self._given_passthrough is not None:
+            return self._given_passthrough
+        verify, cert, trust_env, limits, http1, http2 = self._pool_settings
+        return httpx.AsyncHTTPTransport(verify=verify, cert=cert, http1=http1, http2=http2, limits=limits,
+                                        trust_env=trust_env)
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        service = mesh_service_name(request.url.host)
+        url = request.url
+        service = mesh_service_name(url.host)
+        if service is not None and url.scheme not in _SCHEMES:
+            raise unsupported_scheme(url)
         if service is None:
             if self.mesh.telemetry is None:
                 return await self._passthrough.handle_async_request(request)
             external = _External(self.mesh, request)
             try:
-                passed = await self._passthrough.handle_async_request(request)
+                passed = await self._passthrough.handle_async_request(external.request)
             except BaseException as exc:
                 external.finish(None, exc)
                 raise
@@ -118,9 +129,13 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                 else:  # a pool given to the transport (httpcore's interface)
                     raw = await pools.handle_async_request(request.to_httpcore())
                 arrived: Any = raw.stream
-                stream = arrived if type(arrived) is bytes else (  # not already in memory
-                    await aread_small(arrived) if _small_body(raw) else _AsyncResponseStream(arrived)
-                )
+                stream: Any
+                if streaming.get():  # client.stream(): handed over unread, as httpx would
+                    stream = httpx.ByteStream(arrived) if type(arrived) is bytes else _AsyncResponseStream(arrived)
+                else:
+                    stream = arrived if type(arrived) is bytes else (  # not already in memory
+                        await aread_small(arrived) if _small_body(raw) else _AsyncResponseStream(arrived)
+                    )
             except Exception as exc:
                 result = Result(classify_error(exc), exc, action.attempt)
             else:
@@ -146,7 +161,8 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         for pool in self._pools.all():
             await pool.aclose()
-        await self._passthrough.aclose()
+        if "_passthrough" in self.__dict__:
+            await self._passthrough.aclose()
 
 
 def _asyncio_running() -> bool:

@@ -4,13 +4,16 @@ hosts go through the mesh transports."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from ..mesh import Mesh
 from .async_transport import AsyncMeshTransport
+from .external import _External
 from .names import mesh_service_name
+from .streams import streaming
 from .transport import _DEFAULT_LIMITS, MeshShell, MeshTransport
 
 
@@ -31,11 +34,25 @@ _parsed_url = functools.lru_cache(maxsize=512)(httpx.URL)
 
 
 class _MeshRouting:
-    """What both clients add to httpx: mesh hosts always take the mesh transport (also under environment proxies),
-    ``.mesh`` names the Mesh they go through, and the cookie jar skips answers without cookies."""
+    """What both clients add to httpx: mesh hosts take the mesh transport, unless a ``transport=`` or a ``mounts=``
+    entry of the caller's own serves them (httpx's rule: the caller's transport wins; the standard test set-up
+    ``base_url="http://testserver"`` with ``MockTransport``/``WSGITransport`` keeps working). Proxies, from the
+    environment or ``proxy=``, serve the hosts outside the mesh only: a mesh hop is never proxied. ``.mesh`` names
+    the Mesh they go through; the cookie jar skips answers without cookies."""
 
     _transport: Any
+    _mounts: dict[Any, Any]
     _cookies: httpx.Cookies
+    _mesh_transport: MeshShell
+    #: The caller gave ``transport=``: it serves every host, mesh names included.
+    _own_transport: bool
+    #: The patterns of the caller's ``mounts=``.
+    _own_mounts: frozenset[str]
+
+    def _route(self, mesh_transport: MeshShell, transport: Any, mounts: Any) -> None:
+        self._mesh_transport = mesh_transport
+        self._own_transport = transport is not None
+        self._own_mounts = frozenset(mounts or ())
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -48,9 +65,7 @@ class _MeshRouting:
     @property
     def mesh(self) -> Mesh:
         """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
-        transport = self._transport
-        assert isinstance(transport, MeshShell)
-        return transport.mesh
+        return self._mesh_transport.mesh
 
     def build_request(self, method: str, url: Any, **kwargs: Any) -> httpx.Request:
         if type(url) is str:  # a URL string seen before is not parsed again (aiohttp's yarl caches the same way)
@@ -58,9 +73,28 @@ class _MeshRouting:
         return super().build_request(method, url, **kwargs)  # type: ignore[misc, no-any-return]
 
     def _transport_for_url(self, url: httpx.URL) -> Any:
-        if mesh_service_name(url.host) is not None:
-            return self._transport
+        if not self._own_transport and mesh_service_name(url.host) is not None:
+            own = self._own_mounts
+            if own:
+                for pattern, transport in self._mounts.items():
+                    if pattern.pattern in own and pattern.matches(url):
+                        return self._transport if transport is None else transport
+            return self._mesh_transport
         return super()._transport_for_url(url)  # type: ignore[misc]
+
+    def _external(self, request: httpx.Request) -> _External | None:
+        """A call httpx itself carries (outside the mesh, or to the caller's own transport or mount): traced and
+        metered all the same (client/external.py). None: the mesh transport takes it, or telemetry is off."""
+        if self._transport_for_url(request.url) is self._mesh_transport:
+            return None
+        mesh = self._mesh_transport.mesh
+        return _External(mesh, request) if mesh.telemetry is not None else None
+
+
+def _own_request(exc: BaseException, request: httpx.Request) -> None:
+    """An error of the traced copy names the caller's own request, as httpx's would."""
+    if isinstance(exc, httpx.RequestError):
+        exc.request = request
 
 
 def _connection_options(
@@ -73,8 +107,9 @@ def _connection_options(
 class Client(_MeshRouting, httpx.Client):
     """An ``httpx.Client`` whose requests to mesh hosts (``http://payments/...``) go through the mesh.
 
-    Everything httpx accepts keeps working. A ``transport=`` given here serves the non-mesh hosts; mesh hosts
-    always take the mesh transport, also when environment proxies are configured.
+    Everything httpx accepts keeps working, with httpx's meaning: a ``transport=`` serves every host it is given
+    for (mesh names too: pass none to use the mesh), a ``mounts=`` entry the hosts it matches, and proxies (the
+    environment's, or ``proxy=``) the hosts outside the mesh. Mesh hosts otherwise take the mesh transport.
     """
 
     def __init__(
@@ -82,6 +117,7 @@ class Client(_MeshRouting, httpx.Client):
         *,
         mesh: Mesh | None = None,
         transport: httpx.BaseTransport | None = None,
+        mounts: Mapping[str, httpx.BaseTransport | None] | None = None,
         verify: Any = True,
         cert: Any = None,
         http1: bool = True,
@@ -91,10 +127,49 @@ class Client(_MeshRouting, httpx.Client):
         **kwargs: Any,
     ) -> None:
         options = _connection_options(verify, cert, http1, http2, limits, trust_env)
-        if not isinstance(transport, MeshTransport):
-            transport = MeshTransport(mesh, passthrough=transport, **options)
-        super().__init__(transport=transport, **options, **kwargs)
+        if isinstance(transport, MeshTransport):
+            mesh_transport, transport = transport, None
+        else:
+            mesh_transport = MeshTransport(mesh, **options)
+        super().__init__(transport=transport, mounts=mounts, **options, **kwargs)
+        self._route(mesh_transport, transport, mounts)
         self.cookies = self._cookies
+
+    def _send_single_request(self, request: httpx.Request) -> httpx.Response:
+        external = self._external(request)
+        if external is None:
+            return super()._send_single_request(request)
+        try:
+            response: httpx.Response = super()._send_single_request(external.request)
+        except BaseException as exc:
+            external.finish(None, exc)
+            _own_request(exc, request)
+            raise
+        external.finish(response, None)
+        response.request = request  # the caller's own, not the traced copy
+        return response
+
+    def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+        if not stream:
+            return super().send(request, **kwargs)
+        token = streaming.set(True)  # the mesh transport then hands the body over unread (client/streams.py)
+        try:
+            return super().send(request, stream=True, **kwargs)
+        finally:
+            streaming.reset(token)
+
+    def close(self) -> None:
+        super().close()
+        self._mesh_transport_close()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        super().__exit__(*exc_info)
+        self._mesh_transport_close()
+
+    def _mesh_transport_close(self) -> None:
+        transport = self._mesh_transport
+        assert isinstance(transport, MeshTransport)
+        transport.close()
 
 
 class AsyncClient(_MeshRouting, httpx.AsyncClient):
@@ -105,6 +180,7 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
         *,
         mesh: Mesh | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        mounts: Mapping[str, httpx.AsyncBaseTransport | None] | None = None,
         verify: Any = True,
         cert: Any = None,
         http1: bool = True,
@@ -114,7 +190,46 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
         **kwargs: Any,
     ) -> None:
         options = _connection_options(verify, cert, http1, http2, limits, trust_env)
-        if not isinstance(transport, AsyncMeshTransport):
-            transport = AsyncMeshTransport(mesh, passthrough=transport, **options)
-        super().__init__(transport=transport, **options, **kwargs)
+        if isinstance(transport, AsyncMeshTransport):
+            mesh_transport, transport = transport, None
+        else:
+            mesh_transport = AsyncMeshTransport(mesh, **options)
+        super().__init__(transport=transport, mounts=mounts, **options, **kwargs)
+        self._route(mesh_transport, transport, mounts)
         self.cookies = self._cookies
+
+    async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
+        external = self._external(request)
+        if external is None:
+            return await super()._send_single_request(request)
+        try:
+            response: httpx.Response = await super()._send_single_request(external.request)
+        except BaseException as exc:
+            external.finish(None, exc)
+            _own_request(exc, request)
+            raise
+        external.finish(response, None)
+        response.request = request
+        return response
+
+    async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+        if not stream:
+            return await super().send(request, **kwargs)
+        token = streaming.set(True)
+        try:
+            return await super().send(request, stream=True, **kwargs)
+        finally:
+            streaming.reset(token)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._mesh_transport_aclose()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await super().__aexit__(*exc_info)
+        await self._mesh_transport_aclose()
+
+    async def _mesh_transport_aclose(self) -> None:
+        transport = self._mesh_transport
+        assert isinstance(transport, AsyncMeshTransport)
+        await transport.aclose()

@@ -19,7 +19,7 @@ from ..errors import MeshError, NoEndpointsError
 from ..mesh import Mesh
 from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
 from .call import _Call
-from .errors import to_httpx_error
+from .errors import as_httpx_failure, to_httpx_error
 
 
 class Attempt(NamedTuple):
@@ -126,5 +126,6 @@ def _raise_done(done: Done, mesh: Mesh) -> None:
     if isinstance(error, MeshError):
         if done.decisions:
             error.decisions = tuple(done.decisions)
+        error = as_httpx_failure(error, cause)
         raise error from cause
     raise to_httpx_error(error)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpcore
 import httpx
 
+from ..errors import MeshError
 from ..policy.classify import CONNECT_FAILURE, CONNECT_TIMEOUT, LOCAL_ERROR, RESET, TIMEOUT, Verdict
 
 _ERROR_KINDS: tuple[tuple[type[BaseException], Verdict], ...] = (
@@ -64,3 +65,51 @@ def to_httpx_error(exc: BaseException) -> BaseException:
             mapped.__cause__ = exc
             return mapped
     return exc
+
+
+def httpx_class_of(exc: BaseException) -> type[httpx.TransportError] | None:
+    """The httpx exception class a plain httpx client would have raised for ``exc`` (None: no such class)."""
+    if isinstance(exc, httpx.TransportError):
+        return type(exc)
+    for source, target in _HTTPCORE_TO_HTTPX:
+        if isinstance(exc, source):
+            return target
+    if isinstance(exc, ConnectionRefusedError):
+        return httpx.ConnectError
+    if isinstance(exc, TimeoutError):
+        return httpx.TimeoutException
+    if isinstance(exc, ConnectionError):
+        return httpx.NetworkError
+    return None
+
+
+_BOTH: dict[tuple[type[MeshError], type[httpx.TransportError]], type[MeshError]] = {}
+
+
+def _both(mesh_class: type[MeshError], httpx_class: type[httpx.TransportError]) -> type[MeshError]:
+    """A mesh error class that is also ``httpx_class`` (``UnavailableError`` and ``httpx.ReadTimeout``), made once
+    per pair (a handful exist: the mesh's error classes times httpx's transport errors)."""
+    key = (mesh_class, httpx_class)
+    made = _BOTH.get(key)
+    if made is None:
+        made = _BOTH[key] = type(mesh_class.__name__, (mesh_class, httpx_class),
+                                 {"__module__": mesh_class.__module__, "__qualname__": mesh_class.__qualname__})
+    return made
+
+
+def as_httpx_failure(error: MeshError, cause: BaseException | None) -> MeshError:
+    """``error``, made also an instance of the httpx class of the failure that ended the call, so code written for
+    httpx (``except httpx.ReadTimeout``, ``except httpx.ConnectError``) catches it; ``.service``, ``.attempts``,
+    ``.reason`` and ``.decisions`` are kept."""
+    if cause is None:
+        return error
+    target = httpx_class_of(cause)
+    if target is None or isinstance(error, target) or issubclass(target, MeshError):
+        return error
+    try:
+        both = _both(type(error), target)
+    except TypeError:  # no consistent class order (cannot happen with httpx's tree; never fail the call for it)
+        return error
+    made = both(str(error), service=error.service, attempts=error.attempts, reason=error.reason)
+    made.decisions = error.decisions
+    return made

@@ -1,4 +1,6 @@
-"""Calls to hosts outside the mesh: passed to plain httpx, and still traced and metered."""
+"""Calls to hosts outside the mesh: passed to plain httpx (the caller's own transport, mount or proxy), and still
+traced and metered. The request goes out as the caller made it: when a tracer records, a copy carries the call
+span's ``traceparent``; with no tracer, nothing is added (a random trace id would only leak to a third party)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from opentelemetry.trace import Span
 from ..mesh import Mesh
 from ..policy.classify import classify_status
 from ..telemetry.record import record_external_call
-from ..telemetry.tracing import outbound_traceparent, traceparent_of
+from ..telemetry.tracing import traceparent_of
 from .errors import classify_error
 
 
@@ -31,18 +33,17 @@ class _External:
         self.started = mesh.clock()
         self.span: Span | None = None
         self.token: contextvars.Token[otel_context.Context] | None = None
-        host = request.url.host
         if not tel.tracer.active():
-            self.span = None
-            self.token = None
-            if "traceparent" not in request.headers:
-                request.headers["traceparent"] = outbound_traceparent().decode()
             return
-        self.span = span = tel.tracer.start_call(request.method, host, str(request.url))
-        if "traceparent" not in request.headers:
-            request.headers["traceparent"] = (
-                traceparent_of(span) if span.is_recording() else outbound_traceparent()
-            ).decode()
+        self.span = span = tel.tracer.start_call(request.method, request.url.host, str(request.url))
+        if span.is_recording() and "traceparent" not in request.headers:
+            # the trace goes on, on a copy: the caller's own request stays exactly as it was made (a redirect
+            # builds on it, and it is handed back as response.request)
+            headers = request.headers.copy()
+            headers["traceparent"] = traceparent_of(span).decode()
+            self.request = httpx.Request(
+                request.method, request.url, headers=headers, stream=request.stream, extensions=request.extensions
+            )
         ctx = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, trace.set_span_in_context(span))
         self.token = otel_context.attach(ctx)
 
@@ -62,3 +63,4 @@ class _External:
             outcome=outcome,
             elapsed=self.mesh.clock() - self.started,
         )
+

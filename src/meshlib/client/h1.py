@@ -24,7 +24,7 @@ import httptools
 
 from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader, KeepAlive
 from .h1_body import request_head, write_body
-from .h1_timer import Watch
+from .h1_timer import Watch, within
 from .outbound import Answer, Outbound
 
 #: httpcore's ``get_extra_info`` names, as asyncio's transports call them.
@@ -44,6 +44,7 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         self._head: asyncio.Future[None] | None = None
         self._status = 0
         self._reason = b""
+        self._version = b"HTTP/1.1"
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._answer_headers: list[tuple[bytes, bytes]] = []
@@ -103,7 +104,7 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
             raise
         body = self._body
         assert body is not None
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason, "network_stream": self}
+        extensions = {"http_version": self._version, "reason_phrase": self._reason, "network_stream": self}
         return Answer(self._status, self._answer_headers, body, extensions)
 
     def get_extra_info(self, info: str) -> Any:
@@ -136,7 +137,7 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
                 )
         except TimeoutError:
             self._close()
-            raise httpcore.ConnectTimeout(f"no connection to {self._where()} within {timeout:g}s") from None
+            raise httpcore.ConnectTimeout(f"no connection to {self._where()} {within(timeout)}") from None
         except OSError as exc:  # refused, unreachable, and TLS failures (ssl.SSLError is an OSError)
             self._close()
             raise httpcore.ConnectError(f"{exc} (connecting to {self._where()})") from exc

@@ -21,6 +21,9 @@ _HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops 
 #: The most an answer's status line and headers may hold (names and values); past it the answer is refused.
 MAX_HEAD_BYTES = 64 * 1024
 
+#: The version an answer's status line named, as httpx reports it in ``response.http_version``.
+HTTP_VERSIONS = {"1.0": b"HTTP/1.0", "1.1": b"HTTP/1.1"}
+
 
 class KeepAlive:
     """What both engines' connections share: their endpoint, and the keep-alive state their stacks read."""
@@ -108,6 +111,7 @@ class AnswerReader:
             self._informational = True  # skipped: the real answer follows on the same connection
             return
         self._status = status
+        self._version = HTTP_VERSIONS.get(parser.get_http_version(), b"HTTP/1.1")
         self._framed = is_framed(self._headers, status, self._head_request)
         self._answer_headers, self._headers = self._headers, []  # trailers, if any, land apart and are dropped
         self._body = Body(cast("H1Connection", self), self._read_timeout)

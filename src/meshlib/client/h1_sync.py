@@ -24,8 +24,18 @@ from typing import Any
 import httpcore
 import httptools
 
-from .h1_answer import _ACTIVE, _CLOSED, _IDLE, MAX_HEAD_BYTES, KeepAlive, is_framed, keep_alive_header
+from .h1_answer import (
+    _ACTIVE,
+    _CLOSED,
+    _IDLE,
+    HTTP_VERSIONS,
+    MAX_HEAD_BYTES,
+    KeepAlive,
+    is_framed,
+    keep_alive_header,
+)
 from .h1_body import Framer, request_head
+from .h1_timer import within
 from .outbound import Answer, Outbound
 
 #: One read's size: what httpcore reads, and more than a TLS record (16 KiB), so a read never splits one.
@@ -39,7 +49,7 @@ class SyncH1Connection(KeepAlive):
 
     __slots__ = (
         "_complete", "_framed", "_head_bytes", "_head_done", "_head_request", "_headers", "_informational",
-        "_parser", "_parts", "_poll", "_reason", "_sock", "_status", "_stray", "_timeout",
+        "_parser", "_parts", "_poll", "_reason", "_sock", "_status", "_stray", "_timeout", "_version",
     )
 
     def __init__(
@@ -52,6 +62,7 @@ class SyncH1Connection(KeepAlive):
         self._parser: httptools.HttpResponseParser | None = None
         self._status = 0
         self._reason = b""
+        self._version = b"HTTP/1.1"
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._head_done = False
@@ -127,7 +138,7 @@ class SyncH1Connection(KeepAlive):
             if isinstance(exc, httpcore.RemoteProtocolError) and reused:
                 exc.args = (f"{exc} (a reused keep-alive connection to {self._where()})",)
             raise
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": self._reason, "network_stream": self}
+        extensions = {"http_version": self._version, "reason_phrase": self._reason, "network_stream": self}
         if self._complete:
             parts = self._parts
             self._parts = []
@@ -147,7 +158,7 @@ class SyncH1Connection(KeepAlive):
             sock = socket.create_connection((host, self._port), timeout=timeout)
         except TimeoutError:
             self.close()
-            raise httpcore.ConnectTimeout(f"no connection to {self._where()} within {timeout:g}s") from None
+            raise httpcore.ConnectTimeout(f"no connection to {self._where()} {within(timeout)}") from None
         except OSError as exc:
             self.close()
             raise httpcore.ConnectError(f"{exc} (connecting to {self._where()})") from exc
@@ -158,7 +169,7 @@ class SyncH1Connection(KeepAlive):
         except TimeoutError:
             sock.close()
             self.close()
-            raise httpcore.ConnectTimeout(f"no TLS handshake with {self._where()} within {timeout:g}s") from None
+            raise httpcore.ConnectTimeout(f"no TLS handshake with {self._where()} {within(timeout)}") from None
         except OSError as exc:  # ssl.SSLError is an OSError: a refused certificate names itself
             sock.close()
             self.close()
@@ -184,7 +195,7 @@ class SyncH1Connection(KeepAlive):
                 sock.sendall(data)
             except TimeoutError:
                 raise httpcore.WriteTimeout(
-                    f"could not send the request to {self._where()} within {timeout:g}s"
+                    f"could not send the request to {self._where()} {within(timeout)}"
                 ) from None
             except OSError as exc:
                 raise _WriteFailed from exc
@@ -215,7 +226,7 @@ class SyncH1Connection(KeepAlive):
         try:
             data = sock.recv(READ_SIZE)
         except TimeoutError:
-            raise httpcore.ReadTimeout(f"no answer from {self._where()} within {self._timeout:g}s") from None
+            raise httpcore.ReadTimeout(f"no answer from {self._where()} {within(self._timeout)}") from None
         except OSError as exc:
             raise httpcore.ReadError(f"{exc} (reading from {self._where()})") from exc
         if not data:
@@ -285,6 +296,7 @@ class SyncH1Connection(KeepAlive):
             self._headers = []
             return
         self._status = status
+        self._version = HTTP_VERSIONS.get(parser.get_http_version(), b"HTTP/1.1")
         self._framed = is_framed(self._headers, status, self._head_request)
         self._head_done = True
         if self._head_request:

@@ -15,6 +15,12 @@ from typing import Any
 _NO_CONTEXT = contextvars.Context()  # the callback needs none: not copying the caller's saves work per arming
 
 
+def within(timeout: float | None) -> str:
+    """``within 5s`` for an error message; with no timeout set, what did time out (the operating system's own
+    limit: connect() gives up with ETIMEDOUT after about two minutes)."""
+    return f"within {timeout:g}s" if timeout is not None else "before the operating system's own timeout (none was set)"
+
+
 class Watch:
     __slots__ = ("_deadline", "_kind", "_loop", "_timeout", "_timer", "_timer_at", "_waiting")
 
@@ -52,7 +58,7 @@ class Watch:
             return
         assert self._loop is not None
         if self._loop.time() >= self._deadline:
-            future.set_exception(self._kind(f"no progress within {self._timeout:g}s"))
+            future.set_exception(self._kind(f"no progress {within(self._timeout)}"))
             future.exception()  # its waiter raises it; no "never retrieved" warning if it has gone
         else:  # armed for an earlier wait: move on to this one's deadline
             self._timer = self._loop.call_at(self._deadline, self._fire, context=_NO_CONTEXT)

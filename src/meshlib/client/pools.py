@@ -17,11 +17,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpcore
 
 from .h1 import H1Connection
 from .h1_body import Body
+from .h1_timer import within
 from .outbound import Answer, Outbound, PoolLimits
+from .streams import streaming
 
 _Key = tuple[bytes, str, int]
 _Connection = H1Connection | httpcore.AsyncHTTPConnection
@@ -56,7 +59,7 @@ class AsyncEndpointPools(PoolLimits):
             stack.checkin(connection)  # it closed itself if it was left in a bad state
             raise
         body = answer.stream
-        if type(body) is Body and body.complete:
+        if type(body) is Body and body.complete and not streaming.get():  # client.stream() keeps it until closed
             stack.checkin(connection)
             answer.stream = body.take()  # bytes: read into the response by the shell
             return answer
@@ -73,15 +76,41 @@ class AsyncEndpointPools(PoolLimits):
         return sum(stack.active + len(stack.idle) for stack in self._stacks.values())
 
 
+class _Waiter:
+    """One caller waiting for a connection at the cap: handed a connection, or room to open one (None). Built on
+    anyio's Event, so it works under asyncio and trio alike (an asyncio future needs a running asyncio loop)."""
+
+    __slots__ = ("closed", "event", "given", "settled")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.given: _Connection | None = None
+        self.settled = False  # handed something, gave up, or the pool closed
+        self.closed = False
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, connection: _Connection | None) -> None:
+        self.given, self.settled = connection, True
+        self.event.set()
+
+    def cancel(self) -> None:
+        self.settled = self.closed = True
+        self.event.set()
+
+
 class _Stack:
-    __slots__ = ("active", "idle", "origin", "owner", "waiters")
+    __slots__ = ("active", "evicted", "idle", "origin", "owner", "waiters")
 
     def __init__(self, owner: AsyncEndpointPools, origin: _Key) -> None:
         self.owner = owner
         self.origin = origin
         self.idle: list[_Connection] = []
         self.active = 0  # checked out, or being connected
-        self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        self.waiters: collections.deque[_Waiter] = collections.deque()
+        #: Idle connections dropped past the keep-alive cap outside asyncio, closed at the next checkout.
+        self.evicted: list[_Connection] = []
 
     def _new(self) -> _Connection:
         owner = self.owner
@@ -97,6 +126,10 @@ class _Stack:
         )
 
     async def checkout(self, timeout: float | None) -> _Connection:
+        if self.evicted:
+            evicted, self.evicted = self.evicted, []
+            for connection in evicted:
+                await connection.aclose()
         idle = self.idle
         while idle:
             connection = idle.pop()
@@ -109,26 +142,30 @@ class _Stack:
             self.active += 1
             return self._new()
         # at the cap: wait for a connection handed over by a release (or for room to open one)
-        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter()
         self.waiters.append(waiter)
         try:
-            handed = await asyncio.wait_for(waiter, timeout)
+            with anyio.fail_after(timeout):
+                await waiter.event.wait()
+            if waiter.closed:
+                raise httpcore.ConnectError("the client was closed while this request waited for a connection")
+            handed = waiter.given
         except TimeoutError:
             _, host, port = self.origin
             raise httpcore.PoolTimeout(
-                f"no connection to {host}:{port} free within {timeout:g}s ({self.owner._max} in use)"
+                f"no connection to {host}:{port} free {within(timeout)} ({self.owner._max} in use)"
             ) from None
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                given = waiter.result()
+            if waiter.settled and not waiter.closed:
+                given = waiter.given
                 if given is not None:
                     self.checkin(given)  # handed over just as we were cancelled: pass it on
                 else:
                     self.active -= 1  # we were given room to open one, and will not
             raise
         finally:
-            if not waiter.done():
-                waiter.cancel()
+            if not waiter.settled:
+                waiter.settled = True  # gave up (timed out, cancelled): a release passes this one by
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
         return handed if handed is not None else self._new()
@@ -149,10 +186,15 @@ class _Stack:
             return
         self.idle.append(connection)
         if len(self.idle) > self.owner._keepalive:  # keep the most recently used; close the oldest
-            _close_soon(self.idle.pop(0))
+            oldest = self.idle.pop(0)
+            if _asyncio_loop():
+                _close_soon(oldest)
+            else:  # trio: no task to close it in from here; the next checkout (or the pool's close) does
+                self.evicted.append(oldest)
 
     async def aclose(self) -> None:
-        idle, self.idle = self.idle, []
+        idle, self.idle = self.idle + self.evicted, []
+        self.evicted = []
         for connection in idle:
             await connection.aclose()
         for waiter in self.waiters:
@@ -161,6 +203,14 @@ class _Stack:
 
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+def _asyncio_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _close_soon(connection: _Connection) -> None:

@@ -3,6 +3,7 @@ small bodies read inside the attempt (so that a reset mid-body is a failed attem
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -51,6 +52,10 @@ class _AsyncResponseStream(httpx.AsyncByteStream):
         if aclose is not None:
             await aclose()
 
+
+#: Set while ``Client.send(stream=True)`` runs (``client.stream()``): the response is handed over unread, as
+#: httpx hands it (no small-body shortcut: ``iter_raw()`` works and ``is_stream_consumed`` is False).
+streaming: contextvars.ContextVar[bool] = contextvars.ContextVar("meshlib_streaming", default=False)
 
 #: Responses up to this size (by Content-Length) are read before the attempt counts as answered.
 PREFETCH_LIMIT = 64 * 1024

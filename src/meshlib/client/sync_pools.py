@@ -18,7 +18,9 @@ from typing import Any
 import httpcore
 
 from .h1_sync import SyncBody, SyncH1Connection
+from .h1_timer import within
 from .outbound import Answer, Outbound, PoolLimits
+from .streams import streaming
 
 _Key = tuple[bytes, str, int]
 
@@ -53,7 +55,11 @@ class EndpointPools(PoolLimits):
             stack.checkin(connection)  # it closed itself if it was left in a bad state
             raise
         if type(answer.stream) is bytes:
-            stack.checkin(connection)
+            if not streaming.get():
+                stack.checkin(connection)
+                return answer
+            # client.stream(): the connection stays the caller's until the response is closed, as in httpx
+            answer.stream = _Returning(_Read(answer.stream), connection, stack)
             return answer
         answer.stream = _Returning(answer.stream, connection, stack)
         return answer
@@ -113,7 +119,7 @@ class _Stack:
                             continue  # freed just as the wait ended
                         _, host, port = self.origin
                         raise httpcore.PoolTimeout(
-                            f"no connection to {host}:{port} free within {timeout:g}s ({owner._max} in use)"
+                            f"no connection to {host}:{port} free {within(timeout)} ({owner._max} in use)"
                         )
                 else:
                     self.ready.wait()
@@ -143,12 +149,28 @@ class _Stack:
             connection.close()
 
 
+class _Read:
+    """A body already in memory, handed over as a stream (``client.stream()`` of a small answer)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._data:
+            yield self._data
+
+    def close(self) -> None:
+        self._data = b""
+
+
 class _Returning:
     """The response body; closing it (read to the end, or not) returns the connection to its endpoint's stack."""
 
     __slots__ = ("_connection", "_returned", "_stack", "_stream")
 
-    def __init__(self, stream: SyncBody, connection: SyncH1Connection, stack: _Stack) -> None:
+    def __init__(self, stream: SyncBody | _Read, connection: SyncH1Connection, stack: _Stack) -> None:
         self._stream = stream
         self._connection = connection
         self._stack = stack

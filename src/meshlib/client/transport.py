@@ -28,9 +28,17 @@ from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
 from .outbound import Answer, Outbound
-from .streams import _discard, _ResponseStream, _small_body, read_response, read_small
+from .streams import _discard, _ResponseStream, _small_body, read_response, read_small, streaming
 from .sync_pools import EndpointPools
 from .tls_reads import CoalescingBackend
+
+#: The schemes a mesh hop speaks (anything else is httpx's UnsupportedProtocol, as plain httpx raises it).
+_SCHEMES = frozenset(("http", "https"))
+
+
+def unsupported_scheme(url: httpx.URL) -> httpx.UnsupportedProtocol:
+    return httpx.UnsupportedProtocol(f"Request URL has an unsupported protocol '{url.scheme}://'.")
+
 
 #: httpx's own defaults, so a mesh client behaves like a plain one.
 _DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
@@ -77,9 +85,7 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         trust_env: bool = True,
     ) -> None:
         self._bind(mesh, (verify, cert, trust_env, limits, http1, http2))
-        self._passthrough = passthrough or httpx.HTTPTransport(
-            verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
-        )
+        self._given_passthrough = passthrough
         lean = http1 and not http2  # the lean HTTP/1.1 engine; HTTP/2 stays on httpcore's pool
         self._pools = _Pools(
             lambda: EndpointPools(**self._pool_options)
@@ -88,14 +94,27 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             pool,
         )
 
+    @functools.cached_property
+    def _passthrough(self) -> httpx.BaseTransport:
+        """Hosts outside the mesh when this transport is used on its own (``meshlib.Client`` routes them through
+        httpx itself); made at first use (an SSL context costs milliseconds)."""
+        if self._given_passthrough is not None:
+            return self._given_passthrough
+        verify, cert, trust_env, limits, http1, http2 = self._pool_settings
+        return httpx.HTTPTransport(verify=verify, cert=cert, http1=http1, http2=http2, limits=limits,
+                                   trust_env=trust_env)
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        service = mesh_service_name(request.url.host)
+        url = request.url
+        service = mesh_service_name(url.host)
+        if service is not None and url.scheme not in _SCHEMES:
+            raise unsupported_scheme(url)
         if service is None:
             if self.mesh.telemetry is None:
                 return self._passthrough.handle_request(request)
             external = _External(self.mesh, request)
             try:
-                passed = self._passthrough.handle_request(request)
+                passed = self._passthrough.handle_request(external.request)
             except BaseException as exc:
                 external.finish(None, exc)
                 raise
@@ -151,21 +170,27 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             else:  # httpcore's pool: HTTP/2, or a pool given to the transport
                 raw = pools.handle_request(request.to_httpcore())
             arrived: Any = raw.stream
-            body = arrived if type(arrived) is bytes else (read_small(arrived) if _small_body(raw) else None)
+            stream: httpx.SyncByteStream | None
+            if streaming.get():  # client.stream(): handed over unread, as httpx would
+                body = None
+                stream = httpx.ByteStream(arrived) if type(arrived) is bytes else _ResponseStream(arrived)
+            else:
+                body = arrived if type(arrived) is bytes else (read_small(arrived) if _small_body(raw) else None)
+                stream = None if body is not None else _ResponseStream(arrived)
         except Exception as exc:
             return Result(classify_error(exc), exc, attempt), None
         if body is not None:
             response = read_response(raw.status, raw.headers, body, raw.extensions)
             response.elapsed = datetime.timedelta(seconds=self.mesh.clock() - started)
         else:
-            stream = _ResponseStream(raw.stream)
             response = httpx.Response(raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions)
         return Result(classify_status(raw.status), None, attempt), response
 
     def close(self) -> None:
         for pool in self._pools.all():
             pool.close()
-        self._passthrough.close()
+        if "_passthrough" in self.__dict__:
+            self._passthrough.close()
 
 
 class _Threads:
