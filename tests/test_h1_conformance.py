@@ -708,7 +708,7 @@ def test_an_answer_head_over_the_limit_is_refused():
     async def main() -> None:
         async with Server(script) as server:
             pools = AsyncEndpointPools()
-            with pytest.raises(httpcore.RemoteProtocolError, match="over 65536 bytes"):
+            with pytest.raises(httpcore.RemoteProtocolError, match="over 102400 bytes"):
                 await fetch(pools, request(server.port))
             assert pools.connections() == 0
 

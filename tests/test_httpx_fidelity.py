@@ -197,10 +197,13 @@ def test_a_request_outside_the_mesh_is_not_modified_and_the_trace_goes_on_a_copy
 # -- 9. the true http_version; 13. an OS-level timeout with no timeout set ----------------------------------
 
 
-class OldServer:
-    """A real socket server that answers every request as an HTTP/1.0 server would (then closes)."""
+class RawServer:
+    """A real socket server that answers every request with the same bytes, then closes the connection (an
+    HTTP/1.0 server, a gunicorn sync worker, a broken one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok") -> None:
+        self.answer = answer
+        self.connections = 0
         import socket
         import threading
 
@@ -216,6 +219,7 @@ class OldServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.connections += 1
             with conn:
                 data = b""
                 while b"\r\n\r\n" not in data:
@@ -223,14 +227,14 @@ class OldServer:
                     if not part:
                         break
                     data += part
-                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                conn.sendall(self.answer)
 
     def close(self) -> None:
         self.sock.close()
 
 
 def test_the_answer_s_http_version_is_reported_as_it_was_sent():
-    old = OldServer()
+    old = RawServer()
     try:
         with static_mesh({"old": [old.port]}) as mesh:
             with mesh.client() as client:
@@ -280,3 +284,110 @@ def test_trio_calls_wait_for_a_pool_slot_and_overflow_the_keepalive_cap(fast):
     with static_mesh({"svc": [fast.port]}) as mesh:
         trio.run(main)
     assert results == [200] * 25
+
+
+# -- 10 and 11. HEAD answers that say Connection: close or carry a body; a whole answer then stray bytes ---------
+
+
+def both_clients(port: int, method: str) -> list[httpx.Response]:
+    with static_mesh({"svc": [port]}, telemetry=False) as mesh:
+        with mesh.client() as client:
+            answers = [client.request(method, "http://svc/x") for _ in range(2)]
+
+        async def main() -> list[httpx.Response]:
+            async with mesh.async_client() as client:
+                return [await client.request(method, "http://svc/x") for _ in range(2)]
+
+        return answers + asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n",  # gunicorn's sync workers
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",  # a HEAD answer that wrongly carries a body
+    ],
+)
+def test_head_answers_are_taken_as_httpx_takes_them(answer):
+    server = RawServer(answer)
+    try:
+        answers = both_clients(server.port, "HEAD")
+    finally:
+        server.close()
+    assert [(a.status_code, a.content) for a in answers] == [(200, b"")] * 4
+
+
+def test_a_whole_answer_followed_by_stray_bytes_is_kept_and_its_connection_dropped():
+    server = RawServer(b"HTTP/1.1 204 No Content\r\n\r\nstray bytes")
+    try:
+        answers = both_clients(server.port, "GET")
+    finally:
+        server.close()
+    assert [a.status_code for a in answers] == [204] * 4
+    assert server.connections == 4  # none of them reused
+
+
+# -- 8. the trace extension -----------------------------------------------------------------------------------
+
+
+def test_the_trace_extension_is_told_of_the_request_and_the_answer_head(fast):
+    seen: list[tuple[str, object]] = []
+
+    def trace(name: str, info: dict[str, Any]) -> None:
+        seen.append((name, info.get("return_value")))
+
+    async def atrace(name: str, info: dict[str, Any]) -> None:
+        trace(name, info)
+
+    with static_mesh({"svc": [fast.port]}) as mesh:
+        with mesh.client() as client:
+            client.get("http://svc/x", extensions={"trace": trace})
+
+        async def main() -> None:
+            async with mesh.async_client() as client:
+                await client.get("http://svc/x", extensions={"trace": atrace})
+
+        asyncio.run(main())
+    names = [name for name, _ in seen]
+    assert names == [
+        "http11.send_request_headers.started", "http11.send_request_headers.complete",
+        "http11.receive_response_headers.started", "http11.receive_response_headers.complete",
+    ] * 2
+    version, status, reason, headers = seen[3][1]  # type: ignore[misc]
+    assert (version, status, reason) == (b"HTTP/1.1", 200, b"OK")
+    assert b"content-length" in [name.lower() for name, _ in headers]
+
+
+# -- 12 (in part). heads up to 100 KiB, as httpx takes them, the same in both engines -------------------------
+
+
+def head_of(size: int) -> bytes:
+    """An answer whose head is ``size`` bytes long."""
+    start, end = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", b"\r\nok"
+    lines, left = [], size - len(start) - len(end)
+    while left > 0:
+        value = b"v" * min(1000, left - 12)
+        line = b"x-f%05d: %s\r\n" % (len(lines), value)
+        lines.append(line)
+        left -= len(line)
+    return start + b"".join(lines) + end
+
+
+def test_a_75_kb_head_is_accepted_and_a_120_kb_one_refused_by_both_engines():
+    fits = RawServer(head_of(75_440))
+    too_big = RawServer(head_of(120_000))
+    try:
+        assert [a.status_code for a in both_clients(fits.port, "GET")] == [200] * 4
+        with static_mesh({"svc": [too_big.port]}, telemetry=False) as mesh:
+            with mesh.client() as client, pytest.raises(httpx.RemoteProtocolError, match="over 102400 bytes"):
+                client.get("http://svc/x")
+
+            async def main() -> None:
+                async with mesh.async_client() as client:
+                    await client.get("http://svc/x")
+
+            with pytest.raises(httpx.RemoteProtocolError, match="over 102400 bytes"):
+                asyncio.run(main())
+    finally:
+        fits.close()
+        too_big.close()

@@ -23,6 +23,7 @@ from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
 from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
+from .outbound import Answer, trace_events
 from .pools import AsyncEndpointPools
 from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small, read_response, streaming
 from .transport import _DEFAULT_LIMITS, _SCHEMES, MeshShell, _Pools, unsupported_scheme
@@ -128,6 +129,10 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                     raw = await pools.send(request)
                 else:  # a pool given to the transport (httpcore's interface)
                     raw = await pools.handle_async_request(request.to_httpcore())
+                trace = request.extensions.get("trace")
+                if trace is not None and type(raw) is Answer:  # an async callable here, as httpcore calls it
+                    for event, info in trace_events(request, raw):
+                        await trace(event, info)
                 arrived: Any = raw.stream
                 stream: Any
                 if streaming.get():  # client.stream(): handed over unread, as httpx would

@@ -18,8 +18,15 @@ if TYPE_CHECKING:
 
 _IDLE, _ACTIVE, _CLOSED = 0, 1, 2
 _HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
-#: The most an answer's status line and headers may hold (names and values); past it the answer is refused.
-MAX_HEAD_BYTES = 64 * 1024
+#: The most an answer's head may hold (status line and header lines, counted as sent); past it the answer is
+#: refused. 100 KiB, as httpcore bounds h11 (its max_incomplete_event_size): what httpx accepts, both engines do.
+MAX_HEAD_BYTES = 100 * 1024
+#: A header line's bytes besides its name and value: ": " and CRLF.
+LINE_OVERHEAD = 4
+
+
+def head_too_large(where: str) -> httpcore.RemoteProtocolError:
+    return httpcore.RemoteProtocolError(f"{where} sent an answer head over {MAX_HEAD_BYTES} bytes")
 
 #: The version an answer's status line named, as httpx reports it in ``response.http_version``.
 HTTP_VERSIONS = {"1.0": b"HTTP/1.0", "1.1": b"HTTP/1.1"}
@@ -93,12 +100,12 @@ class AnswerReader:
 
     def on_status(self, status: bytes) -> None:
         self._reason = status
-        self._head_bytes = len(status)
+        self._head_bytes = len(status) + 15  # "HTTP/1.1 200 " and CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value)
+        self._head_bytes += len(name) + len(value) + LINE_OVERHEAD
         if self._head_bytes > MAX_HEAD_BYTES:  # a hostile or broken server: bounded, as h11 bounds it
-            raise httpcore.RemoteProtocolError(f"{self._where()} sent an answer head over {MAX_HEAD_BYTES} bytes")
+            raise head_too_large(self._where())
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -115,13 +122,17 @@ class AnswerReader:
         self._framed = is_framed(self._headers, status, self._head_request)
         self._answer_headers, self._headers = self._headers, []  # trailers, if any, land apart and are dropped
         self._body = Body(cast("H1Connection", self), self._read_timeout)
-        if self._head_request:
-            self.on_message_complete()
         head = self._head
         if head is not None and not head.done():
-            head.set_result(None)
+            head.set_result(None)  # before a HEAD answer completes: its Connection: close must not fail it
+        if self._head_request:
+            self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
+        if self._head_request:  # a HEAD answer carrying a body anyway: dropped, and the connection with it
+            if self._state == _IDLE:
+                self._close()
+            return
         body_stream = self._body
         if body_stream is not None:
             body_stream.feed(body)

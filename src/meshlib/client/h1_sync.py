@@ -29,8 +29,10 @@ from .h1_answer import (
     _CLOSED,
     _IDLE,
     HTTP_VERSIONS,
+    LINE_OVERHEAD,
     MAX_HEAD_BYTES,
     KeepAlive,
+    head_too_large,
     is_framed,
     keep_alive_header,
 )
@@ -127,10 +129,6 @@ class SyncH1Connection(KeepAlive):
             self._send_request(head, length, whole, request.stream, timeouts.get("write"))
             self._set_timeout(timeouts.get("read"))
             while not self._head_done:
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    raise httpcore.RemoteProtocolError(
-                        f"{self._where()} sent an answer head over {MAX_HEAD_BYTES} bytes"
-                    )
                 if not self.receive():
                     raise httpcore.RemoteProtocolError(f"{self._where()} closed the connection without an answer")
         except BaseException as exc:  # errors, and interruptions: a half-used connection is never reused
@@ -232,8 +230,6 @@ class SyncH1Connection(KeepAlive):
         if not data:
             self._ended()
             return False
-        if not self._head_done:
-            self._head_bytes += len(data)
         parser = self._parser
         if parser is None:  # bytes after the answer, in the same read: the connection cannot be trusted
             self._stray = True
@@ -244,6 +240,10 @@ class SyncH1Connection(KeepAlive):
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, httpcore.ProtocolError):
                 raise cause from None
+            if self._complete:  # a whole answer, then garbage in the same read (a 204 with a body): keep the
+                self._stray = True  # answer, as httpx does, and never reuse the connection
+                self.close()
+                return True
             raise httpcore.RemoteProtocolError(f"malformed HTTP response from {self._where()}: {exc}") from None
         return True
 
@@ -279,9 +279,13 @@ class SyncH1Connection(KeepAlive):
     def on_status(self, status: bytes) -> None:
         if not self._complete:
             self._reason = status
+            self._head_bytes = len(status) + 15  # "HTTP/1.1 200 " and CRLF, counted as the async engine does
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head_done:  # trailers (after the head) are dropped, never mixed into the headers
+            self._head_bytes += len(name) + len(value) + LINE_OVERHEAD
+            if self._head_bytes > MAX_HEAD_BYTES:  # a hostile or broken server: bounded, as h11 bounds it
+                raise head_too_large(self._where())
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:

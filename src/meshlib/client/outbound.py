@@ -73,3 +73,22 @@ class PoolLimits:
         self._max = max_connections or 1_000_000
         self._keepalive = max_keepalive_connections if max_keepalive_connections is not None else self._max
         self._expiry = keepalive_expiry
+
+
+#: The ``trace`` extension's events for one exchange, in httpcore's names and order (httpx's command line prints
+#: the answer's status line and headers from the last one).
+_SENT = ("http11.send_request_headers.started", "http11.send_request_headers.complete")
+_HEAD = ("http11.receive_response_headers.started", "http11.receive_response_headers.complete")
+
+
+def trace_events(request: Outbound, answer: Any) -> list[tuple[str, dict[str, Any]]]:
+    """What a ``trace`` callback is told of one attempt whose answer head arrived."""
+    extensions = answer.extensions
+    head = (extensions.get("http_version", b"HTTP/1.1"), answer.status, extensions.get("reason_phrase", b""),
+            list(answer.headers))
+    return [
+        (_SENT[0], {"request": request.to_httpcore()}),
+        (_SENT[1], {"return_value": None}),
+        (_HEAD[0], {"request": request.to_httpcore()}),
+        (_HEAD[1], {"return_value": head}),
+    ]

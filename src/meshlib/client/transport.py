@@ -27,7 +27,7 @@ from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
 from .errors import classify_error
 from .external import _External
 from .names import mesh_service_name
-from .outbound import Answer, Outbound
+from .outbound import Answer, Outbound, trace_events
 from .streams import _discard, _ResponseStream, _small_body, read_response, read_small, streaming
 from .sync_pools import EndpointPools
 from .tls_reads import CoalescingBackend
@@ -169,6 +169,10 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
                 raw: Answer | httpcore.Response = pools.send(request)
             else:  # httpcore's pool: HTTP/2, or a pool given to the transport
                 raw = pools.handle_request(request.to_httpcore())
+            trace = request.extensions.get("trace")
+            if trace is not None and type(raw) is Answer:  # httpx's extension (httpcore's pools call it themselves)
+                for event, info in trace_events(request, raw):
+                    trace(event, info)
             arrived: Any = raw.stream
             stream: httpx.SyncByteStream | None
             if streaming.get():  # client.stream(): handed over unread, as httpx would
