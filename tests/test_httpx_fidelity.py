@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import httpx
@@ -391,3 +392,99 @@ def test_a_75_kb_head_is_accepted_and_a_120_kb_one_refused_by_both_engines():
     finally:
         fits.close()
         too_big.close()
+
+
+# -- drift: closing the client while a body is still being read closes that connection, in both engines -------
+
+
+def test_closing_the_client_mid_body_closes_that_connection_in_both_engines(fast):
+    from harness import connections_to, wait_for
+
+    with static_mesh({"svc": [fast.port]}, telemetry=False) as mesh:
+        client = mesh.client()
+        response = client.send(client.build_request("GET", "http://svc/-/download?size=5000000"), stream=True)
+        parts = response.iter_raw()
+        next(parts)
+        client.close()
+        for _ in parts:  # the body is read to its end after the close: the connection is clean, and not kept
+            pass
+        response.close()
+        # within 2 s: uvicorn itself drops an idle keep-alive connection after 5 s
+        wait_for(lambda: connections_to(os.getpid(), fast.port) == 0, timeout=2, what="the sync connection closed")
+
+        async def main() -> None:
+            client = mesh.async_client()
+            request = client.build_request("GET", "http://svc/-/download?size=5000000")
+            response = await client.send(request, stream=True)
+            parts = response.aiter_raw()
+            await parts.__anext__()
+            await client.aclose()
+            async for _ in parts:
+                pass
+            await response.aclose()
+            for _ in range(200):  # polled on the loop (the close runs as a task of it), for 2 s
+                if connections_to(os.getpid(), fast.port) == 0:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the async connection stayed open after the client was closed")
+
+        asyncio.run(main())
+
+
+# -- 12. answers h11 accepts and llhttp refuses: obs-folded headers, one Content-Length given twice ----------
+
+
+@pytest.mark.parametrize(
+    ("answer", "header"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\nContent-Length: 2\r\n\r\nok", "one two"),  # RFC 9112 5.2
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", None),
+    ],
+)
+def test_answers_httpx_accepts_are_accepted_by_both_engines(answer, header):
+    server = RawServer(answer)
+    try:
+        answers = both_clients(server.port, "GET")
+    finally:
+        server.close()
+    assert [(a.status_code, a.text, a.headers.get("x-a")) for a in answers] == [(200, "ok", header)] * 4
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nokk",
+    ],
+)
+def test_lengths_that_disagree_are_refused_by_both_engines_as_by_httpx(answer):
+    server = RawServer(answer)
+    try:
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(f"http://127.0.0.1:{server.port}/")
+        with static_mesh({"svc": [server.port]}, telemetry=False, policies={"svc": ONE_TRY}) as mesh:
+            with mesh.client() as client, pytest.raises(httpx.RemoteProtocolError):
+                client.get("http://svc/x")
+
+            async def main() -> None:
+                async with mesh.async_client() as client:
+                    await client.get("http://svc/x")
+
+            with pytest.raises(httpx.RemoteProtocolError):
+                asyncio.run(main())
+    finally:
+        server.close()
+
+
+def test_the_lenient_head_rewrites_only_what_h11_forgives():
+    from meshlib.client.h1_answer import lenient_head
+
+    assert lenient_head(b"HTTP/1.1 200 OK\r\nA: 1\r\n\t2\r\n\r\nbody") == b"HTTP/1.1 200 OK\r\nA: 1 2\r\n\r\nbody"
+    assert lenient_head(b"HTTP/1.1 200 OK\r\ncontent-length: 4 , 4\r\n\r\nbody") == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
+    )
+    assert lenient_head(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody") is None  # nothing to forgive
+    assert lenient_head(b"HTTP/1.1 200 OK\r\nContent-Length: 4, 5\r\n\r\nbody") is None
+    assert lenient_head(b"HTTP/1.1 200 OK\r\nContent-Length: -4, -4\r\n\r\nbody") is None
+    assert lenient_head(b"HTTP/1.1 200 OK\r\nA: 1\r\n 2\r\n") is None  # the head is not complete yet

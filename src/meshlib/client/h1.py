@@ -22,7 +22,7 @@ from typing import Any
 import httpcore
 import httptools
 
-from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader, KeepAlive
+from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader, KeepAlive, lenient_head
 from .h1_body import request_head, write_body
 from .h1_timer import Watch, within
 from .outbound import Answer, Outbound
@@ -45,6 +45,7 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         self._status = 0
         self._reason = b""
         self._version = b"HTTP/1.1"
+        self._raw_head = b""  # the answer head's bytes so far (lenient_head needs them if llhttp refuses it)
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._answer_headers: list[tuple[bytes, bytes]] = []
@@ -78,6 +79,7 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         self._head = head = loop.create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._headers = []
+        self._raw_head = b""
         self._head_request = method == b"HEAD"
         self._read_timeout = timeouts.get("read")
         self._body = None
@@ -173,10 +175,15 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         if parser is None or self._state != _ACTIVE:  # bytes nobody asked for: the connection cannot be trusted
             self._close()
             return
+        heading = self._body is None  # still in the answer's head: its bytes are kept in case it needs leniency
+        if heading:
+            self._raw_head += data
         try:
             parser.feed_data(data)
         except Exception as exc:  # the parser's errors, and ours raised from its callbacks
             cause = exc.__cause__ or exc.__context__
+            if heading and not isinstance(cause, httpcore.ProtocolError) and self._parse_leniently():
+                return
             failure = (
                 cause
                 if isinstance(cause, httpcore.ProtocolError)
@@ -185,6 +192,20 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
             self._lost = failure
             self._fail(failure)
             self._close()
+
+    def _parse_leniently(self) -> bool:
+        """The head llhttp refused, again, as h11 would take it (``lenient_head``); False if that cannot help."""
+        fixed = lenient_head(self._raw_head)
+        if fixed is None:
+            return False
+        self._raw_head = b""
+        self._parser = parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        try:
+            parser.feed_data(fixed)
+        except Exception:
+            return False
+        return True
 
     def eof_received(self) -> bool | None:
         self._ended(None)

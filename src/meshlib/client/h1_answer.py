@@ -177,3 +177,38 @@ def is_framed(headers: list[tuple[bytes, bytes]], status: int, head_request: boo
 def keep_alive_header(headers: list[tuple[bytes, bytes]]) -> bool:
     """After a HEAD answer (which the parser cannot frame): the connection stays open unless it says close."""
     return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
+
+
+def lenient_head(data: bytes) -> bytes | None:
+    """The bytes of an answer whose head llhttp refused, made acceptable where h11 (httpx's parser) accepts them:
+    obs-folded header lines unfolded (RFC 9112 §5.2: a user agent replaces the fold with a space), and a
+    Content-Length repeated with one value (two headers of ``2``, or ``2, 2``) given once (RFC 9110 §8.6).
+    None when neither applies, or the lengths disagree: the refusal stands. Anything else llhttp checks (header
+    characters, framing) still is, on the rewritten head."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    out = [lines[0]]
+    changed = False
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and len(out) > 1:  # a continuation of the previous header line
+            out[-1] = out[-1].rstrip(b" \t") + b" " + line.strip(b" \t")
+            changed = True
+        else:
+            out.append(line)
+    at = [i for i, line in enumerate(out) if line.split(b":", 1)[0].strip().lower() == b"content-length"]
+    if at:
+        values = {part.strip() for i in at for part in out[i].split(b":", 1)[1].split(b",")}
+        if len(at) > 1 or b"," in out[at[0]]:
+            if len(values) != 1:
+                return None  # lengths that disagree: a smuggling attempt or a broken server
+            (value,) = values
+            if not value.isdigit():
+                return None
+            out[at[0]] = b"Content-Length: " + value
+            out = [line for i, line in enumerate(out) if i not in at[1:]]
+            changed = True
+    if not changed:
+        return None
+    return b"\r\n".join(out) + b"\r\n\r\n" + data[end + 4:]

@@ -35,6 +35,7 @@ from .h1_answer import (
     head_too_large,
     is_framed,
     keep_alive_header,
+    lenient_head,
 )
 from .h1_body import Framer, request_head
 from .h1_timer import within
@@ -51,7 +52,8 @@ class SyncH1Connection(KeepAlive):
 
     __slots__ = (
         "_complete", "_framed", "_head_bytes", "_head_done", "_head_request", "_headers", "_informational",
-        "_parser", "_parts", "_poll", "_reason", "_sock", "_status", "_stray", "_timeout", "_version",
+        "_parser", "_parts", "_poll", "_raw_head", "_reason", "_sock", "_status", "_stray", "_timeout",
+        "_version",
     )
 
     def __init__(
@@ -120,6 +122,7 @@ class SyncH1Connection(KeepAlive):
         method = request.method
         self._parser = httptools.HttpResponseParser(self)
         self._headers = []
+        self._raw_head = b""
         self._parts = []
         self._head_bytes = 0
         self._head_done = self._complete = self._informational = self._stray = False
@@ -234,17 +237,37 @@ class SyncH1Connection(KeepAlive):
         if parser is None:  # bytes after the answer, in the same read: the connection cannot be trusted
             self._stray = True
             return True
+        heading = not self._head_done  # its bytes are kept in case the head needs leniency
+        if heading:
+            self._raw_head += data
         try:
             parser.feed_data(data)
         except Exception as exc:  # the parser's errors, and ours raised from its callbacks
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, httpcore.ProtocolError):
                 raise cause from None
+            if heading and self._parse_leniently():
+                return True
             if self._complete:  # a whole answer, then garbage in the same read (a 204 with a body): keep the
                 self._stray = True  # answer, as httpx does, and never reuse the connection
                 self.close()
                 return True
             raise httpcore.RemoteProtocolError(f"malformed HTTP response from {self._where()}: {exc}") from None
+        return True
+
+    def _parse_leniently(self) -> bool:
+        """The head llhttp refused, again, as h11 would take it (``lenient_head``); False if that cannot help."""
+        fixed = lenient_head(self._raw_head)
+        if fixed is None:
+            return False
+        self._raw_head = b""
+        self._parser = parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        self._parts = []
+        try:
+            parser.feed_data(fixed)
+        except Exception:
+            return False
         return True
 
     def receive_ready(self) -> None:

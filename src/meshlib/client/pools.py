@@ -101,7 +101,7 @@ class _Waiter:
 
 
 class _Stack:
-    __slots__ = ("active", "evicted", "idle", "origin", "owner", "waiters")
+    __slots__ = ("active", "closed", "evicted", "idle", "origin", "owner", "waiters")
 
     def __init__(self, owner: AsyncEndpointPools, origin: _Key) -> None:
         self.owner = owner
@@ -111,6 +111,8 @@ class _Stack:
         self.waiters: collections.deque[_Waiter] = collections.deque()
         #: Idle connections dropped past the keep-alive cap outside asyncio, closed at the next checkout.
         self.evicted: list[_Connection] = []
+        #: The pools were closed: a connection still out (a body being read) is closed when it comes back.
+        self.closed = False
 
     def _new(self) -> _Connection:
         owner = self.owner
@@ -127,9 +129,7 @@ class _Stack:
 
     async def checkout(self, timeout: float | None) -> _Connection:
         if self.evicted:
-            evicted, self.evicted = self.evicted, []
-            for connection in evicted:
-                await connection.aclose()
+            await self.close_evicted()
         idle = self.idle
         while idle:
             connection = idle.pop()
@@ -172,6 +172,10 @@ class _Stack:
 
     def checkin(self, connection: _Connection) -> None:
         """A request is done with ``connection`` (response closed, or it failed)."""
+        if self.closed:  # as the sync pools do: nothing is kept once the client is closed
+            self.active -= 1
+            self._drop(connection)
+            return
         reusable = connection.is_idle() and not connection.is_closed()
         waiters = self.waiters
         while waiters:
@@ -186,13 +190,21 @@ class _Stack:
             return
         self.idle.append(connection)
         if len(self.idle) > self.owner._keepalive:  # keep the most recently used; close the oldest
-            oldest = self.idle.pop(0)
-            if _asyncio_loop():
-                _close_soon(oldest)
-            else:  # trio: no task to close it in from here; the next checkout (or the pool's close) does
-                self.evicted.append(oldest)
+            self._drop(self.idle.pop(0))
+
+    def _drop(self, connection: _Connection) -> None:
+        if _asyncio_loop():
+            _close_soon(connection)
+        else:  # trio: no task to close it in from here; the next checkout, release or close does
+            self.evicted.append(connection)
+
+    async def close_evicted(self) -> None:
+        evicted, self.evicted = self.evicted, []
+        for connection in evicted:
+            await connection.aclose()
 
     async def aclose(self) -> None:
+        self.closed = True
         idle, self.idle = self.idle + self.evicted, []
         self.evicted = []
         for connection in idle:
@@ -242,4 +254,7 @@ class _Returning:
             await self._stream.aclose()
         finally:
             self._returned = True
-            self._stack.checkin(self._connection)
+            stack = self._stack
+            stack.checkin(self._connection)
+            if stack.evicted and stack.closed:
+                await stack.close_evicted()
