@@ -488,3 +488,13 @@ def test_the_lenient_head_rewrites_only_what_h11_forgives():
     assert lenient_head(b"HTTP/1.1 200 OK\r\nContent-Length: 4, 5\r\n\r\nbody") is None
     assert lenient_head(b"HTTP/1.1 200 OK\r\nContent-Length: -4, -4\r\n\r\nbody") is None
     assert lenient_head(b"HTTP/1.1 200 OK\r\nA: 1\r\n 2\r\n") is None  # the head is not complete yet
+
+
+def test_a_hedged_stream_call_is_handed_over_unread_too(fast):
+    from meshlib.policy.config import HedgingPolicy
+
+    hedged = ServicePolicy(hedging=HedgingPolicy(delay=5.0))  # hedged calls run their attempts on worker threads
+    mesh = static_mesh({"svc": [fast.port, fast.port]}, policies={"svc": hedged})
+    with mesh, mesh.client() as client, client.stream("GET", "http://svc/x") as response:
+        assert not response.is_stream_consumed
+        assert json.loads(b"".join(response.iter_raw()))["instance"] == "fast"

@@ -22,7 +22,7 @@ from typing import Any
 import httpcore
 import httptools
 
-from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader, KeepAlive, lenient_head
+from .h1_answer import _ACTIVE, _CLOSED, _IDLE, AnswerReader, KeepAlive, reparse_leniently
 from .h1_body import request_head, write_body
 from .h1_timer import Watch, within
 from .outbound import Answer, Outbound
@@ -182,7 +182,7 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
             parser.feed_data(data)
         except Exception as exc:  # the parser's errors, and ours raised from its callbacks
             cause = exc.__cause__ or exc.__context__
-            if heading and not isinstance(cause, httpcore.ProtocolError) and self._parse_leniently():
+            if heading and not isinstance(cause, httpcore.ProtocolError) and reparse_leniently(self):
                 return
             failure = (
                 cause
@@ -192,20 +192,6 @@ class H1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
             self._lost = failure
             self._fail(failure)
             self._close()
-
-    def _parse_leniently(self) -> bool:
-        """The head llhttp refused, again, as h11 would take it (``lenient_head``); False if that cannot help."""
-        fixed = lenient_head(self._raw_head)
-        if fixed is None:
-            return False
-        self._raw_head = b""
-        self._parser = parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        try:
-            parser.feed_data(fixed)
-        except Exception:
-            return False
-        return True
 
     def eof_received(self) -> bool | None:
         self._ended(None)

@@ -212,3 +212,19 @@ def lenient_head(data: bytes) -> bytes | None:
     if not changed:
         return None
     return b"\r\n".join(out) + b"\r\n\r\n" + data[end + 4:]
+
+
+def reparse_leniently(connection: Any) -> bool:
+    """The answer head llhttp refused, parsed again as h11 would take it (``lenient_head``), on a fresh parser of
+    either engine's connection; False when leniency cannot help (the refusal stands)."""
+    fixed = lenient_head(connection._raw_head)
+    if fixed is None:
+        return False
+    connection._raw_head = b""
+    connection._headers = []  # nothing of the body was kept yet: it only starts after the head
+    connection._parser = parser = httptools.HttpResponseParser(connection)
+    try:
+        parser.feed_data(fixed)
+    except Exception:
+        return False
+    return True

@@ -35,7 +35,7 @@ from .h1_answer import (
     head_too_large,
     is_framed,
     keep_alive_header,
-    lenient_head,
+    reparse_leniently,
 )
 from .h1_body import Framer, request_head
 from .h1_timer import within
@@ -246,28 +246,13 @@ class SyncH1Connection(KeepAlive):
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, httpcore.ProtocolError):
                 raise cause from None
-            if heading and self._parse_leniently():
+            if heading and reparse_leniently(self):
                 return True
             if self._complete:  # a whole answer, then garbage in the same read (a 204 with a body): keep the
                 self._stray = True  # answer, as httpx does, and never reuse the connection
                 self.close()
                 return True
             raise httpcore.RemoteProtocolError(f"malformed HTTP response from {self._where()}: {exc}") from None
-        return True
-
-    def _parse_leniently(self) -> bool:
-        """The head llhttp refused, again, as h11 would take it (``lenient_head``); False if that cannot help."""
-        fixed = lenient_head(self._raw_head)
-        if fixed is None:
-            return False
-        self._raw_head = b""
-        self._parser = parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        self._parts = []
-        try:
-            parser.feed_data(fixed)
-        except Exception:
-            return False
         return True
 
     def receive_ready(self) -> None:

@@ -5,6 +5,7 @@ to a plain httpx transport."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import datetime
 import functools
 import queue
@@ -214,7 +215,11 @@ class _Threads:
         request = self.call.attempt(action)  # in the caller's thread: its trace context
         span = self.call.take_attempt_span()
         attempt = action.attempt
-        future = worker_pool().submit(self.transport._attempt, request, self.service, attempt, self.call.started)
+        # in the caller's context (client.stream()'s "hand it over unread", its trace context), as the first attempt
+        context = contextvars.copy_context()
+        future = worker_pool().submit(
+            context.run, self.transport._attempt, request, self.service, attempt, self.call.started
+        )
         future.add_done_callback(lambda _: self.ended.put(attempt))
         self.running[attempt] = (future, span)
 
