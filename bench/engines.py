@@ -9,7 +9,7 @@ Against the same two loopback upstreams (uvicorn), in interleaved rounds, client
   httpx-on-aiohttp      httpx.AsyncClient over a transport that hands each request to an aiohttp session
                         (headers converted both ways, a second request object): the adapter route
   meshlib-httpcore      meshlib.AsyncClient, per-endpoint stacks of httpcore 1.0 connections (h11)
-  meshlib-h1            meshlib.AsyncClient, per-endpoint stacks of client/h1.py (asyncio Protocol + httptools)
+  meshlib-h1            meshlib.AsyncClient, per-endpoint stacks of client/async_h1.py (asyncio Protocol + httptools)
 The meshlib rows include the whole mesh (policy, balancer, telemetry); the others are plain clients.
 """
 
@@ -32,8 +32,8 @@ from concurrency import Get, interleaved  # noqa: E402
 
 import meshlib  # noqa: E402
 from harness import Upstream  # noqa: E402
+from meshlib.client.async_pools import AsyncEndpointPools  # noqa: E402
 from meshlib.client.async_transport import AsyncMeshTransport  # noqa: E402
-from meshlib.client.pools import AsyncEndpointPools  # noqa: E402
 from meshlib.discovery import StaticDiscovery  # noqa: E402
 from meshlib.endpoints import Endpoint  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The async outbound engine (client/pools.py: per-endpoint keep-alive stacks) against real servers: many calls in
+"""The async outbound engine (client/async_pools.py: per-endpoint keep-alive stacks) against real servers: many calls in
 flight, an instance killed under them, cancelled calls, the per-endpoint cap, and servers that close idle
 keep-alive connections."""
 
@@ -13,7 +13,7 @@ import pytest
 
 import meshlib
 from harness import Upstream
-from meshlib.client.pools import AsyncEndpointPools
+from meshlib.client.async_pools import AsyncEndpointPools
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
 

@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 engines (client/h1.py, async; client/h1_sync.py, sync) against scripted loopback servers that
+"""The lean HTTP/1.1 engines (client/async_h1.py, async; client/h1.py, sync) against scripted loopback servers that
 answer byte for byte: chunked bodies, ``Connection: close``, 1xx answers, HEAD, bodies ended by the connection's
 close, a server closing a reused connection, malformed and truncated answers, timeouts, cancellation, request
 framing and injection. Tests marked ``both`` run once per engine: the sync one is driven from worker threads
@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.client.h1 import H1Connection
+from meshlib.client.async_h1 import AsyncH1Connection
+from meshlib.client.async_pools import AsyncEndpointPools
 from meshlib.client.outbound import Outbound
-from meshlib.client.pools import AsyncEndpointPools
-from meshlib.client.sync_pools import EndpointPools
+from meshlib.client.pools import EndpointPools
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
 
@@ -96,7 +96,7 @@ async def fetch(pools: AsyncEndpointPools, outbound: Outbound) -> tuple[int, dic
 
 
 class SyncEngine:
-    """``sync_pools.EndpointPools`` behind ``AsyncEndpointPools``'s interface: every blocking call runs on a worker
+    """``pools.EndpointPools`` behind ``AsyncEndpointPools``'s interface: every blocking call runs on a worker
     thread, so the scripted servers keep running on the test's event loop."""
 
     def __init__(self, **options: Any) -> None:
@@ -604,7 +604,7 @@ def test_the_engine_is_the_lean_one_on_asyncio():
             pools = AsyncEndpointPools()
             await fetch(pools, request(server.port))
             stack = next(iter(pools._stacks.values()))
-            assert all(type(c) is H1Connection for c in stack.idle)
+            assert all(type(c) is AsyncH1Connection for c in stack.idle)
             await pools.aclose()
 
     run(main)

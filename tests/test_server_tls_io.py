@@ -208,9 +208,9 @@ def test_a_small_response_is_one_tls_record(strict_server):
 def test_client_tls_reads_take_every_record_on_the_socket(strict_server, monkeypatch):
     """``SSLSocket.recv`` gives one 16 KiB record per call; the client takes the records already there with it, so a
     1 MiB answer reaches httpx in about as many parts as in plaintext (64 KiB each), not 64+. Both sync engines:
-    the lean one (``h1_sync.py``) and httpcore's pool (HTTP/2 allowed, which falls back to HTTP/1.1 here)."""
+    the lean one (``h1.py``) and httpcore's pool (HTTP/2 allowed, which falls back to HTTP/1.1 here)."""
     from meshlib.client import tls_reads
-    from meshlib.client.h1_sync import SyncBody
+    from meshlib.client.h1 import SyncBody
     from meshlib.client.transport import MeshTransport
 
     _, _, mesh = strict_server

@@ -1,4 +1,4 @@
-"""The sync client's lean engine (client/h1_sync.py, client/sync_pools.py) where the sync side differs from the
+"""The sync client's lean engine (client/h1.py, client/pools.py) where the sync side differs from the
 async one: what callers of ``meshlib.Client`` see, threads sharing one client under ``max_connections``, closing
 a body half-read, and the fallback to httpcore's pool. The wire-level cases both engines share are in
 ``test_h1_conformance.py`` (run once per engine)."""
@@ -19,8 +19,8 @@ import pytest
 
 import meshlib
 from harness import wait_for
-from meshlib.client.h1_sync import SyncH1Connection
-from meshlib.client.sync_pools import EndpointPools
+from meshlib.client.h1 import H1Connection
+from meshlib.client.pools import EndpointPools
 from meshlib.client.transport import MeshTransport
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
@@ -104,7 +104,7 @@ def test_the_sync_client_uses_the_lean_engine_and_http2_keeps_httpcore():
             assert client.get("http://svc/x").text == "ok"
             pools = client._mesh_transport._pools.get("svc")  # type: ignore[attr-defined]
             assert type(pools) is EndpointPools
-            assert all(type(c) is SyncH1Connection for s in pools._stacks.values() for c in s.idle)
+            assert all(type(c) is H1Connection for s in pools._stacks.values() for c in s.idle)
         transport = MeshTransport(mesh, passthrough=httpx.HTTPTransport(), http2=True)
         with httpx.Client(transport=transport) as client:
             assert client.get("http://svc/x").text == "ok"

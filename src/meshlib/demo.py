@@ -13,7 +13,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from typing import Any
 
 import httpx
 
-from .demo_live import _dashboard_back, _interrupt, _start_live
-from .demo_scenes import _rules, _scenes
+from .demo_live import dashboard_back, interrupt, start_live
+from .demo_samples import Sample, summarize
+from .demo_scenes import demo_rules, demo_scenes_for
 from .errors import MeshError
 from .settings import env_value
 
@@ -50,14 +50,6 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-
-@dataclass
-class Sample:
-    at: float
-    ok: bool
-    latency: float
-    version: str | None
 
 
 @dataclass
@@ -93,22 +85,6 @@ class Traffic:
 
     def window(self, since: float) -> list[Sample]:
         return [s for s in list(self.samples) if s.at >= since]
-
-
-def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
-    if not samples:
-        return {"rps": 0.0, "success": 0.0, "p50": 0.0, "p99": 0.0, "versions": Counter(), "n": 0, "failed": 0}
-    latencies = sorted(s.latency for s in samples)
-    ok = sum(1 for s in samples if s.ok)
-    return {
-        "n": len(samples),
-        "failed": len(samples) - ok,
-        "rps": len(samples) / max(seconds, 1e-9),
-        "success": ok / len(samples),
-        "p50": statistics.median(latencies) * 1000,
-        "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
-        "versions": Counter(s.version for s in samples if s.version),
-    }
 
 
 class Demo:
@@ -304,7 +280,7 @@ def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int
         demo.say("starting the control plane (rules + embedded registry)")
         demo.start_control_plane()
         demo.say(f"dashboard: {demo.cp_url}/ui (live while the scenes run; admin token for rollback: {demo.token})")
-        demo.apply_rules(_rules(0))
+        demo.apply_rules(demo_rules(0))
         demo.say(
             "starting the shop (mTLS strict, authorization by identity): 2x frontend (Flask), 2x catalog, "
             "2x inventory (gRPC), 2x checkout, payments 2x v1 + 2x v2"
@@ -338,8 +314,8 @@ def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int
         for w in workers:
             w.start()
         if ui:
-            live = _start_live(demo, traffic)
-        scenes = _scenes(demo, traffic)
+            live = start_live(demo, traffic)
+        scenes = demo_scenes_for(demo, traffic)
         per_scene = max(3.0, duration / len(scenes))
         for name, expectation, action, check in scenes:
             demo.scene = name
@@ -357,10 +333,10 @@ def run_demo(duration: float = 60.0, ui: bool = True, stay: bool = False) -> int
                         f"    {row.service:9} {row.rate:6.1f} req/s  {row.success:7.1%} ok  "
                         f"p50 {row.p50_ms:6.1f} ms  p99 {row.p99_ms:6.1f} ms"
                     )
-        _dashboard_back(demo)
+        dashboard_back(demo)
         if stay:
             demo.say(f"the mesh keeps running with traffic; dashboard at {demo.cp_url}/ui. Ctrl-C stops it.")
-            signal.signal(signal.SIGTERM, _interrupt)  # a stop from a process manager ends it as cleanly as Ctrl-C
+            signal.signal(signal.SIGTERM, interrupt)  # a stop from a process manager ends it as cleanly as Ctrl-C
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(1)

@@ -7,13 +7,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .demo_samples import summarize
+
 if TYPE_CHECKING:
     from .demo import Demo, Traffic
 
 
-def _start_live(demo: Demo, traffic: Traffic) -> Any:
-    from .demo import summarize
-
+def start_live(demo: Demo, traffic: Traffic) -> Any:
     try:
         from rich.console import Group
         from rich.live import Live
@@ -68,11 +68,11 @@ def _start_live(demo: Demo, traffic: Traffic) -> Any:
     return live
 
 
-def _interrupt(*_: object) -> None:
+def interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _dashboard_back(demo: Demo) -> None:
+def dashboard_back(demo: Demo) -> None:
     """After the "control plane down" scene: start it again (same port and state), so the dashboard comes back,
     and say what it shows once instances have reported to it."""
     if demo.control_plane is not None and demo.control_plane.poll() is not None:

@@ -13,10 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 if TYPE_CHECKING:
-    from .demo import Demo, Sample, Traffic
+    from .demo import Demo, Traffic
+    from .demo_samples import Sample
 
 
-def _rules(v2_weight: int) -> dict[str, Any]:
+def demo_rules(v2_weight: int) -> dict[str, Any]:
     to: list[dict[str, Any]]
     if v2_weight >= 100:
         to = [{"subset": "v2"}]
@@ -50,7 +51,7 @@ def _rules(v2_weight: int) -> dict[str, Any]:
 Check = Callable[[dict[str, Any], list["Sample"]], tuple[bool, str]]
 
 
-def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], None], Check]]:
+def demo_scenes_for(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], None], Check]]:
     def share(stats: dict[str, Any], version: str) -> float:
         total = sum(stats["versions"].values())
         return stats["versions"][version] / total if total else 0.0
@@ -157,7 +158,7 @@ def _scenes(demo: Demo, traffic: Traffic) -> list[tuple[str, str, Callable[[], N
 
 
 def _apply(demo: Demo, percent: int) -> None:
-    version = demo.apply_rules(_rules(percent))
+    version = demo.apply_rules(demo_rules(percent))
     demo.say(f"  rules version {version}: payments v2 at {percent}%")
 
 

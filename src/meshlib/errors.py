@@ -1,17 +1,18 @@
-"""The exception hierarchy raised to callers.
+"""The exception hierarchy: protocol-neutral, as the policy core that raises it.
 
-Every error raised from a transport also subclasses ``httpx.TransportError`` so that the ``except`` clauses an
-httpx application already has keep catching mesh failures.
+The shells turn these into what their caller's library raises, at their boundary: an HTTP call's mesh error is
+also an instance of the httpx class of the failure that ended it (``httpx.ConnectError``, ``httpx.ReadTimeout``;
+``httpx.TimeoutException`` for a deadline; ``httpx.TransportError`` otherwise: ``client/errors.py``), and a gRPC
+call's is a ``grpc.RpcError`` with its status code (``grpc/status.py``). A rules typo or a bad setting is a
+``ConfigurationError`` (a ``ValueError``), never a transport error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import httpx
 
-
-class MeshError(httpx.TransportError):
+class MeshError(Exception):
     """Base of every error meshlib raises."""
 
     def __init__(
@@ -57,7 +58,7 @@ class CircuitOpenError(MeshError):
     """Every instance of the service is ejected by its circuit breaker: failing fast instead of calling."""
 
 
-class DeadlineExceededError(MeshError, httpx.TimeoutException):
+class DeadlineExceededError(MeshError):
     """The call's deadline (its own timeout, or the one inherited from an incoming request) has passed."""
 
 

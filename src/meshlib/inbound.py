@@ -22,9 +22,9 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .logsafe import Throttle, printable
-from .mesh import Mesh
 from .policy.deadline import parse_deadline_header
 from .propagation import incoming_deadline, propagated_headers
+from .runtime import Runtime
 from .security import authz
 from .security.spiffe import SpiffeId
 from .security.tls import identity_from_der, identity_from_pem
@@ -52,7 +52,7 @@ class Reply:
 
 @dataclass
 class Admission:
-    mesh: Mesh
+    mesh: Runtime
     method: str
     path: str
     started: float
@@ -106,7 +106,7 @@ def _attempt_number(raw: str | None) -> int | None:
     return int(raw)
 
 
-def mesh_endpoint(mesh: Mesh, path: str, draining: bool = False) -> Reply | None:
+def mesh_endpoint(mesh: Runtime, path: str, draining: bool = False) -> Reply | None:
     """``/-/mesh/health`` and ``/-/mesh/metrics``; None for any other path."""
     if path == HEALTH:
         return Reply.json(
@@ -121,7 +121,7 @@ def mesh_endpoint(mesh: Mesh, path: str, draining: bool = False) -> Reply | None
 
 
 def admit(
-    mesh: Mesh,
+    mesh: Runtime,
     method: str,
     path: str,
     header: Callable[[str], str | None],
@@ -193,7 +193,7 @@ def incoming_trace(carrier: Mapping[str, str]) -> otel_context.Context:
 _DENIALS = Throttle(1.0)
 
 
-def _denied(mesh: Mesh, peer: SpiffeId | None, decision: authz.Decision, method: str, path: str) -> None:
+def _denied(mesh: Runtime, peer: SpiffeId | None, decision: authz.Ruling, method: str, path: str) -> None:
     mode = "permissive" if decision.allowed else "strict"
     if mesh.telemetry is not None:
         labels = (

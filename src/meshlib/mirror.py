@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from . import runtime
+
 if TYPE_CHECKING:
-    from .mesh import Mesh
+    from .runtime import Runtime
 
 log = logging.getLogger("meshlib.mirror")
 #: Copies waiting or in flight at most; more are dropped (and counted), so a slow mirror target costs nothing.
@@ -32,8 +34,8 @@ COPY_TIMEOUT = 5.0
 _PHASES = ("connect", "read", "write", "pool")
 
 
-class Mirror:
-    def __init__(self, mesh: Mesh, capacity: int = CAPACITY, concurrency: int = CONCURRENCY) -> None:
+class MirrorSender:
+    def __init__(self, mesh: Runtime, capacity: int = CAPACITY, concurrency: int = CONCURRENCY) -> None:
         self.mesh = mesh
         self.capacity = capacity
         self.concurrency = concurrency
@@ -121,3 +123,6 @@ class Mirror:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
+
+
+runtime.HOOKS.mirror = MirrorSender  # the sender every runtime's route mirrors through

@@ -21,10 +21,11 @@ import uvicorn
 from .contrib.asgi import MeshMiddleware
 from .discovery.base import Registration
 from .errors import ConfigurationError, RegistrationRefused
-from .mesh import Mesh
+from .runtime import Runtime
 from .security.body_buffer import buffered_body
 from .security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .security.server_tls import sniffing, with_peer_identity
+from .serving import advertised_address, serving_runtime
 
 log = logging.getLogger("meshlib.server")
 ASGIApp = Callable[..., Any]
@@ -38,18 +39,9 @@ def is_asgi(app: Any) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-def advertised_address(host: str) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
-
-
 def mesh_uvicorn_config(
     app: Any,
-    mesh: Mesh,
+    mesh: Runtime,
     *,
     log_level: str = "info",
     lifespan: Literal["auto", "on", "off"] = "auto",
@@ -93,7 +85,7 @@ def serve(
     service: str | None = None,
     port: int = 8000,
     host: str = "127.0.0.1",
-    mesh: Mesh | None = None,
+    mesh: Runtime | None = None,
     tags: Sequence[str] = (),
     meta: Mapping[str, str] | None = None,
     advertise: str | None = None,
@@ -111,7 +103,7 @@ def serve(
     ``max_connections`` concurrent connections at most (503 past it); request headers must arrive within
     ``header_timeout`` seconds and fit in ``max_header_bytes`` (431 past it)."""
     if mesh is None:
-        mesh = _serving_mesh(service)
+        mesh = serving_runtime(service)
     if not is_asgi(app):
         from a2wsgi import WSGIMiddleware
 
@@ -161,28 +153,6 @@ def serve(
         mesh.close()
     if server.refused is not None:
         raise server.refused
-
-
-def _serving_mesh(service: str | None) -> Mesh:
-    """The Mesh an instance of ``service`` serves with, which is also the process default: ``meshlib.Client()``
-    objects bind to the default at their first request, so clients the app made at import carry this name."""
-    existing = Mesh._default
-    if existing is not None and (not service or existing.service == service):
-        return existing
-    if existing is None:
-        mesh = Mesh(service=service)
-        Mesh.set_default(mesh)
-        return mesh
-    log.warning(
-        "meshlib: this process's default mesh is already named %r (made before serve(service=%r)); calls through "
-        "it are labelled, traced and authorized as %r. Call meshlib.serve before using a client, or set "
-        "MESH_SERVICE=%s",
-        existing.service,
-        service,
-        existing.service,
-        service,
-    )
-    return Mesh(service=service)
 
 
 class _MeshServer(uvicorn.Server):

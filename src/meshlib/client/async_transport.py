@@ -1,5 +1,5 @@
 """The async HTTP shell: ``AsyncMeshTransport`` drives the policy flow over per-endpoint keep-alive stacks
-(``pools.py``), with hedged attempts side by side when the rules ask for them."""
+(``async_pools.py``), with hedged attempts side by side when the rules ask for them."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import httpcore
 import httpx
 
 from ..errors import MeshError
-from ..mesh import Mesh
 from ..policy.classify import classify_status
 from ..policy.flow import Result, Send
-from .call import _Call, _count_unresolved
+from ..runtime import Runtime
+from .async_pools import AsyncEndpointPools
+from .call import HttpCall, count_unresolved
 from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
-from .errors import classify_error
-from .external import _External
+from .errors import as_httpx_failure, classify_error
+from .external import ExternalCall
 from .names import mesh_service_name
 from .outbound import Answer, trace_events
-from .pools import AsyncEndpointPools
-from .streams import _adiscard, _AsyncResponseStream, _small_body, aread_small, read_response, streaming
-from .transport import _DEFAULT_LIMITS, _SCHEMES, MeshShell, _Pools, unsupported_scheme
+from .streams import AsyncResponseStream, adiscard, aread_small, read_response, small_body, streaming
+from .transport import DEFAULT_LIMITS, SCHEMES, MeshShell, ServicePools, unsupported_scheme
 
 
 class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
@@ -34,7 +34,7 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
 
     def __init__(
         self,
-        mesh: Mesh | None,
+        mesh: Runtime | None,
         *,
         passthrough: httpx.AsyncBaseTransport | None = None,
         pool: httpcore.AsyncConnectionPool | Any | None = None,
@@ -42,13 +42,13 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
         cert: Any = None,
         http1: bool = True,
         http2: bool = False,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
+        limits: httpx.Limits = DEFAULT_LIMITS,
         trust_env: bool = True,
     ) -> None:
         self._bind(mesh, (verify, cert, trust_env, limits, http1, http2))
         self._given_passthrough = passthrough
-        # per-endpoint keep-alive stacks (client/pools.py), not httpcore's pool: the endpoint is already chosen
-        self._pools = _Pools(lambda: AsyncEndpointPools(**self._pool_options, lean=_asyncio_running()), pool)
+        # per-endpoint keep-alive stacks (client/async_pools.py), not httpcore's pool: the endpoint is already chosen
+        self._pools = ServicePools(lambda: AsyncEndpointPools(**self._pool_options, lean=_asyncio_running()), pool)
 
     @functools.cached_property
     def _passthrough(self) -> httpx.AsyncBaseTransport:
@@ -62,12 +62,12 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         service = mesh_service_name(url.host)
-        if service is not None and url.scheme not in _SCHEMES:
+        if service is not None and url.scheme not in SCHEMES:
             raise unsupported_scheme(url)
         if service is None:
             if self.mesh.telemetry is None:
                 return await self._passthrough.handle_async_request(request)
-            external = _External(self.mesh, request)
+            external = ExternalCall(self.mesh, request)
             try:
                 passed = await self._passthrough.handle_async_request(external.request)
             except BaseException as exc:
@@ -79,12 +79,12 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
         if not ready:  # first call for this service: wait for discovery off the event loop
             try:
                 state = await anyio.to_thread.run_sync(self.mesh.service_state, service)
-            except MeshError:
-                _count_unresolved(self.mesh, service, request)
-                raise
-        call = _Call(self.mesh, state, request, service, hedging=_asyncio_running())
+            except MeshError as exc:
+                count_unresolved(self.mesh, service, request)
+                raise as_httpx_failure(exc, None) from None
+        call = HttpCall(self.mesh, state, request, service, hedging=_asyncio_running())
         driver = drive(call)
-        side: _SideBySide | None = None  # attempts in flight together (hedged calls only)
+        side: _Tasks | None = None  # attempts in flight together (hedged calls only)
         try:
             effect = next(driver)
             while True:
@@ -97,9 +97,9 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                         await anyio.sleep(effect.seconds)  # type: ignore[union-attr]
                     elif kind is Drop:
                         response = effect.response  # type: ignore[union-attr]
-                        await (_adiscard(response) if effect.read_small else response.aclose())  # type: ignore[union-attr]
+                        await (adiscard(response) if effect.read_small else response.aclose())  # type: ignore[union-attr]
                     else:
-                        side = side or _SideBySide()
+                        side = side or _Tasks()
                         if kind is Alongside:
                             send = effect.send  # type: ignore[union-attr]
                             side.start(send.attempt, self._attempt(call, send, service, own_span=True))
@@ -116,7 +116,7 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
             return answer
 
     async def _attempt(
-        self, call: _Call, action: Send, service: str, own_span: bool = False
+        self, call: HttpCall, action: Send, service: str, own_span: bool = False
     ) -> tuple[Result, httpx.Response | None]:
         """One attempt: the request, and a small body read inside it (a reset mid-body is then a failed attempt)."""
         request = call.attempt(action)
@@ -136,10 +136,10 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                 arrived: Any = raw.stream
                 stream: Any
                 if streaming.get():  # client.stream(): handed over unread, as httpx would
-                    stream = httpx.ByteStream(arrived) if type(arrived) is bytes else _AsyncResponseStream(arrived)
+                    stream = httpx.ByteStream(arrived) if type(arrived) is bytes else AsyncResponseStream(arrived)
                 else:
                     stream = arrived if type(arrived) is bytes else (  # not already in memory
-                        await aread_small(arrived) if _small_body(raw) else _AsyncResponseStream(arrived)
+                        await aread_small(arrived) if small_body(raw) else AsyncResponseStream(arrived)
                     )
             except Exception as exc:
                 result = Result(classify_error(exc), exc, action.attempt)
@@ -179,7 +179,7 @@ def _asyncio_running() -> bool:
     return True
 
 
-class _SideBySide:
+class _Tasks:
     """The attempts of one hedged call in flight together: the first to finish is handed to the flow; when the
     call is done, the winner's response is kept and every other attempt is cancelled (its connection closed) or,
     if it already finished, its response discarded."""
@@ -214,6 +214,6 @@ class _SideBySide:
         kept = self.answered.pop(winner, None) if winner is not None else None
         for response in self.answered.values():
             if response is not None:
-                await _adiscard(response)
+                await adiscard(response)
         self.answered.clear()
         return kept

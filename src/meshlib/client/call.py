@@ -17,12 +17,12 @@ from ..errors import (
     RetryBudgetExhaustedError,
     UnavailableError,
 )
-from ..mesh import Mesh
 from ..policy.deadline import to_epoch_millis
 from ..policy.decisions import log_decisions
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
+from ..runtime import Runtime
 from ..telemetry.record import record_client_call
 from ..telemetry.tracing import outbound_traceparent, traceparent_of
 from .outbound import Outbound
@@ -32,7 +32,7 @@ _MIRROR_HEADER = (b"x-mesh-mirror", b"1")
 _ATTEMPT_VALUES = [str(i).encode() for i in range(16)]
 
 
-class _Call:
+class HttpCall:
     """Everything one mesh call needs between attempts, shared by the sync and async shells: builds each attempt's
     ``Outbound`` request and does the call's telemetry (spans, metrics, access log)."""
 
@@ -56,7 +56,7 @@ class _Call:
     )
 
     def __init__(
-        self, mesh: Mesh, state: ServiceState, request: httpx.Request, service: str, hedging: bool = False
+        self, mesh: Runtime, state: ServiceState, request: httpx.Request, service: str, hedging: bool = False
     ) -> None:
         self.mesh = mesh
         self.request = request
@@ -247,7 +247,7 @@ _ERROR_OUTCOMES: dict[type[BaseException], str] = {
 }
 
 
-def _count_unresolved(mesh: Mesh, service: str, request: httpx.Request) -> None:
+def count_unresolved(mesh: Runtime, service: str, request: httpx.Request) -> None:
     """A call that failed before it had a route (discovery gave nothing) still counts in the golden signals."""
     tel = mesh.telemetry
     if tel is not None:

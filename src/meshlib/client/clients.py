@@ -9,12 +9,13 @@ from typing import Any
 
 import httpx
 
-from ..mesh import Mesh
+from .. import mirror  # noqa: F401  (registers the sender of mirrored copies, which only HTTP calls draw)
+from ..runtime import Runtime
 from .async_transport import AsyncMeshTransport
-from .external import _External
+from .external import ExternalCall
 from .names import mesh_service_name
 from .streams import streaming
-from .transport import _DEFAULT_LIMITS, MeshShell, MeshTransport
+from .transport import DEFAULT_LIMITS, MeshShell, MeshTransport
 
 
 class _Cookies(httpx.Cookies):
@@ -63,7 +64,7 @@ class _MeshRouting:
         self._cookies = _Cookies(cookies)
 
     @property
-    def mesh(self) -> Mesh:
+    def mesh(self) -> Runtime:
         """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
         return self._mesh_transport.mesh
 
@@ -82,13 +83,13 @@ class _MeshRouting:
             return self._mesh_transport
         return super()._transport_for_url(url)  # type: ignore[misc]
 
-    def _external(self, request: httpx.Request) -> _External | None:
+    def _external(self, request: httpx.Request) -> ExternalCall | None:
         """A call httpx itself carries (outside the mesh, or to the caller's own transport or mount): traced and
         metered all the same (client/external.py). None: the mesh transport takes it, or telemetry is off."""
         if self._transport_for_url(request.url) is self._mesh_transport:
             return None
         mesh = self._mesh_transport.mesh
-        return _External(mesh, request) if mesh.telemetry is not None else None
+        return ExternalCall(mesh, request) if mesh.telemetry is not None else None
 
 
 def _own_request(exc: BaseException, request: httpx.Request) -> None:
@@ -115,14 +116,14 @@ class Client(_MeshRouting, httpx.Client):
     def __init__(
         self,
         *,
-        mesh: Mesh | None = None,
+        mesh: Runtime | None = None,
         transport: httpx.BaseTransport | None = None,
         mounts: Mapping[str, httpx.BaseTransport | None] | None = None,
         verify: Any = True,
         cert: Any = None,
         http1: bool = True,
         http2: bool = False,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
+        limits: httpx.Limits = DEFAULT_LIMITS,
         trust_env: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -178,14 +179,14 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
     def __init__(
         self,
         *,
-        mesh: Mesh | None = None,
+        mesh: Runtime | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         mounts: Mapping[str, httpx.AsyncBaseTransport | None] | None = None,
         verify: Any = True,
         cert: Any = None,
         http1: bool = True,
         http2: bool = False,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
+        limits: httpx.Limits = DEFAULT_LIMITS,
         trust_env: bool = True,
         **kwargs: Any,
     ) -> None:

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import httpx
 
 from ..errors import MeshError, NoEndpointsError
-from ..mesh import Mesh
 from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
-from .call import _Call
+from ..runtime import Runtime
+from .call import HttpCall
 from .errors import as_httpx_failure, to_httpx_error
 
 
@@ -63,7 +63,7 @@ class Drop(NamedTuple):
 Effect = Attempt | Pause | Alongside | NextDone | Settle | Drop
 
 
-def drive(call: _Call) -> Generator[Effect, Any, httpx.Response]:
+def drive(call: HttpCall) -> Generator[Effect, Any, httpx.Response]:
     """Carry ``call`` through its flow; return its response, or raise the mesh's error for it."""
     flow = call.flow
     response: httpx.Response | None = None
@@ -115,7 +115,7 @@ def _fault_response(done: Done) -> httpx.Response:
     return httpx.Response(done.abort_status, headers={"x-mesh-fault": "abort"}, content=b"fault injected by mesh rules")
 
 
-def _raise_done(done: Done, mesh: Mesh) -> None:
+def _raise_done(done: Done, mesh: Runtime) -> None:
     error = done.error
     assert error is not None
     cause = done.result.error if done.result is not None else None

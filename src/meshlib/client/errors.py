@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpcore
 import httpx
 
-from ..errors import MeshError
+from ..errors import DeadlineExceededError, MeshError
 from ..policy.classify import CONNECT_FAILURE, CONNECT_TIMEOUT, LOCAL_ERROR, RESET, TIMEOUT, Verdict
 
 _ERROR_KINDS: tuple[tuple[type[BaseException], Verdict], ...] = (
@@ -99,12 +99,13 @@ def _both(mesh_class: type[MeshError], httpx_class: type[httpx.TransportError]) 
 
 def as_httpx_failure(error: MeshError, cause: BaseException | None) -> MeshError:
     """``error``, made also an instance of the httpx class of the failure that ended the call, so code written for
-    httpx (``except httpx.ReadTimeout``, ``except httpx.ConnectError``) catches it; ``.service``, ``.attempts``,
+    httpx (``except httpx.ReadTimeout``, ``except httpx.ConnectError``) catches it: ``httpx.TimeoutException`` for a
+    deadline, ``httpx.TransportError`` when no attempt failed in a way httpx names. ``.service``, ``.attempts``,
     ``.reason`` and ``.decisions`` are kept."""
-    if cause is None:
-        return error
-    target = httpx_class_of(cause)
-    if target is None or isinstance(error, target) or issubclass(target, MeshError):
+    target = httpx_class_of(cause) if cause is not None else None
+    if target is None or issubclass(target, MeshError):
+        target = httpx.TimeoutException if isinstance(error, DeadlineExceededError) else httpx.TransportError
+    if isinstance(error, target):
         return error
     try:
         both = _both(type(error), target)

@@ -12,20 +12,20 @@ from opentelemetry import trace
 from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
 from opentelemetry.trace import Span
 
-from ..mesh import Mesh
 from ..policy.classify import classify_status
+from ..runtime import Runtime
 from ..telemetry.record import record_external_call
 from ..telemetry.tracing import traceparent_of
 from .errors import classify_error
 
 
-class _External:
+class ExternalCall:
     """A call to a host outside the mesh: still traced and metered. Marks the context so that an
     ``opentelemetry-instrumentation-httpx`` in the app does not record the same request a second time."""
 
     __slots__ = ("mesh", "request", "span", "started", "token")
 
-    def __init__(self, mesh: Mesh, request: httpx.Request) -> None:
+    def __init__(self, mesh: Runtime, request: httpx.Request) -> None:
         tel = mesh.telemetry
         assert tel is not None
         self.mesh = mesh

@@ -1,4 +1,4 @@
-"""Reading an answer on an ``h1.H1Connection``: the httptools (llhttp) callbacks that fill in its status, headers
+"""Reading an answer on an ``AsyncH1Connection``: the httptools (llhttp) callbacks that fill in its status, headers
 and body, and decide at its end whether the connection may carry another request."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import httptools
 from .h1_body import Body
 
 if TYPE_CHECKING:
-    from .h1 import H1Connection
+    from .async_h1 import AsyncH1Connection
 
-_IDLE, _ACTIVE, _CLOSED = 0, 1, 2
+IDLE, ACTIVE, CLOSED = 0, 1, 2
 _HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
 #: The most an answer's head may hold (status line and header lines, counted as sent); past it the answer is
 #: refused. 100 KiB, as httpcore bounds h11 (its max_incomplete_event_size): what httpx accepts, both engines do.
@@ -44,22 +44,22 @@ class KeepAlive:
         self._port = port
         self._ssl = ssl_context if scheme == b"https" else None
         self._keepalive = keepalive
-        self._state = _IDLE
+        self._state = IDLE
         self._idle_since = 0.0
         self._used = False
 
     def _idle_too_long(self) -> bool:
         """Closed, or idle past the keep-alive expiry."""
-        if self._state == _CLOSED:
+        if self._state == CLOSED:
             return True
         keepalive = self._keepalive
         return keepalive is not None and self._used and time.monotonic() - self._idle_since > keepalive
 
     def is_idle(self) -> bool:
-        return self._state == _IDLE
+        return self._state == IDLE
 
     def is_closed(self) -> bool:
-        return self._state == _CLOSED
+        return self._state == CLOSED
 
     def _where(self) -> str:
         return f"{self._host}:{self._port}"
@@ -72,7 +72,7 @@ class KeepAlive:
 
 
 class AnswerReader:
-    """The parser's side of a connection (mixed into ``H1Connection``, which owns the I/O and the state)."""
+    """The parser's side of a connection (mixed into ``AsyncH1Connection``, which owns the I/O and the state)."""
 
     _parser: httptools.HttpResponseParser | None
     _head: asyncio.Future[None] | None
@@ -121,7 +121,7 @@ class AnswerReader:
         self._version = HTTP_VERSIONS.get(parser.get_http_version(), b"HTTP/1.1")
         self._framed = is_framed(self._headers, status, self._head_request)
         self._answer_headers, self._headers = self._headers, []  # trailers, if any, land apart and are dropped
-        self._body = Body(cast("H1Connection", self), self._read_timeout)
+        self._body = Body(cast("AsyncH1Connection", self), self._read_timeout)
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)  # before a HEAD answer completes: its Connection: close must not fail it
@@ -130,7 +130,7 @@ class AnswerReader:
 
     def on_body(self, body: bytes) -> None:
         if self._head_request:  # a HEAD answer carrying a body anyway: dropped, and the connection with it
-            if self._state == _IDLE:
+            if self._state == IDLE:
                 self._close()
             return
         body_stream = self._body
@@ -154,8 +154,8 @@ class AnswerReader:
             keep = keep_alive_header(self._answer_headers)
         self._parser = None  # nothing more may arrive until the next request
         body.finish()
-        if keep and self._lost is None and self._state == _ACTIVE:
-            self._state = _IDLE
+        if keep and self._lost is None and self._state == ACTIVE:
+            self._state = IDLE
             self._idle_since = time.monotonic()
         else:
             self._close()

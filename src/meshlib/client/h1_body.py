@@ -1,4 +1,4 @@
-"""The bytes of an HTTP/1.1 exchange for ``h1.H1Connection``: the request head (validated: nothing from a caller
+"""The bytes of an HTTP/1.1 exchange for ``AsyncH1Connection``: the request head (validated: nothing from a caller
 may split a header or a request line), request bodies written with framing checked, and the response body
 stream the caller reads."""
 
@@ -13,7 +13,7 @@ import httpcore
 import httpx
 
 if TYPE_CHECKING:
-    from .h1 import H1Connection
+    from .async_h1 import AsyncH1Connection
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_OK = re.compile(rb"[^\r\n\x00]*")
@@ -80,7 +80,7 @@ def _name_the_problem(method: bytes, target: bytes, headers: list[tuple[bytes, b
     raise httpcore.LocalProtocolError("invalid request head")  # pragma: no cover - one of the above applies
 
 
-async def write_body(connection: H1Connection, stream: Any, length: int | None, timeout: float | None) -> None:
+async def write_body(connection: AsyncH1Connection, stream: Any, length: int | None, timeout: float | None) -> None:
     """Stream a request body, framed as its head declared, pausing while the socket's buffer is full."""
     framer = Framer(length)
     async for part in stream:
@@ -134,7 +134,7 @@ class Body:
 
     __slots__ = ("_connection", "_error", "_parts", "_timeout", "_waiter", "buffered", "complete")
 
-    def __init__(self, connection: H1Connection, timeout: float | None) -> None:
+    def __init__(self, connection: AsyncH1Connection, timeout: float | None) -> None:
         self._connection = connection
         self._timeout = timeout
         self._parts: list[bytes] = []

@@ -14,7 +14,7 @@ from .errors import to_httpx_error
 from .outbound import Answer
 
 
-class _ResponseStream(httpx.SyncByteStream):
+class ResponseStream(httpx.SyncByteStream):
     __slots__ = ("_stream",)
 
     def __init__(self, stream: Any) -> None:
@@ -34,7 +34,7 @@ class _ResponseStream(httpx.SyncByteStream):
             close()
 
 
-class _AsyncResponseStream(httpx.AsyncByteStream):
+class AsyncResponseStream(httpx.AsyncByteStream):
     __slots__ = ("_stream",)
 
     def __init__(self, stream: Any) -> None:
@@ -61,7 +61,7 @@ streaming: contextvars.ContextVar[bool] = contextvars.ContextVar("meshlib_stream
 PREFETCH_LIMIT = 64 * 1024
 
 
-def _small_body(raw: httpcore.Response | Answer) -> bool:
+def small_body(raw: httpcore.Response | Answer) -> bool:
     """A small body announced by Content-Length is read inside the attempt, as a proxy buffering it would: an
     instance dying between headers and body is then a failed attempt (retried where allowed), not a ReadError in
     the caller's hands. Larger or chunked bodies stream to the caller untouched."""
@@ -141,7 +141,7 @@ def _direct_read_matches() -> bool:
 _DIRECT_READ = _direct_read_matches()
 
 
-def _discard(response: httpx.Response) -> None:
+def discard(response: httpx.Response) -> None:
     """Drop an attempt's response that a retry replaces; reading a small body keeps its connection reusable."""
     try:
         length = int(response.headers.get("content-length", "0") or 0)
@@ -153,7 +153,7 @@ def _discard(response: httpx.Response) -> None:
         response.close()
 
 
-async def _adiscard(response: httpx.Response) -> None:
+async def adiscard(response: httpx.Response) -> None:
     try:
         length = int(response.headers.get("content-length", "0") or 0)
         if length <= 65536:

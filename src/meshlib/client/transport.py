@@ -1,5 +1,5 @@
 """The sync HTTP shell: ``MeshTransport`` drives the policy flow (``policy/flow.py``) over one outbound engine per
-destination service (``sync_pools.py``; httpcore's pool for HTTP/2 or a pool given in); hosts outside the mesh go
+destination service (``pools.py``; httpcore's pool for HTTP/2 or a pool given in); hosts outside the mesh go
 to a plain httpx transport."""
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ import httpcore
 import httpx
 
 from ..errors import MeshError
-from ..mesh import Mesh
 from ..policy.classify import classify_status
 from ..policy.flow import Result, Send
+from ..runtime import Runtime, process_default
 from ..workers import worker_pool
-from .call import _Call, _count_unresolved
+from .call import HttpCall, count_unresolved
 from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
-from .errors import classify_error
-from .external import _External
+from .errors import as_httpx_failure, classify_error
+from .external import ExternalCall
 from .names import mesh_service_name
 from .outbound import Answer, Outbound, trace_events
-from .streams import _discard, _ResponseStream, _small_body, read_response, read_small, streaming
-from .sync_pools import EndpointPools
+from .pools import EndpointPools
+from .streams import ResponseStream, discard, read_response, read_small, small_body, streaming
 from .tls_reads import CoalescingBackend
 
 #: The schemes a mesh hop speaks (anything else is httpx's UnsupportedProtocol, as plain httpx raises it).
-_SCHEMES = frozenset(("http", "https"))
+SCHEMES = frozenset(("http", "https"))
 
 
 def unsupported_scheme(url: httpx.URL) -> httpx.UnsupportedProtocol:
@@ -42,7 +42,7 @@ def unsupported_scheme(url: httpx.URL) -> httpx.UnsupportedProtocol:
 
 
 #: httpx's own defaults, so a mesh client behaves like a plain one.
-_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
 
 class MeshShell:
@@ -51,16 +51,16 @@ class MeshShell:
 
     _pool_settings: tuple[Any, ...]
 
-    def _bind(self, mesh: Mesh | None, pool_settings: tuple[Any, ...]) -> None:
+    def _bind(self, mesh: Runtime | None, pool_settings: tuple[Any, ...]) -> None:
         if mesh is not None:
             self.__dict__["mesh"] = mesh
         self._pool_settings = pool_settings
 
     @functools.cached_property
-    def mesh(self) -> Mesh:
-        """The process default Mesh, looked up at the first request rather than when the client was made, so that
+    def mesh(self) -> Runtime:
+        """The process default Runtime, looked up at the first request rather than when the client was made, so that
         ``meshlib.serve(app, service=...)`` names it even when the app built its clients at import."""
-        return Mesh.default()
+        return process_default()
 
     @functools.cached_property
     def _pool_options(self) -> dict[str, Any]:
@@ -74,7 +74,7 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
 
     def __init__(
         self,
-        mesh: Mesh | None,
+        mesh: Runtime | None,
         *,
         passthrough: httpx.BaseTransport | None = None,
         pool: httpcore.ConnectionPool | Any | None = None,
@@ -82,13 +82,13 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         cert: Any = None,
         http1: bool = True,
         http2: bool = False,
-        limits: httpx.Limits = _DEFAULT_LIMITS,
+        limits: httpx.Limits = DEFAULT_LIMITS,
         trust_env: bool = True,
     ) -> None:
         self._bind(mesh, (verify, cert, trust_env, limits, http1, http2))
         self._given_passthrough = passthrough
         lean = http1 and not http2  # the lean HTTP/1.1 engine; HTTP/2 stays on httpcore's pool
-        self._pools = _Pools(
+        self._pools = ServicePools(
             lambda: EndpointPools(**self._pool_options)
             if lean
             else httpcore.ConnectionPool(**self._pool_options, network_backend=CoalescingBackend()),
@@ -108,12 +108,12 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         service = mesh_service_name(url.host)
-        if service is not None and url.scheme not in _SCHEMES:
+        if service is not None and url.scheme not in SCHEMES:
             raise unsupported_scheme(url)
         if service is None:
             if self.mesh.telemetry is None:
                 return self._passthrough.handle_request(request)
-            external = _External(self.mesh, request)
+            external = ExternalCall(self.mesh, request)
             try:
                 passed = self._passthrough.handle_request(external.request)
             except BaseException as exc:
@@ -123,10 +123,10 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             return passed
         try:
             state = self.mesh.service_state(service)
-        except MeshError:
-            _count_unresolved(self.mesh, service, request)
-            raise
-        call = _Call(self.mesh, state, request, service, hedging=True)
+        except MeshError as exc:
+            count_unresolved(self.mesh, service, request)
+            raise as_httpx_failure(exc, None) from None
+        call = HttpCall(self.mesh, state, request, service, hedging=True)
         driver = drive(call)
         side: _Threads | None = None  # hedged calls: attempts side by side on worker threads
         try:
@@ -142,7 +142,7 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
                         time.sleep(effect.seconds)  # type: ignore[union-attr]
                     elif kind is Drop:
                         response = effect.response  # type: ignore[union-attr]
-                        _discard(response) if effect.read_small else response.close()  # type: ignore[union-attr]
+                        discard(response) if effect.read_small else response.close()  # type: ignore[union-attr]
                     else:
                         side = side or _Threads(self, call, service)
                         if kind is Alongside:
@@ -178,10 +178,10 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             stream: httpx.SyncByteStream | None
             if streaming.get():  # client.stream(): handed over unread, as httpx would
                 body = None
-                stream = httpx.ByteStream(arrived) if type(arrived) is bytes else _ResponseStream(arrived)
+                stream = httpx.ByteStream(arrived) if type(arrived) is bytes else ResponseStream(arrived)
             else:
-                body = arrived if type(arrived) is bytes else (read_small(arrived) if _small_body(raw) else None)
-                stream = None if body is not None else _ResponseStream(arrived)
+                body = arrived if type(arrived) is bytes else (read_small(arrived) if small_body(raw) else None)
+                stream = None if body is not None else ResponseStream(arrived)
         except Exception as exc:
             return Result(classify_error(exc), exc, attempt), None
         if body is not None:
@@ -203,7 +203,7 @@ class _Threads:
     the first to end). A thread blocked in a socket cannot be cancelled: a loser runs to its end in the background
     and its response is closed there, never handed to anyone."""
 
-    def __init__(self, transport: MeshTransport, call: _Call, service: str) -> None:
+    def __init__(self, transport: MeshTransport, call: HttpCall, service: str) -> None:
         self.transport = transport
         self.call = call
         self.service = service
@@ -243,7 +243,7 @@ class _Threads:
         kept = self.answered.pop(winner, None) if winner is not None else None
         for response in self.answered.values():
             if response is not None:
-                _discard(response)
+                discard(response)
         self.answered.clear()
         return kept
 
@@ -255,10 +255,10 @@ def _close_late(future: concurrent.futures.Future[tuple[Result, httpx.Response |
         return
     _, response = future.result()
     if response is not None:
-        _discard(response)
+        discard(response)
 
 
-class _Pools:
+class ServicePools:
     """One connection pool per destination service. httpcore reuses connections by address alone; with mesh TLS a
     connection is verified for one service name, so it must never carry another service's requests (an address
     reused by another service, or a wrong discovery entry, would otherwise skip the identity check)."""
@@ -285,7 +285,7 @@ class _Pools:
 
 
 def _pool_options(
-    mesh: Mesh, verify: Any, cert: Any, trust_env: bool, limits: httpx.Limits, http1: bool, http2: bool
+    mesh: Runtime, verify: Any, cert: Any, trust_env: bool, limits: httpx.Limits, http1: bool, http2: bool
 ) -> dict[str, Any]:
     """httpcore pool settings for mesh hops, as httpx would set them; with mesh TLS the instance's identity context
     (a live one: rotations apply to new connections)."""

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from ..inbound import Reply, admit, handling, mesh_endpoint, peer_identity
-from ..mesh import Mesh
+from ..runtime import Runtime, process_default
 from ..security.spiffe import SpiffeId
 from ..security.tls import identity_from_pem
 
@@ -85,15 +85,15 @@ async def _within(seconds: float, handler: Coroutine[Any, Any, None]) -> bool:
 
 
 class MeshMiddleware:
-    def __init__(self, app: Any, mesh: Mesh | None = None) -> None:
+    def __init__(self, app: Any, mesh: Runtime | None = None) -> None:
         self.app = app
         self._mesh = mesh
         self.draining = False
 
     @property
-    def mesh(self) -> Mesh:
+    def mesh(self) -> Runtime:
         if self._mesh is None:
-            self._mesh = Mesh.default()
+            self._mesh = process_default()
         return self._mesh
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..inbound import Reply, handling, mesh_endpoint
-from ..mesh import Mesh
+from ..runtime import Runtime, process_default
 from .wsgi import admit_environ, already_handled
 
 
@@ -20,8 +20,8 @@ def _response(reply: Reply) -> Any:
     return HttpResponse(reply.body, status=reply.status, content_type=reply.content_type)
 
 
-class MeshMiddleware:
-    mesh: Mesh | None = None  # tests and apps may set a Mesh explicitly
+class DjangoMeshMiddleware:
+    mesh: Runtime | None = None  # tests and apps may set a Mesh explicitly
 
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         self.get_response = get_response
@@ -30,7 +30,7 @@ class MeshMiddleware:
         environ = request.META
         if already_handled(environ):
             return self.get_response(request)
-        mesh = self.mesh or Mesh.default()
+        mesh = self.mesh or process_default()
         reply = mesh_endpoint(mesh, request.path_info)
         if reply is not None:
             return _response(reply)
@@ -46,3 +46,7 @@ class MeshMiddleware:
         finally:
             match = getattr(request, "resolver_match", None)
             adm.finish(status, str(getattr(match, "route", "") or "") if match is not None else "")
+
+
+#: what ``MIDDLEWARE`` names: ``"meshlib.contrib.django.MeshMiddleware"``
+MeshMiddleware = DjangoMeshMiddleware

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..inbound import peer_identity
-from ..mesh import Mesh as _Mesh
+from ..runtime import Runtime
 from ..security.spiffe import SpiffeId
 from .wsgi import MeshWSGIMiddleware
 
 
-class Mesh:
-    def __init__(self, app: Any = None, mesh: _Mesh | None = None) -> None:
+class FlaskMesh:
+    def __init__(self, app: Any = None, mesh: Runtime | None = None) -> None:
         self.mesh = mesh
         if app is not None:
             self.init_app(app)
@@ -37,3 +37,7 @@ class Mesh:
 def peer() -> SpiffeId | None:
     """The verified identity of the caller of the current request (None: plaintext or not a mesh identity)."""
     return peer_identity.get()
+
+
+#: the documented one-liner: ``meshlib.contrib.flask.Mesh(app)``
+Mesh = FlaskMesh

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..inbound import Admission, Reply, admit, handling, identity_from_environ, mesh_endpoint
-from ..mesh import Mesh
+from ..runtime import Runtime, process_default
 
 StartResponse = Callable[..., Any]
 _REASONS = {
@@ -37,7 +37,7 @@ def already_handled(environ: dict[str, Any]) -> bool:
     return bool(scope and scope.get("meshlib.inbound"))
 
 
-def admit_environ(mesh: Mesh, environ: dict[str, Any]) -> Admission:
+def admit_environ(mesh: Runtime, environ: dict[str, Any]) -> Admission:
     def header(name: str) -> str | None:
         value = environ.get("HTTP_" + name.upper().replace("-", "_"))
         return str(value) if value is not None else None
@@ -73,14 +73,14 @@ class _Finishing:
 
 
 class MeshWSGIMiddleware:
-    def __init__(self, app: Callable[..., Iterable[bytes]], mesh: Mesh | None = None) -> None:
+    def __init__(self, app: Callable[..., Iterable[bytes]], mesh: Runtime | None = None) -> None:
         self.app = app
         self._mesh = mesh
 
     @property
-    def mesh(self) -> Mesh:
+    def mesh(self) -> Runtime:
         if self._mesh is None:
-            self._mesh = Mesh.default()
+            self._mesh = process_default()
         return self._mesh
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

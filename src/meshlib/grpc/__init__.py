@@ -17,8 +17,9 @@ except ImportError:  # pragma: no cover - depends on the install
     raise ImportError("meshlib.grpc needs grpcio: pip install 'meshlib[grpc]'") from None
 
 from ..errors import ConfigurationError
-from ..mesh import Mesh
+from ..runtime import Runtime
 from .channel import Channel
+from .facade import with_compression
 from .inbound import server_credentials
 from .server import MeshServerInterceptor, Server, server
 from .status import MeshRpcError
@@ -36,11 +37,15 @@ __all__ = [
 
 
 def insecure_channel(
-    service: str, options: Sequence[tuple[str, Any]] | None = None, compression: Any = None, *, mesh: Mesh | None = None
+    service: str,
+    options: Sequence[tuple[str, Any]] | None = None,
+    compression: Any = None,
+    *,
+    mesh: Runtime | None = None,
 ) -> Channel:
     """``grpc.insecure_channel`` for a mesh service. "Insecure" means the application brings no credentials: the
     mesh still decides, so with ``MESH_TLS`` on every hop is mTLS with the server's identity verified."""
-    return Channel(service, mesh=mesh, options=_with_compression(options, compression))
+    return Channel(service, mesh=mesh, options=with_compression(options, compression))
 
 
 def secure_channel(
@@ -49,21 +54,14 @@ def secure_channel(
     options: Sequence[tuple[str, Any]] | None = None,
     compression: Any = None,
     *,
-    mesh: Mesh | None = None,
+    mesh: Runtime | None = None,
 ) -> Channel:
     """``grpc.secure_channel`` for a mesh service: ``credentials=None`` means the mesh's own mTLS identity (which
     needs ``MESH_TLS`` on); given credentials are used as they are, for every endpoint."""
-    channel = Channel(service, mesh=mesh, options=_with_compression(options, compression), credentials=credentials)
+    channel = Channel(service, mesh=mesh, options=with_compression(options, compression), credentials=credentials)
     if credentials is None and channel.mesh.identity is None:
         raise ConfigurationError(
             f"meshlib.grpc.secure_channel({service!r}) without credentials uses the mesh identity, and this process "
             "has none: set MESH_TLS=strict or permissive (with MESH_BOOTSTRAP_TOKEN), or pass credentials="
         )
     return channel
-
-
-def _with_compression(options: Sequence[tuple[str, Any]] | None, compression: Any) -> tuple[tuple[str, Any], ...]:
-    opts = tuple(options or ())
-    if compression is not None:
-        opts += (("grpc.default_compression_algorithm", int(compression)),)
-    return opts

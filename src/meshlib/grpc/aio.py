@@ -8,10 +8,16 @@ from typing import Any
 import grpc
 
 from ..errors import ConfigurationError
-from ..mesh import Mesh
+from ..runtime import Runtime
 from .aio_calls import StreamCall, UnaryCall
-from .aio_channel import Channel
-from .aio_server import MeshServerInterceptor, Server, server
+from .aio_channel import AioChannel
+from .aio_server import AioMeshServerInterceptor, AioServer, server
+from .facade import with_compression
+
+#: grpc.aio's own names (``meshlib.grpc.aio.Channel`` as ``grpc.aio.Channel``)
+Channel = AioChannel
+Server = AioServer
+MeshServerInterceptor = AioMeshServerInterceptor
 
 __all__ = [
     "Channel",
@@ -26,12 +32,14 @@ __all__ = [
 
 
 def insecure_channel(
-    service: str, options: Sequence[tuple[str, Any]] | None = None, compression: Any = None, *, mesh: Mesh | None = None
-) -> Channel:
+    service: str,
+    options: Sequence[tuple[str, Any]] | None = None,
+    compression: Any = None,
+    *,
+    mesh: Runtime | None = None,
+) -> AioChannel:
     """``grpc.aio.insecure_channel`` for a mesh service (mTLS all the same when ``MESH_TLS`` is on)."""
-    from . import _with_compression
-
-    return Channel(service, mesh=mesh, options=_with_compression(options, compression))
+    return AioChannel(service, mesh=mesh, options=with_compression(options, compression))
 
 
 def secure_channel(
@@ -40,12 +48,10 @@ def secure_channel(
     options: Sequence[tuple[str, Any]] | None = None,
     compression: Any = None,
     *,
-    mesh: Mesh | None = None,
-) -> Channel:
+    mesh: Runtime | None = None,
+) -> AioChannel:
     """``grpc.aio.secure_channel`` for a mesh service; ``credentials=None`` means the mesh's own mTLS identity."""
-    from . import _with_compression
-
-    channel = Channel(service, mesh=mesh, options=_with_compression(options, compression), credentials=credentials)
+    channel = AioChannel(service, mesh=mesh, options=with_compression(options, compression), credentials=credentials)
     if credentials is None and channel.mesh.identity is None:
         raise ConfigurationError(
             f"meshlib.grpc.aio.secure_channel({service!r}) without credentials uses the mesh identity, and this "

@@ -45,11 +45,11 @@ def _connect(channel: aio.Channel) -> None:
     channel.get_state(try_to_connect=True)
 
 
-class _Method(Method[aio.Channel]):
+class _AioMethod(Method[aio.Channel]):
     __slots__ = ()
 
 
-class _Unary(_Method):
+class _Unary(_AioMethod):
     """Unary and client-streaming calls (a client stream is not replayable: the flow never retries it)."""
 
     __slots__ = ()
@@ -166,7 +166,7 @@ class _Unary(_Method):
 _Outcome = tuple[Any, BaseException | None, grpc.StatusCode | None, Any]
 
 
-class _Streaming(_Method):
+class _AioStreaming(_AioMethod):
     """Server- and bidi-streaming calls: balanced and counted by the breakers, never retried."""
 
     __slots__ = ()
@@ -235,7 +235,7 @@ class _Streaming(_Method):
         return real
 
 
-class Channel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]
+class AioChannel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]
     """A ``grpc.aio.Channel`` to a mesh service; see ``meshlib.grpc.Channel``."""
 
     make_channel = staticmethod(_make_channel)
@@ -244,8 +244,8 @@ class Channel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]
 
     unary_unary = method_of("unary_unary", _Unary)
     stream_unary = method_of("stream_unary", _Unary)
-    unary_stream = method_of("unary_stream", _Streaming)
-    stream_stream = method_of("stream_stream", _Streaming)
+    unary_stream = method_of("unary_stream", _AioStreaming)
+    stream_stream = method_of("stream_stream", _AioStreaming)
 
     async def state(self) -> ServiceState:
         mesh = self.mesh
@@ -276,7 +276,7 @@ class Channel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]
         if "endpoints" in self.__dict__:
             await asyncio.gather(*(channel.close(grace) for channel in self.endpoints.close()))
 
-    async def __aenter__(self) -> Channel:
+    async def __aenter__(self) -> AioChannel:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,4 +1,4 @@
-"""The grpc.aio server side: ``meshlib.grpc.aio.server(...)`` and ``MeshServerInterceptor`` for a
+"""The grpc.aio server side: ``meshlib.grpc.aio.server(...)`` and ``AioMeshServerInterceptor`` for a
 ``grpc.aio.server`` of your own; the async twin of ``server.py``, on the same decisions (``inbound.py``)."""
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from grpc import aio
 from ..discovery.base import Registration
 from ..errors import RegistrationRefused
 from ..inbound import handling
-from ..mesh import Mesh
-from ..server import _serving_mesh
+from ..runtime import Runtime
+from ..serving import serving_runtime
 from .inbound import admit_or_refuse, code_from_context, finish_rpc, rewrap
-from .server import _listening_line, bind, registration_for
+from .server import bind, listening_line, registration_for
 from .side_port import SidePort
 
 
-class MeshServerInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class AioMeshServerInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Mesh admission and telemetry for every call of a ``grpc.aio.server``."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Runtime) -> None:
         self.mesh = mesh
 
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
@@ -35,7 +35,7 @@ class MeshServerInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return rewrap(handler, self.mesh, details.method, _unary, _streaming)
 
 
-def _unary(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _unary(mesh: Runtime, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     async def run(request: Any, context: Any) -> Any:
         adm, refused = admit_or_refuse(mesh, method, context)
         if refused is not None:
@@ -56,7 +56,7 @@ def _unary(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Any]) -> Call
     return run
 
 
-def _streaming(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _streaming(mesh: Runtime, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     async def run(request: Any, context: Any) -> AsyncIterator[Any]:
         adm, refused = admit_or_refuse(mesh, method, context)
         if refused is not None:
@@ -79,10 +79,10 @@ def _streaming(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Any]) -> 
     return run
 
 
-class Server:
+class AioServer:
     """A ``grpc.aio.Server`` that is a mesh instance; everything else is delegated to the real server."""
 
-    def __init__(self, server: aio.Server, mesh: Mesh, registration: Registration, port: int, host: str,
+    def __init__(self, server: aio.Server, mesh: Runtime, registration: Registration, port: int, host: str,
                  drain_delay: float, side: SidePort | None = None) -> None:
         self.server = server
         self.side = side
@@ -108,7 +108,7 @@ class Server:
                 self.side.stop()
             self.mesh.close()
             raise
-        print(_listening_line(self.mesh, self.host, self.port, self.registration), file=sys.stderr, flush=True)
+        print(listening_line(self.mesh, self.host, self.port, self.registration), file=sys.stderr, flush=True)
 
     async def stop(self, grace: float | None = None) -> None:
         """Deregister first, drain for ``drain_delay``, then stop with ``grace`` for calls in flight."""
@@ -141,7 +141,7 @@ class Server:
                 loop.remove_signal_handler(sig)
         await self.stop(grace)
 
-    async def __aenter__(self) -> Server:
+    async def __aenter__(self) -> AioServer:
         await self.start()
         return self
 
@@ -154,7 +154,7 @@ def server(
     service: str | None = None,
     port: int = 50051,
     host: str = "127.0.0.1",
-    mesh: Mesh | None = None,
+    mesh: Runtime | None = None,
     interceptors: Sequence[Any] = (),
     options: Sequence[tuple[str, Any]] = (),
     tags: Sequence[str] = (),
@@ -162,13 +162,13 @@ def server(
     advertise: str | None = None,
     drain_delay: float = 0.5,
     metrics_port: int | None = 0,
-) -> Server:
+) -> AioServer:
     """``meshlib.grpc.server`` for grpc.aio: add servicers, then ``await server.start()`` or
     ``await server.serve_forever()``. Make it inside the running event loop."""
     if mesh is None:
-        mesh = _serving_mesh(service)
-    real = aio.server(interceptors=[MeshServerInterceptor(mesh), *interceptors], options=list(options))
+        mesh = serving_runtime(service)
+    real = aio.server(interceptors=[AioMeshServerInterceptor(mesh), *interceptors], options=list(options))
     bound = bind(real, mesh, host, port)
     side = SidePort(mesh, host, metrics_port) if metrics_port is not None else None
     registration = registration_for(mesh, host, bound, tags, meta, advertise, side)
-    return Server(real, mesh, registration, bound, host, drain_delay, side)
+    return AioServer(real, mesh, registration, bound, host, drain_delay, side)

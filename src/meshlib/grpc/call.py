@@ -22,12 +22,12 @@ from ..errors import (
     RetryBudgetExhaustedError,
     UnavailableError,
 )
-from ..mesh import Mesh
 from ..policy.deadline import to_epoch_millis
 from ..policy.decisions import log_decisions
 from ..policy.flow import CallFlow, Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
+from ..runtime import Runtime
 from ..telemetry.record import record_client_call
 from ..telemetry.tracing import random_traceparent, traceparent_of
 from .status import HTTP_EQUIVALENT, MeshRpcError, code_of_http, from_mesh_error, verdict_of, with_attempts
@@ -58,7 +58,7 @@ class RpcCall:
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Runtime,
         state: ServiceState,
         service: str,
         method: str,
@@ -241,7 +241,7 @@ def code_of(error: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def mesh_failure(mesh: Mesh, error: BaseException) -> MeshRpcError:
+def mesh_failure(mesh: Runtime, error: BaseException) -> MeshRpcError:
     """A mesh error raised before any attempt (no answer from discovery, unknown service), as an RpcError whose
     details say where discovery looked and which name was probably meant."""
     if isinstance(error, NoEndpointsError) and error.service and error.reason in (

@@ -16,8 +16,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from ..endpoints import Endpoint
-from ..mesh import Mesh
 from ..policy.service import ServiceState
+from ..runtime import Runtime
 
 C = TypeVar("C")
 Options = Sequence[tuple[str, Any]]
@@ -44,7 +44,7 @@ class EndpointChannels(Generic[C]):
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Runtime,
         service: str,
         *,
         make: Callable[[str, grpc.ChannelCredentials | None, Options], C],

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from ..mesh import Mesh
+from ..runtime import Runtime, process_default
 from .endpoints import EndpointChannel, EndpointChannels, Options
 
 C = TypeVar("C")
@@ -29,7 +29,7 @@ class Facade(Generic[C]):
         self,
         service: str,
         *,
-        mesh: Mesh | None = None,
+        mesh: Runtime | None = None,
         options: Options | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
@@ -40,9 +40,9 @@ class Facade(Generic[C]):
         self._credentials = credentials
 
     @functools.cached_property
-    def mesh(self) -> Mesh:
+    def mesh(self) -> Runtime:
         """The process default Mesh unless one was given, looked up at the first call (see ``meshlib.Client``)."""
-        return Mesh.default()
+        return process_default()
 
     @functools.cached_property
     def endpoints(self) -> EndpointChannels[C]:
@@ -105,3 +105,11 @@ def method_of(kind: str, cls: Callable[..., Any]) -> Callable[..., Any]:
 
     make.__name__ = kind
     return make
+
+
+def with_compression(options: Options | None, compression: Any) -> Options:
+    """Channel options with ``compression`` (grpc's channel argument) as the default compression algorithm."""
+    opts = tuple(options or ())
+    if compression is not None:
+        opts += (("grpc.default_compression_algorithm", int(compression)),)
+    return opts

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 
 from ..inbound import Admission, admit
-from ..mesh import Mesh
 from ..policy.deadline import MAX_INCOMING_DEADLINE
+from ..runtime import Runtime
 from ..security.spiffe import SpiffeId
 from ..security.tls import identity_from_pem
 from .status import HTTP_EQUIVALENT
@@ -43,7 +43,7 @@ def peer_of(context: Any) -> SpiffeId | None:
     return identity_from_pem(pems[0])
 
 
-def admit_rpc(mesh: Mesh, method: str, context: Any) -> Admission:
+def admit_rpc(mesh: Runtime, method: str, context: Any) -> Admission:
     """Everything decided before the handler runs. ``adm.reply`` set: refuse with ``refusal(adm)``."""
     metadata: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
@@ -69,7 +69,7 @@ def admit_rpc(mesh: Mesh, method: str, context: Any) -> Admission:
     return adm
 
 
-def admit_or_refuse(mesh: Mesh, method: str, context: Any) -> tuple[Admission, tuple[grpc.StatusCode, str] | None]:
+def admit_or_refuse(mesh: Runtime, method: str, context: Any) -> tuple[Admission, tuple[grpc.StatusCode, str] | None]:
     """``admit_rpc``, and when the handler must not run, the (already recorded) status and details to abort with."""
     adm = admit_rpc(mesh, method, context)
     reply = adm.reply
@@ -80,10 +80,10 @@ def admit_or_refuse(mesh: Mesh, method: str, context: Any) -> tuple[Admission, t
     return adm, (code, f"{mesh.service}: " + reply.body.decode("utf-8", "replace"))
 
 
-Wrap = Callable[[Mesh, str, Callable[..., Any]], Callable[..., Any]]
+Wrap = Callable[[Runtime, str, Callable[..., Any]], Callable[..., Any]]
 
 
-def rewrap(handler: Any, mesh: Mesh, method: str, unary: Wrap, streaming: Wrap) -> Any:
+def rewrap(handler: Any, mesh: Runtime, method: str, unary: Wrap, streaming: Wrap) -> Any:
     """A method handler like ``handler`` whose behaviour runs inside the mesh's admission (``unary`` for one
     response, ``streaming`` for a stream of them): the interceptors' one job."""
     serializers = (handler.request_deserializer, handler.response_serializer)
@@ -127,7 +127,7 @@ def code_from_context(context: Any, error: BaseException | None) -> grpc.StatusC
     return grpc.StatusCode.OK
 
 
-def server_credentials(mesh: Mesh) -> grpc.ServerCredentials | None:
+def server_credentials(mesh: Runtime) -> grpc.ServerCredentials | None:
     """The mesh identity as gRPC server credentials, following rotations (gRPC asks at each new handshake);
     None when the mesh's TLS is off. gRPC cannot take plaintext and TLS on one port, so a permissive gRPC server
     is TLS-only and is advertised as such; and grpcio can either require a client certificate or never ask for
@@ -155,7 +155,7 @@ def server_credentials(mesh: Mesh) -> grpc.ServerCredentials | None:
     return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
 
 
-def advertised_tls(mesh: Mesh) -> str:
+def advertised_tls(mesh: Runtime) -> str:
     """``mesh_tls`` in discovery: a TLS-only port (strict, or permissive — see ``server_credentials``) is
     advertised as ``strict``, so plaintext callers are told to turn mesh TLS on rather than fail to connect."""
     return "off" if mesh.identity is None else "strict"

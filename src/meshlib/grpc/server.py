@@ -23,8 +23,8 @@ import grpc
 from ..discovery.base import Registration
 from ..errors import ConfigurationError, RegistrationRefused
 from ..inbound import handling
-from ..mesh import Mesh
-from ..server import _serving_mesh, advertised_address
+from ..runtime import Runtime
+from ..serving import advertised_address, serving_runtime
 from .inbound import admit_or_refuse, advertised_tls, code_from_context, finish_rpc, rewrap, server_credentials
 from .side_port import SidePort
 
@@ -34,7 +34,7 @@ log = logging.getLogger("meshlib.grpc")
 class MeshServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Mesh admission and telemetry for every call of a sync ``grpc.server``."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Runtime) -> None:
         self.mesh = mesh
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
@@ -44,7 +44,7 @@ class MeshServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return rewrap(handler, self.mesh, details.method, _unary, _streaming)
 
 
-def _unary(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _unary(mesh: Runtime, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def run(request: Any, context: Any) -> Any:
         adm, refused = admit_or_refuse(mesh, method, context)
         if refused is not None:
@@ -62,7 +62,7 @@ def _unary(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Any]) -> Call
     return run
 
 
-def _streaming(mesh: Mesh, method: str, behavior: Callable[[Any, Any], Iterator[Any]]) -> Callable[[Any, Any], Any]:
+def _streaming(mesh: Runtime, method: str, behavior: Callable[[Any, Any], Iterator[Any]]) -> Callable[[Any, Any], Any]:
     def run(request: Any, context: Any) -> Iterator[Any]:
         adm, refused = admit_or_refuse(mesh, method, context)
         if refused is not None:
@@ -86,7 +86,7 @@ class Server:
     def __init__(
         self,
         server: grpc.Server,
-        mesh: Mesh,
+        mesh: Runtime,
         registration: Registration,
         port: int,
         host: str,
@@ -118,7 +118,7 @@ class Server:
                 self.side.stop()
             self.mesh.close()
             raise
-        print(_listening_line(self.mesh, self.host, self.port, self.registration), file=sys.stderr, flush=True)
+        print(listening_line(self.mesh, self.host, self.port, self.registration), file=sys.stderr, flush=True)
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Deregister first, keep serving for ``drain_delay`` while callers' discovery catches up, then stop
@@ -162,14 +162,14 @@ class Server:
         self.stop(None).wait()
 
 
-def _close_after(event: threading.Event, mesh: Mesh, side: SidePort | None) -> None:
+def _close_after(event: threading.Event, mesh: Runtime, side: SidePort | None) -> None:
     event.wait()
     if side is not None:
         side.stop()
     mesh.close()
 
 
-def _listening_line(mesh: Mesh, host: str, port: int, registration: Registration) -> str:
+def listening_line(mesh: Runtime, host: str, port: int, registration: Registration) -> str:
     where = mesh.discovery.describe() or mesh.settings.discovery
     registered = f"registered as {registration.id} in {where}" if registration.registered else (
         "not registered yet (retrying)" if registration.id else "not registered (static discovery)"
@@ -178,7 +178,7 @@ def _listening_line(mesh: Mesh, host: str, port: int, registration: Registration
     return f"meshlib: {mesh.service} listening on grpc://{shown}:{port}, MESH_TLS={mesh.settings.tls}, {registered}"
 
 
-def bind(real: Any, mesh: Mesh, host: str, port: int) -> int:
+def bind(real: Any, mesh: Runtime, host: str, port: int) -> int:
     """Bind the mesh port on ``real`` (a grpc or grpc.aio server), TLS as the mesh says; an error that says what
     to do when the port is taken."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -202,7 +202,7 @@ def bind(real: Any, mesh: Mesh, host: str, port: int) -> int:
 
 
 def registration_for(
-    mesh: Mesh,
+    mesh: Runtime,
     host: str,
     port: int,
     tags: Sequence[str],
@@ -229,7 +229,7 @@ def server(
     service: str | None = None,
     port: int = 50051,
     host: str = "127.0.0.1",
-    mesh: Mesh | None = None,
+    mesh: Runtime | None = None,
     max_workers: int = 16,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
@@ -246,7 +246,7 @@ def server(
     ``/-/mesh/health`` and ``/-/mesh/metrics`` are served over HTTP on ``metrics_port`` (0: a free port, advertised
     in discovery; None: not at all)."""
     if mesh is None:
-        mesh = _serving_mesh(service)
+        mesh = serving_runtime(service)
     real = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"grpc-{mesh.service}"),
         interceptors=[MeshServerInterceptor(mesh), *interceptors],

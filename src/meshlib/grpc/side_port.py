@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from ..inbound import mesh_endpoint
-from ..mesh import Mesh
+from ..runtime import Runtime
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -40,7 +40,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], mesh: Mesh) -> None:
+    def __init__(self, address: tuple[str, int], mesh: Runtime) -> None:
         self.mesh = mesh
         self.draining = False
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -53,7 +53,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class SidePort:
-    def __init__(self, mesh: Mesh, host: str, port: int = 0) -> None:
+    def __init__(self, mesh: Runtime, host: str, port: int = 0) -> None:
         self._server = _Server((host, port), mesh)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(

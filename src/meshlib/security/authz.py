@@ -11,26 +11,26 @@ from .spiffe import SpiffeId
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class Ruling:
     allowed: bool
     #: Permissive mode: allowed, but strict mode would have denied it (logged and counted).
     would_deny: bool
     reason: str
 
 
-ALLOW = Decision(True, False, "allowed")
-NO_POLICY = Decision(True, False, "no authorization policy")
+ALLOW = Ruling(True, False, "allowed")
+NO_POLICY = Ruling(True, False, "no authorization policy")
 
 
-def decide(policy: Authorization | None, peer: SpiffeId | None, trust_domain: str, namespace: str) -> Decision:
+def decide(policy: Authorization | None, peer: SpiffeId | None, trust_domain: str, namespace: str) -> Ruling:
     if policy is None or policy.mode == "off":
         return NO_POLICY
     verdict = _check(policy.allow, peer, trust_domain, namespace)
     if verdict is None:
         return ALLOW
     if policy.mode == "permissive":
-        return Decision(True, True, verdict)
-    return Decision(False, False, verdict)
+        return Ruling(True, True, verdict)
+    return Ruling(False, False, verdict)
 
 
 def _check(allow: frozenset[str], peer: SpiffeId | None, trust_domain: str, namespace: str) -> str | None:

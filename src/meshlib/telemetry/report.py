@@ -27,7 +27,7 @@ from ..wire import refusal_text
 
 if TYPE_CHECKING:
     from ..discovery.base import Registration
-    from ..mesh import Mesh
+    from ..runtime import Runtime
 
 log = logging.getLogger("meshlib.stats")
 
@@ -48,7 +48,7 @@ MAX_DESTINATIONS = 128
 
 
 def build_report(
-    mesh: Mesh, instance: str, address: str | None, port: int | None, started: float, interval: float
+    mesh: Runtime, instance: str, address: str | None, port: int | None, started: float, interval: float
 ) -> dict[str, Any]:
     """One instance's cumulative figures, merged over HTTP methods (the dashboard shows routes)."""
     tel = mesh.telemetry
@@ -116,7 +116,7 @@ class StatsReporter:
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Runtime,
         control_plane: str,
         interval: float,
         token: str = "",

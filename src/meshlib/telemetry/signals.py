@@ -21,12 +21,12 @@ SERVER = "http_server_request_duration_seconds"
 
 
 @dataclass
-class Histogram:
+class ScrapedHistogram:
     count: float = 0.0
     errors: float = 0.0  # 5xx
     buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
 
-    def add(self, other: Histogram, sign: float = 1.0) -> None:
+    def add(self, other: ScrapedHistogram, sign: float = 1.0) -> None:
         self.count += sign * other.count
         self.errors += sign * other.errors
         for le, c in other.buckets.items():
@@ -43,9 +43,9 @@ class Histogram:
         return math.inf
 
 
-def parse(text: str) -> dict[str, Histogram]:
+def parse(text: str) -> dict[str, ScrapedHistogram]:
     """Per service (``mesh_service``), the server histogram summed over routes, methods and callers."""
-    out: dict[str, Histogram] = defaultdict(Histogram)
+    out: dict[str, ScrapedHistogram] = defaultdict(ScrapedHistogram)
     for line in text.splitlines():
         if not line.startswith(SERVER):
             continue
@@ -80,11 +80,11 @@ class Signals:
 
 
 def per_instance_delta(
-    before: dict[str, dict[str, Histogram]], after: dict[str, dict[str, Histogram]]
-) -> dict[str, Histogram]:
+    before: dict[str, dict[str, ScrapedHistogram]], after: dict[str, dict[str, ScrapedHistogram]]
+) -> dict[str, ScrapedHistogram]:
     """Per service, what its instances served between two scrapes, counting only instances seen in both: an
     instance that died (or was born) in between changes the sum of cumulative counts, not the traffic."""
-    out: dict[str, Histogram] = defaultdict(Histogram)
+    out: dict[str, ScrapedHistogram] = defaultdict(ScrapedHistogram)
     for instance, services in after.items():
         old = before.get(instance)
         if old is None:
@@ -96,11 +96,11 @@ def per_instance_delta(
     return dict(out)
 
 
-def between(before: dict[str, Histogram], after: dict[str, Histogram], seconds: float) -> list[Signals]:
+def between(before: dict[str, ScrapedHistogram], after: dict[str, ScrapedHistogram], seconds: float) -> list[Signals]:
     """Signals over the interval between two scrapes (of the same instances, summed)."""
     rows = []
     for service, now in sorted(after.items()):
-        delta = Histogram()
+        delta = ScrapedHistogram()
         delta.add(now)
         if service in before:
             delta.add(before[service], -1.0)
@@ -120,11 +120,11 @@ def between(before: dict[str, Histogram], after: dict[str, Histogram], seconds: 
 
 def scrape(
     instances: list[dict[str, Any]], context: ssl.SSLContext | None, namespace: str = "default", timeout: float = 2.0
-) -> tuple[dict[str, Histogram], list[str]]:
+) -> tuple[dict[str, ScrapedHistogram], list[str]]:
     """Read ``/-/mesh/metrics`` of every instance (``{"service", "address", "port", "meta"}``) and sum per service.
     Instances in strict mTLS need ``context`` (a mesh identity's client context). Returns (histograms, problems)."""
     per_instance, problems = scrape_each(instances, context, namespace, timeout)
-    total: dict[str, Histogram] = defaultdict(Histogram)
+    total: dict[str, ScrapedHistogram] = defaultdict(ScrapedHistogram)
     for services in per_instance.values():
         for service, h in services.items():
             total[service].add(h)
@@ -133,11 +133,11 @@ def scrape(
 
 def scrape_each(
     instances: list[dict[str, Any]], context: ssl.SSLContext | None, namespace: str = "default", timeout: float = 2.0
-) -> tuple[dict[str, dict[str, Histogram]], list[str]]:
+) -> tuple[dict[str, dict[str, ScrapedHistogram]], list[str]]:
     """As ``scrape``, per instance (keyed ``address:port``): for deltas that survive instances coming and going."""
     import httpx
 
-    out: dict[str, dict[str, Histogram]] = {}
+    out: dict[str, dict[str, ScrapedHistogram]] = {}
     problems: list[str] = []
     for inst in instances:
         meta = inst.get("meta") or {}
