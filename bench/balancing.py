@@ -46,8 +46,13 @@ def run_once(ups: list[Upstream], balancer: str, scenario: str, calls: int, thre
         sick.behave(fail_every=20)
     first = ups[:2] if scenario == "cold" else ups
     discovery = StaticDiscovery({"svc": [Endpoint("127.0.0.1", u.port) for u in first]})
-    mesh = meshlib.Mesh(service="bench", discovery=discovery, control_plane="", telemetry=False,
-                        policies={"svc": ServicePolicy(load_balancer=balancer)})
+    mesh = meshlib.Mesh(
+        service="bench",
+        discovery=discovery,
+        control_plane="",
+        telemetry=False,
+        policies={"svc": ServicePolicy(load_balancer=balancer)},
+    )
     seen: Counter[str] = Counter()
     latencies: list[float] = []
     failed = 0
@@ -103,8 +108,10 @@ def main() -> None:
     try:
         for u in ups:
             u.wait_listening()
-        print(f"{'scenario':8} {'callers':8} {'balancer':14} {'a':>6} {'b':>6} {'c (sick/new)':>12} "
-              f"{'failed':>7} {'p50 ms':>7} {'p99 ms':>7}")
+        print(
+            f"{'scenario':8} {'callers':8} {'balancer':14} {'a':>6} {'b':>6} {'c (sick/new)':>12} "
+            f"{'failed':>7} {'p50 ms':>7} {'p99 ms':>7}"
+        )
         for scenario in SCENARIOS:
             for threads in (1, 8):
                 results: dict[str, list[dict[str, Any]]] = {b: [] for b in BALANCERS}
@@ -118,9 +125,12 @@ def main() -> None:
                         return statistics.median(pick(r) for r in runs)
 
                     shares = [med(lambda r, n=n: r["shares"][n]) for n in "abc"]
-                    print(f"{scenario:8} {threads:>7}  {balancer:14} {shares[0]:>6.1%} {shares[1]:>6.1%} "
-                          f"{shares[2]:>12.1%} {med(lambda r: r['failed']):>7.0f} {med(lambda r: r['p50']):>7.2f} "
-                          f"{med(lambda r: r['p99']):>7.2f}", flush=True)
+                    print(
+                        f"{scenario:8} {threads:>7}  {balancer:14} {shares[0]:>6.1%} {shares[1]:>6.1%} "
+                        f"{shares[2]:>12.1%} {med(lambda r: r['failed']):>7.0f} {med(lambda r: r['p50']):>7.2f} "
+                        f"{med(lambda r: r['p99']):>7.2f}",
+                        flush=True,
+                    )
     finally:
         for u in ups:
             u.stop()

@@ -78,12 +78,17 @@ async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None
     # every client keeps idle connections 60 s: at 256 in flight a round of plain httpx takes about 5 s, httpx's
     # default expiry, and the next rounds then measured new TLS handshakes rather than requests
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, ssl=context or False, keepalive_timeout=IDLE))
+        connector=aiohttp.TCPConnector(limit=limit, ssl=context or False, keepalive_timeout=IDLE)
+    )
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=IDLE)
     plain = httpx.AsyncClient(verify=context or True, limits=limits)
-    mesh = meshlib.Mesh(service="bench", control_plane="", tls="strict" if tls else "off",
-                        state_dir=tempfile.mkdtemp(prefix="bench-mesh-"),
-                        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", p) for p in ports]}))
+    mesh = meshlib.Mesh(
+        service="bench",
+        control_plane="",
+        tls="strict" if tls else "off",
+        state_dir=tempfile.mkdtemp(prefix="bench-mesh-"),
+        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", p) for p in ports]}),
+    )
     meshed = mesh.async_client(limits=limits)
 
     async def via_aiohttp() -> None:
@@ -106,8 +111,9 @@ async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None
     return {"aiohttp": via_aiohttp, "httpx": via_httpx, "meshlib": via_meshlib}, close
 
 
-async def interleaved(gets: dict[str, Get], concurrency: int, rounds: int,
-                      requests: int) -> dict[str, tuple[float, float]]:
+async def interleaved(
+    gets: dict[str, Get], concurrency: int, rounds: int, requests: int
+) -> dict[str, tuple[float, float]]:
     """A warm-up for each, then ``rounds`` rounds of A, B, C, ...: the median (CPU per request, req/s) of each."""
     for get in gets.values():  # connections, handshakes, first-use costs
         await measure(get, min(requests, 500), concurrency)
@@ -115,12 +121,14 @@ async def interleaved(gets: dict[str, Get], concurrency: int, rounds: int,
     for _ in range(rounds):
         for name, get in gets.items():
             results[name].append(await measure(get, requests, concurrency))
-    return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-            for name, rs in results.items()}
+    return {
+        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in results.items()
+    }
 
 
-async def run(ports: list[int], concurrency: int, rounds: int, requests: int,
-              tls: dict[str, str] | None) -> dict[str, tuple[float, float]]:
+async def run(
+    ports: list[int], concurrency: int, rounds: int, requests: int, tls: dict[str, str] | None
+) -> dict[str, tuple[float, float]]:
     gets, close = await clients(ports, concurrency, tls)
     try:
         return await interleaved(gets, concurrency, rounds, requests)
@@ -128,14 +136,19 @@ async def run(ports: list[int], concurrency: int, rounds: int, requests: int,
         await close()
 
 
-async def tls_cost(plain_ports: list[int], tls_ports: list[int], concurrency: int, rounds: int, requests: int,
-                   tls: dict[str, str]) -> dict[str, float]:
+async def tls_cost(
+    plain_ports: list[int], tls_ports: list[int], concurrency: int, rounds: int, requests: int, tls: dict[str, str]
+) -> dict[str, float]:
     """What mTLS adds on keep-alive connections, side by side: each client plain and with mTLS in the same
     interleaved rounds (the ``plain`` and ``mtls`` modes above run at different times, on different upstreams)."""
     plain_gets, close_plain = await clients(plain_ports, concurrency, None)
     tls_gets, close_tls = await clients(tls_ports, concurrency, tls)
-    gets = {"aiohttp": plain_gets["aiohttp"], "aiohttp+mTLS": tls_gets["aiohttp"],
-            "meshlib": plain_gets["meshlib"], "meshlib+mTLS": tls_gets["meshlib"]}
+    gets = {
+        "aiohttp": plain_gets["aiohttp"],
+        "aiohttp+mTLS": tls_gets["aiohttp"],
+        "meshlib": plain_gets["meshlib"],
+        "meshlib+mTLS": tls_gets["meshlib"],
+    }
     try:
         figures = await interleaved(gets, concurrency, rounds, requests)
         return {name: cpu for name, (cpu, _) in figures.items()}
@@ -149,14 +162,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,16,64,256")
-    parser.add_argument("--modes", default="plain,mtls,tls-cost",
-                        help="plain, mtls: the three clients; tls-cost: plain and mTLS side by side")
+    parser.add_argument(
+        "--modes",
+        default="plain,mtls,tls-cost",
+        help="plain, mtls: the three clients; tls-cost: plain and mTLS side by side",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
     files = certificates(tmp)
     server = files["svc"]
-    os.environ.update(MESH_TLS_CERT=files["bench"]["cert"], MESH_TLS_KEY=files["bench"]["key"],
-                      MESH_TLS_CA=files["bench"]["ca"])
+    os.environ.update(
+        MESH_TLS_CERT=files["bench"]["cert"], MESH_TLS_KEY=files["bench"]["key"], MESH_TLS_CA=files["bench"]["ca"]
+    )
     print(f"python {sys.version.split()[0]}, httpx {httpx.__version__}, {args.rounds} rounds x {args.requests}")
     print(f"{'mode':5} {'conc':>5} {'client':8} {'CPU/req':>10} {'req/s':>8}   meshlib CPU ratio")
     modes = args.modes.split(",")
@@ -183,13 +200,23 @@ def main() -> None:
 def print_tls_cost(args: argparse.Namespace, files: dict[str, dict[str, str]]) -> None:
     server = files["svc"]
     plain_ups = [Upstream(name, extra_args=KEEP_ALIVE).wait_listening() for name in ("a", "b")]
-    tls_ups = [Upstream(name, extra_args=(*KEEP_ALIVE, "--tls", server["cert"], server["key"], server["ca"]))
-               .wait_listening() for name in ("c", "d")]
+    tls_ups = [
+        Upstream(name, extra_args=(*KEEP_ALIVE, "--tls", server["cert"], server["key"], server["ca"])).wait_listening()
+        for name in ("c", "d")
+    ]
     try:
         print(f"{'tls-cost':8} {'conc':>5} {'client':13} {'CPU/req':>10} {'mTLS adds':>10}")
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            figures = asyncio.run(tls_cost([u.port for u in plain_ups], [u.port for u in tls_ups], concurrency,
-                                           args.rounds, args.requests, files["bench"]))
+            figures = asyncio.run(
+                tls_cost(
+                    [u.port for u in plain_ups],
+                    [u.port for u in tls_ups],
+                    concurrency,
+                    args.rounds,
+                    args.requests,
+                    files["bench"],
+                )
+            )
             for name, cpu in figures.items():
                 added = f"{(cpu - figures[name.split('+')[0]]) * 1e6:+8.1f}us" if "+" in name else ""
                 print(f"{'tls-cost':8} {concurrency:5d} {name:13} {cpu * 1e6:8.1f}us {added:>10}", flush=True)

@@ -49,10 +49,15 @@ class FakeInstance:
         self.callers = pick.sample(others, 3)
         self.callees = pick.sample(others, 2)
         self.routes = [f"/api/v1/resource-{i}/{{id}}" for i in range(5)]
-        self.inbound = {(c, r, s): [0, 0.0, [0] * N_BUCKETS] for c in self.callers for r in self.routes
-                        for s in ("2xx", "5xx")}
-        self.outbound = {(c, r, o): [0, 0.0, [0] * N_BUCKETS] for c in self.callees for r in self.routes
-                         for o in ("success", "server-error")}
+        self.inbound = {
+            (c, r, s): [0, 0.0, [0] * N_BUCKETS] for c in self.callers for r in self.routes for s in ("2xx", "5xx")
+        }
+        self.outbound = {
+            (c, r, o): [0, 0.0, [0] * N_BUCKETS]
+            for c in self.callees
+            for r in self.routes
+            for o in ("success", "server-error")
+        }
         self.counters = {"retries": 0.0, "authz_denied": 0.0}
 
     def tick(self) -> None:
@@ -68,13 +73,22 @@ class FakeInstance:
 
     def report(self) -> dict[str, Any]:
         return {
-            "v": 1, "instance": self.id, "service": self.service, "address": "127.0.0.1", "port": self.port,
-            "started": self.started, "interval": 2.0, "tls": "strict",
-            "identity": f"spiffe://mesh.local/ns/default/sa/{self.service}", "rules_version": 1,
+            "v": 1,
+            "instance": self.id,
+            "service": self.service,
+            "address": "127.0.0.1",
+            "port": self.port,
+            "started": self.started,
+            "interval": 2.0,
+            "tls": "strict",
+            "identity": f"spiffe://mesh.local/ns/default/sa/{self.service}",
+            "rules_version": 1,
             "buckets": list(LATENCY_BUCKETS),
             "inbound": [[c, r, s, 0, row[0], row[1], row[2]] for (c, r, s), row in self.inbound.items()],
-            "outbound": [[c, r, "2xx" if o == "success" else "5xx", o, row[0], row[1], row[2]]
-                         for (c, r, o), row in self.outbound.items()],
+            "outbound": [
+                [c, r, "2xx" if o == "success" else "5xx", o, row[0], row[1], row[2]]
+                for (c, r, o), row in self.outbound.items()
+            ],
             "counters": [[name, self.callees[0], value] for name, value in self.counters.items()],
             "verified_peers": {c: f"spiffe://mesh.local/ns/default/sa/{c}" for c in self.callers},
             "endpoints": [[c, f"10.1.0.{i}:8000", "closed"] for c in self.callees for i in range(10)],
@@ -86,8 +100,9 @@ async def play(url: str, instances: list[FakeInstance], seconds: float, pid: int
     topology_ms: list[float] = []
     service_ms: list[float] = []
     failures = 0
-    async with httpx.AsyncClient(base_url=url, headers={"authorization": "Bearer bench"}, timeout=10,
-                                 limits=httpx.Limits(max_connections=32)) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"authorization": "Bearer bench"}, timeout=10, limits=httpx.Limits(max_connections=32)
+    ) as client:
         started = time.monotonic()
         next_sample = started
         while time.monotonic() - started < seconds:
@@ -113,8 +128,7 @@ async def play(url: str, instances: list[FakeInstance], seconds: float, pid: int
                 next_sample += 10
             await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - round_start)))
         stats = (await client.get("/v1/stats")).json()
-    return {"rss": samples, "topology_ms": topology_ms, "service_ms": service_ms, "failures": failures,
-            "stats": stats}
+    return {"rss": samples, "topology_ms": topology_ms, "service_ms": service_ms, "failures": failures, "stats": stats}
 
 
 def main() -> None:
@@ -129,9 +143,21 @@ def main() -> None:
     port = 7499
     env = {**os.environ, "MESH_BOOTSTRAP_TOKEN": "bench", "MESH_ADMIN_TOKEN": "admin"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshlib.cli", "serve", "--port", str(port), "--state-dir", state,
-         "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "meshlib.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--state-dir",
+            state,
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -151,10 +177,14 @@ def main() -> None:
         print(f"control plane idle: RSS {idle:.1f} MB; {len(instances)} instances reporting every 2 s")
         result = asyncio.run(play(url, instances, args.seconds, proc.pid))
         peak = max(result["rss"])
-        print(f"\nRSS idle {idle:.1f} MB, peak {peak:.1f} MB, end {result['rss'][-1]:.1f} MB "
-              f"(target: under 150 MB with 200 instances)")
-        print(f"series {result['stats']['series']}, reports {result['stats']['reports']}, "
-              f"failed posts {result['failures']}")
+        print(
+            f"\nRSS idle {idle:.1f} MB, peak {peak:.1f} MB, end {result['rss'][-1]:.1f} MB "
+            f"(target: under 150 MB with 200 instances)"
+        )
+        print(
+            f"series {result['stats']['series']}, reports {result['stats']['reports']}, "
+            f"failed posts {result['failures']}"
+        )
         for name in ("topology_ms", "service_ms"):
             values = sorted(result[name])
             print(f"{name}: median {statistics.median(values):.1f} ms, max {values[-1]:.1f} ms")

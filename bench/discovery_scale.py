@@ -57,14 +57,25 @@ def child(n: int, url: str, port: int) -> None:
     print(json.dumps({"ready": True}), flush=True)
     time.sleep(5.0)
     idle_cpu = cpu_seconds(os.getpid()) - cpu0
-    print(json.dumps({"n": n, "rss_added_mb": after - before, "threads": threads,
-                      "connections": connections_to(os.getpid(), port), "idle_cpu_s": idle_cpu}), flush=True)
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "rss_added_mb": after - before,
+                "threads": threads,
+                "connections": connections_to(os.getpid(), port),
+                "idle_cpu_s": idle_cpu,
+            }
+        ),
+        flush=True,
+    )
     mesh.close()
 
 
 def one_client(cp, n: int) -> dict[str, object]:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(n), cp.url, str(cp.port)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", str(n), cp.url, str(cp.port)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     assert json.loads(proc.stdout.readline())["ready"]
     cp0 = cpu_seconds(cp.proc.pid)
@@ -79,7 +90,8 @@ async def simulated_client(port: int, names: list[str], index: int, session: str
     body = json.dumps({"services": names}).encode()
     writer.write(
         f"POST /v1/registry/watch?index={index}&wait=120s&session={session} HTTP/1.1\r\nhost: cp\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     await writer.drain()
     answer = json.loads(await read_response(reader))
@@ -114,13 +126,20 @@ async def fan_out(cp, clients: int, per_client: int, total: int) -> dict[str, fl
     cpu0 = cpu_seconds(cp.proc.pid)
     sent = time.perf_counter()
     await asyncio.to_thread(
-        httpx.put, cp.url + "/v1/registry/register", json={"service": "hot", "address": "127.0.0.1", "port": 9,
-                                                              "ttl": "1h"}
+        httpx.put,
+        cp.url + "/v1/registry/register",
+        json={"service": "hot", "address": "127.0.0.1", "port": 9, "ttl": "1h"},
     )
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
     delays = sorted(t - sent for t in arrived)
-    return {"clients": clients, "p50": statistics.median(delays), "p99": delays[int(len(delays) * 0.99) - 1],
-            "max": delays[-1], "rss": rss, "cpu": cpu_seconds(cp.proc.pid) - cpu0}
+    return {
+        "clients": clients,
+        "p50": statistics.median(delays),
+        "p99": delays[int(len(delays) * 0.99) - 1],
+        "max": delays[-1],
+        "rss": rss,
+        "cpu": cpu_seconds(cp.proc.pid) - cpu0,
+    }
 
 
 def main() -> None:
@@ -142,15 +161,21 @@ def main() -> None:
         try:
             with httpx.Client(base_url=cp.url) as admin:
                 for i in range(total):
-                    admin.put("/v1/registry/register", json={"service": f"svc{i:04d}", "address": "127.0.0.1",
-                                                             "port": 10000 + i, "ttl": "1h"}).raise_for_status()
-            print(f"{'services':>8}  {'client +RSS':>11}  {'threads':>7}  {'conns':>5}  {'client CPU/5s':>13}  "
-                  f"{'cp CPU/5s':>9}")
+                    admin.put(
+                        "/v1/registry/register",
+                        json={"service": f"svc{i:04d}", "address": "127.0.0.1", "port": 10000 + i, "ttl": "1h"},
+                    ).raise_for_status()
+            print(
+                f"{'services':>8}  {'client +RSS':>11}  {'threads':>7}  {'conns':>5}  {'client CPU/5s':>13}  "
+                f"{'cp CPU/5s':>9}"
+            )
             for n in args.services:
                 r = one_client(cp, n)
-                print(f"{n:>8}  {r['rss_added_mb']:8.1f} MB  {len(r['threads']):>7}  {r['connections']:>5}  "
-                      f"{r['idle_cpu_s']:11.3f} s  {r['cp_idle_cpu_s']:7.3f} s   {', '.join(r['threads'])}",
-                      flush=True)
+                print(
+                    f"{n:>8}  {r['rss_added_mb']:8.1f} MB  {len(r['threads']):>7}  {r['connections']:>5}  "
+                    f"{r['idle_cpu_s']:11.3f} s  {r['cp_idle_cpu_s']:7.3f} s   {', '.join(r['threads'])}",
+                    flush=True,
+                )
             try:
                 import uvloop
 
@@ -159,8 +184,10 @@ def main() -> None:
                 runner = asyncio.run
             f = runner(fan_out(cp, args.clients, args.per_client, total))
             print(f"\n{f['clients']} clients x {args.per_client} services, one change to a service all watch:")
-            print(f"fan-out p50 {f['p50']:.3f} s, p99 {f['p99']:.3f} s, max {f['max']:.3f} s; control plane RSS "
-                  f"{f['rss']:.0f} MB, CPU for the fan-out {f['cpu']:.2f} s")
+            print(
+                f"fan-out p50 {f['p50']:.3f} s, p99 {f['p99']:.3f} s, max {f['max']:.3f} s; control plane RSS "
+                f"{f['rss']:.0f} MB, CPU for the fan-out {f['cpu']:.2f} s"
+            )
         finally:
             cp.stop()
 

@@ -82,10 +82,12 @@ async def clients(ports: list[int], concurrency: int) -> tuple[dict[str, Get], l
     discovery = StaticDiscovery({"svc": [Endpoint("127.0.0.1", p) for p in ports]})
     mesh = meshlib.Mesh(service="bench", control_plane="", discovery=discovery)
     options = {"max_connections": limit, "max_keepalive_connections": limit}
-    on_httpcore = meshlib.AsyncClient(mesh=mesh, transport=AsyncMeshTransport(
-        mesh, pool=AsyncEndpointPools(lean=False, **options)))  # type: ignore[arg-type]
-    on_h1 = meshlib.AsyncClient(mesh=mesh, transport=AsyncMeshTransport(
-        mesh, pool=AsyncEndpointPools(lean=True, **options)))  # type: ignore[arg-type]
+    on_httpcore = meshlib.AsyncClient(
+        mesh=mesh, transport=AsyncMeshTransport(mesh, pool=AsyncEndpointPools(lean=False, **options))
+    )  # type: ignore[arg-type]
+    on_h1 = meshlib.AsyncClient(
+        mesh=mesh, transport=AsyncMeshTransport(mesh, pool=AsyncEndpointPools(lean=True, **options))
+    )  # type: ignore[arg-type]
 
     async def via_aiohttp() -> None:
         async with session.get(next(urls)) as response:
@@ -104,8 +106,13 @@ async def clients(ports: list[int], concurrency: int) -> tuple[dict[str, Get], l
     async def via_mesh_h1() -> None:
         (await on_h1.get("http://svc/-/ok")).raise_for_status()
 
-    gets = {"aiohttp": via_aiohttp, "httpx2": via_httpx2, "httpx-on-aiohttp": via_bridge,
-            "meshlib-httpcore": via_mesh_httpcore, "meshlib-h1": via_mesh_h1}
+    gets = {
+        "aiohttp": via_aiohttp,
+        "httpx2": via_httpx2,
+        "httpx-on-aiohttp": via_bridge,
+        "meshlib-httpcore": via_mesh_httpcore,
+        "meshlib-h1": via_mesh_h1,
+    }
     return gets, [session, bridge_session, modern, bridged, on_httpcore, on_h1, mesh]
 
 

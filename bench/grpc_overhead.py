@@ -82,8 +82,9 @@ def summarize(name: str, results: dict[str, list[tuple[float, float, list[float]
 
 
 def bench_sync(port: int, rounds: int, calls: int) -> None:
-    mesh = meshlib.Mesh(service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}),
-                        control_plane="")
+    mesh = meshlib.Mesh(
+        service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}), control_plane=""
+    )
     plain = pb2_grpc.EchoStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     meshed = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
     hello = pb2.Hello(text="x" * 64)
@@ -100,8 +101,9 @@ def bench_sync(port: int, rounds: int, calls: int) -> None:
 
 def bench_aio(port: int, rounds: int, calls: int) -> None:
     async def main() -> None:
-        mesh = meshlib.Mesh(service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}),
-                            control_plane="")
+        mesh = meshlib.Mesh(
+            service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}), control_plane=""
+        )
         plain = pb2_grpc.EchoStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
         meshed = pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
         hello = pb2.Hello(text="x" * 64)

@@ -19,8 +19,11 @@ def issue_files(tmp: Path, services: tuple[str, ...]) -> dict[str, dict[str, str
         issued = ca.issue(key.public_key(), service)
         paths = {"cert": tmp / f"{service}.crt", "key": tmp / f"{service}.key", "ca": tmp / "ca.crt"}
         paths["cert"].write_bytes(issued.pem() + issued.chain_pem())
-        paths["key"].write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        paths["key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         paths["ca"].write_bytes(ca.roots_pem())
         files[service] = {k: str(v) for k, v in paths.items()}
     return files

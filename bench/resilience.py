@@ -85,8 +85,15 @@ def p99(samples: list[Sample]) -> float:
     return values[min(len(values) - 1, int(len(values) * 0.99))] if values else 0.0
 
 
-def score(samples: list[Sample], t0: float, event: float, recovered_from: float, end: float,
-          retries: int, sick_hits: int | None) -> dict[str, Any]:
+def score(
+    samples: list[Sample],
+    t0: float,
+    event: float,
+    recovered_from: float,
+    end: float,
+    retries: int,
+    sick_hits: int | None,
+) -> dict[str, Any]:
     base = [s for s in samples if t0 + 0.5 <= s.started < event]
     during = [s for s in samples if event <= s.started < max(recovered_from, event + 5.0)]
     after = [s for s in samples if s.started >= event]
@@ -107,7 +114,8 @@ def score(samples: list[Sample], t0: float, event: float, recovered_from: float,
         "event_p99_ms": round(p99(during) * 1000, 1),
         "recovery_s": None if recover is None else round(recover, 1),
         "failing_s": round(max(s.started for s in after if not s.ok) - min(s.started for s in after if not s.ok), 1)
-        if any(not s.ok for s in after) else 0.0,
+        if any(not s.ok for s in after)
+        else 0.0,
         "retries": retries,
         "retry_load": round(retries / requests, 5) if requests else None,
         "sick_instance_hits": sick_hits,
@@ -126,12 +134,19 @@ class Run:
 
     def instances(self, mesh: bool, ports: list[int] | None = None) -> list[Upstream]:
         self.n += 1
-        env = {"MESH_CONTROL_PLANE": self.cp.url, "MESH_STATE_DIR": str(self.tmp / f"s{self.n}"),
-               "MESH_STATS_INTERVAL": "0"}
+        env = {
+            "MESH_CONTROL_PLANE": self.cp.url,
+            "MESH_STATE_DIR": str(self.tmp / f"s{self.n}"),
+            "MESH_STATS_INTERVAL": "0",
+        }
         ports = ports or [0, 0, 0]
         started = [
-            Upstream(f"i{i}", mesh_service="payments" if mesh else None, env=env if mesh else {},
-                     extra_args=("--port", str(p), "--keep-alive", "30"))
+            Upstream(
+                f"i{i}",
+                mesh_service="payments" if mesh else None,
+                env=env if mesh else {},
+                extra_args=("--port", str(p), "--keep-alive", "30"),
+            )
             for i, p in enumerate(ports)
         ]
         return [u.wait_listening() for u in started]
@@ -147,8 +162,21 @@ class Run:
             text = text.replace("{" + key + "}", value)
         path = self.tmp / f"envoy-{self.n}.yaml"
         path.write_text(text)
-        proc = subprocess.Popen([self.envoy_bin, "-c", str(path), "--concurrency", "1", "--log-level", "error",
-                                 "--base-id", str(100 + self.n)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                self.envoy_bin,
+                "-c",
+                str(path),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "error",
+                "--base-id",
+                str(100 + self.n),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(lambda: _listening(listen), timeout=30, what="Envoy")
         return proc, listen, admin
 
@@ -164,8 +192,12 @@ class Run:
             import meshlib
 
             settings = meshlib.MeshSettings(
-                service="front", control_plane=self.cp.url, discovery=registry_of(self.cp.url),
-                state_dir=str(self.tmp / f"front{self.n}"), stats_interval=0, telemetry=True,
+                service="front",
+                control_plane=self.cp.url,
+                discovery=registry_of(self.cp.url),
+                state_dir=str(self.tmp / f"front{self.n}"),
+                stats_interval=0,
+                telemetry=True,
             ).validated()
             mesh = meshlib.Mesh(settings=settings)
             client = mesh.client(timeout=2.0)
@@ -179,6 +211,7 @@ class Run:
             client.get(url)
         for u in ups:
             u.admin("/-/reset")
+
         def retries() -> int:
             if mesh is not None and mesh.telemetry is not None:
                 return int(sum(v for _, v in mesh.telemetry.metrics.retries.points()))
@@ -261,8 +294,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "resilience.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'scenario':12} {'path':8} {'requests':>8} {'failed':>7} {'p99 base':>9} {'p99 event':>10} "
-          f"{'recovery':>9} {'retries':>8} {'sick hits':>9}")
+    print(
+        f"\n{'scenario':12} {'path':8} {'requests':>8} {'failed':>7} {'p99 base':>9} {'p99 event':>10} "
+        f"{'recovery':>9} {'retries':>8} {'sick hits':>9}"
+    )
     for name, paths in results.items():
         for path, r in paths.items():
             if r is None:
@@ -270,8 +305,10 @@ def main() -> None:
                 continue
             recovery = "never" if r["recovery_s"] is None else f"{r['recovery_s']:.1f} s"
             sick = "-" if r["sick_instance_hits"] is None else str(r["sick_instance_hits"])
-            print(f"{name:12} {path:8} {r['requests']:>8} {r['failed']:>7} {r['baseline_p99_ms']:>7.1f}ms "
-                  f"{r['event_p99_ms']:>8.1f}ms {recovery:>9} {r['retries']:>8} {sick:>9}")
+            print(
+                f"{name:12} {path:8} {r['requests']:>8} {r['failed']:>7} {r['baseline_p99_ms']:>7.1f}ms "
+                f"{r['event_p99_ms']:>8.1f}ms {recovery:>9} {r['retries']:>8} {sick:>9}"
+            )
 
 
 if __name__ == "__main__":

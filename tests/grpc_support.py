@@ -28,9 +28,7 @@ def generate(proto: Path, out: Path) -> None:
     from grpc_tools import protoc
 
     out.mkdir(parents=True, exist_ok=True)
-    code = protoc.main(
-        ["protoc", f"-I{proto.parent}", f"--python_out={out}", f"--grpc_python_out={out}", str(proto)]
-    )
+    code = protoc.main(["protoc", f"-I{proto.parent}", f"--python_out={out}", f"--grpc_python_out={out}", str(proto)])
     if code != 0:
         raise RuntimeError(f"protoc failed on {proto} ({code})")
 

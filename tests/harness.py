@@ -115,25 +115,37 @@ class Upstream:
                 self.kill()
 
 
-def served_instance(cp: Any, state_dir: Path, *, header_timeout: float | None = None,
-                    env: dict[str, str] | None = None) -> Upstream:
+def served_instance(
+    cp: Any, state_dir: Path, *, header_timeout: float | None = None, env: dict[str, str] | None = None
+) -> Upstream:
     """A ``meshlib.serve`` instance (tests/upstream.py) named ``served``, registered with the control plane ``cp``."""
-    full = {"MESH_CONTROL_PLANE": cp.url, "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
-            "MESH_STATE_DIR": str(state_dir), **(env or {})}
+    full = {
+        "MESH_CONTROL_PLANE": cp.url,
+        "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
+        "MESH_STATE_DIR": str(state_dir),
+        **(env or {}),
+    }
     extra = ("--header-timeout", str(header_timeout)) if header_timeout is not None else ()
     return Upstream("served", mesh_service="served", env=full, extra_args=extra).wait_listening()
 
 
 def startup_lines(env: dict[str, str], state_dir: Path, *args: str) -> str:
     """What ``meshctl serve`` (on a free port, with exactly ``env``) writes to stderr before it listens."""
-    proc = subprocess.Popen([sys.executable, "-m", "meshlib.cli", "serve", "--port", "0", "--state-dir",
-                             str(state_dir), *args], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshlib.cli", "serve", "--port", "0", "--state-dir", str(state_dir), *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stderr is not None
         stderr = proc.stderr
         lines: list[str] = []
-        wait_for(lambda: lines.append(stderr.readline()) or "listening on" in lines[-1], timeout=30,
-                 what="meshctl serve to start")
+        wait_for(
+            lambda: lines.append(stderr.readline()) or "listening on" in lines[-1],
+            timeout=30,
+            what="meshctl serve to start",
+        )
         return "".join(lines)
     finally:
         proc.terminate()

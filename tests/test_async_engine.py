@@ -30,8 +30,9 @@ def three() -> Iterator[list[Upstream]]:
 
 def mesh_over(upstreams: list[Upstream]) -> meshlib.Mesh:
     endpoints = [Endpoint("127.0.0.1", u.port) for u in upstreams]
-    return meshlib.Mesh(service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="",
-                        telemetry=False)
+    return meshlib.Mesh(
+        service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="", telemetry=False
+    )
 
 
 def engine_of(client: meshlib.AsyncClient) -> AsyncEndpointPools:
@@ -118,6 +119,7 @@ def test_the_per_endpoint_cap_queues_requests_in_order(three):
 def test_a_pool_timeout_when_the_cap_is_reached_says_so():
     up = Upstream("slow", delay=1.0).wait_listening()
     try:
+
         async def main() -> BaseException | None:
             limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
             timeout = httpx.Timeout(10, pool=0.2)

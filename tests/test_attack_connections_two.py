@@ -53,8 +53,11 @@ def flood(port: int, path: str, megabytes: int) -> tuple[int, bool]:
 
 @pytest.mark.parametrize("target", ["control-plane", "meshlib.serve"])
 def test_a_pipelining_flood_cannot_grow_the_server(target, cp, served):
-    pid, port, path = ((cp.proc.pid, cp.port, "/healthz") if target == "control-plane"
-                       else (served.proc.pid, served.port, "/-/mesh/health"))
+    pid, port, path = (
+        (cp.proc.pid, cp.port, "/healthz")
+        if target == "control-plane"
+        else (served.proc.pid, served.port, "/-/mesh/health")
+    )
     before = rss_mb(pid)
     for _ in range(3):
         flood(port, path, 5)
@@ -97,8 +100,9 @@ def test_slow_request_bodies_cannot_take_a_flask_app_down(tmp_path):
     script = tmp_path / "slowbody.py"
     script.write_text(textwrap.dedent(FLASK_APP))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update(MESH_DISCOVERY="static:", MESH_CONTROL_PLANE="", MESH_STATE_DIR=str(tmp_path / "s"),
-               MESH_STATS_INTERVAL="0")
+    env.update(
+        MESH_DISCOVERY="static:", MESH_CONTROL_PLANE="", MESH_STATE_DIR=str(tmp_path / "s"), MESH_STATS_INTERVAL="0"
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     socks: list[socket.socket] = []
     stop = threading.Event()
@@ -205,8 +209,11 @@ def test_one_client_cannot_keep_more_than_its_share_of_idle_connections(served):
             except OSError:
                 return True
 
-        wait_for(lambda: sum(closed(s) for s in socks[MAX_IDLE_PER_CLIENT:]) == 10, timeout=10,
-                 what="the idle connections past the per-client cap to be closed")
+        wait_for(
+            lambda: sum(closed(s) for s in socks[MAX_IDLE_PER_CLIENT:]) == 10,
+            timeout=10,
+            what="the idle connections past the per-client cap to be closed",
+        )
         # closed for the cap, not by keep-alive expiry (which would have closed the older ones first, and all)
         assert not all(closed(s) for s in socks[:MAX_IDLE_PER_CLIENT])
     finally:

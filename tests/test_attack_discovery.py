@@ -48,8 +48,10 @@ def test_a_corrupt_cache_does_not_kill_the_watch(cached, control_plane, upstream
         # the registry comes back: the same watch thread picks the service up
         cp = control_plane(port=port)
         upstream = upstreams(1)[0]
-        r = httpx.put(cp.url + "/v1/registry/register",
-                      json={"service": "payments", "address": "127.0.0.1", "port": upstream.port})
+        r = httpx.put(
+            cp.url + "/v1/registry/register",
+            json={"service": "payments", "address": "127.0.0.1", "port": upstream.port},
+        )
         assert r.status_code == 200
         wait_for(lambda: _ok(client), timeout=20, what="calls to succeed once the registry is back")
 
@@ -122,10 +124,18 @@ def test_a_bad_answer_never_replaces_the_last_good_snapshot(tmp_path):
 
 def test_snapshot_validation_is_whole():
     with pytest.raises(SnapshotError, match=r"instances\[1\]: port"):
-        parse_snapshot("s", {"instances": [{"address": "10.0.0.1", "port": 80}, {"address": "10.0.0.2", "port": -1}]},
-                       1)
-    ok = parse_snapshot("s", {"instances": [{"address": "pay-1.internal", "port": 80, "tags": ["v1"],
-                                             "meta": {"mesh_tls": "strict"}, "id": "x"}]}, 1)
+        parse_snapshot(
+            "s", {"instances": [{"address": "10.0.0.1", "port": 80}, {"address": "10.0.0.2", "port": -1}]}, 1
+        )
+    ok = parse_snapshot(
+        "s",
+        {
+            "instances": [
+                {"address": "pay-1.internal", "port": 80, "tags": ["v1"], "meta": {"mesh_tls": "strict"}, "id": "x"}
+            ]
+        },
+        1,
+    )
     assert ok.endpoints[0].address == "pay-1.internal"
 
 
@@ -148,14 +158,20 @@ def test_discovery_errors_are_never_empty():
     )
 
 
-@pytest.mark.parametrize("address", ["2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "::ffff:169.254.169.254",
-                                     "0", "169.254.169.254", "0.0.0.0"])
+@pytest.mark.parametrize(
+    "address",
+    ["2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "::ffff:169.254.169.254", "0", "169.254.169.254", "0.0.0.0"],
+)
 def test_clients_never_list_an_unsafe_address_whatever_its_spelling(address):
     """A registry (or Consul) answer naming the metadata address in another spelling: that instance is left out,
     the others are used, and nothing is ever dialed there."""
-    answer = {"instances": [{"id": "evil", "address": address, "port": 80},
-                            {"id": "good", "address": "127.0.0.1", "port": 8001},
-                            {"id": "odd", "address": "2130706433", "port": 8002}]}
+    answer = {
+        "instances": [
+            {"id": "evil", "address": address, "port": 80},
+            {"id": "good", "address": "127.0.0.1", "port": 8001},
+            {"id": "odd", "address": "2130706433", "port": 8002},
+        ]
+    }
     snapshot = parse_snapshot("payments", answer, 3)
     assert sorted((e.address, e.port) for e in snapshot.endpoints) == [("127.0.0.1", 8001), ("127.0.0.1", 8002)]
 
@@ -163,8 +179,10 @@ def test_clients_never_list_an_unsafe_address_whatever_its_spelling(address):
 def test_the_consul_backend_leaves_out_unsafe_addresses_too():
     from meshlib.discovery.consul import _endpoints
 
-    entries = [{"Node": {"Address": "10.0.0.5"}, "Service": {"ID": "a", "Address": "0xa9fea9fe", "Port": 80}},
-               {"Node": {"Address": "0"}, "Service": {"ID": "b", "Address": "", "Port": 81}},
-               {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": "c", "Address": "", "Port": 8001}}]
+    entries = [
+        {"Node": {"Address": "10.0.0.5"}, "Service": {"ID": "a", "Address": "0xa9fea9fe", "Port": 80}},
+        {"Node": {"Address": "0"}, "Service": {"ID": "b", "Address": "", "Port": 81}},
+        {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": "c", "Address": "", "Port": 8001}},
+    ]
     snapshot = _endpoints("payments", entries, 7)
     assert [(e.address, e.port) for e in snapshot.endpoints] == [("127.0.0.1", 8001)]

@@ -39,8 +39,9 @@ def plaintext_attacker(upstreams) -> Upstream:
     return upstreams(1, prefix="attacker")[0]
 
 
-def test_strict_client_never_sends_plaintext_to_a_forged_instance(control_plane, plaintext_attacker, tmp_path,
-                                                                  monkeypatch):
+def test_strict_client_never_sends_plaintext_to_a_forged_instance(
+    control_plane, plaintext_attacker, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", BOOTSTRAP)
     cp = control_plane(bootstrap_token=BOOTSTRAP)
     _register(cp, "payments", plaintext_attacker.port, "off")  # forged: "I am payments, speak plaintext to me"
@@ -53,18 +54,26 @@ def test_strict_client_never_sends_plaintext_to_a_forged_instance(control_plane,
     assert plaintext_attacker.counts() == {}  # not one byte of a request reached it
 
 
-def test_strict_client_skips_plaintext_instances_and_uses_the_mtls_ones(control_plane, plaintext_attacker, tmp_path,
-                                                                      monkeypatch):
+def test_strict_client_skips_plaintext_instances_and_uses_the_mtls_ones(
+    control_plane, plaintext_attacker, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", BOOTSTRAP)
     cp = control_plane(bootstrap_token=BOOTSTRAP)
-    env = {"MESH_CONTROL_PLANE": cp.url, "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}", "MESH_TLS": "strict",
-           "MESH_BOOTSTRAP_TOKEN": BOOTSTRAP, "MESH_STATE_DIR": str(tmp_path / "real")}
+    env = {
+        "MESH_CONTROL_PLANE": cp.url,
+        "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
+        "MESH_TLS": "strict",
+        "MESH_BOOTSTRAP_TOKEN": BOOTSTRAP,
+        "MESH_STATE_DIR": str(tmp_path / "real"),
+    }
     real = Upstream("real", mesh_service="payments", env=env).wait_listening()
     try:
         _register(cp, "payments", plaintext_attacker.port, "off")
         with _mesh(cp, "strict", tmp_path) as mesh, mesh.client() as client:
-            wait_for(lambda: len(httpx.get(cp.url + "/v1/registry/services/payments").json()["instances"]) == 2,
-                     what="both registrations")
+            wait_for(
+                lambda: len(httpx.get(cp.url + "/v1/registry/services/payments").json()["instances"]) == 2,
+                what="both registrations",
+            )
             for _ in range(30):
                 r = client.get("http://payments/charge")
                 assert r.status_code == 200 and r.json()["instance"] == "real"
@@ -91,8 +100,9 @@ def test_control_plane_over_https_verified_with_the_mesh_ca(control_plane, tmp_p
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # not trusted without the mesh CA
         httpx.get(cp.url + "/healthz")
     monkeypatch.setenv("MESH_CONTROL_PLANE_CA", roots)
-    r = httpx.put(cp.url + "/v1/rules", json={"services": {"payments": {"timeout": "2s"}}}, headers=cp.admin(),
-                  verify=cp.verify)
+    r = httpx.put(
+        cp.url + "/v1/rules", json={"services": {"payments": {"timeout": "2s"}}}, headers=cp.admin(), verify=cp.verify
+    )
     assert r.status_code == 200
     # identity (CSR), rules and registry all go over https, verified against MESH_CONTROL_PLANE_CA
     with _mesh(cp, "strict", tmp_path) as mesh:

@@ -40,8 +40,13 @@ def test_malformed_deadlines_are_400_naming_the_header(served, value):
 
 @pytest.mark.parametrize(
     "value",
-    ["garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "ff-" + "a" * 32 + "-" + "b" * 16 + "-01", "x" * 5000,
-     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz"],
+    [
+        "garbage",
+        "00-" + "0" * 32 + "-" + "0" * 16 + "-01",
+        "ff-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "x" * 5000,
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+    ],
 )
 def test_malformed_traceparent_is_ignored(served, value):
     r = httpx.get(served.url + "/x", headers={"traceparent": value, "tracestate": value}, timeout=10)
@@ -98,8 +103,9 @@ def test_denial_log_lines_are_escaped_and_rate_limited(caplog):
 
     mesh = meshlib.Mesh(service="ledger", discovery=StaticDiscovery({}), control_plane="")
     try:
-        mesh.apply_rules(validate_rules({"services": {"ledger": {"authorization": {"mode": "strict",
-                                                                                    "allow": ["payments"]}}}}))
+        mesh.apply_rules(
+            validate_rules({"services": {"ledger": {"authorization": {"mode": "strict", "allow": ["payments"]}}}})
+        )
         caplog.set_level(logging.WARNING, logger="meshlib.authz")
         forged = "/x\n2026-12-03 WARNING meshlib.authz authorization allowed GET /admin"
         for _ in range(200):

@@ -36,8 +36,11 @@ def csr_pem(key: object) -> str:
 
 
 def sign(cp, key: object) -> httpx.Response:
-    return httpx.post(cp.url + "/v1/ca/sign", json={"csr": csr_pem(key), "service": "payments"},
-                      headers={"authorization": f"Bearer {TOKEN}"})
+    return httpx.post(
+        cp.url + "/v1/ca/sign",
+        json={"csr": csr_pem(key), "service": "payments"},
+        headers={"authorization": f"Bearer {TOKEN}"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,9 +71,21 @@ def test_ca_issue_writes_the_key_0600_even_over_an_existing_file(tmp_path):
     key.write_text("old")
     key.chmod(0o644)
     subprocess.run(
-        [sys.executable, "-m", "meshlib.cli", "ca", "issue", "payments", "--state-dir", str(tmp_path / "ca"),
-         "--out-dir", str(out)],
-        check=True, capture_output=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "meshlib.cli",
+            "ca",
+            "issue",
+            "payments",
+            "--state-dir",
+            str(tmp_path / "ca"),
+            "--out-dir",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     assert b"PRIVATE KEY" in key.read_bytes()
@@ -84,8 +99,9 @@ def test_instance_keys_are_not_left_on_disk(control_plane, tmp_path, monkeypatch
     monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", TOKEN)
     cp = control_plane(bootstrap_token=TOKEN)
     state = tmp_path / "instance"
-    mesh = meshlib.Mesh(service="payments", discovery=StaticDiscovery({}), control_plane=cp.url, tls="strict",
-                        state_dir=str(state))
+    mesh = meshlib.Mesh(
+        service="payments", discovery=StaticDiscovery({}), control_plane=cp.url, tls="strict", state_dir=str(state)
+    )
     try:
         assert mesh.identity is not None and mesh.identity.certificate is not None
         assert private_key_files(state) == []  # in memory (the SSL contexts) only, while it runs
@@ -101,8 +117,13 @@ def test_refused_handshakes_are_logged_with_the_reason(control_plane, tmp_path, 
 
     monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", TOKEN)
     cp = control_plane(bootstrap_token=TOKEN)
-    mesh = meshlib.Mesh(service="payments", discovery=StaticDiscovery({}), control_plane=cp.url, tls="permissive",
-                        state_dir=str(tmp_path / "p"))
+    mesh = meshlib.Mesh(
+        service="payments",
+        discovery=StaticDiscovery({}),
+        control_plane=cp.url,
+        tls="permissive",
+        state_dir=str(tmp_path / "p"),
+    )
     config = mesh_uvicorn_config(_hello_app, mesh, log_level="warning", lifespan="off")
     server = ThreadedServer(None, config_object=config)
     caplog.set_level(logging.INFO, logger="meshlib.security")
@@ -112,8 +133,9 @@ def test_refused_handshakes_are_logged_with_the_reason(control_plane, tmp_path, 
         issued = foreign.issue(key.public_key(), "frontend")
         (tmp_path / "f.crt").write_bytes(issued.pem())
         (tmp_path / "f.key").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -121,8 +143,10 @@ def test_refused_handshakes_are_logged_with_the_reason(control_plane, tmp_path, 
         ctx.load_cert_chain(str(tmp_path / "f.crt"), str(tmp_path / "f.key"))
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"https://127.0.0.1:{server.port}/", verify=ctx, timeout=5).raise_for_status()
-        wait_for(lambda: any("TLS handshake failed" in r.getMessage() for r in caplog.records),
-                 what="the refused handshake to be logged")
+        wait_for(
+            lambda: any("TLS handshake failed" in r.getMessage() for r in caplog.records),
+            what="the refused handshake to be logged",
+        )
         line = next(r for r in caplog.records if "TLS handshake failed" in r.getMessage())
         assert line.levelno == logging.INFO and "certificate" in line.getMessage().lower()
         assert httpx.get(f"http://127.0.0.1:{server.port}/", timeout=5).status_code == 200  # still serving

@@ -36,8 +36,14 @@ def listed(cp, service: str) -> list[dict[str, object]]:
     return list(httpx.get(cp.url + f"/v1/registry/services/{service}").json()["instances"])
 
 
-VICTIM = {"id": "payments-1", "service": "payments", "address": "127.0.0.1", "port": 8001, "ttl": "30s",
-          "meta": {"mesh_tls": "strict"}}
+VICTIM = {
+    "id": "payments-1",
+    "service": "payments",
+    "address": "127.0.0.1",
+    "port": 8001,
+    "ttl": "30s",
+    "meta": {"mesh_tls": "strict"},
+}
 
 
 def test_another_token_holder_cannot_overwrite_heartbeat_or_deregister_an_instance(cp):
@@ -55,8 +61,12 @@ def test_another_token_holder_cannot_overwrite_heartbeat_or_deregister_an_instan
     assert moved.status_code == 409
     assert httpx.put(cp.url + "/v1/registry/heartbeat/payments-1", headers=auth()).status_code == 403
     assert httpx.delete(cp.url + "/v1/registry/payments-1", headers=auth()).status_code == 403
-    assert httpx.delete(cp.url + "/v1/registry/payments-1",
-                        headers=auth(**{"x-mesh-instance-secret": "wrong"})).status_code == 403
+    assert (
+        httpx.delete(
+            cp.url + "/v1/registry/payments-1", headers=auth(**{"x-mesh-instance-secret": "wrong"})
+        ).status_code
+        == 403
+    )
     # nothing changed
     [entry] = listed(cp, "payments")
     assert entry["address"] == "127.0.0.1" and entry["meta"] == {"mesh_tls": "strict"}
@@ -146,9 +156,22 @@ def test_without_a_token_only_loopback_may_write():
 
 def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "meshlib.cli", "serve", "--host", "0.0.0.0", "--port", "0",
-         "--state-dir", str(tmp_path / "cp")],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "meshlib.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "cp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode != 0
     assert "MESH_BOOTSTRAP_TOKEN" in proc.stderr and "--insecure" in proc.stderr
@@ -226,8 +249,10 @@ def test_watches_naming_unknown_services_are_bounded(control_plane):
         for w in range(70):
             body = json.dumps({"services": [f"ghost-{w}-{i}" for i in range(MAX_WATCHED)]}).encode()
             s = socket.create_connection(("127.0.0.1", cp.port))
-            s.sendall(b"POST /v1/registry/watch?index=5&wait=300s HTTP/1.1\r\nhost: localhost\r\n"
-                      b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            s.sendall(
+                b"POST /v1/registry/watch?index=5&wait=300s HTTP/1.1\r\nhost: localhost\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+            )
             socks.append(s)
         refused = []
 

@@ -166,8 +166,11 @@ def test_accepted_regex_cannot_freeze_a_client(cp, upstreams):
     upstream = upstreams(1)[0]
     beta_route = {"match": {"headers": {"x-user": {"regex": "(a+)+b"}}}, "to": [{"subset": "v1"}]}
     v = cp.apply({"services": {"echo": {"subsets": {"v1": {"tags": ["v1"]}}, "routes": [beta_route, {"to": [{}]}]}}})
-    mesh = meshlib.Mesh(service="victim", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", upstream.port)]}),
-                        control_plane=cp.url)
+    mesh = meshlib.Mesh(
+        service="victim",
+        discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", upstream.port)]}),
+        control_plane=cp.url,
+    )
     result: list[int] = []
     with mesh, mesh.client() as client:
         assert mesh.rules_watcher is not None and mesh.rules_watcher.wait_for_version(v, 10)

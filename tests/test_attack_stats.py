@@ -21,9 +21,21 @@ N_BUCKETS = len(LATENCY_BUCKETS) + 1
 
 def report(service: str, instance: str, **fields: object) -> dict[str, object]:
     body: dict[str, object] = {
-        "v": 1, "instance": instance, "service": service, "address": "127.0.0.1", "port": 8001,
-        "started": time.time(), "interval": 2.0, "tls": "off", "identity": None, "rules_version": 0,
-        "buckets": list(LATENCY_BUCKETS), "inbound": [], "outbound": [], "counters": [], "verified_peers": {},
+        "v": 1,
+        "instance": instance,
+        "service": service,
+        "address": "127.0.0.1",
+        "port": 8001,
+        "started": time.time(),
+        "interval": 2.0,
+        "tls": "off",
+        "identity": None,
+        "rules_version": 0,
+        "buckets": list(LATENCY_BUCKETS),
+        "inbound": [],
+        "outbound": [],
+        "counters": [],
+        "verified_peers": {},
         "endpoints": [],
     }
     body.update(fields)
@@ -85,8 +97,9 @@ def test_the_books_memory_is_bounded_whatever_the_reporters(control_plane):
     with httpx.Client(base_url=cp.url, timeout=30) as client:
         for i in range(250):
             inbound = [[f"p{j % 50}", f"/r/{i}/{j}", "2xx", 0, N_BUCKETS, 1.0, [1] * N_BUCKETS] for j in range(rows)]
-            outbound = [[f"p{j % 50}", f"/r/{i}/{j}", "2xx", "success", N_BUCKETS, 1.0, [1] * N_BUCKETS]
-                        for j in range(rows)]
+            outbound = [
+                [f"p{j % 50}", f"/r/{i}/{j}", "2xx", "success", N_BUCKETS, 1.0, [1] * N_BUCKETS] for j in range(rows)
+            ]
             r = client.post("/v1/stats/report", json=report(f"s{i}", f"i{i}", inbound=inbound, outbound=outbound))
             assert r.status_code in (204, 503), r.text
             accepted += r.status_code == 204

@@ -36,9 +36,11 @@ def bearer(token: str, **extra: str) -> dict[str, str]:
 
 def csr_for(service: str) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)])
-    ).sign(key, hashes.SHA256())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -52,10 +54,24 @@ def registration(service: str, port: int) -> dict[str, object]:
 
 
 def report(service: str, instance: str) -> dict[str, object]:
-    return {"v": 1, "instance": instance, "service": service, "address": "127.0.0.1", "port": 8001,
-            "started": time.time(), "interval": 2.0, "tls": "strict", "identity": None, "rules_version": 0,
-            "buckets": list(LATENCY_BUCKETS), "inbound": [], "outbound": [], "counters": [],
-            "verified_peers": {}, "endpoints": []}
+    return {
+        "v": 1,
+        "instance": instance,
+        "service": service,
+        "address": "127.0.0.1",
+        "port": 8001,
+        "started": time.time(),
+        "interval": 2.0,
+        "tls": "strict",
+        "identity": None,
+        "rules_version": 0,
+        "buckets": list(LATENCY_BUCKETS),
+        "inbound": [],
+        "outbound": [],
+        "counters": [],
+        "verified_peers": {},
+        "endpoints": [],
+    }
 
 
 @pytest.fixture
@@ -80,22 +96,36 @@ def test_a_web_token_cannot_act_as_payments(cp):
     assert owner.status_code == 200
     secret = owner.json()["secret"]
     # even with the instance's secret (leaked, say), a web token cannot heartbeat or remove payments' entry
-    assert httpx.put(cp.url + "/v1/registry/heartbeat/payments-1",
-                     headers=bearer(web, **{"x-mesh-instance-secret": secret})).status_code == 403
-    assert httpx.delete(cp.url + "/v1/registry/payments-1",
-                        headers=bearer(web, **{"x-mesh-instance-secret": secret})).status_code == 403
-    assert httpx.put(cp.url + "/v1/registry/heartbeat/payments-1",
-                     headers=bearer(payments, **{"x-mesh-instance-secret": secret})).status_code == 200
+    assert (
+        httpx.put(
+            cp.url + "/v1/registry/heartbeat/payments-1", headers=bearer(web, **{"x-mesh-instance-secret": secret})
+        ).status_code
+        == 403
+    )
+    assert (
+        httpx.delete(
+            cp.url + "/v1/registry/payments-1", headers=bearer(web, **{"x-mesh-instance-secret": secret})
+        ).status_code
+        == 403
+    )
+    assert (
+        httpx.put(
+            cp.url + "/v1/registry/heartbeat/payments-1", headers=bearer(payments, **{"x-mesh-instance-secret": secret})
+        ).status_code
+        == 200
+    )
 
     # stats: a web token cannot report for payments; a payments token cannot forge a registered instance's
     # figures without its secret
     forged = httpx.post(cp.url + "/v1/stats/report", json=report("payments", "payments-9"), headers=bearer(web))
     assert forged.status_code == 403
-    no_secret = httpx.post(cp.url + "/v1/stats/report", json=report("payments", "payments-1"),
-                           headers=bearer(payments))
+    no_secret = httpx.post(cp.url + "/v1/stats/report", json=report("payments", "payments-1"), headers=bearer(payments))
     assert no_secret.status_code == 403 and "x-mesh-instance-secret" in no_secret.json()["error"]
-    ok = httpx.post(cp.url + "/v1/stats/report", json=report("payments", "payments-1"),
-                    headers=bearer(payments, **{"x-mesh-instance-secret": secret}))
+    ok = httpx.post(
+        cp.url + "/v1/stats/report",
+        json=report("payments", "payments-1"),
+        headers=bearer(payments, **{"x-mesh-instance-secret": secret}),
+    )
     assert ok.status_code == 204, ok.text
 
 
@@ -128,15 +158,25 @@ def test_a_real_instance_joins_with_its_own_token_and_not_as_another(cp, tmp_pat
     env = {"MESH_CONTROL_PLANE": cp.url, "MESH_BOOTSTRAP_TOKEN": token}
     os.environ.update(env)
     try:
-        mesh = meshlib.Mesh(service="payments", discovery=StaticDiscovery({}), control_plane=cp.url, tls="strict",
-                            state_dir=str(tmp_path / "p"))
+        mesh = meshlib.Mesh(
+            service="payments",
+            discovery=StaticDiscovery({}),
+            control_plane=cp.url,
+            tls="strict",
+            state_dir=str(tmp_path / "p"),
+        )
         try:
             assert mesh.identity is not None and mesh.identity.id.service == "payments"
         finally:
             mesh.close()
         with pytest.raises(IdentityError) as refused:
-            meshlib.Mesh(service="ledger", discovery=StaticDiscovery({}), control_plane=cp.url, tls="strict",
-                         state_dir=str(tmp_path / "l"))
+            meshlib.Mesh(
+                service="ledger",
+                discovery=StaticDiscovery({}),
+                control_plane=cp.url,
+                tls="strict",
+                state_dir=str(tmp_path / "l"),
+            )
         assert "may not act as 'ledger'" in str(refused.value) and "within" not in str(refused.value)
     finally:
         for key in env:
@@ -147,8 +187,9 @@ def test_meshctl_token_create_list_revoke(cp):
     env = {**os.environ, "MESH_ADMIN_TOKEN": ADMIN_TOKEN, "MESH_CONTROL_PLANE": cp.url}
 
     def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "meshlib.cli", "token", *args], capture_output=True, text=True,
-                              env=env, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "meshlib.cli", "token", *args], capture_output=True, text=True, env=env, timeout=60
+        )
 
     created = meshctl("create", "--service", "inventory", "--ttl", "30d", "--description", "inventory team")
     assert created.returncode == 0, created.stderr
@@ -174,7 +215,12 @@ def test_the_shared_bootstrap_token_is_development_mode_and_says_so(tmp_path):
 def test_the_admin_token_may_not_equal_the_bootstrap_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_ADMIN_TOKEN="same-token", MESH_BOOTSTRAP_TOKEN="same-token")
-    proc = subprocess.run([sys.executable, "-m", "meshlib.cli", "serve", "--port", "0", "--state-dir",
-                           str(tmp_path / "cp")], capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "serve", "--port", "0", "--state-dir", str(tmp_path / "cp")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 1
     assert "MESH_ADMIN_TOKEN equals MESH_BOOTSTRAP_TOKEN" in proc.stderr and "Traceback" not in proc.stderr

@@ -25,8 +25,12 @@ def upstream() -> Iterator[Upstream]:
 
 
 def _mesh(port: int) -> meshlib.Mesh:
-    return meshlib.Mesh(service="t", control_plane="", telemetry=False,
-                        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}))
+    return meshlib.Mesh(
+        service="t",
+        control_plane="",
+        telemetry=False,
+        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}),
+    )
 
 
 async def _state(response: httpx.Response) -> dict[str, object]:
@@ -71,9 +75,13 @@ def test_the_sync_client_hands_over_the_same_responses(upstream: Upstream) -> No
         with pytest.raises(httpx.StreamConsumed):
             list(response.iter_raw())
         return {
-            "content": response.content, "downloaded": response.num_bytes_downloaded, "closed": response.is_closed,
-            "consumed": response.is_stream_consumed, "pieces": list(response.iter_bytes(chunk_size=300)),
-            "again": response.read(), "elapsed": response.elapsed.total_seconds() > 0,
+            "content": response.content,
+            "downloaded": response.num_bytes_downloaded,
+            "closed": response.is_closed,
+            "consumed": response.is_stream_consumed,
+            "pieces": list(response.iter_bytes(chunk_size=300)),
+            "again": response.read(),
+            "elapsed": response.elapsed.total_seconds() > 0,
         }
 
     mesh = _mesh(upstream.port)
@@ -106,8 +114,12 @@ def test_a_url_string_is_parsed_once_and_builds_the_same_request() -> None:
         relative = client.build_request("GET", "users/9")
         assert clients._parsed_url.cache_info().hits == 1
         fresh = httpx.Client(base_url="http://svc/api/")  # httpx: params replace the query
-        assert str(first.url) == str(again.url) == str(fresh.build_request(
-            "GET", "http://svc/v1/items?id=7", params={"page": "2"}).url) == "http://svc/v1/items?page=2"
+        assert (
+            str(first.url)
+            == str(again.url)
+            == str(fresh.build_request("GET", "http://svc/v1/items?id=7", params={"page": "2"}).url)
+            == "http://svc/v1/items?page=2"
+        )
         assert str(relative.url) == "http://svc/api/users/9"
         for _ in range(2):  # a bad URL is an error every time, never a cached answer
             with pytest.raises(httpx.InvalidURL):

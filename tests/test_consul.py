@@ -301,7 +301,13 @@ def test_registration_needs_service_write_and_retries_in_the_background(double, 
     ups.append(a)
     a.wait_listening()
     reg = ConsulRegistration(
-        consul.Consul(port=double.port, token="reader"), "payments", "127.0.0.1", a.port, [], {}, token="reader",
+        consul.Consul(port=double.port, token="reader"),
+        "payments",
+        "127.0.0.1",
+        a.port,
+        [],
+        {},
+        token="reader",
         ttl=1.0,
     )
     reg.start()  # the documented path: a failed first registration is logged and retried in the background

@@ -384,18 +384,31 @@ def test_an_unused_subset_is_a_warning_not_an_error(control_plane, tmp_path):
     import os
 
     cp = control_plane()
-    finished = {"services": {"payments": {"subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
-                                          "routes": [{"to": [{"subset": "v2"}]}]}}}
+    finished = {
+        "services": {
+            "payments": {
+                "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+                "routes": [{"to": [{"subset": "v2"}]}],
+            }
+        }
+    }
     r = cp.put_rules(finished)
     assert r.status_code == 200, r.text
     assert r.json()["warnings"] == [
-        {"path": "services.payments.subsets.v1", "error": "no route sends traffic to this subset (kept, e.g. for a "
-                                                          "rollback)"}
+        {
+            "path": "services.payments.subsets.v1",
+            "error": "no route sends traffic to this subset (kept, e.g. for a rollback)",
+        }
     ]
     path = tmp_path / "finished.json"
     path.write_text(json.dumps(finished))
     env = {**os.environ, "MESH_ADMIN_TOKEN": cp.admin_token or "", "MESH_CONTROL_PLANE": cp.url}
-    applied = subprocess.run([sys.executable, "-m", "meshlib.cli", "rules", "apply", "-f", str(path)],
-                             capture_output=True, text=True, timeout=60, env=env)
+    applied = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "rules", "apply", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert applied.returncode == 0, applied.stderr
     assert "warning: services.payments.subsets.v1: no route sends traffic to this subset" in applied.stdout

@@ -50,8 +50,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
     for u in [*backends, frontend]:
         u.wait_listening()
     settings = MeshSettings(
-        service="loadgen", control_plane=cp.url, discovery=registry_of(cp.url), tls="strict",
-        bootstrap_token=BOOT, state_dir=str(root / "loadgen"), stats_interval=0.5,
+        service="loadgen",
+        control_plane=cp.url,
+        discovery=registry_of(cp.url),
+        tls="strict",
+        bootstrap_token=BOOT,
+        state_dir=str(root / "loadgen"),
+        stats_interval=0.5,
     ).validated()
     mesh = meshlib.Mesh(settings=settings)
     calls = [0]
@@ -159,8 +164,12 @@ def test_a_new_rules_version_shows_with_its_diff(live: LiveMesh, page: Any) -> N
     first = live.cp.apply({"services": {"backend": {"timeout": "2s"}}})
     second = live.cp.apply({"services": {"backend": {"timeout": "3s", "retries": {"attempts": 2}}}})
     page.goto(live.cp.url + "/ui#/rules")
-    wait_for(lambda: page.locator("#rules-current").text_content() == f"version {second}", timeout=10, interval=0.2,
-             what="the current version")
+    wait_for(
+        lambda: page.locator("#rules-current").text_content() == f"version {second}",
+        timeout=10,
+        interval=0.2,
+        what="the current version",
+    )
     diff = page.locator("#diff").text_content()
     assert f"--- version {first}" in diff and f"+++ version {second}" in diff
     assert '-      "timeout": "2s"' in diff and '+      "timeout": "3s"' in diff
@@ -184,8 +193,12 @@ def test_rollback_needs_the_token_and_works_with_it(live: LiveMesh, page: Any) -
     assert page.locator("#token-state").text_content() == "token set (this tab only)"
     assert live.cp.admin_token not in page.content()  # the token is never put into the page
     page.click(f'button.rollback[data-version="{target}"]')
-    wait_for(lambda: "Rolled back" in (page.locator("#rules-message").text_content() or ""), timeout=10,
-             interval=0.2, what="the rollback message")
+    wait_for(
+        lambda: "Rolled back" in (page.locator("#rules-message").text_content() or ""),
+        timeout=10,
+        interval=0.2,
+        what="the rollback message",
+    )
     now = httpx.get(live.cp.url + "/v1/rules").json()
     assert now["version"] == current + 1
     assert now["rules"] == httpx.get(f"{live.cp.url}/v1/rules/{target}").json()["rules"]

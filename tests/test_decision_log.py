@@ -39,8 +39,14 @@ def test_a_retried_call_tells_why_on_its_span_in_the_access_log_and_at_debug(cap
     live = ThreadedServer(app())
     dead = free_port()
     discovery = StaticDiscovery({"beta": [Endpoint("127.0.0.1", dead), Endpoint("127.0.0.1", live.port)]})
-    tester = meshlib.Mesh(service="tester", discovery=discovery, control_plane="", tracer_provider=provider,
-                          access_log=True, policies={"beta": ServicePolicy(load_balancer="round_robin")})
+    tester = meshlib.Mesh(
+        service="tester",
+        discovery=discovery,
+        control_plane="",
+        tracer_provider=provider,
+        access_log=True,
+        policies={"beta": ServicePolicy(load_balancer="round_robin")},
+    )
     caplog.set_level(logging.INFO, logger="meshlib.access")
     caplog.set_level(logging.DEBUG, logger="meshlib.policy")
     # (the last set_level also sets the capture handler's level: DEBUG last)
@@ -62,8 +68,9 @@ def test_a_retried_call_tells_why_on_its_span_in_the_access_log_and_at_debug(cap
     debug = [r.getMessage() for r in caplog.records if r.name == "meshlib.policy"]
     assert f"beta: {first}" in debug and f"beta: {second}" in debug
 
-    call = next(s for s in exporter.get_finished_spans()
-                if s.kind is SpanKind.CLIENT and s.attributes.get("mesh.attempts") == 2)
+    call = next(
+        s for s in exporter.get_finished_spans() if s.kind is SpanKind.CLIENT and s.attributes.get("mesh.attempts") == 2
+    )
     events = [e for e in call.events if e.name == "mesh.decision"]
     assert [e.attributes["mesh.endpoint"] for e in events] == [dead_label, f"127.0.0.1:{live.port}"]
     assert events[0].attributes["mesh.verdict"] == "connect-failure"
@@ -91,8 +98,7 @@ def test_the_budget_answer_is_in_the_entry_of_a_retried_attempt():
 
 
 def test_no_endpoints_errors_say_why_as_a_typed_reason():
-    tester = meshlib.Mesh(service="tester", discovery=StaticDiscovery({"beta": []}), control_plane="",
-                          telemetry=False)
+    tester = meshlib.Mesh(service="tester", discovery=StaticDiscovery({"beta": []}), control_plane="", telemetry=False)
     with tester, tester.client() as client, pytest.raises(meshlib.NoEndpointsError) as info:
         client.get("http://beta/hello")
     assert info.value.reason == meshlib.NoEndpointsError.NONE_LISTED

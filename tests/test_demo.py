@@ -35,7 +35,10 @@ def test_demo_runs_every_scene_and_passes(tmp_path):
     assert dashboard, out
     assert "frontend->catalog" in dashboard.group(3) and "catalog->inventory" in dashboard.group(3)
     # the dashboard's payments page: both healthy v2 instances share the v2 traffic (none starves)
-    shares = re.search(r"dashboard: payments v2 instances: payments-v2-1 [\d.]+ req/s \((\d+)%\), "
-                       r"payments-v2-2 [\d.]+ req/s \((\d+)%\)", out)
+    shares = re.search(
+        r"dashboard: payments v2 instances: payments-v2-1 [\d.]+ req/s \((\d+)%\), "
+        r"payments-v2-2 [\d.]+ req/s \((\d+)%\)",
+        out,
+    )
     assert shares, out
     assert all(int(s) >= 25 for s in shares.groups()), shares.group(0)

@@ -34,8 +34,10 @@ def test_one_process_calls_300_services_on_one_watch(control_plane, upstream, tm
     earlier = frozenset(threading.enumerate())
     with httpx.Client(base_url=cp.url) as admin:
         for name in SERVICES:
-            r = admin.put("/v1/registry/register", json={"service": name, "address": "127.0.0.1",
-                                                         "port": upstream.port, "ttl": "1h"})
+            r = admin.put(
+                "/v1/registry/register",
+                json={"service": name, "address": "127.0.0.1", "port": upstream.port, "ttl": "1h"},
+            )
             assert r.status_code == 200
     discovery = RegistryDiscovery(cp.url, state_dir=str(tmp_path / "gw"), wait=30.0)
     mesh = meshlib.Mesh(service="gateway", discovery=discovery, control_plane="", state_dir=str(tmp_path / "gw"))
@@ -67,12 +69,17 @@ def test_one_process_calls_300_services_on_one_watch(control_plane, upstream, tm
 
             # a change to any of the 300 reaches the process promptly (by the watch, not by a timeout)
             with httpx.Client(base_url=cp.url) as admin:
-                r = admin.put("/v1/registry/register", json={"id": "svc150-extra", "service": "svc150",
-                                                             "address": "127.0.0.2", "port": 9999, "ttl": "1h"})
+                r = admin.put(
+                    "/v1/registry/register",
+                    json={"id": "svc150-extra", "service": "svc150", "address": "127.0.0.2", "port": 9999, "ttl": "1h"},
+                )
                 assert r.status_code == 200
             started = time.monotonic()
-            wait_for(lambda: len(mesh.service_state("svc150").handles) == 2, timeout=10,
-                     what="svc150's new instance to reach the gateway")
+            wait_for(
+                lambda: len(mesh.service_state("svc150").handles) == 2,
+                timeout=10,
+                what="svc150's new instance to reach the gateway",
+            )
             assert time.monotonic() - started < 5  # woken by the change, long before the 30 s wait
     finally:
         stop.set()
@@ -98,8 +105,11 @@ def test_300_services_on_consul_without_starvation(upstream, tmp_path):
                 assert http.get(f"http://{name}/x").status_code == 200
             # all 300 blocking queries are held; heartbeats still pass on their own connection
             passes = double.requests_to("/v1/agent/check/pass/")
-            wait_for(lambda: double.requests_to("/v1/agent/check/pass/") >= passes + 3, timeout=10,
-                     what="heartbeats while 300 blocking queries are held")
+            wait_for(
+                lambda: double.requests_to("/v1/agent/check/pass/") >= passes + 3,
+                timeout=10,
+                what="heartbeats while 300 blocking queries are held",
+            )
             assert double.check_status(own.id) == "passing"
         own.close()
     finally:
@@ -112,8 +122,9 @@ def test_services_nobody_calls_stop_being_watched(control_plane, upstream, tmp_p
     cp = control_plane()
     with httpx.Client(base_url=cp.url) as admin:
         for name in ("busy", "once"):
-            admin.put("/v1/registry/register", json={"service": name, "address": "127.0.0.1",
-                                                     "port": upstream.port}).raise_for_status()
+            admin.put(
+                "/v1/registry/register", json={"service": name, "address": "127.0.0.1", "port": upstream.port}
+            ).raise_for_status()
     discovery = RegistryDiscovery(cp.url, state_dir=str(tmp_path / "gw"), wait=30.0)
     settings = replace(meshlib.MeshSettings.from_env(service="gateway", control_plane=""), watch_idle_timeout=0.5)
     with meshlib.Mesh(discovery=discovery, settings=settings) as mesh, mesh.client() as client:

@@ -21,7 +21,11 @@ from meshlib.settings import MeshSettings
 
 def meshctl(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "meshlib.cli", *args], capture_output=True, text=True, timeout=60, cwd=cwd,
+        [sys.executable, "-m", "meshlib.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
     )
 
@@ -43,8 +47,12 @@ def test_settings_come_from_the_environment_then_defaults(tmp_path):
         "MESH_ACCESS_LOG_SAMPLE": "0.25",
     }
     s = MeshSettings.from_env(env)
-    assert (s.service, s.discovery, s.control_plane, s.tls) == ("checkout", "static:payments=127.0.0.1:8001", "",
-                                                                 "permissive")
+    assert (s.service, s.discovery, s.control_plane, s.tls) == (
+        "checkout",
+        "static:payments=127.0.0.1:8001",
+        "",
+        "permissive",
+    )
     assert (s.state_dir, s.trust_domain, s.namespace) == (str(tmp_path), "corp.example", "shop")
     assert (s.telemetry, s.access_log, s.access_log_sample) == (False, True, 0.25)
     assert MeshSettings.from_env(env, service="override").service == "override"  # arguments first
@@ -119,7 +127,8 @@ def test_static_spec_errors_say_what_is_wrong(spec, message):
 
 def test_meshctl_run_serves_a_wsgi_app_registered_in_the_mesh(control_plane, tmp_path):
     cp = control_plane()
-    (tmp_path / "shopapp.py").write_text(textwrap.dedent('''
+    (tmp_path / "shopapp.py").write_text(
+        textwrap.dedent("""
         from flask import Flask, jsonify, request
 
         app = Flask("shopapp")
@@ -127,20 +136,33 @@ def test_meshctl_run_serves_a_wsgi_app_registered_in_the_mesh(control_plane, tmp
         @app.get("/items/<int:n>")
         def item(n):
             return jsonify({"item": n, "caller": request.headers.get("x-mesh-caller")})
-    '''))
+    """)
+    )
     port = free_port()
-    env = {"MESH_CONTROL_PLANE": cp.url, "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
-           "MESH_STATE_DIR": str(tmp_path / "state"), "PYTHONPATH": str(tmp_path)}
+    env = {
+        "MESH_CONTROL_PLANE": cp.url,
+        "MESH_DISCOVERY": f"registry://127.0.0.1:{cp.port}",
+        "MESH_STATE_DIR": str(tmp_path / "state"),
+        "PYTHONPATH": str(tmp_path),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshlib.cli", "run", "shop", "shopapp:app", "--port", str(port), "--tags", "v1"],
-        cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         listed = lambda: httpx.get(cp.url + "/v1/registry/services/shop").json()["instances"]  # noqa: E731
         wait_for(lambda: listed(), timeout=30, what="the WSGI app to register")
         assert [(i["port"], i["tags"], i["meta"]["mesh_tls"]) for i in listed()] == [(port, ["v1"], "off")]
-        mesh = meshlib.Mesh(service="web", discovery=f"registry://127.0.0.1:{cp.port}", control_plane=cp.url,
-                            state_dir=str(tmp_path / "web"))
+        mesh = meshlib.Mesh(
+            service="web",
+            discovery=f"registry://127.0.0.1:{cp.port}",
+            control_plane=cp.url,
+            state_dir=str(tmp_path / "web"),
+        )
         with mesh, mesh.client() as client:
             r = client.get("http://shop/items/7")
             assert r.status_code == 200 and r.json() == {"item": 7, "caller": "web"}

@@ -24,13 +24,21 @@ def test_django_reports_calls_fastapi_catalog_through_the_mesh(control_plane, tm
     try:
         apps = (("catalog", "catalog:app", "fastapi_app"), ("reports", "reports:app", "django_app"))
         for service, app, folder in apps:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "meshlib.cli", "run", service, app, "--port", str(free_port())],
-                cwd=EXAMPLES / folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "meshlib.cli", "run", service, app, "--port", str(free_port())],
+                    cwd=EXAMPLES / folder,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         for service in ("catalog", "reports"):
-            wait_for(lambda s=service: httpx.get(cp.url + f"/v1/registry/services/{s}").json()["instances"],
-                     timeout=60, what=f"{service} to register")
+            wait_for(
+                lambda s=service: httpx.get(cp.url + f"/v1/registry/services/{s}").json()["instances"],
+                timeout=60,
+                what=f"{service} to register",
+            )
         mesh = meshlib.Mesh(service="web", control_plane=cp.url, state_dir=str(tmp_path / "web"))
         with mesh, mesh.client() as client:
             r = client.get("http://reports/summary")
@@ -38,8 +46,11 @@ def test_django_reports_calls_fastapi_catalog_through_the_mesh(control_plane, tm
             assert r.json() == {"items": 3, "cheapest": "espresso beans", "served_by": "reports"}
             # reports counted the call (recorded once the response is sent: poll, do not race it); in plaintext the
             # caller proved no identity, so its x-mesh-caller is never a label
-            wait_for(lambda: 'mesh_peer_service="(unverified)"' in client.get("http://reports/-/mesh/metrics").text,
-                     timeout=10, what="reports' server metrics to count the unverified caller")
+            wait_for(
+                lambda: 'mesh_peer_service="(unverified)"' in client.get("http://reports/-/mesh/metrics").text,
+                timeout=10,
+                what="reports' server metrics to count the unverified caller",
+            )
     finally:
         for proc in procs:
             proc.terminate()

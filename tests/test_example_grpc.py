@@ -25,29 +25,49 @@ def test_inventory_server_and_client_and_catalog_over_grpc(control_plane, tmp_pa
     procs = []
     try:
         for i in (1, 2):
-            procs.append(subprocess.Popen(
-                [sys.executable, str(EXAMPLES / "grpc_app" / "server.py")],
-                env={**env, "PORT": str(free_port()), "DEMO_INSTANCE": f"inventory-{i}"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "meshlib.cli", "run", "catalog", "catalog:app", "--port", str(free_port())],
-            cwd=EXAMPLES / "fastapi_app", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
-        wait_for(lambda: len(httpx.get(cp.url + "/v1/registry/services/inventory").json()["instances"]) == 2,
-                 timeout=60, what="two inventory instances")
-        wait_for(lambda: httpx.get(cp.url + "/v1/registry/services/catalog").json()["instances"],
-                 timeout=60, what="catalog")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(EXAMPLES / "grpc_app" / "server.py")],
+                    env={**env, "PORT": str(free_port()), "DEMO_INSTANCE": f"inventory-{i}"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "meshlib.cli", "run", "catalog", "catalog:app", "--port", str(free_port())],
+                cwd=EXAMPLES / "fastapi_app",
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for(
+            lambda: len(httpx.get(cp.url + "/v1/registry/services/inventory").json()["instances"]) == 2,
+            timeout=60,
+            what="two inventory instances",
+        )
+        wait_for(
+            lambda: httpx.get(cp.url + "/v1/registry/services/catalog").json()["instances"], timeout=60, what="catalog"
+        )
 
-        client = subprocess.run([sys.executable, str(EXAMPLES / "grpc_app" / "client.py")], env={
-            **env, "MESH_SERVICE": "example-client"}, capture_output=True, text=True, timeout=60)
+        client = subprocess.run(
+            [sys.executable, str(EXAMPLES / "grpc_app" / "client.py")],
+            env={**env, "MESH_SERVICE": "example-client"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert client.returncode == 0, client.stderr
         lines = client.stdout.splitlines()
         first = lines[0]  # (a protobuf map has no order)
         assert first.startswith("in stock: {") and "'1': 12" in first and "'2': 3" in first, first
         assert "(served by inventory-" in first
         assert [line.split(" (")[0] for line in lines[4:]] == [
-            "update: {'2': 3}", "update: {'2': 2}", "update: {'2': 1}"]
+            "update: {'2': 3}",
+            "update: {'2': 2}",
+            "update: {'2': 1}",
+        ]
 
         mesh = meshlib.Mesh(service="web", control_plane=cp.url, state_dir=str(tmp_path / "web"))
         with mesh, mesh.client() as http:

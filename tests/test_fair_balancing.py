@@ -39,8 +39,9 @@ def three() -> Iterator[list[Upstream]]:
 
 def http_mesh(ups: list[Upstream]) -> meshlib.Mesh:
     endpoints = [Endpoint("127.0.0.1", u.port) for u in ups]
-    return meshlib.Mesh(service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="",
-                        telemetry=False)
+    return meshlib.Mesh(
+        service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="", telemetry=False
+    )
 
 
 def assert_fair(seen: Counter[str], names: str, share: float, mesh: meshlib.Mesh, service: str = "svc") -> None:
@@ -126,8 +127,10 @@ def test_once_fast_again_a_slow_instance_is_back_to_its_share_within_five_second
 def test_caller_deadlines_of_one_millisecond_never_eject_a_healthy_instance():
     up = Upstream("only", delay=0.02).wait_listening()
     try:
-        policy = ServicePolicy(retries=RetryPolicy(attempts=3),
-                               circuit_breaker=BreakerPolicy(consecutive_failures=2, panic_threshold_percent=0))
+        policy = ServicePolicy(
+            retries=RetryPolicy(attempts=3),
+            circuit_breaker=BreakerPolicy(consecutive_failures=2, panic_threshold_percent=0),
+        )
         mesh = http_mesh([up])
         mesh.set_policy("svc", policy)
         with mesh, mesh.client(timeout=5) as client:
@@ -143,15 +146,21 @@ def test_caller_deadlines_of_one_millisecond_never_eject_a_healthy_instance():
 
 def test_a_hung_instance_is_still_ejected_by_the_services_own_per_try_timeout(three):
     c = three[2]
-    policy = ServicePolicy(retries=RetryPolicy(attempts=3, per_try_timeout=0.3),
-                           circuit_breaker=BreakerPolicy(consecutive_failures=2, open_for=30))
+    policy = ServicePolicy(
+        retries=RetryPolicy(attempts=3, per_try_timeout=0.3),
+        circuit_breaker=BreakerPolicy(consecutive_failures=2, open_for=30),
+    )
     with http_mesh(three) as mesh, mesh.client(timeout=5) as client:
         mesh.set_policy("svc", policy)
         handle_c = next(h for h in mesh.service_state("svc").handles if h.endpoint.port == c.port)
         c.behave(delay=30)
         try:
-            wait_for(lambda: client.get("http://svc/x").status_code == 200 and handle_c.breaker.state == "open",
-                     timeout=30, interval=0, what="the hung instance to be ejected")
+            wait_for(
+                lambda: client.get("http://svc/x").status_code == 200 and handle_c.breaker.state == "open",
+                timeout=30,
+                interval=0,
+                what="the hung instance to be ejected",
+            )
         finally:
             c.behave(delay=0)
 
@@ -189,8 +198,9 @@ def grpc_three() -> Iterator[GrpcInstances]:
 
 
 def grpc_mesh(instances: GrpcInstances) -> meshlib.Mesh:
-    return meshlib.Mesh(service="front", discovery=StaticDiscovery({"echo": instances.endpoints()}),
-                        control_plane="", telemetry=False)
+    return meshlib.Mesh(
+        service="front", discovery=StaticDiscovery({"echo": instances.endpoints()}), control_plane="", telemetry=False
+    )
 
 
 def test_sequential_grpc_calls_spread_over_equal_instances(grpc_three):
@@ -232,8 +242,9 @@ def test_sequential_aio_grpc_calls_spread_over_equal_instances():
             servers.append(server)
         try:
             endpoints = [Endpoint("127.0.0.1", s.port) for s in servers]
-            mesh = meshlib.Mesh(service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="",
-                                telemetry=False)
+            mesh = meshlib.Mesh(
+                service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="", telemetry=False
+            )
             with mesh:
                 async with meshlib.grpc.aio.insecure_channel("echo", mesh=mesh) as channel:
                     stub = pb2_grpc.EchoStub(channel)
@@ -250,10 +261,12 @@ def test_sequential_aio_grpc_calls_spread_over_equal_instances():
 def test_grpc_deadlines_shorter_than_the_work_never_eject_the_instance(grpc_three):
     slow = grpc_three.behaviours[0]
     endpoints = grpc_three.endpoints()[:1]
-    mesh = meshlib.Mesh(service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="",
-                        telemetry=False)
-    mesh.set_policy("echo", ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=2,
-                                                                       panic_threshold_percent=0)))
+    mesh = meshlib.Mesh(
+        service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="", telemetry=False
+    )
+    mesh.set_policy(
+        "echo", ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=2, panic_threshold_percent=0))
+    )
     with mesh, meshlib.grpc.insecure_channel("echo", mesh=mesh) as channel:
         stub = pb2_grpc.EchoStub(channel)
         slow.delay = 0.05

@@ -20,8 +20,9 @@ def test_a_recovered_instance_takes_traffic_and_a_slow_one_loses_it_within_five_
     try:
         a, b, c = (u.wait_listening() for u in ups)
         endpoints = [Endpoint("127.0.0.1", u.port) for u in (a, b, c)]
-        mesh = meshlib.Mesh(service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="",
-                            telemetry=False)
+        mesh = meshlib.Mesh(
+            service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="", telemetry=False
+        )
         policy = ServicePolicy(
             retries=RetryPolicy(attempts=3),
             circuit_breaker=BreakerPolicy(consecutive_failures=1, open_for=1.0, max_ejection_percent=100),
@@ -42,12 +43,17 @@ def test_a_recovered_instance_takes_traffic_and_a_slow_one_loses_it_within_five_
             # an endpoint whose estimate is the highest for a while); P2C is back before anything is measured.
             mesh.set_policy("svc", replace(policy, load_balancer="round_robin"))
             b.behave(status=503)
-            wait_for(lambda: call() and handle_b.breaker.state == "open", timeout=20, interval=0,
-                     what="b to be ejected")
+            wait_for(
+                lambda: call() and handle_b.breaker.state == "open", timeout=20, interval=0, what="b to be ejected"
+            )
             mesh.set_policy("svc", policy)
             b.behave(status=200)
-            wait_for(lambda: call() and handle_b.breaker.state == "closed", timeout=20, interval=0.01,
-                     what="b's probe to close its breaker")
+            wait_for(
+                lambda: call() and handle_b.breaker.state == "closed",
+                timeout=20,
+                interval=0.01,
+                what="b's probe to close its breaker",
+            )
             c.behave(delay=0.15)
             seen: Counter[str] = Counter()
             started = time.monotonic()

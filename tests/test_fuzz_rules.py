@@ -13,15 +13,75 @@ from hypothesis import strategies as st
 from meshlib.errors import ConfigurationError
 from meshlib.rules.model import Rules, RulesValidationError, parse_rules, validate_rules
 
-KEYS = ["services", "payments", "timeout", "retries", "attempts", "per_try_timeout", "on", "budget", "ratio",
-        "min_per_second", "circuit_breaker", "consecutive_failures", "open_for", "load_balancer", "subsets", "tags",
-        "meta", "routes", "match", "headers", "path_prefix", "methods", "to", "subset", "weight", "sticky", "header",
-        "faults", "delay", "abort", "percent", "duration", "status", "authorization", "mode", "allow", "regex",
-        "exact", "prefix", "retry_non_idempotent", "v1", "x-user"]
+KEYS = [
+    "services",
+    "payments",
+    "timeout",
+    "retries",
+    "attempts",
+    "per_try_timeout",
+    "on",
+    "budget",
+    "ratio",
+    "min_per_second",
+    "circuit_breaker",
+    "consecutive_failures",
+    "open_for",
+    "load_balancer",
+    "subsets",
+    "tags",
+    "meta",
+    "routes",
+    "match",
+    "headers",
+    "path_prefix",
+    "methods",
+    "to",
+    "subset",
+    "weight",
+    "sticky",
+    "header",
+    "faults",
+    "delay",
+    "abort",
+    "percent",
+    "duration",
+    "status",
+    "authorization",
+    "mode",
+    "allow",
+    "regex",
+    "exact",
+    "prefix",
+    "retry_non_idempotent",
+    "v1",
+    "x-user",
+]
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["2s", "500ms", "1h", "99999999h", "0s", "-1s", "p2c_ewma", "strict", "(a+)+b", "(a)\\1", "*",
-                     "/api", "v1", "503", "connect-failure", "1" * 400 + "s"]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(
+        [
+            "2s",
+            "500ms",
+            "1h",
+            "99999999h",
+            "0s",
+            "-1s",
+            "p2c_ewma",
+            "strict",
+            "(a+)+b",
+            "(a)\\1",
+            "*",
+            "/api",
+            "v1",
+            "503",
+            "connect-failure",
+            "1" * 400 + "s",
+        ]
+    ),
     st.text(max_size=20),
 )
 DOCS = st.recursive(
@@ -91,7 +151,10 @@ def test_control_plane_answers_only_200_or_400(cp, doc):
 def test_documents_from_code_or_caches_are_held_to_json_too(meta, expected):
     """Found by the fuzz above: meta values that are not strings (the alias bomb's payload sat there), and NaN
     from Python's json.loads (which accepts it), passed validation and then broke every JSON answer."""
-    document = {"services": {"payments": {"subsets": {"v1": {"tags": ["v1"], "meta": meta}},
-                                          "routes": [{"to": [{"subset": "v1"}]}]}}}
+    document = {
+        "services": {
+            "payments": {"subsets": {"v1": {"tags": ["v1"], "meta": meta}}, "routes": [{"to": [{"subset": "v1"}]}]}
+        }
+    }
     with pytest.raises(RulesValidationError, match=expected):
         validate_rules(document)

@@ -86,8 +86,15 @@ def test_the_call_flow_records_an_attempts_time_less_the_pauses_during_it(hedgin
     paused = [7.0]  # what the meter read before the call: not part of it either
     state = ServiceState("svc", lambda: now[0], ServicePolicy(hedging=hedging))
     state.set_endpoints(EndpointSet.of("svc", [Endpoint("10.0.0.1", 1)]))
-    flow = call_flow(state, method="GET", replayable=True, deadline=None, clock=lambda: now[0],
-                     rand=lambda: 0.5, paused=lambda: paused[0])
+    flow = call_flow(
+        state,
+        method="GET",
+        replayable=True,
+        deadline=None,
+        clock=lambda: now[0],
+        rand=lambda: 0.5,
+        paused=lambda: paused[0],
+    )
     send = next(flow)
     assert isinstance(send, Send)
     now[0] += 0.3
@@ -105,8 +112,15 @@ def test_a_hedged_calls_loser_is_charged_its_time_less_the_pauses():
     assert state.hedger is not None
     for _ in range(100):  # earlier requests: the hedge budget is a share of them
         state.hedger.budget.deposit(now[0])
-    flow = call_flow(state, method="GET", replayable=True, deadline=None, clock=lambda: now[0],
-                     rand=lambda: 0.5, paused=lambda: paused[0])
+    flow = call_flow(
+        state,
+        method="GET",
+        replayable=True,
+        deadline=None,
+        clock=lambda: now[0],
+        rand=lambda: 0.5,
+        paused=lambda: paused[0],
+    )
     first = next(flow)
     assert isinstance(first, Send)
     now[0] += 0.02

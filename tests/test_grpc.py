@@ -28,8 +28,9 @@ class Instance:
 
     def __init__(self, name: str, mesh: meshlib.Mesh | None = None) -> None:
         self.behaviour = Behaviour(name)
-        self.mesh = mesh or meshlib.Mesh(service="echo", discovery=StaticDiscovery({}), control_plane="",
-                                         telemetry=False)
+        self.mesh = mesh or meshlib.Mesh(
+            service="echo", discovery=StaticDiscovery({}), control_plane="", telemetry=False
+        )
         self.server = meshlib.grpc.server(mesh=self.mesh, port=0, drain_delay=0)
         pb2_grpc.add_EchoServicer_to_server(make_servicer(self.behaviour), self.server)
         self.server.start()
@@ -49,8 +50,9 @@ def instances() -> Iterator[list[Instance]]:
 
 
 def client_mesh(endpoints: list[Endpoint], **kwargs: Any) -> meshlib.Mesh:
-    return meshlib.Mesh(service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="",
-                        telemetry=False, **kwargs)
+    return meshlib.Mesh(
+        service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="", telemetry=False, **kwargs
+    )
 
 
 def hammer(stub: Any, threads: int, calls: int) -> tuple[Counter[str], list[BaseException]]:
@@ -133,8 +135,10 @@ def test_a_broken_instance_is_ejected_by_its_breaker(instances):
     a, _b, _c = instances
     mesh = client_mesh([i.endpoint for i in instances])
     # round robin keeps sending a its share, so its breaker is what must stop it
-    mesh.set_policy("echo", ServicePolicy(load_balancer="round_robin",
-                                          circuit_breaker=BreakerPolicy(consecutive_failures=3, open_for=60)))
+    mesh.set_policy(
+        "echo",
+        ServicePolicy(load_balancer="round_robin", circuit_breaker=BreakerPolicy(consecutive_failures=3, open_for=60)),
+    )
     stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
     a.behaviour.fail = True
     _seen, errors = hammer(stub, threads=2, calls=30)
@@ -259,8 +263,10 @@ def test_an_instance_leaving_under_load_fails_no_unary_call(instances):
     mesh.discovery.set("echo", [b.endpoint, c.endpoint])  # type: ignore[attr-defined]
     # the drain: a's channel retired, and closed once its last call is done (what meshlib.grpc.server's
     # drain_delay gives callers), then a stops
-    wait_for(lambda: f"127.0.0.1:{a.port}" not in channel.endpoints.labels() and not channel.endpoints._retiring,
-             what="a's channel to be retired and drained")
+    wait_for(
+        lambda: f"127.0.0.1:{a.port}" not in channel.endpoints.labels() and not channel.endpoints._retiring,
+        what="a's channel to be retired and drained",
+    )
     a.server.server.stop(5)
     runner.join(60)
     assert results["errors"] == [], results["errors"][:1]
@@ -281,8 +287,16 @@ def test_hedged_unary_calls_overtake_a_slow_instance(instances):
     a, b, _ = instances
     a.behaviour.delay = 0.3
     mesh = client_mesh([a.endpoint, b.endpoint])
-    mesh.apply_rules(validate_rules({"services": {"echo": {
-        "hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}}}, 1))
+    mesh.apply_rules(
+        validate_rules(
+            {
+                "services": {
+                    "echo": {"hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}
+                }
+            },
+            1,
+        )
+    )
     stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
     took = []
     for _ in range(20):

@@ -33,8 +33,9 @@ async def start(names: str) -> list[tuple[Behaviour, Any, Endpoint]]:
 
 
 def client(endpoints: list[Endpoint]) -> meshlib.Mesh:
-    return meshlib.Mesh(service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="",
-                        telemetry=False)
+    return meshlib.Mesh(
+        service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="", telemetry=False
+    )
 
 
 def run(coro: Any) -> Any:
@@ -80,8 +81,12 @@ def test_aio_retries_unavailable_elsewhere_and_ejects_the_broken_instance():
         try:
             (a, _, _), *_ = made
             mesh = client([e for _, _, e in made])
-            mesh.set_policy("echo", ServicePolicy(load_balancer="round_robin",
-                                                  circuit_breaker=BreakerPolicy(consecutive_failures=3, open_for=60)))
+            mesh.set_policy(
+                "echo",
+                ServicePolicy(
+                    load_balancer="round_robin", circuit_breaker=BreakerPolicy(consecutive_failures=3, open_for=60)
+                ),
+            )
             stub = pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
             a.fail = True
             replies = await asyncio.gather(*(stub.Say(pb2.Hello(text="hi")) for _ in range(60)))
@@ -163,8 +168,19 @@ def test_aio_hedged_unary_calls_overtake_a_slow_instance():
             (a, _, ea), (_, _, eb) = made
             a.delay = 0.3
             mesh = client([ea, eb])
-            mesh.apply_rules(validate_rules({"services": {"echo": {
-                "hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}}}, 1))
+            mesh.apply_rules(
+                validate_rules(
+                    {
+                        "services": {
+                            "echo": {
+                                "hedging": {"delay": "20ms", "budget_percent": 100},
+                                "load_balancer": "round_robin",
+                            }
+                        }
+                    },
+                    1,
+                )
+            )
             stub = pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
             loop = asyncio.get_running_loop()
             took = []

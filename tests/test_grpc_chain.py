@@ -48,8 +48,9 @@ def front_app(front_mesh: meshlib.Mesh) -> Starlette:
         if "stub" not in holder:  # a grpc.aio channel belongs to the loop that made it: this server's
             holder["stub"] = pb2_grpc.EchoStub(front_mesh.grpc_aio_channel("echo"))
         reply = await holder["stub"].Say(pb2.Hello(text="back", mode="call-http"))
-        return JSONResponse({"grpc_remaining_ms": reply.remaining_ms, "back": json.loads(reply.text),
-                             "grpc_trace_id": reply.trace_id})
+        return JSONResponse(
+            {"grpc_remaining_ms": reply.remaining_ms, "back": json.loads(reply.text), "grpc_trace_id": reply.trace_id}
+        )
 
     return Starlette(routes=[Route("/front", front)])
 

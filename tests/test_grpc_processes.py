@@ -28,8 +28,13 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlaneProcess]:
 
 
 def instance_env(cp: ControlPlaneProcess, tmp: Path, name: str) -> dict[str, str]:
-    return {"MESH_CONTROL_PLANE": cp.url, "MESH_TLS": "strict", "MESH_BOOTSTRAP_TOKEN": TOKEN,
-            "MESH_STATE_DIR": str(tmp / name), "MESH_SERVICE": "echo"}
+    return {
+        "MESH_CONTROL_PLANE": cp.url,
+        "MESH_TLS": "strict",
+        "MESH_BOOTSTRAP_TOKEN": TOKEN,
+        "MESH_STATE_DIR": str(tmp / name),
+        "MESH_SERVICE": "echo",
+    }
 
 
 def test_killed_and_stopped_instances_under_load_fail_no_unary_call(control_plane, tmp_path, monkeypatch):
@@ -38,8 +43,13 @@ def test_killed_and_stopped_instances_under_load_fail_no_unary_call(control_plan
         for u in upstreams:
             u.wait_listening()
         monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", TOKEN)
-        mesh = meshlib.Mesh(service="front", control_plane=control_plane.url, tls="strict",
-                            state_dir=str(tmp_path / "front"), telemetry=False)
+        mesh = meshlib.Mesh(
+            service="front",
+            control_plane=control_plane.url,
+            tls="strict",
+            state_dir=str(tmp_path / "front"),
+            telemetry=False,
+        )
         wait_for(lambda: len(mesh.service_state("echo").handles) == 3, timeout=20, what="three instances listed")
         stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
         seen: Counter[str] = Counter()
@@ -68,8 +78,11 @@ def test_killed_and_stopped_instances_under_load_fail_no_unary_call(control_plan
             before = sum(seen.values())
             wait_for(lambda: sum(seen.values()) >= before + 200, timeout=30, what="load to go on")
             upstreams[1].stop()  # SIGTERM: deregisters first, drains, then stops
-            wait_for(lambda: [h.endpoint.port for h in mesh.service_state("echo").handles] == [upstreams[2].port],
-                     timeout=20, what="only c listed")
+            wait_for(
+                lambda: [h.endpoint.port for h in mesh.service_state("echo").handles] == [upstreams[2].port],
+                timeout=20,
+                what="only c listed",
+            )
             after_stop = seen["c"]
             wait_for(lambda: seen["c"] >= after_stop + 200, timeout=30, what="load on c")
         finally:

@@ -32,8 +32,11 @@ def issue(ca: CertificateAuthority, out: Path, service: str) -> dict[str, str]:
     )
     (out / f"{service}.crt").write_bytes(issued.pem() + issued.chain_pem())
     (out / "ca.crt").write_bytes(ca.roots_pem())
-    return {"MESH_TLS_CERT": str(out / f"{service}.crt"), "MESH_TLS_KEY": str(out / f"{service}.key"),
-            "MESH_TLS_CA": str(out / "ca.crt")}
+    return {
+        "MESH_TLS_CERT": str(out / f"{service}.crt"),
+        "MESH_TLS_KEY": str(out / f"{service}.key"),
+        "MESH_TLS_CA": str(out / "ca.crt"),
+    }
 
 
 @pytest.fixture
@@ -41,13 +44,25 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return CertificateAuthority.init(tmp_path / "ca")
 
 
-def tls_mesh(monkeypatch: pytest.MonkeyPatch, files: dict[str, str], service: str, mode: str,
-             services: dict[str, list[Endpoint]] | None = None, tmp: Path | None = None) -> meshlib.Mesh:
+def tls_mesh(
+    monkeypatch: pytest.MonkeyPatch,
+    files: dict[str, str],
+    service: str,
+    mode: str,
+    services: dict[str, list[Endpoint]] | None = None,
+    tmp: Path | None = None,
+) -> meshlib.Mesh:
     with monkeypatch.context() as env:
         for key, value in files.items():
             env.setenv(key, value)
-        return meshlib.Mesh(service=service, discovery=StaticDiscovery(services or {}), control_plane="", tls=mode,
-                            telemetry=False, state_dir=str(tmp) if tmp else None)
+        return meshlib.Mesh(
+            service=service,
+            discovery=StaticDiscovery(services or {}),
+            control_plane="",
+            tls=mode,
+            telemetry=False,
+            state_dir=str(tmp) if tmp else None,
+        )
 
 
 class Strict:
@@ -73,8 +88,14 @@ def strict(monkeypatch: pytest.MonkeyPatch, ca: CertificateAuthority, tmp_path: 
 
 
 def test_a_mesh_client_calls_a_strict_server_which_sees_its_identity(monkeypatch, ca, tmp_path, strict):
-    client = tls_mesh(monkeypatch, issue(ca, tmp_path / "front", "front"), "front", "strict",
-                      {"echo": [strict.endpoint]}, tmp=tmp_path / "front-state")
+    client = tls_mesh(
+        monkeypatch,
+        issue(ca, tmp_path / "front", "front"),
+        "front",
+        "strict",
+        {"echo": [strict.endpoint]},
+        tmp=tmp_path / "front-state",
+    )
     # insecure_channel: the application brings no credentials; the mesh still makes every hop mTLS
     stub = pb2_grpc.EchoStub(meshlib.grpc.insecure_channel("echo", mesh=client))
     reply = stub.Say(pb2.Hello(text="hi"))
@@ -100,8 +121,11 @@ def test_strict_refuses_a_client_of_another_ca(monkeypatch, tmp_path, strict):
         private_key=Path(files["MESH_TLS_KEY"]).read_bytes(),
         certificate_chain=Path(files["MESH_TLS_CERT"]).read_bytes(),
     )
-    channel = grpc.secure_channel(f"127.0.0.1:{strict.endpoint.port}", credentials,
-                                  options=[("grpc.ssl_target_name_override", "echo.default.mesh")])
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{strict.endpoint.port}",
+        credentials,
+        options=[("grpc.ssl_target_name_override", "echo.default.mesh")],
+    )
     with pytest.raises(grpc.RpcError) as caught:
         pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="hi"), timeout=5)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -116,8 +140,14 @@ def test_a_client_verifies_the_server_identity(monkeypatch, ca, tmp_path):
     pb2_grpc.add_EchoServicer_to_server(make_servicer(impostor), server)
     server.start()
     try:
-        client = tls_mesh(monkeypatch, issue(ca, tmp_path / "front", "front"), "front", "strict",
-                          {"echo": [Endpoint("127.0.0.1", server.port)]}, tmp=tmp_path / "f")
+        client = tls_mesh(
+            monkeypatch,
+            issue(ca, tmp_path / "front", "front"),
+            "front",
+            "strict",
+            {"echo": [Endpoint("127.0.0.1", server.port)]},
+            tmp=tmp_path / "f",
+        )
         with pytest.raises(grpc.RpcError) as caught:
             pb2_grpc.EchoStub(client.grpc_channel("echo")).Say(pb2.Hello(text="hi"), timeout=5)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -127,30 +157,49 @@ def test_a_client_verifies_the_server_identity(monkeypatch, ca, tmp_path):
 
 
 def test_strict_client_never_sends_plaintext_to_an_instance_advertising_it(monkeypatch, ca, tmp_path):
-    client = tls_mesh(monkeypatch, issue(ca, tmp_path / "front", "front"), "front", "strict",
-                      {"echo": [Endpoint("127.0.0.1", 9, meta={"mesh_tls": "off"})]}, tmp=tmp_path / "f")
+    client = tls_mesh(
+        monkeypatch,
+        issue(ca, tmp_path / "front", "front"),
+        "front",
+        "strict",
+        {"echo": [Endpoint("127.0.0.1", 9, meta={"mesh_tls": "off"})]},
+        tmp=tmp_path / "f",
+    )
     with pytest.raises(grpc.RpcError) as caught:
         pb2_grpc.EchoStub(client.grpc_channel("echo")).Say(pb2.Hello(text="hi"), timeout=5)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "MESH_TLS=strict never sends plaintext" in caught.value.details()
 
 
-def test_an_unauthorized_identity_gets_permission_denied_and_the_handler_never_runs(
-    monkeypatch, ca, tmp_path, strict
-):
+def test_an_unauthorized_identity_gets_permission_denied_and_the_handler_never_runs(monkeypatch, ca, tmp_path, strict):
     strict.mesh.apply_rules(validate_rules({"services": {"echo": {"authorization": {"allow": ["billing"]}}}}, 2))
-    outsider = tls_mesh(monkeypatch, issue(ca, tmp_path / "front", "front"), "front", "strict",
-                        {"echo": [strict.endpoint]}, tmp=tmp_path / "f")
+    outsider = tls_mesh(
+        monkeypatch,
+        issue(ca, tmp_path / "front", "front"),
+        "front",
+        "strict",
+        {"echo": [strict.endpoint]},
+        tmp=tmp_path / "f",
+    )
     stub = pb2_grpc.EchoStub(outsider.grpc_channel("echo"))
-    for call in (lambda: stub.Say(pb2.Hello(text="x")), lambda: list(stub.Count(pb2.Hello(text="x", n=2))),
-                 lambda: stub.Collect(iter([pb2.Hello(text="x")]))):
+    for call in (
+        lambda: stub.Say(pb2.Hello(text="x")),
+        lambda: list(stub.Count(pb2.Hello(text="x", n=2))),
+        lambda: stub.Collect(iter([pb2.Hello(text="x")])),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
         assert "front" in caught.value.details()
     assert strict.behaviour.calls == 0, "the handler never ran"
-    billing = tls_mesh(monkeypatch, issue(ca, tmp_path / "billing", "billing"), "billing", "strict",
-                       {"echo": [strict.endpoint]}, tmp=tmp_path / "b")
+    billing = tls_mesh(
+        monkeypatch,
+        issue(ca, tmp_path / "billing", "billing"),
+        "billing",
+        "strict",
+        {"echo": [strict.endpoint]},
+        tmp=tmp_path / "b",
+    )
     assert pb2_grpc.EchoStub(billing.grpc_channel("echo")).Say(pb2.Hello(text="ok")).text == "ok"
     assert strict.behaviour.calls == 1
 
@@ -162,13 +211,21 @@ def test_a_permissive_server_sees_its_callers_identity_and_refuses_certificate_l
     server = Strict(monkeypatch, ca, tmp_path, mode="permissive")
     try:
         server.mesh.apply_rules(validate_rules({"services": {"echo": {"authorization": {"allow": ["front"]}}}}, 2))
-        front = tls_mesh(monkeypatch, issue(ca, tmp_path / "front", "front"), "front", "permissive",
-                         {"echo": [server.endpoint]}, tmp=tmp_path / "f")
+        front = tls_mesh(
+            monkeypatch,
+            issue(ca, tmp_path / "front", "front"),
+            "front",
+            "permissive",
+            {"echo": [server.endpoint]},
+            tmp=tmp_path / "f",
+        )
         reply = pb2_grpc.EchoStub(front.grpc_channel("echo")).Say(pb2.Hello(text="hi"), timeout=5)
         assert reply.peer == "spiffe://mesh.local/ns/default/sa/front"
-        channel = grpc.secure_channel(f"127.0.0.1:{server.endpoint.port}",
-                                      grpc.ssl_channel_credentials(root_certificates=ca.roots_pem()),
-                                      options=[("grpc.ssl_target_name_override", "echo.default.mesh")])
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{server.endpoint.port}",
+            grpc.ssl_channel_credentials(root_certificates=ca.roots_pem()),
+            options=[("grpc.ssl_target_name_override", "echo.default.mesh")],
+        )
         with pytest.raises(grpc.RpcError) as caught:
             pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="hi"), timeout=5)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -186,9 +243,10 @@ def presented_serial(port: int, files: dict[str, str]) -> int:
     ctx = ssl.create_default_context(cafile=files["MESH_TLS_CA"])
     ctx.load_cert_chain(files["MESH_TLS_CERT"], files["MESH_TLS_KEY"])
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="echo.default.mesh"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="echo.default.mesh") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
@@ -231,9 +289,11 @@ def test_certificate_rotation_on_both_sides_drops_no_call(monkeypatch, ca, tmp_p
 
 
 def test_strict_refuses_tls_without_a_client_certificate(strict, ca):
-    channel = grpc.secure_channel(f"127.0.0.1:{strict.endpoint.port}",
-                                  grpc.ssl_channel_credentials(root_certificates=ca.roots_pem()),
-                                  options=[("grpc.ssl_target_name_override", "echo.default.mesh")])
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{strict.endpoint.port}",
+        grpc.ssl_channel_credentials(root_certificates=ca.roots_pem()),
+        options=[("grpc.ssl_target_name_override", "echo.default.mesh")],
+    )
     with pytest.raises(grpc.RpcError) as caught:
         pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="hi"), timeout=5)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

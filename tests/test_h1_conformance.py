@@ -581,12 +581,19 @@ def test_through_the_client_errors_are_httpx_errors_and_answers_complete():
 
     async def main() -> None:
         async with Server(script) as server:
-            mesh = meshlib.Mesh(service="t", control_plane="", telemetry=False,
-                                discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", server.port)]}))
+            mesh = meshlib.Mesh(
+                service="t",
+                control_plane="",
+                telemetry=False,
+                discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", server.port)]}),
+            )
             async with mesh.async_client(timeout=5) as client:
                 response = await client.post("http://svc/fine", content=b"{}")
                 assert (response.status_code, response.reason_phrase, response.http_version) == (
-                    202, "Taken Gladly", "HTTP/1.1")
+                    202,
+                    "Taken Gladly",
+                    "HTTP/1.1",
+                )
                 assert response.elapsed.total_seconds() > 0
                 # the mesh's verdict (a MeshError is an httpx.TransportError) names the engine's error
                 with pytest.raises(httpx.TransportError, match="malformed HTTP response"):
@@ -679,8 +686,9 @@ def test_a_pool_given_to_the_transports_may_answer_from_memory():
         async def aclose(self) -> None:
             pass
 
-    mesh = meshlib.Mesh(service="t", control_plane="", telemetry=False,
-                        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", 9)]}))
+    mesh = meshlib.Mesh(
+        service="t", control_plane="", telemetry=False, discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", 9)]})
+    )
     with meshlib.Client(mesh=mesh, transport=MeshTransport(mesh, pool=Pool())) as client:
         assert client.get("http://svc/x").text == "ok"
 
@@ -757,8 +765,12 @@ def test_a_compressed_answer_is_decoded_for_the_caller():
 
     async def main() -> None:
         async with Server(script) as server:
-            mesh = meshlib.Mesh(service="t", control_plane="", telemetry=False,
-                                discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", server.port)]}))
+            mesh = meshlib.Mesh(
+                service="t",
+                control_plane="",
+                telemetry=False,
+                discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", server.port)]}),
+            )
             async with mesh.async_client(timeout=5) as client:
                 assert (await client.get("http://svc/x")).json() == {"hello": "mesh"}
             mesh.close()

@@ -31,8 +31,9 @@ def three() -> Iterator[list[Upstream]]:
 
 def mesh_over(upstreams: list[Upstream], rules: dict[str, object]) -> meshlib.Mesh:
     endpoints = [Endpoint("127.0.0.1", u.port) for u in upstreams]
-    mesh = meshlib.Mesh(service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="",
-                        telemetry=False)
+    mesh = meshlib.Mesh(
+        service="tester", discovery=StaticDiscovery({"svc": endpoints}), control_plane="", telemetry=False
+    )
     mesh.apply_rules(validate_rules({"services": {"svc": rules}}, 1))
     return mesh
 
@@ -85,8 +86,9 @@ def test_cancelled_hedges_leave_no_broken_connections(three):
     connections and the load accounting stay healthy for everything that follows."""
     slow, fast, _ = three
     slow.behave(delay=0.2)
-    mesh = mesh_over([slow, fast], {"hedging": {"delay": "20ms", "budget_percent": 100},
-                                    "load_balancer": "round_robin"})
+    mesh = mesh_over(
+        [slow, fast], {"hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}
+    )
 
     took: list[float] = []
 
@@ -121,8 +123,9 @@ def test_the_sync_client_hedges_on_worker_threads(three):
     which a thread cannot abandon mid-socket, ends in the background and its response is dropped there."""
     slow, fast, _ = three
     slow.behave(delay=0.3)
-    mesh = mesh_over([slow, fast], {"hedging": {"delay": "20ms", "budget_percent": 100},
-                                    "load_balancer": "round_robin"})
+    mesh = mesh_over(
+        [slow, fast], {"hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}
+    )
     took = []
     seen: Counter[str] = Counter()
     with mesh, mesh.client(timeout=5) as client:
@@ -145,8 +148,9 @@ def test_a_caller_cancelled_mid_hedge_stops_every_attempt_at_once(three):
     slow, slower, _ = three
     slow.behave(delay=3.0)
     slower.behave(delay=3.0)
-    mesh = mesh_over([slow, slower], {"hedging": {"delay": "20ms", "budget_percent": 100},
-                                      "load_balancer": "round_robin"})
+    mesh = mesh_over(
+        [slow, slower], {"hedging": {"delay": "20ms", "budget_percent": 100}, "load_balancer": "round_robin"}
+    )
 
     async def main() -> tuple[int, int, float]:
         async with mesh.async_client(timeout=5) as client:

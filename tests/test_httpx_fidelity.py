@@ -24,8 +24,13 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     """Answers what it was asked: the target as received (absolute-form when it acts as a proxy) and the headers."""
     headers = {k.decode(): v.decode() for k, v in scope["headers"]}
     body = json.dumps({"path": scope["path"], "raw_path": scope.get("raw_path", b"").decode(), "headers": headers})
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body.encode()})
 
 
@@ -132,9 +137,10 @@ def test_a_given_transport_serves_every_host_as_httpx_says():
 
 def test_a_mount_wins_for_the_mesh_hosts_it_matches(fast):
     mock = httpx.MockTransport(lambda request: httpx.Response(200, text="mounted"))
-    with static_mesh({"svc": [fast.port], "other": [fast.port]}) as mesh, mesh.client(
-        mounts={"http://svc": mock}
-    ) as client:
+    with (
+        static_mesh({"svc": [fast.port], "other": [fast.port]}) as mesh,
+        mesh.client(mounts={"http://svc": mock}) as client,
+    ):
         assert client.get("http://svc/x").text == "mounted"
         assert client.get("http://other/x").json()["instance"] == "fast"
 
@@ -166,9 +172,11 @@ def test_a_redirect_to_an_app_scheme_is_unsupported_not_a_discovery_lookup(fast)
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(302, headers={"location": "market://details?id=x"})
 
-    with static_mesh({"svc": [fast.port]}) as mesh, mesh.client(
-        mounts={"http://shop.example": httpx.MockTransport(handler)}, follow_redirects=True
-    ) as client, pytest.raises(httpx.UnsupportedProtocol):
+    with (
+        static_mesh({"svc": [fast.port]}) as mesh,
+        mesh.client(mounts={"http://shop.example": httpx.MockTransport(handler)}, follow_redirects=True) as client,
+        pytest.raises(httpx.UnsupportedProtocol),
+    ):
         client.get("http://shop.example/app")
 
 
@@ -183,8 +191,7 @@ def test_a_request_outside_the_mesh_is_not_modified_and_the_trace_goes_on_a_copy
             request = client.build_request("GET", server.url + "/a")
             answer = client.send(request).json()
             assert "traceparent" not in request.headers and "traceparent" not in answer["headers"]
-        traced = meshlib.Mesh(service="tester", discovery="static:", control_plane="",
-                              tracer_provider=TracerProvider())
+        traced = meshlib.Mesh(service="tester", discovery="static:", control_plane="", tracer_provider=TracerProvider())
         with traced, traced.client() as client:
             request = client.build_request("GET", server.url + "/b")
             response = client.send(request)
@@ -350,10 +357,16 @@ def test_the_trace_extension_is_told_of_the_request_and_the_answer_head(fast):
 
         asyncio.run(main())
     names = [name for name, _ in seen]
-    assert names == [
-        "http11.send_request_headers.started", "http11.send_request_headers.complete",
-        "http11.receive_response_headers.started", "http11.receive_response_headers.complete",
-    ] * 2
+    assert (
+        names
+        == [
+            "http11.send_request_headers.started",
+            "http11.send_request_headers.complete",
+            "http11.receive_response_headers.started",
+            "http11.receive_response_headers.complete",
+        ]
+        * 2
+    )
     version, status, reason, headers = seen[3][1]  # type: ignore[misc]
     assert (version, status, reason) == (b"HTTP/1.1", 200, b"OK")
     assert b"content-length" in [name.lower() for name, _ in headers]

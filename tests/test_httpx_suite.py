@@ -31,8 +31,19 @@ EXCLUSIONS = {
 
 def _fetch_suite(into: Path) -> Path:
     version = httpx.__version__
-    command = [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-               f"httpx=={version}", "-d", str(into)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        f"httpx=={version}",
+        "-d",
+        str(into),
+    ]
     for _ in range(3):  # a flaky network gets two more tries
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         archives = list(into.glob(f"httpx-{version}.tar.gz"))
@@ -44,10 +55,20 @@ def _fetch_suite(into: Path) -> Path:
 
 
 def _run(suite: Path, junit: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
-               f"--junitxml={junit}", "tests", *extra]
-    subprocess.run(command, cwd=suite, capture_output=True, text=True, timeout=900,
-                   env={**os.environ, **(env or {})})
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-o",
+        "addopts=",
+        f"--junitxml={junit}",
+        "tests",
+        *extra,
+    ]
+    subprocess.run(command, cwd=suite, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     outcomes: dict[str, str] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         state = "passed"
@@ -65,8 +86,13 @@ def test_httpx_s_own_suite_passes_through_mesh_hops(tmp_path):
     suite = _fetch_suite(tmp_path)
     plain = _run(suite, tmp_path / "plain.xml")
     report = tmp_path / "hops.txt"
-    meshed = _run(suite, tmp_path / "mesh.xml", "-p", "mesh_hops",
-                  env={"PYTHONPATH": str(HERE / "httpx_suite"), "MESH_HOPS_REPORT": str(report)})
+    meshed = _run(
+        suite,
+        tmp_path / "mesh.xml",
+        "-p",
+        "mesh_hops",
+        env={"PYTHONPATH": str(HERE / "httpx_suite"), "MESH_HOPS_REPORT": str(report)},
+    )
     passed_plain = {name for name, state in plain.items() if state == "passed"}
     assert len(passed_plain) > 1000, f"httpx's suite barely ran with plain httpx: {len(passed_plain)} passed"
     # most of the suite runs on MockTransport or its TLS servers; its ~100 calls to the plain server are mesh hops

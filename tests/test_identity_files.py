@@ -24,9 +24,21 @@ BOOTSTRAP = "identity-bootstrap"
 
 def issue(ca_dir: Path, out: Path, service: str = "payments") -> int:
     subprocess.run(
-        [sys.executable, "-m", "meshlib.cli", "ca", "issue", service, "--state-dir", str(ca_dir), "--out-dir",
-         str(out)],
-        check=True, capture_output=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "meshlib.cli",
+            "ca",
+            "issue",
+            service,
+            "--state-dir",
+            str(ca_dir),
+            "--out-dir",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return x509.load_pem_x509_certificate((out / f"{service}.crt").read_bytes()).serial_number
 
@@ -35,9 +47,10 @@ def presented_serial(port: int, files: Path) -> int:
     """The serial of the certificate a strict server presents on a new connection (we are a mesh client too)."""
     ctx = ssl.create_default_context(cafile=str(files / "ca.crt"))
     ctx.load_cert_chain(str(files / "payments.crt"), str(files / "payments.key"))
-    with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(
-        raw, server_hostname="payments.default.mesh"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="payments.default.mesh") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
@@ -57,8 +70,13 @@ def test_certificate_files_are_used_and_reloaded_when_they_change(tmp_path, monk
     monkeypatch.setenv("MESH_TLS_CERT", str(files / "payments.crt"))
     monkeypatch.setenv("MESH_TLS_KEY", str(files / "payments.key"))
     monkeypatch.setenv("MESH_TLS_CA", str(files / "ca.crt"))
-    mesh = meshlib.Mesh(service="payments", discovery=StaticDiscovery({}), control_plane="", tls="strict",
-                        state_dir=str(tmp_path / "state"))
+    mesh = meshlib.Mesh(
+        service="payments",
+        discovery=StaticDiscovery({}),
+        control_plane="",
+        tls="strict",
+        state_dir=str(tmp_path / "state"),
+    )
     server = ThreadedServer(None, config_object=mesh_uvicorn_config(_ok_app, mesh, log_level="warning"))
     try:
         assert mesh.identity is not None and mesh.identity.certificate is not None
@@ -66,8 +84,11 @@ def test_certificate_files_are_used_and_reloaded_when_they_change(tmp_path, monk
         assert presented_serial(server.port, files) == first
         second = issue(tmp_path / "ca", files)  # cert-manager or Vault agent rewrote the files
         assert second != first
-        wait_for(lambda: mesh.identity.certificate.serial_number == second, timeout=15,  # type: ignore[union-attr]
-                 what="the new files to be loaded")
+        wait_for(
+            lambda: mesh.identity.certificate.serial_number == second,
+            timeout=15,  # type: ignore[union-attr]
+            what="the new files to be loaded",
+        )
         assert presented_serial(server.port, files) == second  # new handshakes get the new certificate
     finally:
         server.stop()
@@ -77,8 +98,13 @@ def test_certificate_files_are_used_and_reloaded_when_they_change(tmp_path, monk
 def test_certificate_files_go_together(tmp_path, monkeypatch):
     monkeypatch.setenv("MESH_TLS_CERT", str(tmp_path / "x.crt"))
     with pytest.raises(meshlib.ConfigurationError, match="MESH_TLS_CERT, MESH_TLS_KEY and MESH_TLS_CA go together"):
-        meshlib.Mesh(service="payments", discovery=StaticDiscovery({}), control_plane="", tls="strict",
-                     state_dir=str(tmp_path / "state"))
+        meshlib.Mesh(
+            service="payments",
+            discovery=StaticDiscovery({}),
+            control_plane="",
+            tls="strict",
+            state_dir=str(tmp_path / "state"),
+        )
 
 
 def test_failed_renewals_back_off_and_escalate_to_error(control_plane, tmp_path, monkeypatch, caplog):
@@ -86,16 +112,22 @@ def test_failed_renewals_back_off_and_escalate_to_error(control_plane, tmp_path,
     monkeypatch.setenv("MESH_TLS_CERT_LIFETIME", "8s")
     cp = control_plane(bootstrap_token=BOOTSTRAP)
     caplog.set_level(logging.INFO, logger="meshlib.identity")
-    mesh = meshlib.Mesh(service="payments", discovery=StaticDiscovery({}), control_plane=cp.url, tls="strict",
-                        state_dir=str(tmp_path / "state"))
+    mesh = meshlib.Mesh(
+        service="payments",
+        discovery=StaticDiscovery({}),
+        control_plane=cp.url,
+        tls="strict",
+        state_dir=str(tmp_path / "state"),
+    )
     try:
         cp.kill()  # the CA is gone before the first renewal (at 2/3 of 8 s)
 
         def failures() -> list[logging.LogRecord]:
             return [r for r in caplog.records if "renewal failed" in r.getMessage()]
 
-        wait_for(lambda: any(r.levelno == logging.ERROR for r in failures()), timeout=30,
-                 what="an ERROR once expiry is near")
+        wait_for(
+            lambda: any(r.levelno == logging.ERROR for r in failures()), timeout=30, what="an ERROR once expiry is near"
+        )
         records = failures()
         assert records[0].levelno == logging.WARNING  # first a warning, while there is time left
         assert "cannot reach the CA at " + cp.url in records[0].getMessage()

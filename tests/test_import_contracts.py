@@ -147,8 +147,10 @@ def test_no_shell_imports_the_facade() -> None:
         for importer, targets in GRAPH.edges.items()
         for target, line, _ in targets
         if target == "meshlib.mesh"
-        and ((importer.split(".")[1:2] and importer.split(".")[1] in SHELL_PACKAGES)
-             or importer in {f"meshlib.{m}" for m in SHELL_MODULES})
+        and (
+            (importer.split(".")[1:2] and importer.split(".")[1] in SHELL_PACKAGES)
+            or importer in {f"meshlib.{m}" for m in SHELL_MODULES}
+        )
     )
     assert offenders == [], "shells run on meshlib.runtime; only the façade layer builds on meshlib.mesh"
 

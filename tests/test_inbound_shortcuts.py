@@ -33,11 +33,13 @@ TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 def _app() -> Any:
     async def seen(request: Request) -> JSONResponse:
         context = trace.get_current_span().get_span_context()
-        return JSONResponse({
-            "propagated": dict(propagated_headers.get()),
-            "deadline": incoming_deadline.get(),
-            "trace_id": f"{context.trace_id:032x}",
-        })
+        return JSONResponse(
+            {
+                "propagated": dict(propagated_headers.get()),
+                "deadline": incoming_deadline.get(),
+                "trace_id": f"{context.trace_id:032x}",
+            }
+        )
 
     async def slow(request: Request) -> JSONResponse:
         await asyncio.sleep(5)
@@ -68,8 +70,14 @@ def _deadline(seconds: float) -> str:
 
 
 def test_mesh_headers_reach_the_handler_and_others_are_left_alone(server: ThreadedServer) -> None:
-    headers = {"Region": "eu", "x-user-id": "u7", "user-agent": "test", "x-mesh-deadline": _deadline(30),
-               "traceparent": TRACE, "accept": "*/*"}
+    headers = {
+        "Region": "eu",
+        "x-user-id": "u7",
+        "user-agent": "test",
+        "x-mesh-deadline": _deadline(30),
+        "traceparent": TRACE,
+        "accept": "*/*",
+    }
     seen = httpx.get(server.url + "/seen", headers=headers, timeout=10).json()
     assert seen["propagated"] == {"region": "eu", "x-user-id": "u7"}
     assert seen["deadline"] == pytest.approx(time.time() + 30, abs=5)
@@ -94,8 +102,12 @@ HEX = "0123456789abcdef"
     traceparent=st.none()
     | st.text(max_size=70)
     | st.from_regex(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?", fullmatch=True)
-    | st.builds(lambda t, s, f: f"00-{t}-{s}-{f}", st.sampled_from(["0" * 32, "4bf92f3577b34da6a3ce929d0e0e4736"]),
-                st.sampled_from(["0" * 16, "00f067aa0ba902b7"]), st.text(HEX, min_size=2, max_size=2)),
+    | st.builds(
+        lambda t, s, f: f"00-{t}-{s}-{f}",
+        st.sampled_from(["0" * 32, "4bf92f3577b34da6a3ce929d0e0e4736"]),
+        st.sampled_from(["0" * 16, "00f067aa0ba902b7"]),
+        st.text(HEX, min_size=2, max_size=2),
+    ),
     tracestate=st.none() | st.sampled_from(["", "vendor=1", "a=b,c=d", "bad state"]),
 )
 def test_the_trace_context_is_the_one_otel_extracts(traceparent: str | None, tracestate: str | None) -> None:

@@ -37,7 +37,10 @@ def test_one_extra_alone_in_a_fresh_venv(extra: str, tmp_path: Path) -> None:
     env["MESH_STATE_DIR"] = str(tmp_path / "state")
     installed = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", spec],
-        capture_output=True, text=True, env=env, timeout=240,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
     ran = subprocess.run(

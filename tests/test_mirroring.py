@@ -30,8 +30,14 @@ def test_a_mirror_needs_a_defined_subset_and_counts_as_using_it():
     assert rules.warnings == (), "v2 is used by the mirror: no 'unused subset' warning"
     route = rules.for_service("shop").routes[0]
     assert route.mirror is not None and route.mirror.subset == "v2" and route.mirror.percent == 20
-    bad = {"services": {"shop": {"subsets": {"v1": {"tags": ["v1"]}},
-                                 "routes": [{"to": [{"subset": "v1"}], "mirror": {"subset": "v3", "percent": 200}}]}}}
+    bad = {
+        "services": {
+            "shop": {
+                "subsets": {"v1": {"tags": ["v1"]}},
+                "routes": [{"to": [{"subset": "v1"}], "mirror": {"subset": "v3", "percent": 200}}],
+            }
+        }
+    }
     with pytest.raises(RulesValidationError) as caught:
         validate_rules(bad)
     assert [e.path for e in caught.value.errors] == ["services.shop.routes[0].mirror.subset"]
@@ -97,8 +103,11 @@ def test_a_slow_failing_mirror_costs_the_caller_nothing_and_gets_its_share(shop)
     # a failing mirror target is not ejected by its copies (they measure it, they do not steer traffic)
     # and the copies are counted apart: route mirror:v2, all 5xx, next to the primary's route
     assert 'mesh_route="mirror:v2"' in metrics and 'http_response_status_class="5xx"' in metrics
-    counts = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-              if line.startswith("http_client_request_duration_seconds_count")}
+    counts = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("http_client_request_duration_seconds_count")
+    }
     mirror_calls = sum(v for k, v in counts.items() if 'mesh_route="mirror:v2"' in k)
     assert mirror_calls == copies
 
@@ -119,9 +128,19 @@ def test_the_receiving_side_labels_mirrored_copies():
     try:
         endpoint = Endpoint("127.0.0.1", server.port, tags=frozenset({"v1", "v2"}))
         mesh = meshlib.Mesh(service="front", discovery=StaticDiscovery({"shop": [endpoint]}), control_plane="")
-        mesh.apply_rules(validate_rules({"services": {"shop": {
-            "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
-            "routes": [{"to": [{"subset": "v1"}], "mirror": {"subset": "v2", "percent": 100}}]}}}, 1))
+        mesh.apply_rules(
+            validate_rules(
+                {
+                    "services": {
+                        "shop": {
+                            "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+                            "routes": [{"to": [{"subset": "v1"}], "mirror": {"subset": "v2", "percent": 100}}],
+                        }
+                    }
+                },
+                1,
+            )
+        )
         with mesh, mesh.client() as client:
             for _ in range(10):
                 assert client.get("http://shop/items").text == "ok"

@@ -21,8 +21,9 @@ def write_tiny_app(folder) -> None:  # type: ignore[no-untyped-def]
 def test_moving_the_control_plane_needs_one_variable(control_plane, upstreams, monkeypatch):
     cp = control_plane()
     (up,) = upstreams(1)
-    r = httpx.put(cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1",
-                                                          "port": up.port})
+    r = httpx.put(
+        cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1", "port": up.port}
+    )
     assert r.status_code == 200
     monkeypatch.setenv("MESH_CONTROL_PLANE", cp.url)  # and no MESH_DISCOVERY: its registry is the default
     monkeypatch.setenv("MESH_SERVICE", "frontend")
@@ -36,8 +37,10 @@ def test_moving_the_control_plane_needs_one_variable(control_plane, upstreams, m
 def test_a_plaintext_caller_of_an_mtls_only_service_is_told_what_to_set(control_plane, upstreams, tmp_path):
     cp = control_plane()
     (up,) = upstreams(1)
-    r = httpx.put(cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1",
-                                                          "port": up.port, "meta": {"mesh_tls": "strict"}})
+    r = httpx.put(
+        cp.url + "/v1/registry/register",
+        json={"service": "payments", "address": "127.0.0.1", "port": up.port, "meta": {"mesh_tls": "strict"}},
+    )
     assert r.status_code == 200
     mesh = meshlib.Mesh(service="frontend", control_plane=cp.url, tls="off", state_dir=str(tmp_path / "f"))
     with mesh, mesh.client() as client, pytest.raises(meshlib.NoEndpointsError) as info:
@@ -53,8 +56,9 @@ def test_caches_from_another_registry_are_not_restored(control_plane, upstreams,
 
     cp = control_plane()
     (up,) = upstreams(1)
-    httpx.put(cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1",
-                                                      "port": up.port}).raise_for_status()
+    httpx.put(
+        cp.url + "/v1/registry/register", json={"service": "payments", "address": "127.0.0.1", "port": up.port}
+    ).raise_for_status()
     v = cp.apply({"services": {"payments": {"timeout": "2s"}}})
     state = str(tmp_path / "shared-state")
     first = meshlib.Mesh(service="frontend", control_plane=cp.url, state_dir=state)
@@ -97,8 +101,14 @@ def test_a_missing_or_wrong_bootstrap_token_fails_fast_in_one_line(control_plane
     if token:
         env["MESH_BOOTSTRAP_TOKEN"] = token
     started = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", "0"],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode == 1, run.stderr
     assert time.monotonic() - started < 30  # refused at once, not retried
     last = run.stderr.strip().splitlines()[-1]
@@ -127,8 +137,9 @@ def test_serve_names_the_process_even_when_clients_were_made_at_import(control_p
 
     cp = control_plane()
     (peer,) = upstreams(1)
-    httpx.put(cp.url + "/v1/registry/register", json={"service": "peer", "address": "127.0.0.1",
-                                                      "port": peer.port}).raise_for_status()
+    httpx.put(
+        cp.url + "/v1/registry/register", json={"service": "peer", "address": "127.0.0.1", "port": peer.port}
+    ).raise_for_status()
     port = free_port()
     (tmp_path / "app.py").write_text(
         "import meshlib\n"
@@ -141,11 +152,20 @@ def test_serve_names_the_process_even_when_clients_were_made_at_import(control_p
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update({"MESH_CONTROL_PLANE": cp.url, "MESH_STATE_DIR": str(tmp_path / "s")})
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "app.py")], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "app.py")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: httpx.get(cp.url + "/v1/registry/services/web2").json()["instances"], timeout=30,
-                 what="web2 to register")
+        wait_for(
+            lambda: httpx.get(cp.url + "/v1/registry/services/web2").json()["instances"],
+            timeout=30,
+            what="web2 to register",
+        )
         assert httpx.get(f"http://127.0.0.1:{port}/").text == "web2"
     finally:
         proc.terminate()
@@ -158,8 +178,10 @@ def test_unknown_services_get_a_suggestion_and_a_reason(control_plane, upstreams
     (up,) = upstreams(1)
     secrets = {}
     for name in ("inventory", "gone"):
-        r = httpx.put(cp.url + "/v1/registry/register", json={"id": name, "service": name, "address": "127.0.0.1",
-                                                              "port": up.port})
+        r = httpx.put(
+            cp.url + "/v1/registry/register",
+            json={"id": name, "service": name, "address": "127.0.0.1", "port": up.port},
+        )
         secrets[name] = r.json()["secret"]
     mesh = meshlib.Mesh(service="shop", control_plane=cp.url, state_dir=str(tmp_path / "shop"))
     with mesh, mesh.client() as client:
@@ -193,18 +215,33 @@ def test_cli_rough_edges(control_plane, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", str(port)],
-                             capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+        run = subprocess.run(
+            [sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+        )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert f"meshctl: cannot listen on 127.0.0.1:{port} for tiny" in run.stderr
     # listening and registered: one line that says so
-    proc = subprocess.Popen([sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", "0"],
-                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshlib.cli", "run", "tiny", "tinyapp:app", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines: list[str] = []
         assert proc.stderr is not None
-        wait_for(lambda: lines.append(proc.stderr.readline()) or "listening on" in lines[-1], timeout=30,
-                 what="the listening line")
+        wait_for(
+            lambda: lines.append(proc.stderr.readline()) or "listening on" in lines[-1],
+            timeout=30,
+            what="the listening line",
+        )
         line = lines[-1]
         assert line.startswith("meshlib: tiny listening on http://127.0.0.1:") and "MESH_TLS=off" in line
         assert "registered as tiny-127.0.0.1-" in line and f"registry at http://127.0.0.1:{cp.port}" in line
@@ -212,10 +249,17 @@ def test_cli_rough_edges(control_plane, tmp_path):
         proc.terminate()
         proc.wait(20)
     # meshctl status says how to read strict instances
-    httpx.put(cp.url + "/v1/registry/register", json={"service": "vault", "address": "127.0.0.1", "port": 9,
-                                                      "meta": {"mesh_tls": "strict"}}).raise_for_status()
-    status = subprocess.run([sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "status",
-                             "--interval", "0.1"], capture_output=True, text=True, timeout=60, env=env)
+    httpx.put(
+        cp.url + "/v1/registry/register",
+        json={"service": "vault", "address": "127.0.0.1", "port": 9, "meta": {"mesh_tls": "strict"}},
+    ).raise_for_status()
+    status = subprocess.run(
+        [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "status", "--interval", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert "set MESH_BOOTSTRAP_TOKEN so meshctl gets an identity" in status.stderr
     # the typed API
     import inspect
@@ -244,13 +288,31 @@ def test_routing_headers_cross_hops_with_mesh_propagate_headers(upstreams, monke
 
     v1, v2 = upstreams(2)
     monkeypatch.setenv("MESH_PROPAGATE_HEADERS", "X-Canary, x-user-id")
-    backend = StaticDiscovery({"backend": [Endpoint("127.0.0.1", v1.port, frozenset({"v1"})),
-                                           Endpoint("127.0.0.1", v2.port, frozenset({"v2"}))]})
+    backend = StaticDiscovery(
+        {
+            "backend": [
+                Endpoint("127.0.0.1", v1.port, frozenset({"v1"})),
+                Endpoint("127.0.0.1", v2.port, frozenset({"v2"})),
+            ]
+        }
+    )
     front = meshlib.Mesh(service="front", discovery=backend, control_plane="")
-    front.apply_rules(validate_rules({"services": {"backend": {
-        "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
-        "routes": [{"match": {"headers": {"x-canary": "yes"}}, "to": [{"subset": "v2"}]}, {"to": [{"subset": "v1"}]}],
-    }}}, 1))
+    front.apply_rules(
+        validate_rules(
+            {
+                "services": {
+                    "backend": {
+                        "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+                        "routes": [
+                            {"match": {"headers": {"x-canary": "yes"}}, "to": [{"subset": "v2"}]},
+                            {"to": [{"subset": "v1"}]},
+                        ],
+                    }
+                }
+            },
+            1,
+        )
+    )
     client = front.async_client()
 
     async def handler(request: Request) -> JSONResponse:

@@ -54,8 +54,9 @@ def test_sniffio_is_installed_so_httpcore_does_not_fail_an_import_per_lock():
 
 
 def test_mesh_requests_attempt_no_import(upstream):
-    mesh = meshlib.Mesh(service="tester", discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", upstream.port)]}),
-                        control_plane="")
+    mesh = meshlib.Mesh(
+        service="tester", discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", upstream.port)]}), control_plane=""
+    )
 
     async def calls(client: meshlib.AsyncClient, n: int) -> None:
         for _ in range(n):

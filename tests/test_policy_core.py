@@ -440,8 +440,9 @@ def test_below_the_panic_threshold_traffic_goes_to_every_endpoint():
     assert [h.breaker.state for h in s.handles] == [OPEN, OPEN, OPEN, CLOSED]
     picked = {run(s, clock, [OK])[0][0].endpoint.port for _ in range(8)}
     assert picked == {1, 2, 3, 4}, "25% healthy < 50%: balanced over all"
-    off = ServicePolicy(circuit_breaker=BreakerPolicy(consecutive_failures=1, max_ejection_percent=100,
-                                                    panic_threshold_percent=0))
+    off = ServicePolicy(
+        circuit_breaker=BreakerPolicy(consecutive_failures=1, max_ejection_percent=100, panic_threshold_percent=0)
+    )
     s.set_policy(off)
     assert {run(s, clock, [OK])[0][0].endpoint.port for _ in range(8)} == {4}, "no panic threshold: only healthy"
 

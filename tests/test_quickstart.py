@@ -19,7 +19,7 @@ DOC = ROOT / "docs" / "quickstart.md"
 
 
 def shell_blocks(text: str) -> list[str]:
-    body = text[text.index("## 2."):]
+    body = text[text.index("## 2.") :]
     return re.findall(r"```sh\n(.*?)```", body, re.S)
 
 
@@ -42,8 +42,9 @@ def test_the_quickstart_runs_as_written(tmp_path):
     # files, not pipes (background jobs would hold a pipe open), and a session of its own, so that whatever the
     # script left running is stopped with it
     with out_file.open("w") as stdout, err_file.open("w") as stderr:
-        proc = subprocess.Popen(["bash", "-c", "set -e\n" + script], cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", "set -e\n" + script], cwd=ROOT, env=env, stdout=stdout, stderr=stderr, start_new_session=True
+        )
         try:
             returncode = proc.wait(timeout=110)
         finally:
@@ -58,8 +59,8 @@ def test_the_quickstart_runs_as_written(tmp_path):
     first_calls = [line for line in lines if re.fullmatch(r"200 v[12]", line)]
     assert len(first_calls) >= 5, out  # four spread calls, then the canary one
     assert "rules version 1 applied" in lines and "rules version 2 applied" in lines
-    canary = lines[lines.index("rules version 1 applied") + 1:]
+    canary = lines[lines.index("rules version 1 applied") + 1 :]
     assert canary[0] == "200 v2", out  # x-canary carried from checkout to payments
-    tls = lines[lines.index("rules version 2 applied") + 1:]
+    tls = lines[lines.index("rules version 2 applied") + 1 :]
     assert tls[:2] == ["200", "403"], out
     assert "Traceback" not in err

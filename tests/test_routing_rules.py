@@ -38,6 +38,7 @@ def test_path_prefix_and_methods_route_real_requests(upstreams):
     mesh = meshlib.Mesh(service="web", discovery=StaticDiscovery({"shop": endpoints}), control_plane="")
     mesh.apply_rules(validate_rules(ROUTES, 1))
     with mesh, mesh.client() as client:
+
         def where(method: str, path: str) -> str:
             return str(client.request(method, f"http://shop{path}").json()["instance"])
 
@@ -56,8 +57,12 @@ STICKY = {
     "services": {
         "shop": {
             "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
-            "routes": [{"to": [{"subset": "v1", "weight": 70}, {"subset": "v2", "weight": 30}],
-                        "sticky": {"header": "x-user-id"}}],
+            "routes": [
+                {
+                    "to": [{"subset": "v1", "weight": 70}, {"subset": "v2", "weight": 30}],
+                    "sticky": {"header": "x-user-id"},
+                }
+            ],
         }
     }
 }
@@ -77,16 +82,24 @@ def test_sticky_hashing_is_the_same_in_another_process():
         "from test_routing_rules import _sticky_choices; print(json.dumps(_sticky_choices()))"
     )
     # another interpreter, with another hash seed: Python's hash() would differ, the sticky hash must not
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
-                           env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, cwd=str(_repo()))
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+        cwd=str(_repo()),
+    )
     assert json.loads(other.stdout) == here
     split = Counter(here)
     assert 0.6 < split["v1"] / len(USERS) < 0.8  # and the hash still honours the 70/30 weights
     rules = validate_rules(STICKY).for_service("shop")
     assert rules is not None
     # a user keeps its side whatever the random source says
-    assert {choose(rules, "GET", "/", {"x-user-id": "user-7"}.get, lambda r=r: r).subset for r in (0.0, 0.5, 0.99)} \
-        == {here[7]}
+    assert {choose(rules, "GET", "/", {"x-user-id": "user-7"}.get, lambda r=r: r).subset for r in (0.0, 0.5, 0.99)} == {
+        here[7]
+    }
 
 
 def _repo():

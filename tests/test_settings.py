@@ -23,7 +23,11 @@ def test_identity_bootstrap_and_consul_variables_are_settings():
     }
     settings = MeshSettings.from_env(env)
     assert (settings.bootstrap_token, settings.tls_cert, settings.tls_key, settings.tls_ca) == (
-        "t0ken", "/c.pem", "/k.pem", "/ca.pem")
+        "t0ken",
+        "/c.pem",
+        "/k.pem",
+        "/ca.pem",
+    )
     assert settings.tls_cert_lifetime == "2h"
     assert (settings.consul_http_addr, settings.consul_http_token) == ("10.0.0.9:8500", "acl-secret")
     assert "t0ken" not in repr(settings) and "acl-secret" not in repr(settings), "secrets stay out of logs"

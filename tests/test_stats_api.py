@@ -26,8 +26,9 @@ from meshlib.telemetry.report import build_report
 T0 = 1_800_000_000.0
 
 
-def row(peer: str, count: int, fast: int | None = None, route: str = "/items", extra: Any = 0,
-        status: str = "2xx") -> list[Any]:
+def row(
+    peer: str, count: int, fast: int | None = None, route: str = "/items", extra: Any = 0, status: str = "2xx"
+) -> list[Any]:
     """A cumulative histogram row: ``fast`` requests at <=1 ms, the rest at <=100 ms."""
     fast = count if fast is None else fast
     buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -38,10 +39,22 @@ def row(peer: str, count: int, fast: int | None = None, route: str = "/items", e
 
 def report(instance: str = "catalog-1", service: str = "catalog", started: float = T0, **fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "v": 1, "instance": instance, "service": service, "address": "127.0.0.1", "port": 9001, "started": started,
-        "interval": 2.0, "tls": "strict", "identity": f"spiffe://mesh.local/ns/default/sa/{service}",
-        "rules_version": 3, "buckets": list(LATENCY_BUCKETS), "inbound": [], "outbound": [], "counters": [],
-        "verified_peers": {}, "endpoints": [],
+        "v": 1,
+        "instance": instance,
+        "service": service,
+        "address": "127.0.0.1",
+        "port": 9001,
+        "started": started,
+        "interval": 2.0,
+        "tls": "strict",
+        "identity": f"spiffe://mesh.local/ns/default/sa/{service}",
+        "rules_version": 3,
+        "buckets": list(LATENCY_BUCKETS),
+        "inbound": [],
+        "outbound": [],
+        "counters": [],
+        "verified_peers": {},
+        "endpoints": [],
     }
     body.update(fields)
     return body
@@ -102,8 +115,10 @@ def test_malformed_reports_are_refused_naming_the_field(change, said):
     [
         (lambda b: b.update(inbound=[row("a", 5)[:6], row("a", 5)]), "inbound[0]: expected [peer"),
         (lambda b: b.update(inbound=[["a", "/", "2xx", 0, -1, 0.0, [0] * 17], row("a", 5)]), "inbound[0].count"),
-        (lambda b: b.update(inbound=[["a", "/", "2xx", 0, 5, float("nan"), row("a", 5)[6]], row("a", 5)]),
-         "inbound[0].sum"),
+        (
+            lambda b: b.update(inbound=[["a", "/", "2xx", 0, 5, float("nan"), row("a", 5)[6]], row("a", 5)]),
+            "inbound[0].sum",
+        ),
         (lambda b: b.update(inbound=[["a", "/", "2xx", 0, 6, 0.1, row("a", 5)[6]], row("a", 5)]), "do not add up"),
         (lambda b: b.update(inbound=[row("x" * 300, 1), row("a", 5)]), "inbound[0].peer"),
         (lambda b: b.update(inbound=[row("Bad Name", 1), row("a", 5)]), "is not a service name"),
@@ -217,7 +232,9 @@ def test_a_meshed_caller_shows_up_as_an_edge_with_its_figures(control_plane, ups
     cp: ControlPlaneProcess = control_plane()
     (up,) = upstreams(1)
     settings = meshlib.MeshSettings(
-        service="caller", discovery=f"static:inventory=127.0.0.1:{up.port}", control_plane=cp.url,
+        service="caller",
+        discovery=f"static:inventory=127.0.0.1:{up.port}",
+        control_plane=cp.url,
         stats_interval=0.2,
     ).validated()
     mesh = meshlib.Mesh(settings=settings)
@@ -236,7 +253,9 @@ def test_a_meshed_caller_shows_up_as_an_edge_with_its_figures(control_plane, ups
     assert found["source"] == "caller" and found["destination"] == "inventory" and found["success"] == 1.0
     status = subprocess.run(
         [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "status"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert status.returncode == 0, status.stderr
     assert "as reported by the instances" in status.stdout  # one request to the control plane, no scraping
@@ -307,10 +326,16 @@ def test_rules_diff_between_versions(control_plane):
 
 def test_a_strict_mtls_instance_reports_without_the_control_plane_reaching_it(control_plane, tmp_path):
     cp: ControlPlaneProcess = control_plane(bootstrap_token="boot")
-    env = {"MESH_CONTROL_PLANE": cp.url, "MESH_BOOTSTRAP_TOKEN": "boot", "MESH_TLS": "strict",
-           "MESH_STATE_DIR": str(tmp_path / "s"), "MESH_STATS_INTERVAL": "0.3"}
+    env = {
+        "MESH_CONTROL_PLANE": cp.url,
+        "MESH_BOOTSTRAP_TOKEN": "boot",
+        "MESH_TLS": "strict",
+        "MESH_STATE_DIR": str(tmp_path / "s"),
+        "MESH_STATS_INTERVAL": "0.3",
+    }
     up = Upstream("s0", mesh_service="ledger", env=env).wait_listening()
     try:
+
         def instance() -> dict[str, Any] | None:
             r = httpx.get(cp.url + "/v1/stats/services/ledger")
             rows = r.json()["instances"] if r.status_code == 200 else []
@@ -329,7 +354,10 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
     spec = ",".join(f"127.0.0.1:{u.port}" for u in ups)
     settings = meshlib.MeshSettings(
         # the first report comes about 3 s in, after the calls: its shares are over all 300 of them
-        service="caller", discovery=f"static:inventory={spec}", control_plane=cp.url, stats_interval=3.0,
+        service="caller",
+        discovery=f"static:inventory={spec}",
+        control_plane=cp.url,
+        stats_interval=3.0,
     ).validated()
     mesh = meshlib.Mesh(settings=settings)
     try:
@@ -355,7 +383,9 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
         assert 0 < r["latency_ms"] < 1000
     shown = subprocess.run(
         [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "diagnostics", "endpoints", "inventory"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
@@ -363,7 +393,9 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
     assert len(lines) == 4 and all(line.split()[-2] == "closed" and line.endswith("%") for line in lines[1:])
     unknown = subprocess.run(
         [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "diagnostics", "endpoints", "inventori"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert unknown.returncode == 1 and "did you mean inventory?" in unknown.stderr, unknown.stderr
 

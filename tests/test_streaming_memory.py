@@ -29,8 +29,12 @@ def upstream() -> Iterator[Upstream]:
 
 
 def client_for(up: Upstream) -> meshlib.AsyncClient:
-    mesh = meshlib.Mesh(service="t", control_plane="", telemetry=False,
-                        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", up.port)]}))
+    mesh = meshlib.Mesh(
+        service="t",
+        control_plane="",
+        telemetry=False,
+        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", up.port)]}),
+    )
     return mesh.async_client(timeout=60)
 
 

@@ -93,8 +93,12 @@ def answering(body: bytes = b"ok", extra: bytes = b"", reason: bytes = b"OK") ->
 
 
 def mesh_to(port: int) -> meshlib.Mesh:
-    return meshlib.Mesh(service="t", control_plane="", telemetry=False,
-                        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}))
+    return meshlib.Mesh(
+        service="t",
+        control_plane="",
+        telemetry=False,
+        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}),
+    )
 
 
 def test_the_sync_client_uses_the_lean_engine_and_http2_keeps_httpcore():
@@ -128,7 +132,11 @@ def test_callers_see_httpx_errors_and_complete_answers():
         with mesh.client(timeout=5) as client:
             response = client.post("http://svc/fine", content=b"{}")
             assert (response.status_code, response.reason_phrase, response.http_version, response.text) == (
-                202, "Taken Gladly", "HTTP/1.1", "ok")
+                202,
+                "Taken Gladly",
+                "HTTP/1.1",
+                "ok",
+            )
             assert response.elapsed.total_seconds() > 0
             assert client.get("http://svc/gzip").json() == {"hello": "mesh"}, "encoded answers still decoded"
             with pytest.raises(httpx.TransportError, match="malformed HTTP response"):
@@ -284,8 +292,9 @@ def outbound(port: int, pool_timeout: float = 5.0) -> Any:
     from meshlib.client.outbound import Outbound
 
     timeouts = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": pool_timeout}
-    return Outbound(b"GET", b"http", "127.0.0.1", port, b"/", [(b"host", b"svc")], httpx.ByteStream(b""),
-                    {"timeout": timeouts})
+    return Outbound(
+        b"GET", b"http", "127.0.0.1", port, b"/", [(b"host", b"svc")], httpx.ByteStream(b""), {"timeout": timeouts}
+    )
 
 
 def test_closing_the_pools_closes_connections_still_in_use_when_they_are_released():

@@ -107,8 +107,9 @@ def test_otel_traces_exporter_console_exports_mesh_spans(upstreams, tmp_path):
     assert '"service.name": "exporter-test"' in out.stdout
     assert '"kind": "SpanKind.CLIENT"' in out.stdout and '"name": "GET attempt 1"' in out.stdout, out.stdout[:2000]
     env["OTEL_TRACES_EXPORTER"] = "none"
-    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
-                           check=True)
+    quiet = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=True
+    )
     assert '"service.name"' not in quiet.stdout
 
 

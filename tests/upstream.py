@@ -27,8 +27,14 @@ import uvicorn
 
 def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
     state: dict[str, Any] = {
-        "status": status, "delay": delay, "counts": {}, "die_mid_body": False, "slow_every": 0, "slow_delay": 0.0,
-        "fail_every": 0, "served": 0,
+        "status": status,
+        "delay": delay,
+        "counts": {},
+        "die_mid_body": False,
+        "slow_every": 0,
+        "slow_delay": 0.0,
+        "fail_every": 0,
+        "served": 0,
     }
 
     async def send_json(send: Any, code: int, body: Any) -> None:
@@ -69,8 +75,9 @@ def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
             return
         if path == "/-/download":  # ?size=N bytes, streamed in 64 KiB parts with a Content-Length
             size = int(query["size"][0])
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-length", str(size).encode())]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]}
+            )
             part = bytes(range(256)) * 256
             while size > 0:
                 piece = part[: min(size, len(part))]

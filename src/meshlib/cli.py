@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=16_000, help="concurrent connections before 503")
     p.add_argument("--max-rules-bytes", type=int, default=1 << 20, help="larger rules documents get 413")
     p.add_argument(
-        "--allowed-host", action="append", metavar="NAME",
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
         help="a host name clients reach this control plane by (repeatable; IP addresses, localhost and this "
         "machine's names always are; '*' for any): other names get 421, against DNS rebinding",
     )
@@ -281,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="services, instances, rule version, golden signals")
     p.add_argument("--interval", type=float, default=1.0, help="with --scrape: seconds between the two metric reads")
     p.add_argument(
-        "--scrape", action="store_true",
+        "--scrape",
+        action="store_true",
         help="read every instance's /-/mesh/metrics instead of the figures instances report to the control plane",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="list every instance")

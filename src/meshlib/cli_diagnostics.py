@@ -23,16 +23,19 @@ def cmd_diagnostics_endpoints(args: argparse.Namespace) -> int:
         return 0
     print(f"{'CALLER':28} {'ENDPOINT':24} {'LATENCY MS':>10} {'IN FLIGHT':>9} {'BREAKER':9} {'SHARE':>6}")
     for row in rows:
-        print(f"{row['caller'][:28]:28} {row['endpoint'][:24]:24} {row['latency_ms']:>10.3f} {row['outstanding']:>9} "
-              f"{row['breaker']:9} {row['share']:>6.1%}")
+        print(
+            f"{row['caller'][:28]:28} {row['endpoint'][:24]:24} {row['latency_ms']:>10.3f} {row['outstanding']:>9} "
+            f"{row['breaker']:9} {row['share']:>6.1%}"
+        )
     return 0
 
 
 def add_diagnostics_commands(sub: Any) -> None:
     diagnostics = sub.add_parser("diagnostics", help="what the data plane sees (balancer estimates per caller)")
     dsub = diagnostics.add_subparsers(dest="diagnostics_command", metavar="ACTION", required=True)
-    p = dsub.add_parser("endpoints", help="each caller's latency estimate, in-flight count, breaker and share per "
-                                          "instance of a service")
+    p = dsub.add_parser(
+        "endpoints", help="each caller's latency estimate, in-flight count, breaker and share per instance of a service"
+    )
     p.add_argument("service", help="the destination service")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_diagnostics_endpoints)

@@ -18,8 +18,9 @@ from .settings import env_value
 HEADER = f"{'SERVICE':16} {'INSTANCES':>9} {'REQ/S':>8} {'SUCCESS':>8} {'P50 MS':>8} {'P99 MS':>8}"
 
 
-def _row(name: str, instances: int, rate: float | None, success: float | None, p50: float | None,
-         p99: float | None) -> str:
+def _row(
+    name: str, instances: int, rate: float | None, success: float | None, p50: float | None, p99: float | None
+) -> str:
     if not rate or success is None or p50 is None or p99 is None:
         return f"{name:16} {instances:>9} {'-':>8} {'-':>8} {'-':>8} {'-':>8}"
     return f"{name:16} {instances:>9} {rate:>8.1f} {success:>8.1%} {p50:>8.1f} {p99:>8.1f}"

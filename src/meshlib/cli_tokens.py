@@ -54,8 +54,10 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':12}  {'STATE':7}  {'NAMESPACE':10}  {'CREATED (UTC)':16}  {'EXPIRES (UTC)':16}  SERVICES")
     for t in body["tokens"]:
-        print(f"{t['id']:12}  {t['state']:7}  {t['namespace'][:10]:10}  {_when(t['created_at']):16}  "
-              f"{_when(t['expires_at']):16}  {', '.join(t['services'])}")
+        print(
+            f"{t['id']:12}  {t['state']:7}  {t['namespace'][:10]:10}  {_when(t['created_at']):16}  "
+            f"{_when(t['expires_at']):16}  {', '.join(t['services'])}"
+        )
     return 0
 
 

@@ -127,8 +127,13 @@ class Demo:
     def join_token(self, service: str) -> str:
         """The join token of ``service``, created through the control plane's API on first use."""
         if service not in self.join_tokens:
-            r = httpx.post(self.cp_url + "/v1/tokens", json={"services": [service], "description": "meshctl demo"},
-                           headers={"authorization": f"Bearer {self.token}"}, timeout=10, trust_env=False)
+            r = httpx.post(
+                self.cp_url + "/v1/tokens",
+                json={"services": [service], "description": "meshctl demo"},
+                headers={"authorization": f"Bearer {self.token}"},
+                timeout=10,
+                trust_env=False,
+            )
             r.raise_for_status()
             self.join_tokens[service] = str(r.json()["token"])
         return self.join_tokens[service]

@@ -79,8 +79,13 @@ def dashboard_back(demo: Demo) -> None:
         demo.start_control_plane()
         demo.say(f"control plane restarted: instances re-register and report; dashboard at {demo.cp_url}/ui")
 
-    expected = {"loadgen->frontend", "frontend->catalog", "catalog->inventory", "frontend->checkout",
-                "checkout->payments"}
+    expected = {
+        "loadgen->frontend",
+        "frontend->catalog",
+        "catalog->inventory",
+        "frontend->checkout",
+        "checkout->payments",
+    }
 
     def reported() -> Any:
         topology = demo._get("/v1/stats/topology") or {}
@@ -115,6 +120,8 @@ def _v2_shares(demo: Demo) -> None:
     with contextlib.suppress(RuntimeError):  # a timeout is said below, with what was seen
         demo.wait(measured, 20, "both payments v2 instances to report their share")
     total = sum(rates.values()) or 1.0
-    shares = ", ".join(f"{name} {rates.get(name, 0.0):.1f} req/s ({rates.get(name, 0.0) / total:.0%})"
-                       for name in sorted(healthy.values()))
+    shares = ", ".join(
+        f"{name} {rates.get(name, 0.0):.1f} req/s ({rates.get(name, 0.0) / total:.0%})"
+        for name in sorted(healthy.values())
+    )
     demo.say(f"dashboard: payments v2 instances: {shares}")

@@ -165,13 +165,16 @@ def _apply(demo: Demo, percent: int) -> None:
 def _impersonation_refused(cp_url: str, token: str) -> str:
     """Ask the CA for a ``payments`` certificate with another service's join token: "refused (403)" expected."""
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "payments")])
-    ).sign(key, hashes.SHA256())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "payments")]))
+        .sign(key, hashes.SHA256())
+    )
     body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode(), "service": "payments"}
     try:
-        r = httpx.post(cp_url + "/v1/ca/sign", json=body, headers={"authorization": f"Bearer {token}"}, timeout=10,
-                       trust_env=False)
+        r = httpx.post(
+            cp_url + "/v1/ca/sign", json=body, headers={"authorization": f"Bearer {token}"}, timeout=10, trust_env=False
+        )
     except httpx.HTTPError as exc:
         return f"not answered ({exc})"
     return f"refused ({r.status_code})" if r.status_code in (401, 403) else f"ISSUED ({r.status_code})"

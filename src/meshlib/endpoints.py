@@ -128,8 +128,13 @@ def skip_unsafe(service: str, where: str, exc: UnsafeEndpoint) -> None:
     """Log (once a minute per service) an instance left out of a discovery answer for its address."""
     held = _SKIPPED.allow(service)
     if held is not None:
-        log.warning("discovery: %s of %s: %s%s", where, service, printable(str(exc)),
-                    f" ({held} more since the last line)" if held else "")
+        log.warning(
+            "discovery: %s of %s: %s%s",
+            where,
+            service,
+            printable(str(exc)),
+            f" ({held} more since the last line)" if held else "",
+        )
 
 
 def parse_snapshot(service: str, payload: object, index: int) -> EndpointSet:
@@ -148,8 +153,9 @@ def parse_snapshot(service: str, payload: object, index: int) -> EndpointSet:
             raise SnapshotError(f"instances[{i}] is not an object")
         try:
             endpoints.append(
-                endpoint_from_fields(item.get("address"), item.get("port"), item.get("tags"), item.get("meta"),
-                                     item.get("id"))
+                endpoint_from_fields(
+                    item.get("address"), item.get("port"), item.get("tags"), item.get("meta"), item.get("id")
+                )
             )
         except UnsafeEndpoint as exc:
             skip_unsafe(service, f"instances[{i}]", exc)

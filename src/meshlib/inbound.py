@@ -207,8 +207,15 @@ def _denied(mesh: Runtime, peer: SpiffeId | None, decision: authz.Ruling, method
     if held is None:
         return
     more = f" ({held} more like it since the last line)" if held else ""
-    log.warning("authorization %s %s %s (%s): %s%s", verb, printable(method, 16), printable(path), mode,
-                printable(decision.reason, 300), more)
+    log.warning(
+        "authorization %s %s %s (%s): %s%s",
+        verb,
+        printable(method, 16),
+        printable(path),
+        mode,
+        printable(decision.reason, 300),
+        more,
+    )
 
 
 #: The verified identity of the caller of the request being handled (None: plaintext or not a mesh identity).

@@ -263,8 +263,12 @@ class Runtime:
         for name in idle:
             self.discovery.unwatch(name)
         if idle:
-            log.info("stopped watching %d service(s) unused for %.0fs: %s", len(idle),
-                     self.settings.watch_idle_timeout, ", ".join(idle[:10]))
+            log.info(
+                "stopped watching %d service(s) unused for %.0fs: %s",
+                len(idle),
+                self.settings.watch_idle_timeout,
+                ", ".join(idle[:10]),
+            )
         return idle
 
     def explain_empty(self, service: str) -> str:
@@ -288,14 +292,20 @@ class Runtime:
         (``mesh_tls: strict``): it would only get a closed connection, so it is told what to set instead."""
         mode = self.settings.tls
         if mode == "strict":
-            unusable, why = "off", (
-                "advertise plaintext (mesh_tls: off) and were skipped, because MESH_TLS=strict never sends plaintext; "
-                "run them with MESH_TLS=strict or permissive"
+            unusable, why = (
+                "off",
+                (
+                    "advertise plaintext (mesh_tls: off) and were skipped, because MESH_TLS=strict never sends "
+                    "plaintext; run them with MESH_TLS=strict or permissive"
+                ),
             )
         elif mode == "off":
-            unusable, why = "strict", (
-                f"require mTLS (mesh_tls: strict) and were skipped: {state.name} requires mTLS; "
-                "set MESH_TLS=strict or permissive (and MESH_BOOTSTRAP_TOKEN) in this process"
+            unusable, why = (
+                "strict",
+                (
+                    f"require mTLS (mesh_tls: strict) and were skipped: {state.name} requires mTLS; "
+                    "set MESH_TLS=strict or permissive (and MESH_BOOTSTRAP_TOKEN) in this process"
+                ),
             )
         else:
             return state.set_endpoints
@@ -386,8 +396,9 @@ class _NoMirror:
     def submit(self, service: str, request: Any, subset: str) -> None:
         if not self.warned:
             self.warned = True
-            log.warning("%s: a route mirrors to %r, but meshlib.mirror is not loaded: copies are dropped",
-                        service, subset)
+            log.warning(
+                "%s: a route mirrors to %r, but meshlib.mirror is not loaded: copies are dropped", service, subset
+            )
 
     def close(self) -> None:
         pass

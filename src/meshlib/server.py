@@ -192,8 +192,10 @@ class _MeshServer(uvicorn.Server):
         mesh = self.endpoints.mesh
         scheme = "https" if mesh.settings.tls == "strict" else "http"
         where = mesh.discovery.describe() or mesh.settings.discovery
-        registered = f"registered as {self.registration.id} in {where}" if self.registration.registered else (
-            "not registered yet (retrying)" if self.registration.id else "not registered (static discovery)"
+        registered = (
+            f"registered as {self.registration.id} in {where}"
+            if self.registration.registered
+            else ("not registered yet (retrying)" if self.registration.id else "not registered (static discovery)")
         )
         print(
             f"meshlib: {mesh.service} listening on {scheme}://{self.host_text}:{self.port}, "

@@ -18,8 +18,14 @@ class Service(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/v1/health/service/hello"):
             entry = {
                 "Node": {"Node": "n1", "Address": "127.0.0.1"},
-                "Service": {"ID": "hello-1", "Service": "hello", "Address": "127.0.0.1", "Port": hello_port,
-                            "Tags": [], "Meta": {}},
+                "Service": {
+                    "ID": "hello-1",
+                    "Service": "hello",
+                    "Address": "127.0.0.1",
+                    "Port": hello_port,
+                    "Tags": [],
+                    "Meta": {},
+                },
                 "Checks": [{"Status": "passing"}],
             }
             body = json.dumps([entry]).encode()

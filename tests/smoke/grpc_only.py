@@ -17,9 +17,7 @@ def hello(request: bytes, context: grpc.ServicerContext) -> bytes:
     return b"hello " + request
 
 
-handler = grpc.method_handlers_generic_handler(
-    "smoke.Greeter", {"Hello": grpc.unary_unary_rpc_method_handler(hello)}
-)
+handler = grpc.method_handlers_generic_handler("smoke.Greeter", {"Hello": grpc.unary_unary_rpc_method_handler(hello)})
 mesh = meshlib.Mesh(service="greeter", discovery="static:unused=127.0.0.1:1", control_plane="", telemetry=False)
 server = meshlib.grpc.server(port=0, host="127.0.0.1", mesh=mesh)
 server.add_generic_rpc_handlers((handler,))

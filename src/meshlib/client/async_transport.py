@@ -56,8 +56,9 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
         if self._given_passthrough is not None:
             return self._given_passthrough
         verify, cert, trust_env, limits, http1, http2 = self._pool_settings
-        return httpx.AsyncHTTPTransport(verify=verify, cert=cert, http1=http1, http2=http2, limits=limits,
-                                        trust_env=trust_env)
+        return httpx.AsyncHTTPTransport(
+            verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -138,8 +139,11 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                 if streaming.get():  # client.stream(): handed over unread, as httpx would
                     stream = httpx.ByteStream(arrived) if type(arrived) is bytes else AsyncResponseStream(arrived)
                 else:
-                    stream = arrived if type(arrived) is bytes else (  # not already in memory
-                        await aread_small(arrived) if small_body(raw) else AsyncResponseStream(arrived)
+                    stream = (
+                        arrived
+                        if type(arrived) is bytes
+                        # not already in memory
+                        else (await aread_small(arrived) if small_body(raw) else AsyncResponseStream(arrived))
                     )
             except Exception as exc:
                 result = Result(classify_error(exc), exc, action.attempt)

@@ -92,8 +92,11 @@ def _both(mesh_class: type[MeshError], httpx_class: type[httpx.TransportError]) 
     key = (mesh_class, httpx_class)
     made = _BOTH.get(key)
     if made is None:
-        made = _BOTH[key] = type(mesh_class.__name__, (mesh_class, httpx_class),
-                                 {"__module__": mesh_class.__module__, "__qualname__": mesh_class.__qualname__})
+        made = _BOTH[key] = type(
+            mesh_class.__name__,
+            (mesh_class, httpx_class),
+            {"__module__": mesh_class.__module__, "__qualname__": mesh_class.__qualname__},
+        )
     return made
 
 

@@ -63,4 +63,3 @@ class ExternalCall:
             outcome=outcome,
             elapsed=self.mesh.clock() - self.started,
         )
-

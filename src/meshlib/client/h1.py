@@ -51,8 +51,22 @@ class H1Connection(KeepAlive):
     """One keep-alive connection to one endpoint, used by one thread's request at a time."""
 
     __slots__ = (
-        "_complete", "_framed", "_head_bytes", "_head_done", "_head_request", "_headers", "_informational",
-        "_parser", "_parts", "_poll", "_raw_head", "_reason", "_sock", "_status", "_stray", "_timeout",
+        "_complete",
+        "_framed",
+        "_head_bytes",
+        "_head_done",
+        "_head_request",
+        "_headers",
+        "_informational",
+        "_parser",
+        "_parts",
+        "_poll",
+        "_raw_head",
+        "_reason",
+        "_sock",
+        "_status",
+        "_stray",
+        "_timeout",
         "_version",
     )
 

@@ -28,6 +28,7 @@ LINE_OVERHEAD = 4
 def head_too_large(where: str) -> httpcore.RemoteProtocolError:
     return httpcore.RemoteProtocolError(f"{where} sent an answer head over {MAX_HEAD_BYTES} bytes")
 
+
 #: The version an answer's status line named, as httpx reports it in ``response.http_version``.
 HTTP_VERSIONS = {"1.0": b"HTTP/1.0", "1.1": b"HTTP/1.1"}
 
@@ -211,7 +212,7 @@ def lenient_head(data: bytes) -> bytes | None:
             changed = True
     if not changed:
         return None
-    return b"\r\n".join(out) + b"\r\n\r\n" + data[end + 4:]
+    return b"\r\n".join(out) + b"\r\n\r\n" + data[end + 4 :]
 
 
 def reparse_leniently(connection: Any) -> bool:

@@ -84,8 +84,12 @@ _HEAD = ("http11.receive_response_headers.started", "http11.receive_response_hea
 def trace_events(request: Outbound, answer: Any) -> list[tuple[str, dict[str, Any]]]:
     """What a ``trace`` callback is told of one attempt whose answer head arrived."""
     extensions = answer.extensions
-    head = (extensions.get("http_version", b"HTTP/1.1"), answer.status, extensions.get("reason_phrase", b""),
-            list(answer.headers))
+    head = (
+        extensions.get("http_version", b"HTTP/1.1"),
+        answer.status,
+        extensions.get("reason_phrase", b""),
+        list(answer.headers),
+    )
     return [
         (_SENT[0], {"request": request.to_httpcore()}),
         (_SENT[1], {"return_value": None}),

@@ -89,9 +89,11 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         self._given_passthrough = passthrough
         lean = http1 and not http2  # the lean HTTP/1.1 engine; HTTP/2 stays on httpcore's pool
         self._pools = ServicePools(
-            lambda: EndpointPools(**self._pool_options)
-            if lean
-            else httpcore.ConnectionPool(**self._pool_options, network_backend=CoalescingBackend()),
+            lambda: (
+                EndpointPools(**self._pool_options)
+                if lean
+                else httpcore.ConnectionPool(**self._pool_options, network_backend=CoalescingBackend())
+            ),
             pool,
         )
 
@@ -102,8 +104,9 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         if self._given_passthrough is not None:
             return self._given_passthrough
         verify, cert, trust_env, limits, http1, http2 = self._pool_settings
-        return httpx.HTTPTransport(verify=verify, cert=cert, http1=http1, http2=http2, limits=limits,
-                                   trust_env=trust_env)
+        return httpx.HTTPTransport(
+            verify=verify, cert=cert, http1=http1, http2=http2, limits=limits, trust_env=trust_env
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url

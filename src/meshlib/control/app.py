@@ -133,8 +133,12 @@ class ControlPlane:
         if token is not None and self.tokens is not None and self.tokens.holds(token):
             checked = self.tokens.check(token)
             if isinstance(checked, str):
-                return error(401, f"{checked}: ask the operator for a new one (meshctl token create)",
-                             reason="wrong", variable="MESH_BOOTSTRAP_TOKEN")
+                return error(
+                    401,
+                    f"{checked}: ask the operator for a new one (meshctl token create)",
+                    reason="wrong",
+                    variable="MESH_BOOTSTRAP_TOKEN",
+                )
             return checked
         if self.registry_token is None:
             if token is None and (self.tokens is None or not self.tokens.active()):
@@ -149,10 +153,16 @@ class ControlPlane:
                 return error(
                     403,
                     "registry writes need a join token: create one with meshctl token create --service NAME and "
-                    "set it as MESH_BOOTSTRAP_TOKEN on the instance", reason="missing", variable="MESH_BOOTSTRAP_TOKEN",
+                    "set it as MESH_BOOTSTRAP_TOKEN on the instance",
+                    reason="missing",
+                    variable="MESH_BOOTSTRAP_TOKEN",
                 )
-            return error(401, "wrong token: it is neither a join token of this control plane nor its shared "
-                         "MESH_BOOTSTRAP_TOKEN", reason="wrong", variable="MESH_BOOTSTRAP_TOKEN")
+            return error(
+                401,
+                "wrong token: it is neither a join token of this control plane nor its shared MESH_BOOTSTRAP_TOKEN",
+                reason="wrong",
+                variable="MESH_BOOTSTRAP_TOKEN",
+            )
         refusal = self._token_refusal(request, self.registry_token, "MESH_BOOTSTRAP_TOKEN")
         return refusal if refusal is not None else ANY_SERVICE
 
@@ -169,12 +179,16 @@ class ControlPlane:
         token = self._bearer(request)
         if token is None:
             return error(
-                401, f"no token sent: set {variable} to this control plane's {variable}", reason="missing",
+                401,
+                f"no token sent: set {variable} to this control plane's {variable}",
+                reason="missing",
                 variable=variable,
             )
         if not hmac.compare_digest(token.encode(), expected.encode()):
             return error(
-                401, f"wrong token: the {variable} sent is not this control plane's {variable}", reason="wrong",
+                401,
+                f"wrong token: the {variable} sent is not this control plane's {variable}",
+                reason="wrong",
                 variable=variable,
             )
         return None
@@ -277,17 +291,19 @@ def build_app(cp: ControlPlane) -> Starlette:
 
     async def ca_sign(request: Request) -> Response:
         if cp.ca is None:
-            return error(
-                503, "this control plane has no CA: run meshctl ca init (or start it with --ca-cert/--ca-key)"
-            )
+            return error(503, "this control plane has no CA: run meshctl ca init (or start it with --ca-cert/--ca-key)")
         if cp.registry_token is None and cp.tokens is None:
             return error(403, "certificate issuing is disabled: start the control plane with MESH_BOOTSTRAP_TOKEN set")
         grant = cp.join_grant(request)
         if isinstance(grant, Response):
             return grant
         if grant is ANY_SERVICE and cp.registry_token is None:
-            return error(403, "certificate issuing needs a join token (meshctl token create --service NAME) or the "
-                         "shared MESH_BOOTSTRAP_TOKEN; a loopback caller without one gets none", reason="missing")
+            return error(
+                403,
+                "certificate issuing needs a join token (meshctl token create --service NAME) or the "
+                "shared MESH_BOOTSTRAP_TOKEN; a loopback caller without one gets none",
+                reason="missing",
+            )
         try:
             body = json.loads(await read_body(request, SMALL_BODY_BYTES) or b"null")
             if not isinstance(body, dict) or not isinstance(body.get("csr"), str):

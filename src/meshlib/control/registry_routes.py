@@ -108,7 +108,7 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
                 body = json.loads(await read_body(request, SMALL_BODY_BYTES * 16) or b"{}")
                 raw = body.get("services") if isinstance(body, dict) else None
                 if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
-                    raise BadQuery("body: expected {\"services\": [names]}")
+                    raise BadQuery('body: expected {"services": [names]}')
                 names = raw
             else:
                 names = [n for n in request.query_params.get("services", "").split(",") if n]
@@ -125,8 +125,11 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
         registry = cp.registry
         if index and not registry.changed_since(names, index):
             if cp.watched_names + len(names) > MAX_WATCHED_TOTAL:
-                return error(503, f"the control plane holds {MAX_WATCHED_TOTAL} watched names already; retry later",
-                             reason="watches")
+                return error(
+                    503,
+                    f"the control plane holds {MAX_WATCHED_TOTAL} watched names already; retry later",
+                    reason="watches",
+                )
             check = registry.watch(frozenset(names), index)
             woken = cp.wakers.register(session) if session else None
             cp.watched_names += len(names)
@@ -137,8 +140,9 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
                 if woken is not None:
                     cp.wakers.done(session, woken)
         changed = registry.changed_since(names, index)
-        return Response(registry.encoded_many(changed), media_type="application/json",
-                        headers={"x-mesh-index": str(registry.index)})
+        return Response(
+            registry.encoded_many(changed), media_type="application/json", headers={"x-mesh-index": str(registry.index)}
+        )
 
     async def wake_watch(request: Request) -> Response:
         session = request.query_params.get("session", "")

@@ -107,8 +107,9 @@ def run_control_plane(
         max_rules_bytes=max_rules_bytes,
         allow_unsafe_addresses=allow_unsafe_addresses,
         tokens=TokenStore(state / "tokens.db"),
-        allowed_hosts=None if "*" in (allowed_hosts or ()) else default_hosts(host, [*(tls_names or ()),
-                                                                                    *(allowed_hosts or ())]),
+        allowed_hosts=None
+        if "*" in (allowed_hosts or ())
+        else default_hosts(host, [*(tls_names or ()), *(allowed_hosts or ())]),
     )
     if cp.admin_token is None:
         log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
@@ -187,8 +188,9 @@ def _own_certificate(ca: CertificateAuthority, state: Path, names: list[str]) ->
     write_private(key_path, key_pem)
     cert_path.write_bytes(cert_pem)
     (state / "ca-roots.pem").write_bytes(ca.roots_pem())
-    log.info("https: certificate for %s from the mesh CA; clients verify with %s", ", ".join(names),
-             state / "ca-roots.pem")
+    log.info(
+        "https: certificate for %s from the mesh CA; clients verify with %s", ", ".join(names), state / "ca-roots.pem"
+    )
     return str(cert_path), str(key_path)
 
 

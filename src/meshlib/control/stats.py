@@ -75,8 +75,9 @@ class StatsBook:
         if self.rows - held + report.size() > MAX_BOOK_ROWS:
             return False
         self.rows += report.size() - held
-        if previous is not None and (previous.report.started != report.started or previous.report.service !=
-                                     report.service):
+        if previous is not None and (
+            previous.report.started != report.started or previous.report.service != report.service
+        ):
             previous = None  # a restart (or a reused id): its counts began again from zero
         old = previous.report if previous is not None else None
         state = InstanceState(report, now)
@@ -291,9 +292,17 @@ class StatsBook:
             for i, (destination, authority, breaker, latency, outstanding, _) in enumerate(report.estimates):
                 if destination == service:
                     share = state.shares[i] if i < len(state.shares) else 0.0
-                    rows.append({"caller": report.instance, "caller_service": report.service, "endpoint": authority,
-                                 "latency_ms": latency, "outstanding": outstanding, "breaker": breaker,
-                                 "share": round(share, 4)})
+                    rows.append(
+                        {
+                            "caller": report.instance,
+                            "caller_service": report.service,
+                            "endpoint": authority,
+                            "latency_ms": latency,
+                            "outstanding": outstanding,
+                            "breaker": breaker,
+                            "share": round(share, 4),
+                        }
+                    )
         rows.sort(key=lambda r: (r["caller"], r["endpoint"]))
         return rows
 

@@ -73,7 +73,6 @@ class Report:
         return len(self.inbound) + len(self.outbound) + len(self.counters) + len(self.endpoints) + len(self.estimates)
 
 
-
 def _text(value: Any, where: str, limit: int = 256, optional: bool = False) -> Any:
     if value is None and optional:
         return None
@@ -154,8 +153,12 @@ def _row(raw: Any, at: str, fourth: str) -> Row:
     if sum(counts) != n:
         raise ReportError(f"{at}: bucket counts do not add up to count")
     return Row(
-        (_peer(peer, f"{at}.peer"), _text(route, f"{at}.route", 512), _text(status, f"{at}.status", 16),
-         _text(extra, f"{at}.{fourth}", 32)),
+        (
+            _peer(peer, f"{at}.peer"),
+            _text(route, f"{at}.route", 512),
+            _text(status, f"{at}.status", 16),
+            _text(extra, f"{at}.{fourth}", 32),
+        ),
         n,
         _number(total, f"{at}.sum"),
         counts,

@@ -89,8 +89,9 @@ class Ring:
                     self.buckets[j] = 0
         return i
 
-    def add(self, now: float, count: float, errors: float, total: float = 0.0,
-            buckets: Sequence[int] | None = None) -> None:
+    def add(
+        self, now: float, count: float, errors: float, total: float = 0.0, buckets: Sequence[int] | None = None
+    ) -> None:
         i = self._slot(slot_of(now))
         self.count[i] += count
         self.errors[i] += errors
@@ -119,7 +120,6 @@ class Ring:
             if w is not None:
                 out.add(w)
         return out
-
 
 
 def covered(now: float, seconds: float, since: float) -> float:

@@ -44,8 +44,11 @@ class Views:
         for state in book.instances.values():
             self.reporters.setdefault(state.report.service, []).append(state)
         wanted = {(name, _authority(i.address, i.port)) for name, items in self.registered.items() for i in items}
-        wanted |= {(s.report.service, _authority(s.report.address, s.report.port))
-                   for s in book.instances.values() if s.report.address is not None}
+        wanted |= {
+            (s.report.service, _authority(s.report.address, s.report.port))
+            for s in book.instances.values()
+            if s.report.address is not None
+        }
         self.breakers = book.breaker_views(wanted)
         self.names = sorted(set(self.registered) | book.services())
 
@@ -159,11 +162,14 @@ def stats_routes(cp: ControlPlane) -> list[Route]:
         held = cp.registry.get(parsed.instance)
         if held is not None and not cp.registry.owns(parsed.instance, request.headers.get(SECRET_HEADER)):
             # a registered instance's figures (its health, its breakers) come only from the instance itself
-            return error(403, f"stats for registered instance {parsed.instance!r} need its {SECRET_HEADER}",
-                         reason="secret")
+            return error(
+                403, f"stats for registered instance {parsed.instance!r} need its {SECRET_HEADER}", reason="secret"
+            )
         if not book.ingest(parsed):
-            return error(503, f"stats: the book is full ({MAX_INSTANCES} instances or {MAX_BOOK_ROWS} rows); "
-                         "this report is not kept")
+            return error(
+                503,
+                f"stats: the book is full ({MAX_INSTANCES} instances or {MAX_BOOK_ROWS} rows); this report is not kept",
+            )
         if parsed.refused:
             return JSONResponse({"refused": list(parsed.refused)})
         return Response(status_code=204)

@@ -165,15 +165,28 @@ class TokenStore:
         secret = secrets.token_urlsafe(32)
         now = self._clock()
         record = TokenRecord(
-            token_id, _digest(secret), tuple(sorted(set(services))), namespace, now,
-            None if ttl is None else now + ttl, None, description,
+            token_id,
+            _digest(secret),
+            tuple(sorted(set(services))),
+            namespace,
+            now,
+            None if ttl is None else now + ttl,
+            None,
+            description,
         )
         with self._lock:
             self._db.execute(
                 "INSERT INTO tokens (id, digest, services, namespace, created_at, expires_at, revoked_at, "
                 "description) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
-                (record.id, record.digest, json.dumps(list(record.services)), record.namespace, record.created_at,
-                 record.expires_at, record.description),
+                (
+                    record.id,
+                    record.digest,
+                    json.dumps(list(record.services)),
+                    record.namespace,
+                    record.created_at,
+                    record.expires_at,
+                    record.description,
+                ),
             )
             self._records[token_id] = record
         return f"{PREFIX}.{token_id}.{secret}", record

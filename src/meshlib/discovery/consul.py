@@ -71,7 +71,10 @@ def _endpoints(service: str, entries: Any, index: int) -> EndpointSet:
         try:
             endpoints.append(
                 endpoint_from_fields(
-                    svc.get("Address") or node.get("Address"), svc.get("Port"), svc.get("Tags"), svc.get("Meta"),
+                    svc.get("Address") or node.get("Address"),
+                    svc.get("Port"),
+                    svc.get("Tags"),
+                    svc.get("Meta"),
                     svc.get("ID"),
                 )
             )

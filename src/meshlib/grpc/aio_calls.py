@@ -152,5 +152,3 @@ class StreamCall:
         if self._real.done() and not self._real.cancelled() and self._real.exception() is None:
             return self._real.result().time_remaining()  # type: ignore[no-any-return]
         return None
-
-

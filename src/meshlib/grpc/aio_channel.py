@@ -54,20 +54,36 @@ class _Unary(_AioMethod):
 
     __slots__ = ()
 
-    def __call__(self, request: Any, *, timeout: float | None = None, metadata: Metadata | None = None,
-                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
-                 compression: grpc.Compression | None = None) -> UnaryCall:
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> UnaryCall:
         last: list[Any] = [None]
         coro = self._run(request, timeout, metadata, credentials, wait_for_ready, compression, last)
         return UnaryCall(asyncio.ensure_future(coro), last)
 
-    async def _run(self, request: Any, timeout: float | None, metadata: Metadata | None, credentials: Any,
-                   wait_for_ready: bool | None, compression: Any, last: list[Any]) -> Any:
+    async def _run(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+        last: list[Any],
+    ) -> Any:
         facade = self.facade
         state = await facade.state()
         unary = self.kind == "unary_unary"
-        call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary,
-                       hedging=unary)
+        call = RpcCall(
+            facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
+        )
         flow = call.flow
         done: Done | None = None
         outcome: _Outcome = (None, None, None, None)
@@ -90,7 +106,9 @@ class _Unary(_AioMethod):
                         work = self._attempt(call, state, action, request, options, own_span=True)  # type: ignore[arg-type]
                         side[asyncio.ensure_future(work)] = action.attempt  # type: ignore[union-attr]
                     finished, _ = await asyncio.wait(
-                        side, timeout=action.hedge_after, return_when=asyncio.FIRST_COMPLETED  # type: ignore[union-attr]
+                        side,
+                        timeout=action.hedge_after,  # type: ignore[union-attr]
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
                     if not finished:
                         action = flow.send(HEDGE_DUE)
@@ -171,14 +189,28 @@ class _AioStreaming(_AioMethod):
 
     __slots__ = ()
 
-    def __call__(self, request: Any = None, *, timeout: float | None = None, metadata: Metadata | None = None,
-                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
-                 compression: grpc.Compression | None = None) -> StreamCall:
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> StreamCall:
         coro = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
         return StreamCall(asyncio.ensure_future(coro))
 
-    async def _start(self, request: Any, timeout: float | None, metadata: Metadata | None, credentials: Any,
-                     wait_for_ready: bool | None, compression: Any) -> Any:
+    async def _start(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> Any:
         facade = self.facade
         state = await facade.state()
         call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=False)

@@ -82,8 +82,16 @@ def _streaming(mesh: Runtime, method: str, behavior: Callable[[Any, Any], Any]) 
 class AioServer:
     """A ``grpc.aio.Server`` that is a mesh instance; everything else is delegated to the real server."""
 
-    def __init__(self, server: aio.Server, mesh: Runtime, registration: Registration, port: int, host: str,
-                 drain_delay: float, side: SidePort | None = None) -> None:
+    def __init__(
+        self,
+        server: aio.Server,
+        mesh: Runtime,
+        registration: Registration,
+        port: int,
+        host: str,
+        drain_delay: float,
+        side: SidePort | None = None,
+    ) -> None:
         self.server = server
         self.side = side
         self.mesh = mesh

@@ -207,6 +207,7 @@ class RpcCall:
             log_fields={"grpc_status": code.name if code is not None else None},
         )
 
+
 def _outcome(done: Done | None, code: grpc.StatusCode | None) -> str:
     if done is None:
         return "cancelled"
@@ -244,8 +245,10 @@ def code_of(error: BaseException | None) -> grpc.StatusCode:
 def mesh_failure(mesh: Runtime, error: BaseException) -> MeshRpcError:
     """A mesh error raised before any attempt (no answer from discovery, unknown service), as an RpcError whose
     details say where discovery looked and which name was probably meant."""
-    if isinstance(error, NoEndpointsError) and error.service and error.reason in (
-        NoEndpointsError.NONE_LISTED, NoEndpointsError.UNKNOWN_SERVICE
+    if (
+        isinstance(error, NoEndpointsError)
+        and error.service
+        and error.reason in (NoEndpointsError.NONE_LISTED, NoEndpointsError.UNKNOWN_SERVICE)
     ):
         error = NoEndpointsError(
             f"{error}; {mesh.explain_empty(error.service)}", service=error.service, reason=error.reason

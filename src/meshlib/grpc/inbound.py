@@ -102,8 +102,14 @@ def finish_rpc(adm: Admission, code: grpc.StatusCode | None) -> None:
     span = adm.span
     if span is not None and span.is_recording():
         span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED):
+        if code in (
+            grpc.StatusCode.UNKNOWN,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DATA_LOSS,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNIMPLEMENTED,
+        ):
             from opentelemetry.trace import StatusCode
 
             span.set_status(StatusCode.ERROR, code.name)

@@ -171,8 +171,10 @@ def _close_after(event: threading.Event, mesh: Runtime, side: SidePort | None) -
 
 def listening_line(mesh: Runtime, host: str, port: int, registration: Registration) -> str:
     where = mesh.discovery.describe() or mesh.settings.discovery
-    registered = f"registered as {registration.id} in {where}" if registration.registered else (
-        "not registered yet (retrying)" if registration.id else "not registered (static discovery)"
+    registered = (
+        f"registered as {registration.id} in {where}"
+        if registration.registered
+        else ("not registered yet (retrying)" if registration.id else "not registered (static discovery)")
     )
     shown = f"[{host}]" if ":" in host else host
     return f"meshlib: {mesh.service} listening on grpc://{shown}:{port}, MESH_TLS={mesh.settings.tls}, {registered}"

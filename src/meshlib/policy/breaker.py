@@ -143,12 +143,7 @@ class EndpointBreaker:
         storage = self._storage
         if not failure and storage.state == CLOSED and storage.counter == 0:
             return True  # the hot path: nothing to change
-        if (
-            failure
-            and not may_eject
-            and storage.state == CLOSED
-            and storage.counter + 1 >= self._breaker.fail_max
-        ):
+        if failure and not may_eject and storage.state == CLOSED and storage.counter + 1 >= self._breaker.fail_max:
             return False
         try:
             self._breaker.call(_fail if failure else _succeed)

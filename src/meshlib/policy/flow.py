@@ -70,8 +70,18 @@ def call_flow(
     The returned ``Done`` carries the call's decision log (``decisions.py``)."""
     decisions: list[Decision] = []
     done = yield from _flow(
-        service, decisions, method=method, replayable=replayable, deadline=deadline, clock=clock, rand=rand,
-        paused=paused, plan=plan, hedgeable=hedgeable, hedging=hedging, record=record,
+        service,
+        decisions,
+        method=method,
+        replayable=replayable,
+        deadline=deadline,
+        clock=clock,
+        rand=rand,
+        paused=paused,
+        plan=plan,
+        hedgeable=hedgeable,
+        hedging=hedging,
+        record=record,
         attempt_timeout=attempt_timeout,
     )
     done.decisions = decisions
@@ -113,8 +123,17 @@ def _flow(
     ):
         return (
             yield from hedged_flow(
-                service, hedger, method=method, deadline=deadline, now=now, clock=clock, rand=rand, plan=plan,
-                paused=paused, attempt_timeout=attempt_timeout, decisions=decisions,
+                service,
+                hedger,
+                method=method,
+                deadline=deadline,
+                now=now,
+                clock=clock,
+                rand=rand,
+                plan=plan,
+                paused=paused,
+                attempt_timeout=attempt_timeout,
+                decisions=decisions,
             )
         )
     service.budget.deposit(now)

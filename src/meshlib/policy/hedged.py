@@ -101,14 +101,12 @@ def hedged_flow(
                     handle.load.outstanding += 1
                     handle.load.sent += 1
                     flights[attempt] = (pick, now - paused())
-                    timeout = per_try if remaining is None else (
-                        remaining if per_try is None else min(per_try, remaining)
+                    timeout = (
+                        per_try if remaining is None else (remaining if per_try is None else min(per_try, remaining))
                     )
                     allowed[attempt] = allowed_time(timeout, attempt_timeout)
                     after = delay if hedges_left > 0 else None
-                    message = yield Send(
-                        handle.endpoint, timeout, attempt, handle.breaker.state, hedge_after=after
-                    )
+                    message = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state, hedge_after=after)
             else:
                 message = yield Wait(delay if hedges_left > 0 else None)
             assert message is not None
@@ -159,9 +157,7 @@ def hedged_flow(
             )
             note_decision(entry, decision, service, now)
             if not decision.retry:
-                return stop_call(
-                    service, result, decision, log, attempt, deadline, now, winner=key, hedges=hedges
-                )
+                return stop_call(service, result, decision, log, attempt, deadline, now, winner=key, hedges=hedges)
             yield Sleep(decision.delay)
             now = clock()
             send = True

@@ -2,7 +2,6 @@
 (``hedged.py``): the actions a flow yields, the results it is sent, ``Done``, what one attempt's outcome does to
 its endpoint, and the error a finished call raises."""
 
-
 from __future__ import annotations
 
 from collections.abc import Generator
@@ -164,8 +163,14 @@ def decision_for(pick: Pick, attempt: int, hedge: bool = False) -> Decision:
     handle = pick.handle
     rival = pick.rival
     return Decision(
-        attempt, handle.label, pick.cost, rival.label if rival is not None else None, pick.rival_cost,
-        handle.breaker.state, pick.trial, hedge,
+        attempt,
+        handle.label,
+        pick.cost,
+        rival.label if rival is not None else None,
+        pick.rival_cost,
+        handle.breaker.state,
+        pick.trial,
+        hedge,
     )
 
 

@@ -119,8 +119,11 @@ def bounded(
 
         def _mesh_free_idle(self, count: int) -> None:
             """Close up to ``count`` connections waiting in keep-alive (no request in progress), to make room."""
-            idle = [c for c in self.connections if c is not self and c.timeout_keep_alive_task is not None
-                    and not c.transport.is_closing()]
+            idle = [
+                c
+                for c in self.connections
+                if c is not self and c.timeout_keep_alive_task is not None and not c.transport.is_closing()
+            ]
             for conn in idle[:count]:
                 refusals.refused("idle keep-alive connection closed at the connection cap", conn.client)
                 conn.transport.close()

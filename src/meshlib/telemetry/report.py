@@ -57,14 +57,22 @@ def build_report(
     inbound: dict[tuple[str, str, str, int], list[Any]] = {}
     for point in metrics.server_duration.points():
         a = point.attributes
-        in_key = (a.get("mesh.peer_service", ""), a.get("http.route", ""), a.get("http.response.status_class", ""),
-               1 if a.get("mesh.mirror") == "1" else 0)
+        in_key = (
+            a.get("mesh.peer_service", ""),
+            a.get("http.route", ""),
+            a.get("http.response.status_class", ""),
+            1 if a.get("mesh.mirror") == "1" else 0,
+        )
         _merge(inbound, in_key, point.count, point.sum, point.bucket_counts)
     outbound: dict[tuple[str, str, str, str], list[Any]] = {}
     for point in metrics.client_duration.points():
         a = point.attributes
-        out_key = (a.get("mesh.peer_service", ""), a.get("mesh.route", ""), a.get("http.response.status_class", ""),
-               a.get("mesh.outcome", ""))
+        out_key = (
+            a.get("mesh.peer_service", ""),
+            a.get("mesh.route", ""),
+            a.get("http.response.status_class", ""),
+            a.get("mesh.outcome", ""),
+        )
         _merge(outbound, out_key, point.count, point.sum, point.bucket_counts)
     counters: dict[tuple[str, str], float] = {}
     for name, attr in COUNTERS:
@@ -77,8 +85,16 @@ def build_report(
         for handle in state.handles[:MAX_ENDPOINTS]:
             load = handle.load
             # what the balancer sees: breaker, latency estimate now (ms), attempts in flight, attempts sent so far
-            endpoints.append([destination, handle.label, handle.breaker.state, round(load.latency(now) * 1000, 3),
-                              load.outstanding, load.sent])
+            endpoints.append(
+                [
+                    destination,
+                    handle.label,
+                    handle.breaker.state,
+                    round(load.latency(now) * 1000, 3),
+                    load.outstanding,
+                    load.sent,
+                ]
+            )
     identity = mesh.identity
     return {
         "v": REPORT_VERSION,
@@ -133,8 +149,12 @@ class StatsReporter:
         self.failures = 0
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=control_plane.rstrip("/"), headers=headers, timeout=httpx.Timeout(3.0), trust_env=False,
-            verify=verify, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            base_url=control_plane.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(3.0),
+            trust_env=False,
+            verify=verify,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
         self._stop = threading.Event()
         self._warned = False
