@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import grpc  # noqa: E402
-
 import meshlib  # noqa: E402
 import meshlib.grpc  # noqa: E402
 from grpc_support import Behaviour, make_servicer, stubs  # noqa: E402

@@ -62,3 +62,15 @@ def control_plane(tmp_path: Path) -> Iterator[Callable[..., object]]:
     yield start
     for cp in started:
         cp.stop()
+
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ is e2e (whole programs: the demo, meshctl, venvs, browsers); elsewhere a file
+    whose tests start processes says so itself (``pytestmark = pytest.mark.e2e``), which test_import_contracts
+    checks. ``pytest -m "not e2e"`` runs the in-process rest in seconds."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.e2e)

@@ -19,6 +19,11 @@ HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
 
 
+#: the tests/ folder and the repository root
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
     """Poll ``condition`` until it returns something truthy; fail with ``what`` once ``timeout`` passes."""
     deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ library."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -176,6 +177,7 @@ def test_module_stems_say_sync_or_async_one_way() -> None:
     assert [s for s in stems if s.startswith("sync_") or s.endswith("_sync")] == []
 
 
+@pytest.mark.e2e  # a fresh interpreter per module
 @pytest.mark.parametrize("module", ["meshlib.policy", "meshlib.policy.flow", "meshlib.rules.model", "meshlib.errors"])
 def test_the_pure_core_loads_no_client_library(module: str) -> None:
     probe = (
@@ -196,3 +198,39 @@ def test_a_rules_typo_is_a_value_error_not_a_transport_error() -> None:
     assert not issubclass(MeshError, httpx.TransportError)
     assert issubclass(ConfigurationError, ValueError)
     assert not issubclass(RulesValidationError, httpx.TransportError)
+
+
+#: private attributes that have a public view; tests use the view (``pool_for``, ``stacks()``, ``retiring()``...)
+HAVE_PUBLIC_VIEWS = ("._stacks", "._mesh_transport", "._pools", "._retiring", "._pending", "._services")
+
+
+def test_tests_read_public_views_not_private_attributes() -> None:
+    tests = Path(__file__).resolve().parent
+    found = [
+        f"{path.name}:{number}"
+        for path in sorted(tests.rglob("*.py"))
+        if path.name != Path(__file__).name
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if any(name in line and "self" + name not in line for name in HAVE_PUBLIC_VIEWS)
+    ]
+    assert found == []
+
+
+#: what starts a process in a test: the harness's servers, meshctl, a subprocess, the conftest fixtures that do
+STARTS_PROCESSES = re.compile(
+    r"\b(Upstream|ControlPlaneProcess|GrpcUpstream|served_instance|startup_lines)\(|\bsubprocess\.|"
+    r"def test_\w+\([^)]*\b(upstreams|control_plane)\b"
+)
+
+
+def test_tests_that_start_processes_are_marked_e2e() -> None:
+    tests = Path(__file__).resolve().parent
+    unmarked = [
+        str(path.relative_to(tests))
+        for path in sorted(tests.rglob("test_*.py"))
+        if "e2e" not in path.relative_to(tests).parts
+        and path.name != Path(__file__).name
+        and STARTS_PROCESSES.search(path.read_text())
+        and "pytestmark = pytest.mark.e2e" not in path.read_text()
+    ]
+    assert unmarked == [], "these start processes: add pytestmark = pytest.mark.e2e (or move them to tests/e2e/)"

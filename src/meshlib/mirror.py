@@ -45,6 +45,11 @@ class MirrorSender:
         self._thread: threading.Thread | None = None
         self._closed = False
 
+    @property
+    def pending(self) -> int:
+        """Copies queued or in flight."""
+        return self._pending
+
     def submit(self, service: str, request: httpx.Request, subset: str) -> None:
         """Queue a copy of ``request`` for ``subset`` of ``service``; never blocks, never raises."""
         if self._closed:

@@ -71,6 +71,10 @@ class AsyncEndpointPools(PoolLimits):
         for stack in stacks:
             await stack.aclose()
 
+    def stacks(self) -> dict[Any, Any]:
+        """The keep-alive stack of each endpoint this pool has used (a snapshot: for diagnostics and tests)."""
+        return dict(self._stacks)
+
     def connections(self) -> int:
         """Open connections over every endpoint (for tests and status)."""
         return sum(stack.active + len(stack.idle) for stack in self._stacks.values())

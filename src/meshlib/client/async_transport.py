@@ -4,27 +4,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import functools
-from collections.abc import Coroutine
 from typing import Any
 
 import anyio
 import httpcore
 import httpx
 
+from ..calls.executors import run_async
+from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.classify import classify_status
 from ..policy.flow import Result, Send
 from ..runtime import Runtime
 from .async_pools import AsyncEndpointPools
-from .call import HttpCall, count_unresolved
-from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
+from .call import HttpCall
 from .errors import as_httpx_failure, classify_error
 from .external import ExternalCall
 from .names import mesh_service_name
-from .outbound import Answer, trace_events
+from .outbound import Answer, Outbound, trace_events
 from .streams import AsyncResponseStream, adiscard, aread_small, read_response, small_body, streaming
 from .transport import DEFAULT_LIMITS, SCHEMES, MeshShell, ServicePools, unsupported_scheme
 
@@ -81,51 +80,17 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
             try:
                 state = await anyio.to_thread.run_sync(self.mesh.service_state, service)
             except MeshError as exc:
-                count_unresolved(self.mesh, service, request)
+                count_unresolved(self.mesh, service, request.method)
                 raise as_httpx_failure(exc, None) from None
         call = HttpCall(self.mesh, state, request, service, hedging=_asyncio_running())
-        driver = drive(call)
-        side: _Tasks | None = None  # attempts in flight together (hedged calls only)
-        try:
-            effect = next(driver)
-            while True:
-                try:
-                    kind = type(effect)
-                    out: Any = None
-                    if kind is Attempt:
-                        out = await self._attempt(call, effect.send, service)  # type: ignore[union-attr]
-                    elif kind is Pause:
-                        await anyio.sleep(effect.seconds)  # type: ignore[union-attr]
-                    elif kind is Drop:
-                        response = effect.response  # type: ignore[union-attr]
-                        await (adiscard(response) if effect.read_small else response.aclose())  # type: ignore[union-attr]
-                    else:
-                        side = side or _Tasks()
-                        if kind is Alongside:
-                            send = effect.send  # type: ignore[union-attr]
-                            side.start(send.attempt, self._attempt(call, send, service, own_span=True))
-                        elif kind is NextDone:
-                            out = await side.next(effect.timeout)  # type: ignore[union-attr]
-                        else:
-                            out = await side.settle(effect.winner)  # type: ignore[union-attr]
-                except BaseException as exc:  # cancelled: the call ends the same way, through the driver
-                    effect = driver.throw(exc)
-                    continue
-                effect = driver.send(out)
-        except StopIteration as stop:
-            answer: httpx.Response = stop.value
-            return answer
+        return await run_async(call, _AsyncHop(self, call))
 
-    async def _attempt(
-        self, call: HttpCall, action: Send, service: str, own_span: bool = False
-    ) -> tuple[Result, httpx.Response | None]:
+    async def attempt(self, call: HttpCall, request: Outbound, attempt: int) -> tuple[Result, httpx.Response | None]:
         """One attempt: the request, and a small body read inside it (a reset mid-body is then a failed attempt)."""
-        request = call.attempt(action)
-        span = call.take_attempt_span() if own_span else None
         response: httpx.Response | None = None
         try:
             try:
-                pools = self._pools.get(service)
+                pools = self._pools.get(call.service)
                 if type(pools) is AsyncEndpointPools:
                     raw = await pools.send(request)
                 else:  # a pool given to the transport (httpcore's interface)
@@ -146,7 +111,7 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                         else (await aread_small(arrived) if small_body(raw) else AsyncResponseStream(arrived))
                     )
             except Exception as exc:
-                result = Result(classify_error(exc), exc, action.attempt)
+                result = Result(classify_error(exc), exc, attempt)
             else:
                 if isinstance(stream, bytes):
                     # read here, synchronously (cheaper than httpx's async read after us); timed as httpx would
@@ -156,15 +121,11 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
                     response = httpx.Response(
                         status_code=raw.status, headers=raw.headers, stream=stream, extensions=raw.extensions
                     )
-                result = Result(classify_status(raw.status), None, action.attempt)
+                result = Result(classify_status(raw.status), None, attempt)
         except BaseException:  # cancelled (a hedge lost): the connection is closed, never reused half-read
             if response is not None:
                 await response.aclose()
-            if span is not None:
-                span.end()
             raise
-        if own_span:
-            call.attempt_done(result, span)
         return result, response
 
     async def aclose(self) -> None:
@@ -183,41 +144,21 @@ def _asyncio_running() -> bool:
     return True
 
 
-class _Tasks:
-    """The attempts of one hedged call in flight together: the first to finish is handed to the flow; when the
-    call is done, the winner's response is kept and every other attempt is cancelled (its connection closed) or,
-    if it already finished, its response discarded."""
+class _AsyncHop:
+    """One mesh call's attempts on an ``AsyncMeshTransport`` (what ``calls.executors.run_async`` runs)."""
 
-    __slots__ = ("answered", "tasks")
+    __slots__ = ("call", "transport")
 
-    def __init__(self) -> None:
-        self.tasks: dict[asyncio.Task[tuple[Result, httpx.Response | None]], int] = {}
-        self.answered: dict[int, httpx.Response | None] = {}
+    def __init__(self, transport: AsyncMeshTransport, call: HttpCall) -> None:
+        self.transport = transport
+        self.call = call
 
-    def start(self, attempt: int, work: Coroutine[Any, Any, tuple[Result, httpx.Response | None]]) -> None:
-        self.tasks[asyncio.ensure_future(work)] = attempt
+    def prepare(self, send: Send) -> tuple[Outbound, int]:
+        return self.call.attempt(send), send.attempt
 
-    async def next(self, hedge_after: float | None) -> Result | None:
-        """The next attempt to finish, or None when ``hedge_after`` passes first."""
-        finished, _ = await asyncio.wait(self.tasks, timeout=hedge_after, return_when=asyncio.FIRST_COMPLETED)
-        if not finished:
-            return None
-        task = finished.pop()
-        del self.tasks[task]
-        result, response = task.result()
-        self.answered[result.attempt] = response
-        return result
+    async def arun(self, prepared: tuple[Outbound, int]) -> tuple[Result, httpx.Response | None]:
+        request, attempt = prepared
+        return await self.transport.attempt(self.call, request, attempt)
 
-    async def settle(self, winner: int | None) -> httpx.Response | None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        self.tasks.clear()
-        kept = self.answered.pop(winner, None) if winner is not None else None
-        for response in self.answered.values():
-            if response is not None:
-                await adiscard(response)
-        self.answered.clear()
-        return kept
+    async def adiscard(self, answer: httpx.Response, read_small: bool) -> None:
+        await (adiscard(answer) if read_small else answer.aclose())

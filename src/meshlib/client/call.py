@@ -4,27 +4,20 @@ into an ``httpcore.Request`` only where httpcore sends it), and the call's telem
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import Span
 
-from ..errors import (
-    CircuitOpenError,
-    DeadlineExceededError,
-    NoEndpointsError,
-    RetryBudgetExhaustedError,
-    UnavailableError,
-)
-from ..policy.deadline import to_epoch_millis
+from ..calls.recorder import CallRecorder, outcome_of
+from ..errors import MeshError, NoEndpointsError
 from ..policy.decisions import log_decisions
-from ..policy.flow import CallFlow, Done, Result, Send, call_flow
+from ..policy.flow import Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
-from ..telemetry.record import record_client_call
 from ..telemetry.tracing import outbound_traceparent, traceparent_of
+from .errors import as_httpx_failure, to_httpx_error
 from .outbound import Outbound
 
 _MESH_HEADER_PREFIX = b"x-mesh-"
@@ -32,35 +25,16 @@ _MIRROR_HEADER = (b"x-mesh-mirror", b"1")
 _ATTEMPT_VALUES = [str(i).encode() for i in range(16)]
 
 
-class HttpCall:
+class HttpCall(CallRecorder):
     """Everything one mesh call needs between attempts, shared by the sync and async shells: builds each attempt's
-    ``Outbound`` request and does the call's telemetry (spans, metrics, access log)."""
+    ``Outbound`` request, says what the caller gets, and does the call's telemetry (spans, metrics, access log)."""
 
-    __slots__ = (
-        "attempt_span",
-        "base_headers",
-        "extensions",
-        "flow",
-        "keep_trace",
-        "mesh",
-        "plan",
-        "read_timeout",
-        "recording",
-        "request",
-        "scheme",
-        "service",
-        "sni",
-        "span",
-        "started",
-        "target",
-    )
+    __slots__ = ("base_headers", "extensions", "read_timeout", "request", "scheme", "sni", "target")
 
     def __init__(
         self, mesh: Runtime, state: ServiceState, request: httpx.Request, service: str, hedging: bool = False
     ) -> None:
-        self.mesh = mesh
         self.request = request
-        self.service = service
         url = request.url
         self.scheme = url.raw_scheme
         self.target = url.raw_path
@@ -83,14 +57,10 @@ class HttpCall:
         copy_of = request.extensions.get("mesh_mirror")
         if copy_of is not None:  # a mirrored copy says so: the receiving side counts it apart
             raw.append(_MIRROR_HEADER)
-        self.keep_trace = keep_trace
         method = request.method
         tel = mesh.telemetry
-        self.span = (
-            tel.tracer.start_call(method, service, str(url)) if tel is not None and tel.tracer.active() else None
-        )
-        self.recording = self.span is not None and self.span.is_recording()
-        self.attempt_span: Span | None = None
+        span = tel.tracer.start_call(method, service, str(url)) if tel is not None and tel.tracer.active() else None
+        super().__init__(mesh, service, span, keep_trace)
         if not keep_trace and not self.recording:
             raw.append((b"traceparent", outbound_traceparent()))
         self.base_headers = raw
@@ -108,7 +78,7 @@ class HttpCall:
             if plan.mirror is not None:
                 mesh.mirror.submit(service, request, plan.mirror)
         self.plan = plan
-        self.flow: CallFlow = call_flow(
+        self.flow = call_flow(
             state,
             method=method,
             replayable=replayable,
@@ -123,18 +93,14 @@ class HttpCall:
         )
 
     def attempt(self, send: Send) -> Outbound:
+        """The request of one attempt, for the endpoint the flow chose; its span starts here."""
         endpoint = send.endpoint
         headers = list(self.base_headers)
         attempt = send.attempt
         headers.append((b"x-mesh-attempt", _ATTEMPT_VALUES[attempt] if attempt < 16 else str(attempt).encode()))
-        if self.recording:
-            assert self.span is not None and self.mesh.telemetry is not None
-            span = self.mesh.telemetry.tracer.start_attempt(
-                self.span, self.request.method, endpoint.authority, attempt, send.breaker_state
-            )
-            self.attempt_span = span
-            if not self.keep_trace:
-                headers.append((b"traceparent", traceparent_of(span)))
+        span = self.start_attempt_span(self.request.method, endpoint.authority, send)
+        if span is not None and not self.keep_trace:
+            headers.append((b"traceparent", traceparent_of(span)))
         extensions = self.extensions
         scheme = self.scheme
         # only a permissive client honours an instance that advertises plaintext; strict never downgrades
@@ -151,9 +117,7 @@ class HttpCall:
         else:
             budget = self.read_timeout
         if budget is not None:
-            now = self.mesh.clock()
-            millis = to_epoch_millis(now + budget, now, time.time())
-            headers.append((b"x-mesh-deadline", str(millis).encode()))
+            headers.append((b"x-mesh-deadline", self.deadline_header(budget).encode()))
         return Outbound(
             self.request.method.encode("ascii"),
             scheme,
@@ -165,95 +129,69 @@ class HttpCall:
             extensions,
         )
 
-    def attempt_done(self, result: Result, span: Span | None = None) -> None:
-        """End the attempt's span (``span``: one of several in flight, taken with ``take_attempt_span``)."""
-        if span is None:
-            span = self.attempt_span
-            self.attempt_span = None
-        if span is not None:
-            verdict = result.verdict
-            if verdict.status is not None:
-                span.set_attribute("http.response.status_code", verdict.status)
-            if verdict.is_failure:
-                span.set_attribute("error.type", verdict.key)
-                span.set_status(StatusCode.ERROR, verdict.key)
-            span.end()
+    # -- what the driver asks (calls.driver.Recorder) ----------------------------------------------------------
 
-    def take_attempt_span(self) -> Span | None:
-        """The span ``attempt`` just started, now the caller's to end (hedged attempts run side by side)."""
-        span, self.attempt_span = self.attempt_span, None
-        return span
+    def attempt_done(self, result: Result, answer: httpx.Response | None, span: Span | None = None) -> None:
+        verdict = result.verdict
+        if span is not None or self.attempt_span is not None:
+            attributes = {} if verdict.status is None else {"http.response.status_code": verdict.status}
+            self.end_attempt_span(span, verdict, attributes)
 
-    def finish(self, done: Done | None, response: httpx.Response | None) -> None:
-        """The call is over: end its span, record its metrics and (sampled) access log line."""
-        decisions = done.decisions if done is not None else None
-        if decisions:
-            log_decisions(self.service, decisions)
-        tel = self.mesh.telemetry
-        if tel is None:
+    def fault_answer(self, done: Done) -> httpx.Response:
+        assert done.abort_status is not None
+        return httpx.Response(
+            done.abort_status, headers={"x-mesh-fault": "abort"}, content=b"fault injected by mesh rules"
+        )
+
+    def conclude(self, done: Done, answer: httpx.Response | None) -> httpx.Response | BaseException:
+        """The response, or the mesh's error as the httpx class of what ended the call (``client/errors.py``)."""
+        error = done.error
+        if error is None:
+            assert answer is not None
+            return answer
+        cause = done.result.error if done.result is not None else None
+        if type(error) is NoEndpointsError and error.service and error.reason == NoEndpointsError.NONE_LISTED:
+            error = NoEndpointsError(
+                f"{error}; {self.mesh.explain_empty(error.service)}", service=error.service, reason=error.reason
+            )
+        if isinstance(error, MeshError):
+            if done.decisions:
+                error.decisions = tuple(done.decisions)
+            error = as_httpx_failure(error, cause)
+            error.__cause__ = cause
+            return error
+        return to_httpx_error(error)
+
+    def finish(self, done: Done | None, outcome: httpx.Response | BaseException | None) -> None:
+        response = outcome if isinstance(outcome, httpx.Response) else None
+        if self.mesh.telemetry is None:
+            if done is not None and done.decisions:
+                log_decisions(self.service, done.decisions)
             return
-        if self.attempt_span is not None:  # cancelled mid-attempt
-            self.attempt_span.end()
-            self.attempt_span = None
         status = response.status_code if response is not None else None
-        outcome = _outcome(done, status)
+        kind = (
+            done.result.verdict.kind.value
+            if done is not None and done.result is not None
+            else ("success" if status is not None and status < 500 else "server-error")
+        )
+        outcome_name = outcome_of(done, kind)
         span_attributes: dict[str, Any] = {}
         if self.plan.choice.subset is not None:
             span_attributes["mesh.subset"] = self.plan.choice.subset
         if status is not None:
             span_attributes["http.response.status_code"] = status
-        record_client_call(
-            tel,
-            self.span,
-            source=self.mesh.service,
-            destination=self.service,
-            route=self.plan.choice.label,
+        self.record_end(
+            done,
             method=self.request.method,
             path=self.request.url.path,
             status=status,
-            outcome=outcome,
-            error_type=(outcome if status is None else str(status)) if status is None or status >= 500 else None,
-            elapsed=self.mesh.clock() - self.started,
-            attempts=done.attempts if done is not None else 0,
-            decisions=decisions,
-            budget_exhausted=done is not None and done.budget_exhausted,
+            outcome=outcome_name,
+            error_type=(outcome_name if status is None else str(status)) if status is None or status >= 500 else None,
             span_attributes=span_attributes,
             log_fields=lambda: {
                 "status": status,
                 "bytes": int(response.headers.get("content-length", 0) or 0) if response is not None else 0,
             },
-        )
-
-
-def _outcome(done: Done | None, status: int | None) -> str:
-    if done is None:
-        return "cancelled"
-    if done.abort_status is not None:
-        return "fault-abort"
-    error = done.error
-    if error is not None:
-        return _ERROR_OUTCOMES.get(type(error), "local-error")
-    if done.result is not None:
-        return done.result.verdict.kind.value
-    return "success" if status is not None and status < 500 else "server-error"
-
-
-_ERROR_OUTCOMES: dict[type[BaseException], str] = {
-    NoEndpointsError: "no-endpoints",
-    CircuitOpenError: "circuit-open",
-    DeadlineExceededError: "deadline-exceeded",
-    RetryBudgetExhaustedError: "retry-budget-exhausted",
-    UnavailableError: "unavailable",
-}
-
-
-def count_unresolved(mesh: Runtime, service: str, request: httpx.Request) -> None:
-    """A call that failed before it had a route (discovery gave nothing) still counts in the golden signals."""
-    tel = mesh.telemetry
-    if tel is not None:
-        metrics = tel.metrics
-        metrics.client_duration.record(
-            0.0, metrics.client_labels(service, "default", request.method, "error", "no-endpoints")
         )
 
 

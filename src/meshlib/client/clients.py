@@ -68,6 +68,11 @@ class _MeshRouting:
         """The Mesh this client's mesh calls go through (the process default one unless ``mesh=`` was given)."""
         return self._mesh_transport.mesh
 
+    @property
+    def mesh_transport(self) -> MeshShell:
+        """The transport that serves mesh hosts (httpx's own serves the others)."""
+        return self._mesh_transport
+
     def build_request(self, method: str, url: Any, **kwargs: Any) -> httpx.Request:
         if type(url) is str:  # a URL string seen before is not parsed again (aiohttp's yarl caches the same way)
             url = _parsed_url(url)

@@ -81,6 +81,10 @@ class EndpointPools(PoolLimits):
             stack.ready = threading.Condition(threading.Lock())
             stack.close()
 
+    def stacks(self) -> dict[Any, Any]:
+        """The keep-alive stack of each endpoint this pool has used (a snapshot: for diagnostics and tests)."""
+        return dict(self._stacks)
+
     def connections(self) -> int:
         """Open connections over every endpoint (for tests and status)."""
         return sum(stack.active + len(stack.idle) for stack in list(self._stacks.values()))

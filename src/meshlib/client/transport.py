@@ -4,27 +4,23 @@ to a plain httpx transport."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextvars
 import datetime
 import functools
-import queue
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import httpcore
 import httpx
 
+from ..calls.executors import Cancel, run_blocking
+from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.classify import classify_status
 from ..policy.flow import Result, Send
 from ..runtime import Runtime, process_default
-from ..workers import worker_pool
-from .call import HttpCall, count_unresolved
-from .driver import Alongside, Attempt, Drop, NextDone, Pause, drive
+from .call import HttpCall
 from .errors import as_httpx_failure, classify_error
 from .external import ExternalCall
 from .names import mesh_service_name
@@ -50,6 +46,11 @@ class MeshShell:
     looked up at the first request) and their pool settings, turned into pool options once."""
 
     _pool_settings: tuple[Any, ...]
+    _pools: ServicePools
+
+    def pool_for(self, service: str) -> Any:
+        """The connection pool that carries calls to ``service`` (one per destination: see ``ServicePools``)."""
+        return self._pools.get(service)
 
     def _bind(self, mesh: Runtime | None, pool_settings: tuple[Any, ...]) -> None:
         if mesh is not None:
@@ -127,42 +128,12 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
         try:
             state = self.mesh.service_state(service)
         except MeshError as exc:
-            count_unresolved(self.mesh, service, request)
+            count_unresolved(self.mesh, service, request.method)
             raise as_httpx_failure(exc, None) from None
         call = HttpCall(self.mesh, state, request, service, hedging=True)
-        driver = drive(call)
-        side: _Threads | None = None  # hedged calls: attempts side by side on worker threads
-        try:
-            effect = next(driver)
-            while True:
-                try:
-                    kind = type(effect)
-                    out: Any = None
-                    if kind is Attempt:
-                        send = effect.send  # type: ignore[union-attr]
-                        out = self._attempt(call.attempt(send), service, send.attempt, call.started)
-                    elif kind is Pause:
-                        time.sleep(effect.seconds)  # type: ignore[union-attr]
-                    elif kind is Drop:
-                        response = effect.response  # type: ignore[union-attr]
-                        discard(response) if effect.read_small else response.close()  # type: ignore[union-attr]
-                    else:
-                        side = side or _Threads(self, call, service)
-                        if kind is Alongside:
-                            side.start(effect.send)  # type: ignore[union-attr]
-                        elif kind is NextDone:
-                            out = side.next(effect.timeout)  # type: ignore[union-attr]
-                        else:
-                            out = side.settle(effect.winner)  # type: ignore[union-attr]
-                except BaseException as exc:  # interrupted: the call ends the same way, through the driver
-                    effect = driver.throw(exc)
-                    continue
-                effect = driver.send(out)
-        except StopIteration as stop:
-            answer: httpx.Response = stop.value
-            return answer
+        return run_blocking(call, _Hop(self, call))
 
-    def _attempt(
+    def attempt(
         self, request: Outbound, service: str, attempt: int, started: float
     ) -> tuple[Result, httpx.Response | None]:
         """One attempt; a small body is read inside it (a reset mid-body is then a failed, retryable attempt) and
@@ -201,64 +172,26 @@ class MeshTransport(MeshShell, httpx.BaseTransport):
             self._passthrough.close()
 
 
-class _Threads:
-    """The attempts of one hedged call in the sync client, each on a worker thread (the caller's thread waits for
-    the first to end). A thread blocked in a socket cannot be cancelled: a loser runs to its end in the background
-    and its response is closed there, never handed to anyone."""
+class _Hop:
+    """One mesh call's attempts on a ``MeshTransport`` (what ``calls.executors.run_blocking`` runs)."""
 
-    def __init__(self, transport: MeshTransport, call: HttpCall, service: str) -> None:
+    __slots__ = ("call", "transport")
+
+    def __init__(self, transport: MeshTransport, call: HttpCall) -> None:
         self.transport = transport
         self.call = call
-        self.service = service
-        self.ended: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.running: dict[int, tuple[concurrent.futures.Future[tuple[Result, httpx.Response | None]], Any]] = {}
-        self.answered: dict[int, httpx.Response | None] = {}
 
-    def start(self, action: Send) -> None:
-        request = self.call.attempt(action)  # in the caller's thread: its trace context
-        span = self.call.take_attempt_span()
-        attempt = action.attempt
-        # in the caller's context (client.stream()'s "hand it over unread", its trace context), as the first attempt
-        context = contextvars.copy_context()
-        future = worker_pool().submit(
-            context.run, self.transport._attempt, request, self.service, attempt, self.call.started
-        )
-        future.add_done_callback(lambda _: self.ended.put(attempt))
-        self.running[attempt] = (future, span)
+    def prepare(self, send: Send) -> tuple[Outbound, int]:
+        return self.call.attempt(send), send.attempt
 
-    def next(self, hedge_after: float | None) -> Result | None:
-        try:
-            attempt = self.ended.get(timeout=hedge_after)
-        except queue.Empty:
-            return None
-        future, span = self.running.pop(attempt)
-        result, response = future.result()
-        self.answered[attempt] = response
-        self.call.attempt_done(result, span)
-        return result
+    def run(self, prepared: tuple[Outbound, int], cancel: Cancel | None) -> tuple[Result, httpx.Response | None]:
+        # a thread blocked in a socket cannot be stopped: a hedged attempt that lost runs to its end
+        request, attempt = prepared
+        call = self.call
+        return self.transport.attempt(request, call.service, attempt, call.started)
 
-    def settle(self, winner: int | None) -> httpx.Response | None:
-        for future, span in self.running.values():
-            if span is not None:
-                span.end()
-            future.add_done_callback(_close_late)
-        self.running.clear()
-        kept = self.answered.pop(winner, None) if winner is not None else None
-        for response in self.answered.values():
-            if response is not None:
-                discard(response)
-        self.answered.clear()
-        return kept
-
-
-def _close_late(future: concurrent.futures.Future[tuple[Result, httpx.Response | None]]) -> None:
-    """A losing attempt that ended after the call did: drop its response (reading a small one keeps its
-    connection reusable)."""
-    if future.cancelled() or future.exception() is not None:
-        return
-    _, response = future.result()
-    if response is not None:
-        discard(response)
+    def discard(self, answer: httpx.Response, read_small: bool) -> None:
+        discard(answer) if read_small else answer.close()
 
 
 class ServicePools:

@@ -8,19 +8,22 @@ first answer if it must), then is the real call on that endpoint's channel, wrap
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from ..calls.driver import begin_stream, end_stream
+from ..calls.executors import run_async
+from ..calls.recorder import count_unresolved
 from ..errors import MeshError
-from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep
+from ..policy.flow import Result, Send
 from ..policy.service import ServiceState
 from .aio_calls import StreamCall, UnaryCall
-from .call import Metadata, RpcCall, code_of, mesh_failure
-from .endpoints import Options
+from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
+from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
+from .status import verdict_of
 
 _closing: set[asyncio.Task[Any]] = set()
 
@@ -84,104 +87,63 @@ class _Unary(_AioMethod):
         call = RpcCall(
             facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
         )
-        flow = call.flow
-        done: Done | None = None
-        outcome: _Outcome = (None, None, None, None)
-        answered: dict[int, _Outcome] = {}  # hedged calls: each finished attempt's outcome
-        side: dict[asyncio.Task[tuple[_Outcome, Result]], int] = {}  # hedged calls: attempts in flight together
-        options = (credentials, wait_for_ready, compression)
         try:
-            action = next(flow)
-            while True:
-                kind = type(action)
-                if kind is Send and action.hedge_after is None and not side:  # type: ignore[union-attr]
-                    outcome, result = await self._attempt(call, state, action, request, options)  # type: ignore[arg-type]
-                    last[0] = outcome[3]
-                    action = flow.send(result)
-                elif kind is Sleep:
-                    await asyncio.sleep(action.seconds)  # type: ignore[union-attr]
-                    action = next(flow)
-                else:  # hedged: a backup alongside, or wait for the attempts in flight
-                    if kind is Send:
-                        work = self._attempt(call, state, action, request, options, own_span=True)  # type: ignore[arg-type]
-                        side[asyncio.ensure_future(work)] = action.attempt  # type: ignore[union-attr]
-                    finished, _ = await asyncio.wait(
-                        side,
-                        timeout=action.hedge_after,  # type: ignore[union-attr]
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if not finished:
-                        action = flow.send(HEDGE_DUE)
-                        continue
-                    task = finished.pop()
-                    del side[task]
-                    answer, result = task.result()
-                    answered[result.attempt] = answer
-                    action = flow.send(result)
-        except StopIteration as stop:
-            done = stop.value
-        finally:
-            flow.close()
-            for task in side:  # the losers of a hedged call
-                task.cancel()
-            for task in side:
-                with contextlib.suppress(BaseException):
-                    await task
-            if done is None:
-                call.finish(None, outcome[2])
-        assert done is not None
-        if answered:
-            outcome = answered.get(done.winner, outcome)
-            last[0] = outcome[3]
-        response, error, _, _ = outcome
-        failure = call.outcome(done, error)
-        call.finish(done, code_of(failure))
-        if failure is not None:
+            answer = await run_async(
+                call, _AioAttempts(self, call, request, (credentials, wait_for_ready, compression), last)
+            )
+        except grpc.RpcError as failure:
             last[0] = failure
-            raise failure
-        return response
+            raise
+        last[0] = answer.call
+        return answer.response
 
-    async def _attempt(
-        self,
-        call: RpcCall,
-        state: ServiceState,
-        action: Send,
-        request: Any,
-        options: tuple[Any, Any, Any],
-        own_span: bool = False,
-    ) -> tuple[_Outcome, Result]:
-        """One attempt on the chosen endpoint's channel: (response, error, code, the real call) and its Result."""
-        endpoints = self.facade.endpoints
-        record = endpoints.acquire(action.endpoint, state)
-        real: Any = None
+
+class _AioAttempts:
+    """One unary call's attempts on endpoint channels (what ``calls.executors.run_async`` runs)."""
+
+    __slots__ = ("call", "last", "method", "options", "request")
+
+    def __init__(
+        self, method: _Unary, call: RpcCall, request: Any, options: tuple[Any, Any, Any], last: list[Any]
+    ) -> None:
+        self.method = method
+        self.call = call
+        self.request = request
+        self.options = options
+        self.last = last
+
+    def prepare(self, send: Send) -> tuple[Send, EndpointChannel[aio.Channel], Metadata]:
+        record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
+        return send, record, self.call.attempt_metadata(send, record.label)
+
+    async def arun(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> tuple[Result, RpcAnswer]:
+        send, record, metadata = prepared
+        credentials, wait_for_ready, compression = self.options
         try:
-            credentials, wait_for_ready, compression = options
-            real = self.on(record)(
-                request,
-                timeout=action.timeout,
-                metadata=call.attempt_metadata(action, record.label),
+            real = self.method.on(record)(
+                self.request,
+                timeout=send.timeout,
+                metadata=metadata,
                 credentials=credentials,
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
-            span = call.take_attempt_span() if own_span else None
+            self.last[0] = real
             try:
                 response = await real
             except aio.AioRpcError as exc:
                 code = exc.code()
-                return (None, exc, code, real), call.attempt_done(record.label, code, action.attempt, span)
+                return Result(verdict_of(code), None, send.attempt), RpcAnswer(None, exc, exc, code, record.label)
             except asyncio.CancelledError:  # a hedge lost: cancel its RPC too
                 real.cancel()
-                if span is not None:
-                    span.end()
                 raise
             code = grpc.StatusCode.OK
-            return (response, None, code, real), call.attempt_done(record.label, code, action.attempt, span)
+            return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, real, None, code, record.label)
         finally:
-            endpoints.release(record)
+            self.method.facade.endpoints.release(record)
 
-
-_Outcome = tuple[Any, BaseException | None, grpc.StatusCode | None, Any]
+    async def adiscard(self, answer: RpcAnswer, read_small: bool) -> None:
+        pass  # nothing to close: a unary answer is read whole
 
 
 class _AioStreaming(_AioMethod):
@@ -214,34 +176,27 @@ class _AioStreaming(_AioMethod):
         facade = self.facade
         state = await facade.state()
         call = RpcCall(facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=False)
-        flow = call.flow
+        starting = begin_stream(call)
         try:
-            action = next(flow)
-            while type(action) is not Send:  # a fault-injection delay
-                await asyncio.sleep(action.seconds)  # type: ignore[union-attr]
-                action = next(flow)
+            while True:  # a fault-injection delay
+                await asyncio.sleep(next(starting))
         except StopIteration as stop:
-            done: Done = stop.value
-            failure = call.outcome(done, None)
-            call.finish(done, code_of(failure))
-            assert failure is not None
-            raise failure from None
+            send: Send = stop.value
         endpoints = facade.endpoints
-        record = endpoints.acquire(action.endpoint, state)
+        record = endpoints.acquire(send.endpoint, state)
         args = () if request is None and self.kind == "stream_stream" else (request,)
         try:
             real = self.on(record)(
                 *args,
-                timeout=action.timeout,
-                metadata=call.attempt_metadata(action, record.label),
+                timeout=send.timeout,
+                metadata=call.attempt_metadata(send, record.label),
                 credentials=credentials,
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
         except BaseException:
             endpoints.release(record)
-            flow.close()
-            call.finish(None, None)
+            end_stream(call, None, None)
             raise
 
         async def ended() -> None:
@@ -249,14 +204,8 @@ class _AioStreaming(_AioMethod):
                 code = await real.code()
             finally:
                 endpoints.release(record)
-            done: Done | None = None
-            try:
-                flow.send(call.attempt_done(record.label, code))
-            except StopIteration as stop:
-                done = stop.value
-            finally:
-                flow.close()
-            call.finish(done, code)
+            answer = RpcAnswer(None, real, None, code, record.label)
+            end_stream(call, Result(verdict_of(code), None, send.attempt), answer)
 
         def on_done(_: Any) -> None:
             task = asyncio.get_running_loop().create_task(ended())
@@ -286,6 +235,7 @@ class AioChannel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]
             try:
                 state = await asyncio.to_thread(mesh.service_state, self.service)
             except MeshError as exc:
+                count_unresolved(mesh, self.service, "POST")
                 raise mesh_failure(mesh, exc) from exc
         return state
 

@@ -7,28 +7,21 @@ context), and does the call's telemetry. The shells only send attempts on endpoi
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.trace import Span, StatusCode
 
-from ..errors import (
-    CircuitOpenError,
-    DeadlineExceededError,
-    NoEndpointsError,
-    RetryBudgetExhaustedError,
-    UnavailableError,
-)
-from ..policy.deadline import to_epoch_millis
+from ..calls.recorder import CallRecorder, outcome_of
+from ..errors import NoEndpointsError
 from ..policy.decisions import log_decisions
-from ..policy.flow import CallFlow, Done, Result, Send, call_flow
+from ..policy.flow import Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
-from ..telemetry.record import record_client_call
 from ..telemetry.tracing import random_traceparent, traceparent_of
 from .status import HTTP_EQUIVALENT, MeshRpcError, code_of_http, from_mesh_error, verdict_of, with_attempts
 
@@ -37,24 +30,21 @@ _ATTEMPTS = [str(i) for i in range(16)]
 _TRACE_KEYS = ("traceparent", "tracestate")
 
 
-class RpcCall:
+class RpcAnswer(NamedTuple):
+    """What one attempt got: the response (None: failed), the real call object (or the RpcError), the error, the
+    status, and the endpoint it went to."""
+
+    response: Any
+    call: Any
+    error: BaseException | None
+    code: grpc.StatusCode | None
+    label: str
+
+
+class RpcCall(CallRecorder):
     """Everything one logical call needs between attempts."""
 
-    __slots__ = (
-        "attempt_span",
-        "attempts",
-        "base",
-        "flow",
-        "keep_trace",
-        "mesh",
-        "method",
-        "plan",
-        "recording",
-        "service",
-        "span",
-        "started",
-        "state",
-    )
+    __slots__ = ("attempts", "base", "method", "state")
 
     def __init__(
         self,
@@ -68,9 +58,7 @@ class RpcCall:
         replayable: bool,
         hedging: bool = False,
     ) -> None:
-        self.mesh = mesh
         self.state = state
-        self.service = service
         self.method = method
         base: list[tuple[str, str | bytes]] = []
         keep_trace = False
@@ -84,13 +72,9 @@ class RpcCall:
             present = {key for key, _ in base}
             base.extend((key, value) for key, value in carried if key not in present)
         base.append(("x-mesh-caller", mesh.service))
-        self.keep_trace = keep_trace
         tel = mesh.telemetry
-        self.span: Span | None = (
-            tel.tracer.start_rpc(service, method) if tel is not None and tel.tracer.active() else None
-        )
-        self.recording = self.span is not None and self.span.is_recording()
-        self.attempt_span: Span | None = None
+        span = tel.tracer.start_rpc(service, method) if tel is not None and tel.tracer.active() else None
+        super().__init__(mesh, service, span, keep_trace)
         if not keep_trace and not self.recording:
             # inside a trace (a request being handled): carry it on. Outside one there is nothing to carry, and a
             # fresh random value per call defeats HPACK and costs more than the rest of the metadata together.
@@ -110,7 +94,7 @@ class RpcCall:
         policy_timeout = state.policy.timeout
         if timeout is None or (policy_timeout is not None and policy_timeout < timeout):
             timeout = policy_timeout
-        self.flow: CallFlow = call_flow(
+        self.flow = call_flow(
             state,
             method="POST",
             replayable=replayable,
@@ -128,106 +112,63 @@ class RpcCall:
         metadata = list(self.base)
         attempt = send.attempt
         metadata.append(("x-mesh-attempt", _ATTEMPTS[attempt] if attempt < 16 else str(attempt)))
-        if self.recording:
-            assert self.span is not None and self.mesh.telemetry is not None
-            span = self.mesh.telemetry.tracer.start_attempt(self.span, "grpc", label, attempt, send.breaker_state)
-            self.attempt_span = span
-            if not self.keep_trace:
-                metadata.append(("traceparent", traceparent_of(span).decode()))
+        span = self.start_attempt_span("grpc", label, send)
+        if span is not None and not self.keep_trace:
+            metadata.append(("traceparent", traceparent_of(span).decode()))
         if send.timeout is not None:
-            now = self.mesh.clock()
-            metadata.append(("x-mesh-deadline", str(to_epoch_millis(now + send.timeout, now, time.time()))))
+            metadata.append(("x-mesh-deadline", self.deadline_header(send.timeout)))
         return metadata
 
-    def attempt_done(
-        self, label: str, code: grpc.StatusCode | None, attempt: int = 0, span: Span | None = None
-    ) -> Result:
-        """The attempt's verdict for the flow; its span ends (``span``: one of several attempts in flight, taken
-        with ``take_attempt_span``)."""
-        verdict = verdict_of(code)
+    # -- what the driver asks (calls.driver.Recorder) ----------------------------------------------------------
+
+    def attempt_done(self, result: Result, answer: RpcAnswer | None, span: Span | None = None) -> None:
+        code = answer.code if answer is not None else None
+        verdict = result.verdict
         if verdict.is_failure:
+            label = answer.label if answer is not None else "?"
             self.attempts.append(f"{label} {code.name if code is not None else 'UNKNOWN'}")
-        if span is None:
-            span, self.attempt_span = self.attempt_span, None
-        if span is not None:
-            span.set_attribute("rpc.grpc.status_code", code.value[0] if code is not None else 2)
-            if verdict.is_failure:
-                span.set_attribute("error.type", verdict.key)
-                span.set_status(StatusCode.ERROR, verdict.key)
-            span.end()
-        return Result(verdict, None, attempt)
+        if span is not None or self.attempt_span is not None:
+            self.end_attempt_span(span, verdict, {"rpc.grpc.status_code": code.value[0] if code is not None else 2})
 
-    def take_attempt_span(self) -> Span | None:
-        span, self.attempt_span = self.attempt_span, None
-        return span
+    def fault_answer(self, done: Done) -> RpcAnswer:
+        assert done.abort_status is not None
+        code = code_of_http(done.abort_status)
+        error = MeshRpcError(code, f"{self.service}: fault injected by mesh rules (abort {done.abort_status})")
+        return RpcAnswer(None, error, error, code, "")
 
-    def outcome(self, done: Done, error: BaseException | None) -> BaseException | None:
-        """What the caller gets: None (the last attempt's response) or the error to raise. ``error`` is the last
-        attempt's own RpcError, if it had one."""
-        if done.abort_status is not None:
-            code = code_of_http(done.abort_status)
-            return MeshRpcError(code, f"{self.service}: fault injected by mesh rules (abort {done.abort_status})")
-        if done.error is not None:  # the mesh ended the call: no endpoint, open breakers, deadline
+    def conclude(self, done: Done, answer: RpcAnswer | None) -> RpcAnswer | BaseException:
+        """The last attempt's answer, or the error to raise: the mesh's (no endpoint, open breakers, deadline), a
+        failed attempt's own RpcError with every attempt named, or an application status exactly as sent."""
+        if done.error is not None:
             return mesh_failure(self.mesh, done.error)
+        assert answer is not None
+        error = answer.error
         if error is None:
-            return None
+            return answer
         result = done.result
-        if isinstance(error, grpc.RpcError) and result is not None and result.verdict.is_failure:
+        if done.abort_status is None and result is not None and result.verdict.is_failure:
             wrapped: BaseException = with_attempts(error, self.service, self.attempts)
             return wrapped
-        return error  # an application status (NOT_FOUND...): exactly what the server sent
+        return error
 
-    def finish(self, done: Done | None, code: grpc.StatusCode | None) -> None:
-        """The call is over: end its span, record its metrics and (sampled) access log line."""
-        decisions = done.decisions if done is not None else None
-        if decisions:
-            log_decisions(self.service, decisions)
-        tel = self.mesh.telemetry
-        if tel is None:
+    def finish(self, done: Done | None, outcome: RpcAnswer | BaseException | None) -> None:
+        if self.mesh.telemetry is None:
+            if done is not None and done.decisions:
+                log_decisions(self.service, done.decisions)
             return
-        if self.attempt_span is not None:  # cancelled mid-attempt
-            self.attempt_span.end()
-            self.attempt_span = None
-        outcome = _outcome(done, code)
-        record_client_call(
-            tel,
-            self.span,
-            source=self.mesh.service,
-            destination=self.service,
-            route=self.plan.choice.label,
+        code = outcome.code if isinstance(outcome, RpcAnswer) else code_of(outcome) if outcome is not None else None
+        verdict_kind = verdict_of(code).kind.value
+        name = outcome_of(done, verdict_kind)
+        self.record_end(
+            done,
             method="POST",
             path=self.method,
             status=HTTP_EQUIVALENT.get(code) if code is not None else None,
-            outcome=outcome,
-            error_type=None if code is grpc.StatusCode.OK else outcome,
-            elapsed=self.mesh.clock() - self.started,
-            attempts=done.attempts if done is not None else 0,
-            decisions=decisions,
+            outcome=name,
+            error_type=None if code is grpc.StatusCode.OK else name,
             span_attributes={"rpc.grpc.status_code": code.value[0] if code is not None else 2},
             log_fields={"grpc_status": code.name if code is not None else None},
         )
-
-
-def _outcome(done: Done | None, code: grpc.StatusCode | None) -> str:
-    if done is None:
-        return "cancelled"
-    if done.abort_status is not None:
-        return "fault-abort"
-    error = done.error
-    if error is not None:
-        for cls, name in _ERROR_OUTCOMES:
-            if isinstance(error, cls):
-                return name
-    return verdict_of(code).kind.value
-
-
-_ERROR_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
-    (NoEndpointsError, "no-endpoints"),
-    (CircuitOpenError, "circuit-open"),
-    (DeadlineExceededError, "deadline-exceeded"),
-    (RetryBudgetExhaustedError, "retry-budget-exhausted"),
-    (UnavailableError, "unavailable"),
-)
 
 
 def code_of(error: BaseException | None) -> grpc.StatusCode:

@@ -9,7 +9,6 @@ calls are balanced and counted by the breakers, never retried (their messages ca
 from __future__ import annotations
 
 import concurrent.futures
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +16,16 @@ from typing import Any
 
 import grpc
 
+from ..calls.driver import begin_stream, end_stream
+from ..calls.executors import Cancel, run_blocking
+from ..calls.recorder import count_unresolved
 from ..errors import MeshError
-from ..policy.flow import HEDGE_DUE, Done, Result, Send, Sleep, Wait
+from ..policy.flow import Result, Send
 from ..workers import worker_pool
-from .call import Metadata, RpcCall, code_of, mesh_failure
-from .endpoints import Options
+from .call import Metadata, RpcAnswer, RpcCall, code_of, mesh_failure
+from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
+from .status import verdict_of
 
 
 def _make_channel(target: str, credentials: grpc.ChannelCredentials | None, options: Options) -> grpc.Channel:
@@ -54,6 +57,7 @@ class _Method(Method[grpc.Channel]):
         try:
             state = mesh.service_state(facade.service)
         except MeshError as exc:
+            count_unresolved(mesh, facade.service, "POST")
             raise mesh_failure(mesh, exc) from exc
         return RpcCall(
             mesh, state, facade.service, self.method, metadata, timeout, replayable=replayable, hedging=replayable
@@ -112,130 +116,77 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         want_call: bool,
     ) -> tuple[Any, grpc.Call]:
         call = self.begin(metadata, timeout, self.kind == "unary_unary")
-        endpoints = self.facade.endpoints
-        flow = call.flow
-        mesh_state = call.state
-        done: Done | None = None
-        response: Any = None
-        last: Any = None
-        error: BaseException | None = None
-        code: grpc.StatusCode | None = None
-        side: _SideBySide | None = None  # hedged calls: attempts in flight together
-        try:
-            action = next(flow)
-            while True:
-                if isinstance(action, Sleep):
-                    time.sleep(action.seconds)
-                    action = next(flow)
-                elif side is not None or isinstance(action, Wait) or action.hedge_after is not None:
-                    if side is None:
-                        side = _SideBySide(call, endpoints)
-                    if isinstance(action, Send):
-                        record = endpoints.acquire(action.endpoint, mesh_state)
-                        future = self.on(record).future(
-                            request,
-                            timeout=action.timeout,
-                            metadata=call.attempt_metadata(action, record.label),
-                            credentials=credentials,
-                            wait_for_ready=wait_for_ready,
-                            compression=compression,
-                        )
-                        side.start(action.attempt, record, future, call.take_attempt_span())
-                    answered = side.next(action.hedge_after)
-                    action = flow.send(HEDGE_DUE if answered is None else answered)
-                else:
-                    record = endpoints.acquire(action.endpoint, mesh_state)
-                    try:
-                        metadata_out = call.attempt_metadata(action, record.label)
-                        real = self.on(record)
-                        if want_call:
-                            response, last = real.with_call(
-                                request,
-                                timeout=action.timeout,
-                                metadata=metadata_out,
-                                credentials=credentials,
-                                wait_for_ready=wait_for_ready,
-                                compression=compression,
-                            )
-                        else:  # the plain call skips building a call object nobody will see
-                            response = real(
-                                request,
-                                timeout=action.timeout,
-                                metadata=metadata_out,
-                                credentials=credentials,
-                                wait_for_ready=wait_for_ready,
-                                compression=compression,
-                            )
-                        error, code = None, grpc.StatusCode.OK
-                    except grpc.RpcError as exc:
-                        response, last, error, code = None, exc, exc, code_of(exc)
-                    finally:
-                        endpoints.release(record)
-                    action = flow.send(call.attempt_done(record.label, code))
-        except StopIteration as stop:
-            done = stop.value
-        finally:
-            flow.close()
-            if side is not None:
-                side.cancel_rest()
-            if done is None:
-                call.finish(None, code)
-        assert done is not None
-        if side is not None:
-            response, last, error, code = side.outcome_of(done.winner)
-        failure = call.outcome(done, error)
-        call.finish(done, code_of(failure))
-        if failure is not None:
-            raise failure
-        return response, last
+        options = (credentials, wait_for_ready, compression)
+        answer = run_blocking(call, _Attempts(self, call, request, options, want_call))
+        return answer.response, answer.call
 
 
-class _SideBySide:
-    """The attempts of one hedged unary call, as gRPC futures in flight together: each one's end is queued, the
-    first is handed to the flow, and the losers are cancelled when the call is done."""
+class _Attempts:
+    """One unary call's attempts on endpoint channels (what ``calls.executors.run_blocking`` runs)."""
 
-    def __init__(self, call: RpcCall, endpoints: Any) -> None:
+    __slots__ = ("call", "method", "options", "request", "want_call")
+
+    def __init__(
+        self, method: _Method, call: RpcCall, request: Any, options: tuple[Any, Any, Any], want_call: bool
+    ) -> None:
+        self.method = method
         self.call = call
-        self.endpoints = endpoints
-        self.ended: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.futures: dict[int, tuple[Any, str, Any]] = {}  # attempt -> (future, endpoint label, span)
-        self.outcomes: dict[int, tuple[Any, Any, BaseException | None, grpc.StatusCode]] = {}
+        self.request = request
+        self.options = options
+        self.want_call = want_call
 
-    def start(self, attempt: int, record: Any, future: Any, span: Any) -> None:
-        self.futures[attempt] = (future, record.label, span)
+    def prepare(self, send: Send) -> tuple[Send, EndpointChannel[grpc.Channel], Metadata]:
+        record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
+        return send, record, self.call.attempt_metadata(send, record.label)
 
-        def ended(_: Any) -> None:
-            self.endpoints.release(record)
-            self.ended.put(attempt)
-
-        future.add_done_callback(ended)
-
-    def next(self, hedge_after: float | None) -> Result | None:
-        """The next attempt to end, or None when ``hedge_after`` passes first."""
+    def run(
+        self, prepared: tuple[Send, EndpointChannel[grpc.Channel], Metadata], cancel: Cancel | None
+    ) -> tuple[Result, RpcAnswer]:
+        send, record, metadata = prepared
+        credentials, wait_for_ready, compression = self.options
+        real = self.method.on(record)
+        last: Any = None
         try:
-            attempt = self.ended.get(timeout=hedge_after)
-        except queue.Empty:
-            return None
-        future, label, span = self.futures.pop(attempt)
-        try:
-            response = future.result()
+            if cancel is not None:  # hedged, on a worker thread: a future, so that a loser's RPC is cancelled
+                future = real.future(
+                    self.request,
+                    timeout=send.timeout,
+                    metadata=metadata,
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
+                cancel.on_cancel(future.cancel)
+                response, last = future.result(), future
+            elif self.want_call:
+                response, last = real.with_call(
+                    self.request,
+                    timeout=send.timeout,
+                    metadata=metadata,
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
+            else:  # the plain call skips building a call object nobody will see
+                response = real(
+                    self.request,
+                    timeout=send.timeout,
+                    metadata=metadata,
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
+            error, code = None, grpc.StatusCode.OK
         except grpc.RpcError as exc:
-            code = code_of(exc)
-            self.outcomes[attempt] = (None, exc, exc, code)
-        else:
-            code = grpc.StatusCode.OK
-            self.outcomes[attempt] = (response, future, None, code)
-        return self.call.attempt_done(label, code, attempt, span)
+            response, last, error, code = None, exc, exc, code_of(exc)
+        except grpc.FutureCancelledError as exc:  # a hedge that lost
+            response, last, error, code = None, None, exc, grpc.StatusCode.CANCELLED
+        finally:
+            self.method.facade.endpoints.release(record)
+        return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, last, error, code, record.label)
 
-    def cancel_rest(self) -> None:
-        for future, _, span in self.futures.values():
-            future.cancel()
-            if span is not None:
-                span.end()
-        self.futures.clear()
-
-    def outcome_of(self, winner: int) -> tuple[Any, Any, BaseException | None, grpc.StatusCode]:
-        return self.outcomes[winner]
+    def discard(self, answer: RpcAnswer, read_small: bool) -> None:
+        pass  # nothing to close: a unary answer is read whole
 
 
 class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
@@ -254,33 +205,26 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
         compression: grpc.Compression | None = None,
     ) -> Any:
         call = self.begin(metadata, timeout, False)
-        flow = call.flow
-        endpoints = self.facade.endpoints
+        starting = begin_stream(call)
         try:
-            action = next(flow)
-            while type(action) is not Send:  # a fault-injection delay
-                time.sleep(action.seconds)  # type: ignore[union-attr]
-                action = next(flow)
-        except StopIteration as stop:  # no endpoint, fault abort, deadline: over before it started
-            done: Done = stop.value
-            failure = call.outcome(done, None)
-            call.finish(done, code_of(failure))
-            assert failure is not None
-            raise failure from None
-        record = endpoints.acquire(action.endpoint, call.state)
+            while True:  # a fault-injection delay
+                time.sleep(next(starting))
+        except StopIteration as stop:
+            send: Send = stop.value
+        endpoints = self.facade.endpoints
+        record = endpoints.acquire(send.endpoint, call.state)
         try:
             real = self.on(record)(
                 request,
-                timeout=action.timeout,
-                metadata=call.attempt_metadata(action, record.label),
+                timeout=send.timeout,
+                metadata=call.attempt_metadata(send, record.label),
                 credentials=credentials,
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
         except BaseException:
             endpoints.release(record)
-            flow.close()
-            call.finish(None, None)
+            end_stream(call, None, None)
             raise
         ended = threading.Lock()
 
@@ -289,14 +233,8 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
                 return
             endpoints.release(record)
             code = real.code()
-            done: Done | None = None
-            try:
-                flow.send(call.attempt_done(record.label, code))
-            except StopIteration as stop:
-                done = stop.value
-            finally:
-                flow.close()
-            call.finish(done, code)
+            answer = RpcAnswer(None, real, None, code, record.label)
+            end_stream(call, Result(verdict_of(code), None, send.attempt), answer)
 
         if not real.add_callback(on_end):  # already over
             on_end()

@@ -170,5 +170,10 @@ class EndpointChannels(Generic[C]):
             self._retiring.clear()
         return channels
 
+    def retiring(self) -> list[str]:
+        """Endpoints gone from discovery whose channels wait for their last call to end before closing."""
+        with self._lock:
+            return [r.label for r in self._retiring]
+
     def labels(self) -> list[str]:
         return [record.label for record in self._live.values()]

@@ -1,0 +1,246 @@
+"""The driver's effects carried out, once per concurrency model: ``run_blocking`` (the caller's thread, worker
+threads for hedged attempts, ``time.sleep``) and ``run_async`` (the caller's task, tasks for hedged attempts,
+``await``). They serve HTTP and gRPC alike: a protocol gives its ``Shell``, which makes one attempt.
+
+A hedged attempt is prepared in the caller's thread or task (its endpoint request or metadata, its span: the
+caller's trace context) and run beside the others. When the call is over the losers are told to stop
+(``Cancel``; a thread blocked in a socket cannot be, so its answer is dropped when it ends) and answers nobody
+will read are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import queue
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar
+
+import anyio
+
+from ..policy.flow import Result, Send
+from ..workers import worker_pool
+from .driver import Alongside, Attempt, Drop, NextDone, Pause, Recorder, drive
+
+A = TypeVar("A")
+P = TypeVar("P")  # a prepared attempt
+
+
+class Cancel:
+    """Told when a hedged attempt lost: what can stop it early (a gRPC call's ``cancel``) registers here."""
+
+    __slots__ = ("callbacks", "cancelled", "lock")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.callbacks: list[Callable[[], Any]] = []
+        self.lock = threading.Lock()
+
+    def on_cancel(self, callback: Callable[[], Any]) -> None:
+        with self.lock:
+            if not self.cancelled:
+                self.callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+class Shell(Protocol[P, A]):
+    """How one protocol makes an attempt, for the blocking executor."""
+
+    def prepare(self, send: Send) -> P:
+        """In the caller's thread: the attempt's request for the chosen endpoint (its span starts here)."""
+
+    def run(self, prepared: P, cancel: Cancel | None) -> tuple[Result, A | None]:
+        """Make the attempt (``cancel``: set when it runs beside others, hedged)."""
+
+    def discard(self, answer: A, read_small: bool) -> None:
+        """Let go of an answer nobody will read."""
+
+
+class AsyncShell(Protocol[P, A]):
+    """How one protocol makes an attempt, for the async executor."""
+
+    def prepare(self, send: Send) -> P: ...
+
+    async def arun(self, prepared: P) -> tuple[Result, A | None]:
+        """Make the attempt; a hedged attempt that lost is cancelled (its answer closed, never reused half-read)."""
+
+    async def adiscard(self, answer: A, read_small: bool) -> None: ...
+
+
+def run_blocking(call: Recorder[A], shell: Shell[Any, A]) -> A:
+    """Drive ``call`` to its end in this thread."""
+    driver = drive(call)
+    side: _Threads[A] | None = None
+    try:
+        effect = next(driver)
+        while True:
+            try:
+                out: Any = None
+                if isinstance(effect, Attempt):
+                    out = shell.run(shell.prepare(effect.send), None)
+                elif isinstance(effect, Pause):
+                    time.sleep(effect.seconds)
+                elif isinstance(effect, Drop):
+                    shell.discard(effect.answer, effect.read_small)
+                else:
+                    side = side or _Threads(call, shell)
+                    if isinstance(effect, Alongside):
+                        side.start(effect.send)
+                    elif isinstance(effect, NextDone):
+                        out = side.next(effect.timeout)
+                    else:
+                        out = side.settle(effect.winner)
+            except BaseException as exc:  # interrupted: the call ends the same way, through the driver
+                effect = driver.throw(exc)
+                continue
+            effect = driver.send(out)
+    except StopIteration as stop:
+        answer: A = stop.value
+        return answer
+
+
+class _Threads(Generic[A]):
+    """The attempts of one hedged call, each on a worker thread (the caller's thread waits for the first to end)."""
+
+    def __init__(self, call: Recorder[A], shell: Shell[Any, A]) -> None:
+        self.call = call
+        self.shell = shell
+        self.ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.running: dict[int, tuple[concurrent.futures.Future[tuple[Result, A | None]], Any, Cancel]] = {}
+        self.answered: dict[int, A | None] = {}
+
+    def start(self, send: Send) -> None:
+        prepared = self.shell.prepare(send)  # in the caller's thread: its trace context
+        span = self.call.take_attempt_span()
+        attempt = send.attempt
+        cancel = Cancel()
+        # in the caller's context (client.stream()'s "hand it over unread", its trace context), as the first attempt
+        context = contextvars.copy_context()
+        future = worker_pool().submit(context.run, self.shell.run, prepared, cancel)
+        future.add_done_callback(lambda _: self.ended.put(attempt))
+        self.running[attempt] = (future, span, cancel)
+
+    def next(self, hedge_after: float | None) -> Result | None:
+        try:
+            attempt = self.ended.get(timeout=hedge_after)
+        except queue.Empty:
+            return None
+        future, span, _ = self.running.pop(attempt)
+        result, answer = future.result()
+        self.answered[attempt] = answer
+        self.call.attempt_done(result, answer, span)
+        return result
+
+    def settle(self, winner: int | None) -> A | None:
+        for future, span, cancel in self.running.values():
+            if span is not None:
+                span.end()
+            cancel.cancel()
+            future.add_done_callback(self._drop_late)
+        self.running.clear()
+        kept = self.answered.pop(winner, None) if winner is not None else None
+        for answer in self.answered.values():
+            if answer is not None:
+                self.shell.discard(answer, True)
+        self.answered.clear()
+        return kept
+
+    def _drop_late(self, future: concurrent.futures.Future[tuple[Result, A | None]]) -> None:
+        """A losing attempt that ended after the call did: its answer is nobody's."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        _, answer = future.result()
+        if answer is not None:
+            self.shell.discard(answer, True)
+
+
+async def run_async(call: Recorder[A], shell: AsyncShell[Any, A]) -> A:
+    """Drive ``call`` to its end in this task."""
+    driver = drive(call)
+    side: _Tasks[A] | None = None
+    try:
+        effect = next(driver)
+        while True:
+            try:
+                out: Any = None
+                if isinstance(effect, Attempt):
+                    out = await shell.arun(shell.prepare(effect.send))
+                elif isinstance(effect, Pause):
+                    await anyio.sleep(effect.seconds)
+                elif isinstance(effect, Drop):
+                    await shell.adiscard(effect.answer, effect.read_small)
+                else:
+                    side = side or _Tasks(call, shell)
+                    if isinstance(effect, Alongside):
+                        side.start(effect.send)
+                    elif isinstance(effect, NextDone):
+                        out = await side.next(effect.timeout)
+                    else:
+                        out = await side.settle(effect.winner)
+            except BaseException as exc:  # cancelled: the call ends the same way, through the driver
+                effect = driver.throw(exc)
+                continue
+            effect = driver.send(out)
+    except StopIteration as stop:
+        answer: A = stop.value
+        return answer
+
+
+class _Tasks(Generic[A]):
+    """The attempts of one hedged call in flight together, as asyncio tasks: the first to finish is handed to the
+    flow; when the call is done the winner's answer is kept, every other attempt is cancelled or, if it already
+    finished, its answer dropped."""
+
+    __slots__ = ("answered", "call", "shell", "tasks")
+
+    def __init__(self, call: Recorder[A], shell: AsyncShell[Any, A]) -> None:
+        self.call = call
+        self.shell = shell
+        self.tasks: dict[asyncio.Task[tuple[Result, A | None]], tuple[int, Any]] = {}
+        self.answered: dict[int, A | None] = {}
+
+    def start(self, send: Send) -> None:
+        prepared = self.shell.prepare(send)
+        span = self.call.take_attempt_span()
+        work: Coroutine[Any, Any, tuple[Result, A | None]] = self.shell.arun(prepared)
+        self.tasks[asyncio.ensure_future(work)] = (send.attempt, span)
+
+    async def next(self, hedge_after: float | None) -> Result | None:
+        """The next attempt to finish, or None when ``hedge_after`` passes first."""
+        finished, _ = await asyncio.wait(self.tasks, timeout=hedge_after, return_when=asyncio.FIRST_COMPLETED)
+        if not finished:
+            return None
+        task = finished.pop()
+        attempt, span = self.tasks.pop(task)
+        result, answer = task.result()
+        self.answered[attempt] = answer
+        self.call.attempt_done(result, answer, span)
+        return result
+
+    async def settle(self, winner: int | None) -> A | None:
+        for task, (_, span) in self.tasks.items():
+            task.cancel()
+            if span is not None:
+                span.end()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.tasks.clear()
+        kept = self.answered.pop(winner, None) if winner is not None else None
+        for answer in self.answered.values():
+            if answer is not None:
+                await self.shell.adiscard(answer, True)
+        self.answered.clear()
+        return kept
