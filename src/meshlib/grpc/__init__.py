@@ -29,6 +29,7 @@ __all__ = [
     "MeshRpcError",
     "MeshServerInterceptor",
     "Server",
+    "aio",
     "insecure_channel",
     "secure_channel",
     "server",
@@ -65,3 +66,7 @@ def secure_channel(
             "has none: set MESH_TLS=strict or permissive (with MESH_BOOTSTRAP_TOKEN), or pass credentials="
         )
     return channel
+
+
+# ``meshlib.grpc.aio`` after ``import meshlib.grpc``, as ``grpc.aio`` after ``import grpc``
+from . import aio  # noqa: E402

@@ -9,19 +9,90 @@ from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import grpc
+from grpc import aio
 
 from .call import code_of
 
 
+class MeshAioRpcError(aio.AioRpcError):  # type: ignore[misc]
+    """A call the mesh ended itself, or whose every attempt failed, as grpc.aio raises it: an
+    ``grpc.aio.AioRpcError`` (so ``except grpc.aio.AioRpcError`` catches it), with the fitting code and details
+    that name the service and each endpoint tried. The mesh's own exception, when there is one, is
+    ``mesh_error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        code = code_of(error)
+        details = error.details() if hasattr(error, "details") else str(error)
+        initial = error.initial_metadata() if hasattr(error, "initial_metadata") else ()
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else ()
+        super().__init__(
+            code,
+            _metadata(initial),
+            _metadata(trailing),
+            details,
+            error.debug_error_string() if hasattr(error, "debug_error_string") else details,
+        )
+        self.mesh_error: BaseException | None = getattr(error, "mesh_error", None)
+
+
+def _metadata(pairs: Any) -> aio.Metadata:
+    if isinstance(pairs, aio.Metadata):
+        return pairs
+    return aio.Metadata(*tuple(pairs or ()))
+
+
+def as_aio_error(error: BaseException) -> BaseException:
+    """``error`` as grpc.aio raises it: an ``AioRpcError`` stays, the mesh's own ``RpcError`` becomes one."""
+    if isinstance(error, aio.AioRpcError) or not isinstance(error, grpc.RpcError):
+        return error
+    made = MeshAioRpcError(error)
+    made.__cause__ = error.__cause__ or error
+    return made
+
+
+_END = object()
+
+
+class RequestWriter:
+    """The requests of a client-streaming call made without an iterator (``call = stub.Upload()``, then
+    ``await call.write(r)`` and ``await call.done_writing()``), as one async iterator the real call reads. A
+    write waits while the previous request is not yet taken (grpc.aio's flow control, one message deep)."""
+
+    __slots__ = ("closed", "queue")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self.closed = False
+
+    async def write(self, request: Any) -> None:
+        if self.closed:
+            raise aio.UsageError("write() after done_writing() on a client-streaming call")
+        await self.queue.put(request)
+
+    async def done_writing(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.queue.put(_END)
+
+    async def requests(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self.queue.get()
+            if item is _END:
+                return
+            yield item
+
+
 class UnaryCall:
-    """What a mesh unary call returns: awaitable for the response, with the ``grpc.aio.Call`` methods of the
-    attempt that answered (or of the mesh's own error)."""
+    """What a mesh unary or client-streaming call returns: awaitable for the response, with the
+    ``grpc.aio.Call`` methods of the attempt that answered (or of the mesh's own error)."""
 
-    __slots__ = ("_last", "_task")
+    __slots__ = ("_cancel_asked", "_last", "_task", "_writer")
 
-    def __init__(self, task: asyncio.Future[Any], last: list[Any]) -> None:
+    def __init__(self, task: asyncio.Future[Any], last: list[Any], writer: RequestWriter | None = None) -> None:
         self._task = task
         self._last = last
+        self._writer = writer
+        self._cancel_asked = False
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._task.__await__()
@@ -31,17 +102,31 @@ class UnaryCall:
             await asyncio.shield(self._task)
         return self._last[0]
 
+    async def write(self, request: Any) -> None:
+        """(Client-streaming calls made without an iterator.) Send one request."""
+        if self._writer is None:
+            raise aio.UsageError("write() on a call made with a request iterator (or on a unary call)")
+        await self._writer.write(request)
+
+    async def done_writing(self) -> None:
+        """(Client-streaming calls made without an iterator.) No more requests."""
+        if self._writer is None:
+            raise aio.UsageError("done_writing() on a call made with a request iterator (or on a unary call)")
+        await self._writer.done_writing()
+
     async def code(self) -> grpc.StatusCode:
         last = await self._settled()
-        if last is None:
+        if last is None or self._task.cancelled():
             return grpc.StatusCode.CANCELLED
         value = last.code()
         return await value if asyncio.iscoroutine(value) else value
 
     async def details(self) -> str:
         last = await self._settled()
-        value = last.details() if last is not None else "cancelled"
-        return await value if asyncio.iscoroutine(value) else value
+        if last is None or self._task.cancelled():
+            return _CANCELLED_DETAILS
+        value = last.details()
+        return str(await value if asyncio.iscoroutine(value) else value)
 
     async def initial_metadata(self) -> Any:
         last = await self._settled()
@@ -54,10 +139,14 @@ class UnaryCall:
         return await value if asyncio.iscoroutine(value) else value
 
     def cancel(self) -> bool:
+        if self._task.done():
+            return False
+        self._cancel_asked = True
         return self._task.cancel()
 
     def cancelled(self) -> bool:
-        return self._task.cancelled()
+        """True from the moment ``cancel()`` was accepted, as grpc.aio's calls say."""
+        return self._task.cancelled() or (self._cancel_asked and not self._task.done())
 
     def done(self) -> bool:
         return self._task.done()
@@ -71,6 +160,10 @@ class UnaryCall:
 
     async def wait_for_connection(self) -> None:
         await self._settled()
+
+
+#: what grpc.aio's own calls say of a call the application cancelled
+_CANCELLED_DETAILS = "Locally cancelled by application!"
 
 
 class StreamCall:
@@ -106,6 +199,10 @@ class StreamCall:
             real = await self._call()
         except grpc.RpcError as exc:
             return code_of(exc)
+        except asyncio.CancelledError:
+            if not self._real.cancelled():  # the caller's own task was cancelled, not this call
+                raise
+            return grpc.StatusCode.CANCELLED
         return await real.code()
 
     async def details(self) -> str:
@@ -113,6 +210,10 @@ class StreamCall:
             real = await self._call()
         except grpc.RpcError as exc:
             return str(exc.details()) if hasattr(exc, "details") else str(exc)
+        except asyncio.CancelledError:
+            if not self._real.cancelled():
+                raise
+            return _CANCELLED_DETAILS
         return await real.details()  # type: ignore[no-any-return]
 
     async def initial_metadata(self) -> Any:

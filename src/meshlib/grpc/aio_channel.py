@@ -8,6 +8,7 @@ first answer if it must), then is the real call on that endpoint's channel, wrap
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.flow import Result, Send
 from ..policy.service import ServiceState
-from .aio_calls import StreamCall, UnaryCall
+from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
@@ -59,7 +60,7 @@ class _Unary(_AioMethod):
 
     def __call__(
         self,
-        request: Any,
+        request: Any = None,
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
@@ -68,8 +69,12 @@ class _Unary(_AioMethod):
         compression: grpc.Compression | None = None,
     ) -> UnaryCall:
         last: list[Any] = [None]
+        writer: RequestWriter | None = None
+        if request is None and self.kind == "stream_unary":  # no iterator: the caller writes, then done_writing()
+            writer = RequestWriter()
+            request = writer.requests()
         coro = self._run(request, timeout, metadata, credentials, wait_for_ready, compression, last)
-        return UnaryCall(asyncio.ensure_future(coro), last)
+        return UnaryCall(asyncio.ensure_future(coro), last, writer)
 
     async def _run(
         self,
@@ -82,18 +87,19 @@ class _Unary(_AioMethod):
         last: list[Any],
     ) -> Any:
         facade = self.facade
-        state = await facade.state()
-        unary = self.kind == "unary_unary"
-        call = RpcCall(
-            facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
-        )
         try:
+            state = await facade.state()
+            unary = self.kind == "unary_unary"
+            call = RpcCall(
+                facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
+            )
             answer = await run_async(
                 call, _AioAttempts(self, call, request, (credentials, wait_for_ready, compression), last)
             )
         except grpc.RpcError as failure:
-            last[0] = failure
-            raise
+            error = as_aio_error(failure)
+            last[0] = error
+            raise error from error.__cause__
         last[0] = answer.call
         return answer.response
 
@@ -161,7 +167,7 @@ class _AioStreaming(_AioMethod):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> StreamCall:
-        coro = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        coro = _as_aio_errors(self._start, request, timeout, metadata, credentials, wait_for_ready, compression)
         return StreamCall(asyncio.ensure_future(coro))
 
     async def _start(
@@ -214,6 +220,16 @@ class _AioStreaming(_AioMethod):
 
         real.add_done_callback(on_done)
         return real
+
+
+async def _as_aio_errors(start: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    """A streaming call the mesh ends before it starts fails as grpc.aio's own do (``AioRpcError``). The call's
+    coroutine is made here, so a call cancelled before it ran leaves none behind unawaited."""
+    try:
+        return await start(*args)
+    except grpc.RpcError as failure:
+        error = as_aio_error(failure)
+        raise error from error.__cause__
 
 
 class AioChannel(Facade[aio.Channel], aio.Channel):  # type: ignore[misc]

@@ -8,10 +8,9 @@ calls are balanced and counted by the breakers, never retried (their messages ca
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -25,7 +24,8 @@ from ..workers import worker_pool
 from .call import Metadata, RpcAnswer, RpcCall, code_of, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
-from .status import verdict_of
+from .future import UnaryFuture
+from .status import FailedStream, verdict_of
 
 
 def _make_channel(target: str, credentials: grpc.ChannelCredentials | None, options: Options) -> grpc.Channel:
@@ -90,9 +90,9 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
-        work = (request, timeout, metadata, credentials, wait_for_ready, compression)
-        future = worker_pool().submit(self.__call__, *work)
-        return _Future(future)
+        stop = Cancel()  # the caller's cancel(): reaches the RPC in flight
+        work = (request, timeout, metadata, credentials, wait_for_ready, compression, True, stop)
+        return UnaryFuture(worker_pool().submit(self._call, *work), stop)
 
     def with_call(
         self,
@@ -114,26 +114,35 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         want_call: bool,
+        stop: Cancel | None = None,
     ) -> tuple[Any, grpc.Call]:
         call = self.begin(metadata, timeout, self.kind == "unary_unary")
         options = (credentials, wait_for_ready, compression)
-        answer = run_blocking(call, _Attempts(self, call, request, options, want_call))
+        answer = run_blocking(call, _Attempts(self, call, request, options, want_call, stop))
         return answer.response, answer.call
 
 
 class _Attempts:
     """One unary call's attempts on endpoint channels (what ``calls.executors.run_blocking`` runs)."""
 
-    __slots__ = ("call", "method", "options", "request", "want_call")
+    __slots__ = ("call", "method", "options", "request", "stop", "want_call")
 
     def __init__(
-        self, method: _Method, call: RpcCall, request: Any, options: tuple[Any, Any, Any], want_call: bool
+        self,
+        method: _Method,
+        call: RpcCall,
+        request: Any,
+        options: tuple[Any, Any, Any],
+        want_call: bool,
+        stop: Cancel | None = None,
     ) -> None:
         self.method = method
         self.call = call
         self.request = request
         self.options = options
         self.want_call = want_call
+        #: (``.future()`` calls) the caller's cancel, which every attempt's RPC listens to
+        self.stop = stop
 
     def prepare(self, send: Send) -> tuple[Send, EndpointChannel[grpc.Channel], Metadata]:
         record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
@@ -147,7 +156,7 @@ class _Attempts:
         real = self.method.on(record)
         last: Any = None
         try:
-            if cancel is not None:  # hedged, on a worker thread: a future, so that a loser's RPC is cancelled
+            if cancel is not None or self.stop is not None:  # a future, so that cancelling reaches the RPC
                 future = real.future(
                     self.request,
                     timeout=send.timeout,
@@ -156,7 +165,9 @@ class _Attempts:
                     wait_for_ready=wait_for_ready,
                     compression=compression,
                 )
-                cancel.on_cancel(future.cancel)
+                for token in (cancel, self.stop):  # a hedge that lost; the caller's own cancel()
+                    if token is not None:
+                        token.on_cancel(future.cancel)
                 response, last = future.result(), future
             elif self.want_call:
                 response, last = real.with_call(
@@ -204,13 +215,15 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        call = self.begin(metadata, timeout, False)
-        starting = begin_stream(call)
         try:
+            call = self.begin(metadata, timeout, False)
+            starting = begin_stream(call)
             while True:  # a fault-injection delay
                 time.sleep(next(starting))
         except StopIteration as stop:
             send: Send = stop.value
+        except grpc.RpcError as failure:  # over before it started: it fails when read, as grpc's own calls do
+            return FailedStream.of(failure)
         endpoints = self.facade.endpoints
         record = endpoints.acquire(send.endpoint, call.state)
         try:
@@ -277,38 +290,3 @@ class Channel(Facade[grpc.Channel], grpc.Channel):  # type: ignore[misc]
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Future(grpc.Future):  # type: ignore[misc]
-    """A ``grpc.Future`` over a thread-pool future (``.future()`` of a mesh unary call)."""
-
-    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
-        self._future = future
-
-    def cancel(self) -> bool:
-        return self._future.cancel()
-
-    def cancelled(self) -> bool:
-        return self._future.cancelled()
-
-    def running(self) -> bool:
-        return self._future.running()
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._future.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        return self._future.exception(timeout)
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        error = self._future.exception(timeout)
-        return error.__traceback__ if error is not None else None
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def __iter__(self) -> Iterator[Any]:
-        raise TypeError("a unary call's future is not iterable")

@@ -128,6 +128,47 @@ class MeshRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         return f"<MeshRpcError {self._code.name}: {self._details}>"
 
 
+class FailedStream(MeshRpcError, grpc.Future):  # type: ignore[misc]
+    """A streaming call the mesh ended before it started (no endpoint, a deadline already past, a fault abort),
+    as grpc returns one: a call object that is also an iterator and a future, and raises itself when read, not
+    from the stub call."""
+
+    @classmethod
+    def of(cls, error: grpc.RpcError) -> FailedStream:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        made = cls(code, details, getattr(error, "mesh_error", None))
+        made.__cause__ = error.__cause__ or error
+        return made
+
+    def __iter__(self) -> FailedStream:
+        return self
+
+    def __next__(self) -> Any:
+        raise self
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        return self
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return None
+
+    def add_done_callback(self, fn: Any) -> None:
+        fn(self)
+
+
 def from_mesh_error(error: BaseException) -> MeshRpcError:
     """A mesh verdict as the status a gRPC caller expects: deadline → DEADLINE_EXCEEDED, everything that means
     "no instance could take it" (no endpoints, open breakers, budget, all attempts failed) → UNAVAILABLE."""

@@ -1,0 +1,200 @@
+"""The gRPC channels behave as grpc's own where code written for grpc can tell (issue 30's items, one test each):
+real grpc servers in this process, stubs generated from tests/protos/echo.proto."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import grpc
+import meshlib
+import meshlib.grpc
+from grpc import aio
+from grpc_support import Behaviour, make_servicer, stubs
+from harness import wait_for
+from meshlib.discovery import StaticDiscovery
+from meshlib.endpoints import Endpoint
+from meshlib.rules.model import validate_rules
+
+pb2, pb2_grpc = stubs()
+
+
+class Instance:
+    def __init__(self, name: str) -> None:
+        self.behaviour = Behaviour(name)
+        self.mesh = meshlib.Mesh(service="echo", discovery=StaticDiscovery({}), control_plane="", telemetry=False)
+        self.server = meshlib.grpc.server(mesh=self.mesh, port=0, drain_delay=0)
+        pb2_grpc.add_EchoServicer_to_server(make_servicer(self.behaviour), self.server)
+        self.server.start()
+        self.endpoint = Endpoint("127.0.0.1", self.server.port)
+
+    def stop(self) -> None:
+        self.server.stop(0).wait(10)
+        self.mesh.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[list[Instance]]:
+    made = [Instance(name) for name in "ab"]
+    yield made
+    for instance in made:
+        instance.stop()
+
+
+def caller(endpoints: list[Endpoint], rules: dict[str, object] | None = None) -> meshlib.Mesh:
+    mesh = meshlib.Mesh(
+        service="front", discovery=StaticDiscovery({"echo": endpoints}), control_plane="", telemetry=False
+    )
+    if rules:
+        mesh.apply_rules(validate_rules({"services": {"echo": rules}}, 1))
+    return mesh
+
+
+def test_a_sync_stream_over_before_it_started_fails_when_read_not_when_made(pair: list[Instance]) -> None:
+    """Item 7: grpc returns the call object and raises from iterating it; so does the mesh, for a deadline that
+    has already passed and for a service with no instance."""
+    with caller([i.endpoint for i in pair]) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        responses = stub.Count(pb2.Hello(text="x", n=3), timeout=0)  # no raise here
+        with pytest.raises(grpc.RpcError) as caught:
+            next(responses)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert responses.code() is grpc.StatusCode.DEADLINE_EXCEEDED and responses.done()
+        assert [r.text for r in stub.Count(pb2.Hello(text="x", n=2), timeout=5)] == ["x-0", "x-1"]
+    with caller([]) as empty, empty.grpc_channel("echo") as channel:
+        responses = pb2_grpc.EchoStub(channel).Count(pb2.Hello(text="x", n=3), timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(responses)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "discovery" in caught.value.details()
+
+
+def test_aio_mesh_errors_are_aio_rpc_errors(pair: list[Instance]) -> None:
+    """Item 6: ``except grpc.aio.AioRpcError`` catches what the mesh raises: no endpoints, every attempt failed,
+    a fault abort, and a stream over before it started."""
+    for instance in pair:
+        instance.behaviour.fail = True
+
+    async def main() -> list[tuple[grpc.StatusCode, str]]:
+        seen = []
+        with caller([]) as empty:
+            async with empty.grpc_aio_channel("echo") as channel:
+                try:
+                    await pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="x"), timeout=5)
+                except aio.AioRpcError as exc:
+                    seen.append((exc.code(), exc.details()))
+                try:
+                    async for _ in pb2_grpc.EchoStub(channel).Count(pb2.Hello(text="x", n=1), timeout=5):
+                        pass
+                except aio.AioRpcError as exc:
+                    seen.append((exc.code(), exc.details()))
+        with caller([i.endpoint for i in pair], {"retries": {"attempts": 2}}) as mesh:
+            async with mesh.grpc_aio_channel("echo") as channel:
+                try:
+                    await pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="x"), timeout=5)
+                except aio.AioRpcError as exc:
+                    seen.append((exc.code(), exc.details()))
+        with caller([i.endpoint for i in pair], {"faults": {"abort": {"status": 503}}}) as mesh:
+            async with mesh.grpc_aio_channel("echo") as channel:
+                call = pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="x"), timeout=5)
+                try:
+                    await call
+                except aio.AioRpcError as exc:
+                    seen.append((exc.code(), exc.details()))
+                assert await call.code() is grpc.StatusCode.UNAVAILABLE
+        return seen
+
+    seen = asyncio.run(main())
+    assert [code for code, _ in seen] == [grpc.StatusCode.UNAVAILABLE] * 4
+    assert "discovery" in seen[0][1] and "discovery" in seen[1][1]
+    assert "2 attempt(s) failed" in seen[2][1]
+    assert "fault injected" in seen[3][1]
+
+
+def test_aio_cancel_is_seen_at_once_and_a_cancelled_stream_reports_cancelled(pair: list[Instance]) -> None:
+    """Item 5: ``cancelled()`` is true right after ``cancel()``; a stream cancelled before it started answers
+    ``code()``/``details()`` with CANCELLED instead of raising."""
+
+    async def main() -> None:
+        with caller([i.endpoint for i in pair]) as mesh:
+            async with mesh.grpc_aio_channel("echo") as channel:
+                stub = pb2_grpc.EchoStub(channel)
+                call = stub.Say(pb2.Hello(text="x", mode="slow", n=2000), timeout=10)
+                await asyncio.sleep(0.05)
+                assert call.cancel() and call.cancelled()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                assert await call.code() is grpc.StatusCode.CANCELLED
+                stream = stub.Count(pb2.Hello(text="x", n=3), timeout=10)
+                assert stream.cancel()
+                assert await stream.code() is grpc.StatusCode.CANCELLED
+                assert isinstance(await stream.details(), str)
+                reply = await stub.Say(pb2.Hello(text="after"), timeout=10)  # the channel still works
+                assert reply.text == "after"
+
+    asyncio.run(main())
+
+
+def test_aio_client_streaming_without_an_iterator_takes_writes(pair: list[Instance]) -> None:
+    """Item 4: ``call = stub.Collect()``, then ``write()`` and ``done_writing()``, as with grpc.aio."""
+
+    async def main() -> str:
+        with caller([i.endpoint for i in pair]) as mesh:
+            async with mesh.grpc_aio_channel("echo") as channel:
+                call = pb2_grpc.EchoStub(channel).Collect(timeout=10)
+                for text in "abc":
+                    await call.write(pb2.Hello(text=text))
+                await call.done_writing()
+                with pytest.raises(aio.UsageError):
+                    await call.write(pb2.Hello(text="late"))
+                reply = await call
+                assert await call.code() is grpc.StatusCode.OK
+                return str(reply.text)
+
+    assert asyncio.run(main()) == "a+b+c"
+
+
+def test_a_sync_future_is_a_grpc_future_and_a_grpc_call(pair: list[Instance]) -> None:
+    """Item 1: ``.future()`` answers ``code()``, ``details()`` and the metadata, as grpc's own future does."""
+    with caller([i.endpoint for i in pair]) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        future = stub.Say.future(pb2.Hello(text="x"), timeout=5)
+        assert isinstance(future, grpc.Future) and isinstance(future, grpc.Call)
+        assert future.result(timeout=5).text == "x"
+        assert future.code() is grpc.StatusCode.OK and future.done() and not future.running()
+        assert future.exception() is None
+        assert future.trailing_metadata() is not None and future.initial_metadata() is not None
+        missing = stub.Say.future(pb2.Hello(text="thing", mode="missing"), timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            missing.result(timeout=5)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+        assert missing.code() is grpc.StatusCode.NOT_FOUND and missing.details() == "no thing"
+        error = missing.exception()
+        assert isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.NOT_FOUND
+        done: list[object] = []
+        late = stub.Say.future(pb2.Hello(text="y"), timeout=5)
+        late.add_done_callback(done.append)
+        late.result(timeout=5)
+        wait_for(lambda: done == [late], timeout=5, what="the done callback, with the future")
+
+
+def test_cancelling_a_sync_future_reaches_the_rpc_in_flight(pair: list[Instance]) -> None:
+    """Item 2: ``cancel()`` on a started call returns True, the caller is answered at once, and the server sees
+    its call cancelled."""
+    with caller([i.endpoint for i in pair]) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        future = stub.Say.future(pb2.Hello(text="x", mode="slow", n=1500), timeout=10)
+        wait_for(lambda: any(i.behaviour.handled.is_set() for i in pair), timeout=5, what="the call at a server")
+        started = time.monotonic()
+        assert future.cancel()
+        assert future.cancelled() and future.done()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=5)
+        assert time.monotonic() - started < 1.0, "the caller waited for the cancelled call"
+        assert future.code() is grpc.StatusCode.CANCELLED
+        wait_for(lambda: sum(i.behaviour.cancelled for i in pair) == 1, timeout=10, what="the server to see it")
+        assert not future.cancel()  # once done, as grpc's
+        assert stub.Say(pb2.Hello(text="after"), timeout=5).text == "after"
