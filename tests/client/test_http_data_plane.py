@@ -61,7 +61,7 @@ def test_httpx_features_keep_working(upstreams):
         assert headers["host"] == "svc.mesh"
         assert headers["x-mesh-caller"] == "tester"
         assert headers["x-mesh-attempt"] == "1"
-        assert headers["traceparent"].startswith("00-") and len(headers["traceparent"]) == 55
+        assert "traceparent" not in headers  # outside a trace nothing to carry (the rule gRPC calls follow too)
         deadline_ms = int(headers["x-mesh-deadline"])
         assert 0 < deadline_ms / 1000 - time.time() <= 3.1
         assert hooks == ["http://svc.mesh/echo?b=2"]

@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -67,10 +69,14 @@ def test_route_templates_label_server_metrics_not_raw_paths():
 def test_telemetry_off_still_propagates_trace_context(upstreams, monkeypatch):
     (up,) = upstreams(1)
     monkeypatch.setenv("MESH_TELEMETRY", "off")
+    incoming = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceFlags(1))
     with static("svc", [up.port]) as mesh, mesh.client() as client:
         assert mesh.telemetry is None
-        seen = client.get("http://svc/x").json()["headers"]
-        assert seen["traceparent"].startswith("00-") and len(seen["traceparent"]) == 55
+        with trace.use_span(NonRecordingSpan(incoming)):  # a request being handled, its trace context current
+            seen = client.get("http://svc/x").json()["headers"]
+        version, trace_id, span_id, flags = seen["traceparent"].split("-")
+        assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "01")
+        assert span_id != "b7ad6b7169203331"  # a new span id of the same trace
     server_mesh = meshlib.Mesh(service="quiet", discovery="static:", control_plane="")
     server = ThreadedServer(MeshMiddleware(items_app(), server_mesh))
     try:

@@ -16,7 +16,7 @@ from ..policy.flow import Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
-from ..telemetry.tracing import outbound_traceparent, traceparent_of
+from ..telemetry.tracing import carried_traceparent, traceparent_of
 from .errors import as_httpx_failure, to_httpx_error
 from .outbound import Outbound
 
@@ -62,7 +62,9 @@ class HttpCall(CallRecorder):
         span = tel.tracer.start_call(method, service, str(url)) if tel is not None and tel.tracer.active() else None
         super().__init__(mesh, service, span, keep_trace)
         if not keep_trace and not self.recording:
-            raw.append((b"traceparent", outbound_traceparent()))
+            trace_header = carried_traceparent()
+            if trace_header is not None:
+                raw.append((b"traceparent", trace_header))
         self.base_headers = raw
         self.extensions = request.extensions
         timeouts = self.extensions.get("timeout") or {}

@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from opentelemetry import trace
 from opentelemetry.trace import Span
 
 import grpc
@@ -22,7 +21,7 @@ from ..policy.flow import Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
-from ..telemetry.tracing import random_traceparent, traceparent_of
+from ..telemetry.tracing import carried_traceparent, traceparent_of
 from .status import HTTP_EQUIVALENT, MeshRpcError, code_of_http, from_mesh_error, verdict_of, with_attempts
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -76,11 +75,9 @@ class RpcCall(CallRecorder):
         span = tel.tracer.start_rpc(service, method) if tel is not None and tel.tracer.active() else None
         super().__init__(mesh, service, span, keep_trace)
         if not keep_trace and not self.recording:
-            # inside a trace (a request being handled): carry it on. Outside one there is nothing to carry, and a
-            # fresh random value per call defeats HPACK and costs more than the rest of the metadata together.
-            context = trace.get_current_span().get_span_context()
-            if context.is_valid:
-                base.append(("traceparent", random_traceparent(context.trace_id, context.trace_flags).decode()))
+            trace_header = carried_traceparent()  # the same rule as HTTP: inside a trace only
+            if trace_header is not None:
+                base.append(("traceparent", trace_header.decode()))
         self.base = base
         self.attempts: list[str] = []
         now = self.started = state.last_used = mesh.clock()

@@ -48,12 +48,16 @@ def random_traceparent(trace_id: int = 0, flags: int = 1) -> bytes:
     return b"00-%032x-%016x-%02x" % (trace_id or _getrandbits(128) or 1, _getrandbits(64) or 1, flags)
 
 
-def outbound_traceparent() -> bytes:
-    """Without telemetry: continue the current trace id (or start one) with a fresh span id."""
+def carried_traceparent() -> bytes | None:
+    """The one rule for every outbound mesh call that records no span of its own (HTTP and gRPC alike): inside a
+    trace (a request being handled, an active span), carry its trace id on with a fresh span id; outside one,
+    send none. A random id made per call outside a trace would link nothing (the next call gets another), and it
+    costs: a fresh value each call defeats HPACK on gRPC, and is work on every HTTP request. The callee starts its
+    own trace, as it would for any caller without one."""
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
         return random_traceparent(ctx.trace_id, ctx.trace_flags)
-    return random_traceparent()
+    return None
 
 
 def traceparent_of(span: Span) -> bytes:
@@ -69,7 +73,7 @@ class MeshTracer:
 
     def active(self) -> bool:
         """Is anything recording spans? With no SDK provider installed (the default), creating no-op spans would
-        cost ~3 us a request for nothing; the trace context is still carried on (``outbound_traceparent``).
+        cost ~3 us a request for nothing; the trace context is still carried on (``carried_traceparent``).
         A global provider can be installed once, later, and never removed: look again at most once a second."""
         if self._active:
             return True
