@@ -4,6 +4,7 @@ real grpc servers in this process, stubs generated from tests/protos/echo.proto.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -23,10 +24,10 @@ pb2, pb2_grpc = stubs()
 
 
 class Instance:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_workers: int = 16) -> None:
         self.behaviour = Behaviour(name)
         self.mesh = meshlib.Mesh(service="echo", discovery=StaticDiscovery({}), control_plane="", telemetry=False)
-        self.server = meshlib.grpc.server(mesh=self.mesh, port=0, drain_delay=0)
+        self.server = meshlib.grpc.server(mesh=self.mesh, port=0, drain_delay=0, max_workers=max_workers)
         pb2_grpc.add_EchoServicer_to_server(make_servicer(self.behaviour), self.server)
         self.server.start()
         self.endpoint = Endpoint("127.0.0.1", self.server.port)
@@ -198,3 +199,34 @@ def test_cancelling_a_sync_future_reaches_the_rpc_in_flight(pair: list[Instance]
         wait_for(lambda: sum(i.behaviour.cancelled for i in pair) == 1, timeout=10, what="the server to see it")
         assert not future.cancel()  # once done, as grpc's
         assert stub.Say(pb2.Hello(text="after"), timeout=5).text == "after"
+
+
+def test_open_uploads_through_futures_never_starve_other_futures() -> None:
+    """Item 3: 70 client-streaming ``.future()`` uploads left open (more than the shared worker pool's 64
+    threads) do not keep another ``.future()`` from its answer or its deadline. (The server gets enough workers
+    for them all, so that only the client could starve.)"""
+    release = threading.Event()
+
+    def held_open() -> Iterator[object]:
+        yield pb2.Hello(text="a")
+        release.wait(30)
+
+    pair = [Instance(name, max_workers=100) for name in "ab"]
+    try:
+        with caller([i.endpoint for i in pair]) as mesh, mesh.grpc_channel("echo") as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            uploads = [stub.Collect.future(held_open(), timeout=30) for _ in range(70)]
+            try:
+                started = time.monotonic()
+                assert stub.Say.future(pb2.Hello(text="x"), timeout=5).result(timeout=10).text == "x"
+                slow = stub.Say.future(pb2.Hello(text="x", mode="slow", n=2000), timeout=0.3)
+                with pytest.raises(grpc.RpcError) as caught:
+                    slow.result(timeout=10)
+                assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                assert time.monotonic() - started < 5
+            finally:
+                release.set()
+            assert all(upload.result(timeout=30).text == "a" for upload in uploads)
+    finally:
+        for instance in pair:
+            instance.stop()

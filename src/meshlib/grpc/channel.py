@@ -20,7 +20,7 @@ from ..calls.executors import Cancel, run_blocking
 from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.flow import Result, Send
-from ..workers import worker_pool
+from ..workers import on_own_thread
 from .call import Metadata, RpcAnswer, RpcCall, code_of, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
@@ -92,7 +92,8 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
     ) -> grpc.Future:
         stop = Cancel()  # the caller's cancel(): reaches the RPC in flight
         work = (request, timeout, metadata, credentials, wait_for_ready, compression, True, stop)
-        return UnaryFuture(worker_pool().submit(self._call, *work), stop)
+        # a thread of its own: an upload its caller keeps open must not hold a worker other calls wait for
+        return UnaryFuture(on_own_thread(self._call, *work), stop)
 
     def with_call(
         self,
