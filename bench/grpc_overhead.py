@@ -80,43 +80,59 @@ def summarize(name: str, results: dict[str, list[tuple[float, float, list[float]
     print(f"{'ratio':8} {mw / pw:9.3f}x {mc / pc:10.3f}x {p50m / p50p:8.3f}x {p99m / p99p:8.3f}x")
 
 
+#: (name, request text, share of --calls): grpc's interop size for the large call (a 271,828-byte payload)
+PAYLOADS = (("empty", "", 1.0), ("small", "x" * 64, 1.0), ("large", "x" * 271_828, 0.25))
+
+
+def _form(stub: Any, form: str, hello: Any) -> Callable[[], Any]:
+    if form == "future":
+        return lambda: stub.Say.future(hello).result()
+    return lambda: stub.Say(hello)
+
+
 def bench_sync(port: int, rounds: int, calls: int) -> None:
     mesh = meshlib.Mesh(
         service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}), control_plane=""
     )
     plain = pb2_grpc.EchoStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     meshed = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
-    hello = pb2.Hello(text="x" * 64)
-    for stub in (plain, meshed):  # warm-up: connections, first-call costs
-        for _ in range(200):
-            stub.Say(hello)
-    results: dict[str, list[tuple[float, float, list[float]]]] = {"plain": [], "mesh": []}
-    for _ in range(rounds):
-        results["plain"].append(timed(calls, lambda: plain.Say(hello)))
-        results["mesh"].append(timed(calls, lambda: meshed.Say(hello)))
-    summarize(f"sync unary, {rounds} rounds x {calls} calls", results)
+    for name, text, share in PAYLOADS:
+        hello = pb2.Hello(text=text)
+        n = max(1, int(calls * share))
+        for form in ("__call__", "future"):
+            for stub in (plain, meshed):  # warm-up: connections, first-call costs
+                call = _form(stub, form, hello)
+                for _ in range(200):
+                    call()
+            results: dict[str, list[tuple[float, float, list[float]]]] = {"plain": [], "mesh": []}
+            for _ in range(rounds):
+                results["plain"].append(timed(n, _form(plain, form, hello)))
+                results["mesh"].append(timed(n, _form(meshed, form, hello)))
+            summarize(f"sync {name} unary, {form}, {rounds} rounds x {n} calls", results)
     mesh.close()
 
 
 def bench_aio(port: int, rounds: int, calls: int) -> None:
-    async def main() -> None:
+    async def run() -> None:
         mesh = meshlib.Mesh(
             service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}), control_plane=""
         )
         plain = pb2_grpc.EchoStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
         meshed = pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
-        hello = pb2.Hello(text="x" * 64)
-        for stub in (plain, meshed):
-            for _ in range(200):
-                await stub.Say(hello)
-        results: dict[str, list[tuple[float, float, list[float]]]] = {"plain": [], "mesh": []}
-        for _ in range(rounds):
-            results["plain"].append(await atimed(calls, lambda: plain.Say(hello)))
-            results["mesh"].append(await atimed(calls, lambda: meshed.Say(hello)))
-        summarize(f"grpc.aio unary, {rounds} rounds x {calls} calls", results)
+        for name, text, share in PAYLOADS:
+            hello = pb2.Hello(text=text)
+            n = max(1, int(calls * share))
+            for stub in (plain, meshed):
+                for _ in range(200):
+                    await stub.Say(hello)
+            results: dict[str, list[tuple[float, float, list[float]]]] = {"plain": [], "mesh": []}
+            for _ in range(rounds):
+                results["plain"].append(await atimed(n, lambda: plain.Say(hello)))  # noqa: B023
+                results["mesh"].append(await atimed(n, lambda: meshed.Say(hello)))  # noqa: B023
+            summarize(f"grpc.aio {name} unary, {rounds} rounds x {n} calls", results)
         mesh.close()
 
-    asyncio.run(main())
+    asyncio.run(run())
 
 
 def main() -> None:
