@@ -298,13 +298,16 @@ def test_hedged_unary_calls_overtake_a_slow_instance(instances):
         )
     )
     stub = pb2_grpc.EchoStub(mesh.grpc_channel("echo"))
-    took = []
+    took, answered_by = [], []
     for _ in range(20):
         started = time.monotonic()
         response, call = stub.Say.with_call(pb2.Hello(text="x"), timeout=5)
         took.append(time.monotonic() - started)
-        assert response.instance == "b" and call.code() is grpc.StatusCode.OK
+        answered_by.append(response.instance)
+        assert call.code() is grpc.StatusCode.OK
     assert a.behaviour.calls >= 8, "half the calls started on the slow instance"
+    # a loaded machine may hold a backup up past the slow answer once or twice; more means hedging is broken
+    assert answered_by.count("a") <= 2, f"the backups did not win: {answered_by}"
     assert sum(t >= 0.29 for t in took) <= 2, f"the slow attempts were not waited for: {took}"
     wait_for(lambda: all(h.load.outstanding == 0 for h in mesh.service_state("echo").handles))
     wait_for(lambda: a.behaviour.cancelled >= a.behaviour.calls - 1, what="the slow attempts to be cancelled")

@@ -1,6 +1,8 @@
 """The driver's effects carried out, once per concurrency model: ``run_blocking`` (the caller's thread, worker
-threads for hedged attempts, ``time.sleep``) and ``run_async`` (the caller's task, tasks for hedged attempts,
-``await``). They serve HTTP and gRPC alike: a protocol gives its ``Shell``, which makes one attempt.
+threads for hedged attempts, ``time.sleep``), ``run_async`` (the caller's task, tasks for hedged attempts,
+``await``) and ``run_by_callbacks`` (no thread waits: each attempt started, the call resumed by its completion,
+for the sync gRPC ``.future()``). They serve HTTP and gRPC alike: a protocol gives its ``Shell``, which makes one
+attempt.
 
 A hedged attempt is prepared in the caller's thread or task (its endpoint request or metadata, its span: the
 caller's trace context) and run beside the others. When the call is over the losers are told to stop
@@ -77,6 +79,66 @@ class AsyncShell(Protocol[P, A]):
         """Make the attempt; a hedged attempt that lost is cancelled (its answer closed, never reused half-read)."""
 
     async def adiscard(self, answer: A, read_small: bool) -> None: ...
+
+
+class CallbackShell(Protocol[P, A]):
+    """How one protocol starts an attempt without waiting for it, for the callback executor."""
+
+    def prepare(self, send: Send) -> P: ...
+
+    def start(self, prepared: P, on_done: Callable[[tuple[Result, A | None]], None]) -> None:
+        """Start the attempt; ``on_done`` gets its outcome when it ends (from any thread, or at once)."""
+
+    def discard(self, answer: A, read_small: bool) -> None: ...
+
+
+def run_by_callbacks(
+    call: Recorder[A], shell: CallbackShell[Any, A], finished: Callable[[A | None, BaseException | None], None]
+) -> None:
+    """Drive ``call`` with no thread waiting on it: the first attempt starts in the caller's thread, each next
+    step runs where the previous attempt's completion is reported, pauses run on a timer; ``finished`` gets what
+    the caller gets (an answer, or the error to raise). Only for flows that never hedge (``hedging=False``): a
+    hedged call waits on several attempts at once, which ``run_blocking`` does."""
+    driver = drive(call)
+
+    def step(out: Any, error: BaseException | None, first: bool = False) -> None:
+        while True:
+            try:
+                if first:
+                    first = False
+                    effect = next(driver)
+                elif error is not None:
+                    failure, error = error, None
+                    effect = driver.throw(failure)
+                else:
+                    effect = driver.send(out)
+            except StopIteration as stop:
+                finished(stop.value, None)
+                return
+            except BaseException as exc:
+                finished(None, exc)
+                return
+            out = None
+            try:
+                if isinstance(effect, Attempt):
+                    shell.start(shell.prepare(effect.send), resume)
+                    return
+                if isinstance(effect, Pause):
+                    timer = threading.Timer(effect.seconds, step, (None, None))
+                    timer.daemon = True
+                    timer.start()
+                    return
+                if isinstance(effect, Drop):
+                    shell.discard(effect.answer, effect.read_small)
+                else:
+                    raise RuntimeError("a hedged call cannot be driven by callbacks: use run_blocking")
+            except BaseException as exc:  # the attempt could not start: the call ends through the driver
+                error = exc
+
+    def resume(outcome: tuple[Result, A | None]) -> None:
+        step(outcome, None)
+
+    step(None, None, first=True)
 
 
 def run_blocking(call: Recorder[A], shell: Shell[Any, A]) -> A:

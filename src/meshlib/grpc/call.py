@@ -43,7 +43,7 @@ class RpcAnswer(NamedTuple):
 class RpcCall(CallRecorder):
     """Everything one logical call needs between attempts."""
 
-    __slots__ = ("attempts", "base", "method", "state")
+    __slots__ = ("attempts", "base", "hedging", "method", "state")
 
     def __init__(
         self,
@@ -59,6 +59,8 @@ class RpcCall(CallRecorder):
     ) -> None:
         self.state = state
         self.method = method
+        #: the flow may hedge (``.future()`` then waits on its attempts together, on a thread)
+        self.hedging = hedging
         base: list[tuple[str, str | bytes]] = []
         keep_trace = False
         if metadata:

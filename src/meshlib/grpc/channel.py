@@ -8,6 +8,7 @@ calls are balanced and counted by the breakers, never retried (their messages ca
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 
 from ..calls.driver import begin_stream, end_stream
-from ..calls.executors import Cancel, run_blocking
+from ..calls.executors import Cancel, run_blocking, run_by_callbacks
 from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.flow import Result, Send
@@ -51,7 +52,11 @@ def _connect(channel: grpc.Channel) -> None:
 class _Method(Method[grpc.Channel]):
     __slots__ = ()
 
-    def begin(self, metadata: Metadata | None, timeout: float | None, replayable: bool) -> RpcCall:
+    def begin(
+        self, metadata: Metadata | None, timeout: float | None, replayable: bool, hedging: bool | None = None
+    ) -> RpcCall:
+        """The call, its flow not started. ``hedging`` None: hedged where the service's policy hedges, decided as
+        the flow starts; a bool decides it now (``.future()`` picks its executor by it)."""
         facade = self.facade
         mesh = facade.mesh
         try:
@@ -60,7 +65,14 @@ class _Method(Method[grpc.Channel]):
             count_unresolved(mesh, facade.service, "POST")
             raise mesh_failure(mesh, exc) from exc
         return RpcCall(
-            mesh, state, facade.service, self.method, metadata, timeout, replayable=replayable, hedging=replayable
+            mesh,
+            state,
+            facade.service,
+            self.method,
+            metadata,
+            timeout,
+            replayable=replayable,
+            hedging=replayable if hedging is None else hedging and replayable and state.hedger is not None,
         )
 
 
@@ -91,9 +103,29 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
         stop = Cancel()  # the caller's cancel(): reaches the RPC in flight
-        work = (request, timeout, metadata, credentials, wait_for_ready, compression, True, stop)
-        # a thread of its own: an upload its caller keeps open must not hold a worker other calls wait for
-        return UnaryFuture(on_own_thread(self._call, *work), stop)
+        options = (credentials, wait_for_ready, compression)
+        outcome: concurrent.futures.Future[RpcAnswer] = concurrent.futures.Future()
+        try:
+            call = self.begin(metadata, timeout, self.kind == "unary_unary", hedging=True)
+        except grpc.RpcError as failure:  # no service to call: the future fails, as grpc's own do
+            outcome.set_exception(failure)
+            return UnaryFuture(outcome, stop)
+        attempts = _Attempts(self, call, request, options, True, stop)
+        if call.hedging:
+            # hedged attempts are waited on together, on a thread of its own (never one other calls wait for)
+            return UnaryFuture(on_own_thread(run_blocking, call, attempts), stop)
+        outcome.set_running_or_notify_cancel()  # so that cancel() stops the RPC, not the future alone
+
+        def finished(answer: RpcAnswer | None, error: BaseException | None) -> None:
+            if error is not None:
+                outcome.set_exception(error)
+            else:
+                assert answer is not None
+                outcome.set_result(answer)
+
+        # no thread waits: each attempt is grpc's own future, and its completion drives the call on
+        run_by_callbacks(call, attempts, finished)
+        return UnaryFuture(outcome, stop)
 
     def with_call(
         self,
@@ -115,16 +147,16 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         want_call: bool,
-        stop: Cancel | None = None,
     ) -> tuple[Any, grpc.Call]:
         call = self.begin(metadata, timeout, self.kind == "unary_unary")
         options = (credentials, wait_for_ready, compression)
-        answer = run_blocking(call, _Attempts(self, call, request, options, want_call, stop))
+        answer = run_blocking(call, _Attempts(self, call, request, options, want_call))
         return answer.response, answer.call
 
 
 class _Attempts:
-    """One unary call's attempts on endpoint channels (what ``calls.executors.run_blocking`` runs)."""
+    """One unary call's attempts on endpoint channels (what ``calls.executors.run_blocking`` runs, and
+    ``run_by_callbacks`` for a ``.future()``)."""
 
     __slots__ = ("call", "method", "options", "request", "stop", "want_call")
 
@@ -196,6 +228,43 @@ class _Attempts:
         finally:
             self.method.facade.endpoints.release(record)
         return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, last, error, code, record.label)
+
+    def start(
+        self,
+        prepared: tuple[Send, EndpointChannel[grpc.Channel], Metadata],
+        on_done: Callable[[tuple[Result, RpcAnswer]], None],
+    ) -> None:
+        """(``run_by_callbacks``) The attempt as grpc's own future; its completion reports the outcome."""
+        send, record, metadata = prepared
+        credentials, wait_for_ready, compression = self.options
+        try:
+            future = self.method.on(record).future(
+                self.request,
+                timeout=send.timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:
+            self.method.facade.endpoints.release(record)
+            raise
+
+        def ended(real: grpc.Future) -> None:
+            try:
+                response, error, code = real.result(), None, grpc.StatusCode.OK
+                last: Any = real
+            except grpc.RpcError as exc:
+                response, last, error, code = None, exc, exc, code_of(exc)
+            except grpc.FutureCancelledError as exc:  # the caller's cancel()
+                response, last, error, code = None, None, exc, grpc.StatusCode.CANCELLED
+            self.method.facade.endpoints.release(record)
+            answer = RpcAnswer(response, last, error, code, record.label)
+            on_done((Result(verdict_of(code), None, send.attempt), answer))
+
+        if self.stop is not None:
+            self.stop.on_cancel(future.cancel)
+        future.add_done_callback(ended)
 
     def discard(self, answer: RpcAnswer, read_small: bool) -> None:
         pass  # nothing to close: a unary answer is read whole

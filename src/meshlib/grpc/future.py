@@ -1,5 +1,5 @@
 """What ``.future()`` of a sync mesh unary call returns: grpc's own contract (a ``grpc.Future`` that is also a
-``grpc.Call``), over the worker thread that drives the call."""
+``grpc.Call``), over the call driven by its attempts' completions (or, hedged, by a thread of its own)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from typing import Any
 import grpc
 
 from ..calls.executors import Cancel
-from .call import code_of
+from .call import RpcAnswer, code_of
 
 
 class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
     """What ``.future()`` of a mesh unary call returns: a ``grpc.Future`` and a ``grpc.Call``, as grpc's own. The
-    call runs on a worker thread; ``cancel()`` reaches the RPC in flight (and any retry or hedge not yet sent is
-    not sent); once done, ``code()``, ``details()`` and the metadata are those of the attempt that answered, or
-    of the error."""
+    call runs without a thread waiting on it; ``cancel()`` reaches the RPC in flight (and any retry or hedge not
+    yet sent is not sent); once done, ``code()``, ``details()`` and the metadata are those of the attempt that
+    answered, or of the error."""
 
-    def __init__(self, future: concurrent.futures.Future[tuple[Any, Any]], stop: Cancel) -> None:
+    def __init__(self, future: concurrent.futures.Future[RpcAnswer], stop: Cancel) -> None:
         self._future = future
         self._stop = stop
         self._cancelled = False
@@ -45,7 +45,7 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         return self._cancelled or self._future.done()
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._outcome(timeout)[0]
+        return self._outcome(timeout).response
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
@@ -64,7 +64,7 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         self._future.add_done_callback(lambda _: fn(self))
 
-    def _outcome(self, timeout: float | None) -> tuple[Any, Any]:
+    def _outcome(self, timeout: float | None) -> RpcAnswer:
         if self._cancelled:
             self._wait(timeout)
             raise grpc.FutureCancelledError()
@@ -82,7 +82,7 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
     def _call(self) -> Any:
         """The finished call object: the attempt that answered, or the RpcError (itself a ``grpc.Call``)."""
         try:
-            return self._outcome(None)[1]
+            return self._outcome(None).call
         except grpc.FutureCancelledError:
             return None
         except grpc.RpcError as exc:
