@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -261,3 +262,47 @@ def test_a_sync_future_holds_no_thread_and_still_retries_pauses_and_answers(pair
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE and "attempt(s) failed" in caught.value.details()
         assert failed.code() is grpc.StatusCode.UNAVAILABLE
     assert _future_threads() == before, "a thread was started for an unhedged future"
+
+
+def test_an_aio_call_runs_unawaited_and_one_driven_in_its_awaiter_cancels(pair: list[Instance]) -> None:
+    """Item 10: an aio unary call awaited at once is driven in its awaiter (no task of its own); one not awaited
+    still starts by the next turn of the loop, as grpc.aio's do; ``cancel()`` on a call its awaiter drives reaches
+    the RPC in flight and the awaiter gets ``CancelledError``, as with grpc.aio."""
+
+    async def main() -> None:
+        with caller([i.endpoint for i in pair]) as mesh:
+            async with mesh.grpc_aio_channel("echo") as channel:
+                stub = pb2_grpc.EchoStub(channel)
+                unawaited = stub.Say(pb2.Hello(text="alone"), timeout=10)
+                deadline = time.monotonic() + 5
+                while sum(i.behaviour.calls for i in pair) < 1:
+                    assert time.monotonic() < deadline, "a call nobody awaited never reached a server"
+                    await asyncio.sleep(0.01)
+                assert (await unawaited).text == "alone" and unawaited.done()
+                assert (await unawaited).text == "alone"  # awaiting twice, as grpc.aio allows
+
+                for instance in pair:
+                    instance.behaviour.handled.clear()
+                made: list[Any] = []
+
+                async def make_and_await() -> object:
+                    made.append(stub.Say(pb2.Hello(text="x", mode="slow", n=3000), timeout=10))
+                    return await made[0]  # at once, in this task: driven here
+
+                awaiter = asyncio.ensure_future(make_and_await())
+                while not any(i.behaviour.handled.is_set() for i in pair):
+                    assert time.monotonic() < deadline + 5, "the slow call never reached a server"
+                    await asyncio.sleep(0.01)
+                slow = made[0]
+                assert slow._task is None, "a call awaited at once got a task of its own"
+                started = time.monotonic()
+                assert slow.cancel() and slow.cancelled()
+                with pytest.raises(asyncio.CancelledError):
+                    await awaiter
+                assert time.monotonic() - started < 1.0, "the awaiter waited for the cancelled call"
+                assert await slow.code() is grpc.StatusCode.CANCELLED
+                assert not slow.cancel()
+                assert (await stub.Say(pb2.Hello(text="after"), timeout=10)).text == "after"
+
+    asyncio.run(main())
+    wait_for(lambda: sum(i.behaviour.cancelled for i in pair) == 1, timeout=10, what="the server to see the cancel")

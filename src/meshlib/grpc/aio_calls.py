@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
 import grpc
@@ -82,25 +82,73 @@ class RequestWriter:
             yield item
 
 
+class Link:
+    """What a unary call object and its attempts share: the real call (or error) that answered last, and the
+    caller's ``cancel()``, which an attempt not yet started honours."""
+
+    __slots__ = ("cancelled", "last")
+
+    def __init__(self) -> None:
+        self.last: Any = None
+        self.cancelled = False
+
+
 class UnaryCall:
     """What a mesh unary or client-streaming call returns: awaitable for the response, with the
-    ``grpc.aio.Call`` methods of the attempt that answered (or of the mesh's own error)."""
+    ``grpc.aio.Call`` methods of the attempt that answered (or of the mesh's own error).
 
-    __slots__ = ("_cancel_asked", "_last", "_task", "_writer")
+    No task of its own when awaited at once (the usual ``await stub.Method(request)``): the call is driven in the
+    awaiting task, so its answer wakes the caller directly. A call not awaited by the next turn of the loop starts
+    as a task then, as grpc.aio's own calls start, and awaiting it waits for that."""
 
-    def __init__(self, task: asyncio.Future[Any], last: list[Any], writer: RequestWriter | None = None) -> None:
-        self._task = task
-        self._last = last
+    __slots__ = ("_coro", "_link", "_outcome", "_started", "_task", "_writer")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], link: Link, writer: RequestWriter | None = None) -> None:
+        self._coro = coro
+        self._link = link
         self._writer = writer
-        self._cancel_asked = False
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        loop = asyncio.get_running_loop()
+        self._outcome: asyncio.Future[Any] = loop.create_future()
+        loop.call_soon(self._start_unawaited)
+
+    def _start_unawaited(self) -> None:
+        if not self._started:
+            self._started = True
+            self._task = asyncio.get_running_loop().create_task(self._drive(raise_=False))
+
+    async def _drive(self, raise_: bool) -> Any:
+        """Run the call; its outcome goes to ``_outcome`` (and to the awaiter that runs it inline)."""
+        outcome = self._outcome
+        try:
+            response = await self._coro
+        except asyncio.CancelledError:
+            outcome.cancel()
+            if raise_:
+                raise
+            return None
+        except BaseException as exc:
+            if not outcome.done():
+                outcome.set_exception(exc)
+                outcome.exception()  # delivered (or readable from the call): never logged as unretrieved
+            if raise_:
+                raise
+            return None
+        if not outcome.done():
+            outcome.set_result(response)
+        return response
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._task.__await__()
+        if not self._started:
+            self._started = True
+            return (yield from self._drive(raise_=True).__await__())
+        return (yield from self._outcome.__await__())
 
     async def _settled(self) -> Any:
         with contextlib.suppress(BaseException):  # the outcome is read from the call below, not raised here
-            await asyncio.shield(self._task)
-        return self._last[0]
+            await asyncio.shield(self._outcome)
+        return self._link.last
 
     async def write(self, request: Any) -> None:
         """(Client-streaming calls made without an iterator.) Send one request."""
@@ -116,14 +164,14 @@ class UnaryCall:
 
     async def code(self) -> grpc.StatusCode:
         last = await self._settled()
-        if last is None or self._task.cancelled():
+        if last is None or self._outcome.cancelled():
             return grpc.StatusCode.CANCELLED
         value = last.code()
         return await value if asyncio.iscoroutine(value) else value
 
     async def details(self) -> str:
         last = await self._settled()
-        if last is None or self._task.cancelled():
+        if last is None or self._outcome.cancelled():
             return _CANCELLED_DETAILS
         value = last.details()
         return str(await value if asyncio.iscoroutine(value) else value)
@@ -139,23 +187,32 @@ class UnaryCall:
         return await value if asyncio.iscoroutine(value) else value
 
     def cancel(self) -> bool:
-        if self._task.done():
+        if self._outcome.done():
             return False
-        self._cancel_asked = True
-        return self._task.cancel()
+        link = self._link
+        link.cancelled = True
+        if not self._started:  # never ran: nothing was sent
+            self._started = True
+            self._coro.close()
+            self._outcome.cancel()
+        elif self._task is not None:
+            self._task.cancel()
+        elif link.last is not None and hasattr(link.last, "cancel"):
+            link.last.cancel()  # driven in its awaiter: stop the attempt in flight; none is started after this
+        return True
 
     def cancelled(self) -> bool:
         """True from the moment ``cancel()`` was accepted, as grpc.aio's calls say."""
-        return self._task.cancelled() or (self._cancel_asked and not self._task.done())
+        return self._outcome.cancelled() or (self._link.cancelled and not self._outcome.done())
 
     def done(self) -> bool:
-        return self._task.done()
+        return self._outcome.done()
 
     def add_done_callback(self, callback: Callable[[UnaryCall], None]) -> None:
-        self._task.add_done_callback(lambda _: callback(self))
+        self._outcome.add_done_callback(lambda _: callback(self))
 
     def time_remaining(self) -> float | None:
-        last = self._last[0]
+        last = self._link.last
         return last.time_remaining() if last is not None and hasattr(last, "time_remaining") else None
 
     async def wait_for_connection(self) -> None:

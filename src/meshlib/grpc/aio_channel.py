@@ -20,7 +20,7 @@ from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.flow import Result, Send
 from ..policy.service import ServiceState
-from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
+from .aio_calls import Link, RequestWriter, StreamCall, UnaryCall, as_aio_error
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
@@ -68,13 +68,13 @@ class _Unary(_AioMethod):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> UnaryCall:
-        last: list[Any] = [None]
+        link = Link()
         writer: RequestWriter | None = None
         if request is None and self.kind == "stream_unary":  # no iterator: the caller writes, then done_writing()
             writer = RequestWriter()
             request = writer.requests()
-        coro = self._run(request, timeout, metadata, credentials, wait_for_ready, compression, last)
-        return UnaryCall(asyncio.ensure_future(coro), last, writer)
+        coro = self._run(request, timeout, metadata, credentials, wait_for_ready, compression, link)
+        return UnaryCall(coro, link, writer)
 
     async def _run(
         self,
@@ -84,7 +84,7 @@ class _Unary(_AioMethod):
         credentials: Any,
         wait_for_ready: bool | None,
         compression: Any,
-        last: list[Any],
+        link: Link,
     ) -> Any:
         facade = self.facade
         try:
@@ -94,29 +94,27 @@ class _Unary(_AioMethod):
                 facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
             )
             answer = await run_async(
-                call, _AioAttempts(self, call, request, (credentials, wait_for_ready, compression), last)
+                call, _AioAttempts(self, call, request, (credentials, wait_for_ready, compression), link)
             )
         except grpc.RpcError as failure:
             error = as_aio_error(failure)
-            last[0] = error
+            link.last = error
             raise error from error.__cause__
-        last[0] = answer.call
+        link.last = answer.call
         return answer.response
 
 
 class _AioAttempts:
     """One unary call's attempts on endpoint channels (what ``calls.executors.run_async`` runs)."""
 
-    __slots__ = ("call", "last", "method", "options", "request")
+    __slots__ = ("call", "link", "method", "options", "request")
 
-    def __init__(
-        self, method: _Unary, call: RpcCall, request: Any, options: tuple[Any, Any, Any], last: list[Any]
-    ) -> None:
+    def __init__(self, method: _Unary, call: RpcCall, request: Any, options: tuple[Any, Any, Any], link: Link) -> None:
         self.method = method
         self.call = call
         self.request = request
         self.options = options
-        self.last = last
+        self.link = link
 
     def prepare(self, send: Send) -> tuple[Send, EndpointChannel[aio.Channel], Metadata]:
         record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
@@ -126,6 +124,8 @@ class _AioAttempts:
         send, record, metadata = prepared
         credentials, wait_for_ready, compression = self.options
         try:
+            if self.link.cancelled:  # the caller cancelled during a backoff: send nothing more
+                raise asyncio.CancelledError()
             real = self.method.on(record)(
                 self.request,
                 timeout=send.timeout,
@@ -134,7 +134,7 @@ class _AioAttempts:
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
-            self.last[0] = real
+            self.link.last = real
             try:
                 response = await real
             except aio.AioRpcError as exc:
