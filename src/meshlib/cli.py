@@ -91,7 +91,10 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_apply(args: argparse.Namespace) -> int:
+    """Show what changes (a diff against the rules in force), refuse the easy mistakes unless ``--force``, and
+    apply only over the version that was shown (or ``--expect-version``): a change made meanwhile is a 409."""
     from .rules.model import parse_rules, validate_rules
+    from .rules.review import diff, risks
 
     path = Path(args.file)
     try:
@@ -100,15 +103,44 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     document = parse_rules(text, args.file)
     validate_rules(document)  # the same checks the server makes, reported before anything is sent
-    params = {"cas": args.cas} if args.cas is not None else {}
-    headers = {**admin_headers(), "content-type": "application/json"}
+    current = check(request(args, "GET", "/v1/rules"))
+    registered = check(request(args, "GET", "/v1/registry/services")).get("services", {})
+    expected = args.expect_version if args.expect_version is not None else args.cas
+    if expected is not None and expected != current["version"]:
+        raise CliError(
+            f"the rules are at version {current['version']}, not {expected}: someone changed them; look with "
+            "meshctl rules history, then apply again"
+        )
+    changes = diff(current["rules"], document, current["version"])
+    for line in changes or [f"no change from version {current['version']}"]:
+        print(line)
+    found = risks(current["rules"], document, registered)
+    for risk in found:
+        print(f"  warning: {risk}")
+    if args.dry_run:
+        print(f"dry run: nothing applied (the rules stay at version {current['version']})")
+        return 0
+    if found and not args.force:
+        raise CliError(f"not applied: {len(found)} warning(s) above; fix the file, or pass --force to apply it as is")
+    headers = {**admin_headers(), "content-type": "application/json", "x-mesh-author": _author()}
     if args.comment:
         headers["x-mesh-comment"] = args.comment
+    params = {"cas": current["version"] if expected is None else expected}
     body = check(request(args, "PUT", "/v1/rules", params=params, content=json.dumps(document), headers=headers))
     print(f"rules version {body['version']} applied")
     for warning in body.get("warnings", []):
         print(f"  warning: {warning['path']}: {warning['error']}")
     return 0
+
+
+def _author() -> str:
+    """Who applied a change, for the history: ``$MESH_AUTHOR``, else the login name."""
+    import getpass
+
+    try:
+        return env_value("author") or getpass.getuser()
+    except (KeyError, OSError):
+        return "admin"
 
 
 def cmd_rules_validate(args: argparse.Namespace) -> int:
@@ -203,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"config service URL (default: $MESH_CONTROL_PLANE or {DEFAULT_CONTROL_PLANE})",
     )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="the CA file an https:// control plane is verified against (default: $MESH_CONTROL_PLANE_CA)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the control plane (rules, embedded registry)")
@@ -258,9 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="read and change the routing rules")
     rsub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
-    p = rsub.add_parser("apply", help="replace the rules with a YAML or JSON file (needs MESH_ADMIN_TOKEN)")
+    p = rsub.add_parser(
+        "apply", help="replace the rules with a YAML or JSON file, showing the diff first (needs MESH_ADMIN_TOKEN)"
+    )
     p.add_argument("-f", "--file", required=True, help="rules file, or - for stdin")
-    p.add_argument("--cas", type=int, help="only apply if the current version is this one")
+    p.add_argument(
+        "--expect-version",
+        type=int,
+        help="only apply over this version (default: the one the diff was made against); else refused with 409",
+    )
+    p.add_argument("--cas", type=int, help=argparse.SUPPRESS)  # the earlier name of --expect-version
+    p.add_argument("--dry-run", action="store_true", help="show the diff and the warnings; change nothing")
+    p.add_argument("--force", action="store_true", help="apply despite the warnings (an empty file, ...)")
     p.add_argument("--comment", default="", help="recorded in the history")
     p.set_defaults(func=cmd_rules_apply)
     p = rsub.add_parser("validate", help="check a rules file without sending it")
@@ -321,12 +367,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so that a reader gone early (| head) is seen below, not at exit
+        return code
     except (CliError, ConfigurationError) as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output left (meshctl rules history | head): not an error; nothing more to write
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 from typing import Any
 
 import httpx
@@ -26,12 +27,44 @@ def admin_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
-def request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    url = control_plane_url(args) + path
+_CA_HINT = (
+    "the PEM file of the CA that signed its certificate (meshctl serve --tls writes ca-roots.pem in its state "
+    "directory)"
+)
+
+
+def _ca_file(args: argparse.Namespace) -> str:
+    return str(getattr(args, "ca", None) or env_value("control_plane_ca"))
+
+
+def verify(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """How an https:// control plane is verified: against ``--ca`` or ``MESH_CONTROL_PLANE_CA`` when given (as
+    instances do), else the system's roots."""
+    ca = _ca_file(args)
+    if not ca:
+        return True
     try:
-        return httpx.request(method, url, timeout=10, trust_env=False, **kwargs)
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        source = "--ca" if getattr(args, "ca", None) else "MESH_CONTROL_PLANE_CA"
+        raise CliError(f"{source}={ca!r}: not a usable CA file ({exc}); give {_CA_HINT}") from None
+
+
+def request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    base = control_plane_url(args)
+    checked = verify(args) if base.startswith("https://") else True
+    try:
+        return httpx.request(method, base + path, timeout=10, trust_env=False, verify=checked, **kwargs)
     except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach the control plane at {control_plane_url(args)}: {exc}") from None
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            ca = _ca_file(args)
+            hint = (
+                f"its certificate is not signed by the CA in {ca}: check MESH_CONTROL_PLANE_CA (or --ca)"
+                if ca
+                else f"its certificate is not trusted: set MESH_CONTROL_PLANE_CA (or pass --ca) to {_CA_HINT}"
+            )
+            raise CliError(f"cannot verify the control plane at {base}: {hint}") from None
+        raise CliError(f"cannot reach the control plane at {base}: {exc}") from None
 
 
 def check(response: httpx.Response) -> Any:

@@ -186,6 +186,7 @@ class MeshSettings:
 #: Variables read by the tools that build no Mesh (meshctl, the control plane), named here with the rest.
 TOOL_ENV = {
     "admin_token": "MESH_ADMIN_TOKEN",
+    "author": "MESH_AUTHOR",
     "log_level": "MESH_LOG_LEVEL",
     "demo_keep": "MESHLIB_DEMO_KEEP",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -81,85 +82,103 @@ def run_control_plane(
     max_rules_bytes: int = MAX_DOCUMENT_BYTES,
     allowed_hosts: list[str] | None = None,
 ) -> None:
-    state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    registry_token = registry_token if registry_token is not None else env_value("bootstrap_token")
-    admin_token = admin_token if admin_token is not None else env_value("admin_token")
-    if admin_token and registry_token and admin_token == registry_token:
-        raise ConfigurationError(
-            "MESH_ADMIN_TOKEN equals MESH_BOOTSTRAP_TOKEN: every instance holds the bootstrap token, so every "
-            "instance could change the rules. Give the admin token a value of its own"
+    sock = _listen(host, port)  # first: a busy port fails before anything is written to the state directory
+    try:
+        state = Path(state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        registry_token = registry_token if registry_token is not None else env_value("bootstrap_token")
+        admin_token = admin_token if admin_token is not None else env_value("admin_token")
+        if admin_token and registry_token and admin_token == registry_token:
+            raise ConfigurationError(
+                "MESH_ADMIN_TOKEN equals MESH_BOOTSTRAP_TOKEN: every instance holds the bootstrap token, so every "
+                "instance could change the rules. Give the admin token a value of its own"
+            )
+        if not registry_token and not admin_token and not _is_loopback_host(host) and not insecure:
+            raise ConfigurationError(
+                f"refusing to listen on {host} with neither MESH_ADMIN_TOKEN (to create join tokens with meshctl token "
+                "create) nor MESH_BOOTSTRAP_TOKEN: nobody could join, and a proxy in front would make every caller "
+                "look local. Set MESH_ADMIN_TOKEN, or pass --insecure to accept that"
+            )
+        if (tls_cert or tls_key) and not (tls_cert and tls_key):
+            raise ConfigurationError("--tls-cert and --tls-key go together")
+        ca = open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain)
+        cp = ControlPlane(
+            open_store(store, state),
+            admin_token=admin_token,
+            registry_token=registry_token,
+            ca=ca,
+            max_rules_bytes=max_rules_bytes,
+            allow_unsafe_addresses=allow_unsafe_addresses,
+            tokens=TokenStore(state / "tokens.db"),
+            allowed_hosts=None
+            if "*" in (allowed_hosts or ())
+            else default_hosts(host, [*(tls_names or ()), *(allowed_hosts or ())]),
         )
-    if not registry_token and not admin_token and not _is_loopback_host(host) and not insecure:
-        raise ConfigurationError(
-            f"refusing to listen on {host} with neither MESH_ADMIN_TOKEN (to create join tokens with meshctl token "
-            "create) nor MESH_BOOTSTRAP_TOKEN: nobody could join, and a proxy in front would make every caller "
-            "look local. Set MESH_ADMIN_TOKEN, or pass --insecure to accept that"
+        if cp.admin_token is None:
+            log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
+        if cp.registry_token is not None:
+            log.warning(
+                "MESH_BOOTSTRAP_TOKEN is set: development mode, where any holder of that one token may take ANY "
+                "service's identity. For a real mesh, give each service its own join token (meshctl token create "
+                "--service NAME) and unset MESH_BOOTSTRAP_TOKEN here"
+            )
+        elif cp.tokens is None or not cp.tokens.active():
+            log.warning(
+                "no join token exists and MESH_BOOTSTRAP_TOKEN is not set: registry writes are accepted from this "
+                "machine (loopback) only, and certificate issuing is off. Create join tokens with meshctl token create "
+                "--service NAME (and set each as MESH_BOOTSTRAP_TOKEN on that service's instances)"
+            )
+        bound = sock.getsockname()[1]
+        config = uvicorn.Config(
+            build_app(cp),
+            log_level=log_level,
+            access_log=False,
+            backlog=16384,
+            timeout_keep_alive=15,
+            timeout_graceful_shutdown=10,
+            lifespan="on",
+            limit_concurrency=max_connections,
         )
-    if (tls_cert or tls_key) and not (tls_cert and tls_key):
-        raise ConfigurationError("--tls-cert and --tls-key go together")
-    ca = open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain)
-    cp = ControlPlane(
-        open_store(store, state),
-        admin_token=admin_token,
-        registry_token=registry_token,
-        ca=ca,
-        max_rules_bytes=max_rules_bytes,
-        allow_unsafe_addresses=allow_unsafe_addresses,
-        tokens=TokenStore(state / "tokens.db"),
-        allowed_hosts=None
-        if "*" in (allowed_hosts or ())
-        else default_hosts(host, [*(tls_names or ()), *(allowed_hosts or ())]),
-    )
-    if cp.admin_token is None:
-        log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
-    if cp.registry_token is not None:
-        log.warning(
-            "MESH_BOOTSTRAP_TOKEN is set: development mode, where any holder of that one token may take ANY "
-            "service's identity. For a real mesh, give each service its own join token (meshctl token create "
-            "--service NAME) and unset MESH_BOOTSTRAP_TOKEN here"
+        scheme = "http"
+        if tls or tls_cert:
+            scheme = "https"
+            if tls_cert is None or tls_key is None:
+                tls_cert, tls_key = _own_certificate(ca, state, tls_names or _default_names(host))
+            config.ssl_certfile, config.ssl_keyfile = tls_cert, tls_key
+        config.load()
+        config.http_protocol_class = bounded(config.http_protocol_class, max_header_bytes, header_timeout)
+        server = _ControlPlaneServer(config, cp)
+        print(
+            f"meshctl serve: listening on {scheme}://{host}:{bound} (rules version {cp.revision.version}, "
+            f"state in {state})",
+            file=sys.stderr,
+            flush=True,
         )
-    elif cp.tokens is None or not cp.tokens.active():
-        log.warning(
-            "no join token exists and MESH_BOOTSTRAP_TOKEN is not set: registry writes are accepted from this "
-            "machine (loopback) only, and certificate issuing is off. Create join tokens with meshctl token create "
-            "--service NAME (and set each as MESH_BOOTSTRAP_TOKEN on that service's instances)"
-        )
+        try:
+            server.run(sockets=[sock])
+        finally:
+            cp.store.close()
+            if cp.tokens is not None:
+                cp.tokens.close()
+
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound = sock.getsockname()[1]
-    config = uvicorn.Config(
-        build_app(cp),
-        log_level=log_level,
-        access_log=False,
-        backlog=16384,
-        timeout_keep_alive=15,
-        timeout_graceful_shutdown=10,
-        lifespan="on",
-        limit_concurrency=max_connections,
-    )
-    scheme = "http"
-    if tls or tls_cert:
-        scheme = "https"
-        if tls_cert is None or tls_key is None:
-            tls_cert, tls_key = _own_certificate(ca, state, tls_names or _default_names(host))
-        config.ssl_certfile, config.ssl_keyfile = tls_cert, tls_key
-    config.load()
-    config.http_protocol_class = bounded(config.http_protocol_class, max_header_bytes, header_timeout)
-    server = _ControlPlaneServer(config, cp)
-    print(
-        f"meshctl serve: listening on {scheme}://{host}:{bound} (rules version {cp.revision.version}, "
-        f"state in {state})",
-        file=sys.stderr,
-        flush=True,
-    )
     try:
-        server.run(sockets=[sock])
-    finally:
-        cp.store.close()
-        if cp.tokens is not None:
-            cp.tokens.close()
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(
+                f"cannot listen on {host}:{port}: the port is in use (another meshctl serve?); stop what holds it, "
+                "or pass --port (0 picks a free one)"
+            ) from None
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (check --host)") from None
+    return sock
 
 
 def _is_loopback_host(host: str) -> bool:
