@@ -413,3 +413,27 @@ def test_discovery_setting_uses_consul_http_addr(double, monkeypatch, tmp_path):
         timeout=60,
     )
     assert r.returncode == 1 and "consul://host:port" in r.stderr
+
+
+def test_a_registration_that_recovers_says_so_once(double, caplog):
+    """Issue 31: the failed heartbeats were logged, their end was not. With Consul out (503) at the first
+    registration and for a few heartbeats, then back, one line says the instance is registered again."""
+    import logging
+
+    backend = Backend(double)
+    double.fault = "503"
+    caplog.set_level(logging.WARNING, logger="meshlib")
+    reg = ConsulRegistration(backend.client, "payments", "127.0.0.1", 9, [], {}, ttl=0.6).start()
+    try:
+        assert not reg.registered
+        wait_for(lambda: sum("heartbeat for" in r.message for r in caplog.records) >= 2, timeout=10, what="2 fails")
+        double.fault = None
+        wait_for(lambda: reg.registered and reg.id in double.services, timeout=10, what="the registration")
+        wait_for(lambda: any("registered again" in r.message for r in caplog.records), timeout=5, what="the line")
+        line = next(r.message for r in caplog.records if "registered again" in r.message)
+        assert reg.id in line and "failed attempt(s)" in line
+        time.sleep(1.5)  # several more heartbeats: still one line
+        assert sum("registered again" in r.message for r in caplog.records) == 1
+    finally:
+        double.fault = None
+        reg.close()

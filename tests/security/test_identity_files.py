@@ -140,3 +140,29 @@ def test_failed_renewals_back_off_and_escalate_to_error(control_plane, tmp_path,
             assert gap >= 0.5 * 2 ** (n + 1) * 0.9, gaps
     finally:
         mesh.close()
+
+
+def test_a_state_directory_keeps_one_identity_folder_per_live_process(tmp_path: Path) -> None:
+    """Issue 31: a process killed before it cleans up used to leave its ``identity-*`` folder (key included)
+    behind for good: 72 after one afternoon. A new one now removes those of processes that are gone."""
+    import os
+    import time
+
+    from meshlib.security.identity import STALE_AFTER, private_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / f"identity-{dead.pid}-abc").mkdir()
+    (state / f"identity-{dead.pid}-abc" / "key.pem").write_text("secret")
+    alive = state / f"identity-{os.getpid()}-def"
+    alive.mkdir()
+    old = state / "identity-k2j3h4g5"  # the earlier naming, untouched for longer than any renewal
+    old.mkdir()
+    os.utime(old, (time.time() - STALE_AFTER - 60,) * 2)
+    recent = state / "identity-q9w8e7r6"
+    recent.mkdir()
+    made = private_dir(state)
+    assert made.name.startswith(f"identity-{os.getpid()}-")
+    assert sorted(p.name for p in state.iterdir()) == sorted([alive.name, recent.name, made.name])

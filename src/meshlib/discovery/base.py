@@ -190,6 +190,7 @@ class Registration:
 
     def _loop(self) -> None:
         interval = max(0.2, self.ttl / 3)
+        failures = 0 if self.registered else 1  # a failed first registration counts
         while not self._stop.wait(interval):
             try:
                 if self.registered:
@@ -198,7 +199,12 @@ class Registration:
                     self._register()
                     self.registered = True
             except Exception as exc:
+                failures += 1
                 _log.warning("heartbeat for %s failed: %s", self.id, exc)
+                continue
+            if failures:  # said once, so that the warnings above have an end in the log
+                _log.warning("%s is registered again, after %d failed attempt(s)", self.id, failures)
+                failures = 0
 
     def close(self) -> None:
         """Stop heartbeating and deregister (best effort: a TTL cleans up whatever this cannot)."""

@@ -40,6 +40,43 @@ class IdentityConfigError(IdentityError):
     """Nothing to get a certificate from: retrying cannot help."""
 
 
+#: An ``identity-*`` folder of the older naming (no pid in it) untouched this long is no live process's: a live
+#: one rewrites its files at every renewal, at most every few days.
+STALE_AFTER = 7 * 86400
+
+
+def private_dir(state_dir: Path) -> Path:
+    """A new private folder for this process's key and certificate files, named by its pid. The folders of
+    processes that are gone (killed before they could clean up) are removed first, so a state directory holds one
+    per live process instead of one per run."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for folder in state_dir.glob("identity-*"):
+        owner, sep, _ = folder.name[len("identity-") :].partition("-")
+        try:
+            if sep and owner.isdigit():
+                if _alive(int(owner)):
+                    continue
+            elif now - folder.stat().st_mtime < STALE_AFTER:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"identity-{os.getpid()}-", dir=state_dir))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class Identity:
     def __init__(
         self,
@@ -59,8 +96,7 @@ class Identity:
         self.id = spiffe_id
         # Key and certificate files exist only to feed SSLContext.load_cert_chain: one private directory per
         # process (several instances of a service may share a state dir), gone with the process's temp files.
-        Path(state_dir).mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="identity-", dir=state_dir))
+        self.dir = private_dir(Path(state_dir))
         self.control_plane = control_plane.rstrip("/") if control_plane else None
         self.bootstrap_token = bootstrap_token
         self.files = (cert_file, key_file, ca_file) if cert_file or key_file or ca_file else None
