@@ -185,41 +185,19 @@ class _Attempts:
         self, prepared: tuple[Send, EndpointChannel[grpc.Channel], Metadata], cancel: Cancel | None
     ) -> tuple[Result, RpcAnswer]:
         send, record, metadata = prepared
-        credentials, wait_for_ready, compression = self.options
         real = self.method.on(record)
         last: Any = None
         try:
             if cancel is not None or self.stop is not None:  # a future, so that cancelling reaches the RPC
-                future = real.future(
-                    self.request,
-                    timeout=send.timeout,
-                    metadata=metadata,
-                    credentials=credentials,
-                    wait_for_ready=wait_for_ready,
-                    compression=compression,
-                )
+                future = self._send(real.future, send, metadata)
                 for token in (cancel, self.stop):  # a hedge that lost; the caller's own cancel()
                     if token is not None:
                         token.on_cancel(future.cancel)
                 response, last = future.result(), future
             elif self.want_call:
-                response, last = real.with_call(
-                    self.request,
-                    timeout=send.timeout,
-                    metadata=metadata,
-                    credentials=credentials,
-                    wait_for_ready=wait_for_ready,
-                    compression=compression,
-                )
+                response, last = self._send(real.with_call, send, metadata)
             else:  # the plain call skips building a call object nobody will see
-                response = real(
-                    self.request,
-                    timeout=send.timeout,
-                    metadata=metadata,
-                    credentials=credentials,
-                    wait_for_ready=wait_for_ready,
-                    compression=compression,
-                )
+                response = self._send(real, send, metadata)
             error, code = None, grpc.StatusCode.OK
         except grpc.RpcError as exc:
             response, last, error, code = None, exc, exc, code_of(exc)
@@ -229,6 +207,18 @@ class _Attempts:
             self.method.facade.endpoints.release(record)
         return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, last, error, code, record.label)
 
+    def _send(self, call: Callable[..., Any], send: Send, metadata: Metadata) -> Any:
+        """One attempt's RPC through ``call``: the real multicallable, its ``future`` or its ``with_call``."""
+        credentials, wait_for_ready, compression = self.options
+        return call(
+            self.request,
+            timeout=send.timeout,
+            metadata=metadata,
+            credentials=credentials,
+            wait_for_ready=wait_for_ready,
+            compression=compression,
+        )
+
     def start(
         self,
         prepared: tuple[Send, EndpointChannel[grpc.Channel], Metadata],
@@ -236,16 +226,8 @@ class _Attempts:
     ) -> None:
         """(``run_by_callbacks``) The attempt as grpc's own future; its completion reports the outcome."""
         send, record, metadata = prepared
-        credentials, wait_for_ready, compression = self.options
         try:
-            future = self.method.on(record).future(
-                self.request,
-                timeout=send.timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
+            future = self._send(self.method.on(record).future, send, metadata)
         except BaseException:
             self.method.facade.endpoints.release(record)
             raise
