@@ -6,6 +6,7 @@ how their protocol spells headers, statuses and errors."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.trace import Span, StatusCode
@@ -108,7 +109,7 @@ class CallRecorder:
         status: int | None,
         outcome: str,
         error_type: str | None,
-        span_attributes: dict[str, Any],
+        span_attributes: dict[str, Any] | Callable[[], dict[str, Any]],
         log_fields: Any,
     ) -> None:
         """The call is over: its decision log, its span ended, its metrics and (sampled) access log line."""

@@ -22,7 +22,15 @@ from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
 from ..telemetry.tracing import carried_traceparent, traceparent_of
-from .status import HTTP_EQUIVALENT, MeshRpcError, code_of_http, from_mesh_error, verdict_of, with_attempts
+from .status import (
+    HTTP_BY_NUMBER,
+    VERDICTS_BY_NUMBER,
+    MeshRpcError,
+    code_of_http,
+    from_mesh_error,
+    number_of,
+    with_attempts,
+)
 
 Metadata = Sequence[tuple[str, str | bytes]]
 _ATTEMPTS = [str(i) for i in range(16)]
@@ -111,9 +119,10 @@ class RpcCall(CallRecorder):
         metadata = list(self.base)
         attempt = send.attempt
         metadata.append(("x-mesh-attempt", _ATTEMPTS[attempt] if attempt < 16 else str(attempt)))
-        span = self.start_attempt_span("grpc", label, send)
-        if span is not None and not self.keep_trace:
-            metadata.append(("traceparent", traceparent_of(span).decode()))
+        if self.recording:
+            span = self.start_attempt_span("grpc", label, send)
+            if span is not None and not self.keep_trace:
+                metadata.append(("traceparent", traceparent_of(span).decode()))
         if send.timeout is not None:
             metadata.append(("x-mesh-deadline", self.deadline_header(send.timeout)))
         return metadata
@@ -156,17 +165,17 @@ class RpcCall(CallRecorder):
                 log_decisions(self.service, done.decisions)
             return
         code = outcome.code if isinstance(outcome, RpcAnswer) else code_of(outcome) if outcome is not None else None
-        verdict_kind = verdict_of(code).kind.value
-        name = outcome_of(done, verdict_kind)
+        number = number_of(code) if code is not None else 2  # (no code: UNKNOWN)
+        name = outcome_of(done, VERDICTS_BY_NUMBER[number].kind._value_)
         self.record_end(
             done,
             method="POST",
             path=self.method,
-            status=HTTP_EQUIVALENT.get(code) if code is not None else None,
+            status=HTTP_BY_NUMBER[number] if code is not None else None,
             outcome=name,
-            error_type=None if code is grpc.StatusCode.OK else name,
-            span_attributes={"rpc.grpc.status_code": code.value[0] if code is not None else 2},
-            log_fields={"grpc_status": code.name if code is not None else None},
+            error_type=None if number == 0 else name,
+            span_attributes=lambda: {"rpc.grpc.status_code": number},
+            log_fields=lambda: {"grpc_status": code.name if code is not None else None},
         )
 
 

@@ -8,7 +8,6 @@ calls are balanced and counted by the breakers, never retried (their messages ca
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -104,28 +103,20 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
     ) -> grpc.Future:
         stop = Cancel()  # the caller's cancel(): reaches the RPC in flight
         options = (credentials, wait_for_ready, compression)
-        outcome: concurrent.futures.Future[RpcAnswer] = concurrent.futures.Future()
+        future = UnaryFuture(stop)
         try:
             call = self.begin(metadata, timeout, self.kind == "unary_unary", hedging=True)
         except grpc.RpcError as failure:  # no service to call: the future fails, as grpc's own do
-            outcome.set_exception(failure)
-            return UnaryFuture(outcome, stop)
+            future.settle(None, failure)
+            return future
         attempts = _Attempts(self, call, request, options, True, stop)
         if call.hedging:
             # hedged attempts are waited on together, on a thread of its own (never one other calls wait for)
-            return UnaryFuture(on_own_thread(run_blocking, call, attempts), stop)
-        outcome.set_running_or_notify_cancel()  # so that cancel() stops the RPC, not the future alone
-
-        def finished(answer: RpcAnswer | None, error: BaseException | None) -> None:
-            if error is not None:
-                outcome.set_exception(error)
-            else:
-                assert answer is not None
-                outcome.set_result(answer)
-
-        # no thread waits: each attempt is grpc's own future, and its completion drives the call on
-        run_by_callbacks(call, attempts, finished)
-        return UnaryFuture(outcome, stop)
+            on_own_thread(run_blocking, call, attempts).add_done_callback(future.settle_from)
+        else:
+            # no thread waits: each attempt is grpc's own future, and its completion drives the call on
+            run_by_callbacks(call, attempts, future.settle)
+        return future
 
     def with_call(
         self,

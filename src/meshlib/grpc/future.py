@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,44 +14,77 @@ import grpc
 from ..calls.executors import Cancel
 from .call import RpcAnswer, code_of
 
+logger = logging.getLogger(__name__)
+
 
 class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
     """What ``.future()`` of a mesh unary call returns: a ``grpc.Future`` and a ``grpc.Call``, as grpc's own. The
     call runs without a thread waiting on it; ``cancel()`` reaches the RPC in flight (and any retry or hedge not
     yet sent is not sent); once done, ``code()``, ``details()`` and the metadata are those of the attempt that
-    answered, or of the error."""
+    answered, or of the error.
 
-    def __init__(self, future: concurrent.futures.Future[RpcAnswer], stop: Cancel) -> None:
-        self._future = future
+    Its own completion is a held lock released once (``settle``), not a ``concurrent.futures.Future``: waiting
+    and waking are then one C call each, where a Future's condition variable costs a dozen Python calls a call."""
+
+    def __init__(self, stop: Cancel) -> None:
         self._stop = stop
         self._cancelled = False
+        self._finished = False
+        self._answer: RpcAnswer | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], None]] | None = []
+        self._guard = threading.Lock()  # the callbacks list against settle()
+        self._latch = threading.Lock()  # held until the call is over
+        self._latch.acquire()
+
+    def settle(self, answer: RpcAnswer | None, error: BaseException | None) -> None:
+        """The call is over with ``answer`` or ``error`` (from whichever thread ended it); once only."""
+        with self._guard:
+            if self._finished:
+                return
+            self._answer, self._error = answer, error
+            self._finished = True
+            callbacks, self._callbacks = self._callbacks or [], None
+        self._latch.release()
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # a caller's callback must not break the call, nor the other callbacks
+                logger.exception("a done-callback of a gRPC future raised")
+
+    def settle_from(self, future: concurrent.futures.Future[RpcAnswer]) -> None:
+        """(A hedged call, driven on a thread of its own.) Settle with that thread's outcome."""
+        error = future.exception()
+        self.settle(None if error is not None else future.result(), error)
 
     # -- grpc.Future -------------------------------------------------------------------------------------------
 
     def cancel(self) -> bool:
-        if self._future.done():
+        if self._finished:
             return False
         self._cancelled = True
-        if not self._future.cancel():  # running: stop its RPC
-            self._stop.cancel()
+        self._stop.cancel()  # its RPC, and any attempt not yet sent
         return True
 
     def cancelled(self) -> bool:
         return self._cancelled
 
     def running(self) -> bool:
-        return not self._future.done()
+        return not self._finished
 
     def done(self) -> bool:
-        return self._cancelled or self._future.done()
+        return self._cancelled or self._finished
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._outcome(timeout).response
+        answer = self._outcome(timeout)
+        return answer.response
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
             self._outcome(timeout)
         except grpc.FutureCancelledError:
+            raise
+        except grpc.FutureTimeoutError:
             raise
         except grpc.RpcError as exc:
             error: BaseException = exc
@@ -62,22 +96,30 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         return error.__traceback__ if error is not None else None
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
+        with self._guard:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _wait(self, timeout: float | None) -> bool:
+        if self._finished:
+            return True
+        if self._latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            self._latch.release()  # the next waiter through
+            return True
+        return False
 
     def _outcome(self, timeout: float | None) -> RpcAnswer:
+        finished = self._wait(timeout)
         if self._cancelled:
-            self._wait(timeout)
             raise grpc.FutureCancelledError()
-        try:
-            return self._future.result(timeout)
-        except concurrent.futures.CancelledError:
-            raise grpc.FutureCancelledError() from None
-        except concurrent.futures.TimeoutError:
-            raise grpc.FutureTimeoutError() from None
-
-    def _wait(self, timeout: float | None) -> None:
-        with contextlib.suppress(BaseException):
-            self._future.exception(timeout)
+        if not finished:
+            raise grpc.FutureTimeoutError()
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
 
     def _call(self) -> Any:
         """The finished call object: the attempt that answered, or the RpcError (itself a ``grpc.Call``)."""
@@ -121,9 +163,10 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         return None
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        if self.done():
-            return False
-        self._future.add_done_callback(lambda _: callback())
+        with self._guard:
+            if self._callbacks is None or self._cancelled:
+                return False
+            self._callbacks.append(lambda _: callback())
         return True
 
     def __iter__(self) -> Iterator[Any]:

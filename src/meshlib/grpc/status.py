@@ -55,11 +55,25 @@ def _verdict(code: grpc.StatusCode) -> Verdict:
 
 VERDICTS: dict[grpc.StatusCode, Verdict] = {code: _verdict(code) for code in grpc.StatusCode}
 OK = VERDICTS[grpc.StatusCode.OK]
+UNKNOWN = VERDICTS[grpc.StatusCode.UNKNOWN]
+
+
+def number_of(code: grpc.StatusCode) -> int:
+    """The code's number (``UNAVAILABLE``: 14), read without the enum's Python-level properties and hash (this runs
+    on every call)."""
+    number: int = code._value_[0]
+    return number
+
+
+#: The verdicts and HTTP equivalents by code number, for the per-call path (see ``number_of``).
+VERDICTS_BY_NUMBER = tuple(VERDICTS[code] for code in sorted(grpc.StatusCode, key=number_of))
+HTTP_BY_NUMBER = tuple(HTTP_EQUIVALENT[code] for code in sorted(grpc.StatusCode, key=number_of))
+assert [number_of(code) for code in sorted(grpc.StatusCode, key=number_of)] == list(range(len(VERDICTS)))
 
 
 def verdict_of(code: grpc.StatusCode | None) -> Verdict:
     """The verdict of a finished attempt (a missing code, as from a broken call object, is UNKNOWN)."""
-    return VERDICTS[code] if code is not None else VERDICTS[grpc.StatusCode.UNKNOWN]
+    return VERDICTS_BY_NUMBER[code._value_[0]] if code is not None else UNKNOWN
 
 
 def code_of_http(status: int) -> grpc.StatusCode:

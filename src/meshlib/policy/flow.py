@@ -69,42 +69,6 @@ def call_flow(
     timeouts apply per try): a timeout under it is not held against the endpoint (``steps.blames_endpoint``).
     The returned ``Done`` carries the call's decision log (``decisions.py``)."""
     decisions: list[Decision] = []
-    done = yield from _flow(
-        service,
-        decisions,
-        method=method,
-        replayable=replayable,
-        deadline=deadline,
-        clock=clock,
-        rand=rand,
-        paused=paused,
-        plan=plan,
-        hedgeable=hedgeable,
-        hedging=hedging,
-        record=record,
-        attempt_timeout=attempt_timeout,
-    )
-    done.decisions = decisions
-    return done
-
-
-def _flow(
-    service: ServiceState,
-    decisions: list[Decision],
-    *,
-    method: str,
-    replayable: bool,
-    deadline: float | None,
-    clock: Callable[[], float],
-    rand: Callable[[], float],
-    paused: Callable[[], float] = no_pauses,
-    plan: CallPlan = DEFAULT_PLAN,
-    hedgeable: bool = False,
-    hedging: bool = True,
-    record: bool = True,
-    attempt_timeout: float | None = None,
-) -> CallFlow:
-    """The flow itself; each attempt's entry goes into ``decisions``."""
     now = clock()
     faults = plan.faults
     if faults is not None:  # injected by the rules, before anything else, as a real failure would be
@@ -113,7 +77,7 @@ def _flow(
             yield Sleep(delay)
             now = clock()
         if faults.abort_percent and rand() * 100 < faults.abort_percent:
-            return Done(None, None, 0, abort_status=faults.abort_status)
+            return Done(None, None, 0, abort_status=faults.abort_status, decisions=decisions)
     hedger = service.hedger
     if (
         hedger is not None
@@ -121,21 +85,21 @@ def _flow(
         and replayable
         and (hedgeable or method in IDEMPOTENT_METHODS or plan.retry_non_idempotent)
     ):
-        return (
-            yield from hedged_flow(
-                service,
-                hedger,
-                method=method,
-                deadline=deadline,
-                now=now,
-                clock=clock,
-                rand=rand,
-                plan=plan,
-                paused=paused,
-                attempt_timeout=attempt_timeout,
-                decisions=decisions,
-            )
+        done = yield from hedged_flow(
+            service,
+            hedger,
+            method=method,
+            deadline=deadline,
+            now=now,
+            clock=clock,
+            rand=rand,
+            plan=plan,
+            paused=paused,
+            attempt_timeout=attempt_timeout,
+            decisions=decisions,
         )
+        done.decisions = decisions
+        return done
     service.budget.deposit(now)
     retry = service.retry
     pool = plan.pool
@@ -149,13 +113,14 @@ def _flow(
     while True:
         remaining = None if deadline is None else deadline - now
         if remaining is not None and remaining <= 0:
-            return Done(last, deadline_error(service.name, log), attempt)
+            return Done(last, deadline_error(service.name, log), attempt, decisions=decisions)
         try:
             pick = service.pick(now, rand, tried, pool, subset)
         except MeshError as exc:
-            return Done(last, exc, attempt)
+            return Done(last, exc, attempt, decisions=decisions)
         if pick is None:  # a retry with nowhere left to go: report what the last attempt got
-            return Done(last, final_error(service.name, last, log, "no endpoint left to retry on"), attempt)
+            error = final_error(service.name, last, log, "no endpoint left to retry on")
+            return Done(last, error, attempt, decisions=decisions)
 
         handle = pick.handle
         attempt += 1
@@ -182,7 +147,7 @@ def _flow(
             # Our own side failed (bad body, protocol misuse): not the endpoint's fault, not retryable.
             if pick.trial:
                 handle.breaker.release()
-            return Done(result, result.error, attempt)
+            return Done(result, result.error, attempt, decisions=decisions)
         blamed = record and record_outcome(
             service, pick, result, max(0.0, now - paused() - started), now, allowed_time(timeout, attempt_timeout)
         )
@@ -205,6 +170,8 @@ def _flow(
         )
         note_decision(entry, decision, service, now)
         if not decision.retry:
-            return stop_call(service, result, decision, log, attempt, deadline, now)
+            done = stop_call(service, result, decision, log, attempt, deadline, now)
+            done.decisions = decisions
+            return done
         yield Sleep(decision.delay)
         now = clock()

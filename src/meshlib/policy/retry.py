@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import tenacity
 
-from .classify import Verdict
+from .classify import Kind, Verdict
 from .config import IDEMPOTENT_METHODS, RetryBudgetPolicy, RetryPolicy
 
 
@@ -130,7 +130,8 @@ class RetryStrategy:
         rand: Callable[[], float],
         retry_non_idempotent: bool | None = None,
     ) -> RetryDecision:
-        if verdict.kind.value in ("success", "client-error"):
+        kind = verdict.kind
+        if kind is Kind.SUCCESS or kind is Kind.CLIENT_ERROR:
             return NO_RETRY_SUCCESS
         policy = self.policy
         if not policy.retries_outcome(verdict.key, verdict.status):

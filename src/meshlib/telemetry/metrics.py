@@ -29,8 +29,15 @@ MAX_SERIES = 10_000
 UNVERIFIED_PEER = "(unverified)"
 
 
+_STATUS_CLASSES = {status: f"{status // 100}xx" for status in range(100, 600)}
+
+
 def status_class(status: int | None) -> str:
-    return "error" if status is None else f"{status // 100}xx"
+    """``2xx``...; ``error`` for no status (no response at all)."""
+    if status is None:
+        return "error"
+    named = _STATUS_CLASSES.get(status)
+    return named if named is not None else f"{status // 100}xx"
 
 
 Labels = tuple[tuple[str, str], ...]

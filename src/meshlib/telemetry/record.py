@@ -54,13 +54,13 @@ def record_client_call(
     attempts: int,
     budget_exhausted: bool = False,
     decisions: Sequence[Decision] | None = None,
-    span_attributes: Mapping[str, Any] | None = None,
+    span_attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     log_fields: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
     """One outbound mesh call. ``status`` is an HTTP status (a gRPC status's HTTP equivalent) for the status class;
     ``error_type`` set marks the call failed on its span. ``log_fields`` may be a function, called only for an
     access log line that is written. ``decisions`` (the call's decision log) become ``mesh.decision`` span events and
-    the access log's ``decisions`` field."""
+    the access log's ``decisions`` field. ``span_attributes`` too may be a function, called only for a span."""
     metrics = tel.metrics
     metrics.client_duration.record(
         elapsed, metrics.client_labels(destination, route, method, status_class(status), outcome)
@@ -71,10 +71,12 @@ def record_client_call(
             metrics.retries.add(attempts - 1, peers)
         if budget_exhausted:
             metrics.budget_exhausted.add(1, peers)
-    if decisions and span is not None and span.is_recording():
-        for decision in decisions:
-            span.add_event("mesh.decision", decision.event_attributes())
-    end_span(span, {"mesh.route": route, "mesh.attempts": attempts, **(span_attributes or {})}, error_type, outcome)
+    if span is not None:  # (no span: the common untraced call builds none of this)
+        if decisions and span.is_recording():
+            for decision in decisions:
+                span.add_event("mesh.decision", decision.event_attributes())
+        extra = span_attributes() if callable(span_attributes) else span_attributes
+        end_span(span, {"mesh.route": route, "mesh.attempts": attempts, **(extra or {})}, error_type, outcome)
     if tel.access.wanted():
         tel.access.write(
             {

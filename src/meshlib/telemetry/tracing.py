@@ -8,10 +8,12 @@ exporter (see ``configure_from_env``).
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from opentelemetry import trace
@@ -19,6 +21,36 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Tracer, TracerProv
 
 _getrandbits = random.getrandbits
 _configured = False
+
+
+def _span_reader() -> Callable[[], Span | None] | None:
+    """The current span read straight from OTel's context variable: two C calls instead of the five Python ones of
+    ``trace.get_current_span()``, on every call outside a recording span. None (use the public API) when OTel's
+    runtime context is not the default contextvars one, or its internals moved."""
+    try:
+        from opentelemetry import context
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+        from opentelemetry.trace.propagation import _SPAN_KEY
+
+        runtime = context._RUNTIME_CONTEXT
+        if type(runtime) is not ContextVarsRuntimeContext:
+            return None
+        current = runtime._current_context
+        if not isinstance(current, contextvars.ContextVar):
+            return None
+    except (ImportError, AttributeError):
+        return None
+
+    def read() -> Span | None:
+        span = current.get().get(_SPAN_KEY)
+        if span is None or isinstance(span, Span):
+            return span
+        return None
+
+    return read
+
+
+_read_span = _span_reader()
 _configure_lock = threading.Lock()
 
 
@@ -54,7 +86,13 @@ def carried_traceparent() -> bytes | None:
     send none. A random id made per call outside a trace would link nothing (the next call gets another), and it
     costs: a fresh value each call defeats HPACK on gRPC, and is work on every HTTP request. The callee starts its
     own trace, as it would for any caller without one."""
-    ctx = trace.get_current_span().get_span_context()
+    if _read_span is not None:
+        span = _read_span()
+        if span is None:  # the common case: no trace here at all
+            return None
+    else:
+        span = trace.get_current_span()
+    ctx = span.get_span_context()
     if ctx.is_valid:
         return random_traceparent(ctx.trace_id, ctx.trace_flags)
     return None
