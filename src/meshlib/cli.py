@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .cli_diagnostics import add_diagnostics_commands
-from .cli_http import DEFAULT_CONTROL_PLANE, CliError, admin_headers, check, control_plane_url, print_json, request
+from .cli_http import DEFAULT_CONTROL_PLANE, CliError, check, control_plane_url, request
+from .cli_rules import add_rules_commands
 from .cli_tokens import add_token_commands
 from .settings import env_value
 
@@ -87,102 +86,6 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
         f"spiffe://{ca.trust_domain}/ns/{args.namespace}/sa/{args.service}, "
         f"expires {issued.certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
     )
-    return 0
-
-
-def cmd_rules_apply(args: argparse.Namespace) -> int:
-    """Show what changes (a diff against the rules in force), refuse the easy mistakes unless ``--force``, and
-    apply only over the version that was shown (or ``--expect-version``): a change made meanwhile is a 409."""
-    from .rules.model import parse_rules, validate_rules
-    from .rules.review import diff, risks
-
-    path = Path(args.file)
-    try:
-        text = sys.stdin.read() if args.file == "-" else path.read_text()
-    except OSError as exc:
-        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    document = parse_rules(text, args.file)
-    validate_rules(document)  # the same checks the server makes, reported before anything is sent
-    current = check(request(args, "GET", "/v1/rules"))
-    registered = check(request(args, "GET", "/v1/registry/services")).get("services", {})
-    expected = args.expect_version if args.expect_version is not None else args.cas
-    if expected is not None and expected != current["version"]:
-        raise CliError(
-            f"the rules are at version {current['version']}, not {expected}: someone changed them; look with "
-            "meshctl rules history, then apply again"
-        )
-    changes = diff(current["rules"], document, current["version"])
-    for line in changes or [f"no change from version {current['version']}"]:
-        print(line)
-    found = risks(current["rules"], document, registered)
-    for risk in found:
-        print(f"  warning: {risk}")
-    if args.dry_run:
-        print(f"dry run: nothing applied (the rules stay at version {current['version']})")
-        return 0
-    if found and not args.force:
-        raise CliError(f"not applied: {len(found)} warning(s) above; fix the file, or pass --force to apply it as is")
-    headers = {**admin_headers(), "content-type": "application/json", "x-mesh-author": _author()}
-    if args.comment:
-        headers["x-mesh-comment"] = args.comment
-    params = {"cas": current["version"] if expected is None else expected}
-    body = check(request(args, "PUT", "/v1/rules", params=params, content=json.dumps(document), headers=headers))
-    print(f"rules version {body['version']} applied")
-    for warning in body.get("warnings", []):
-        print(f"  warning: {warning['path']}: {warning['error']}")
-    return 0
-
-
-def _author() -> str:
-    """Who applied a change, for the history: ``$MESH_AUTHOR``, else the login name."""
-    import getpass
-
-    try:
-        return env_value("author") or getpass.getuser()
-    except (KeyError, OSError):
-        return "admin"
-
-
-def cmd_rules_validate(args: argparse.Namespace) -> int:
-    from .rules.model import parse_rules, validate_rules
-
-    try:
-        text = Path(args.file).read_text()
-    except OSError as exc:
-        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    rules = validate_rules(parse_rules(text, args.file))
-    print(f"{args.file}: valid ({len(rules.services)} service(s))")
-    for warning in rules.warnings:
-        print(f"  warning: {warning}")
-    return 0
-
-
-def cmd_rules_get(args: argparse.Namespace) -> int:
-    path = f"/v1/rules/{args.version}" if args.version is not None else "/v1/rules"
-    body = check(request(args, "GET", path))
-    if args.output == "yaml":
-        import yaml
-
-        print(f"# version {body['version']}")
-        print(yaml.safe_dump(body["rules"], sort_keys=False) if body["rules"] else "{}")
-    else:
-        print_json(body)
-    return 0
-
-
-def cmd_rules_history(args: argparse.Namespace) -> int:
-    body = check(request(args, "GET", "/v1/rules/history", params={"limit": args.limit}))
-    print(f"{'VERSION':>7}  {'WHEN (UTC)':19}  {'AUTHOR':12}  COMMENT")
-    for v in body["versions"]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_at"]))
-        marker = "*" if v["version"] == body["current"] else " "
-        print(f"{v['version']:>6}{marker}  {when}  {v['author'][:12]:12}  {v['comment']}")
-    return 0
-
-
-def cmd_rules_rollback(args: argparse.Namespace) -> int:
-    body = check(request(args, "POST", "/v1/rules/rollback", params={"to": args.version}, headers=admin_headers()))
-    print(f"rolled back to version {body['rolled_back_to']}: now version {body['version']}")
     return 0
 
 
@@ -293,36 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=".", help="where <service>.crt, <service>.key and ca.crt are written")
     p.set_defaults(func=cmd_ca_issue)
 
-    rules = sub.add_parser("rules", help="read and change the routing rules")
-    rsub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
-    p = rsub.add_parser(
-        "apply", help="replace the rules with a YAML or JSON file, showing the diff first (needs MESH_ADMIN_TOKEN)"
-    )
-    p.add_argument("-f", "--file", required=True, help="rules file, or - for stdin")
-    p.add_argument(
-        "--expect-version",
-        type=int,
-        help="only apply over this version (default: the one the diff was made against); else refused with 409",
-    )
-    p.add_argument("--cas", type=int, help=argparse.SUPPRESS)  # the earlier name of --expect-version
-    p.add_argument("--dry-run", action="store_true", help="show the diff and the warnings; change nothing")
-    p.add_argument("--force", action="store_true", help="apply despite the warnings (an empty file, ...)")
-    p.add_argument("--comment", default="", help="recorded in the history")
-    p.set_defaults(func=cmd_rules_apply)
-    p = rsub.add_parser("validate", help="check a rules file without sending it")
-    p.add_argument("-f", "--file", required=True, help="rules file (YAML or JSON)")
-    p.set_defaults(func=cmd_rules_validate)
-    p = rsub.add_parser("get", help="print the current rules (or one version)")
-    p.add_argument("--version", type=int, dest="version", help="a past version (default: the current one)")
-    p.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml", help="output format")
-    p.set_defaults(func=cmd_rules_get)
-    p = rsub.add_parser("history", help="list stored versions")
-    p.add_argument("--limit", type=int, default=20, help="how many versions to list (newest first)")
-    p.set_defaults(func=cmd_rules_history)
-    p = rsub.add_parser("rollback", help="make an old version current again (as a new version)")
-    p.add_argument("version", type=int, help="the version to make current again (as a new version)")
-    p.set_defaults(func=cmd_rules_rollback)
-
+    add_rules_commands(sub)
     add_token_commands(sub)
     add_diagnostics_commands(sub)
 

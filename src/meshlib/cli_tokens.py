@@ -1,4 +1,5 @@
-"""``meshctl token``: join tokens scoped to services (create, list, revoke), through the control plane's API."""
+"""``meshctl token``: join tokens (an instance's credential) and admin tokens (a team's, for its services' rules),
+each scoped to services: create, list, revoke, through the control plane's API."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def parse_ttl(text: str) -> float:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"services": args.service, "namespace": args.namespace, "description": args.description}
+    if args.admin:
+        body["role"] = "admin"
     if args.ttl:
         body["ttl_seconds"] = parse_ttl(args.ttl)
     created = check(request(args, "POST", "/v1/tokens", json=body, headers=admin_headers()))
@@ -39,6 +42,14 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         return 0
     print(created["token"])
     scope = ", ".join(created["services"])
+    if created.get("role") == "admin":
+        print(
+            f"# admin token {created['id']}: may change the rules of {scope} and nothing else, expires "
+            f"{_when(created['expires_at'])}. Give it to the team that owns them, as MESH_ADMIN_TOKEN for meshctl; "
+            "it is shown only once.",
+            file=sys.stderr,
+        )
+        return 0
     print(
         f"# join token {created['id']} for {scope} (namespace {created['namespace']}), expires "
         f"{_when(created['expires_at'])}. Set it as MESH_BOOTSTRAP_TOKEN on those instances; it is shown only once.",
@@ -52,10 +63,11 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     if args.output == "json":
         print_json(body)
         return 0
-    print(f"{'ID':12}  {'STATE':7}  {'NAMESPACE':10}  {'CREATED (UTC)':16}  {'EXPIRES (UTC)':16}  SERVICES")
+    print(f"{'ID':12}  {'ROLE':5}  {'STATE':7}  {'NAMESPACE':10}  {'CREATED (UTC)':16}  {'EXPIRES (UTC)':16}  SERVICES")
     for t in body["tokens"]:
         print(
-            f"{t['id']:12}  {t['state']:7}  {t['namespace'][:10]:10}  {_when(t['created_at']):16}  "
+            f"{t['id']:12}  {t.get('role', 'join'):5}  {t['state']:7}  {t['namespace'][:10]:10}  "
+            f"{_when(t['created_at']):16}  "
             f"{_when(t['expires_at']):16}  {', '.join(t['services'])}"
         )
     return 0
@@ -63,15 +75,20 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     body = check(request(args, "DELETE", f"/v1/tokens/{args.id}", headers=admin_headers()))
-    print(f"join token {body['id']} revoked ({', '.join(body['services'])})")
+    print(f"{body.get('role', 'join')} token {body['id']} revoked ({', '.join(body['services'])})")
     return 0
 
 
 def add_token_commands(sub: Any) -> None:
-    tokens = sub.add_parser("token", help="join tokens scoped to services (needs MESH_ADMIN_TOKEN)")
+    tokens = sub.add_parser("token", help="join and admin tokens scoped to services (needs MESH_ADMIN_TOKEN)")
     tsub = tokens.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     p = tsub.add_parser("create", help="a join token that may act only as the named service(s)")
     p.add_argument("--service", action="append", required=True, help="a service the token may join as (repeatable)")
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin token instead: it may change the rules of these services only (for the team owning them)",
+    )
     p.add_argument("--namespace", default="default", help="the namespace of its certificates")
     p.add_argument("--ttl", help="how long it stays valid (e.g. 30d); default: until revoked")
     p.add_argument("--description", default="", help="a note kept with the token (who holds it)")

@@ -330,6 +330,9 @@ def test_meshctl_cli(control_plane, tmp_path):
     assert r.returncode == 0 and "version 1" in r.stdout
     r = meshctl("rules", "get")
     assert "attempts: 2" in r.stdout and "connect-failure" in r.stdout
+    r = meshctl("rules", "apply", "-f", str(good))
+    assert r.returncode == 0 and "no change" in r.stdout  # the same rules again make no new version
+    good.write_text("services:\n  payments:\n    retries: {attempts: 3, on: [connect-failure, 503]}\n")
     meshctl("rules", "apply", "-f", str(good))
     r = meshctl("rules", "history")
     assert r.returncode == 0 and "first" in r.stdout

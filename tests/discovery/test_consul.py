@@ -21,6 +21,7 @@ import meshlib
 from consul_double import ConsulDouble
 from harness import ControlPlaneProcess, Upstream, wait_for
 from meshlib.control.consul_store import ConsulRulesStore
+from meshlib.control.rules_writes import ResourceConflict, resource_history, write_resources
 from meshlib.control.store import CasConflict, SQLiteRulesStore
 from meshlib.discovery.consul import ConsulDiscovery, ConsulRegistration
 
@@ -172,6 +173,14 @@ def test_kv_store_contract(backend):
     assert v2.version == 2
     assert [r.version for r in store.history()] == [2, 1]
     assert store.get(1).comment == "first"
+    # per-service resources: each block's version travels with the revision, in Consul as in SQLite
+    write_resources(store, {"services/p": {"timeout": "1s"}}, {"services/p": 0}, "me", "", 1 << 20)
+    write_resources(store, {"services/q": {"timeout": "2s"}}, {}, "me", "", 1 << 20)
+    write_resources(store, {"services/p": {"timeout": "3s"}}, {"services/p": 3}, "me", "", 1 << 20)
+    assert dict(store.current().resources) == {"services/a": 2, "services/p": 5, "services/q": 4}
+    with pytest.raises(ResourceConflict):
+        write_resources(store, {"services/p": {}}, {"services/p": 3}, "me", "", 1 << 20)
+    assert [c.revision.version for c in resource_history(store, "services/p", 10)] == [5, 3]
 
 
 # -- faults (the double's switches) ---------------------------------------------------------------

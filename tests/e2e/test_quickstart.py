@@ -62,4 +62,9 @@ def test_the_quickstart_runs_as_written(tmp_path):
     assert canary[0] == "200 v2", out  # x-canary carried from checkout to payments
     tls = lines[lines.index("rules version 2 applied") + 1 :]
     assert tls[:2] == ["200", "403"], out
+    # payments' history, made by its team's scoped token; that token cannot change checkout's rules
+    history = [line.split() for line in tls[2:] if line.strip()[:1].isdigit()]
+    assert [h[0] for h in history] == ["2*", "1"] and history[0][3] == "changed", out
+    assert "(token " in out and "+    authorization:" in out and "-    routes:" in out
+    assert "may change only the rules of its services, not checkout" in err
     assert "Traceback" not in err

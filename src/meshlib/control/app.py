@@ -8,7 +8,7 @@ import gc
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -18,38 +18,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import ConfigurationError
-from ..rules.document import MAX_DOCUMENT_BYTES, parse_document
-from ..rules.model import Rules, RulesValidationError, validate_rules
+from ..rules.document import MAX_DOCUMENT_BYTES
 from ..security.ca import DEFAULT_LEAF_LIFETIME, CertificateAuthority, CsrError
 from .hosts import HostGuard
-from .longpoll import ChangeSignal, Wakers, hold
+from .longpoll import ChangeSignal, Wakers
 from .registry import Registry
 from .registry_routes import registry_routes
 from .requests import (
-    MAX_QUERY_INT,
     SMALL_BODY_BYTES,
-    BadQuery,
     TooLarge,
     error,
-    int_param,
     is_loopback,
     read_body,
     too_large,
-    wait_param,
 )
+from .resources import SERVICE_PREFIX, service_of
+from .rules_routes import rules_routes
 from .stats import StatsBook
 from .stats_routes import stats_routes
-from .store import CasConflict, Revision, RulesStore, UnknownVersion
+from .store import Revision, RulesStore
 from .token_routes import token_routes
-from .tokens import ANY_SERVICE, Grant, TokenStore
+from .tokens import ADMIN, ANY_SERVICE, JOIN, Grant, TokenStore
 from .ui import CsrfGuard, new_csrf_token, ui_routes
 
 log = logging.getLogger("meshlib.control")
-
-
-def _parse_and_validate(body: bytes, limit: int) -> Rules:
-    return validate_rules(parse_document(body, "request body", max_bytes=limit))
 
 
 class ControlPlane:
@@ -121,10 +113,44 @@ class ControlPlane:
         scheme, _, token = header.partition(" ")
         return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
-    def check_admin(self, request: Request) -> Response | None:
+    def check_admin(self, request: Request, resources: Iterable[str] | None = None) -> Response | None:
+        """None when the request may make this admin write: ``MESH_ADMIN_TOKEN`` may make any; an admin token
+        scoped to services may change those services' rules (``resources``) and nothing else."""
+        return self.admin_grant(request, resources)[1]
+
+    def admin_grant(
+        self, request: Request, resources: Iterable[str] | None = None
+    ) -> tuple[Grant | None, Response | None]:
+        """(the scoped admin token's grant, or None for MESH_ADMIN_TOKEN; the refusal, or None)."""
+        token = self._bearer(request)
+        if token is not None and self.tokens is not None and self.tokens.holds(token):
+            checked = self.tokens.check(token)
+            if isinstance(checked, str):
+                return None, error(401, f"{checked}: ask the operator for a new one", reason="wrong")
+            if checked.role != ADMIN:
+                return None, error(
+                    403,
+                    f"{checked.describe()} is a join token (an instance's credential): admin writes need "
+                    "MESH_ADMIN_TOKEN or an admin token (meshctl token create --admin --service NAME)",
+                    reason="scope",
+                )
+            wanted = list(resources) if resources is not None else None
+            outside = (
+                ["everything (this write is not one service's)"]
+                if wanted is None
+                else [r for r in wanted if (service_of(r) is None or not checked.allows(service_of(r) or ""))]
+            )
+            if outside:
+                return None, error(
+                    403,
+                    f"{checked.describe()} may change only the rules of its services, not "
+                    f"{', '.join(o.removeprefix(SERVICE_PREFIX) for o in outside)}",
+                    reason="scope",
+                )
+            return checked, None
         if self.admin_token is None:
-            return error(403, "admin writes are disabled: start the control plane with MESH_ADMIN_TOKEN set")
-        return self._token_refusal(request, self.admin_token, "MESH_ADMIN_TOKEN")
+            return None, error(403, "admin writes are disabled: start the control plane with MESH_ADMIN_TOKEN set")
+        return None, self._token_refusal(request, self.admin_token, "MESH_ADMIN_TOKEN")
 
     def join_grant(self, request: Request) -> Grant | Response:
         """What this request's credential may act as (a join token's services, or any service for the shared
@@ -137,6 +163,14 @@ class ControlPlane:
                     401,
                     f"{checked}: ask the operator for a new one (meshctl token create)",
                     reason="wrong",
+                    variable="MESH_BOOTSTRAP_TOKEN",
+                )
+            if checked.role != JOIN:
+                return error(
+                    403,
+                    f"{checked.describe()} changes rules; it is no instance's credential: use a join token "
+                    "(meshctl token create --service NAME) as MESH_BOOTSTRAP_TOKEN",
+                    reason="scope",
                     variable="MESH_BOOTSTRAP_TOKEN",
                 )
             return checked
@@ -195,99 +229,6 @@ class ControlPlane:
 
 
 def build_app(cp: ControlPlane) -> Starlette:
-
-    async def get_rules(request: Request) -> Response:
-        try:
-            index = int_param(request, "index")
-            wait = wait_param(request)
-        except BadQuery as exc:
-            return error(400, str(exc))
-        if index is not None and cp.revision.version <= index:
-            await hold(cp.rules_signal, wait, lambda: cp.revision.version > index or cp.closing, request.receive)
-        return Response(
-            cp.rules_body,
-            media_type="application/json",
-            headers={"x-mesh-index": str(cp.revision.version)},
-        )
-
-    async def put_rules(request: Request) -> Response:
-        denied = cp.check_admin(request)
-        if denied is not None:
-            return denied
-        try:
-            cas = int_param(request, "cas")
-        except BadQuery as exc:
-            return error(400, str(exc))
-        try:
-            body = await read_body(request, cp.max_rules_bytes)
-        except TooLarge:
-            return too_large(cp.max_rules_bytes)
-        try:
-            # parsing and validation are CPU work on untrusted input: off the event loop, so long-polls and
-            # /healthz keep being answered while they run
-            rules = await asyncio.to_thread(_parse_and_validate, body, cp.max_rules_bytes)
-        except RulesValidationError as exc:
-            return JSONResponse(
-                {"error": "invalid rules; nothing was stored", "errors": [e.as_dict() for e in exc.errors]},
-                status_code=400,
-            )
-        except ConfigurationError as exc:
-            return JSONResponse(
-                {"error": "invalid rules; nothing was stored", "errors": [{"path": "$", "error": str(exc)}]},
-                status_code=400,
-            )
-        comment = request.headers.get("x-mesh-comment", "")[:1024]
-        try:
-            revision = await asyncio.to_thread(
-                cp.store.put, dict(rules.document), cas, request.headers.get("x-mesh-author", "admin")[:256], comment
-            )
-        except CasConflict as exc:
-            return error(409, str(exc), version=exc.current)
-        cp.publish(revision)
-        log.info("rules: version %d stored", revision.version)
-        return JSONResponse(
-            {"version": revision.version, "warnings": [w.as_dict() for w in rules.warnings]},
-            headers={"x-mesh-index": str(revision.version)},
-        )
-
-    async def history(request: Request) -> Response:
-        try:
-            limit = int_param(request, "limit", 100) or 100
-        except BadQuery as exc:
-            return error(400, str(exc))
-        limit = min(limit, 1000)
-        revisions = await asyncio.to_thread(cp.store.history, limit)
-        return JSONResponse({"current": cp.revision.version, "versions": [r.summary() for r in revisions]})
-
-    async def get_version(request: Request) -> Response:
-        raw = request.path_params["version"]
-        if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_QUERY_INT:
-            return error(404, f"no rules version {raw[:40]!r}: versions are whole numbers")
-        try:
-            revision = await asyncio.to_thread(cp.store.get, int(raw))
-        except UnknownVersion:
-            return error(404, f"no rules version {raw}")
-        return JSONResponse({"version": revision.version, "rules": revision.document, **revision.summary()})
-
-    async def rollback(request: Request) -> Response:
-        denied = cp.check_admin(request)
-        if denied is not None:
-            return denied
-        try:
-            target = int_param(request, "to")
-        except BadQuery as exc:
-            return error(400, str(exc))
-        if target is None:
-            return error(400, "query parameter to=<version> is required")
-        try:
-            old = await asyncio.to_thread(cp.store.get, target)
-        except UnknownVersion:
-            return error(404, f"no rules version {target}")
-        revision = await asyncio.to_thread(
-            cp.store.put, old.document, None, request.headers.get("x-mesh-author", "admin"), f"rollback to {target}"
-        )
-        cp.publish(revision)
-        return JSONResponse({"version": revision.version, "rolled_back_to": target})
 
     async def ca_sign(request: Request) -> Response:
         if cp.ca is None:
@@ -382,11 +323,7 @@ def build_app(cp: ControlPlane) -> Starlette:
     return Starlette(
         routes=[
             *ui_routes(cp),  # first: /v1/rules/diff before /v1/rules/{version}
-            Route("/v1/rules", get_rules, methods=["GET"]),
-            Route("/v1/rules", put_rules, methods=["PUT"]),
-            Route("/v1/rules/history", history, methods=["GET"]),
-            Route("/v1/rules/rollback", rollback, methods=["POST"]),
-            Route("/v1/rules/{version}", get_version, methods=["GET"]),
+            *rules_routes(cp),
             *registry_routes(cp),
             Route("/v1/ca/sign", ca_sign, methods=["POST"]),
             Route("/v1/ca/roots", ca_roots, methods=["GET"]),

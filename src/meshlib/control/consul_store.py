@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..longpoll import LongPoller
+from .resources import next_versions
 from .store import EMPTY, CasConflict, Revision, UnknownVersion
 
 log = logging.getLogger("meshlib.control.consul")
@@ -36,12 +37,20 @@ class ConsulRulesStore:
         if not isinstance(data, dict):
             return EMPTY
         return Revision(
-            int(data["version"]), data["document"], float(data["created_at"]), data["author"], data["comment"]
+            int(data["version"]),
+            data["document"],
+            float(data["created_at"]),
+            data["author"],
+            data["comment"],
+            data.get("resources") or {},
         )
 
     @staticmethod
     def _encode(revision: Revision) -> str:
-        return json.dumps({**revision.summary(), "document": revision.document}, sort_keys=True)
+        return json.dumps(
+            {**revision.summary(), "document": revision.document, "resources": dict(revision.resources)},
+            sort_keys=True,
+        )
 
     def _current(self, index: int | None = None, wait: str | None = None) -> tuple[int, int, Revision]:
         """(X-Consul-Index, ModifyIndex of current or 0, revision)."""
@@ -61,7 +70,9 @@ class ConsulRulesStore:
             _, modify_index, current = self._current()
             if cas is not None and cas != current.version:
                 raise CasConflict(cas, current.version)
-            revision = Revision(current.version + 1, json.loads(json.dumps(document)), time.time(), author, comment)
+            version = current.version + 1
+            resources = next_versions(current, document, version)
+            revision = Revision(version, json.loads(json.dumps(document)), time.time(), author, comment, resources)
             encoded = self._encode(revision)
             self.client.kv.put(f"{self.prefix}/versions/{revision.version:010d}", encoded)
             if self.client.kv.put(f"{self.prefix}/current", encoded, cas=modify_index):

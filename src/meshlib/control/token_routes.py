@@ -32,10 +32,10 @@ def token_routes(cp: ControlPlane) -> list[Route]:
             return refused
         assert cp.tokens is not None
         try:
-            services, namespace, ttl, description = parse_token_request(
-                json.loads(await read_body(request, SMALL_BODY_BYTES) or b"null")
+            asked = parse_token_request(json.loads(await read_body(request, SMALL_BODY_BYTES) or b"null"))
+            token, record = await asyncio.to_thread(
+                cp.tokens.create, asked.services, asked.namespace, asked.ttl, asked.description, asked.role
             )
-            token, record = await asyncio.to_thread(cp.tokens.create, services, namespace, ttl, description)
         except TooLarge:
             return too_large(SMALL_BODY_BYTES)
         except (TokenError, ValueError, RecursionError) as exc:

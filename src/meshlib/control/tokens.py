@@ -6,7 +6,11 @@ Tokens are stored hashed (SHA-256 of 32 random bytes: a slow hash adds nothing a
 entropy), have an optional time to live, and can be revoked; every check is served from memory.
 
 The wire form is ``mjt.<id>.<secret>``: the id finds the record without comparing against every hash, the
-secret is compared in constant time."""
+secret is compared in constant time.
+
+A token has one role. A *join* token is an instance's credential (above). An *admin* token scoped to services lets
+a team change those services' rules and nothing else (no other service's rules, no defaults, no tokens): one team's
+leaked token cannot reroute or open up another team's service. Neither role can act as the other."""
 
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ MAX_SERVICES = 64
 MAX_TOKENS = 10_000
 #: Longest time to live of a token, in seconds (ten years).
 MAX_TTL = 10 * 365 * 86400.0
+JOIN = "join"
+ADMIN = "admin"
+ROLES = (JOIN, ADMIN)
 
 
 class TokenError(ValueError):
@@ -46,6 +53,7 @@ class Grant:
     token_id: str | None
     services: frozenset[str] | None
     namespace: str | None
+    role: str = JOIN
 
     def allows(self, service: str, namespace: str | None = None) -> bool:
         """May act as ``service``; with ``namespace`` (a certificate's), in that namespace too (the registry has
@@ -56,7 +64,8 @@ class Grant:
 
     def describe(self) -> str:
         scope = ", ".join(sorted(self.services)) if self.services is not None else "any service"
-        return f"token {self.token_id} (scoped to {scope} in namespace {self.namespace or 'any'})"
+        kind = "admin token" if self.role == ADMIN else "token"
+        return f"{kind} {self.token_id} (scoped to {scope} in namespace {self.namespace or 'any'})"
 
 
 #: The shared bootstrap token's grant: development mode, any identity.
@@ -73,6 +82,7 @@ class TokenRecord:
     expires_at: float | None
     revoked_at: float | None
     description: str
+    role: str = JOIN
 
     def state(self, now: float) -> str:
         if self.revoked_at is not None:
@@ -91,11 +101,12 @@ class TokenRecord:
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
             "description": self.description,
+            "role": self.role,
             "state": self.state(now),
         }
 
     def grant(self) -> Grant:
-        return Grant(self.id, frozenset(self.services), self.namespace)
+        return Grant(self.id, frozenset(self.services), self.namespace, self.role)
 
 
 def _digest(secret: str) -> str:
@@ -112,11 +123,21 @@ def _name(value: Any, field: str) -> str:
         raise TokenError(f"{field}: {exc}") from None
 
 
-def parse_token_request(body: Any) -> tuple[list[str], str, float | None, str]:
-    """``{"services": [...], "namespace": "default", "ttl_seconds": N, "description": "..."}`` validated."""
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    services: list[str]
+    namespace: str
+    ttl: float | None
+    description: str
+    role: str
+
+
+def parse_token_request(body: Any) -> TokenRequest:
+    """``{"services": [...], "namespace": "default", "ttl_seconds": N, "description": "...", "role": "join"}``
+    validated."""
     if not isinstance(body, dict):
         raise TokenError("expected a JSON object with services")
-    unknown = set(body) - {"services", "namespace", "ttl_seconds", "description"}
+    unknown = set(body) - {"services", "namespace", "ttl_seconds", "description", "role"}
     if unknown:
         raise TokenError(f"unknown field(s): {', '.join(sorted(unknown))}")
     services = body.get("services")
@@ -131,7 +152,10 @@ def parse_token_request(body: Any) -> tuple[list[str], str, float | None, str]:
     description = body.get("description", "")
     if not isinstance(description, str) or len(description) > 256:
         raise TokenError("description: expected a string of at most 256 characters")
-    return sorted(set(services)), namespace, None if ttl is None else float(ttl), description
+    role = body.get("role", JOIN)
+    if role not in ROLES:
+        raise TokenError(f"role: expected one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
+    return TokenRequest(sorted(set(services)), namespace, None if ttl is None else float(ttl), description, role)
 
 
 class TokenStore:
@@ -146,17 +170,26 @@ class TokenStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, digest TEXT NOT NULL, services TEXT NOT NULL, "
             "namespace TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL, revoked_at REAL, "
-            "description TEXT NOT NULL DEFAULT '')"
+            "description TEXT NOT NULL DEFAULT '', role TEXT NOT NULL DEFAULT 'join')"
         )
+        if "role" not in {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}:
+            self._db.execute("ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'join'")  # every old one joins
         self._records: dict[str, TokenRecord] = {}
         for row in self._db.execute(
-            "SELECT id, digest, services, namespace, created_at, expires_at, revoked_at, description FROM tokens"
+            "SELECT id, digest, services, namespace, created_at, expires_at, revoked_at, description, role FROM tokens"
         ):
-            record = TokenRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5], row[6], row[7])
+            record = TokenRecord(
+                row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5], row[6], row[7], row[8]
+            )
             self._records[record.id] = record
 
     def create(
-        self, services: Iterable[str], namespace: str = "default", ttl: float | None = None, description: str = ""
+        self,
+        services: Iterable[str],
+        namespace: str = "default",
+        ttl: float | None = None,
+        description: str = "",
+        role: str = JOIN,
     ) -> tuple[str, TokenRecord]:
         """A new token: its wire form (shown once, never stored) and its record."""
         if len(self._records) >= MAX_TOKENS:
@@ -173,11 +206,12 @@ class TokenStore:
             None if ttl is None else now + ttl,
             None,
             description,
+            role,
         )
         with self._lock:
             self._db.execute(
                 "INSERT INTO tokens (id, digest, services, namespace, created_at, expires_at, revoked_at, "
-                "description) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                "description, role) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (
                     record.id,
                     record.digest,
@@ -186,6 +220,7 @@ class TokenStore:
                     record.created_at,
                     record.expires_at,
                     record.description,
+                    record.role,
                 ),
             )
             self._records[token_id] = record
@@ -207,8 +242,9 @@ class TokenStore:
         return sorted(self._records.values(), key=lambda r: r.created_at)
 
     def active(self) -> bool:
+        """Some join token is active (then every registry write needs one; admin tokens do not count)."""
         now = self._clock()
-        return any(r.state(now) == "active" for r in self._records.values())
+        return any(r.role == JOIN and r.state(now) == "active" for r in self._records.values())
 
     def holds(self, token: str) -> bool:
         """``token`` has the join-token form (whatever its state): a refusal can then say "revoked"."""

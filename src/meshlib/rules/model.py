@@ -55,9 +55,11 @@ class Rules:
     services: Mapping[str, ServiceRules]
     #: Accepted, but worth a look (a subset no route uses: the normal state after a finished canary).
     warnings: tuple[RuleError, ...] = ()
+    #: The ``defaults`` block compiled on its own: the rules of every service the document does not name.
+    defaults: ServiceRules | None = None
 
     def for_service(self, name: str) -> ServiceRules | None:
-        return self.services.get(name)
+        return self.services.get(name, self.defaults)
 
 
 EMPTY_RULES = Rules(0, {}, {})
@@ -77,13 +79,16 @@ _SERVICE_FIELDS = {
     "faults",
     "authorization",
 }
+#: What ``defaults`` may set: the policy every service shares unless its own block sets the same field. Subsets,
+#: routes, faults and authorization are each service's own (a mesh-wide allow list would be a trap).
+DEFAULT_FIELDS = {"timeout", "retries", "circuit_breaker", "hedging", "load_balancer"}
 
 
-def _check_service(c: Checker, name: str, raw: Any) -> ServiceRules:
-    p = f"services.{name}"
-    if not _NAME.match(name):
+def _check_service(c: Checker, name: str, raw: Any, path: str | None = None) -> ServiceRules:
+    p = path or f"services.{name}"
+    if path is None and not _NAME.match(name):
         c.err(p, "service names are lowercase letters, digits and '-', 1-63 characters")
-    svc = c.mapping(raw, p, _SERVICE_FIELDS)
+    svc = c.mapping(raw, p, _SERVICE_FIELDS if path is None else DEFAULT_FIELDS)
     timeout = c.duration(svc.get("timeout"), f"{p}.timeout")
 
     r = c.mapping(
@@ -328,13 +333,19 @@ def validate_rules(document: Any, version: int = 0) -> Rules:
         check_json(document, "$")
     except ConfigurationError as exc:
         raise RulesValidationError([RuleError(*str(exc).split(": ", 1))]) from None
-    doc = c.mapping(document, "$", {"services"}) if document is not None else {}
+    doc = c.mapping(document, "$", {"services", "defaults"}) if document is not None else {}
+    defaults_raw = doc.get("defaults")
+    defaults = _check_service(c, "defaults", defaults_raw, "defaults") if defaults_raw is not None else None
+    shared = dict(defaults_raw) if isinstance(defaults_raw, Mapping) and not c.errors else {}
     services: dict[str, ServiceRules] = {}
     for name, raw in c.mapping(doc.get("services"), "services").items():
-        services[str(name)] = _check_service(c, str(name), raw)
+        # a field the service sets replaces the default's whole (retries: {attempts: 1} keeps no default retry
+        # condition): one rule to remember, and the block a team reads is the block that applies
+        merged = {**shared, **(raw or {})} if shared and (raw is None or isinstance(raw, Mapping)) else raw
+        services[str(name)] = _check_service(c, str(name), merged)
     if c.errors:
         raise RulesValidationError(c.errors)
-    return Rules(version, json.loads(json.dumps(doc)), services, tuple(c.warnings))
+    return Rules(version, json.loads(json.dumps(doc)), services, tuple(c.warnings), defaults)
 
 
 def parse_rules(text: str | bytes, source: str = "rules") -> Any:
