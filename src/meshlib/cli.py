@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import ConfigurationError
+    from .errors import ConfigurationError, IdentityError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.func(args))
         sys.stdout.flush()  # here, so that a reader gone early (| head) is seen below, not at exit
         return code
-    except (CliError, ConfigurationError) as exc:
+    except (CliError, ConfigurationError, IdentityError) as exc:  # each says what to do: one line, no traceback
         print(f"meshctl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

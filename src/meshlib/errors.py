@@ -48,6 +48,8 @@ class NoEndpointsError(MeshError):
     UNKNOWN_SERVICE = "unknown-service"
     #: Discovery answers, and lists no usable instance.
     NONE_LISTED = "none-listed"
+    #: Discovery lists instances, and every one was skipped for its mTLS mode (the message says what to set).
+    ALL_SKIPPED = "all-skipped"
     #: The rules chose a subset that selects no instance.
     SUBSET_EMPTY = "subset-empty"
     #: Discovery did not answer in time (its last error is in the message).

@@ -120,3 +120,36 @@ def test_control_plane_over_https_verified_with_the_mesh_ca(control_plane, tmp_p
 def test_a_missing_control_plane_ca_file_is_a_clear_error(tmp_path):
     with pytest.raises(meshlib.ConfigurationError, match=r"MESH_CONTROL_PLANE_CA=.*no such file"):
         meshlib.MeshSettings.from_env({"MESH_CONTROL_PLANE_CA": str(tmp_path / "nope.pem")})
+
+
+def test_a_ca_file_of_another_mesh_is_said_at_once_with_the_variable_to_check(control_plane, tmp_path, monkeypatch):
+    """The instance must not retry for half a minute, nor heartbeat unregistered for ever, on a CA file that can
+    never verify the control plane: one error, naming MESH_CONTROL_PLANE_CA."""
+    from meshlib.errors import RegistrationRefused
+    from meshlib.security.ca import CertificateAuthority
+    from meshlib.security.identity import IdentityConfigError
+
+    monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", BOOTSTRAP)
+    cp = control_plane(bootstrap_token=BOOTSTRAP, extra_args=("--tls",))
+    other = CertificateAuthority.init(tmp_path / "other-mesh")
+    wrong = tmp_path / "other-roots.pem"
+    wrong.write_bytes(other.roots_pem())
+    monkeypatch.setenv("MESH_CONTROL_PLANE_CA", str(wrong))
+    with pytest.raises(IdentityConfigError, match="check MESH_CONTROL_PLANE_CA") as info:
+        _mesh(cp, "strict", tmp_path)
+    assert "CERTIFICATE_VERIFY_FAILED" not in str(info.value)
+    with _mesh(cp, "off", tmp_path) as mesh, pytest.raises(RegistrationRefused) as refused:
+        mesh.discovery.register("caller", "127.0.0.1", 9).start()
+    assert "check MESH_CONTROL_PLANE_CA" in str(refused.value) and "ca-roots.pem" in str(refused.value)
+
+
+def test_instances_skipped_for_mtls_are_not_said_to_be_gone(control_plane, plaintext_attacker, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESH_BOOTSTRAP_TOKEN", BOOTSTRAP)
+    cp = control_plane(bootstrap_token=BOOTSTRAP)
+    _register(cp, "payments", plaintext_attacker.port, "off")
+    refused = pytest.raises(meshlib.NoEndpointsError)
+    with _mesh(cp, "strict", tmp_path) as mesh, mesh.client() as client, refused as info:
+        client.get("http://payments/charge")
+    assert info.value.reason == meshlib.NoEndpointsError.ALL_SKIPPED
+    assert "no endpoint this process can call" in str(info.value)
+    assert "none of its instances is there" not in str(info.value) and "discovery lists none" not in str(info.value)

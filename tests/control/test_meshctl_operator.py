@@ -57,6 +57,46 @@ def test_meshctl_verifies_an_https_control_plane_with_the_mesh_ca(control_plane:
     assert garbage.returncode == 1 and "--ca=" in garbage.stderr and "not a usable CA file" in garbage.stderr
 
 
+def test_strict_instances_that_cannot_get_a_certificate_say_so_in_one_line(control_plane: Any, tmp_path: Path) -> None:
+    """meshctl run in strict mode: no token, a wrong token, the wrong CA file, no control plane. Each is one line
+    that says what to do, and the refusals are said at once, not after half a minute of retries."""
+    cp = control_plane(extra_args=("--tls",))
+    roots = str(cp.state_dir / "ca-roots.pem")
+    app = tmp_path / "app.py"
+    app.write_text("async def app(scope, receive, send):\n    pass\n")
+    other = CertificateAuthority.init(tmp_path / "another-mesh")
+    (tmp_path / "other.pem").write_bytes(other.roots_pem())
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        base = {
+            "MESH_TLS": "strict",
+            "MESH_CONTROL_PLANE": cp.url,
+            "MESH_CONTROL_PLANE_CA": roots,
+            "MESH_STATE_DIR": str(tmp_path / "state"),
+            "PYTHONPATH": str(tmp_path),
+            **env,
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "meshlib.cli", "run", "payments", "app:app", "--port", "0"],
+            capture_output=True,
+            text=True,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MESH_")}, **base},
+            timeout=60,
+        )
+
+    cases = {
+        "no token": (run(), "needs a join token"),
+        "a wrong token": (run(MESH_BOOTSTRAP_TOKEN="bogus"), "wrong token"),
+        "another mesh's CA": (run(MESH_CONTROL_PLANE_CA=str(tmp_path / "other.pem")), "check MESH_CONTROL_PLANE_CA"),
+    }
+    for case, (done, said) in cases.items():
+        assert done.returncode == 1, (case, done.stderr)
+        assert "Traceback" not in done.stderr, (case, done.stderr)
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("meshctl: ") and said in last, (case, done.stderr)
+        assert "within" not in last, (case, last)  # refused at once: not a timeout
+
+
 def test_serve_on_a_busy_port_says_so_and_writes_nothing(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

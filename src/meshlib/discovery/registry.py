@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import httpx
 
 from ..errors import RegistrationRefused
-from ..wire import SECRET_HEADER, error_text, refusal_text
+from ..wire import SECRET_HEADER, error_text, refusal_text, untrusted
 from .base import Discovery, Registration
 from .multiwatch import MultiWatch
 
@@ -130,6 +130,8 @@ class RegistryRegistration(Registration):
         try:
             return self._http.put(path, timeout=5, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
+            if untrusted(exc):  # the wrong CA file: no retry heals it, so the first registration says so and stops
+                raise RegistrationRefused(f"registry at {self._http.base_url}: {error_text(exc)}") from None
             raise RegistryUnavailable(f"registry at {self._http.base_url}: {error_text(exc)}") from None
 
     def _check(self, r: httpx.Response) -> None:

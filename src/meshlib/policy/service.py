@@ -202,11 +202,12 @@ class ServiceState:
             elif self.snapshot is None:
                 message = f"{self.name}: service unknown to discovery"
                 reason = NoEndpointsError.UNKNOWN_SERVICE
+            elif self.excluded:  # discovery lists instances, and this process may call none of them
+                message = f"{self.name}: no endpoint this process can call: {self.excluded}"
+                reason = NoEndpointsError.ALL_SKIPPED
             else:
                 message = f"{self.name}: no healthy endpoints (discovery lists none)"
                 reason = NoEndpointsError.NONE_LISTED
-            if self.excluded:
-                message = f"{message}; {self.excluded}"
             raise NoEndpointsError(message, service=self.name, reason=reason)
         if self._not_closed == 0 and not tried:
             return self._balanced(handles, now, rand)

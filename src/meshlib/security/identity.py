@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError, IdentityError
 from ..files import write_atomic
-from ..wire import refusal_text
+from ..wire import UNTRUSTED_HINT, error_text, refusal_text, untrusted
 from .ca import load_certificates, load_private_key
 from .spiffe import SpiffeId
 from .tls import client_context, server_context
@@ -138,7 +138,10 @@ class Identity:
                 if isinstance(exc, IdentityConfigError):  # refused (a token out of scope, say): said at once
                     raise IdentityConfigError(f"{self.id}: no certificate: {exc}") from None
                 if time.monotonic() + delay > deadline:
-                    raise IdentityError(f"{self.id}: no certificate within {timeout:g}s: {exc}") from None
+                    raise IdentityError(
+                        f"{self.id}: no certificate within {timeout:g}s: {exc}; is the control plane running "
+                        "(meshctl serve), and is MESH_CONTROL_PLANE its address?"
+                    ) from None
                 log.warning("%s: %s; retrying", self.id, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -237,7 +240,9 @@ class Identity:
                 signed = http.post(f"{self.control_plane}/v1/ca/sign", json=body, headers=headers)
                 roots = http.get(f"{self.control_plane}/v1/ca/roots")
         except httpx.HTTPError as exc:
-            raise IdentityError(f"cannot reach the CA at {self.control_plane}: {exc}") from None
+            if untrusted(exc):  # the wrong CA file: said at once, not retried for half a minute
+                raise IdentityConfigError(f"cannot verify the CA at {self.control_plane}: {UNTRUSTED_HINT}") from None
+            raise IdentityError(f"cannot reach the CA at {self.control_plane}: {error_text(exc)}") from None
         if signed.status_code in (401, 403):  # a missing or wrong token: retrying cannot help
             raise IdentityConfigError(f"the CA at {self.control_plane} refused the CSR: {refusal_text(signed)}")
         if signed.status_code != 200:
