@@ -127,6 +127,26 @@ def test_connection_close_sends_the_whole_response_before_closing(strict_server)
     assert body == bytes(i % 251 for i in range(1000))
 
 
+def test_a_slow_reader_of_a_large_closing_response_gets_all_of_it(strict_server):
+    """A closed connection's socket is dropped when the peer does not answer close_notify (so that idle keep-alive
+    clients cannot hold a shutdown), but never before what was written has left: a reader slower than the drop's
+    wait still gets every byte."""
+    _, server, mesh = strict_server
+    assert mesh.identity is not None
+    n = 24 * 1024 * 1024  # more than the kernel's socket buffers hold: most of it waits in the server's
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        tls = mesh.identity.client.wrap_socket(raw, server_hostname="svc.default.mesh")
+        tls.sendall(f"GET /sized?n={n} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n".encode())
+        data = bytearray(tls.recv(65536))
+        wait = threading.Event()
+        wait.wait(CorkedTransport.CLOSE_NOTIFY_WAIT * 3)  # slower than the drop's wait, on purpose
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) == n and body == bytes(i % 251 for i in range(n))
+
+
 def test_corked_transport_holds_only_the_first_small_write_of_a_response():
     """The write pattern itself, on a recording transport: headers + body become one write; large writes and writes
     after the first pass straight through; the end of a response re-arms it; close flushes first."""

@@ -45,6 +45,12 @@ def with_peer_identity(protocol_class: type[Any]) -> type[Any]:
 
             self.app = app_with_tls
 
+        def connection_lost(self, exc: Exception | None) -> None:
+            transport = getattr(self, "transport", None)
+            if type(transport) is CorkedTransport:
+                transport.lost = True
+            super().connection_lost(exc)
+
         def on_response_complete(self) -> None:
             transport = self.transport
             if type(transport) is CorkedTransport:
@@ -76,16 +82,22 @@ class CorkedTransport:
     the server's own post-response work (telemetry, logging), which costs more latency than the record saves.
     Large writes are never held."""
 
-    __slots__ = ("_armed", "_loop", "_pending", "_transport")
+    __slots__ = ("_armed", "_loop", "_pending", "_transport", "lost")
 
     #: Writes at least this large are not held back (they fill whole records anyway).
     PASS_THROUGH = 16384
+    #: How long a closed connection waits for the peer's TLS close_notify before the socket is dropped. The event
+    #: loop would wait 30 s; an idle keep-alive client never answers until it next uses the connection, so a
+    #: graceful shutdown with idle clients took half a minute, past Kubernetes' default grace period.
+    CLOSE_NOTIFY_WAIT = 0.5
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: bytes | None = None
         self._armed = True
+        #: Set by the protocol's connection_lost: nothing left to drop.
+        self.lost = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         pending = self._pending
@@ -119,7 +131,18 @@ class CorkedTransport:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        self._transport.close()  # sends close_notify, after what is still buffered
+        self._loop.call_later(self.CLOSE_NOTIFY_WAIT, self._drop, self._loop.time() + 30.0)
+
+    def _drop(self, give_up: float) -> None:
+        """Drop the socket once what was written has left the TLS layer (a slow reader of a large response keeps
+        it), at most as late as the event loop itself would."""
+        if self.lost:
+            return
+        if self._transport.get_write_buffer_size() and self._loop.time() < give_up:
+            self._loop.call_later(self.CLOSE_NOTIFY_WAIT, self._drop, give_up)
+            return
+        self._transport.abort()
 
     def write_eof(self) -> None:
         self.flush()
