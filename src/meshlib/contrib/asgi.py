@@ -9,6 +9,7 @@ metrics and access log line. The decisions live in ``meshlib.inbound``, shared w
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -19,6 +20,9 @@ from ..inbound import Reply, admit, handling, mesh_endpoint, peer_identity
 from ..runtime import Runtime, process_default
 from ..security.spiffe import SpiffeId
 from ..security.tls import identity_from_pem
+
+#: uvicorn's own logger for an app's exceptions: where a server's log set-up already shows them.
+_server_log = logging.getLogger("uvicorn.error")
 
 Scope = dict[str, Any]
 __all__ = ["MeshMiddleware", "peer_identity", "peer_of"]
@@ -115,23 +119,36 @@ class MeshMiddleware:
         status = [500]
         started = [False]
 
+        whole = [False]
+
         async def send_wrapper(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 status[0] = int(message["status"])
                 started[0] = True
+            elif kind == "http.response.body" and not message.get("more_body"):
+                whole[0] = True
             await send(message)
 
         try:
-            with handling(adm):
-                if adm.deadline is None:
-                    await self.app(scope, receive, send_wrapper)
-                else:
-                    in_time = await _within(adm.deadline - time.time(), self.app(scope, receive, send_wrapper))
-                    if not in_time and not started[0]:
-                        status[0] = 504
-                        await _send_reply(
-                            send, Reply.json(504, {"error": "deadline exceeded while handling the request"})
-                        )
+            try:
+                with handling(adm):
+                    if adm.deadline is None:
+                        await self.app(scope, receive, send_wrapper)
+                    else:
+                        in_time = await _within(adm.deadline - time.time(), self.app(scope, receive, send_wrapper))
+                        if not in_time and not started[0]:
+                            status[0] = 504
+                            await _send_reply(
+                                send, Reply.json(504, {"error": "deadline exceeded while handling the request"})
+                            )
+            except Exception:
+                if not whole[0]:
+                    raise  # the server must close the connection: the response is cut short
+                # Starlette sends its 500 and then re-raises; the server would close a connection whose response
+                # is complete, while the client already reuses it for its next request (a reset, unsafe to
+                # retry for a POST). Logged as the server would, and the connection is kept.
+                _server_log.exception("Exception in ASGI application (its response was sent whole)")
         finally:
             route_obj = scope.get("route")
             adm.finish(status[0], str(getattr(route_obj, "path", "")) if route_obj is not None else "")
