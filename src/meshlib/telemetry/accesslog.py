@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from typing import Any
 
 logger = logging.getLogger("meshlib.access")
@@ -18,6 +19,8 @@ class AccessLog:
     def __init__(self, enabled: bool, sample: float = 1.0) -> None:
         self.enabled = enabled
         self.sample = min(1.0, max(0.0, sample))
+        if enabled:
+            ensure_output()
 
     def wanted(self) -> bool:
         """Cheap check first, so a disabled log costs one attribute read per request."""
@@ -28,3 +31,18 @@ class AccessLog:
     @staticmethod
     def write(record: dict[str, Any]) -> None:
         logger.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+def ensure_output() -> None:
+    """``MESH_ACCESS_LOG=on`` must print lines under every runner. Python's default level (WARNING) drops INFO
+    records, and a runner (uvicorn, gunicorn) configures its own loggers, not ours: so the logger gets INFO if
+    nobody set a level, and a stdout handler (one JSON line per record) if no handler would take its records.
+    A process that configured logging itself keeps its configuration."""
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False  # a root handler added later would print each line twice
