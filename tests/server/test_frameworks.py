@@ -181,7 +181,7 @@ def test_django_one_line(world):
     assert server_mesh.identity is not None
     server, port = werkzeug_server(get_wsgi_application(), server_mesh.identity.server_strict)
     try:
-        check_framework(cp, mesh, server_mesh, port, "work")
+        check_framework(cp, mesh, server_mesh, port, "/work")
     finally:
         server.shutdown()  # type: ignore[attr-defined]
         MeshMiddleware.mesh = None

@@ -327,3 +327,34 @@ def test_failed_requests_carry_error_type_on_every_path(tracing):
     external = [s for s in spans if s.kind is SpanKind.CLIENT and s.attributes.get("server.address") == "127.0.0.1"]
     assert external and external[0].attributes["error.type"] == "503"
     assert external[0].attributes["http.response.status_code"] == 503
+
+
+def test_fastapi_makes_one_server_span_per_request_named_by_its_route(tracing):
+    """The one-line FastAPI set-up (add_middleware) under a runner that wraps the app again (meshctl run,
+    meshlib.serve): one SERVER span, named by the route template, whatever the FastAPI version."""
+    from fastapi import FastAPI
+
+    provider, exporter = tracing
+    server_mesh = mesh("api", provider, {})
+    app = FastAPI()
+    app.add_middleware(MeshMiddleware, mesh=server_mesh)
+
+    @app.get("/items/{item}")
+    async def item(item: int) -> dict[str, int]:
+        return {"item": item}
+
+    for wrapped in (app, MeshMiddleware(app, server_mesh)):
+        exporter.clear()
+        server = ThreadedServer(wrapped)
+        caller = mesh("tester", TracerProvider(), {"api": [server.port]})
+        try:
+            with caller.client() as client:
+                assert client.get("http://api/items/3").json() == {"item": 3}
+                assert client.get("http://api/items/4").json() == {"item": 4}
+        finally:
+            server.stop()
+            caller.close()
+        spans = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+        assert [s.name for s in spans] == ["GET /items/{item}"] * 2
+        assert all(s.attributes["http.route"] == "/items/{item}" for s in spans)
+    server_mesh.close()

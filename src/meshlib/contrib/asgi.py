@@ -150,5 +150,6 @@ class MeshMiddleware:
                 # retry for a POST). Logged as the server would, and the connection is kept.
                 _server_log.exception("Exception in ASGI application (its response was sent whole)")
         finally:
-            route_obj = scope.get("route")
-            adm.finish(status[0], str(getattr(route_obj, "path", "")) if route_obj is not None else "")
+            route_obj = scope.get("route")  # Starlette's; a WSGI framework under a2wsgi notes its own
+            route = scope.get("meshlib.route") or (str(getattr(route_obj, "path", "")) if route_obj is not None else "")
+            adm.finish(status[0], route)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..inbound import Reply, handling, mesh_endpoint
 from ..runtime import Runtime, process_default
-from .wsgi import admit_environ, already_handled
+from .wsgi import admit_environ, already_handled, note_route
 
 
 def _response(reply: Reply) -> Any:
@@ -28,8 +28,13 @@ class DjangoMeshMiddleware:
 
     def __call__(self, request: Any) -> Any:
         environ = request.META
-        if already_handled(environ):
-            return self.get_response(request)
+        if already_handled(environ):  # the ASGI middleware records the request: it needs the route, though
+            response = self.get_response(request)
+            match = getattr(request, "resolver_match", None)
+            route = str(getattr(match, "route", "") or "") if match is not None else ""
+            if route:
+                note_route(environ, _template(route))
+            return response
         mesh = self.mesh or process_default()
         reply = mesh_endpoint(mesh, request.path_info)
         if reply is not None:
@@ -45,7 +50,13 @@ class DjangoMeshMiddleware:
             return response
         finally:
             match = getattr(request, "resolver_match", None)
-            adm.finish(status, str(getattr(match, "route", "") or "") if match is not None else "")
+            route = str(getattr(match, "route", "") or "") if match is not None else ""
+            adm.finish(status, _template(route) if route else "")
+
+
+def _template(route: str) -> str:
+    """Django's route is ``items/<int:id>`` (no leading slash); the label is a path like every other framework's."""
+    return route if route.startswith("/") else "/" + route
 
 
 #: what ``MIDDLEWARE`` names: ``"meshlib.contrib.django.MeshMiddleware"``

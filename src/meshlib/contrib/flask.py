@@ -12,7 +12,7 @@ from typing import Any
 from ..inbound import peer_identity
 from ..runtime import Runtime
 from ..security.spiffe import SpiffeId
-from .wsgi import MeshWSGIMiddleware
+from .wsgi import MeshWSGIMiddleware, note_route
 
 
 class FlaskMesh:
@@ -28,7 +28,7 @@ class FlaskMesh:
 
         def _mesh_route() -> None:  # the route template, not the raw path: bounded metric labels
             if request.url_rule is not None:
-                request.environ["meshlib.route"] = request.url_rule.rule
+                note_route(request.environ, request.url_rule.rule)
 
         app.before_request(_mesh_route)
         app.extensions["meshlib"] = self

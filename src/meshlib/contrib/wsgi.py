@@ -37,6 +37,16 @@ def already_handled(environ: dict[str, Any]) -> bool:
     return bool(scope and scope.get("meshlib.inbound"))
 
 
+def note_route(environ: dict[str, Any], route: str) -> None:
+    """Record the framework's route template for the request's metrics and span: in the environ for the WSGI glue,
+    and in the ASGI scope when a2wsgi runs the app under the ASGI middleware (``meshlib.serve``, ``meshctl run``),
+    which then does the recording and would otherwise see no route."""
+    environ["meshlib.route"] = route
+    scope = environ.get("asgi.scope")
+    if isinstance(scope, dict):
+        scope["meshlib.route"] = route
+
+
 def admit_environ(mesh: Runtime, environ: dict[str, Any]) -> Admission:
     def header(name: str) -> str | None:
         value = environ.get("HTTP_" + name.upper().replace("-", "_"))
