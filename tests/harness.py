@@ -36,6 +36,14 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float 
         time.sleep(interval)
 
 
+def answers_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 now: the condition to wait for while a server process starts."""
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def rss_mb(pid: int) -> float:
     """A process's resident memory now, in MiB (from /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

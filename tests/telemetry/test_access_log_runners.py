@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import free_port, wait_for
+from harness import answers_ok, free_port, wait_for
 
 pytestmark = pytest.mark.e2e  # its tests start processes
 
@@ -61,14 +61,7 @@ def test_the_access_log_prints_under_every_runner(runner: str, tmp_path: Path) -
     with out.open("w") as sink:
         proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:
-
-            def answered() -> bool:
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}/hello/1", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(answered, timeout=30, what=f"{runner} to serve")
+            wait_for(lambda: answers_ok(f"http://127.0.0.1:{port}/hello/1"), timeout=30, what=f"{runner} to serve")
             for i in range(4):
                 assert httpx.get(f"http://127.0.0.1:{port}/hello/{i + 2}", timeout=5).status_code == 200
             wait_for(lambda: len(_lines(out)) >= 5, timeout=10, what=f"five access log lines: {out.read_text()}")

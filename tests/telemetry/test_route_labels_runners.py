@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import free_port, wait_for
+from harness import answers_ok, free_port, wait_for
 
 pytestmark = pytest.mark.e2e  # its tests start processes
 
@@ -68,14 +68,11 @@ def test_wsgi_route_templates_label_the_metrics_under_meshctl_run(framework: str
     with out.open("w") as sink:
         proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:
-
-            def answered() -> bool:
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}/items/1", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(answered, timeout=30, what=f"meshctl run {framework} to serve: {out.read_text()}")
+            wait_for(
+                lambda: answers_ok(f"http://127.0.0.1:{port}/items/1"),
+                timeout=30,
+                what=f"meshctl run {framework} to serve: {out.read_text()}",
+            )
             for i in range(2, 5):
                 assert httpx.get(f"http://127.0.0.1:{port}/items/{i}", timeout=5).json() == {"item": i}
             text = httpx.get(f"http://127.0.0.1:{port}/-/mesh/metrics", timeout=5).text
