@@ -57,7 +57,7 @@ def _warn_program_name(name: str) -> None:
     if not _warned_program_name:
         _warned_program_name = True
         log.warning(
-            "meshlib: service name %r taken from the program name; set MESH_SERVICE or pass service= (callers are "
+            "meshlib: service name %r guessed from the command line; set MESH_SERVICE or pass service= (callers are "
             "authorized, traced and counted by it)",
             name,
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .appname import default_service
 from .errors import ConfigurationError
 
 TLS_MODES = ("off", "permissive", "strict")
@@ -32,9 +33,7 @@ def validate_service_name(name: str) -> str:
 
 
 def _default_service() -> str:
-    prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
-    cleaned = re.sub(r"[^a-z0-9-]+", "-", prog.lower()).strip("-")
-    return cleaned[:63] or "python"
+    return default_service(sys.argv, os.getcwd())
 
 
 def registry_of(control_plane: str) -> str:

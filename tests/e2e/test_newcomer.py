@@ -170,7 +170,7 @@ def test_serve_names_the_process_even_when_clients_were_made_at_import(control_p
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
-    assert "taken from the program name" not in err
+    assert "guessed from the command line" not in err
 
 
 def test_unknown_services_get_a_suggestion_and_a_reason(control_plane, upstreams, tmp_path):
