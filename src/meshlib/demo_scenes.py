@@ -39,9 +39,9 @@ def demo_rules(v2_weight: int) -> dict[str, Any]:
                 "circuit_breaker": {"consecutive_failures": 3, "open_for": "30s"},
                 "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
                 "routes": [
-                    {"match": {"headers": {"x-payments-version": "v1"}}, "to": [{"subset": "v1"}]},
-                    {"match": {"headers": {"x-payments-version": "v2"}}, "to": [{"subset": "v2"}]},
-                    {"to": to},
+                    {"name": "pinned-v1", "match": {"headers": {"x-payments-version": "v1"}}, "to": [{"subset": "v1"}]},
+                    {"name": "pinned-v2", "match": {"headers": {"x-payments-version": "v2"}}, "to": [{"subset": "v2"}]},
+                    {"name": "split", "to": to},
                 ],
             },
         }

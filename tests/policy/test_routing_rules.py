@@ -56,6 +56,46 @@ def test_path_prefix_and_methods_route_real_requests(upstreams):
     assert v1.counts() == {"GET": 2, "DELETE": 1}
 
 
+def test_metrics_and_spans_call_a_route_by_its_name(upstreams):
+    """The dashboard and Prometheus used to show ``route[0]``: a route's ``name`` is what they say now."""
+    v1, v2 = upstreams(2)
+    endpoints = [Endpoint("127.0.0.1", v1.port, frozenset({"v1"})), Endpoint("127.0.0.1", v2.port, frozenset({"v2"}))]
+    named = json.loads(json.dumps(ROUTES))
+    named["services"]["shop"]["routes"][0]["name"] = "api"
+    named["services"]["shop"]["routes"][1]["name"] = "writes"
+    mesh = meshlib.Mesh(service="web", discovery=StaticDiscovery({"shop": endpoints}), control_plane="")
+    mesh.apply_rules(validate_rules(named, 1))
+    with mesh, mesh.client() as client:
+        for method, path in (("GET", "/api/items"), ("POST", "/cart"), ("GET", "/")):
+            assert client.request(method, f"http://shop{path}").status_code == 200
+        assert mesh.telemetry is not None
+        metrics = mesh.telemetry.metrics.prometheus()
+    routes = {line.split('mesh_route="')[1].split('"')[0] for line in metrics.splitlines() if 'mesh_route="' in line}
+    assert routes == {"api", "writes", "route[2]"}  # the unnamed one goes by its position, as before
+
+
+@pytest.mark.parametrize(
+    ("names", "where", "error"),
+    [
+        (["API", None], 0, "expected lowercase letters"),
+        (["default", None], 0, "not 'default'"),
+        (["canary", "canary"], 1, "'canary' already names routes[0]"),
+        ([7, None], 0, "expected lowercase letters"),
+    ],
+)
+def test_route_names_are_label_safe_and_unique(names, where, error):
+    from meshlib.rules.model import RulesValidationError
+
+    doc = json.loads(json.dumps(ROUTES))
+    for route, name in zip(doc["services"]["shop"]["routes"], names, strict=False):
+        if name is not None:
+            route["name"] = name
+    with pytest.raises(RulesValidationError) as caught:
+        validate_rules(doc)
+    assert [e.path for e in caught.value.errors] == [f"services.shop.routes[{where}].name"]
+    assert error in caught.value.errors[0].error
+
+
 STICKY = {
     "services": {
         "shop": {

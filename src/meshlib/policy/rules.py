@@ -62,10 +62,12 @@ class Route:
     sticky_header: str | None
     retry_non_idempotent: bool | None
     mirror: Mirror | None = None
+    #: the rule's ``name:`` (what metrics and spans call the route); unnamed routes go by position
+    given_name: str | None = None
 
     @property
     def name(self) -> str:
-        return f"route[{self.index}]"
+        return self.given_name or f"route[{self.index}]"
 
 
 @dataclass(frozen=True, slots=True)

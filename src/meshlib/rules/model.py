@@ -149,13 +149,27 @@ def _check_service(c: Checker, name: str, raw: Any, path: str | None = None) -> 
 
     routes: list[Route] = []
     used: set[str] = set()
+    named: dict[str, int] = {}
     raw_routes = svc.get("routes")
     if raw_routes is not None and not isinstance(raw_routes, list):
         c.err(f"{p}.routes", "expected a list of routes")
         raw_routes = []
     for i, rraw in enumerate(raw_routes or []):
         rp = f"{p}.routes[{i}]"
-        rt = c.mapping(rraw, rp, {"match", "to", "sticky", "retry_non_idempotent", "mirror"})
+        rt = c.mapping(rraw, rp, {"name", "match", "to", "sticky", "retry_non_idempotent", "mirror"})
+        route_name = rt.get("name")
+        if route_name is not None:
+            if not isinstance(route_name, str) or not _NAME.match(route_name) or route_name == "default":
+                c.err(
+                    f"{rp}.name",
+                    f"expected lowercase letters, digits and '-' (1-63, not 'default'), got {route_name!r:.40}",
+                )
+                route_name = None
+            elif route_name in named:
+                c.err(f"{rp}.name", f"{route_name!r} already names routes[{named[route_name]}]: route names are unique")
+                route_name = None
+            else:
+                named[route_name] = i
         m = c.mapping(rt.get("match"), f"{rp}.match", {"headers", "path_prefix", "methods"})
         headers: list[HeaderMatch] = []
         for hname, hval in c.mapping(m.get("headers"), f"{rp}.match.headers").items():
@@ -237,6 +251,7 @@ def _check_service(c: Checker, name: str, raw: Any, path: str | None = None) -> 
                 sticky_header=sticky_header.lower() if sticky_header else None,
                 retry_non_idempotent=c.boolean(rt.get("retry_non_idempotent"), f"{rp}.retry_non_idempotent"),
                 mirror=mirror,
+                given_name=route_name,
             )
         )
     for sname in subsets:
