@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from typing import Any
+
+from .exporters import exporters, requested
 
 #: Seconds. OTel's HTTP advisory buckets, with sub-millisecond ones added: a mesh hop lives there.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -190,8 +191,10 @@ class MeshMetrics:
         self._client_labels: dict[tuple[str, str, str, str, str], Labels] = {}
         self._server_labels: dict[tuple[str, str, str, str, bool], Labels] = {}
         self._exporter: _OtelExport | None = None
-        if os.environ.get("OTEL_METRICS_EXPORTER", "").strip() not in ("", "none", "prometheus"):
-            self._exporter = _OtelExport(self)
+        if requested("metrics"):
+            made = exporters("metrics")
+            if made:
+                self._exporter = _OtelExport(self, made)
 
     def client_labels(self, peer: str, route: str, method: str, status: str, outcome: str) -> Labels:
         key = (peer, route, method, status, outcome)
@@ -242,16 +245,13 @@ class MeshMetrics:
 
 
 class _OtelExport:
-    def __init__(self, metrics: MeshMetrics) -> None:
+    def __init__(self, metrics: MeshMetrics, made: list[Any]) -> None:
         from opentelemetry.metrics import CallbackOptions, Observation
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
 
-        readers: list[MetricReader] = []
-        for name in os.environ.get("OTEL_METRICS_EXPORTER", "").split(","):
-            for ep in entry_points(group="opentelemetry_metrics_exporter", name=name.strip()):
-                readers.append(PeriodicExportingMetricReader(ep.load()()))
+        readers: list[MetricReader] = [PeriodicExportingMetricReader(exporter) for exporter in made]
         self.provider = MeterProvider(
             metric_readers=readers, resource=Resource.create({"service.name": metrics.service})
         )
@@ -295,8 +295,7 @@ class _OtelExport:
                     continue
                 self.sdk_histograms[name].record(value, dict(labels))
 
-    def flush(self) -> None:
-        """Record every queued sample, then have the SDK export now."""
+    def _record_queued(self) -> None:
         self._flushing.set()
         try:
             with self._lock:
@@ -308,10 +307,16 @@ class _OtelExport:
                     self.sdk_histograms[name].record(value, dict(labels))
         finally:
             self._flushing.clear()
+
+    def flush(self) -> None:
+        """Record every queued sample, then have the SDK export now."""
+        self._record_queued()
         self.provider.force_flush()
 
     def shutdown(self) -> None:
+        """The last samples too: a process that makes its calls and exits exported no duration at all."""
         self._running = False
+        self._record_queued()
         self.provider.shutdown()
 
 

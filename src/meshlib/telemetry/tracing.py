@@ -14,10 +14,11 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from importlib.metadata import entry_points
 
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Tracer, TracerProvider
+
+from .exporters import exporters, requested
 
 _getrandbits = random.getrandbits
 _configured = False
@@ -58,8 +59,7 @@ def configure_from_env(service: str) -> None:
     """Install an SDK TracerProvider with the exporters ``OTEL_TRACES_EXPORTER`` names, once per process, and only
     when the application has not installed a provider of its own."""
     global _configured
-    names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip() not in ("", "none")]
-    if not names or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if not requested("traces") or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return
     with _configure_lock:
         if _configured or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
@@ -68,10 +68,13 @@ def configure_from_env(service: str) -> None:
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+        made = exporters("traces")
+        if not made:  # nothing would record anywhere (said in the log): keep the no-op fast path
+            _configured = True
+            return
         provider = SdkTracerProvider(resource=Resource.create({"service.name": service}))
-        for name in names:
-            for ep in entry_points(group="opentelemetry_traces_exporter", name=name):
-                provider.add_span_processor(BatchSpanProcessor(ep.load()()))
+        for exporter in made:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
         _configured = True
 

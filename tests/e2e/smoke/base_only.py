@@ -2,6 +2,8 @@
 
 import http.server
 import importlib.util
+import logging
+import os
 import threading
 
 import meshlib
@@ -22,12 +24,23 @@ class Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Said(logging.Handler):
+    lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+logging.getLogger("meshlib").addHandler(Said())
+os.environ["OTEL_TRACES_EXPORTER"] = "otlp"  # no OTLP exporter here: said, with what to install, and calls work
+
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 mesh = meshlib.Mesh(service="caller", discovery=f"static:hello=127.0.0.1:{server.server_port}", control_plane="")
 with mesh.client() as client:
     answer = client.get("http://hello/")
 assert answer.status_code == 200 and answer.text == "hello caller", answer.text
+assert any("OTEL_TRACES_EXPORTER=otlp" in line and "meshlib[otlp]" in line for line in Said.lines), Said.lines
 try:
     mesh.grpc_channel("hello")
 except ImportError as exc:
