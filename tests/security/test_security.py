@@ -100,7 +100,8 @@ def test_ca_issues_spiffe_certificates(secure_cp):
     cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://mesh.local/ns/default/sa/ledger"]
-    assert sans.get_values_for_type(x509.DNSName) == ["ledger.default.mesh"]
+    # its own name (what mesh clients check), and the one name Prometheus checks on every instance
+    assert sans.get_values_for_type(x509.DNSName) == ["ledger.default.mesh", "metrics.mesh"]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {o.dotted_string for o in eku} == {"1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2"}
     life = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)

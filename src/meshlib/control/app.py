@@ -22,6 +22,7 @@ from ..rules.document import MAX_DOCUMENT_BYTES
 from ..security.ca import DEFAULT_LEAF_LIFETIME, CertificateAuthority, CsrError
 from .hosts import HostGuard
 from .longpoll import ChangeSignal, Wakers
+from .prometheus_routes import prometheus_routes
 from .registry import Registry
 from .registry_routes import registry_routes
 from .requests import (
@@ -325,6 +326,7 @@ def build_app(cp: ControlPlane) -> Starlette:
             *ui_routes(cp),  # first: /v1/rules/diff before /v1/rules/{version}
             *rules_routes(cp),
             *registry_routes(cp),
+            *prometheus_routes(cp),
             Route("/v1/ca/sign", ca_sign, methods=["POST"]),
             Route("/v1/ca/roots", ca_roots, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

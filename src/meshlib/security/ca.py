@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..errors import ConfigurationError
 from ..files import write_atomic
 from ..settings import validate_service_name
-from .spiffe import SpiffeId
+from .spiffe import SCRAPE_SERVER_NAME, SpiffeId
 
 MAX_LEAF_LIFETIME = dt.timedelta(days=7)
 DEFAULT_LEAF_LIFETIME = dt.timedelta(hours=24)
@@ -251,7 +251,11 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.dns_name)]
+                    [
+                        x509.UniformResourceIdentifier(identity.uri),
+                        x509.DNSName(identity.dns_name),
+                        x509.DNSName(SCRAPE_SERVER_NAME),
+                    ]
                 ),
                 critical=False,
             )

@@ -38,3 +38,10 @@ class SpiffeId:
 
 def dns_name(service: str, namespace: str) -> str:
     return f"{service}.{namespace}.mesh"
+
+
+#: One more DNS name in every instance certificate, the ``server_name`` a Prometheus scraping strict instances checks:
+#: Prometheus has one ``server_name`` per scrape job, never per target, so without a shared name each service needed
+#: a job of its own. Two labels, so no service's ``<service>.<namespace>.mesh`` can ever equal it: a mesh client,
+#: which checks that name, is never satisfied by this one.
+SCRAPE_SERVER_NAME = "metrics.mesh"
