@@ -175,6 +175,44 @@ def test_a_restarted_instance_is_not_counted_negative_and_old_slots_age_out():
     assert all(p["requests"] == 0 for p in book.timeline("in", "catalog", clock.now))
 
 
+def test_calls_refused_by_authorization_are_no_success():
+    """A caller refused (403) by the callee's strict rule showed as 100% success: a 403 is a client error, not a
+    failure. The callee's count of strict refusals now comes off the edge's and the service's success; what
+    permissive mode would have denied (it answers them) does not."""
+    clock = Clock()
+    book = StatsBook(clock)
+    refused = [["authz_refused", "web", 0], ["authz_denied", "web", 0], ["authz_denied", "batch", 0]]
+    book.ingest(parse_report(report(inbound=[row("web", 0, status="4xx"), row("batch", 0)], counters=refused)))
+    clock.now += 2
+    refused = [["authz_refused", "web", 30], ["authz_denied", "web", 30], ["authz_denied", "batch", 10]]
+    inbound = [row("web", 30, status="4xx"), row("batch", 10)]  # batch: permissive would-denies, all answered
+    book.ingest(parse_report(report(inbound=inbound, counters=refused)))
+    edges = {e["source"]: e for e in book.edges(clock.now)}
+    assert edges["web"]["success"] == 0.0 and edges["web"]["denied"] == 30
+    assert edges["batch"]["success"] == 1.0 and edges["batch"]["denied"] == 0
+    figures = book.service_figures(clock.now)["catalog"]
+    assert figures["success"] == pytest.approx(0.25) and figures["denied"] == 30
+    assert book.counters("catalog", clock.now)["authz_denied"] == {"web": 30, "batch": 10}  # the page's table
+
+
+def test_the_charts_end_at_the_last_whole_slot_and_do_not_dip_to_zero():
+    """Steady traffic, 10 req/s reported every 2 s: every point of the chart is about 10 req/s. The slot in
+    progress was drawn too, divided by the seconds it had lasted but holding only the reports that had arrived:
+    the right edge of every chart fell to 0 just after each 10 s boundary."""
+    clock = Clock()
+    book = StatsBook(clock)
+    sent = 0
+    for _ in range(31):  # a minute of reports
+        book.ingest(parse_report(report(inbound=[row("web", sent)])))
+        clock.now += 2
+        sent += 20
+    clock.now = (clock.now // SLOT_SECONDS) * SLOT_SECONDS + 0.5  # just past a boundary: no report in this slot yet
+    points = book.timeline("in", "catalog", clock.now)
+    assert points[-1]["t"] == clock.now // SLOT_SECONDS * SLOT_SECONDS - SLOT_SECONDS  # the last whole slot
+    recent = [p["rps"] for p in points if p["t"] > T0 + SLOT_SECONDS]  # the first slot holds the baseline
+    assert recent and all(r == pytest.approx(10.0, rel=0.25) for r in recent), recent
+
+
 def test_an_instance_first_heard_of_long_after_its_start_is_a_baseline_not_a_spike():
     """A restarted control plane hears from instances that served for hours: their counts are not all 'now'."""
     clock = Clock()

@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium, against a live control plane with meshed services and traffic:
 
     loadgen (this process, a client-only mesh) -> frontend (1 instance) -> backend (2 instances)
+    loadgen -> backend (a few direct calls: an edge that passes the frontend's column)
 
 all in strict mTLS with certificates from the control plane's CA, reporting golden signals every 0.5 s."""
 
@@ -68,6 +69,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
                 try:
                     client.get("http://frontend/fwd/hello")
                     calls[0] += 1
+                    if calls[0] % 10 == 0:
+                        client.get("http://backend/hello")
                 except httpx.HTTPError:
                     pass
                 stop.wait(0.01)
@@ -147,6 +150,54 @@ def test_topology_shows_both_services_and_the_live_mtls_edge(live: LiveMesh, pag
     assert not page.errors  # type: ignore[attr-defined]
 
 
+NODE_BOXES = """() => Array.from(document.querySelectorAll("svg#topology g.node")).map(g => {
+  const m = /translate\\(([-\\d.]+),([-\\d.]+)\\)/.exec(g.getAttribute("transform"));
+  const r = g.querySelector("rect");
+  return [g.dataset.service, +m[1], +m[2], +r.getAttribute("width"), +r.getAttribute("height")];
+})"""
+EDGE_POINTS = """() => Array.from(document.querySelectorAll("svg#topology path[data-edge]")).map(p => {
+  const n = p.getTotalLength(), points = [];
+  for (let i = 0; i <= 100; i++) { const q = p.getPointAtLength(n * i / 100); points.push([q.x, q.y]); }
+  return [p.dataset.edge, points];
+})"""
+
+
+def test_no_edge_is_drawn_through_a_node(live: LiveMesh, page: Any) -> None:
+    """loadgen -> backend passes the frontend's column: drawn straight, it ran through the frontend's node."""
+    page.goto(live.cp.url + "/ui")
+    page.wait_for_selector('svg#topology path[data-edge="loadgen->backend"]', state="attached", timeout=30_000)
+    boxes = page.evaluate(NODE_BOXES)
+    columns = sorted({x for _, x, _, _, _ in boxes})
+    assert len(columns) == 3, boxes  # loadgen, frontend, backend: the edge does pass a column
+    for edge, points in page.evaluate(EDGE_POINTS):
+        ends = set(edge.split("->"))
+        for name, x, y, w, h in boxes:
+            if name in ends:
+                continue
+            inside = [(px, py) for px, py in points if x + 1 < px < x + w - 1 and y + 1 < py < y + h - 1]
+            assert not inside, f"the edge {edge} runs through the {name} node at {inside[:3]}"
+    shot(page, "topology-lanes")
+
+
+def test_callers_refused_by_authorization_show_as_denied_not_as_success(live: LiveMesh, page: Any) -> None:
+    """backend allows only frontend: loadgen's direct calls get 403, and the edge says so (it showed 100%)."""
+    version = live.cp.apply({"services": {"backend": {"authorization": {"mode": "strict", "allow": ["frontend"]}}}})
+    try:
+        page.goto(live.cp.url + "/ui")
+
+        def refused_edge() -> list[str] | None:
+            row = edge_row(page, "loadgen", "backend")
+            return row if row is not None and int(row[8]) > 0 and row[3] != "100%" else None
+
+        wait_for(refused_edge, timeout=30, interval=0.5, what=f"loadgen -> backend denied (rules v{version})")
+        label = page.locator("svg#topology text.label", has_text="denied").first.text_content() or ""
+        assert "denied" in label
+        frontend = edge_row(page, "frontend", "backend")
+        assert frontend is not None and int(frontend[8]) == 0  # the allowed caller is untouched
+    finally:
+        live.cp.apply({"services": {}})
+
+
 def test_service_page_lists_instances_routes_and_charts(live: LiveMesh, page: Any) -> None:
     page.goto(live.cp.url + "/ui#/service/backend")
     page.wait_for_selector("#service-name")
@@ -156,6 +207,12 @@ def test_service_page_lists_instances_routes_and_charts(live: LiveMesh, page: An
         assert f"127.0.0.1:{u.port}" in text
     assert "Inbound, per caller and route" in text and "frontend" in text
     assert page.locator(".chart svg path").count() == 4
+    # every rate on the page says over what it is measured: three bare "req/s" figures disagreed before
+    figures = page.eval_on_selector_all(".figure", "fs => fs.map(f => f.firstChild.textContent)")
+    assert figures and all(f.endswith("last 60 s") for f in figures), figures
+    charts = page.eval_on_selector_all(".chart > div", "cs => cs.map(c => c.firstChild.textContent)")
+    assert len(charts) == 4 and all("last 10 s" in c for c in charts), charts
+    assert "inbound req/s, since its previous report" in text
     no_overflow(page)
     shot(page, "service")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from meshlib.control.stats_ring import quantile
 from meshlib.telemetry.metrics import MeshMetrics
 from meshlib.telemetry.signals import between, parse, per_instance_delta
 
@@ -19,7 +22,12 @@ def test_signals_from_rendered_metrics():
     (row,) = between(before, after, 2.0)
     assert row.service == "catalog" and row.requests == 100 and row.rate == 50.0
     assert row.success == 0.98
-    assert row.p50_ms == 5.0 and row.p99_ms == 250.0  # bucket upper bounds
+    # the same figures the dashboard shows for these requests (interpolated within the bucket, as Prometheus'
+    # histogram_quantile): the demo's text once printed the buckets' upper bounds, 5 and 250 ms here
+    per_bucket = [sum(c) for c in zip(*(p.bucket_counts for p in metrics.server_duration.points()), strict=True)]
+    assert row.p50_ms == pytest.approx(quantile(per_bucket, 0.5) * 1000)
+    assert row.p99_ms == pytest.approx(quantile(per_bucket, 0.99) * 1000)
+    assert 2.5 < row.p50_ms < 5.0 and 100.0 < row.p99_ms < 250.0
 
 
 def test_a_killed_instance_leaving_the_sum_is_not_negative_traffic():
@@ -38,3 +46,13 @@ def test_a_killed_instance_leaving_the_sum_is_not_negative_traffic():
     born = {**after, "n:3": parse(alive.prometheus())}  # a new instance's counts are not traffic of this interval
     (row,) = between({}, per_instance_delta(after, born), 1.0)
     assert row.requests == 0
+
+
+def test_a_quantile_past_the_last_bound_is_the_last_bound_and_an_empty_one_is_zero():
+    metrics = MeshMetrics("catalog")
+    labels = metrics.server_labels("frontend", "/", "GET", "2xx")
+    metrics.server_duration.record(999.0, labels)  # past every finite bucket: +Inf
+    (row,) = between({}, parse(metrics.prometheus()), 1.0)
+    assert row.p50_ms == quantile([0] * len(metrics.server_duration.bounds) + [1], 0.5) * 1000
+    (empty,) = between(parse(metrics.prometheus()), parse(metrics.prometheus()), 1.0)
+    assert empty.requests == 0 and empty.p50_ms == 0.0

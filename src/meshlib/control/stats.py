@@ -160,35 +160,48 @@ class StatsBook:
 
     @staticmethod
     def figures_empty() -> dict[str, Any]:
-        return {"requests": 0, "rps": 0.0, "success": None, "p50_ms": None, "p99_ms": None}
+        return {"requests": 0, "rps": 0.0, "success": None, "p50_ms": None, "p99_ms": None, "denied": 0}
 
     @staticmethod
-    def figures(window: Window, covered: float) -> dict[str, Any]:
-        """The golden signals of a window: None where there is no data yet (the page says so)."""
+    def figures(window: Window, covered: float, denied: float = 0.0) -> dict[str, Any]:
+        """The golden signals of a window: None where there is no data yet (the page says so). ``denied``: the
+        requests among them refused by authorization (403 from the callee's strict rule), which are no success."""
         if window.count <= 0:
             return StatsBook.figures_empty()
         p50, p99 = window.quantile_ms(0.5), window.quantile_ms(0.99)
+        denied = min(denied, window.count - window.errors)
         return {
             "requests": int(window.count),
             "rps": round(window.count / covered, 3),
-            "success": round(window.success() or 0.0, 5),
+            "success": round(max(window.count - window.errors - denied, 0.0) / window.count, 5),
             "p50_ms": None if p50 is None else round(p50, 3),
             "p99_ms": None if p99 is None else round(p99, 3),
+            "denied": int(denied),
         }
 
+    def refused(self, now: float, group: Callable[[str, str], Any]) -> dict[Any, float]:
+        """Requests refused by authorization over the last minute, summed per ``group(callee, caller)``."""
+        out: dict[Any, float] = {}
+        for key, ring in self.series.items():
+            if key[0] == "authz_refused":
+                g = group(key[1], key[2])
+                out[g] = out.get(g, 0.0) + ring.window(now, WINDOW).count
+        return out
+
     def _timeline(self, match: Callable[[SeriesKey], bool], now: float) -> list[dict[str, Any]]:
-        """One point per slot over the 15 minutes (oldest first); slots without data have zero requests."""
-        last = slot_of(now)
+        """One point per whole slot over the 15 minutes (oldest first); slots without data have zero requests.
+        The slot in progress is left out: it holds only the reports that arrived so far (instances report every
+        few seconds), so drawing it dropped every chart's right edge towards 0 after each slot boundary."""
+        current = slot_of(now)
         points = []
         rings = [r for k, r in self.series.items() if match(k)]
-        for slot in range(last - SLOTS + 1, last + 1):
+        for slot in range(current - SLOTS + 1, current):
             w = Window()
             for ring in rings:
                 s = ring.slot(slot)
                 if s is not None:
                     w.add(s)
-            seconds = (now - slot * SLOT_SECONDS) if slot == last else SLOT_SECONDS
-            point = self.figures(w, max(seconds, 1.0))
+            point = self.figures(w, SLOT_SECONDS)
             point["t"] = slot * SLOT_SECONDS
             points.append(point)
         return points
@@ -235,6 +248,7 @@ class StatsBook:
                 identities.setdefault(r.service, set()).add(r.identity)
             for peer, uri in r.verified_peers.items():
                 verified.setdefault((peer, r.service), set()).add(uri)
+        refused = self.refused(now, lambda callee, caller: (caller, callee))
         edges = []
         for (source, destination), (seen_by, (window, seconds)) in sorted(views.items()):
             if window.count <= 0:
@@ -249,7 +263,7 @@ class StatsBook:
                     "mtls": bool(source_ids),
                     "source_identity": source_ids[0] if source_ids else None,
                     "destination_identity": callee_ids[0] if callee_ids else None,
-                    **self.figures(window, seconds),
+                    **self.figures(window, seconds, refused.get((source, destination), 0.0)),
                 }
             )
         return edges
@@ -257,7 +271,8 @@ class StatsBook:
     def service_figures(self, now: float) -> dict[str, dict[str, Any]]:
         """Every service's inbound golden signals over the last minute (mirrored copies left out)."""
         grouped = self._grouped(now, lambda k: k[1] if k[0] == "in" else None)
-        return {name: self.figures(w, c) for name, (w, c) in grouped.items()}
+        refused = self.refused(now, lambda callee, caller: callee)
+        return {name: self.figures(w, c, refused.get(name, 0.0)) for name, (w, c) in grouped.items()}
 
     def routes(self, direction: str, service: str, now: float) -> list[dict[str, Any]]:
         """Per (peer, route) figures of one service's inbound, outbound or mirrored traffic."""

@@ -20,7 +20,7 @@ MAX_ENDPOINT_ROWS = 4096
 MAX_PEERS = 1000
 TLS_MODES = ("off", "permissive", "strict")
 COUNTER_NAMES = frozenset(
-    ("retries", "budget_exhausted", "ejections", "authz_denied", "mirror_dropped", "mirror_skipped")
+    ("retries", "budget_exhausted", "ejections", "authz_denied", "authz_refused", "mirror_dropped", "mirror_skipped")
 )
 BREAKER_STATES = frozenset(("closed", "open", "half-open"))
 #: Refused rows named in the answer, at most.

@@ -79,6 +79,11 @@ def build_report(
         for attrs, value in getattr(metrics, attr).points():
             counter_key = (name, attrs.get("mesh.peer_service", ""))
             counters[counter_key] = counters.get(counter_key, 0.0) + value
+            if name == "authz_denied" and attrs.get("mesh.authz_mode") == "strict":
+                # the requests answered 403 (permissive mode only logs what it would deny): the dashboard counts
+                # them against the edge's success, which showed 100% for a caller refused every time
+                refused = ("authz_refused", counter_key[1])
+                counters[refused] = counters.get(refused, 0.0) + value
     endpoints = []
     now = mesh.clock()
     for destination, state in list(mesh.services.items())[:MAX_DESTINATIONS]:

@@ -33,14 +33,21 @@ class ScrapedHistogram:
             self.buckets[le] = self.buckets.get(le, 0.0) + sign * c
 
     def quantile(self, q: float) -> float:
-        """Seconds: the upper bound of the bucket holding quantile ``q``."""
+        """Seconds, interpolated within the bucket holding quantile ``q``, as Prometheus' ``histogram_quantile``
+        and the dashboard compute it (a bucket's upper bound alone put the demo's text p50s at 5, 10, 25 ms while
+        the page showed 7.3 ms); the ``+Inf`` bucket answers with the highest finite bound."""
         if self.count <= 0:
             return 0.0
         rank = q * self.count
+        lower, seen = 0.0, 0.0
         for le in sorted(self.buckets):
-            if self.buckets[le] >= rank:
-                return le
-        return math.inf
+            cumulative = self.buckets[le]
+            if cumulative >= rank and cumulative > seen:
+                if math.isinf(le):
+                    return lower
+                return lower + (le - lower) * (rank - seen) / (cumulative - seen)
+            lower, seen = le, max(seen, cumulative)
+        return lower
 
 
 def parse(text: str) -> dict[str, ScrapedHistogram]:

@@ -122,8 +122,24 @@ function renderTopology(main, data) {
   const pos = {};
   columns.forEach((col, ci) => col.forEach((s, ri) => {
     const offset = (rows - col.length) * (H + GAPY) / 2;
-    pos[s.name] = { x: PAD + ci * (W + GAPX), y: PAD + offset + ri * (H + GAPY) };
+    pos[s.name] = { x: PAD + ci * (W + GAPX), y: PAD + offset + ri * (H + GAPY), column: ci };
   }));
+  // A horizontal lane for an edge that passes other columns: the candidate nearest its ends that crosses no node
+  // of those columns (an edge drawn straight across a column ran through the nodes in it).
+  const lane = (from, to, y1, y2) => {
+    const busy = [];
+    for (const name of Object.keys(pos)) {
+      const p = pos[name];
+      if (p.column > from && p.column < to) busy.push([p.y - 10, p.y + H + 10]);
+    }
+    const candidates = [y1, y2, (y1 + y2) / 2, PAD / 2, height - PAD / 2];
+    for (const [top, bottom] of busy) candidates.push(top - GAPY / 2 + 10, bottom + GAPY / 2 - 10);
+    const free = candidates.filter((y) => y > 0 && y < height && busy.every(([top, bottom]) => y < top || y > bottom));
+    free.sort((p, q) => Math.abs(p - y1) + Math.abs(p - y2) - Math.abs(q - y1) - Math.abs(q - y2));
+    return free.length ? free[0] : height - PAD / 2;
+  };
+  // An S-bend from (xa, ya) to (xb, yb) within one gap between columns, where no node is.
+  const bend = (xa, ya, xb, yb) => `C${(xa + xb) / 2},${ya} ${(xa + xb) / 2},${yb} ${xb},${yb}`;
   // drawn at its natural size (never scaled up), shrunk to fit narrower windows
   const graph = svg("svg", { class: "topology", id: "topology", viewBox: `0 0 ${width} ${height}`, width: width,
     role: "img", "aria-label": "service topology" });
@@ -146,17 +162,30 @@ function renderTopology(main, data) {
     const a = pos[e.source], b = pos[e.destination];
     if (!a || !b) continue;
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
-    const mid = x2 - GAPX / 2;  // bends in the gap before the callee, so long edges run straight until then
+    const mid = x2 - GAPX / 2;  // the label sits in the gap before the callee
+    let d, labelY = (y1 + y2) / 2;
+    if (b.column === a.column + 1) {
+      d = `M${x1},${y1} ${bend(x1, y1, x2, y2)}`;  // neighbours: one bend in the gap between them
+    } else if (b.column > a.column) {
+      // past other columns: into a free lane in the first gap, along it, out of it in the last gap
+      const y = lane(a.column, b.column, y1, y2);
+      d = `M${x1},${y1} ${bend(x1, y1, x1 + GAPX, y)} L${x2 - GAPX},${y} ${bend(x2 - GAPX, y, x2, y2)}`;
+      labelY = (y + y2) / 2;
+    } else {
+      // backwards or within a column: out to the right, round below every node, in from the left
+      const y = height - PAD / 2, right = x1 + GAPX / 3, left = x2 - Math.min(GAPX / 3, PAD - 4);
+      d = `M${x1},${y1} C${right},${y1} ${right},${y} ${x1},${y} L${x2},${y} C${left},${y} ${left},${y2} ${x2},${y2}`;
+      labelY = y - 16;
+    }
     const cls = "edge" + (e.mtls ? " mtls" : "") + (e.success !== null && e.success < 0.95 ? " failing" : "");
-    const path = svg("path", { class: cls, d: `M${x1},${y1} L${Math.max(x1, mid - GAPX / 2)},${y1} C${mid},${y1} ${mid},${y2} ${x2},${y2}`,
-      "marker-end": "url(#arrow)", "data-edge": e.source + "->" + e.destination });
+    const path = svg("path", { class: cls, d, "marker-end": "url(#arrow)", "data-edge": e.source + "->" + e.destination });
     path.append(svg("title", {}, `${e.source} → ${e.destination}` +
       (e.mtls ? `\nmTLS: ${e.source_identity} → ${e.destination_identity || "?"}` : "\nplaintext")));
     graph.append(path);
-    const lines = [`${fmt.rps(e.rps)} req/s · ${fmt.pct(e.success)}${e.mtls ? " · mTLS" : ""}`,
+    const lines = [`${fmt.rps(e.rps)} req/s · ${fmt.pct(e.success)}${e.denied ? ` · ${e.denied} denied` : ""}${e.mtls ? " · mTLS" : ""}`,
       `p50 ${fmt.ms(e.p50_ms)} · p99 ${fmt.ms(e.p99_ms)}`];
     const w = Math.max(...lines.map((l) => l.length)) * 6, h = 28;
-    const top = place(mid - w / 2, (y1 + y2) / 2 - h - 2, w, h);
+    const top = place(mid - w / 2, labelY - h - 2, w, h);
     lines.forEach((line, i) => graph.append(svg("text", { class: "label" + (i === 0 && e.mtls ? " ok" : ""), x: mid,
       y: top + 11 + i * 13, "text-anchor": "middle" }, line)));
   }
@@ -179,6 +208,7 @@ function renderTopology(main, data) {
     ...SIGNAL_COLUMNS,
     { title: "mTLS", value: (e) => (e.mtls ? "yes" : "no"), cls: (e) => (e.mtls ? "ok" : "") },
     { title: "identities", value: (e) => (e.mtls ? `${e.source_identity} → ${e.destination_identity || "?"}` : "–") },
+    { title: "denied (403)", num: true, value: (e) => String(e.denied || 0), cls: (e) => (e.denied ? "bad" : "") },
   ], data.edges, "No calls between services in the last minute.")));
   main.lastChild.querySelector("table") && main.lastChild.querySelector("table").setAttribute("id", "edges");
 }
@@ -188,7 +218,8 @@ function renderTopology(main, data) {
 function sparkline(title, points, pick, format) {
   const values = points.map(pick);
   const known = values.filter((v) => v !== null && v !== undefined);
-  const box = el("div", { class: "chart" }, el("div", {}, title + ": ", el("b", {}, known.length ? format(known[known.length - 1]) : "no data yet")));
+  // the value shown is the last whole 10 s slot's, which is the chart's right edge (the slot in progress is not drawn)
+  const box = el("div", { class: "chart" }, el("div", {}, title + ", last 10 s: ", el("b", {}, known.length ? format(known[known.length - 1]) : "no data yet")));
   const W = 300, H = 60;
   const max = Math.max(...known, 1e-9);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" });
@@ -200,17 +231,17 @@ function sparkline(title, points, pick, format) {
     path += (path ? " L" : "M") + x.toFixed(1) + "," + y.toFixed(1);
   });
   chart.append(svg("path", { d: path || "M0,0", fill: "none", stroke: "#2b6cb0", "stroke-width": 1.5 }));
-  box.append(chart, el("small", { class: "empty" }, "last 15 min"));
+  box.append(chart, el("small", { class: "empty" }, "last 15 min, per 10 s"));
   return box;
 }
 
 function renderService(main, d) {
   main.append(el("h2", {}, "Service ", el("span", { id: "service-name" }, d.name)));
   main.append(el("div", { class: "figures" },
-    el("div", { class: "figure" }, "req/s in", el("b", {}, fmt.rps(d.rps))),
-    el("div", { class: "figure" }, "success", el("b", { class: successClass(d.success) }, fmt.pct(d.success))),
-    el("div", { class: "figure" }, "p50", el("b", {}, fmt.ms(d.p50_ms))),
-    el("div", { class: "figure" }, "p99", el("b", {}, fmt.ms(d.p99_ms)))));
+    el("div", { class: "figure" }, `inbound req/s, last ${d.window_s} s`, el("b", {}, fmt.rps(d.rps))),
+    el("div", { class: "figure" }, `success, last ${d.window_s} s`, el("b", { class: successClass(d.success) }, fmt.pct(d.success))),
+    el("div", { class: "figure" }, `p50, last ${d.window_s} s`, el("b", {}, fmt.ms(d.p50_ms))),
+    el("div", { class: "figure" }, `p99, last ${d.window_s} s`, el("b", {}, fmt.ms(d.p99_ms)))));
   main.append(el("h3", {}, "Instances"));
   const stateClass = (i) => ({ up: "ok", ejected: "bad", silent: "warn", gone: "bad" }[i.state] || "");
   main.append(el("div", { class: "panel" }, table([
@@ -221,7 +252,7 @@ function renderService(main, d) {
     { title: "state", value: (i) => el("span", { class: "badge " + stateClass(i), "data-state": i.state }, i.state), cls: stateClass },
     { title: "breakers", value: (i) => (i.breakers.length ? i.breakers.map((b) => `${b.state} at ${b.caller}`).join("; ") : "closed") },
     { title: "last report", value: (i) => fmt.ago(i.last_report_s_ago) },
-    { title: "req/s", num: true, value: (i) => fmt.rps(i.rps) },
+    { title: "inbound req/s, since its previous report", num: true, value: (i) => fmt.rps(i.rps) },
   ], d.instances, "No instances registered or reporting.")));
   main.append(el("h3", {}, "What each caller's balancer sees"));
   main.append(el("div", { class: "panel", id: "estimates" }, table([
@@ -240,9 +271,9 @@ function renderService(main, d) {
     sparkline("outbound req/s", d.timeline.outbound, (p) => p.rps, fmt.rps)));
   const routeColumns = (peerTitle) => [
     { title: peerTitle, value: (r) => r.peer }, { title: "route", value: (r) => r.route }, ...SIGNAL_COLUMNS];
-  main.append(el("h3", {}, "Inbound, per caller and route"));
+  main.append(el("h3", {}, `Inbound, per caller and route (last ${d.window_s} s)`));
   main.append(el("div", { class: "panel" }, table(routeColumns("caller"), d.inbound, "No inbound requests in the last minute.")));
-  main.append(el("h3", {}, "Outbound, per callee and route"));
+  main.append(el("h3", {}, `Outbound, per callee and route (last ${d.window_s} s)`));
   main.append(el("div", { class: "panel" }, table(routeColumns("callee"), d.outbound, "No outbound calls in the last minute.")));
   if (d.mirrored.length) {
     main.append(el("h3", {}, "Mirrored copies received"));
