@@ -44,6 +44,20 @@ def answers_ok(url: str) -> bool:
         return False
 
 
+def standalone_env(app_dir: Path, **mesh: str) -> dict[str, str]:
+    """The environment of an app process that meshes alone: none of this process's ``MESH_*`` settings, no control
+    plane, static discovery of nothing it calls, its state under ``app_dir``, which is also on its ``PYTHONPATH``;
+    ``mesh`` adds settings (``MESH_ACCESS_LOG="on"``)."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
+        "MESH_DISCOVERY": "static:other=127.0.0.1:1",
+        "MESH_CONTROL_PLANE": "",
+        "MESH_STATE_DIR": str(app_dir / "state"),
+        "PYTHONPATH": str(app_dir),
+        **mesh,
+    }
+
+
 def rss_mb(pid: int) -> float:
     """A process's resident memory now, in MiB (from /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -4,7 +4,6 @@ Django project (CommonMiddleware, which checks the host) in a real ``meshctl run
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import answers_ok, free_port, wait_for
+from harness import answers_ok, free_port, standalone_env, wait_for
 
 pytestmark = pytest.mark.e2e  # its tests start processes
 
@@ -43,13 +42,7 @@ app = get_wsgi_application()
 def test_mesh_calls_by_service_name_pass_allowed_hosts(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(DJANGO_APP)
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
-        "MESH_DISCOVERY": "static:other=127.0.0.1:1",
-        "MESH_CONTROL_PLANE": "",
-        "MESH_STATE_DIR": str(tmp_path / "state"),
-        "PYTHONPATH": str(tmp_path),
-    }
+    env = standalone_env(tmp_path)
     args = [sys.executable, "-m", "meshlib.cli", "run", "reports", "app:app", "--port", str(port)]
     out = tmp_path / "out.log"
     url = f"http://127.0.0.1:{port}/summary"

@@ -4,7 +4,6 @@ real gunicorn and uvicorn processes check it (tests/test_appname.py has the comm
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import answers_ok, free_port, wait_for
+from harness import answers_ok, free_port, standalone_env, wait_for
 
 pytestmark = pytest.mark.e2e  # its tests start processes
 
@@ -46,13 +45,7 @@ def home():
 
 def _health_service(tmp_path: Path, module: str, source: str, args: list[str], cwd: Path) -> tuple[str, str]:
     (tmp_path / f"{module}.py").write_text(source)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
-        "MESH_DISCOVERY": "static:other=127.0.0.1:1",
-        "MESH_CONTROL_PLANE": "",
-        "MESH_STATE_DIR": str(tmp_path / "state"),
-        "PYTHONPATH": str(tmp_path),
-    }
+    env = standalone_env(tmp_path)
     out = tmp_path / "out.log"
     url = args[-1]
     with out.open("w") as sink:

@@ -5,7 +5,6 @@ INFO records). Real subprocesses, real requests."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import answers_ok, free_port, wait_for
+from harness import answers_ok, free_port, standalone_env, wait_for
 
 pytestmark = pytest.mark.e2e  # its tests start processes
 
@@ -44,15 +43,7 @@ def _lines(path: Path) -> list[dict[str, object]]:
 def test_the_access_log_prints_under_every_runner(runner: str, tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text(APP)
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MESH_")},
-        "MESH_ACCESS_LOG": "on",
-        "MESH_SERVICE": "logged",
-        "MESH_DISCOVERY": "static:other=127.0.0.1:1",
-        "MESH_CONTROL_PLANE": "",
-        "MESH_STATE_DIR": str(tmp_path / "state"),
-        "PYTHONPATH": str(tmp_path),
-    }
+    env = standalone_env(tmp_path, MESH_ACCESS_LOG="on", MESH_SERVICE="logged")
     if runner == "meshctl run":
         args = [sys.executable, "-m", "meshlib.cli", "run", "logged", "app:app", "--port", str(port)]
     else:
