@@ -193,6 +193,9 @@ def test_calls_refused_by_authorization_are_no_success():
     figures = book.service_figures(clock.now)["catalog"]
     assert figures["success"] == pytest.approx(0.25) and figures["denied"] == 30
     assert book.counters("catalog", clock.now)["authz_denied"] == {"web": 30, "batch": 10}  # the page's table
+    clock.now += SLOT_SECONDS  # the inbound success chart too, once the slot is whole
+    (point,) = [p for p in book.timeline("in", "catalog", clock.now) if p["requests"]]
+    assert point["success"] == pytest.approx(0.25) and point["denied"] == 30
 
 
 def test_the_charts_end_at_the_last_whole_slot_and_do_not_dip_to_zero():

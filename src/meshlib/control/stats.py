@@ -188,20 +188,25 @@ class StatsBook:
                 out[g] = out.get(g, 0.0) + ring.window(now, WINDOW).count
         return out
 
-    def _timeline(self, match: Callable[[SeriesKey], bool], now: float) -> list[dict[str, Any]]:
+    def _timeline(
+        self, match: Callable[[SeriesKey], bool], now: float, refused: Callable[[SeriesKey], bool] | None = None
+    ) -> list[dict[str, Any]]:
         """One point per whole slot over the 15 minutes (oldest first); slots without data have zero requests.
         The slot in progress is left out: it holds only the reports that arrived so far (instances report every
-        few seconds), so drawing it dropped every chart's right edge towards 0 after each slot boundary."""
+        few seconds), so drawing it dropped every chart's right edge towards 0 after each slot boundary.
+        ``refused`` picks the authorization-refusal counters that come off each point's success."""
         current = slot_of(now)
         points = []
         rings = [r for k, r in self.series.items() if match(k)]
+        refusals = [r for k, r in self.series.items() if refused is not None and refused(k)]
         for slot in range(current - SLOTS + 1, current):
             w = Window()
             for ring in rings:
                 s = ring.slot(slot)
                 if s is not None:
                     w.add(s)
-            point = self.figures(w, SLOT_SECONDS)
+            denied = sum(r.count for ring in refusals if (r := ring.slot(slot)) is not None)
+            point = self.figures(w, SLOT_SECONDS, denied)
             point["t"] = slot * SLOT_SECONDS
             points.append(point)
         return points
@@ -296,7 +301,8 @@ class StatsBook:
         return out
 
     def timeline(self, direction: str, service: str, now: float) -> list[dict[str, Any]]:
-        return self._timeline(lambda k: k[0] == direction and k[1] == service, now)
+        refused = (lambda k: k[0] == "authz_refused" and k[1] == service) if direction == "in" else None
+        return self._timeline(lambda k: k[0] == direction and k[1] == service, now, refused)
 
     def estimates(self, service: str) -> list[dict[str, Any]]:
         """What every caller's balancer sees of ``service``'s endpoints: latency estimate, attempts in flight,
