@@ -10,7 +10,8 @@ or chunked (streamed, with write flow control), response bodies by Content-Lengt
 (streamed, with read flow control), 1xx answers skipped, HEAD, ``Connection: close``, a server closing a reused
 connection. No upgrades, no pipelining, no HTTP/2 (the pools fall back to httpcore for HTTP/2). Errors are
 httpcore's exception classes, so the mesh's verdicts and httpx's exceptions are the same as on every other path.
-It implements the part of ``httpcore.AsyncHTTPConnection`` that ``pools._Stack`` uses.
+Reading the answer is ``AnswerCore``'s (shared with the sync engine); this is the I/O, flow control and timeouts.
+It implements the part of ``httpcore.AsyncHTTPConnection`` that ``async_pools.py`` uses.
 """
 
 from __future__ import annotations
@@ -20,18 +21,23 @@ import ssl
 from typing import Any
 
 import httpcore
-import httptools
 
-from .h1_answer import ACTIVE, CLOSED, IDLE, AnswerReader, KeepAlive, reparse_leniently
-from .h1_body import request_head, write_body
+from .async_h1_body import Body, write_body
+from .h1_core import AnswerCore
+from .h1_request import request_head
 from .h1_timer import Watch, within
 from .outbound import Answer, Outbound
+from .pool_ledger import ACTIVE, CLOSED, IDLE, KeepAlive
 
 #: httpcore's ``get_extra_info`` names, as asyncio's transports call them.
 _TRANSPORT_INFO = {"ssl_object": "ssl_object", "client_addr": "sockname", "server_addr": "peername", "socket": "socket"}
 
 
-class AsyncH1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
+#: Buffered response bytes past which the socket stops being read (until the caller takes them).
+_HIGH_WATER = 256 * 1024
+
+
+class AsyncH1Connection(KeepAlive, asyncio.Protocol):
     """One keep-alive connection to one endpoint, used by one request at a time."""
 
     def __init__(
@@ -39,27 +45,16 @@ class AsyncH1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
     ) -> None:
         super().__init__(scheme, host, port, ssl_context, keepalive)
         self._transport: asyncio.Transport | None = None
-        # the response being read
-        self._parser: httptools.HttpResponseParser | None = None
-        self._head: asyncio.Future[None] | None = None
-        self._status = 0
-        self._reason = b""
-        self._version = b"HTTP/1.1"
-        self._raw_head = b""  # the answer head's bytes so far (lenient_head needs them if llhttp refuses it)
-        self._head_bytes = 0
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._answer_headers: list[tuple[bytes, bytes]] = []
-        self._framed = False  # Content-Length or chunked: the body's end is known without the connection closing
-        self._head_request = False
-        self._informational = False
-        self._body = None
+        self._core = AnswerCore(self._where())
+        self._head: asyncio.Future[None] | None = None  # the answer's head, awaited by send()
+        self._body: Body | None = None
         self._paused_writing: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
         self._read_timeout: float | None = None
         self._reading_paused = False
         self.watch = Watch()
 
-    # -- what pools._Stack uses -------------------------------------------------------------------------------
+    # -- what async_pools.py uses -------------------------------------------------------------------------------
     def has_expired(self) -> bool:
         return self._idle_too_long()
 
@@ -75,12 +70,8 @@ class AsyncH1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         reused, self._used = self._used, True
         self._state = ACTIVE
         method = request.method
-        loop = asyncio.get_running_loop()
-        self._head = head = loop.create_future()
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        self._raw_head = b""
-        self._head_request = method == b"HEAD"
+        self._head = head = asyncio.get_running_loop().create_future()
+        self._core.start(method)
         self._read_timeout = timeouts.get("read")
         self._body = None
         try:
@@ -106,8 +97,9 @@ class AsyncH1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
             raise
         body = self._body
         assert body is not None
-        extensions = {"http_version": self._version, "reason_phrase": self._reason, "network_stream": self}
-        return Answer(self._status, self._answer_headers, body, extensions)
+        core = self._core
+        extensions = {"http_version": core.version, "reason_phrase": core.reason, "network_stream": self}
+        return Answer(core.status, core.headers, body, extensions)
 
     def get_extra_info(self, info: str) -> Any:
         transport = self._transport
@@ -171,27 +163,39 @@ class AsyncH1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None or self._state != ACTIVE:  # bytes nobody asked for: the connection cannot be trusted
+        if self._state != ACTIVE:  # bytes nobody asked for: the connection cannot be trusted
             self._close()
             return
-        heading = self._body is None  # still in the answer's head: its bytes are kept in case it needs leniency
-        if heading:
-            self._raw_head += data
+        core = self._core
+        heading = not core.head_done
         try:
-            parser.feed_data(data)
-        except Exception as exc:  # the parser's errors, and ours raised from its callbacks
-            cause = exc.__cause__ or exc.__context__
-            if heading and not isinstance(cause, httpcore.ProtocolError) and reparse_leniently(self):
-                return
-            failure = (
-                cause
-                if isinstance(cause, httpcore.ProtocolError)
-                else httpcore.RemoteProtocolError(f"malformed HTTP response from {self._where()}: {exc}")
-            )
+            core.feed(data)
+        except httpcore.ProtocolError as failure:
             self._lost = failure
             self._fail(failure)
             self._close()
+            return
+        if heading:
+            if not core.head_done:
+                return
+            self._body = Body(self, self._read_timeout)
+            head = self._head
+            if head is not None and not head.done():
+                head.set_result(None)  # before a HEAD answer completes: its Connection: close must not fail it
+        body = self._body
+        if body is None:
+            return
+        if core.parts:
+            body.wake()
+            if core.buffered > _HIGH_WATER and self._transport is not None and not self._reading_paused:
+                self._reading_paused = True
+                self._transport.pause_reading()
+        if core.complete and not body.complete:
+            body.finish()
+            if core.reusable and self._lost is None and self._state == ACTIVE:
+                self._now_idle()
+            else:
+                self._close()
 
     def eof_received(self) -> bool | None:
         self._ended(None)
@@ -207,14 +211,15 @@ class AsyncH1Connection(KeepAlive, AnswerReader, asyncio.Protocol):
         paused = self._paused_writing
         if paused is not None and not paused.done():
             _settle(paused, httpcore.WriteError(f"{self._where()} closed the connection during the upload"))
-        body = self._body
-        if self._head is not None and not self._head.done():
-            self._fail(httpcore.RemoteProtocolError(f"{self._where()} closed the connection without an answer"))
-        elif body is not None and not body.complete:
-            if self._framed:
-                body.fail(httpcore.RemoteProtocolError(f"{self._where()} closed the connection mid-body"))
-            else:  # a body delimited by the connection's end is complete now
-                body.finish()
+        head, body = self._head, self._body
+        if (head is not None and not head.done()) or (body is not None and not body.complete):
+            try:
+                self._core.ended()  # a body delimited by the connection's end is complete now
+            except httpcore.RemoteProtocolError as failure:
+                self._fail(failure)
+            else:
+                if body is not None:
+                    body.finish()
         self._state = CLOSED
 
     def pause_writing(self) -> None:

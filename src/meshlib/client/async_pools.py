@@ -1,19 +1,16 @@
-"""The async outbound engine for mesh hops: per-endpoint stacks of idle keep-alive connections, on httpcore's own
-connection class (connect, TLS, HTTP/1.1, every timeout phase, cancellation handled as httpcore does).
+"""The async outbound engine for mesh hops: per-endpoint stacks of keep-alive connections, on the lean HTTP/1.1
+engine (``async_h1.py``) under asyncio, and on httpcore's own connection class for HTTP/2 and under trio.
 
-meshlib has already chosen the endpoint when it sends, so it needs no general pool that matches queued requests
-to origins. httpcore 1.0's pool does exactly that, on every request and every release, walking every connection
-and polling each socket: quadratic in connections x requests in flight, most of the client's CPU at 16-64 in
-flight. Here a checkout pops the endpoint's most recently used idle connection (O(1); one socket poll, on that
-connection only, to see it is still usable), and a release pushes it back or hands it straight to a waiting
-request. At most ``max_connections`` per endpoint; requests past it wait (``pool`` timeout) in FIFO order.
+httpcore 1.0's pool matches queued requests to origins on every request and every release, walking every
+connection and polling each socket: quadratic in connections x requests in flight, most of the client's CPU at
+16-64 in flight. meshlib has already chosen the endpoint, so the decisions are ``pool_ledger.Ledger``'s (O(1)
+per checkout and release, shared with the sync engine); requests past ``max_connections`` wait (``pool``
+timeout) in FIFO order on anyio events, so they wait the same way under asyncio and trio.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,9 +18,10 @@ import anyio
 import httpcore
 
 from .async_h1 import AsyncH1Connection
-from .h1_body import Body
+from .async_h1_body import Body
 from .h1_timer import within
 from .outbound import Answer, Outbound, PoolLimits
+from .pool_ledger import OPEN, WAIT, Ledger, Waiter
 from .streams import streaming
 
 _Key = tuple[bytes, str, int]
@@ -60,8 +58,8 @@ class AsyncEndpointPools(PoolLimits):
             raise
         body = answer.stream
         if type(body) is Body and body.complete and not streaming.get():  # client.stream() keeps it until closed
-            stack.checkin(connection)
             answer.stream = body.take()  # bytes: read into the response by the shell
+            stack.checkin(connection)
             return answer
         answer.stream = _AsyncReturning(body, connection, stack)
         return answer
@@ -77,46 +75,40 @@ class AsyncEndpointPools(PoolLimits):
 
     def connections(self) -> int:
         """Open connections over every endpoint (for tests and status)."""
-        return sum(stack.active + len(stack.idle) for stack in self._stacks.values())
+        return sum(stack.ledger.connections() for stack in self._stacks.values())
 
 
-class _Waiter:
-    """One caller waiting for a connection at the cap: handed a connection, or room to open one (None). Built on
-    anyio's Event, so it works under asyncio and trio alike (an asyncio future needs a running asyncio loop)."""
+class _AnyioWaiter(Waiter[_Connection]):
+    """Woken by anyio's Event, so waits work under asyncio and trio alike (an asyncio future needs a running
+    asyncio loop)."""
 
-    __slots__ = ("closed", "event", "given", "settled")
+    __slots__ = ("event",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.event = anyio.Event()
-        self.given: _Connection | None = None
-        self.settled = False  # handed something, gave up, or the pool closed
-        self.closed = False
 
-    def done(self) -> bool:
-        return self.settled
-
-    def set_result(self, connection: _Connection | None) -> None:
-        self.given, self.settled = connection, True
-        self.event.set()
-
-    def cancel(self) -> None:
-        self.settled = self.closed = True
+    def wake(self) -> None:
         self.event.set()
 
 
 class _AsyncStack:
-    __slots__ = ("active", "closed", "evicted", "idle", "origin", "owner", "waiters")
+    """One endpoint's ledger; callers past the cap wait on an anyio event of their own, in FIFO order."""
+
+    __slots__ = ("ledger", "origin", "owner")
 
     def __init__(self, owner: AsyncEndpointPools, origin: _Key) -> None:
         self.owner = owner
         self.origin = origin
-        self.idle: list[_Connection] = []
-        self.active = 0  # checked out, or being connected
-        self.waiters: collections.deque[_Waiter] = collections.deque()
-        #: Idle connections dropped past the keep-alive cap outside asyncio, closed at the next checkout.
-        self.evicted: list[_Connection] = []
-        #: The pools were closed: a connection still out (a body being read) is closed when it comes back.
-        self.closed = False
+        self.ledger: Ledger[_Connection] = Ledger(owner._max, owner._keepalive)
+
+    @property
+    def idle(self) -> list[_Connection]:
+        return self.ledger.idle
+
+    @property
+    def active(self) -> int:
+        return self.ledger.active
 
     def _new(self) -> _Connection:
         owner = self.owner
@@ -132,90 +124,64 @@ class _AsyncStack:
         )
 
     async def checkout(self, timeout: float | None) -> _Connection:
-        if self.evicted:
-            await self.close_evicted()
-        idle = self.idle
-        while idle:
-            connection = idle.pop()
-            if connection.has_expired():  # closed by the peer, or idle past keepalive_expiry: one poll, O(1)
-                await connection.aclose()
-                continue
-            self.active += 1
-            return connection
-        if self.active < self.owner._max:
-            self.active += 1
+        ledger = self.ledger
+        got = ledger.checkout()
+        if ledger.dropped:
+            await self.close_dropped()
+        if got is WAIT:
+            got = await self._wait(timeout)
+        if got is OPEN:
             return self._new()
-        # at the cap: wait for a connection handed over by a release (or for room to open one)
-        waiter = _Waiter()
-        self.waiters.append(waiter)
+        return got  # type: ignore[return-value]
+
+    async def _wait(self, timeout: float | None) -> _Connection | str:
+        ledger = self.ledger
+        waiter = _AnyioWaiter()
+        ledger.enqueue(waiter)
         try:
             with anyio.fail_after(timeout):
                 await waiter.event.wait()
-            if waiter.closed:
-                raise httpcore.ConnectError("the client was closed while this request waited for a connection")
-            handed = waiter.given
-        except TimeoutError:
-            _, host, port = self.origin
-            raise httpcore.PoolTimeout(
-                f"no connection to {host}:{port} free {within(timeout)} ({self.owner._max} in use)"
-            ) from None
-        except BaseException:
-            if waiter.settled and not waiter.closed:
-                given = waiter.given
-                if given is not None:
-                    self.checkin(given)  # handed over just as we were cancelled: pass it on
-                else:
-                    self.active -= 1  # we were given room to open one, and will not
+        except BaseException as exc:  # timed out or cancelled: what it was handed just then passes on
+            ledger.gave_up(waiter)
+            self._release_dropped()
+            if isinstance(exc, TimeoutError):
+                _, host, port = self.origin
+                raise httpcore.PoolTimeout(
+                    f"no connection to {host}:{port} free {within(timeout)} ({ledger.limit} in use)"
+                ) from None
             raise
-        finally:
-            if not waiter.settled:
-                waiter.settled = True  # gave up (timed out, cancelled): a release passes this one by
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(waiter)
-        return handed if handed is not None else self._new()
+        if waiter.closed:
+            raise httpcore.ConnectError("the client was closed while this request waited for a connection")
+        return waiter.given if waiter.given is not None else OPEN
 
     def checkin(self, connection: _Connection) -> None:
         """A request is done with ``connection`` (response closed, or it failed)."""
-        if self.closed:  # as the sync pools do: nothing is kept once the client is closed
-            self.active -= 1
-            self._drop(connection)
-            return
-        reusable = connection.is_idle() and not connection.is_closed()
-        waiters = self.waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if waiter.done():
-                continue
-            # the slot stays counted as active: it moves to the waiter, with this connection or with room for one
-            waiter.set_result(connection if reusable else None)
-            return
-        self.active -= 1
-        if not reusable:
-            return
-        self.idle.append(connection)
-        if len(self.idle) > self.owner._keepalive:  # keep the most recently used; close the oldest
-            self._drop(self.idle.pop(0))
+        ledger = self.ledger
+        ledger.checkin(connection)
+        if ledger.dropped:
+            self._release_dropped()
 
-    def _drop(self, connection: _Connection) -> None:
-        if _asyncio_loop():
-            _close_soon(connection)
-        else:  # trio: no task to close it in from here; the next checkout, release or close does
-            self.evicted.append(connection)
+    def _release_dropped(self) -> None:
+        """Close what the ledger dropped without making the caller (a release) wait: the lean connections at once,
+        httpcore's in a task; under trio (no task to close them in from here) at the next checkout or close."""
+        ledger = self.ledger
+        left: list[_Connection] = []
+        for connection in ledger.take_dropped():
+            if type(connection) is AsyncH1Connection:
+                connection._close()
+            elif _asyncio_loop():
+                _close_soon(connection)
+            else:
+                left.append(connection)
+        ledger.dropped.extend(left)
 
-    async def close_evicted(self) -> None:
-        evicted, self.evicted = self.evicted, []
-        for connection in evicted:
+    async def close_dropped(self) -> None:
+        for connection in self.ledger.take_dropped():
             await connection.aclose()
 
     async def aclose(self) -> None:
-        self.closed = True
-        idle, self.idle = self.idle + self.evicted, []
-        self.evicted = []
-        for connection in idle:
-            await connection.aclose()
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.cancel()
+        self.ledger.close()
+        await self.close_dropped()
 
 
 _closing: set[asyncio.Task[None]] = set()
@@ -260,5 +226,5 @@ class _AsyncReturning:
             self._returned = True
             stack = self._stack
             stack.checkin(self._connection)
-            if stack.evicted and stack.closed:
-                await stack.close_evicted()
+            if stack.ledger.dropped:  # under trio, or after the pools closed
+                await stack.close_dropped()

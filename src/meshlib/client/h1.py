@@ -17,29 +17,16 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpcore
-import httptools
 
-from .h1_answer import (
-    ACTIVE,
-    CLOSED,
-    HTTP_VERSIONS,
-    IDLE,
-    LINE_OVERHEAD,
-    MAX_HEAD_BYTES,
-    KeepAlive,
-    head_too_large,
-    is_framed,
-    keep_alive_header,
-    reparse_leniently,
-)
-from .h1_body import Framer, request_head
+from .h1_core import AnswerCore
+from .h1_request import Framer, request_head
 from .h1_timer import within
 from .outbound import Answer, Outbound
+from .pool_ledger import ACTIVE, CLOSED, IDLE, KeepAlive
 
 #: One read's size: what httpcore reads, and more than a TLS record (16 KiB), so a read never splits one.
 READ_SIZE = 65536
@@ -48,27 +35,10 @@ _JOIN_BELOW = 65536
 
 
 class H1Connection(KeepAlive):
-    """One keep-alive connection to one endpoint, used by one thread's request at a time."""
+    """One keep-alive connection to one endpoint, used by one thread's request at a time. Reading the answer is
+    ``AnswerCore``'s; this is the socket, its timeouts and the waits."""
 
-    __slots__ = (
-        "_complete",
-        "_framed",
-        "_head_bytes",
-        "_head_done",
-        "_head_request",
-        "_headers",
-        "_informational",
-        "_parser",
-        "_parts",
-        "_poll",
-        "_raw_head",
-        "_reason",
-        "_sock",
-        "_status",
-        "_stray",
-        "_timeout",
-        "_version",
-    )
+    __slots__ = ("_core", "_poll", "_sock", "_timeout")
 
     def __init__(
         self, scheme: bytes, host: str, port: int, ssl_context: ssl.SSLContext | None, keepalive: float | None
@@ -77,30 +47,14 @@ class H1Connection(KeepAlive):
         self._sock: socket.socket | None = None
         self._poll: Any = None
         self._timeout: float | None = -1.0  # what the socket is set to (settimeout is a system call: set on change)
-        self._parser: httptools.HttpResponseParser | None = None
-        self._status = 0
-        self._reason = b""
-        self._version = b"HTTP/1.1"
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
-        self._head_done = False
-        self._head_request = False
-        self._informational = False
-        self._framed = False
-        self._complete = False
-        self._stray = False
-        self._parts: list[bytes] = []
+        self._core = AnswerCore(self._where())
 
-    # -- what pools._Stack uses ---------------------------------------------------------------------------
+    # -- what pools.py uses ---------------------------------------------------------------------------
     def has_expired(self) -> bool:
         """Closed, idle past the keep-alive expiry, or readable while idle (the server closed it, or sent bytes
-        nobody asked for: either way it cannot carry a request). One poll of this socket only."""
-        if self._state == CLOSED:
-            return True
-        if self._idle_too_long() or (self._poll is not None and self._poll.poll(0)):
-            self.close()
-            return True
-        return False
+        nobody asked for: either way it cannot carry a request). One poll of this socket only; the pool closes
+        an expired connection outside its lock."""
+        return self._idle_too_long() or (self._poll is not None and bool(self._poll.poll(0)))
 
     def get_extra_info(self, info: str) -> Any:
         sock = self._sock
@@ -133,32 +87,23 @@ class H1Connection(KeepAlive):
             raise httpcore.ConnectionNotAvailable()
         reused, self._used = self._used, True
         self._state = ACTIVE
-        method = request.method
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        self._raw_head = b""
-        self._parts = []
-        self._head_bytes = 0
-        self._head_done = self._complete = self._informational = self._stray = False
-        self._head_request = method == b"HEAD"
+        core = self._core
+        core.start(request.method)
         try:
-            head, length, whole = request_head(method, request.target, request.headers, request.stream)
+            head, length, whole = request_head(request.method, request.target, request.headers, request.stream)
             self._send_request(head, length, whole, request.stream, timeouts.get("write"))
             self._set_timeout(timeouts.get("read"))
-            while not self._head_done:
-                if not self.receive():
-                    raise httpcore.RemoteProtocolError(f"{self._where()} closed the connection without an answer")
+            while not core.head_done:
+                self.receive()
         except BaseException as exc:  # errors, and interruptions: a half-used connection is never reused
             self.close()
             if isinstance(exc, httpcore.RemoteProtocolError) and reused:
                 exc.args = (f"{exc} (a reused keep-alive connection to {self._where()})",)
             raise
-        extensions = {"http_version": self._version, "reason_phrase": self._reason, "network_stream": self}
-        if self._complete:
-            parts = self._parts
-            self._parts = []
-            return Answer(self._status, self._headers, parts[0] if len(parts) == 1 else b"".join(parts), extensions)
-        return Answer(self._status, self._headers, SyncBody(self), extensions)
+        extensions = {"http_version": core.version, "reason_phrase": core.reason, "network_stream": self}
+        if core.complete:
+            return Answer(core.status, core.headers, core.take(), extensions)
+        return Answer(core.status, core.headers, SyncBody(self), extensions)
 
     # -- I/O ----------------------------------------------------------------------------------------------
     def _set_timeout(self, seconds: float | None) -> None:
@@ -233,8 +178,9 @@ class H1Connection(KeepAlive):
             # httpcore does; with no answer, the read names the closed connection
             pass
 
-    def receive(self) -> bool:
-        """One read, fed to the parser; False at the end of the connection (handled as the answer's state says)."""
+    def receive(self) -> None:
+        """One read, fed to the core; the end of the connection is the core's to judge (a body delimited by the
+        close ends there; an answer cut short is an error naming what was missing)."""
         sock = self._sock
         if sock is None:
             raise httpcore.ReadError(f"the connection to {self._where()} was closed by the client")
@@ -244,109 +190,29 @@ class H1Connection(KeepAlive):
             raise httpcore.ReadTimeout(f"no answer from {self._where()} {within(self._timeout)}") from None
         except OSError as exc:
             raise httpcore.ReadError(f"{exc} (reading from {self._where()})") from exc
-        if not data:
-            self._ended()
-            return False
-        parser = self._parser
-        if parser is None:  # bytes after the answer, in the same read: the connection cannot be trusted
-            self._stray = True
-            return True
-        heading = not self._head_done  # its bytes are kept in case the head needs leniency
-        if heading:
-            self._raw_head += data
-        try:
-            parser.feed_data(data)
-        except Exception as exc:  # the parser's errors, and ours raised from its callbacks
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, httpcore.ProtocolError):
-                raise cause from None
-            if heading and reparse_leniently(self):
-                return True
-            if self._complete:  # a whole answer, then garbage in the same read (a 204 with a body): keep the
-                self._stray = True  # answer, as httpx does, and never reuse the connection
-                self.close()
-                return True
-            raise httpcore.RemoteProtocolError(f"malformed HTTP response from {self._where()}: {exc}") from None
-        return True
+        if data:
+            core = self._core
+            core.feed(data)
+            if core.complete and self._state == ACTIVE:
+                self._finished()
+        else:
+            self.close()
+            self._core.ended()
 
     def receive_ready(self) -> None:
         """Reads what is already on the socket, up to ``READ_SIZE`` buffered, without waiting: ``SSLSocket.recv``
         returns one 16 KiB record per call, and each part handed to httpx costs a pass through its decoders, so a
         large answer over TLS goes up in parts as large as in plaintext."""
         poll = self._poll
-        while (
-            not self._complete
-            and poll is not None
-            and self._sock is not None
-            and sum(map(len, self._parts)) < READ_SIZE
-            and poll.poll(0)
-        ):
+        core = self._core
+        while not core.complete and self._sock is not None and core.buffered < READ_SIZE and poll.poll(0):
             self.receive()
 
-    def _ended(self) -> None:
-        """The server closed the connection: an unframed body ends here; anything else is left incomplete."""
-        if self._head_done and not self._complete and not self._framed:
-            self._complete = True
-        elif self._head_done and not self._complete:
-            self.close()
-            raise httpcore.RemoteProtocolError(f"{self._where()} closed the connection mid-body")
-        self.close()
-
-    # -- httptools callbacks -----------------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        if self._complete:  # a second answer in the same read: nobody asked for it
-            self._stray = True
-            self.close()
-
-    def on_status(self, status: bytes) -> None:
-        if not self._complete:
-            self._reason = status
-            self._head_bytes = len(status) + 15  # "HTTP/1.1 200 " and CRLF, counted as the async engine does
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_done:  # trailers (after the head) are dropped, never mixed into the headers
-            self._head_bytes += len(name) + len(value) + LINE_OVERHEAD
-            if self._head_bytes > MAX_HEAD_BYTES:  # a hostile or broken server: bounded, as h11 bounds it
-                raise head_too_large(self._where())
-            self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        if parser is None or self._complete:
-            return
-        status = parser.get_status_code()
-        if 100 <= status < 200:
-            if status == 101:
-                raise httpcore.RemoteProtocolError(f"{self._where()} switched protocols; mesh hops do not upgrade")
-            self._informational = True  # skipped: the real answer follows on the same connection
-            self._headers = []
-            return
-        self._status = status
-        self._version = HTTP_VERSIONS.get(parser.get_http_version(), b"HTTP/1.1")
-        self._framed = is_framed(self._headers, status, self._head_request)
-        self._head_done = True
-        if self._head_request:
-            self.on_message_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self._head_done and not self._complete:
-            self._parts.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        parser = self._parser
-        if parser is None or self._complete:
-            return
-        keep = parser.should_keep_alive() and not self._head_request
-        if self._head_request:
-            keep = keep_alive_header(self._headers)
-        self._parser = None  # nothing more may arrive until the next request
-        self._complete = True
-        if keep and not self._stray and self._state == ACTIVE:
-            self._state = IDLE
-            self._idle_since = time.monotonic()
+    def _finished(self) -> None:
+        """The answer is whole (its body may still be unread, in memory): the connection is idle again if the core
+        says it may carry another request, and closed otherwise."""
+        if self._core.reusable and self._state == ACTIVE:
+            self._now_idle()
         else:
             self.close()
 
@@ -366,18 +232,15 @@ class SyncBody:
 
     @property
     def complete(self) -> bool:
-        return self._connection._complete
+        return self._connection._core.complete
 
     def __iter__(self) -> Iterator[bytes]:
         connection = self._connection
+        core = connection._core
         while True:
-            parts = connection._parts
-            if parts:
-                connection._parts = []
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
-            elif connection._complete:
-                if connection._stray:
-                    connection.close()
+            if core.parts:
+                yield core.take()
+            elif core.complete:
                 return
             else:
                 try:
@@ -388,5 +251,5 @@ class SyncBody:
                     raise
 
     def close(self) -> None:
-        if not self._connection._complete:
+        if not self._connection._core.complete:
             self._connection.close()

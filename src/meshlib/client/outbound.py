@@ -1,6 +1,6 @@
 """One attempt's request and answer as the async engine passes them: plain slotted objects. httpcore's models
 validate and copy every header on construction; the attempt's headers are built by the mesh and checked once,
-where they are written (``h1_body.request_head``). httpcore's objects are made only where httpcore runs."""
+where they are written (``h1_request.request_head``). httpcore's objects are made only where httpcore runs."""
 
 from __future__ import annotations
 

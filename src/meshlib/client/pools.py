@@ -1,17 +1,15 @@
-"""The sync client's outbound engine for mesh hops: per-endpoint stacks of idle keep-alive connections
+"""The sync client's outbound engine for mesh hops: per-endpoint stacks of keep-alive connections
 (``h1.H1Connection``), shared by the caller's threads.
 
-As in the async engine (``async_pools.py``): meshlib has already chosen the endpoint when it sends, so a checkout pops
-that endpoint's most recently used idle connection (one poll, on that connection only, to see it is still
-usable), and a release pushes it back and wakes one waiting thread. At most ``max_connections`` per endpoint;
-threads past it wait (``pool`` timeout). No lock is held while a connection connects, sends or waits for an answer.
+The decisions are ``pool_ledger.Ledger``'s, as in the async engine; here they run under one lock per endpoint,
+and a thread past ``max_connections`` waits on an event of its own (``pool`` timeout) until a release hands it a
+connection or room for one. No lock is held while a connection connects, sends, waits for an answer or closes.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +18,7 @@ import httpcore
 from .h1 import H1Connection, SyncBody
 from .h1_timer import within
 from .outbound import Answer, Outbound, PoolLimits
+from .pool_ledger import OPEN, WAIT, Ledger, Waiter
 from .streams import streaming
 
 _Key = tuple[bytes, str, int]
@@ -78,7 +77,7 @@ class EndpointPools(PoolLimits):
         self._lock = threading.Lock()
         stacks, self._stacks = list(self._stacks.values()), {}
         for stack in stacks:
-            stack.ready = threading.Condition(threading.Lock())
+            stack.lock = threading.Lock()
             stack.close()
 
     def stacks(self) -> dict[Any, Any]:
@@ -87,70 +86,93 @@ class EndpointPools(PoolLimits):
 
     def connections(self) -> int:
         """Open connections over every endpoint (for tests and status)."""
-        return sum(stack.active + len(stack.idle) for stack in list(self._stacks.values()))
+        return sum(stack.ledger.connections() for stack in list(self._stacks.values()))
 
 
 class _Stack:
-    __slots__ = ("active", "closed", "idle", "origin", "owner", "ready")
+    """One endpoint's ledger behind a lock; callers past the cap wait on an event of their own, in FIFO order."""
+
+    __slots__ = ("ledger", "lock", "origin", "owner")
 
     def __init__(self, owner: EndpointPools, origin: _Key) -> None:
         self.owner = owner
         self.origin = origin
-        self.idle: list[H1Connection] = []
-        self.active = 0  # checked out, or being connected
-        self.closed = False  # the client was closed: connections still in use are closed when released
-        self.ready = threading.Condition(threading.Lock())
+        self.ledger: Ledger[H1Connection] = Ledger(owner._max, owner._keepalive)
+        self.lock = threading.Lock()
+
+    @property
+    def idle(self) -> list[H1Connection]:
+        return self.ledger.idle
+
+    @property
+    def active(self) -> int:
+        return self.ledger.active
 
     def checkout(self, timeout: float | None) -> H1Connection:
-        owner = self.owner
-        deadline: float | None = None
-        with self.ready:
-            while True:
-                idle = self.idle
-                while idle:
-                    connection = idle.pop()
-                    if not connection.has_expired():  # closed by the peer or idle too long: it closed itself
-                        self.active += 1
-                        return connection
-                if self.active < owner._max:
-                    self.active += 1
-                    break
-                if timeout is not None:
-                    deadline = deadline or time.monotonic() + timeout
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self.ready.wait(left):
-                        if self.idle or self.active < owner._max:
-                            continue  # freed just as the wait ended
-                        _, host, port = self.origin
-                        raise httpcore.PoolTimeout(
-                            f"no connection to {host}:{port} free {within(timeout)} ({owner._max} in use)"
-                        )
-                else:
-                    self.ready.wait()
-        scheme, host, port = self.origin
-        return H1Connection(scheme, host, port, owner._ssl_context, owner._expiry)
+        ledger = self.ledger
+        with self.lock:
+            got = ledger.checkout()
+            waiter: _ThreadWaiter | None = None
+            if got is WAIT:
+                waiter = _ThreadWaiter()
+                ledger.enqueue(waiter)
+            dropped = ledger.take_dropped() if ledger.dropped else None
+        if dropped:
+            _close_all(dropped)
+        if waiter is not None:
+            got = self._wait(waiter, timeout)
+        if got is OPEN:
+            scheme, host, port = self.origin
+            owner = self.owner
+            return H1Connection(scheme, host, port, owner._ssl_context, owner._expiry)
+        assert isinstance(got, H1Connection)
+        return got
+
+    def _wait(self, waiter: _ThreadWaiter, timeout: float | None) -> H1Connection | str:
+        ledger = self.ledger
+        woken = waiter.event.wait(timeout)
+        with self.lock:
+            if not woken and not waiter.settled:
+                ledger.gave_up(waiter)
+                _, host, port = self.origin
+                raise httpcore.PoolTimeout(
+                    f"no connection to {host}:{port} free {within(timeout)} ({ledger.limit} in use)"
+                )
+        if waiter.closed:
+            raise httpcore.ConnectError("the client was closed while this request waited for a connection")
+        return waiter.given if waiter.given is not None else OPEN
 
     def checkin(self, connection: H1Connection) -> None:
         """A request is done with ``connection`` (response closed, or it failed)."""
-        dropped: H1Connection | None = None
-        with self.ready:
-            self.active -= 1
-            if self.closed:
-                dropped = connection
-            elif connection.is_idle() and not connection.is_closed():
-                self.idle.append(connection)
-                if len(self.idle) > self.owner._keepalive:  # keep the most recently used; close the oldest
-                    dropped = self.idle.pop(0)
-            self.ready.notify()
-        if dropped is not None:
-            dropped.close()
+        ledger = self.ledger
+        with self.lock:
+            ledger.checkin(connection)
+            dropped = ledger.take_dropped() if ledger.dropped else None
+        if dropped:
+            _close_all(dropped)
 
     def close(self) -> None:
-        with self.ready:
-            self.closed = True
-            idle, self.idle = self.idle, []
-        for connection in idle:
-            connection.close()
+        ledger = self.ledger
+        with self.lock:
+            ledger.close()
+            dropped = ledger.take_dropped()
+        _close_all(dropped)
+
+
+class _ThreadWaiter(Waiter[H1Connection]):
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def wake(self) -> None:
+        self.event.set()
+
+
+def _close_all(connections: list[H1Connection]) -> None:
+    for connection in connections:
+        connection.close()
 
 
 class _Read:

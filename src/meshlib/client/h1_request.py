@@ -1,19 +1,14 @@
-"""The bytes of an HTTP/1.1 exchange for ``AsyncH1Connection``: the request head (validated: nothing from a caller
-may split a header or a request line), request bodies written with framing checked, and the response body
-stream the caller reads."""
+"""A request's bytes on an HTTP/1.1 connection, sans I/O, for both engines: the head (validated: nothing from a
+caller may split a header or a request line) and the body's parts framed as the head declared (checked: a body
+longer or shorter than declared would break the connection's framing)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpcore
 import httpx
-
-if TYPE_CHECKING:
-    from .async_h1 import AsyncH1Connection
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_OK = re.compile(rb"[^\r\n\x00]*")
@@ -80,24 +75,6 @@ def _name_the_problem(method: bytes, target: bytes, headers: list[tuple[bytes, b
     raise httpcore.LocalProtocolError("invalid request head")  # pragma: no cover - one of the above applies
 
 
-async def write_body(connection: AsyncH1Connection, stream: Any, length: int | None, timeout: float | None) -> None:
-    """Stream a request body, framed as its head declared, pausing while the socket's buffer is full."""
-    framer = Framer(length)
-    async for part in stream:
-        if not part:
-            continue
-        head = connection._head
-        if head is not None and head.done():  # answered before the upload ended (413, 401...): stop sending
-            connection._lost = connection._lost or ConnectionAbortedError("answered before the body was sent")
-            return
-        connection._write(framer.frame(part))
-        await connection._drained(timeout)
-    end = framer.end()
-    if end:
-        connection._write(end)
-    await connection._drained(timeout)
-
-
 class Framer:
     """A streamed request body's parts as they go on the wire: chunked, or checked against the Content-Length the
     head declared (a body longer or shorter than declared would break the connection's framing)."""
@@ -126,65 +103,3 @@ class Framer:
                 f"the body ended after {self._sent} bytes, Content-Length says {self._length}"
             )
         return b""
-
-
-class Body:
-    """A response body as it arrives: parts fed by the parser, read by the caller (httpcore's stream interface).
-    Closing it before the end closes the connection: a half-read connection is never reused."""
-
-    __slots__ = ("_connection", "_error", "_parts", "_timeout", "_waiter", "buffered", "complete")
-
-    def __init__(self, connection: AsyncH1Connection, timeout: float | None) -> None:
-        self._connection = connection
-        self._timeout = timeout
-        self._parts: list[bytes] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self.buffered = 0
-        self.complete = False
-
-    def feed(self, data: bytes) -> None:
-        self._parts.append(data)
-        self.buffered += len(data)
-        self._wake()
-
-    def finish(self) -> None:
-        self.complete = True
-        self._wake()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.complete and self._error is None:
-            self._error = exc
-            self._wake()
-
-    def _wake(self) -> None:  # a result, never an exception: the error is raised by the reader itself
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            parts = self._parts
-            if parts:
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                self._parts = []
-                if self.buffered > 0:
-                    self.buffered = 0
-                    self._connection.resume_reading()
-                yield data
-            elif self.complete:
-                return
-            elif self._error is not None:
-                raise self._error
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                await self._connection.watch.arm(self._waiter, self._timeout, httpcore.ReadTimeout)
-
-    def take(self) -> bytes:
-        """The whole body, once complete (the caller reads it from memory, not through this stream)."""
-        parts, self._parts, self.buffered = self._parts, [], 0
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def aclose(self) -> None:
-        if not self.complete:
-            self._connection._close()
