@@ -1,6 +1,6 @@
 """meshlib.Client vs plain httpx.Client, side by side in one run (not a CI test).
 
-    python bench/overhead.py [--rounds 7] [--requests 2000] [--only tls]
+    python bench/overhead.py [--rounds 7] [--requests 2000] [--only tls|memory]
 
 Three measurements, each as interleaved rounds (A, B, A, B, ...) so drift hits both sides alike; reports the median
 and p99 of per-request figures and the ratios:
@@ -259,7 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--only", choices=["tls"], help="run only this comparison")
+    parser.add_argument("--only", choices=["tls", "memory"], help="run only this comparison")
     args = parser.parse_args()
     from harness import Upstream
 
@@ -267,6 +267,12 @@ def main() -> None:
         tls_cost(args.rounds, args.requests // 2)
         return
     upstream = Upstream("bench").wait_listening()
+    if args.only == "memory":
+        try:
+            memory(upstream.port, args.rounds)
+        finally:
+            upstream.stop()
+        return
     try:
         compare("no-network transport", upstream.port, True, args.rounds, args.requests)
         compare("loopback uvicorn", upstream.port, False, args.rounds, args.requests // 2)

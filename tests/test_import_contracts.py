@@ -189,6 +189,21 @@ def test_the_pure_core_loads_no_client_library(module: str) -> None:
     assert loaded == []
 
 
+@pytest.mark.e2e  # a fresh interpreter
+def test_a_client_with_no_rules_file_loads_none_of_what_only_rules_and_errors_need() -> None:
+    """RE2, PyYAML, difflib and importlib.metadata load at their first use: about 7 MB of RSS (measured with
+    ``bench/overhead.py --only memory``) that a client with no regex rule, no rules file, no typo to explain and
+    no exporter asked for never pays."""
+    probe = (
+        "import sys, meshlib\n"
+        "m = meshlib.Mesh(service='probe', discovery='static:svc=127.0.0.1:9', control_plane='')\n"
+        "m.client().close(); m.async_client()\n"
+        "print(' '.join(sorted(set(sys.modules) & {'re2', 'yaml', 'difflib', 'importlib.metadata'})))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []
+
+
 def test_a_rules_typo_is_a_value_error_not_a_transport_error() -> None:
     import httpx
 
