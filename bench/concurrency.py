@@ -4,6 +4,7 @@ plaintext and with mutual TLS.
 
     pip install -e '.[bench]'
     python bench/concurrency.py [--rounds 5] [--requests 2000] [--concurrency 1,16,64,256] [--modes plain,mtls]
+        [--clients aiohttp,httpx,meshlib]
 
 For each mode and concurrency, rounds interleave the three clients (A, B, C, A, B, C, ...). Each round sends
 ``--requests`` GETs of a tiny answer from that many tasks at once, spread over the two upstreams (round robin for
@@ -114,22 +115,26 @@ async def clients(ports: list[int], concurrency: int, tls: dict[str, str] | None
 async def interleaved(
     gets: dict[str, Get], concurrency: int, rounds: int, requests: int
 ) -> dict[str, tuple[float, float]]:
-    """A warm-up for each, then ``rounds`` rounds of A, B, C, ...: the median (CPU per request, req/s) of each."""
+    """A warm-up for each, then ``rounds`` rounds of A, B, C; B, C, A; C, A, B; ...: the median (CPU per request,
+    req/s) of each. The order turns each round, so no client always runs right after the same other one (plain
+    httpx at 64 in flight leaves the most garbage and the coldest caches behind it)."""
     for get in gets.values():  # connections, handshakes, first-use costs
         await measure(get, min(requests, 500), concurrency)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in gets}
-    for _ in range(rounds):
-        for name, get in gets.items():
-            results[name].append(await measure(get, requests, concurrency))
+    names = list(gets)
+    for turn in range(rounds):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            results[name].append(await measure(gets[name], requests, concurrency))
     return {
         name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in results.items()
     }
 
 
 async def run(
-    ports: list[int], concurrency: int, rounds: int, requests: int, tls: dict[str, str] | None
+    ports: list[int], concurrency: int, rounds: int, requests: int, tls: dict[str, str] | None, only: list[str]
 ) -> dict[str, tuple[float, float]]:
     gets, close = await clients(ports, concurrency, tls)
+    gets = {name: get for name, get in gets.items() if name in only}
     try:
         return await interleaved(gets, concurrency, rounds, requests)
     finally:
@@ -162,6 +167,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--clients", default="aiohttp,httpx,meshlib", help="which of the three to run")
     parser.add_argument(
         "--modes",
         default="plain,mtls,tls-cost",
@@ -187,7 +193,8 @@ def main() -> None:
         try:
             ports = [u.port for u in upstreams]
             for concurrency in (int(c) for c in args.concurrency.split(",")):
-                figures = asyncio.run(run(ports, concurrency, args.rounds, args.requests, tls))
+                only = args.clients.split(",")
+                figures = asyncio.run(run(ports, concurrency, args.rounds, args.requests, tls, only))
                 mesh_cpu = figures["meshlib"][0]
                 for name, (cpu, rate) in figures.items():
                     ratio = "" if name == "meshlib" else f"{mesh_cpu / cpu:6.2f}x of {name}"

@@ -531,3 +531,37 @@ def test_a_hedged_stream_call_is_handed_over_unread_too(fast):
     with mesh, mesh.client() as client, client.stream("GET", "http://svc/x") as response:
         assert not response.is_stream_consumed
         assert json.loads(b"".join(response.iter_raw()))["instance"] == "fast"
+
+
+# -- a response read whole is freed when the caller drops it, not by the garbage collector ----------------------
+
+
+def test_a_response_read_whole_is_freed_when_dropped_with_no_collection(fast):
+    """httpx wraps every response's stream in one that points back at the response; meshlib's clients take a
+    closed response out of that cycle (at 64 calls in flight it made 47 young collections per 2,000 calls)."""
+    import gc
+    import weakref
+
+    with static_mesh({"svc": [fast.port]}, telemetry=False) as mesh:
+        gc.collect()
+        gc.disable()
+        try:
+            with mesh.client() as client:
+                response = client.get("http://svc/x")
+                assert response.status_code == 200 and response.content
+                gone = weakref.ref(response)
+                del response
+                assert gone() is None, "the sync client's response waits for a collection"
+
+            async def main() -> weakref.ref[httpx.Response]:
+                async with mesh.async_client() as client:
+                    response = await client.get("http://svc/x")
+                    assert response.status_code == 200 and response.content
+                    with pytest.raises(httpx.StreamConsumed):
+                        async for _ in response.aiter_raw():
+                            pass
+                    return weakref.ref(response)
+
+            assert asyncio.run(main())() is None, "the async client's response waits for a collection"
+        finally:
+            gc.enable()

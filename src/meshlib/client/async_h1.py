@@ -45,6 +45,9 @@ class AsyncH1Connection(KeepAlive, asyncio.Protocol):
     ) -> None:
         super().__init__(scheme, host, port, ssl_context, keepalive)
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = (
+            None  # the connection's (asked once: in 3.11 each ask is a getpid)
+        )
         self._core = AnswerCore(self._where())
         self._head: asyncio.Future[None] | None = None  # the answer's head, awaited by send()
         self._body: Body | None = None
@@ -70,7 +73,9 @@ class AsyncH1Connection(KeepAlive, asyncio.Protocol):
         reused, self._used = self._used, True
         self._state = ACTIVE
         method = request.method
-        self._head = head = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        assert loop is not None
+        self._head = head = loop.create_future()
         self._core.start(method)
         self._read_timeout = timeouts.get("read")
         self._body = None
@@ -121,7 +126,7 @@ class AsyncH1Connection(KeepAlive, asyncio.Protocol):
         self._transport.write(data)
 
     async def _connect(self, timeout: float | None, sni: str | None) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         host = self._host
         server_hostname = (sni or host) if self._ssl is not None else None
         try:

@@ -44,6 +44,7 @@ class _MeshRouting:
     _transport: Any
     _mounts: dict[Any, Any]
     _cookies: httpx.Cookies
+    headers: httpx.Headers
     _mesh_transport: MeshShell
     #: The caller gave ``transport=``: it serves every host, mesh names included.
     _own_transport: bool
@@ -78,6 +79,13 @@ class _MeshRouting:
             url = _parsed_url(url)
         return super().build_request(method, url, **kwargs)  # type: ignore[misc, no-any-return]
 
+    def _merge_headers(self, headers: Any = None) -> Any:
+        """With no per-request headers, the client's own: ``httpx.Request`` copies whatever it is given, so
+        httpx's extra copy (and its update with nothing) is skipped."""
+        if headers is None:
+            return self.headers
+        return super()._merge_headers(headers)  # type: ignore[misc]
+
     def _transport_for_url(self, url: httpx.URL) -> Any:
         if not self._own_transport and mesh_service_name(url.host) is not None:
             own = self._own_mounts
@@ -95,6 +103,25 @@ class _MeshRouting:
             return None
         mesh = self._mesh_transport.mesh
         return ExternalCall(mesh, request) if mesh.telemetry is not None else None
+
+
+def _unbound(response: httpx.Response) -> httpx.Response:
+    """A response read whole, out of the reference cycle httpx leaves it in (its stream is wrapped in one that
+    points back at the response, to time its close), so it is freed when the caller drops it rather than by the
+    garbage collector: about 20 objects per call that otherwise wait for a collection, and 47 young-generation
+    collections per 2,000 calls instead of 5. A closed response never touches its stream again (reads raise
+    ``StreamConsumed`` first), so the wrapper's inner stream takes its place."""
+    stream = response.stream
+    if response.is_closed and type(stream) in _BOUND:
+        inner = getattr(stream, "_stream", None)
+        if inner is not None:
+            response.stream = inner
+    return response
+
+
+_BOUND = tuple(
+    getattr(httpx._client, name) for name in ("BoundSyncStream", "BoundAsyncStream") if hasattr(httpx._client, name)
+)
 
 
 def _own_request(exc: BaseException, request: httpx.Request) -> None:
@@ -157,7 +184,7 @@ class Client(_MeshRouting, httpx.Client):
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         if not stream:
-            return super().send(request, **kwargs)
+            return _unbound(super().send(request, **kwargs))
         token = streaming.set(True)  # the mesh transport then hands the body over unread (client/streams.py)
         try:
             return super().send(request, stream=True, **kwargs)
@@ -220,7 +247,7 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
 
     async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         if not stream:
-            return await super().send(request, **kwargs)
+            return _unbound(await super().send(request, **kwargs))
         token = streaming.set(True)
         try:
             return await super().send(request, stream=True, **kwargs)
