@@ -12,6 +12,7 @@ from .cli_diagnostics import add_diagnostics_commands
 from .cli_http import DEFAULT_CONTROL_PLANE, CliError, check, control_plane_url, request
 from .cli_rules import add_rules_commands
 from .cli_tokens import add_token_commands
+from .cli_xds import add_xds_commands, print_xds_summary
 from .settings import env_value
 
 # -- commands -------------------------------------------------------------------------------------
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_rules_bytes=args.max_rules_bytes,
         allowed_hosts=args.allowed_host,
+        xds_port=args.xds_port,
     )
     return 0
 
@@ -95,7 +97,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     rules = check(request(args, "GET", "/v1/rules"))
     registry = check(request(args, "GET", "/v1/registry/services"))
     print(f"control plane {control_plane_url(args)}: rules version {rules['version']}")
-    return status(args, control_plane_url(args), registry["services"], request(args, "GET", "/v1/stats/topology"))
+    done = status(args, control_plane_url(args), registry["services"], request(args, "GET", "/v1/stats/topology"))
+    xds = request(args, "GET", "/v1/xds/clients")
+    if xds.status_code == 200:  # a control plane with an xDS port: its clients, and any version one refused
+        print_xds_summary(xds.json())
+    return done
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -180,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a host name clients reach this control plane by (repeatable; IP addresses, localhost and this "
         "machine's names always are; '*' for any): other names get 421, against DNS rebinding",
     )
+    p.add_argument(
+        "--xds-port",
+        type=int,
+        metavar="PORT",
+        help="also serve xDS (ADS, state of the world) to proxyless gRPC clients on this port (0 picks one)",
+    )
     p.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("ca", help="the mesh certificate authority")
@@ -198,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rules_commands(sub)
     add_token_commands(sub)
+    add_xds_commands(sub)
     add_diagnostics_commands(sub)
 
     p = sub.add_parser("status", help="services, instances, rule version, golden signals")

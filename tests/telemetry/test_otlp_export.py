@@ -214,3 +214,16 @@ def test_which_exporter_otlp_means(names, protocol, installed, chosen, warned) -
     got, warnings = resolve("traces", names, protocol, installed)
     assert got == chosen
     assert (warned in " ".join(warnings)) if warned else warnings == []
+
+
+def test_an_exporter_broken_by_xds_protos_says_how_to_repair_it():
+    """xds-protos (the xDS server's protos) ships an old copy of OpenTelemetry's OTLP protos; installed after
+    opentelemetry-proto, it breaks every OTLP exporter with this ImportError (grpc/grpc#42926)."""
+    from importlib.metadata import version
+
+    from meshlib.telemetry.exporters import proto_conflict_hint
+
+    broken = ImportError("cannot import name 'InstrumentationScope' from 'opentelemetry.proto.common.v1.common_pb2'")
+    hint = proto_conflict_hint(broken)
+    assert f"pip install --force-reinstall --no-deps opentelemetry-proto=={version('opentelemetry-proto')}" in hint
+    assert proto_conflict_hint(ValueError("bad endpoint")) == ""

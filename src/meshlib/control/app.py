@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
@@ -41,6 +42,10 @@ from .store import Revision, RulesStore
 from .token_routes import token_routes
 from .tokens import ADMIN, ANY_SERVICE, JOIN, Grant, TokenStore
 from .ui import CsrfGuard, new_csrf_token, ui_routes
+from .xds_routes import xds_routes
+
+if TYPE_CHECKING:
+    from .xds_server import XdsServer
 
 log = logging.getLogger("meshlib.control")
 
@@ -81,6 +86,8 @@ class ControlPlane:
         self.watched_names = 0
         #: Golden signals reported by instances, for the dashboard and /v1/stats.
         self.stats = StatsBook()
+        #: The ADS server (``meshctl serve --xds-port``), fed from the lifespan; None without one.
+        self.xds: XdsServer | None = None
         #: Writes from a browser must show this (it is in the dashboard page; it is not a credential).
         self.csrf_token = new_csrf_token()
         self._set_current(store.current())
@@ -310,6 +317,11 @@ def build_app(cp: ControlPlane) -> Starlette:
         gc.collect()
         gc.freeze()
         task = asyncio.create_task(cp.expiry_loop())
+        feeding = None
+        if cp.xds is not None:
+            from .xds_feed import feed  # only with an xDS port: it loads Envoy's protos (xds-protos)
+
+            feeding = asyncio.create_task(feed(cp, cp.xds))
         watch = getattr(cp.store, "watch", None)
         if watch is not None:  # a shared store: changes written by other config services reach our watchers too
             loop = asyncio.get_running_loop()
@@ -320,6 +332,10 @@ def build_app(cp: ControlPlane) -> Starlette:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if feeding is not None:
+                feeding.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeding
 
     return Starlette(
         routes=[
@@ -333,6 +349,7 @@ def build_app(cp: ControlPlane) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             *stats_routes(cp),
             *token_routes(cp),
+            *xds_routes(cp),
         ],
         middleware=[Middleware(HostGuard, hosts=cp.allowed_hosts), Middleware(CsrfGuard, token=cp.csrf_token)],
         lifespan=lifespan,

@@ -81,6 +81,7 @@ def run_control_plane(
     max_connections: int = 16_000,
     max_rules_bytes: int = MAX_DOCUMENT_BYTES,
     allowed_hosts: list[str] | None = None,
+    xds_port: int | None = None,
 ) -> None:
     sock = _listen(host, port)  # first: a busy port fails before anything is written to the state directory
     try:
@@ -98,6 +99,12 @@ def run_control_plane(
                 f"refusing to listen on {host} with neither MESH_ADMIN_TOKEN (to create join tokens with meshctl token "
                 "create) nor MESH_BOOTSTRAP_TOKEN: nobody could join, and a proxy in front would make every caller "
                 "look local. Set MESH_ADMIN_TOKEN, or pass --insecure to accept that"
+            )
+        if xds_port is not None and not _is_loopback_host(host) and not insecure:
+            raise ConfigurationError(
+                f"refusing --xds-port on {host}: the xDS port has no authentication or TLS yet, so anyone reaching it "
+                "could read every instance and rule. Serve it on loopback (--host 127.0.0.1), or pass --insecure to "
+                "accept that"
             )
         if (tls_cert or tls_key) and not (tls_cert and tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
@@ -129,6 +136,8 @@ def run_control_plane(
                 "--service NAME (and set each as MESH_BOOTSTRAP_TOKEN on that service's instances)"
             )
         bound = sock.getsockname()[1]
+        if xds_port is not None:
+            cp.xds = _start_xds(host, xds_port)
         config = uvicorn.Config(
             build_app(cp),
             log_level=log_level,
@@ -154,15 +163,35 @@ def run_control_plane(
             file=sys.stderr,
             flush=True,
         )
+        if cp.xds is not None:
+            print(f"meshctl serve: xDS (ADS) on {host}:{cp.xds.port}", file=sys.stderr, flush=True)
         try:
             server.run(sockets=[sock])
         finally:
+            if cp.xds is not None:
+                cp.xds.stop()
             cp.store.close()
             if cp.tokens is not None:
                 cp.tokens.close()
 
     finally:
         sock.close()
+
+
+def _start_xds(host: str, port: int) -> Any:
+    """The ADS server on its own port (``xds_server.py``); one line naming what is missing otherwise."""
+    try:
+        from .xds_server import XdsServer
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--xds-port needs grpcio and Envoy's protos ({exc.name} is missing): pip install 'meshlib[xds]'"
+        ) from None
+    xds = XdsServer()
+    try:
+        xds.start(host, port)
+    except OSError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return xds
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -89,5 +89,24 @@ def exporters(signal: Signal, environ: Mapping[str, str] = os.environ) -> list[A
         try:
             made.append(installed[name].load()())
         except Exception as exc:  # a bad endpoint or header variable: say so, keep serving
-            log.warning("meshlib: the %s exporter %r could not start: %s", signal, name, exc)
+            log.warning(
+                "meshlib: the %s exporter %r could not start: %s%s", signal, name, exc, proto_conflict_hint(exc)
+            )
     return made
+
+
+def proto_conflict_hint(exc: Exception) -> str:
+    """What to do when the OTLP protos were overwritten by the old copy ``xds-protos`` ships (grpc/grpc#42926:
+    whichever of the two packages is installed last owns ``opentelemetry/proto``)."""
+    if "InstrumentationScope" not in str(exc):
+        return ""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pinned = f"opentelemetry-proto=={version('opentelemetry-proto')}"
+    except PackageNotFoundError:
+        pinned = "opentelemetry-proto"
+    return (
+        f" (the xds-protos package overwrote OpenTelemetry's OTLP protos with an old copy: "
+        f"pip install --force-reinstall --no-deps {pinned})"
+    )

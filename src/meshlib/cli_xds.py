@@ -1,0 +1,73 @@
+"""``meshctl xds``: joining proxyless gRPC clients (any language's gRPC with its built-in xDS client) to the mesh
+through the control plane's ADS port (``meshctl serve --xds-port``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli_http import CliError, check, print_json, request
+
+
+def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
+    bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params={"service": args.service}))
+    text = json.dumps(bootstrap, indent=2) + "\n"
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {path}: run the {args.service} client with GRPC_XDS_BOOTSTRAP={os.path.abspath(path)}")
+    return 0
+
+
+def cmd_xds_clients(args: argparse.Namespace) -> int:
+    answer = check(request(args, "GET", "/v1/xds/clients"))
+    if args.output == "json":
+        print_json(answer)
+        return 0
+    clients = answer.get("clients", [])
+    if not clients:
+        print(f"no xDS client is connected (ADS on port {answer.get('port')})")
+    for client in clients:
+        refused = {kind: s for kind, s in client.get("types", {}).items() if s.get("parked")}
+        print(
+            f"{client['node'] or '(no node id)'}: {client['responses']} responses, {client['nacks']} refused"
+            + "".join(f"; {kind} {s['parked']} refused: {s['error']}" for kind, s in refused.items())
+        )
+    return 0
+
+
+def print_xds_summary(answer: dict[str, Any]) -> None:
+    """``meshctl status``'s xDS lines: how many clients, and each refused version with the client's reason."""
+    clients = answer.get("clients", [])
+    refusing = [c for c in clients if any(s.get("parked") for s in c.get("types", {}).values())]
+    print()
+    print(f"xDS (ADS port {answer.get('port')}): {len(clients)} client(s), {len(refusing)} refusing a version")
+    for client in refusing:
+        for kind, state in client["types"].items():
+            if state.get("parked"):
+                print(
+                    f"  {client['node']}: refused {kind} {state['parked']} (keeps {state['acked'] or 'none'}): "
+                    f"{state['error']}"
+                )
+
+
+def add_xds_commands(sub: Any) -> None:
+    xds = sub.add_parser("xds", help="join proxyless gRPC clients through the control plane's xDS port")
+    xsub = xds.add_subparsers(dest="xds_command", metavar="ACTION", required=True)
+    p = xsub.add_parser("bootstrap", help="the bootstrap file gRPC's xDS client reads (GRPC_XDS_BOOTSTRAP)")
+    p.add_argument("--service", required=True, help="the service the client runs as")
+    p.add_argument("-o", "--out", help="the file to write (default: standard output)")
+    p.set_defaults(func=cmd_xds_bootstrap)
+    p = xsub.add_parser("clients", help="the connected xDS clients, with the versions each accepted or refused")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+    p.set_defaults(func=cmd_xds_clients)

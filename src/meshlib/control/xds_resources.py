@@ -1,0 +1,221 @@
+"""The mesh as xDS resources, for proxyless gRPC clients (grpcio's and every other language's xDS client), built
+from what the control plane already holds: the registry's instances and the rules. No I/O; the ADS server
+(``xds_server.py``) serves what this returns.
+
+Per service ``S``, as gRPC's xDS client asks for ``xds:///S``:
+
+- Listener ``S``: an API listener whose HTTP connection manager takes its routes from RDS (over ADS) and ends
+  in the router filter;
+- RouteConfiguration ``S``: the service's rule routes in order (``path_prefix`` and header matches; one
+  destination is a cluster, several are weighted clusters: a 90/10 canary), then a catch-all to ``S``; the
+  service's ``timeout`` as the route's maximum stream duration, its ``retries`` as gRPC's retry policy;
+- Cluster ``S`` (every instance) and ``S/<subset>`` per subset: EDS, round robin;
+- ClusterLoadAssignment per cluster: its instances (a subset's: those its tags and meta select), one locality
+  of weight 1 (gRPC drops localities without a weight), all HEALTHY (the registry lists live instances only).
+
+Not carried, because proxyless gRPC has no field for them: peak-EWMA with power of two choices, hedging, mirroring,
+sticky hashing by header, HTTP method matches (a gRPC call is always POST: a route for other methods is left out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from ..policy.rules import HeaderMatch, Route, ServiceRules, Subset
+from ..rules.model import Rules
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+#: Every resource type served, in the order an xDS client needs them.
+TYPES = (LISTENER, ROUTE, CLUSTER, ENDPOINTS)
+#: gRPC status names a mesh retry maps to (the mesh retries unavailable instances and resets).
+RETRY_ON = "unavailable"
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """What a resource needs of one registry instance."""
+
+    address: str
+    port: int
+    tags: frozenset[str] = frozenset()
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """Every resource by type and name (packed as ``Any``), and each type's digest: a type whose digest did not
+    change is not pushed again."""
+
+    resources: dict[str, dict[str, any_pb2.Any]]
+    digests: dict[str, str]
+
+
+def cluster_name(service: str, subset: str | None = None) -> str:
+    return service if subset is None else f"{service}/{subset}"
+
+
+def build_snapshot(instances: Mapping[str, Iterable[InstanceView]], rules: Rules) -> Snapshot:
+    """The resources of every service the registry lists or the rules name."""
+    resources: dict[str, dict[str, any_pb2.Any]] = {kind: {} for kind in TYPES}
+    names = sorted(set(instances) | set(rules.services))
+    for service in names:
+        service_rules = rules.for_service(service) or ServiceRules()
+        members = list(instances.get(service, ()))
+        resources[LISTENER][service] = _pack(_listener(service))
+        resources[ROUTE][service] = _pack(_route_configuration(service, service_rules))
+        clusters: list[tuple[str, Subset | None]] = [(cluster_name(service), None)]
+        clusters += [(cluster_name(service, name), subset) for name, subset in sorted(service_rules.subsets.items())]
+        for name, subset in clusters:
+            resources[CLUSTER][name] = _pack(_cluster(name))
+            selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
+            resources[ENDPOINTS][name] = _pack(_load_assignment(name, selected))
+    digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
+    return Snapshot(resources, digests)
+
+
+def _digest(by_name: Mapping[str, any_pb2.Any]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(by_name):
+        h.update(name.encode() + b"\0" + by_name[name].SerializeToString(deterministic=True) + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )
+
+
+def _listener(service: str) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=service),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))],
+    )
+    return listener_pb2.Listener(name=service, api_listener=api_listener_pb2.ApiListener(api_listener=_pack(manager)))
+
+
+def _route_configuration(service: str, rules: ServiceRules) -> route_pb2.RouteConfiguration:
+    routes = [_route(service, route, rules) for route in rules.routes if _grpc_can_match(route)]
+    routes.append(
+        route_components_pb2.Route(
+            name="default",
+            match=route_components_pb2.RouteMatch(prefix=""),
+            route=_action(service, rules, [(cluster_name(service), 100)]),
+        )
+    )
+    host = route_components_pb2.VirtualHost(name=service, domains=["*"], routes=routes)
+    return route_pb2.RouteConfiguration(name=service, virtual_hosts=[host])
+
+
+def _grpc_can_match(route: Route) -> bool:
+    return route.methods is None or "POST" in route.methods
+
+
+def _route(service: str, route: Route, rules: ServiceRules) -> route_components_pb2.Route:
+    match = route_components_pb2.RouteMatch(
+        prefix=route.path_prefix or "", headers=[_header(header) for header in route.headers]
+    )
+    destinations = [(cluster_name(service, d.subset), d.weight) for d in route.to if d.weight > 0]
+    return route_components_pb2.Route(
+        name=route.name, match=match, route=_action(service, rules, destinations or [(cluster_name(service), 100)])
+    )
+
+
+def _header(header: HeaderMatch) -> route_components_pb2.HeaderMatcher:
+    if header.exact is not None:
+        matcher = string_pb2.StringMatcher(exact=header.exact)
+    elif header.prefix is not None:
+        matcher = string_pb2.StringMatcher(prefix=header.prefix)
+    else:
+        assert header.regex is not None
+        matcher = string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(regex=str(getattr(header.regex, "pattern", "")))
+        )
+    return route_components_pb2.HeaderMatcher(name=header.name, string_match=matcher)
+
+
+def _action(service: str, rules: ServiceRules, destinations: list[tuple[str, int]]) -> route_components_pb2.RouteAction:
+    action = route_components_pb2.RouteAction()
+    if len(destinations) == 1:
+        action.cluster = destinations[0][0]
+    else:
+        action.weighted_clusters.CopyFrom(
+            route_components_pb2.WeightedCluster(
+                clusters=[
+                    route_components_pb2.WeightedCluster.ClusterWeight(
+                        name=name, weight=wrappers_pb2.UInt32Value(value=weight)
+                    )
+                    for name, weight in destinations
+                ]
+            )
+        )
+    policy = rules.policy
+    if policy.timeout is not None:
+        action.max_stream_duration.max_stream_duration.CopyFrom(_duration(policy.timeout))
+    retries = policy.retries.attempts - 1
+    if retries > 0:
+        action.retry_policy.CopyFrom(
+            route_components_pb2.RetryPolicy(
+                retry_on=RETRY_ON,
+                num_retries=wrappers_pb2.UInt32Value(value=retries),
+                retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+                    base_interval=_duration(policy.retries.backoff_base),
+                    max_interval=_duration(max(policy.retries.backoff_max, policy.retries.backoff_base)),
+                ),
+            )
+        )
+    return action
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
+
+
+def _cluster(name: str) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+    )
+
+
+def _load_assignment(name: str, members: list[InstanceView]) -> endpoint_pb2.ClusterLoadAssignment:
+    endpoints = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=member.address, port_value=member.port)
+                )
+            ),
+            health_status=health_check_pb2.HEALTHY,
+        )
+        for member in sorted(members, key=lambda m: (m.address, m.port))
+    ]
+    locality = endpoint_components_pb2.LocalityLbEndpoints(
+        locality=base_pb2.Locality(), lb_endpoints=endpoints, load_balancing_weight=wrappers_pb2.UInt32Value(value=1)
+    )
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[locality] if endpoints else [])
