@@ -21,7 +21,7 @@ from .async_h1 import AsyncH1Connection
 from .async_h1_body import Body
 from .h1_timer import within
 from .outbound import Answer, Outbound, PoolLimits
-from .pool_ledger import OPEN, WAIT, Ledger, Waiter
+from .pool_ledger import OPEN, WAIT, LedgerStack, Waiter
 from .streams import streaming
 
 _Key = tuple[bytes, str, int]
@@ -92,23 +92,10 @@ class _AnyioWaiter(Waiter[_Connection]):
         self.event.set()
 
 
-class _AsyncStack:
+class _AsyncStack(LedgerStack[_Connection]):
     """One endpoint's ledger; callers past the cap wait on an anyio event of their own, in FIFO order."""
 
-    __slots__ = ("ledger", "origin", "owner")
-
-    def __init__(self, owner: AsyncEndpointPools, origin: _Key) -> None:
-        self.owner = owner
-        self.origin = origin
-        self.ledger: Ledger[_Connection] = Ledger(owner._max, owner._keepalive)
-
-    @property
-    def idle(self) -> list[_Connection]:
-        return self.ledger.idle
-
-    @property
-    def active(self) -> int:
-        return self.ledger.active
+    __slots__ = ()
 
     def _new(self) -> _Connection:
         owner = self.owner

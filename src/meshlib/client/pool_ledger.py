@@ -184,3 +184,23 @@ class Ledger(Generic[C]):
 
     def connections(self) -> int:
         return self.active + len(self.idle)
+
+
+class LedgerStack(Generic[C]):
+    """What both pools' per-endpoint stacks share: their owner's limits, their origin, their ledger, and the
+    views tests and diagnostics read (``idle``, ``active``)."""
+
+    __slots__ = ("ledger", "origin", "owner")
+
+    def __init__(self, owner: Any, origin: tuple[bytes, str, int]) -> None:
+        self.owner = owner
+        self.origin = origin
+        self.ledger: Ledger[C] = Ledger(owner._max, owner._keepalive)
+
+    @property
+    def idle(self) -> list[C]:
+        return self.ledger.idle
+
+    @property
+    def active(self) -> int:
+        return self.ledger.active

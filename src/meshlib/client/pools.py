@@ -18,7 +18,7 @@ import httpcore
 from .h1 import H1Connection, SyncBody
 from .h1_timer import within
 from .outbound import Answer, Outbound, PoolLimits
-from .pool_ledger import OPEN, WAIT, Ledger, Waiter
+from .pool_ledger import OPEN, WAIT, LedgerStack, Waiter
 from .streams import streaming
 
 _Key = tuple[bytes, str, int]
@@ -89,24 +89,14 @@ class EndpointPools(PoolLimits):
         return sum(stack.ledger.connections() for stack in list(self._stacks.values()))
 
 
-class _Stack:
+class _Stack(LedgerStack[H1Connection]):
     """One endpoint's ledger behind a lock; callers past the cap wait on an event of their own, in FIFO order."""
 
-    __slots__ = ("ledger", "lock", "origin", "owner")
+    __slots__ = ("lock",)
 
     def __init__(self, owner: EndpointPools, origin: _Key) -> None:
-        self.owner = owner
-        self.origin = origin
-        self.ledger: Ledger[H1Connection] = Ledger(owner._max, owner._keepalive)
+        super().__init__(owner, origin)
         self.lock = threading.Lock()
-
-    @property
-    def idle(self) -> list[H1Connection]:
-        return self.ledger.idle
-
-    @property
-    def active(self) -> int:
-        return self.ledger.active
 
     def checkout(self, timeout: float | None) -> H1Connection:
         ledger = self.ledger
