@@ -18,6 +18,7 @@ import contextlib
 import json
 import random
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +49,8 @@ class ConsulDouble:
         self.services: dict[str, dict[str, Any]] = {}
         self.checks: dict[str, dict[str, Any]] = {}
         self.kv: dict[str, dict[str, Any]] = {}
+        #: Deleted keys and the index of their deletion (Consul keeps tombstones so a prefix's index never drops).
+        self.tombstones: dict[str, int] = {}
         self.node = {"Node": "double", "Address": "127.0.0.1", "Datacenter": "dc1"}
         self.fault: str | None = None  # "leader" | "hang" | "429" | "503"
         self.unknown_check_status = 404  # older agents answer 500
@@ -111,7 +114,12 @@ class ConsulDouble:
             def do_DELETE(self) -> None:
                 self._handle("DELETE")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port or self.port or 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that died mid-query: Consul's shrug
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", port or self.port or 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -144,6 +152,10 @@ class ConsulDouble:
         """A snapshot restore or a new cluster: the index goes backwards."""
         with self.cond:
             self.index = to
+            for item in self.kv.values():
+                item["ModifyIndex"] = min(item["ModifyIndex"], to)
+                item["CreateIndex"] = min(item["CreateIndex"], to)
+            self.tombstones = {k: min(i, to) for k, i in self.tombstones.items()}
             self.cond.notify_all()
 
     def requests_to(self, prefix: str) -> int:
@@ -349,11 +361,40 @@ class ConsulDouble:
             if c["ServiceID"] == service_id
         ]
 
+    def _kv_index(self, key: str, recurse: bool) -> int:
+        """As Consul: a key's (or, with recurse, a prefix's) index is the last ModifyIndex under it, deletions
+        included (tombstones), so a blocking query on a prefix wakes for changes under that prefix only. A key
+        that never existed has the store's index."""
+        if recurse:
+            found = [v["ModifyIndex"] for k, v in self.kv.items() if k.startswith(key)]
+            found += [i for k, i in self.tombstones.items() if k.startswith(key)]
+        elif key in self.kv:
+            found = [self.kv[key]["ModifyIndex"]]
+        else:
+            found = [self.tombstones[key]] if key in self.tombstones else []
+        return max(found) if found else self.index
+
+    def _block_kv(self, key: str, query: dict[str, list[str]]) -> None:
+        if "index" not in query:
+            return
+        try:
+            wanted = int(query["index"][0])
+        except ValueError:
+            return
+        wait = _duration(query.get("wait", ["300s"])[0])
+        deadline = time.monotonic() + wait + random.random() * wait / 16
+        with self.cond:
+            while self._kv_index(key, "recurse" in query) <= wanted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+
     def _kv(self, method: str, key: str, query: dict[str, list[str]], body: bytes, token: str):
         if method == "GET":
-            self._block(query)
+            self._block_kv(key, query)
             with self.cond:
-                index = self.index
+                index = self._kv_index(key, "recurse" in query)
                 if "recurse" in query:
                     items = [v for k, v in sorted(self.kv.items()) if k.startswith(key)]
                 else:
@@ -394,8 +435,14 @@ class ConsulDouble:
             return 200, {}, b"true"
         if method == "DELETE":
             with self.cond:
-                self.kv.pop(key, None)
+                current = self.kv.get(key)
+                if "cas" in query and (current is None or current["ModifyIndex"] != int(query["cas"][0])):
+                    return 200, {}, b"false"  # as Consul: a compare-and-delete that lost answers false
+                gone = [k for k in self.kv if k.startswith(key)] if "recurse" in query else [key]
                 self.index += 1
+                for k in gone:
+                    if self.kv.pop(k, None) is not None:
+                        self.tombstones[k] = self.index
                 self.cond.notify_all()
             return 200, {}, b"true"
         return 405, {}, b""

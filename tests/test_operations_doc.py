@@ -27,7 +27,7 @@ def _blocks() -> list[Any]:
 
 
 def _containers(document: Any) -> list[dict[str, Any]]:
-    if not isinstance(document, dict) or document.get("kind") != "Deployment":
+    if not isinstance(document, dict) or document.get("kind") not in ("Deployment", "StatefulSet"):
         return []
     containers = document["spec"]["template"]["spec"]["containers"]
     assert isinstance(containers, list)
@@ -42,7 +42,7 @@ def test_every_variable_the_chapter_names_is_one_meshlib_reads() -> None:
 
 def test_the_manifests_parse_and_their_commands_are_meshctl_commands() -> None:
     containers = [c for document in _blocks() for c in _containers(document)]
-    assert len(containers) == 2, "expected the instance's and the control plane's Deployments"
+    assert len(containers) == 3, "expected the instance's, the control plane's and the replicas' manifests"
     parser = build_parser()
     for container in containers:
         command = [str(part) for part in container["command"]]

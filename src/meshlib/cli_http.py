@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from .replicas import replica_client
 from .settings import env_value
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:7400"
@@ -54,7 +55,10 @@ def request(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> 
     base = control_plane_url(args)
     checked = verify(args) if base.startswith("https://") else True
     try:
-        return httpx.request(method, base + path, timeout=10, trust_env=False, verify=checked, **kwargs)
+        if "," not in base:
+            return httpx.request(method, base + path, timeout=10, trust_env=False, verify=checked, **kwargs)
+        with replica_client(base, timeout=10, trust_env=False, verify=checked) as http:  # fails over
+            return http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             ca = _ca_file(args)

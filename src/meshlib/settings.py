@@ -36,12 +36,47 @@ def _default_service() -> str:
     return default_service(sys.argv, os.getcwd())
 
 
+def split_urls(value: str) -> tuple[str, ...]:
+    """``"http://a:7400, http://b:7400/"`` as ``("http://a:7400", "http://b:7400")``; empty parts dropped."""
+    return tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
+
+
+def control_plane_urls(value: str, variable: str = "MESH_CONTROL_PLANE") -> tuple[str, ...]:
+    """The replicas' URLs in ``value`` (one, or several separated by commas), or ConfigurationError naming what is
+    wrong: each an http(s) URL with a host, none listed twice, all under one path."""
+    urls = split_urls(value)
+    if not urls:
+        raise ConfigurationError(f"{variable}={value!r}: expected an http(s):// URL, or several separated by commas")
+    paths = set()
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigurationError(f"{variable}: {url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(
+                f"{variable}={value!r}: expected an http(s):// URL"
+                + (", or several separated by commas" if len(urls) == 1 else f"; {url!r} is not one")
+            )
+        paths.add(parts.path.rstrip("/"))
+    if len(set(urls)) != len(urls):
+        raise ConfigurationError(f"{variable}={value!r}: a replica is listed twice")
+    if len(paths) > 1:
+        raise ConfigurationError(f"{variable}={value!r}: every replica must be served under the same path")
+    return urls
+
+
 def registry_of(control_plane: str) -> str:
-    """``registry://host:port`` of the embedded registry in the control plane at ``control_plane``."""
-    parts = urlsplit(control_plane)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname or "127.0.0.1"
-    return f"registry://{f'[{host}]' if ':' in host else host}:{port}"
+    """``registry://host:port`` of the embedded registry in the control plane at ``control_plane``
+    (``registry://a:7400,b:7400`` for several replicas)."""
+    addresses = []
+    for url in split_urls(control_plane) or (control_plane,):
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname or "127.0.0.1"
+        addresses.append(f"{f'[{host}]' if ':' in host else host}:{port}")
+    return "registry://" + ",".join(addresses)
 
 
 def _flag(var: str, value: str) -> bool:
@@ -160,8 +195,8 @@ class MeshSettings:
                 f"MESH_DISCOVERY={self.discovery!r}: expected consul://host:port, registry://host:port "
                 "or static:service=host:port[,...][;service=...]"
             )
-        if self.control_plane and not self.control_plane.startswith(("http://", "https://")):
-            raise ConfigurationError(f"MESH_CONTROL_PLANE={self.control_plane!r}: expected an http(s):// URL")
+        if self.control_plane:
+            control_plane_urls(self.control_plane)
         if self.control_plane_ca and not Path(self.control_plane_ca).is_file():
             raise ConfigurationError(
                 f"MESH_CONTROL_PLANE_CA={self.control_plane_ca!r}: no such file (a PEM file of the CA that signed the "

@@ -372,7 +372,11 @@ def test_meshlib_serve_registers_in_consul_and_sigterm_deregisters(double, tmp_p
 
 
 def test_two_config_services_share_consul_kv(double, tmp_path):
+    from meshlib.security.ca import CertificateAuthority
+
+    CertificateAuthority.init(tmp_path / "ca", "mesh.local")  # replicas sign with one CA, never their own
     args = ("--store", f"consul://127.0.0.1:{double.port}/meshlib/rules")
+    args += ("--ca-cert", str(tmp_path / "ca" / "ca.crt"), "--ca-key", str(tmp_path / "ca" / "ca.key"))
     one = ControlPlaneProcess(tmp_path / "one", extra_args=args)
     two = ControlPlaneProcess(tmp_path / "two", extra_args=args)
     try:

@@ -8,9 +8,9 @@ import gc
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
@@ -26,6 +26,7 @@ from .longpoll import ChangeSignal, Wakers
 from .prometheus_routes import prometheus_routes
 from .registry import Registry
 from .registry_routes import registry_routes
+from .registry_writes import LocalRegistryWrites, RegistryBusy, RegistryWrites
 from .requests import (
     SMALL_BODY_BYTES,
     TooLarge,
@@ -66,6 +67,7 @@ class ControlPlane:
         allow_unsafe_addresses: bool = False,
         tokens: TokenStore | None = None,
         allowed_hosts: frozenset[str] | None = None,
+        registry_writes: Callable[[Registry], RegistryWrites] | None = None,
     ) -> None:
         #: Host names served (None: any); see ``hosts.HostGuard``.
         self.allowed_hosts = allowed_hosts
@@ -76,6 +78,11 @@ class ControlPlane:
         self.admin_token = admin_token or None
         self.registry_token = registry_token or None
         self.registry = Registry()
+        #: Where registry writes go: this registry (the default), or a store shared by replicas.
+        self.registry_writes: RegistryWrites = (registry_writes or LocalRegistryWrites)(self.registry)
+        #: Shared state this replica follows (``follow(publish)`` each, started with the app): the registry's
+        #: records and the tokens, when they live in Consul.
+        self.followers: list[Any] = []
         self.wakers = Wakers()
         self.rules_signal = ChangeSignal()
         self.expiry_interval = expiry_interval
@@ -110,7 +117,12 @@ class ControlPlane:
     async def expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.expiry_interval)
-            for instance_id in self.registry.expire():
+            try:
+                gone = await self.registry_writes.expire()
+            except RegistryBusy as exc:
+                log.warning("registry: expiry skipped: %s", exc)
+                continue
+            for instance_id in gone:
                 log.info("registry: %s expired (no heartbeat within its TTL)", instance_id)
 
     # -- auth -------------------------------------------------------------------------------------
@@ -316,15 +328,17 @@ def build_app(cp: ControlPlane) -> Starlette:
         # holding the event loop for tens of milliseconds each
         gc.collect()
         gc.freeze()
+        loop = asyncio.get_running_loop()
         task = asyncio.create_task(cp.expiry_loop())
         feeding = None
         if cp.xds is not None:
             from .xds_feed import feed  # only with an xDS port: it loads Envoy's protos (xds-protos)
 
             feeding = asyncio.create_task(feed(cp, cp.xds))
+        for follower in cp.followers:  # shared state written by other replicas reaches this one's watchers too
+            follower.follow(lambda apply: loop.call_soon_threadsafe(apply))
         watch = getattr(cp.store, "watch", None)
         if watch is not None:  # a shared store: changes written by other config services reach our watchers too
-            loop = asyncio.get_running_loop()
             watch(lambda revision: loop.call_soon_threadsafe(cp.publish, revision))
         try:
             yield

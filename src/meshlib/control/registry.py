@@ -10,6 +10,7 @@ addresses are refused unless the control plane explicitly allows them."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import secrets
@@ -28,6 +29,17 @@ class RegistrationError(ValueError):
 
 class NotOwner(Exception):
     """The request did not carry the secret of the instance it names."""
+
+
+def secret_digest(secret: str) -> str:
+    """What is kept of an instance's secret: SHA-256 (a slow hash adds nothing to 24 random bytes)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_owner(instance: Instance, secret: str | None) -> None:
+    """NotOwner unless ``secret`` is ``instance``'s."""
+    if not secret or not hmac.compare_digest(secret_digest(secret).encode(), instance.digest.encode()):
+        raise NotOwner(instance.id)
 
 
 #: Longest TTL an instance may ask for; a longer one would outlive a crashed instance for hours.
@@ -59,7 +71,8 @@ class Instance:
     meta: dict[str, str] = field(default_factory=dict)
     ttl: float = 10.0
     expires_at: float = 0.0
-    secret: str = field(default="", repr=False)
+    #: SHA-256 of the instance's secret (the secret itself is handed to the instance once and never kept).
+    digest: str = field(default="", repr=False)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -160,8 +173,10 @@ class Registry:
         #: The last changes, (index, service), so a waiting watch checks what changed, not every name it watches.
         self.changes: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG)
 
-    def _changed(self, service: str) -> None:
-        self.index += 1
+    def _changed(self, service: str, index: int | None = None) -> None:
+        # a shared registry's index comes from its store; it still never goes backwards here (a store whose index
+        # was reset only moves this view forwards by one)
+        self.index = index if index is not None and index > self.index else self.index + 1
         self._service_index[service] = self.index
         self.changes.append((self.index, service))
         self._cache.pop(service, None)
@@ -172,22 +187,39 @@ class Registry:
         instance = self._instances.get(instance_id)
         if instance is None:
             return None
-        if not secret or not hmac.compare_digest(secret.encode(), instance.secret.encode()):
-            raise NotOwner(instance_id)
+        check_owner(instance, secret)
         return instance
 
-    def register(self, instance: Instance, secret: str | None = None) -> Instance:
+    def register(self, instance: Instance, secret: str | None = None) -> str:
         """Add ``instance`` (a new secret is made), or overwrite it when ``secret`` is the current holder's;
-        NotOwner when the id is taken and the secret does not match."""
+        returns the secret its holder keeps. NotOwner when the id is taken and the secret does not match."""
         old = self._owned(instance.id, secret)
-        instance.secret = old.secret if old is not None else secrets.token_urlsafe(24)
+        plain = secret if old is not None and secret else secrets.token_urlsafe(24)
+        instance.digest = secret_digest(plain)
         instance.expires_at = self._clock() + instance.ttl
+        self._put(instance, old)
+        return plain
+
+    def _put(self, instance: Instance, old: Instance | None, index: int | None = None) -> None:
         self._instances[instance.id] = instance
         if old is None or old.public() != instance.public():
             if old is not None and old.service != instance.service:
-                self._changed(old.service)
-            self._changed(instance.service)
-        return instance
+                self._changed(old.service, index)
+            self._changed(instance.service, index)
+
+    def replace(self, instances: dict[str, Instance], index: int) -> None:
+        """Make this view hold exactly ``instances`` (a snapshot of a shared registry taken at ``index``, the
+        store's own index, so that every replica gives a change the same index); expiry times are kept for the
+        instances already held."""
+        now = self._clock()
+        for instance_id in [i for i in self._instances if i not in instances]:
+            gone = self._instances.pop(instance_id)
+            self._changed(gone.service, index)
+        for instance in instances.values():
+            old = self._instances.get(instance.id)
+            instance.expires_at = old.expires_at if old is not None else now + instance.ttl
+            if old is None or old.public() != instance.public() or old.digest != instance.digest:
+                self._put(instance, old, index)
 
     def owns(self, instance_id: str, secret: str | None) -> bool:
         """``secret`` is the secret of the registered instance ``instance_id``."""

@@ -16,6 +16,7 @@ from ..settings import validate_service_name
 from ..wire import SECRET_HEADER
 from .longpoll import hold
 from .registry import NotOwner, RegistrationError, parse_registration
+from .registry_writes import RegistryBusy
 from .requests import SMALL_BODY_BYTES, BadQuery, TooLarge, error, int_param, read_body, too_large, wait_param
 
 if TYPE_CHECKING:
@@ -43,16 +44,20 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
         if refused is not None:
             return refused
         try:
-            cp.registry.register(instance, request.headers.get(SECRET_HEADER))
+            secret = await cp.registry_writes.register(instance, request.headers.get(SECRET_HEADER))
+        except RegistryBusy as exc:
+            return error(503, str(exc), reason="store")
         except NotOwner:
             return error(
                 409,
                 f"instance id {instance.id!r} is registered by another holder: overwriting it needs its "
                 f"{SECRET_HEADER} header (or register under another id)",
             )
-        return JSONResponse({"id": instance.id, "ttl": instance.ttl, "secret": instance.secret})
+        return JSONResponse({"id": instance.id, "ttl": instance.ttl, "secret": secret})
 
-    def owned(action: Callable[[str, str | None], bool], unknown: str) -> Callable[[Request], Awaitable[Response]]:
+    def owned(
+        action: Callable[[str, str | None], Awaitable[bool]], unknown: str
+    ) -> Callable[[Request], Awaitable[Response]]:
         """A write to one instance's entry: a token that may act as its service, then the instance's own secret."""
 
         async def endpoint(request: Request) -> Response:
@@ -66,7 +71,9 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
                 if refused is not None:
                     return refused
             try:
-                known = action(instance_id, request.headers.get(SECRET_HEADER))
+                known = await action(instance_id, request.headers.get(SECRET_HEADER))
+            except RegistryBusy as exc:
+                return error(503, str(exc), reason="store")
             except NotOwner:
                 return error(403, f"instance {instance_id[:200]!r}: {SECRET_HEADER} missing or wrong")
             if not known:
@@ -75,8 +82,8 @@ def registry_routes(cp: ControlPlane) -> list[Route]:
 
         return endpoint
 
-    heartbeat = owned(cp.registry.heartbeat, ": register again")
-    deregister = owned(cp.registry.deregister, "")
+    heartbeat = owned(cp.registry_writes.heartbeat, ": register again")
+    deregister = owned(cp.registry_writes.deregister, "")
 
     async def watch_service(request: Request) -> Response:
         name = request.path_params["name"]

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,24 @@ from ..security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bound
 from ..settings import env_value
 from .app import ControlPlane, build_app
 from .hosts import default_hosts
+from .registry import Registry
+from .registry_writes import RegistryWrites
 from .store import RulesStore, SQLiteRulesStore
 from .tokens import TokenStore
 
 log = logging.getLogger("meshlib.control")
+
+
+def consul_target(spec: str) -> tuple[str, int, str] | None:
+    """(host, port, prefix) of a ``consul://host:port[/prefix]`` store; None for the other stores."""
+    if not spec.startswith("consul://"):
+        return None
+    address, _, prefix = spec[len("consul://") :].partition("/")
+    address = address or env_value("consul_http_addr", "127.0.0.1:8500").removeprefix("http://")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"--store {spec!r}: expected consul://host:port[/prefix]")
+    return host.strip("[]"), int(port), prefix.strip("/") or "meshlib/rules"
 
 
 def open_store(spec: str, state_dir: Path) -> RulesStore:
@@ -30,17 +45,46 @@ def open_store(spec: str, state_dir: Path) -> RulesStore:
         return SQLiteRulesStore(state_dir / "rules.db")
     if spec.startswith("sqlite:"):
         return SQLiteRulesStore(spec[len("sqlite:") :])
-    if spec.startswith("consul://"):
+    target = consul_target(spec)
+    if target is not None:
         from .consul_store import ConsulRulesStore
 
-        address, _, prefix = spec[len("consul://") :].partition("/")
-        host, sep, port = (address or env_value("consul_http_addr", "127.0.0.1:8500")).rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigurationError(f"--store {spec!r}: expected consul://host:port[/prefix]")
-        return ConsulRulesStore(
-            host, int(port), token=env_value("consul_http_token") or None, prefix=prefix or "meshlib/rules"
-        )
+        host, port, prefix = target
+        return ConsulRulesStore(host, port, token=env_value("consul_http_token") or None, prefix=prefix)
     raise ConfigurationError(f"--store {spec!r}: expected sqlite, sqlite:PATH or consul://host:port[/prefix]")
+
+
+def replicated_parts(
+    target: tuple[str, int, str], allow_unsafe_addresses: bool
+) -> tuple[TokenStore, Callable[[Registry], RegistryWrites]]:
+    """The tokens and the registry of a replica: in Consul, beside the rules, under the same prefix (one Consul
+    ACL policy on that prefix covers a replica)."""
+    import consul
+
+    from .registry_consul import ConsulRegistry, ConsulRegistryWrites
+    from .tokens_consul import ConsulTokenStore
+
+    host, port, prefix = target
+    client = consul.Consul(host=host, port=port, token=env_value("consul_http_token") or None, connections_timeout=10)
+    try:  # one read first, so that an unreachable Consul or a missing ACL is one line naming what to check
+        client.kv.get(f"{prefix}/current")
+    except Exception as exc:
+        raise ConfigurationError(
+            f"--store consul://{host}:{port}/{prefix}: cannot read Consul ({str(exc)[:300] or type(exc).__name__}); "
+            f"check that the agent is up at {host}:{port} and that CONSUL_HTTP_TOKEN may read and write "
+            f"{prefix}/"
+        ) from None
+    tokens = ConsulTokenStore(client, prefix)
+
+    def registry_writes(view: Registry) -> RegistryWrites:
+        registry = ConsulRegistry(client, prefix, view, allow_unsafe_addresses=allow_unsafe_addresses)
+        try:
+            registry.load()
+        except Exception as exc:
+            raise ConfigurationError(f"cannot read the registry in Consul ({registry.records}): {exc}") from None
+        return ConsulRegistryWrites(registry)
+
+    return tokens, registry_writes
 
 
 def open_ca(
@@ -108,7 +152,18 @@ def run_control_plane(
             )
         if (tls_cert or tls_key) and not (tls_cert and tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
+        shared = consul_target(store)
+        if shared is not None and not (ca_cert and ca_key):
+            raise ConfigurationError(
+                f"--store {store} shares the rules, registry and tokens between replicas, so every replica must sign "
+                "with one CA: pass --ca-cert and --ca-key (the same files, or one mounted secret, on every replica; "
+                "meshctl ca init --state-dir DIR writes DIR/ca.crt and DIR/ca.key)"
+            )
         ca = open_ca(state, ca_cert, ca_key, ca_bundle, trust_domain)
+        tokens: TokenStore = TokenStore(state / "tokens.db")
+        registry_writes = None
+        if shared is not None:
+            tokens, registry_writes = replicated_parts(shared, allow_unsafe_addresses)
         cp = ControlPlane(
             open_store(store, state),
             admin_token=admin_token,
@@ -116,11 +171,14 @@ def run_control_plane(
             ca=ca,
             max_rules_bytes=max_rules_bytes,
             allow_unsafe_addresses=allow_unsafe_addresses,
-            tokens=TokenStore(state / "tokens.db"),
+            tokens=tokens,
+            registry_writes=registry_writes,
             allowed_hosts=None
             if "*" in (allowed_hosts or ())
             else default_hosts(host, [*(tls_names or ()), *(allowed_hosts or ())]),
         )
+        if shared is not None:
+            cp.followers = [cp.registry_writes, tokens]
         if cp.admin_token is None:
             log.warning("MESH_ADMIN_TOKEN is not set: rule changes are refused until it is")
         if cp.registry_token is not None:
@@ -170,6 +228,7 @@ def run_control_plane(
         finally:
             if cp.xds is not None:
                 cp.xds.stop()
+            cp.registry_writes.close()
             cp.store.close()
             if cp.tokens is not None:
                 cp.tokens.close()

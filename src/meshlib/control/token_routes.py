@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .requests import SMALL_BODY_BYTES, TooLarge, error, read_body, too_large
-from .tokens import TokenError, parse_token_request
+from .tokens import StoreUnavailable, TokenError, parse_token_request
 
 if TYPE_CHECKING:
     from .app import ControlPlane
@@ -38,6 +38,8 @@ def token_routes(cp: ControlPlane) -> list[Route]:
             )
         except TooLarge:
             return too_large(SMALL_BODY_BYTES)
+        except StoreUnavailable as exc:
+            return error(503, f"cannot create a token: {exc}")
         except (TokenError, ValueError, RecursionError) as exc:
             return error(400, f"cannot create a token: {exc}")
         return JSONResponse({"token": token, **record.public(record.created_at)}, status_code=201)
@@ -56,7 +58,10 @@ def token_routes(cp: ControlPlane) -> list[Route]:
             return refused
         assert cp.tokens is not None
         token_id = request.path_params["id"]
-        record = await asyncio.to_thread(cp.tokens.revoke, token_id)
+        try:
+            record = await asyncio.to_thread(cp.tokens.revoke, token_id)
+        except StoreUnavailable as exc:
+            return error(503, f"cannot revoke {token_id[:40]!r}: {exc}")
         if record is None:
             return error(404, f"no join token {token_id[:40]!r}: meshctl token list shows them")
         return JSONResponse(record.public(cp.stats.clock()))

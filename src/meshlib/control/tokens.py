@@ -45,6 +45,10 @@ class TokenError(ValueError):
     """A token request is invalid (the message says which field)."""
 
 
+class StoreUnavailable(Exception):
+    """The shared store (Consul) did not take a token write: answered 503, nothing changed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What the credential of one request may act as: ``services`` None means any service (the shared development
@@ -208,6 +212,26 @@ class TokenStore:
             description,
             role,
         )
+        self._insert(record)
+        return f"{PREFIX}.{token_id}.{secret}", record
+
+    def revoke(self, token_id: str) -> TokenRecord | None:
+        """Revoked at once for every later request; None when no token has that id."""
+        found = self._lookup(token_id)
+        with self._lock:
+            record = self._records.get(token_id) or found
+            if record is None:
+                return None
+            if record.revoked_at is None:
+                record = dataclasses.replace(record, revoked_at=self._clock())
+                self._store_revoked(record)
+                self._records[token_id] = record
+            return record
+
+    def _lookup(self, token_id: str) -> TokenRecord | None:
+        return self._records.get(token_id)
+
+    def _insert(self, record: TokenRecord) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT INTO tokens (id, digest, services, namespace, created_at, expires_at, revoked_at, "
@@ -223,20 +247,11 @@ class TokenStore:
                     record.role,
                 ),
             )
-            self._records[token_id] = record
-        return f"{PREFIX}.{token_id}.{secret}", record
+            self._records[record.id] = record
 
-    def revoke(self, token_id: str) -> TokenRecord | None:
-        """Revoked at once for every later request; None when no token has that id."""
-        with self._lock:
-            record = self._records.get(token_id)
-            if record is None:
-                return None
-            if record.revoked_at is None:
-                record = dataclasses.replace(record, revoked_at=self._clock())
-                self._db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ?", (record.revoked_at, token_id))
-                self._records[token_id] = record
-            return record
+    def _store_revoked(self, record: TokenRecord) -> None:
+        """Called with the lock held."""
+        self._db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ?", (record.revoked_at, record.id))
 
     def records(self) -> list[TokenRecord]:
         return sorted(self._records.values(), key=lambda r: r.created_at)
@@ -254,7 +269,7 @@ class TokenStore:
         """The grant of a valid, active token; else the reason it is refused (unknown, revoked, expired)."""
         _, _, rest = token.partition(".")
         token_id, _, secret = rest.partition(".")
-        record = self._records.get(token_id)
+        record = self._lookup(token_id)
         if record is None or not hmac.compare_digest(_digest(secret).encode(), record.digest.encode()):
             return "unknown join token"
         state = record.state(self._clock())

@@ -4,7 +4,7 @@ registry) or ``consul://``."""
 from __future__ import annotations
 
 from ..errors import ConfigurationError
-from ..settings import MeshSettings, control_plane_verify, registry_of
+from ..settings import MeshSettings, control_plane_verify, registry_of, split_urls
 from .base import Discovery
 from .static import StaticDiscovery
 
@@ -24,12 +24,15 @@ def make_discovery(settings: MeshSettings) -> Discovery:
     if spec.startswith("registry://"):
         from .registry import RegistryDiscovery
 
-        address = _host_port(spec, "registry://")
-        # the registry lives in the control plane: when that is https:// at the same address, so is the registry
+        addresses = [_host_port("registry://" + part, "registry://") for part in spec[len("registry://") :].split(",")]
+        # the registry lives in the control plane: when that is https:// at the same addresses, so is the registry
         cp = settings.control_plane
-        scheme = "https" if cp.startswith("https://") and registry_of(cp) == f"registry://{address}" else "http"
+        if cp and registry_of(cp) == "registry://" + ",".join(addresses):
+            urls = split_urls(cp)
+        else:
+            urls = tuple(f"http://{address}" for address in addresses)
         return RegistryDiscovery(
-            f"{scheme}://{address}",
+            ",".join(urls),
             state_dir=settings.state_dir,
             token=settings.bootstrap_token or None,
             verify=control_plane_verify(settings),

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from ..endpoints import EndpointSet, SnapshotError, parse_snapshot
+from ..replicas import ReplicaSet, async_replica_client
 from ..wire import bounded_json, error_text
 
 log = logging.getLogger("meshlib.discovery.registry")
@@ -37,7 +38,7 @@ class WatchError(Exception):
 class MultiWatch:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | ReplicaSet,
         headers: Mapping[str, str],
         verify: ssl.SSLContext | bool,
         wait: float,
@@ -119,8 +120,10 @@ class MultiWatch:
         asyncio.run(self._main())
 
     def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.base_url,
+        target = self.base_url
+        return async_replica_client(
+            target.urls if isinstance(target, ReplicaSet) else target,
+            replicas=target if isinstance(target, ReplicaSet) else None,
             headers=self.headers,
             verify=self.verify,
             trust_env=False,

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import httpx
 
 from ..errors import RegistrationRefused
+from ..replicas import ReplicaSet, replica_client
+from ..settings import split_urls
 from ..wire import SECRET_HEADER, error_text, refusal_text, untrusted
 from .base import Discovery, Registration
 from .multiwatch import MultiWatch
@@ -34,11 +36,16 @@ class RegistryDiscovery(Discovery):
         verify: ssl.SSLContext | bool = True,
     ):
         super().__init__(state_dir, source=base_url.rstrip("/"))
-        self.base_url = base_url.rstrip("/")
+        urls = split_urls(base_url)
+        self.base_url = ", ".join(urls)
         self.wait = wait
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=self.base_url,
+        # several replicas: registration, heartbeats, the watch and its wake-ups move between them together (a
+        # watch's session is known to the replica that holds it)
+        replicas = ReplicaSet(urls) if len(urls) > 1 else None
+        self._http = replica_client(
+            urls,
+            replicas=replicas,
             headers=headers,
             timeout=httpx.Timeout(5.0),
             trust_env=False,
@@ -47,7 +54,7 @@ class RegistryDiscovery(Discovery):
         )
         source = f"registry at {self.base_url}"
         self.watcher = MultiWatch(
-            self.base_url,
+            urls[0] if replicas is None else replicas,
             headers,
             verify,
             wait,
@@ -89,6 +96,12 @@ class RegistryDiscovery(Discovery):
     def close(self) -> None:
         self.watcher.stop()
         self._http.close()
+
+
+def _origin(r: httpx.Response) -> str:
+    """The replica that answered (with several, not necessarily the first listed)."""
+    url = r.request.url
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
 
 
 class RegistryUnavailable(Exception):
@@ -136,11 +149,9 @@ class RegistryRegistration(Registration):
 
     def _check(self, r: httpx.Response) -> None:
         if r.status_code in (401, 403):  # a missing or wrong token: retrying cannot help
-            raise RegistrationRefused(
-                f"registry at {self._http.base_url} refused to register {self.id}: {refusal_text(r)}"
-            )
+            raise RegistrationRefused(f"registry at {_origin(r)} refused to register {self.id}: {refusal_text(r)}")
         if r.status_code >= 400:
-            raise RegistryUnavailable(f"registry at {self._http.base_url} answered {r.status_code}: {refusal_text(r)}")
+            raise RegistryUnavailable(f"registry at {_origin(r)} answered {r.status_code}: {refusal_text(r)}")
 
     def _register(self) -> None:
         r = self._put("/v1/registry/register", json=self.body, headers=self._headers())

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 
 from ..longpoll import LongPoller
+from ..replicas import replica_client
+from ..settings import split_urls
 from ..state import StateDir, source_key
 from ..wire import BadAnswer, bounded_json
 from .model import Rules, RulesValidationError, validate_rules
@@ -32,7 +34,9 @@ class RulesWatcher:
         wait: float = 30.0,
         verify: ssl.SSLContext | bool = True,
     ) -> None:
-        self.control_plane = control_plane.rstrip("/")
+        urls = split_urls(control_plane) or (control_plane.rstrip("/"),)
+        #: One URL, or several replicas' (the watch moves to another when its replica fails; versions are shared).
+        self.control_plane = ",".join(urls)
         self._on_rules = on_rules
         self._state = StateDir(state_dir) if state_dir else None
         # the last good rules are kept per control plane: another mesh's cache is never restored
@@ -41,8 +45,8 @@ class RulesWatcher:
         self.version = 0
         self._seen = 0  # the newest version the server showed us, applied or rejected
         self._changed = threading.Condition()
-        self._http = httpx.Client(
-            base_url=self.control_plane,
+        self._http = replica_client(
+            urls,
             timeout=httpx.Timeout(5.0, read=wait * 17 / 16 + 5),
             trust_env=False,
             verify=verify,

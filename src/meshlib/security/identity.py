@@ -27,6 +27,8 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError, IdentityError
 from ..files import write_atomic
+from ..replicas import ReplicaSet, replica_client
+from ..settings import split_urls
 from ..wire import UNTRUSTED_HINT, error_text, refusal_text, untrusted
 from .ca import load_certificates, load_private_key
 from .spiffe import SpiffeId
@@ -97,7 +99,10 @@ class Identity:
         # Key and certificate files exist only to feed SSLContext.load_cert_chain: one private directory per
         # process (several instances of a service may share a state dir), gone with the process's temp files.
         self.dir = private_dir(Path(state_dir))
-        self.control_plane = control_plane.rstrip("/") if control_plane else None
+        urls = split_urls(control_plane) if control_plane else ()
+        self.control_plane = ", ".join(urls) or None
+        #: With several control-plane replicas: the one that signed last is asked first next time.
+        self._replicas = ReplicaSet(urls) if len(urls) > 1 else None
         self.bootstrap_token = bootstrap_token
         self.files = (cert_file, key_file, ca_file) if cert_file or key_file or ca_file else None
         if self.files is not None and not all(self.files):
@@ -236,9 +241,11 @@ class Identity:
             body["lifetime_seconds"] = self.requested_lifetime
         headers = {"authorization": f"Bearer {self.bootstrap_token}"} if self.bootstrap_token else {}
         try:
-            with httpx.Client(timeout=10, trust_env=False, verify=self.verify) as http:
-                signed = http.post(f"{self.control_plane}/v1/ca/sign", json=body, headers=headers)
-                roots = http.get(f"{self.control_plane}/v1/ca/roots")
+            with replica_client(
+                self.control_plane, replicas=self._replicas, timeout=10, trust_env=False, verify=self.verify
+            ) as http:
+                signed = http.post("/v1/ca/sign", json=body, headers=headers)
+                roots = http.get("/v1/ca/roots")
         except httpx.HTTPError as exc:
             if untrusted(exc):  # the wrong CA file: said at once, not retried for half a minute
                 raise IdentityConfigError(f"cannot verify the CA at {self.control_plane}: {UNTRUSTED_HINT}") from None

@@ -11,6 +11,7 @@ request path pays nothing for it but one set lookup per inbound request that pro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,10 +20,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ..settings import split_urls
 from ..wire import refusal_text
 
 if TYPE_CHECKING:
@@ -131,6 +134,15 @@ def _merge(into: dict[Any, list[Any]], key: Any, count: int, total: float, bucke
     row[2] = [a + b for a, b in zip(row[2], buckets, strict=True)]
 
 
+@dataclass(slots=True)
+class _Target:
+    """One replica reports go to, with its own back-off."""
+
+    http: httpx.Client
+    failures: int = 0
+    next_at: float = 0.0
+
+
 class StatsReporter:
     """A daemon thread that posts this process's report every ``interval`` seconds; failures back off (to 30 s)
     quietly: the dashboard is not worth a log line per attempt, and the data plane never waits on it."""
@@ -153,14 +165,22 @@ class StatsReporter:
         self.sent = 0
         self.failures = 0
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=control_plane.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(3.0),
-            trust_env=False,
-            verify=verify,
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-        )
+        # Several replicas each get every report (figures are per replica, in memory): the dashboard of any of them
+        # shows every instance, and one that restarts is complete again within a report. Each replica backs off on
+        # its own, so a dead one costs the others nothing.
+        self._targets = [
+            _Target(
+                httpx.Client(
+                    base_url=url,
+                    headers=headers,
+                    timeout=httpx.Timeout(3.0),
+                    trust_env=False,
+                    verify=verify,
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                )
+            )
+            for url in split_urls(control_plane) or (control_plane.rstrip("/"),)
+        ]
         self._stop = threading.Event()
         self._warned = False
         self._refused_quiet_until = 0.0
@@ -181,18 +201,36 @@ class StatsReporter:
         return build_report(self.mesh, instance, self.address, self.port, self.started, self.interval)
 
     def send_once(self) -> bool:
+        """Send this report to every replica that is not backing off; True when one of them took it."""
+        now = time.monotonic()
+        due = [t for t in self._targets if t.next_at <= now] or self._targets
+        credentials = self.registration.credentials() if self.registration is not None else {}
+        body = json.dumps(self.report(), separators=(",", ":")).encode()
+        delivered = False
+        for target in due:
+            if self._send(target, body, credentials):
+                delivered = True
+                target.failures = 0
+                target.next_at = 0.0
+            else:
+                target.failures += 1
+                target.next_at = now + min(30.0, self.interval * 2 ** min(target.failures, 5))
+        if delivered:
+            self.sent += 1
+        return delivered
+
+    def _send(self, target: _Target, body: bytes, credentials: dict[str, str]) -> bool:
+        http = target.http
         try:
-            credentials = self.registration.credentials() if self.registration is not None else {}
-            r = self._http.post("/v1/stats/report", json=self.report(), headers=credentials)
+            r = http.post("/v1/stats/report", content=body, headers={"content-type": "application/json", **credentials})
         except httpx.HTTPError as exc:
-            log.debug("stats report to %s failed: %s", self._http.base_url, exc)
+            log.debug("stats report to %s failed: %s", http.base_url, exc)
             return False
         if r.status_code >= 400:
             if r.status_code in (401, 403) and not self._warned:
                 self._warned = True  # once: a wrong token is worth saying, not every two seconds
                 log.warning("the control plane refused this instance's stats report: %s", refusal_text(r))
             return False
-        self.sent += 1
         if r.status_code == 200:
             self._log_refused(r)
         return True
@@ -222,4 +260,5 @@ class StatsReporter:
 
     def close(self) -> None:
         self._stop.set()
-        self._http.close()
+        for target in self._targets:
+            target.http.close()
