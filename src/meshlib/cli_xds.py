@@ -14,8 +14,16 @@ from .cli_http import CliError, check, print_json, request
 
 
 def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
-    bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params={"service": args.service}))
-    text = json.dumps(bootstrap, indent=2) + "\n"
+    params: dict[str, str] = {"service": args.service}
+    if args.envoy:
+        params.update(envoy="1", listen=str(args.listen), admin=str(args.admin))
+    bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params=params))
+    if args.envoy:
+        import yaml  # only here: the rest of meshctl never needs it
+
+        text = yaml.safe_dump(bootstrap, sort_keys=False)
+    else:
+        text = json.dumps(bootstrap, indent=2) + "\n"
     if args.out in (None, "-"):
         sys.stdout.write(text)
         return 0
@@ -25,7 +33,13 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
         path.write_text(text)
     except OSError as exc:
         raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
-    print(f"wrote {path}: run the {args.service} client with GRPC_XDS_BOOTSTRAP={os.path.abspath(path)}")
+    if args.envoy:
+        print(
+            f"wrote {path}: run envoy -c {os.path.abspath(path)} beside {args.service}; its app calls "
+            f"http://127.0.0.1:{args.listen} with Host: <service> (admin on 127.0.0.1:{args.admin})"
+        )
+    else:
+        print(f"wrote {path}: run the {args.service} client with GRPC_XDS_BOOTSTRAP={os.path.abspath(path)}")
     return 0
 
 
@@ -67,6 +81,9 @@ def add_xds_commands(sub: Any) -> None:
     p = xsub.add_parser("bootstrap", help="the bootstrap file gRPC's xDS client reads (GRPC_XDS_BOOTSTRAP)")
     p.add_argument("--service", required=True, help="the service the client runs as")
     p.add_argument("-o", "--out", help="the file to write (default: standard output)")
+    p.add_argument("--envoy", action="store_true", help="an Envoy sidecar's bootstrap (YAML) instead of gRPC's")
+    p.add_argument("--listen", type=int, default=15001, help="with --envoy: the port the app's calls go to")
+    p.add_argument("--admin", type=int, default=15000, help="with --envoy: Envoy's admin port (on 127.0.0.1)")
     p.set_defaults(func=cmd_xds_bootstrap)
     p = xsub.add_parser("clients", help="the connected xDS clients, with the versions each accepted or refused")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")

