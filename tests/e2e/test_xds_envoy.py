@@ -97,6 +97,7 @@ def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "secrets": secrets,
             "bootstrap": bootstrap,
             "log": tmp_path / "envoy.log",
+            "upstreams": upstreams,
         }
     finally:
         if envoy is not None:
@@ -161,3 +162,36 @@ def test_envoy_follows_the_canary_split_a_rules_change_and_a_gone_instance(sidec
     routes = [r["route_config"]["name"] for r in dump["RoutesConfigDump"].get("dynamic_route_configs", [])]
     clusters = [c["cluster"]["name"] for c in dump["ClustersConfigDump"].get("dynamic_active_clusters", [])]
     assert routes == ["mesh-outbound"] and "inventory" in clusters, (routes, clusters)
+
+
+def test_the_service_s_faults_reach_envoy(sidecar: dict[str, Any]) -> None:
+    cp = sidecar["cp"]
+    with httpx.Client(base_url=sidecar["url"], timeout=10) as http:
+        cp.apply({"services": {"inventory": {"faults": {"abort": {"percent": 50, "status": 503}}}}})
+        wait_for(lambda: "status:503" in calls(http, 20), timeout=10, what="the fault rule to reach Envoy")
+        counts = calls(http, 2000)
+        share = counts.get("status:503", 0) / 2000
+        assert 0.45 <= share <= 0.55 and set(counts) <= {"v1-a", "v2-a", "status:503"}, counts
+        cp.apply({"services": {"inventory": {"faults": {"delay": {"percent": 100, "duration": "150ms"}}}}})
+        wait_for(lambda: "status:503" not in calls(http, 20), timeout=10, what="the abort's removal")
+        started = time.monotonic()
+        assert calls(http, 5) and time.monotonic() - started >= 5 * 0.15  # every call waits 150 ms
+
+
+def test_envoy_ejects_an_instance_after_the_circuit_breaker_s_failures_in_a_row(sidecar: dict[str, Any]) -> None:
+    """``circuit_breaker`` is carried as the clusters' outlier detection (consecutive failures, ejection time)."""
+    cp, sick = sidecar["cp"], sidecar["upstreams"]["v2-a"]
+    cp.apply({"services": {"inventory": {"circuit_breaker": {"consecutive_failures": 3, "open_for": "60s"}}}})
+
+    def outlier_detection() -> dict[str, Any]:
+        dump = httpx.get(sidecar["admin"] + "/config_dump?resource=dynamic_active_clusters").json()
+        clusters = {c["cluster"]["name"]: c["cluster"] for c in dump["configs"]}
+        return dict(clusters.get("inventory", {}).get("outlier_detection", {}))
+
+    wait_for(lambda: outlier_detection().get("consecutive_5xx") == 3, timeout=10, what="the breaker to reach Envoy")
+    assert outlier_detection()["base_ejection_time"] == "60s"
+    assert httpx.get(f"http://127.0.0.1:{sick.port}/-/behave", params={"status": 503}).status_code == 200
+    with httpx.Client(base_url=sidecar["url"], timeout=10) as http:
+        counts = calls(http, 200)
+    # round robin sends every other call to the sick instance until its third 503 in a row ejects it
+    assert counts.get("status:503", 0) <= 4 and counts.get("v1-a", 0) >= 196, counts

@@ -285,3 +285,21 @@ def test_the_unauthenticated_xds_port_is_refused_off_loopback(tmp_path: Path) ->
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "refusing --xds-port on 0.0.0.0: the xDS port has no authentication or TLS yet" in done.stderr
+
+
+def test_the_service_s_faults_reach_grpc_s_xds_client(mesh: dict[str, Any]) -> None:
+    """``faults.abort`` is carried as the fault filter's per-service config: gRPC's client aborts that share of its
+    calls itself, with the gRPC code meshlib gives the same HTTP status (503: UNAVAILABLE)."""
+    cp = mesh["cp"]
+    client = XdsClient(mesh["bootstrap"])
+    try:
+        assert set(client.calls(20)) <= {"v1-a", "v2-a"}
+        cp.apply({"services": {"inventory": {"faults": {"abort": {"percent": 50, "status": 503}}}}})
+        wait_for(lambda: "error:UNAVAILABLE" in client.calls(20), timeout=10, what="the fault rule to reach the client")
+        counts = client.calls(2000)
+        share = counts.get("error:UNAVAILABLE", 0) / 2000
+        assert 0.45 <= share <= 0.55 and set(counts) <= {"v1-a", "v2-a", "error:UNAVAILABLE"}, counts
+        cp.apply({})
+        wait_for(lambda: "error:UNAVAILABLE" not in client.calls(50), timeout=10, what="the fault's removal")
+    finally:
+        client.close()

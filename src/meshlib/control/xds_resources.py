@@ -27,17 +27,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from ..policy.rules import HeaderMatch, Route, ServiceRules, Subset
+from ..policy.config import BreakerPolicy
+from ..policy.rules import Faults, HeaderMatch, Route, ServiceRules, Subset
 from ..rules.model import Rules
 from .xds_names import OUTBOUND
 
@@ -88,7 +92,7 @@ def build_snapshot(instances: Mapping[str, Iterable[InstanceView]], rules: Rules
         clusters: list[tuple[str, Subset | None]] = [(cluster_name(service), None)]
         clusters += [(cluster_name(service, name), subset) for name, subset in sorted(service_rules.subsets.items())]
         for name, subset in clusters:
-            resources[CLUSTER][name] = _pack(_cluster(name))
+            resources[CLUSTER][name] = _pack(_cluster(name, service_rules.policy.circuit_breaker))
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
             resources[ENDPOINTS][name] = _pack(_load_assignment(name, selected))
     resources[ROUTE][OUTBOUND] = _pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
@@ -115,10 +119,17 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
+#: The fault filter's name: configured empty in the listener, per service on its virtual host.
+FAULT_FILTER = "envoy.filters.http.fault"
+
+
 def _listener(service: str) -> listener_pb2.Listener:
     manager = hcm_pb2.HttpConnectionManager(
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=service),
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router()))],
+        http_filters=[
+            hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_pack(fault_pb2.HTTPFault())),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())),
+        ],
     )
     return listener_pb2.Listener(name=service, api_listener=api_listener_pb2.ApiListener(api_listener=_pack(manager)))
 
@@ -141,7 +152,31 @@ def _virtual_host(
             route=_action(service, rules, [(cluster_name(service), 100)]),
         )
     )
-    return route_components_pb2.VirtualHost(name=service, domains=domains, routes=routes)
+    host = route_components_pb2.VirtualHost(name=service, domains=domains, routes=routes)
+    if rules.faults is not None:
+        host.typed_per_filter_config[FAULT_FILTER].CopyFrom(_pack(_fault(rules.faults)))
+    return host
+
+
+def _percent(value: float) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(
+        numerator=round(value * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
+    )
+
+
+def _fault(faults: Faults) -> fault_pb2.HTTPFault:
+    """The service's ``faults`` for every call to it: a delay and an abort with an HTTP status (gRPC clients map it
+    to a gRPC code as meshlib does: 503 is UNAVAILABLE)."""
+    fault = fault_pb2.HTTPFault()
+    if faults.delay_percent > 0:
+        fault.delay.CopyFrom(
+            common_fault_pb2.FaultDelay(fixed_delay=_duration(faults.delay), percentage=_percent(faults.delay_percent))
+        )
+    if faults.abort_percent > 0:
+        fault.abort.CopyFrom(
+            fault_pb2.FaultAbort(http_status=faults.abort_status, percentage=_percent(faults.abort_percent))
+        )
+    return fault
 
 
 def _grpc_can_match(route: Route) -> bool:
@@ -217,13 +252,28 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
-def _cluster(name: str) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
+def _cluster(name: str, breaker: BreakerPolicy) -> cluster_pb2.Cluster:
+    """EDS over ADS, round robin, and the service's ``circuit_breaker`` as outlier detection: an instance is ejected
+    after that many failures in a row, for ``open_for`` (longer each time, as Envoy does), at most
+    ``max_ejection_percent`` of the cluster at once; ``panic_threshold_percent`` as Envoy's panic threshold. Envoy
+    carries it all; gRPC's client implements only the success-rate and failure-percentage detectors, which the
+    mesh's rules do not express, so a proxyless gRPC client ignores it (its calls are retried by the route's
+    retry policy)."""
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        outlier_detection=outlier_detection_pb2.OutlierDetection(
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=breaker.consecutive_failures),
+            base_ejection_time=_duration(breaker.open_for),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=round(breaker.max_ejection_percent)),
+            enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=100),
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),  # the mesh ejects on failures in a row only
+        ),
     )
+    cluster.common_lb_config.healthy_panic_threshold.value = breaker.panic_threshold_percent
+    return cluster
 
 
 def _load_assignment(name: str, members: list[InstanceView]) -> endpoint_pb2.ClusterLoadAssignment:

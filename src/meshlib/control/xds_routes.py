@@ -64,9 +64,13 @@ def envoy_bootstrap(service: str, xds_host: str, xds_port: int, listen: int, adm
         "rds": {"route_config_name": OUTBOUND, "config_source": ads},
         "http_filters": [
             {
+                "name": "envoy.filters.http.fault",  # configured per service, on its virtual host
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"},
+            },
+            {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            }
+            },
         ],
     }
     http2 = {

@@ -24,9 +24,13 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 import grpc
 
-from .xds_resources import TYPES, Snapshot
+from .xds_resources import CLUSTER, ENDPOINTS, LISTENER, ROUTE, TYPES, Snapshot
 
 log = logging.getLogger("meshlib.control.xds")
+
+#: The type whose resources a client warms with, after each response of a type: clusters with their endpoints,
+#: listeners with their routes.
+_WARMED_BY = {CLUSTER: ENDPOINTS, LISTENER: ROUTE}
 
 #: Most resource names one request may subscribe to, and most streams served at once.
 MAX_NAMES = 10_000
@@ -45,6 +49,9 @@ class _TypeState:
     acked_version: str = ""
     parked_version: str = ""  # refused by the client: never sent again
     error: str = ""
+    #: Answer the next request for this type even if nothing changed: Envoy warms a cluster (or listener) it was
+    #: just sent and waits, its CDS (LDS) answer held, for a response to the EDS (RDS) request it then makes.
+    answer_next: bool = False
 
 
 @dataclass
@@ -172,6 +179,9 @@ class XdsServer:
         stream.nonce += 1
         state.sent_version, state.sent_nonce, state.sent_names = version, str(stream.nonce), names
         stream.sent += 1
+        dependent = stream.types.get(_WARMED_BY.get(kind, ""))
+        if dependent is not None:
+            dependent.answer_next = True
         return discovery_pb2.DiscoveryResponse(
             version_info=version,
             type_url=kind,
@@ -207,8 +217,9 @@ class XdsServer:
             state.error = ""
         first = not state.subscribed
         state.subscribed = True
-        if first or names != state.names:
+        if first or names != state.names or state.answer_next:
             state.names = names
+            state.answer_next = False
             return kind
         return None
 
