@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli_http import CliError, check, print_json, request
+from .settings import env_value
 
 
 def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
@@ -18,6 +19,14 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
     if args.envoy:
         params.update(envoy="1", listen=str(args.listen), admin=str(args.admin))
     bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params=params))
+    if args.identity_dir:
+        if args.envoy:
+            raise CliError("--identity-dir is for gRPC's xDS client; an Envoy sidecar's mTLS is not carried yet")
+        files = write_identity(args, Path(args.identity_dir))
+        bootstrap["certificate_providers"] = {
+            PROVIDER: {"plugin_name": "file_watcher", "config": {**files, "refresh_interval": "60s"}}
+        }
+        bootstrap["node"]["metadata"]["mesh.tls"] = "on"
     if args.envoy:
         import yaml  # only here: the rest of meshctl never needs it
 
@@ -41,6 +50,65 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {path}: run the {args.service} client with GRPC_XDS_BOOTSTRAP={os.path.abspath(path)}")
     return 0
+
+
+#: The certificate provider instance the control plane's mTLS clusters name (``xds_resources.PROVIDER``).
+PROVIDER = "mesh"
+
+
+def write_identity(args: argparse.Namespace, directory: Path) -> dict[str, str]:
+    """A certificate for ``args.service`` from the control plane's CA, signed for the join token in
+    ``MESH_BOOTSTRAP_TOKEN``, written as gRPC's ``file_watcher`` provider reads it (the key 0600). gRPC re-reads
+    the files every minute: run this again before the certificate expires (24 h by default) to renew it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from .files import write_atomic
+    from .security.spiffe import SpiffeId
+
+    token = env_value("bootstrap_token")
+    if not token:
+        raise CliError(
+            f"--identity-dir needs MESH_BOOTSTRAP_TOKEN: a join token for {args.service} "
+            f"(meshctl token create --service {args.service})"
+        )
+    roots = check(request(args, "GET", "/v1/ca/roots"))
+    trust_domain = str(roots.get("trust_domain") or "mesh.local")
+    identity = SpiffeId(trust_domain, args.namespace, args.service)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.dns_name)]
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.service)]))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    body = {
+        "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "service": args.service,
+        "namespace": args.namespace,
+    }
+    signed = check(request(args, "POST", "/v1/ca/sign", json=body, headers={"authorization": f"Bearer {token}"}))
+    files = {
+        "certificate_file": directory / "cert.pem",
+        "private_key_file": directory / "key.pem",
+        "ca_certificate_file": directory / "ca.pem",
+    }
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_atomic(files["private_key_file"], key_pem, private=True)
+        chain = signed["certificate"] + "".join(signed.get("chain", []))
+        write_atomic(files["certificate_file"], chain.encode())
+        write_atomic(files["ca_certificate_file"], "".join(roots["roots"]).encode())
+    except OSError as exc:
+        raise CliError(f"cannot write the identity files in {directory}: {exc.strerror or exc}") from None
+    print(f"wrote {identity.uri}'s certificate, key and the mesh roots in {directory}", file=sys.stderr)
+    return {name: str(path.resolve()) for name, path in files.items()}
 
 
 def cmd_xds_clients(args: argparse.Namespace) -> int:
@@ -82,6 +150,11 @@ def add_xds_commands(sub: Any) -> None:
     p.add_argument("--service", required=True, help="the service the client runs as")
     p.add_argument("-o", "--out", help="the file to write (default: standard output)")
     p.add_argument("--envoy", action="store_true", help="an Envoy sidecar's bootstrap (YAML) instead of gRPC's")
+    p.add_argument(
+        "--identity-dir",
+        help="get a mesh certificate (with the join token in MESH_BOOTSTRAP_TOKEN) into this directory, for mTLS",
+    )
+    p.add_argument("--namespace", default="default", help="with --identity-dir: the identity's namespace")
     p.add_argument("--listen", type=int, default=15001, help="with --envoy: the port the app's calls go to")
     p.add_argument("--admin", type=int, default=15000, help="with --envoy: Envoy's admin port (on 127.0.0.1)")
     p.set_defaults(func=cmd_xds_bootstrap)

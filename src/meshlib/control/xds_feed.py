@@ -39,7 +39,7 @@ async def feed(cp: ControlPlane, xds: XdsServer) -> None:
             name: [InstanceView(i.address, i.port, frozenset(i.tags), dict(i.meta)) for i in items]
             for name, items in cp.registry.services().items()
         }
-        xds.update(build_snapshot(instances, rules))
+        xds.update(build_snapshot(instances, rules, cp.ca.trust_domain if cp.ca is not None else "mesh.local"))
         while cp.revision.version == rules_version and cp.registry.index == registry_index:
             waits = [
                 asyncio.ensure_future(cp.rules_signal.wait(REFRESH)),

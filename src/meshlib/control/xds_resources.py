@@ -23,6 +23,7 @@ sticky hashing by header, HTTP method matches (a gRPC call is always POST: a rou
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_p
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
@@ -68,19 +71,33 @@ class InstanceView:
 @dataclass
 class Snapshot:
     """Every resource by type and name (packed as ``Any``), and each type's digest: a type whose digest did not
-    change is not pushed again."""
+    change is not pushed again. ``tls_clusters``: the clusters as a client with a mesh identity gets them (mTLS to
+    services whose instances require it); a client without one gets ``resources[CLUSTER]``, where those are
+    plaintext (they refuse its calls, as they refuse any plaintext caller, and the client takes every other cluster)."""
 
     resources: dict[str, dict[str, any_pb2.Any]]
     digests: dict[str, str]
+    tls_clusters: dict[str, any_pb2.Any] = field(default_factory=dict)
+
+    def clusters(self, tls: bool) -> dict[str, any_pb2.Any]:
+        return self.tls_clusters if tls else self.resources[CLUSTER]
+
+
+#: The certificate provider instance (gRFC A29) a bootstrap with mesh identity files names: ``file_watcher`` over
+#: the files ``meshctl xds bootstrap --identity-dir`` writes.
+PROVIDER = "mesh"
 
 
 def cluster_name(service: str, subset: str | None = None) -> str:
     return service if subset is None else f"{service}/{subset}"
 
 
-def build_snapshot(instances: Mapping[str, Iterable[InstanceView]], rules: Rules) -> Snapshot:
+def build_snapshot(
+    instances: Mapping[str, Iterable[InstanceView]], rules: Rules, trust_domain: str = "mesh.local"
+) -> Snapshot:
     """The resources of every service the registry lists or the rules name."""
     resources: dict[str, dict[str, any_pb2.Any]] = {kind: {} for kind in TYPES}
+    tls_clusters: dict[str, any_pb2.Any] = {}
     names = sorted(set(instances) | set(rules.services))
     hosts = []
     for service in names:
@@ -91,13 +108,41 @@ def build_snapshot(instances: Mapping[str, Iterable[InstanceView]], rules: Rules
         resources[ROUTE][service] = _pack(_route_configuration(service, service_rules))
         clusters: list[tuple[str, Subset | None]] = [(cluster_name(service), None)]
         clusters += [(cluster_name(service, name), subset) for name, subset in sorted(service_rules.subsets.items())]
+        strict = any(m.meta.get("mesh_tls") == "strict" for m in members)
         for name, subset in clusters:
-            resources[CLUSTER][name] = _pack(_cluster(name, service_rules.policy.circuit_breaker))
+            cluster = _cluster(name, service_rules.policy.circuit_breaker)
+            resources[CLUSTER][name] = _pack(cluster)
+            if strict:
+                cluster.transport_socket.CopyFrom(_upstream_tls(service, trust_domain))
+            tls_clusters[name] = _pack(cluster)
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
             resources[ENDPOINTS][name] = _pack(_load_assignment(name, selected))
     resources[ROUTE][OUTBOUND] = _pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
     digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
-    return Snapshot(resources, digests)
+    digests[CLUSTER] = _digest({**resources[CLUSTER], **{f"tls:{n}": c for n, c in tls_clusters.items()}})
+    return Snapshot(resources, digests, tls_clusters)
+
+
+def _upstream_tls(service: str, trust_domain: str) -> base_pb2.TransportSocket:
+    """mTLS to ``service``: this client's certificate and the mesh roots from the ``mesh`` provider, and the server
+    must prove it is ``service`` (its SPIFFE ID, in any namespace of the trust domain)."""
+    san = string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(
+            regex=f"spiffe://{re.escape(trust_domain)}/ns/[a-z0-9-]+/sa/{re.escape(service)}"
+        )
+    )
+    context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            tls_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(instance_name=PROVIDER),
+            validation_context=tls_common_pb2.CertificateValidationContext(
+                ca_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(
+                    instance_name=PROVIDER
+                ),
+                match_subject_alt_names=[san],
+            ),
+        )
+    )
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(context))
 
 
 def _digest(by_name: Mapping[str, any_pb2.Any]) -> str:

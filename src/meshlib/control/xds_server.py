@@ -63,6 +63,8 @@ class _Stream:
     nonce: int = 0
     nacks: int = 0
     sent: int = 0
+    #: The node holds a mesh identity (its bootstrap names the ``mesh`` certificate provider): it gets mTLS clusters.
+    tls: bool = False
 
     def view(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,7 @@ class _Stream:
             "connected_for": round(time.monotonic() - self.started, 1),
             "responses": self.sent,
             "nacks": self.nacks,
+            "mtls": self.tls,
             "types": {
                 kind.rsplit(".", 1)[-1]: {
                     "acked": s.acked_version,
@@ -172,7 +175,7 @@ class XdsServer:
         version = self._versions.get(kind, "")
         if version == state.parked_version:
             return None
-        by_name = snapshot.resources[kind]
+        by_name = snapshot.clusters(stream.tls) if kind == CLUSTER else snapshot.resources[kind]
         names = state.names or frozenset(by_name)
         if not force and version == state.sent_version and names == state.sent_names:
             return None
@@ -253,6 +256,8 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[mis
                 if isinstance(item, discovery_pb2.DiscoveryRequest):
                     if not stream.node and item.HasField("node"):
                         stream.node, stream.cluster = item.node.id[:200], item.node.cluster[:200]
+                        tls = item.node.metadata.fields.get("mesh.tls")
+                        stream.tls = tls is not None and tls.string_value == "on"
                     kind = server.received(stream, item)
                     kinds = [] if kind is None else [kind]
                     force = True

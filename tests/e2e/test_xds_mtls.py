@@ -1,0 +1,174 @@
+"""Proxyless gRPC with mesh identities: ``meshctl xds bootstrap --identity-dir`` gets a certificate from the control
+plane's CA (with the service's join token) and names it as gRPC's ``file_watcher`` certificate provider; the
+control plane then sends that client mTLS clusters for services whose instances require mTLS. grpcio's own xDS
+client calls a strict meshlib gRPC server over mTLS, and the server authorizes it by its SPIFFE identity exactly
+as it authorizes meshlib's clients: allowed, denied, and a plaintext caller refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import grpc
+import meshlib
+import meshlib.grpc
+from harness import ADMIN_TOKEN, ControlPlaneProcess, wait_for
+from meshlib.settings import MeshSettings
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+#: N calls over an xds:/// channel with xDS credentials (mTLS when the control plane configures it, plaintext
+#: otherwise), printing each outcome's count.
+CLIENT = r"""
+import collections, json, sys, grpc, grpc.experimental
+creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+channel = grpc.secure_channel("xds:///echo", creds)
+call = channel.unary_unary("/meshtest.Who/Name", request_serializer=None, response_deserializer=None)
+for line in sys.stdin:
+    counts = collections.Counter()
+    for _ in range(int(line)):
+        try:
+            counts[call(b"", timeout=5).decode()] += 1
+        except grpc.RpcError as exc:
+            counts["error:" + exc.code().name] += 1
+    print(json.dumps(counts), flush=True)
+"""
+
+
+def token(cp: ControlPlaneProcess, service: str) -> str:
+    r = httpx.post(cp.url + "/v1/tokens", json={"services": [service]}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+class Client:
+    def __init__(self, bootstrap: Path) -> None:
+        env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    def calls(self, n: int) -> dict[str, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the xDS client process died"
+        counts: dict[str, int] = json.loads(line)
+        return counts
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bootstrap(cp: ControlPlaneProcess, tmp: Path, service: str, join_token: str | None) -> Path:
+    out = tmp / f"{service}.json"
+    args = [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "xds", "bootstrap", "--service", service]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    if join_token is not None:
+        args += ["--identity-dir", str(tmp / f"{service}-identity")]
+        env["MESH_BOOTSTRAP_TOKEN"] = join_token
+    done = subprocess.run([*args, "-o", str(out)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture
+def strict_echo(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    cp = ControlPlaneProcess(tmp_path / "cp", extra_args=("--xds-port", "0"))
+    server = mesh = None
+    try:
+        settings = MeshSettings.from_env(
+            {},
+            service="echo",
+            control_plane=cp.url,
+            tls="strict",
+            bootstrap_token=token(cp, "echo"),
+            stats_interval=0,
+            state_dir=str(tmp_path / "echo"),
+        )
+        mesh = meshlib.Mesh(settings=settings)
+        server = meshlib.grpc.server(mesh=mesh, port=0, drain_delay=0)
+        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"echo")
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshtest.Who", {"Name": handler})])
+        server.start()
+
+        def registered() -> bool:
+            listed = httpx.get(cp.url + "/v1/registry/services/echo").json()["instances"]
+            return any(i["meta"].get("mesh_tls") == "strict" for i in listed)
+
+        wait_for(registered, timeout=10, what="the strict echo server in the registry")
+        yield {"cp": cp, "mesh": mesh}
+    finally:
+        if server is not None:
+            server.stop(0).wait(10)
+        if mesh is not None:
+            mesh.close()
+        cp.stop()
+
+
+def test_a_proxyless_client_with_a_mesh_identity_calls_a_strict_server_and_is_authorized_by_it(
+    strict_echo: dict[str, Any], tmp_path: Path
+) -> None:
+    cp = strict_echo["cp"]
+    cp.apply({"services": {"echo": {"authorization": {"allow": ["web"]}}}})
+    wait_for(
+        lambda: strict_echo["mesh"].rules.version >= 1, timeout=10, what="the server to take the authorization rule"
+    )
+    web = Client(bootstrap(cp, tmp_path, "web", token(cp, "web")))
+    front = Client(bootstrap(cp, tmp_path, "front", token(cp, "front")))
+    plain = Client(bootstrap(cp, tmp_path, "plain", None))
+    try:
+        assert web.calls(20) == {"echo": 20}  # mTLS, and the server's rule allows web
+        assert front.calls(5) == {"error:PERMISSION_DENIED": 5}  # mTLS, but front is not allowed
+        assert plain.calls(5) == {"error:UNAVAILABLE": 5}  # no identity: plaintext, refused by a strict server
+
+        clients = {c["cluster"]: c for c in httpx.get(cp.url + "/v1/xds/clients").json()["clients"]}
+        assert clients["web"]["mtls"] and clients["front"]["mtls"] and not clients["plain"]["mtls"]
+        assert all(c["nacks"] == 0 for c in clients.values()), clients
+    finally:
+        for client in (web, front, plain):
+            client.close()
+
+
+def test_the_identity_files_are_the_service_s_and_the_key_is_private(strict_echo: dict[str, Any], tmp_path: Path):
+    from cryptography import x509
+
+    path = bootstrap(strict_echo["cp"], tmp_path, "web", token(strict_echo["cp"], "web"))
+    providers = json.loads(path.read_text())["certificate_providers"]["mesh"]
+    assert providers["plugin_name"] == "file_watcher"
+    files = providers["config"]
+    cert = x509.load_pem_x509_certificate(Path(files["certificate_file"]).read_bytes())
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(u) for u in uris.get_values_for_type(x509.UniformResourceIdentifier)] == [
+        "spiffe://mesh.local/ns/default/sa/web"
+    ]
+    assert Path(files["private_key_file"]).stat().st_mode & 0o077 == 0
+
+
+def test_identity_files_need_a_join_token(strict_echo: dict[str, Any], tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "meshlib.cli", "--control-plane", strict_echo["cp"].url, "xds", "bootstrap"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    done = subprocess.run(
+        [*args, "--service", "web", "--identity-dir", str(tmp_path / "id")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 1 and "MESH_BOOTSTRAP_TOKEN" in done.stderr and "Traceback" not in done.stderr
