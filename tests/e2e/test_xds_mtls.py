@@ -30,9 +30,9 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 #: N calls over an xds:/// channel with xDS credentials (mTLS when the control plane configures it, plaintext
 #: otherwise), printing each outcome's count.
 CLIENT = r"""
-import collections, json, sys, grpc, grpc.experimental
+import collections, json, os, sys, grpc, grpc.experimental
 creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
-channel = grpc.secure_channel("xds:///echo", creds)
+channel = grpc.secure_channel("xds:///" + os.environ.get("TARGET", "echo"), creds)
 call = channel.unary_unary("/meshtest.Who/Name", request_serializer=None, response_deserializer=None)
 for line in sys.stdin:
     counts = collections.Counter()
@@ -51,9 +51,24 @@ def token(cp: ControlPlaneProcess, service: str) -> str:
     return str(r.json()["token"])
 
 
+#: An xDS-enabled gRPC server (grpc.server(xds=True)) answering with its name: its listener (TLS, RBAC) comes
+#: from the control plane.
+SERVER = r"""
+import sys, grpc
+from concurrent import futures
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), xds=True)
+handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"inventory")
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshtest.Who", {"Name": handler})])
+server.add_secure_port(sys.argv[1], grpc.xds_server_credentials(grpc.insecure_server_credentials()))
+server.start()
+print("STARTED", flush=True)
+server.wait_for_termination()
+"""
+
+
 class Client:
-    def __init__(self, bootstrap: Path) -> None:
-        env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap)}
+    def __init__(self, bootstrap: Path, target: str = "echo") -> None:
+        env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap), "TARGET": target}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
@@ -172,3 +187,47 @@ def test_identity_files_need_a_join_token(strict_echo: dict[str, Any], tmp_path:
         env=env,
     )
     assert done.returncode == 1 and "MESH_BOOTSTRAP_TOKEN" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_xds_configured_grpc_server_requires_mtls_and_authorizes_as_a_meshlib_server_does(
+    strict_echo: dict[str, Any], tmp_path: Path
+) -> None:
+    """The same rule as for the meshlib server above, now enforced by gRPC itself (its listener's RBAC filter)."""
+    from harness import free_port
+
+    cp = strict_echo["cp"]
+    inventory_token = token(cp, "inventory")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap(cp, tmp_path, "inventory", inventory_token))},
+    )
+    clients: list[Client] = []
+    try:
+        body = {"id": "inventory-1", "service": "inventory", "address": "127.0.0.1", "port": port, "ttl": "3600s"}
+        body["meta"] = {"mesh_tls": "strict"}
+        r = httpx.put(
+            cp.url + "/v1/registry/register", json=body, headers={"authorization": f"Bearer {inventory_token}"}
+        )
+        assert r.status_code == 200, r.text
+        cp.apply({"services": {"inventory": {"authorization": {"allow": ["web"]}}}})
+        web = Client(bootstrap(cp, tmp_path, "web", token(cp, "web")), "inventory")
+        front = Client(bootstrap(cp, tmp_path, "front", token(cp, "front")), "inventory")
+        plain = Client(bootstrap(cp, tmp_path, "plain", None), "inventory")
+        clients += [web, front, plain]
+        wait_for(lambda: web.calls(1) == {"inventory": 1}, timeout=20, what="the xDS server to serve web over mTLS")
+        assert web.calls(20) == {"inventory": 20}
+        assert front.calls(5) == {"error:PERMISSION_DENIED": 5}  # gRPC's RBAC filter, from the rule
+        assert plain.calls(5) == {"error:UNAVAILABLE": 5}  # the listener requires a client certificate
+        nodes = {c["cluster"]: c for c in httpx.get(cp.url + "/v1/xds/clients").json()["clients"]}
+        assert nodes["inventory"]["mtls"] and all(n["nacks"] == 0 for n in nodes.values()), nodes
+
+        cp.apply({"services": {"inventory": {"authorization": {"allow": ["web", "front"]}}}})
+        wait_for(lambda: front.calls(1) == {"inventory": 1}, timeout=10, what="the new rule to reach the server")
+    finally:
+        for client in clients:
+            client.close()
+        server.kill()
+        server.wait(10)

@@ -31,10 +31,12 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
@@ -44,7 +46,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from ..policy.config import BreakerPolicy
-from ..policy.rules import Faults, HeaderMatch, Route, ServiceRules, Subset
+from ..policy.rules import Authorization, Faults, HeaderMatch, Route, ServiceRules, Subset
 from ..rules.model import Rules
 from .xds_names import OUTBOUND
 
@@ -77,10 +79,11 @@ class Snapshot:
 
     resources: dict[str, dict[str, any_pb2.Any]]
     digests: dict[str, str]
-    tls_clusters: dict[str, any_pb2.Any] = field(default_factory=dict)
+    #: Clusters and listeners as a node with a mesh identity gets them (mTLS where the instances require it).
+    tls: dict[str, dict[str, any_pb2.Any]] = field(default_factory=dict)
 
-    def clusters(self, tls: bool) -> dict[str, any_pb2.Any]:
-        return self.tls_clusters if tls else self.resources[CLUSTER]
+    def by_name(self, kind: str, tls: bool) -> dict[str, any_pb2.Any]:
+        return self.tls.get(kind, self.resources[kind]) if tls else self.resources[kind]
 
 
 #: The certificate provider instance (gRFC A29) a bootstrap with mesh identity files names: ``file_watcher`` over
@@ -97,14 +100,18 @@ def build_snapshot(
 ) -> Snapshot:
     """The resources of every service the registry lists or the rules name."""
     resources: dict[str, dict[str, any_pb2.Any]] = {kind: {} for kind in TYPES}
-    tls_clusters: dict[str, any_pb2.Any] = {}
+    tls: dict[str, dict[str, any_pb2.Any]] = {CLUSTER: {}, LISTENER: {}}
     names = sorted(set(instances) | set(rules.services))
     hosts = []
     for service in names:
         service_rules = rules.for_service(service) or ServiceRules()
         hosts.append(_virtual_host(service, service_rules, domains=[service, f"{service}:*"], methods=True))
         members = list(instances.get(service, ()))
-        resources[LISTENER][service] = _pack(_listener(service))
+        resources[LISTENER][service] = tls[LISTENER][service] = _pack(_listener(service))
+        for member in members:  # what an xDS-enabled gRPC server serving as this instance asks for
+            name = SERVER_LISTENER.format(f"{member.address}:{member.port}")
+            resources[LISTENER][name] = _pack(_server_listener(name, member, service_rules, trust_domain, False))
+            tls[LISTENER][name] = _pack(_server_listener(name, member, service_rules, trust_domain, True))
         resources[ROUTE][service] = _pack(_route_configuration(service, service_rules))
         clusters: list[tuple[str, Subset | None]] = [(cluster_name(service), None)]
         clusters += [(cluster_name(service, name), subset) for name, subset in sorted(service_rules.subsets.items())]
@@ -114,13 +121,102 @@ def build_snapshot(
             resources[CLUSTER][name] = _pack(cluster)
             if strict:
                 cluster.transport_socket.CopyFrom(_upstream_tls(service, trust_domain))
-            tls_clusters[name] = _pack(cluster)
+            tls[CLUSTER][name] = _pack(cluster)
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
             resources[ENDPOINTS][name] = _pack(_load_assignment(name, selected))
     resources[ROUTE][OUTBOUND] = _pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
     digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
-    digests[CLUSTER] = _digest({**resources[CLUSTER], **{f"tls:{n}": c for n, c in tls_clusters.items()}})
-    return Snapshot(resources, digests, tls_clusters)
+    for kind, variant in tls.items():
+        digests[kind] = _digest({**resources[kind], **{f"tls:{n}": r for n, r in variant.items()}})
+    return Snapshot(resources, digests, tls)
+
+
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+#: The Listener an xDS-enabled gRPC server asks for (``server_listener_resource_name_template`` in its bootstrap).
+SERVER_LISTENER = "grpc/server?xds.resource.listening_address={}"
+
+
+def _server_listener(
+    name: str, member: InstanceView, rules: ServiceRules, trust_domain: str, tls: bool
+) -> listener_pb2.Listener:
+    """An xDS-enabled gRPC server's inbound side, as a meshlib server of the same service behaves: mTLS with a
+    client certificate required when the instance registered as ``mesh_tls: strict`` (and the node has an identity:
+    a node without one gets a plaintext listener, which mesh callers' mTLS fails against), and the service's
+    ``authorization`` as RBAC on verified SPIFFE IDs (gRFC A41)."""
+    filters = []
+    policy = rules.authorization
+    if policy is not None and policy.mode == "strict":
+        filters.append(
+            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac", typed_config=_pack(_rbac(policy, trust_domain)))
+        )
+    filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())))
+    inbound = route_components_pb2.VirtualHost(
+        name="inbound",
+        domains=["*"],
+        routes=[
+            route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix=""),
+                non_forwarding_action=route_components_pb2.NonForwardingAction(),
+            )
+        ],
+    )
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="inbound",
+        route_config=route_pb2.RouteConfiguration(name="inbound", virtual_hosts=[inbound]),
+        http_filters=filters,
+    )
+    chain = listener_components_pb2.FilterChain(
+        filters=[
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.http_connection_manager", typed_config=_pack(manager)
+            )
+        ]
+    )
+    if tls and member.meta.get("mesh_tls") == "strict":
+        context = tls_pb2.DownstreamTlsContext(
+            require_client_certificate=wrappers_pb2.BoolValue(value=True),
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(
+                    instance_name=PROVIDER
+                ),
+                validation_context=tls_common_pb2.CertificateValidationContext(
+                    ca_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(
+                        instance_name=PROVIDER
+                    )
+                ),
+            ),
+        )
+        chain.transport_socket.CopyFrom(
+            base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(context))
+        )
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=member.address, port_value=member.port)
+        ),
+        filter_chains=[chain],
+    )
+
+
+def _rbac(policy: Authorization, trust_domain: str, namespace: str = "default") -> rbac_filter_pb2.RBAC:
+    """``authorization.allow`` as an ALLOW policy on the caller's verified SPIFFE ID, with meshlib's meaning of each
+    entry: ``*`` any identity of the trust domain, a SPIFFE URI that identity, a name that service in the server's
+    namespace (``default``: the registry records no namespace)."""
+    principals = []
+    for entry in sorted(policy.allow):
+        if entry == "*":
+            matcher = string_pb2.StringMatcher(prefix=f"spiffe://{trust_domain}/")
+        elif entry.startswith("spiffe://"):
+            matcher = string_pb2.StringMatcher(exact=entry)
+        else:
+            matcher = string_pb2.StringMatcher(exact=f"spiffe://{trust_domain}/ns/{namespace}/sa/{entry}")
+        principals.append(rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher)))
+    rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
+    if principals:
+        rules.policies["mesh-allow"].CopyFrom(
+            rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)], principals=principals)
+        )
+    return rbac_filter_pb2.RBAC(rules=rules)
 
 
 def _upstream_tls(service: str, trust_domain: str) -> base_pb2.TransportSocket:

@@ -28,6 +28,8 @@ def grpc_bootstrap(service: str, server_uri: str) -> dict[str, object]:
             {"server_uri": server_uri, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
         ],
         "node": _node(service),
+        # an xDS-enabled gRPC server (grpc.server(..., xds=True)) asks for its listener under this name
+        "server_listener_resource_name_template": "grpc/server?xds.resource.listening_address=%s",
     }
 
 

@@ -175,7 +175,7 @@ class XdsServer:
         version = self._versions.get(kind, "")
         if version == state.parked_version:
             return None
-        by_name = snapshot.clusters(stream.tls) if kind == CLUSTER else snapshot.resources[kind]
+        by_name = snapshot.by_name(kind, stream.tls)
         names = state.names or frozenset(by_name)
         if not force and version == state.sent_version and names == state.sent_names:
             return None
