@@ -19,6 +19,13 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
     if args.envoy:
         params.update(envoy="1", listen=str(args.listen), admin=str(args.admin))
     bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params=params))
+    servers = bootstrap.get("xds_servers") or [{}]
+    ads_mtls = any(c.get("type") == "tls" for c in servers[0].get("channel_creds", []))
+    if ads_mtls and not args.identity_dir:
+        raise CliError(
+            "the control plane's xDS port requires mTLS (it runs with --tls): pass --identity-dir DIR, with "
+            f"MESH_BOOTSTRAP_TOKEN set to a join token for {args.service}, so that the client has a mesh certificate"
+        )
     if args.identity_dir:
         if args.envoy:
             raise CliError("--identity-dir is for gRPC's xDS client; an Envoy sidecar's mTLS is not carried yet")
@@ -27,6 +34,8 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
             PROVIDER: {"plugin_name": "file_watcher", "config": {**files, "refresh_interval": "60s"}}
         }
         bootstrap["node"]["metadata"]["mesh.tls"] = "on"
+        if ads_mtls:  # the same certificate proves the client to the ADS port (gRFC A65 "tls" channel creds)
+            servers[0]["channel_creds"] = [{"type": "tls", "config": dict(files)}]
     if args.envoy:
         import yaml  # only here: the rest of meshctl never needs it
 

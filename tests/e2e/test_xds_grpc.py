@@ -284,7 +284,7 @@ def test_the_unauthenticated_xds_port_is_refused_off_loopback(tmp_path: Path) ->
         env=env,
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "refusing --xds-port on 0.0.0.0: the xDS port has no authentication or TLS yet" in done.stderr
+    assert "refusing a plaintext --xds-port on 0.0.0.0" in done.stderr and "Add --tls" in done.stderr
 
 
 def test_the_service_s_faults_reach_grpc_s_xds_client(mesh: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ for line in sys.stdin:
 
 
 def token(cp: ControlPlaneProcess, service: str) -> str:
-    r = httpx.post(cp.url + "/v1/tokens", json={"services": [service]}, headers=ADMIN)
+    r = httpx.post(cp.url + "/v1/tokens", json={"services": [service]}, headers=ADMIN, verify=cp.verify)
     assert r.status_code == 201, r.text
     return str(r.json()["token"])
 
@@ -95,6 +95,8 @@ def bootstrap(cp: ControlPlaneProcess, tmp: Path, service: str, join_token: str 
     out = tmp / f"{service}.json"
     args = [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "xds", "bootstrap", "--service", service]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    if cp.scheme == "https":
+        env["MESH_CONTROL_PLANE_CA"] = str(cp.state_dir / "ca-roots.pem")
     if join_token is not None:
         args += ["--identity-dir", str(tmp / f"{service}-identity")]
         env["MESH_BOOTSTRAP_TOKEN"] = join_token
@@ -231,3 +233,62 @@ def test_an_xds_configured_grpc_server_requires_mtls_and_authorizes_as_a_meshlib
             client.close()
         server.kill()
         server.wait(10)
+
+
+def test_with_tls_the_ads_port_itself_requires_a_mesh_certificate(tmp_path: Path) -> None:
+    from concurrent import futures
+
+    cp = ControlPlaneProcess(tmp_path / "cp", extra_args=("--xds-port", "0", "--tls"))
+    who = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"inventory")
+    who.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshtest.Who", {"Name": handler})])
+    port = who.add_insecure_port("127.0.0.1:0")
+    who.start()
+    client = None
+    try:
+        inventory = token(cp, "inventory")
+        body = {"id": "inv-1", "service": "inventory", "address": "127.0.0.1", "port": port, "ttl": "3600s"}
+        r = httpx.put(
+            cp.url + "/v1/registry/register",
+            json=body,
+            headers={"authorization": f"Bearer {inventory}"},
+            verify=cp.verify,
+        )
+        assert r.status_code == 200, r.text
+        ads_port = httpx.get(cp.url + "/v1/xds/clients", verify=cp.verify).json()["port"]
+
+        # a client with a mesh certificate reads its configuration over mTLS
+        path = bootstrap(cp, tmp_path, "web", token(cp, "web"))
+        (creds,) = json.loads(path.read_text())["xds_servers"][0]["channel_creds"]
+        assert creds["type"] == "tls" and set(creds["config"]) >= {"certificate_file", "ca_certificate_file"}
+        client = Client(path, "inventory")
+        assert client.calls(10) == {"inventory": 10}
+
+        # without one, the ADS port refuses the connection: plaintext, and TLS with no client certificate
+        from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+        roots = (cp.state_dir / "ca-roots.pem").read_bytes()
+        for channel in (
+            grpc.insecure_channel(f"127.0.0.1:{ads_port}"),
+            grpc.secure_channel(f"127.0.0.1:{ads_port}", grpc.ssl_channel_credentials(roots)),
+        ):
+            stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+                iter([discovery_pb2.DiscoveryRequest(type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster")]),
+                timeout=5,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stream)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            channel.close()
+
+        # and meshctl says what to do instead of writing a bootstrap that cannot connect
+        args = [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "xds", "bootstrap", "--service", "web"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env["MESH_CONTROL_PLANE_CA"] = str(cp.state_dir / "ca-roots.pem")
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 1 and "--identity-dir" in done.stderr, done.stderr
+    finally:
+        if client is not None:
+            client.close()
+        who.stop(0)
+        cp.stop()

@@ -144,11 +144,11 @@ def run_control_plane(
                 "create) nor MESH_BOOTSTRAP_TOKEN: nobody could join, and a proxy in front would make every caller "
                 "look local. Set MESH_ADMIN_TOKEN, or pass --insecure to accept that"
             )
-        if xds_port is not None and not _is_loopback_host(host) and not insecure:
+        if xds_port is not None and not (tls or tls_cert) and not _is_loopback_host(host) and not insecure:
             raise ConfigurationError(
-                f"refusing --xds-port on {host}: the xDS port has no authentication or TLS yet, so anyone reaching it "
-                "could read every instance and rule. Serve it on loopback (--host 127.0.0.1), or pass --insecure to "
-                "accept that"
+                f"refusing a plaintext --xds-port on {host}: anyone reaching it could read every instance and rule. "
+                "Add --tls (the ADS port then requires a mesh certificate of every client), serve it on loopback "
+                "(--host 127.0.0.1), or pass --insecure to accept that"
             )
         if (tls_cert or tls_key) and not (tls_cert and tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
@@ -194,8 +194,6 @@ def run_control_plane(
                 "--service NAME (and set each as MESH_BOOTSTRAP_TOKEN on that service's instances)"
             )
         bound = sock.getsockname()[1]
-        if xds_port is not None:
-            cp.xds = _start_xds(host, xds_port)
         config = uvicorn.Config(
             build_app(cp),
             log_level=log_level,
@@ -212,6 +210,11 @@ def run_control_plane(
             if tls_cert is None or tls_key is None:
                 tls_cert, tls_key = _own_certificate(ca, state, tls_names or _default_names(host))
             config.ssl_certfile, config.ssl_keyfile = tls_cert, tls_key
+        if xds_port is not None:
+            ads_tls = None
+            if tls_cert is not None and tls_key is not None:
+                ads_tls = (Path(tls_cert).read_bytes(), Path(tls_key).read_bytes(), ca.roots_pem())
+            cp.xds = _start_xds(host, xds_port, ads_tls)
         config.load()
         config.http_protocol_class = bounded(config.http_protocol_class, max_header_bytes, header_timeout)
         server = _ControlPlaneServer(config, cp)
@@ -222,7 +225,8 @@ def run_control_plane(
             flush=True,
         )
         if cp.xds is not None:
-            print(f"meshctl serve: xDS (ADS) on {host}:{cp.xds.port}", file=sys.stderr, flush=True)
+            kind = "mTLS, a mesh certificate required" if cp.xds.mtls else "plaintext"
+            print(f"meshctl serve: xDS (ADS) on {host}:{cp.xds.port} ({kind})", file=sys.stderr, flush=True)
         try:
             server.run(sockets=[sock])
         finally:
@@ -237,7 +241,7 @@ def run_control_plane(
         sock.close()
 
 
-def _start_xds(host: str, port: int) -> Any:
+def _start_xds(host: str, port: int, tls: tuple[bytes, bytes, bytes] | None = None) -> Any:
     """The ADS server on its own port (``xds_server.py``); one line naming what is missing otherwise."""
     try:
         from .xds_server import XdsServer
@@ -247,7 +251,7 @@ def _start_xds(host: str, port: int) -> Any:
         ) from None
     xds = XdsServer()
     try:
-        xds.start(host, port)
+        xds.start(host, port, tls)
     except OSError as exc:
         raise ConfigurationError(str(exc)) from None
     return xds

@@ -165,13 +165,18 @@ def xds_routes(cp: ControlPlane) -> list[Route]:
             return error(400, f"service: {exc} (ask for ?service=NAME, the service this client runs as)")
         host = request.url.hostname or "127.0.0.1"
         if request.query_params.get("envoy") in ("1", "true"):
+            if cp.xds.mtls:
+                return error(400, "an Envoy sidecar cannot join an mTLS xDS port yet: serve xDS without --tls")
             try:
                 listen, admin = _port(request, "listen", ENVOY_LISTEN), _port(request, "admin", ENVOY_ADMIN)
             except ValueError as exc:
                 return error(400, str(exc))
             return JSONResponse(envoy_bootstrap(service, host, cp.xds.port, listen, admin))
         server_uri = f"[{host}]:{cp.xds.port}" if ":" in host else f"{host}:{cp.xds.port}"
-        return JSONResponse(grpc_bootstrap(service, server_uri))
+        answer = grpc_bootstrap(service, server_uri)
+        if cp.xds.mtls:  # the client's own certificate files complete it (meshctl xds bootstrap --identity-dir)
+            answer["xds_servers"][0]["channel_creds"] = [{"type": "tls", "config": {}}]  # type: ignore[index]
+        return JSONResponse(answer)
 
     return [
         Route("/v1/xds/clients", clients, methods=["GET"]),

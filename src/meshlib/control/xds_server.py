@@ -98,16 +98,20 @@ class XdsServer:
         self._streams: dict[int, tuple[_Stream, asyncio.Queue[Any]]] = {}
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        #: The ADS port serves mTLS (a mesh certificate required of every node), not plaintext.
+        self.mtls = False
 
     # -- lifecycle (any thread) ---------------------------------------------------------------------------
-    def start(self, host: str, port: int) -> int:
+    def start(self, host: str, port: int, tls: tuple[bytes, bytes, bytes] | None = None) -> int:
+        """Bind and serve; ``tls``: (certificate chain, key, client roots) PEM for mTLS with a client certificate
+        from the mesh CA required (an xDS client then proves it is a mesh member before it reads anything)."""
         ready = threading.Event()
         failure: list[BaseException] = []
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
             try:
-                loop.run_until_complete(self._bind(host, port))
+                loop.run_until_complete(self._bind(host, port, tls))
             except BaseException as exc:  # a busy port: reported to start()'s caller
                 failure.append(exc)
                 ready.set()
@@ -122,10 +126,16 @@ class XdsServer:
             raise failure[0]
         return self.port
 
-    async def _bind(self, host: str, port: int) -> None:
+    async def _bind(self, host: str, port: int, tls: tuple[bytes, bytes, bytes] | None) -> None:
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", MAX_STREAMS)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            chain, key, roots = tls
+            credentials = grpc.ssl_server_credentials([(key, chain)], root_certificates=roots, require_client_auth=True)
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+            self.mtls = True
         if not bound:
             raise OSError(f"cannot listen for xDS on {host}:{port} (the port is in use?); pass another --xds-port")
         await server.start()
