@@ -23,32 +23,27 @@ sticky hashing by header, HTTP method matches (a gRPC call is always POST: a rou
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
-from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from ..policy.config import BreakerPolicy
-from ..policy.rules import Authorization, Faults, HeaderMatch, Route, ServiceRules, Subset
+from ..policy.rules import Faults, HeaderMatch, Route, ServiceRules, Subset
 from ..rules.model import Rules
 from .xds_names import OUTBOUND
+from .xds_security import pack, server_listener, upstream_tls
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -86,11 +81,6 @@ class Snapshot:
         return self.tls.get(kind, self.resources[kind]) if tls else self.resources[kind]
 
 
-#: The certificate provider instance (gRFC A29) a bootstrap with mesh identity files names: ``file_watcher`` over
-#: the files ``meshctl xds bootstrap --identity-dir`` writes.
-PROVIDER = "mesh"
-
-
 def cluster_name(service: str, subset: str | None = None) -> str:
     return service if subset is None else f"{service}/{subset}"
 
@@ -107,138 +97,31 @@ def build_snapshot(
         service_rules = rules.for_service(service) or ServiceRules()
         hosts.append(_virtual_host(service, service_rules, domains=[service, f"{service}:*"], methods=True))
         members = list(instances.get(service, ()))
-        resources[LISTENER][service] = tls[LISTENER][service] = _pack(_listener(service))
-        for member in members:  # what an xDS-enabled gRPC server serving as this instance asks for
-            name = SERVER_LISTENER.format(f"{member.address}:{member.port}")
-            resources[LISTENER][name] = _pack(_server_listener(name, member, service_rules, trust_domain, False))
-            tls[LISTENER][name] = _pack(_server_listener(name, member, service_rules, trust_domain, True))
-        resources[ROUTE][service] = _pack(_route_configuration(service, service_rules))
+        resources[LISTENER][service] = tls[LISTENER][service] = pack(_listener(service))
+        for member in members:  # what an xDS-enabled gRPC server serving as this instance asks for; a node without
+            # an identity gets it in plaintext (mesh callers' mTLS then fails against it, as against any plaintext)
+            strict = member.meta.get("mesh_tls") == "strict"
+            auth = service_rules.authorization
+            plain = server_listener(member.address, member.port, False, auth, trust_domain)
+            resources[LISTENER][plain.name] = pack(plain)
+            tls[LISTENER][plain.name] = pack(server_listener(member.address, member.port, strict, auth, trust_domain))
+        resources[ROUTE][service] = pack(_route_configuration(service, service_rules))
         clusters: list[tuple[str, Subset | None]] = [(cluster_name(service), None)]
         clusters += [(cluster_name(service, name), subset) for name, subset in sorted(service_rules.subsets.items())]
         strict = any(m.meta.get("mesh_tls") == "strict" for m in members)
         for name, subset in clusters:
             cluster = _cluster(name, service_rules.policy.circuit_breaker)
-            resources[CLUSTER][name] = _pack(cluster)
+            resources[CLUSTER][name] = pack(cluster)
             if strict:
-                cluster.transport_socket.CopyFrom(_upstream_tls(service, trust_domain))
-            tls[CLUSTER][name] = _pack(cluster)
+                cluster.transport_socket.CopyFrom(upstream_tls(service, trust_domain))
+            tls[CLUSTER][name] = pack(cluster)
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
-            resources[ENDPOINTS][name] = _pack(_load_assignment(name, selected))
-    resources[ROUTE][OUTBOUND] = _pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
+            resources[ENDPOINTS][name] = pack(_load_assignment(name, selected))
+    resources[ROUTE][OUTBOUND] = pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
     digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
     for kind, variant in tls.items():
         digests[kind] = _digest({**resources[kind], **{f"tls:{n}": r for n, r in variant.items()}})
     return Snapshot(resources, digests, tls)
-
-
-HCM_FILTER = "envoy.filters.network.http_connection_manager"
-#: The Listener an xDS-enabled gRPC server asks for (``server_listener_resource_name_template`` in its bootstrap).
-SERVER_LISTENER = "grpc/server?xds.resource.listening_address={}"
-
-
-def _server_listener(
-    name: str, member: InstanceView, rules: ServiceRules, trust_domain: str, tls: bool
-) -> listener_pb2.Listener:
-    """An xDS-enabled gRPC server's inbound side, as a meshlib server of the same service behaves: mTLS with a
-    client certificate required when the instance registered as ``mesh_tls: strict`` (and the node has an identity:
-    a node without one gets a plaintext listener, which mesh callers' mTLS fails against), and the service's
-    ``authorization`` as RBAC on verified SPIFFE IDs (gRFC A41)."""
-    filters = []
-    policy = rules.authorization
-    if policy is not None and policy.mode == "strict":
-        filters.append(
-            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac", typed_config=_pack(_rbac(policy, trust_domain)))
-        )
-    filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())))
-    inbound = route_components_pb2.VirtualHost(
-        name="inbound",
-        domains=["*"],
-        routes=[
-            route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix=""),
-                non_forwarding_action=route_components_pb2.NonForwardingAction(),
-            )
-        ],
-    )
-    manager = hcm_pb2.HttpConnectionManager(
-        stat_prefix="inbound",
-        route_config=route_pb2.RouteConfiguration(name="inbound", virtual_hosts=[inbound]),
-        http_filters=filters,
-    )
-    chain = listener_components_pb2.FilterChain(
-        filters=[
-            listener_components_pb2.Filter(
-                name="envoy.filters.network.http_connection_manager", typed_config=_pack(manager)
-            )
-        ]
-    )
-    if tls and member.meta.get("mesh_tls") == "strict":
-        context = tls_pb2.DownstreamTlsContext(
-            require_client_certificate=wrappers_pb2.BoolValue(value=True),
-            common_tls_context=tls_pb2.CommonTlsContext(
-                tls_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(
-                    instance_name=PROVIDER
-                ),
-                validation_context=tls_common_pb2.CertificateValidationContext(
-                    ca_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(
-                        instance_name=PROVIDER
-                    )
-                ),
-            ),
-        )
-        chain.transport_socket.CopyFrom(
-            base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(context))
-        )
-    return listener_pb2.Listener(
-        name=name,
-        address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(address=member.address, port_value=member.port)
-        ),
-        filter_chains=[chain],
-    )
-
-
-def _rbac(policy: Authorization, trust_domain: str, namespace: str = "default") -> rbac_filter_pb2.RBAC:
-    """``authorization.allow`` as an ALLOW policy on the caller's verified SPIFFE ID, with meshlib's meaning of each
-    entry: ``*`` any identity of the trust domain, a SPIFFE URI that identity, a name that service in the server's
-    namespace (``default``: the registry records no namespace)."""
-    principals = []
-    for entry in sorted(policy.allow):
-        if entry == "*":
-            matcher = string_pb2.StringMatcher(prefix=f"spiffe://{trust_domain}/")
-        elif entry.startswith("spiffe://"):
-            matcher = string_pb2.StringMatcher(exact=entry)
-        else:
-            matcher = string_pb2.StringMatcher(exact=f"spiffe://{trust_domain}/ns/{namespace}/sa/{entry}")
-        principals.append(rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher)))
-    rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
-    if principals:
-        rules.policies["mesh-allow"].CopyFrom(
-            rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)], principals=principals)
-        )
-    return rbac_filter_pb2.RBAC(rules=rules)
-
-
-def _upstream_tls(service: str, trust_domain: str) -> base_pb2.TransportSocket:
-    """mTLS to ``service``: this client's certificate and the mesh roots from the ``mesh`` provider, and the server
-    must prove it is ``service`` (its SPIFFE ID, in any namespace of the trust domain)."""
-    san = string_pb2.StringMatcher(
-        safe_regex=regex_pb2.RegexMatcher(
-            regex=f"spiffe://{re.escape(trust_domain)}/ns/[a-z0-9-]+/sa/{re.escape(service)}"
-        )
-    )
-    context = tls_pb2.UpstreamTlsContext(
-        common_tls_context=tls_pb2.CommonTlsContext(
-            tls_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(instance_name=PROVIDER),
-            validation_context=tls_common_pb2.CertificateValidationContext(
-                ca_certificate_provider_instance=tls_common_pb2.CertificateProviderPluginInstance(
-                    instance_name=PROVIDER
-                ),
-                match_subject_alt_names=[san],
-            ),
-        )
-    )
-    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_pack(context))
 
 
 def _digest(by_name: Mapping[str, any_pb2.Any]) -> str:
@@ -246,12 +129,6 @@ def _digest(by_name: Mapping[str, any_pb2.Any]) -> str:
     for name in sorted(by_name):
         h.update(name.encode() + b"\0" + by_name[name].SerializeToString(deterministic=True) + b"\0")
     return h.hexdigest()[:16]
-
-
-def _pack(message: Any) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -268,11 +145,11 @@ def _listener(service: str) -> listener_pb2.Listener:
     manager = hcm_pb2.HttpConnectionManager(
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=service),
         http_filters=[
-            hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_pack(fault_pb2.HTTPFault())),
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())),
+            hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
     )
-    return listener_pb2.Listener(name=service, api_listener=api_listener_pb2.ApiListener(api_listener=_pack(manager)))
+    return listener_pb2.Listener(name=service, api_listener=api_listener_pb2.ApiListener(api_listener=pack(manager)))
 
 
 def _route_configuration(service: str, rules: ServiceRules) -> route_pb2.RouteConfiguration:
@@ -295,7 +172,7 @@ def _virtual_host(
     )
     host = route_components_pb2.VirtualHost(name=service, domains=domains, routes=routes)
     if rules.faults is not None:
-        host.typed_per_filter_config[FAULT_FILTER].CopyFrom(_pack(_fault(rules.faults)))
+        host.typed_per_filter_config[FAULT_FILTER].CopyFrom(pack(_fault(rules.faults)))
     return host
 
 
