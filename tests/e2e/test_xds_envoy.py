@@ -20,6 +20,7 @@ import yaml
 
 from harness import ControlPlaneProcess, Upstream, free_port, wait_for
 from meshlib.wire import SECRET_HEADER
+from xds_support import register
 
 pytestmark = pytest.mark.e2e
 
@@ -46,14 +47,6 @@ def canary(weight: int) -> dict[str, Any]:
             "inventory": {"subsets": SUBSETS, "routes": [{"name": "canary", "to": [d for d in split if d["weight"]]}]}
         }
     }
-
-
-def register(cp: ControlPlaneProcess, name: str, port: int, version: str) -> str:
-    body = {"id": name, "service": "inventory", "address": "127.0.0.1", "port": port, "ttl": "3600s"}
-    body["meta"] = {"version": version}
-    r = httpx.put(cp.url + "/v1/registry/register", json=body)
-    assert r.status_code == 200, r.text
-    return str(r.json()["secret"])
 
 
 @pytest.fixture

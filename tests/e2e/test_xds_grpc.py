@@ -20,26 +20,11 @@ import pytest
 import grpc
 from harness import ControlPlaneProcess, wait_for
 from meshlib.wire import SECRET_HEADER
+from xds_support import XdsClient, register
 
 pytestmark = pytest.mark.e2e
 
 METHOD = "/meshtest.Who/Name"
-
-#: A client process: N calls over an xds:/// channel, printing how many each instance answered. It keeps reading
-#: commands on stdin ("N" makes N more calls) so one xDS client can be watched across changes.
-CLIENT = r"""
-import collections, json, sys, grpc
-channel = grpc.insecure_channel("xds:///inventory")
-call = channel.unary_unary("/meshtest.Who/Name", request_serializer=None, response_deserializer=None)
-for line in sys.stdin:
-    counts = collections.Counter()
-    for _ in range(int(line)):
-        try:
-            counts[call(b"", timeout=10).decode()] += 1
-        except grpc.RpcError as exc:
-            counts["error:" + exc.code().name] += 1
-    print(json.dumps(counts), flush=True)
-"""
 
 
 def who_server(name: str) -> tuple[grpc.Server, int]:
@@ -52,15 +37,6 @@ def who_server(name: str) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def register(cp: ControlPlaneProcess, name: str, port: int, version: str) -> str:
-    """The instance's secret (deregistering it needs it)."""
-    body = {"id": name, "service": "inventory", "address": "127.0.0.1", "port": port, "ttl": "3600s"}
-    body["meta"] = {"version": version}
-    r = httpx.put(cp.url + "/v1/registry/register", json=body)
-    assert r.status_code == 200, r.text
-    return str(r.json()["secret"])
-
-
 CANARY = {
     "services": {
         "inventory": {
@@ -71,33 +47,6 @@ CANARY = {
         }
     }
 }
-
-
-class XdsClient:
-    """A client process with one xds:/// channel."""
-
-    def __init__(self, bootstrap: Path) -> None:
-        env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-
-    def calls(self, n: int) -> dict[str, int]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the xDS client process died"
-        counts: dict[str, int] = json.loads(line)
-        return counts
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture

@@ -22,27 +22,11 @@ import meshlib
 import meshlib.grpc
 from harness import ADMIN_TOKEN, ControlPlaneProcess, wait_for
 from meshlib.settings import MeshSettings
+from xds_support import XdsClient
 
 pytestmark = pytest.mark.e2e
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-
-#: N calls over an xds:/// channel with xDS credentials (mTLS when the control plane configures it, plaintext
-#: otherwise), printing each outcome's count.
-CLIENT = r"""
-import collections, json, os, sys, grpc, grpc.experimental
-creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
-channel = grpc.secure_channel("xds:///" + os.environ.get("TARGET", "echo"), creds)
-call = channel.unary_unary("/meshtest.Who/Name", request_serializer=None, response_deserializer=None)
-for line in sys.stdin:
-    counts = collections.Counter()
-    for _ in range(int(line)):
-        try:
-            counts[call(b"", timeout=5).decode()] += 1
-        except grpc.RpcError as exc:
-            counts["error:" + exc.code().name] += 1
-    print(json.dumps(counts), flush=True)
-"""
 
 
 def token(cp: ControlPlaneProcess, service: str) -> str:
@@ -64,31 +48,6 @@ server.start()
 print("STARTED", flush=True)
 server.wait_for_termination()
 """
-
-
-class Client:
-    def __init__(self, bootstrap: Path, target: str = "echo") -> None:
-        env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap), "TARGET": target}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-
-    def calls(self, n: int) -> dict[str, int]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the xDS client process died"
-        counts: dict[str, int] = json.loads(line)
-        return counts
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def bootstrap(cp: ControlPlaneProcess, tmp: Path, service: str, join_token: str | None) -> Path:
@@ -147,9 +106,9 @@ def test_a_proxyless_client_with_a_mesh_identity_calls_a_strict_server_and_is_au
     wait_for(
         lambda: strict_echo["mesh"].rules.version >= 1, timeout=10, what="the server to take the authorization rule"
     )
-    web = Client(bootstrap(cp, tmp_path, "web", token(cp, "web")))
-    front = Client(bootstrap(cp, tmp_path, "front", token(cp, "front")))
-    plain = Client(bootstrap(cp, tmp_path, "plain", None))
+    web = XdsClient(bootstrap(cp, tmp_path, "web", token(cp, "web")), "echo", xds_credentials=True)
+    front = XdsClient(bootstrap(cp, tmp_path, "front", token(cp, "front")), "echo", xds_credentials=True)
+    plain = XdsClient(bootstrap(cp, tmp_path, "plain", None), "echo", xds_credentials=True)
     try:
         assert web.calls(20) == {"echo": 20}  # mTLS, and the server's rule allows web
         assert front.calls(5) == {"error:PERMISSION_DENIED": 5}  # mTLS, but front is not allowed
@@ -206,7 +165,7 @@ def test_an_xds_configured_grpc_server_requires_mtls_and_authorizes_as_a_meshlib
         text=True,
         env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap(cp, tmp_path, "inventory", inventory_token))},
     )
-    clients: list[Client] = []
+    clients: list[XdsClient] = []
     try:
         body = {"id": "inventory-1", "service": "inventory", "address": "127.0.0.1", "port": port, "ttl": "3600s"}
         body["meta"] = {"mesh_tls": "strict"}
@@ -215,9 +174,9 @@ def test_an_xds_configured_grpc_server_requires_mtls_and_authorizes_as_a_meshlib
         )
         assert r.status_code == 200, r.text
         cp.apply({"services": {"inventory": {"authorization": {"allow": ["web"]}}}})
-        web = Client(bootstrap(cp, tmp_path, "web", token(cp, "web")), "inventory")
-        front = Client(bootstrap(cp, tmp_path, "front", token(cp, "front")), "inventory")
-        plain = Client(bootstrap(cp, tmp_path, "plain", None), "inventory")
+        web = XdsClient(bootstrap(cp, tmp_path, "web", token(cp, "web")), "inventory", xds_credentials=True)
+        front = XdsClient(bootstrap(cp, tmp_path, "front", token(cp, "front")), "inventory", xds_credentials=True)
+        plain = XdsClient(bootstrap(cp, tmp_path, "plain", None), "inventory", xds_credentials=True)
         clients += [web, front, plain]
         wait_for(lambda: web.calls(1) == {"inventory": 1}, timeout=20, what="the xDS server to serve web over mTLS")
         assert web.calls(20) == {"inventory": 20}
@@ -261,7 +220,7 @@ def test_with_tls_the_ads_port_itself_requires_a_mesh_certificate(tmp_path: Path
         path = bootstrap(cp, tmp_path, "web", token(cp, "web"))
         (creds,) = json.loads(path.read_text())["xds_servers"][0]["channel_creds"]
         assert creds["type"] == "tls" and set(creds["config"]) >= {"certificate_file", "ca_certificate_file"}
-        client = Client(path, "inventory")
+        client = XdsClient(path, "inventory", xds_credentials=True)
         assert client.calls(10) == {"inventory": 10}
 
         # without one, the ADS port refuses the connection: plaintext, and TLS with no client certificate
