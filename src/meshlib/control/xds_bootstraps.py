@@ -59,7 +59,7 @@ class EnvoyIdentity:
 
 def _node(service: str) -> dict[str, Any]:
     return {
-        "id": f"{service}~{secrets.token_hex(4)}",
+        "id": f"{service}.{secrets.token_hex(4)}",
         "cluster": service,
         "locality": {},
         "metadata": {"mesh.service": service},
@@ -202,6 +202,33 @@ def _inbound(service: str, identity: EnvoyIdentity) -> tuple[dict[str, Any], dic
     return listener, app
 
 
+def _stats_sink(node_id: str) -> dict[str, Any]:
+    """Envoy's OpenTelemetry stats sink to the ADS port (the control plane turns its exports into the node's
+    golden signals on the dashboard), as deltas every 2 s, with the mesh's latency buckets."""
+    from .xds_stats import ENVOY_BUCKETS_MS, FLUSH_SECONDS  # pure: no protos
+
+    return {
+        "stats_flush_interval": f"{FLUSH_SECONDS:g}s",
+        "stats_config": {
+            "histogram_bucket_settings": [{"match": {"safe_regex": {"regex": ".*"}}, "buckets": ENVOY_BUCKETS_MS}]
+        },
+        "stats_sinks": [
+            {
+                "name": "envoy.stat_sinks.open_telemetry",
+                "typed_config": {
+                    "@type": f"{_TYPES}.stat_sinks.open_telemetry.v3.SinkConfig",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": XDS_CLUSTER},
+                        "initial_metadata": [{"key": "x-mesh-node", "value": node_id}],
+                    },
+                    "report_counters_as_deltas": True,
+                    "report_histograms_as_deltas": True,
+                },
+            }
+        ],
+    }
+
+
 def envoy_bootstrap(
     service: str,
     xds_host: str,
@@ -238,6 +265,7 @@ def envoy_bootstrap(
     return {
         "node": node,
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        **_stats_sink(node["id"]),
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",

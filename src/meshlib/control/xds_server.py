@@ -16,17 +16,23 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.status.v3 import csds_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
 import grpc
 
+from ..settings import validate_service_name
+from .stats_report import Report
 from .xds_bootstraps import validate_identity_dir
+from .xds_csds import Csds
 from .xds_names import IDENTITY_DIR_META
 from .xds_resources import CLUSTER, ENDPOINTS, LISTENER, ROUTE, TYPES, Snapshot
+from .xds_stats import EnvoyStats
 
 log = logging.getLogger("meshlib.control.xds")
 
@@ -106,6 +112,10 @@ class XdsServer:
         self.port = 0
         #: The ADS port serves mTLS (a mesh certificate required of every node), not plaintext.
         self.mtls = False
+        #: Envoy sidecars' stats exports, as reports; ``on_report`` (set by the HTTP side) takes each one, from
+        #: this server's thread.
+        self.envoy_stats = EnvoyStats()
+        self.on_report: Callable[[Report], None] | None = None
 
     # -- lifecycle (any thread) ---------------------------------------------------------------------------
     def start(self, host: str, port: int, tls: tuple[bytes, bytes, bytes] | None = None) -> int:
@@ -135,6 +145,8 @@ class XdsServer:
     async def _bind(self, host: str, port: int, tls: tuple[bytes, bytes, bytes] | None) -> None:
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", MAX_STREAMS)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
+        csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(Csds(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_EnvoyMetrics(self), server)  # type: ignore[no-untyped-call]
         if tls is None:
             bound = server.add_insecure_port(f"{host}:{port}")
         else:
@@ -298,3 +310,44 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[mis
         finally:
             reader.cancel()
             server._streams.pop(key, None)
+
+
+#: The gRPC metadata an Envoy sidecar's stats sink names its node by (set in its bootstrap).
+NODE_METADATA = "x-mesh-node"
+
+
+class _EnvoyMetrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """Envoy's OpenTelemetry stats sink (OTLP metrics over gRPC) on the ADS port. On the mTLS port the service is
+    the certificate's, and the node id must be one of its (``<service>.<id>``); on a plaintext port (loopback, or
+    ``--insecure``: as unauthenticated as the configuration it serves) the node id names the service."""
+
+    def __init__(self, server: XdsServer) -> None:
+        self.server = server
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        metadata = dict((k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str))
+        node = metadata.get(NODE_METADATA, "")[:200]
+        claimed = node.partition(".")[0]
+        identity = None
+        if self.server.mtls:
+            from ..security.tls import identity_from_pem
+
+            pems = (context.auth_context() or {}).get("x509_pem_cert")
+            peer = identity_from_pem(pems[0]) if pems else None
+            if peer is None or peer.service != claimed:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"stats for node {node[:80]!r} need a certificate of its service ({claimed or 'none named'})",
+                )
+            identity = peer.uri if peer is not None else None
+        try:
+            validate_service_name(claimed)
+        except ValueError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{NODE_METADATA} metadata: expected the node id <service>.<id> (from meshctl xds bootstrap)",
+            )
+        report = self.server.envoy_stats.export(node, claimed, identity, request)
+        if report is not None and self.server.on_report is not None:
+            self.server.on_report(report)
+        return metrics_service_pb2.ExportMetricsServiceResponse()

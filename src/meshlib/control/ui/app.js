@@ -358,6 +358,45 @@ async function renderRules(main, history) {
   ], versions, "")));
 }
 
+// -- xDS clients -----------------------------------------------------------------------------------------------
+
+const XDS_TYPES = ["Listener", "RouteConfiguration", "Cluster", "ClusterLoadAssignment"];
+
+function xdsState(state) {
+  if (!state) return el("span", { class: "empty" }, "–");
+  if (state.parked) {
+    return el("span", { class: "bad", title: state.error },
+      `refused ${state.parked}` + (state.acked ? ` (keeps ${state.acked})` : " (keeps none)") + `: ${state.error}`);
+  }
+  if (state.acked && state.acked === state.sent) return el("span", { class: "ok" }, state.acked);
+  return el("span", { class: "warn" }, state.sent ? `sent ${state.sent}, not accepted yet` : "asked, nothing sent");
+}
+
+async function renderXds(main) {
+  main.append(el("h2", {}, "xDS clients"));
+  let answer;
+  try {
+    answer = await api("/v1/xds/clients");
+  } catch (e) {
+    if (e.status !== 404) throw e;
+    main.append(el("p", { class: "empty", id: "xds-off" }, e.message));
+    return;
+  }
+  const clients = answer.clients.slice().sort((a, b) => a.cluster.localeCompare(b.cluster) || a.node.localeCompare(b.node));
+  const refusing = clients.filter((c) => XDS_TYPES.some((t) => c.types[t] && c.types[t].parked)).length;
+  main.append(el("p", { id: "xds-summary" },
+    `ADS port ${answer.port}: ${clients.length} client(s) connected, ${refusing} refusing a version. ` +
+    "Envoy sidecars and proxyless gRPC clients (meshctl xds bootstrap); the same state is served over CSDS."));
+  main.append(el("div", { class: "panel" }, table([
+    { title: "node", value: (c) => c.node || "(no node id)" },
+    { title: "service", value: (c) => c.cluster || "–" },
+    { title: "mTLS", value: (c) => (c.mtls ? "yes" : "no") },
+    { title: "connected", num: true, value: (c) => `${c.connected_for.toFixed(0)} s` },
+    { title: "refused", num: true, value: (c) => String(c.nacks), cls: (c) => (c.nacks ? "bad" : "") },
+    ...XDS_TYPES.map((t) => ({ title: t === "ClusterLoadAssignment" ? "Endpoints" : t, value: (c) => xdsState(c.types[t]) })),
+  ], clients, "No xDS client is connected.")));
+}
+
 // -- shell -----------------------------------------------------------------------------------------------------
 
 let refreshing = false;
@@ -368,6 +407,7 @@ async function refresh() {
   const route = location.hash.replace(/^#/, "") || "/";
   document.getElementById("nav-topology").classList.toggle("active", route === "/" || route.startsWith("/service/"));
   document.getElementById("nav-rules").classList.toggle("active", route === "/rules");
+  document.getElementById("nav-xds").classList.toggle("active", route === "/xds");
   const next = el("div", {});
   const live = document.getElementById("live");
   try {
@@ -376,6 +416,8 @@ async function refresh() {
       renderService(next, await api("/v1/stats/services/" + encodeURIComponent(name)));
     } else if (route === "/rules") {
       await renderRules(next, await api("/v1/rules/history?limit=200"));
+    } else if (route === "/xds") {
+      await renderXds(next);
     } else {
       renderTopology(next, await api("/v1/stats/topology"));
     }
