@@ -321,6 +321,7 @@ class ConsulDouble:
             "Port": _ci(definition, "Port", 0),
             "Tags": _ci(definition, "Tags") or [],
             "Meta": _ci(definition, "Meta") or {},
+            "Weights": _ci(definition, "Weights") or {"Passing": 1, "Warning": 1},  # Consul fills in its default
         }
         # Consul takes a single "Check" and a "Checks" list (py-consul 1.8 sends the list); their IDs are
         # "service:<id>", or "service:<id>:<n>" (from 1) when there are several, unless the check names its own.

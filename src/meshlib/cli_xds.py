@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli_http import CliError, check, print_json, request
+from .endpoints import zone_problem
 from .settings import env_value
 
 
@@ -24,7 +25,11 @@ def cmd_xds_bootstrap(args: argparse.Namespace) -> int:
             params["identity_dir"] = os.path.abspath(args.identity_dir)
         if args.inbound is not None:
             params.update(inbound=str(args.inbound), app_port=str(args.app_port), inbound_address=args.inbound_address)
+    if args.zone and (problem := zone_problem(args.zone)) is not None:
+        raise CliError(f"--zone {args.zone!r}: {problem}")
     bootstrap = check(request(args, "GET", "/v1/xds/bootstrap", params=params))
+    if args.zone:  # the node's zone: its endpoints come with that zone at priority 0, the others at 1
+        bootstrap["node"]["locality"] = {"zone": args.zone}
     if args.envoy:
         if args.identity_dir:
             write_envoy_identity(args, Path(params["identity_dir"]))
@@ -198,6 +203,9 @@ def add_xds_commands(sub: Any) -> None:
         help="get a mesh certificate (with the join token in MESH_BOOTSTRAP_TOKEN) into this directory, for mTLS",
     )
     p.add_argument("--namespace", default="default", help="with --identity-dir: the identity's namespace")
+    p.add_argument(
+        "--zone", default="", help="the node's zone: calls stay in it while it has a healthy instance (as MESH_ZONE)"
+    )
     p.add_argument("--listen", type=int, default=15001, help="with --envoy: the port the app's calls go to")
     p.add_argument("--admin", type=int, default=15000, help="with --envoy: Envoy's admin port (on 127.0.0.1)")
     p.add_argument(

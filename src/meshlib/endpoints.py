@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ class Endpoint:
     meta: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     weight: int = 1
     id: str = ""
+    #: The instance's zone (its ``zone`` meta; "" when it names none): callers in the same zone prefer it.
+    zone: str = field(default="", compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -71,7 +74,14 @@ def snapshot_to_json(snapshot: EndpointSet) -> dict[str, Any]:
     return {
         "index": snapshot.index,
         "instances": [
-            {"id": e.id, "address": e.address, "port": e.port, "tags": sorted(e.tags), "meta": dict(e.meta)}
+            {
+                "id": e.id,
+                "address": e.address,
+                "port": e.port,
+                "tags": sorted(e.tags),
+                "meta": dict(e.meta),
+                "weight": e.weight,
+            }
             for e in snapshot.endpoints
         ],
     }
@@ -88,6 +98,30 @@ class UnsafeEndpoint(SnapshotError):
 
 #: Most instances one snapshot may list; a larger answer is refused rather than held.
 MAX_INSTANCES = 10_000
+#: The meta keys an instance's zone and load-balancing weight are read from (Consul's ``Weights.Passing`` too).
+ZONE_META = "zone"
+WEIGHT_META = "weight"
+#: Largest weight an instance may have (Envoy's and the mesh's balancers take it as a relative share).
+MAX_WEIGHT = 10_000
+_ZONE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})")
+
+
+def zone_problem(zone: str) -> str | None:
+    """Why ``zone`` is not a zone name (1-63 letters, digits, ``.``, ``_``, ``-``), or None."""
+    if _ZONE.fullmatch(zone) is None:
+        return f"zone {zone[:80]!r} must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
+
+
+def as_weight(value: object) -> int:
+    """``value`` (an int, or its decimal string as meta holds it) as a weight from 1 to MAX_WEIGHT; ValueError
+    saying what is wrong."""
+    weight = value
+    if isinstance(weight, str) and weight.isascii() and weight.isdigit() and len(weight) <= 6:
+        weight = int(weight)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 < weight <= MAX_WEIGHT:
+        raise ValueError(f"weight {str(value)[:20]!r} must be an integer from 1 to {MAX_WEIGHT}")
+    return weight
 
 
 def valid_address(address: object) -> bool:
@@ -95,9 +129,12 @@ def valid_address(address: object) -> bool:
     return isinstance(address, str) and (numeric_ip(address) is not None or is_hostname(address))
 
 
-def endpoint_from_fields(address: object, port: object, tags: object, meta: object, instance_id: object) -> Endpoint:
+def endpoint_from_fields(
+    address: object, port: object, tags: object, meta: object, instance_id: object, weight: object = None
+) -> Endpoint:
     """One instance, validated field by field; SnapshotError naming the bad field (UnsafeEndpoint for an address
-    that must not be dialed)."""
+    that must not be dialed). ``weight`` (Consul's ``Weights.Passing``) else the ``weight`` meta, else 1; a zone or
+    weight that is not valid is ignored (the instance still counts, as a zoneless one of weight 1) and logged."""
     if not isinstance(address, str):
         raise SnapshotError(f"address {str(address)[:80]!r} is neither an IP address nor a host name")
     try:
@@ -118,7 +155,25 @@ def endpoint_from_fields(address: object, port: object, tags: object, meta: obje
         instance_id = ""
     if not isinstance(instance_id, str):
         raise SnapshotError("id must be a string")
-    return Endpoint(address, port, frozenset(tags), dict(meta), id=instance_id)
+    zone = meta.get(ZONE_META, "")
+    if zone and (problem := zone_problem(zone)) is not None:
+        _bad_placement(instance_id or f"{address}:{port}", problem)
+        zone = ""
+    try:
+        share = as_weight(meta.get(WEIGHT_META, 1) if weight is None else weight)
+    except ValueError as exc:
+        _bad_placement(instance_id or f"{address}:{port}", str(exc))
+        share = 1
+    return Endpoint(address, port, frozenset(tags), dict(meta), share, instance_id, zone)
+
+
+_BAD_PLACEMENT = Throttle(60.0)
+
+
+def _bad_placement(instance: str, problem: str) -> None:
+    held = _BAD_PLACEMENT.allow(instance)
+    if held is not None:
+        log.warning("discovery: instance %s: %s; ignored", printable(instance), printable(problem))
 
 
 _SKIPPED = Throttle(60.0)
@@ -154,7 +209,12 @@ def parse_snapshot(service: str, payload: object, index: int) -> EndpointSet:
         try:
             endpoints.append(
                 endpoint_from_fields(
-                    item.get("address"), item.get("port"), item.get("tags"), item.get("meta"), item.get("id")
+                    item.get("address"),
+                    item.get("port"),
+                    item.get("tags"),
+                    item.get("meta"),
+                    item.get("id"),
+                    item.get("weight"),
                 )
             )
         except UnsafeEndpoint as exc:

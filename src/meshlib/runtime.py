@@ -82,6 +82,7 @@ class Runtime:
         telemetry: bool | None = None,
         access_log: bool | None = None,
         tracer_provider: TracerProvider | None = None,
+        zone: str | None = None,
     ) -> None:
         self.settings = settings or MeshSettings.from_env(
             service=service,
@@ -91,6 +92,7 @@ class Runtime:
             state_dir=state_dir,
             telemetry=telemetry,
             access_log=access_log,
+            zone=zone,
         )
         self.service = self.settings.service
         if service is None and settings is None and not env_value("service"):
@@ -230,7 +232,9 @@ class Runtime:
             state = self._services.get(service)
             if state is not None:
                 return state
-            state = ServiceState(service, self.clock, self.policy_for(service), self._breaker_listener(service))
+            state = ServiceState(
+                service, self.clock, self.policy_for(service), self._breaker_listener(service), self.settings.zone
+            )
             service_rules = self.rules.for_service(service)
             if service_rules is not None:
                 state.set_rules(service_rules, self.policy_for(service))

@@ -25,7 +25,7 @@ from .runtime import Runtime
 from .security.body_buffer import buffered_body
 from .security.connection_limits import HEADER_TIMEOUT, MAX_HEADER_BYTES, bounded
 from .security.server_tls import sniffing, with_peer_identity
-from .serving import advertised_address, serving_runtime
+from .serving import advertised_address, placement, serving_runtime
 
 log = logging.getLogger("meshlib.server")
 ASGIApp = Callable[..., Any]
@@ -128,7 +128,11 @@ def serve(
     bound_port = int(sock.getsockname()[1])
     address = advertise or advertised_address(host)
     registration = mesh.discovery.register(
-        mesh.service, address, bound_port, tags=tags, meta={**(meta or {}), "mesh_tls": mesh.settings.tls}
+        mesh.service,
+        address,
+        bound_port,
+        tags=tags,
+        meta={**placement(mesh.settings.zone, meta), "mesh_tls": mesh.settings.tls},
     )
     if mesh.stats is not None:
         mesh.stats.serving(registration, address, bound_port)

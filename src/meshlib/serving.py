@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Mapping
 
+from .endpoints import ZONE_META
 from .runtime import PROCESS_DEFAULT, Runtime
 
 log = logging.getLogger("meshlib.server")
@@ -18,6 +20,14 @@ def advertised_address(host: str) -> str:
         except OSError:
             return "127.0.0.1"
     return host
+
+
+def placement(zone: str, meta: Mapping[str, str] | None) -> dict[str, str]:
+    """The instance's meta with its zone (``MESH_ZONE``) added, unless the caller's meta names one itself."""
+    out = dict(meta or {})
+    if zone and ZONE_META not in out:
+        out[ZONE_META] = zone
+    return out
 
 
 def serving_runtime(service: str | None) -> Runtime:

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .appname import default_service
+from .endpoints import zone_problem
 from .errors import ConfigurationError
 
 TLS_MODES = ("off", "permissive", "strict")
@@ -122,6 +123,9 @@ class MeshSettings:
     consul_http_token: str = field(default="", repr=False)
     #: Seconds between golden-signal reports to the control plane's dashboard (0: never report).
     stats_interval: float = 2.0
+    #: This process's zone: its calls prefer instances in the same zone while any is healthy, and the instances
+    #: it serves register in it ("": no zone, every instance is equal).
+    zone: str = ""
 
     _ENV = {
         "service": "MESH_SERVICE",
@@ -144,6 +148,7 @@ class MeshSettings:
         "consul_http_addr": "CONSUL_HTTP_ADDR",
         "consul_http_token": "CONSUL_HTTP_TOKEN",
         "stats_interval": "MESH_STATS_INTERVAL",
+        "zone": "MESH_ZONE",
     }
 
     @classmethod
@@ -188,6 +193,8 @@ class MeshSettings:
 
     def validated(self) -> MeshSettings:
         validate_service_name(self.service)
+        if self.zone and (problem := zone_problem(self.zone)) is not None:
+            raise ConfigurationError(f"MESH_ZONE={self.zone!r}: {problem}")
         if self.tls not in TLS_MODES:
             raise ConfigurationError(f"MESH_TLS={self.tls!r}: expected one of {', '.join(TLS_MODES)}")
         if not self.discovery.startswith(("static:", "registry://", "consul://")):

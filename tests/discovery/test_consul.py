@@ -23,7 +23,7 @@ from harness import ControlPlaneProcess, Upstream, wait_for
 from meshlib.control.consul_store import ConsulRulesStore
 from meshlib.control.rules_writes import ResourceConflict, resource_history, write_resources
 from meshlib.control.store import CasConflict, SQLiteRulesStore
-from meshlib.discovery.consul import ConsulDiscovery, ConsulRegistration
+from meshlib.discovery.consul import ConsulDiscovery, ConsulRegistration, _endpoints
 
 pytestmark = pytest.mark.e2e  # its tests start processes (servers, a control plane, meshctl)
 
@@ -184,6 +184,32 @@ def test_kv_store_contract(backend):
 
 
 # -- faults (the double's switches) ---------------------------------------------------------------
+
+
+def test_weight_and_zone_meta_reach_consul_s_weights_and_the_endpoints(backend, ups):
+    """A meshlib instance's ``weight`` meta becomes Consul's own ``Weights.Passing`` (so Consul's DNS and other
+    Consul clients share alike), and the endpoints meshlib discovers carry that weight and the ``zone`` meta; an
+    instance registered with Consul weights alone gets its weight from them."""
+    a = Upstream("a")
+    ups.append(a)
+    a.wait_listening()
+    reg = ConsulRegistration(
+        backend.client, "weighed", "127.0.0.1", a.port, [], {"weight": "3", "zone": "eu-1a"}, token=backend.token
+    ).start()
+    other = f"weighed-other-{a.port}"
+    backend.client.agent.service.register(
+        "weighed", service_id=other, address="127.0.0.1", port=a.port + 1, weights={"Passing": 7, "Warning": 1}
+    )
+    try:
+        _, entries = backend.client.health.service("weighed")
+        by_id = {e["Service"]["ID"]: e["Service"] for e in entries}
+        assert by_id[reg.id]["Weights"]["Passing"] == 3
+        endpoints = {e.id: e for e in _endpoints("weighed", entries, 1).endpoints}
+        assert (endpoints[reg.id].weight, endpoints[reg.id].zone) == (3, "eu-1a")
+        assert (endpoints[other].weight, endpoints[other].zone) == (7, "")
+    finally:
+        backend.client.agent.service.deregister(other)
+        reg.close()
 
 
 def test_registration_sends_the_shape_py_consul_sends_and_the_check_exists(double, ups):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..addresses import UnsafeAddress, normalised
+from ..endpoints import WEIGHT_META, ZONE_META, as_weight, zone_problem
 from .longpoll import ChangeSignal
 
 
@@ -118,6 +119,13 @@ def parse_registration(body: Any, allow_unsafe_addresses: bool = False) -> Insta
         or not all(isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= 1024 for k, v in meta.items())
     ):
         raise RegistrationError("meta: expected an object of at most 64 short strings")
+    if ZONE_META in meta and (problem := zone_problem(meta[ZONE_META])) is not None:
+        raise RegistrationError(f"meta.{ZONE_META}: {problem}")
+    if WEIGHT_META in meta:
+        try:
+            as_weight(meta[WEIGHT_META])
+        except ValueError as exc:
+            raise RegistrationError(f'meta.{WEIGHT_META}: {exc} (as a string, e.g. "3")') from None
     try:
         ttl = parse_duration(body.get("ttl", "10s"), maximum=MAX_TTL)
     except ValueError as exc:

@@ -72,7 +72,9 @@ def client_status(server: XdsServer, request: csds_pb2.ClientStatusRequest) -> c
         for kind, state in sorted(stream.types.items()):
             if not state.subscribed:
                 continue
-            by_name = snapshot.by_name(kind, stream.tls, stream.identity_dir) if snapshot is not None else {}
+            by_name = (
+                snapshot.by_name(kind, stream.tls, stream.identity_dir, stream.zone) if snapshot is not None else {}
+            )
             names: Iterable[str] = sorted(state.names or state.sent_names)
             for name in names:
                 resource = by_name.get(name)

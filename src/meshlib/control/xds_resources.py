@@ -10,8 +10,9 @@ Per service ``S``, as gRPC's xDS client asks for ``xds:///S``:
   destination is a cluster, several are weighted clusters: a 90/10 canary), then a catch-all to ``S``; the
   service's ``timeout`` as the route's maximum stream duration, its ``retries`` as gRPC's retry policy;
 - Cluster ``S`` (every instance) and ``S/<subset>`` per subset: EDS, round robin;
-- ClusterLoadAssignment per cluster: its instances (a subset's: those its tags and meta select), one locality
-  of weight 1 (gRPC drops localities without a weight), all HEALTHY (the registry lists live instances only).
+- ClusterLoadAssignment per cluster: its instances (a subset's: those its tags and meta select), all HEALTHY (the
+  registry lists live instances only), one locality per ``zone`` meta weighted by its instances' ``weight`` meta;
+  a node that names its zone (``node.locality.zone``) gets its zone at priority 0 and the others at 1.
 
 And one RouteConfiguration ``mesh-outbound`` for Envoy sidecars (``meshctl xds bootstrap --envoy``): a virtual host
 per service (``Host: S`` or ``S:<port>``) with the same routes, and HTTP method matches carried as ``:method``.
@@ -39,6 +40,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from ..endpoints import WEIGHT_META, ZONE_META, as_weight, zone_problem
 from ..policy.config import BreakerPolicy
 from ..policy.rules import Faults, HeaderMatch, Route, ServiceRules, Subset
 from ..rules.model import Rules
@@ -80,8 +82,13 @@ class Snapshot:
     strict: dict[str, tuple[cluster_pb2.Cluster, str]] = field(default_factory=dict)
     trust_domain: str = "mesh.local"
     _envoy: dict[str, dict[str, any_pb2.Any]] = field(default_factory=dict, repr=False)
+    #: Each cluster's load assignment unpacked, and, per zone a node asked from, the assignments as it gets them.
+    assignments: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict, repr=False)
+    _zoned: dict[str, dict[str, any_pb2.Any]] = field(default_factory=dict, repr=False)
 
-    def by_name(self, kind: str, tls: bool, identity_dir: str | None = None) -> dict[str, any_pb2.Any]:
+    def by_name(self, kind: str, tls: bool, identity_dir: str | None = None, zone: str = "") -> dict[str, any_pb2.Any]:
+        if kind == ENDPOINTS:
+            return self._endpoints_for(zone) if zone else self.resources[kind]
         if not tls:
             return self.resources[kind]
         if identity_dir is None or kind != CLUSTER:
@@ -98,9 +105,22 @@ class Snapshot:
                 self._envoy[identity_dir] = variant
         return variant
 
+    def _endpoints_for(self, zone: str) -> dict[str, any_pb2.Any]:
+        variant = self._zoned.get(zone)
+        if variant is None:
+            variant = dict(self.resources[ENDPOINTS])
+            for name, assignment in self.assignments.items():
+                zoned = prioritised(assignment, zone)
+                if zoned is not assignment:
+                    variant[name] = pack(zoned)
+            if len(self._zoned) < MAX_ZONES:  # bounded: the zone is the node's to choose
+                self._zoned[zone] = variant
+        return variant
 
-#: Most Envoy identity directories whose cluster variant one snapshot keeps built.
+
+#: Most Envoy identity directories whose cluster variant one snapshot keeps built, and most zones.
 MAX_IDENTITY_DIRS = 256
+MAX_ZONES = 256
 
 
 def cluster_name(service: str, subset: str | None = None) -> str:
@@ -114,6 +134,7 @@ def build_snapshot(
     resources: dict[str, dict[str, any_pb2.Any]] = {kind: {} for kind in TYPES}
     tls: dict[str, dict[str, any_pb2.Any]] = {CLUSTER: {}, LISTENER: {}}
     strict_clusters: dict[str, tuple[cluster_pb2.Cluster, str]] = {}
+    assignments: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
     names = sorted(set(instances) | set(rules.services))
     hosts = []
     for service in names:
@@ -144,12 +165,13 @@ def build_snapshot(
                 cluster.transport_socket.CopyFrom(upstream_tls(service, trust_domain))
             tls[CLUSTER][name] = pack(cluster)
             selected = [m for m in members if subset is None or subset.selects(m.tags, m.meta)]
-            resources[ENDPOINTS][name] = pack(_load_assignment(name, selected))
+            assignments[name] = _load_assignment(name, selected)
+            resources[ENDPOINTS][name] = pack(assignments[name])
     resources[ROUTE][OUTBOUND] = pack(route_pb2.RouteConfiguration(name=OUTBOUND, virtual_hosts=hosts))
     digests = {kind: _digest(by_name) for kind, by_name in resources.items()}
     for kind, variant in tls.items():
         digests[kind] = _digest({**resources[kind], **{f"tls:{n}": r for n, r in variant.items()}})
-    return Snapshot(resources, digests, tls, strict_clusters, trust_domain)
+    return Snapshot(resources, digests, tls, strict_clusters, trust_domain, assignments=assignments)
 
 
 def _digest(by_name: Mapping[str, any_pb2.Any]) -> str:
@@ -322,19 +344,56 @@ def _cluster(name: str, breaker: BreakerPolicy) -> cluster_pb2.Cluster:
     return cluster
 
 
+def _placement(member: InstanceView) -> tuple[str, int]:
+    """An instance's zone and weight, from its meta as meshlib's clients read them (invalid: none, and 1)."""
+    zone = member.meta.get(ZONE_META, "")
+    try:
+        weight = as_weight(member.meta.get(WEIGHT_META, 1))
+    except ValueError:
+        weight = 1
+    return ("" if zone and zone_problem(zone) else zone), weight
+
+
 def _load_assignment(name: str, members: list[InstanceView]) -> endpoint_pb2.ClusterLoadAssignment:
-    endpoints = [
-        endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(
-                address=address_pb2.Address(
-                    socket_address=address_pb2.SocketAddress(address=member.address, port_value=member.port)
-                )
-            ),
-            health_status=health_check_pb2.HEALTHY,
+    """One locality per zone (a zoneless instance's is the empty one), all priority 0: a node with no zone treats
+    every instance alike. Each endpoint carries its weight, each locality the sum of its endpoints' (gRPC weighs
+    localities; Envoy, without locality-weighted balancing, weighs the endpoints across them)."""
+    by_zone: dict[str, list[endpoint_components_pb2.LbEndpoint]] = {}
+    totals: dict[str, int] = {}
+    for member in sorted(members, key=lambda m: (m.address, m.port)):
+        zone, weight = _placement(member)
+        by_zone.setdefault(zone, []).append(
+            endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(
+                        socket_address=address_pb2.SocketAddress(address=member.address, port_value=member.port)
+                    )
+                ),
+                health_status=health_check_pb2.HEALTHY,
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
+            )
         )
-        for member in sorted(members, key=lambda m: (m.address, m.port))
+        totals[zone] = totals.get(zone, 0) + weight
+    localities = [
+        endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(zone=zone),
+            lb_endpoints=by_zone[zone],
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=totals[zone]),
+        )
+        for zone in sorted(by_zone)
     ]
-    locality = endpoint_components_pb2.LocalityLbEndpoints(
-        locality=base_pb2.Locality(), lb_endpoints=endpoints, load_balancing_weight=wrappers_pb2.UInt32Value(value=1)
-    )
-    return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[locality] if endpoints else [])
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=localities)
+
+
+def prioritised(assignment: endpoint_pb2.ClusterLoadAssignment, zone: str) -> endpoint_pb2.ClusterLoadAssignment:
+    """``assignment`` as a node in ``zone`` gets it: its zone's locality at priority 0, the others at 1, so the node
+    fails over to them only when its zone has nothing healthy (xDS priorities, as meshlib's clients prefer their
+    zone). Unchanged when the zone has no locality or is the only one (priorities must start at 0 with no gap)."""
+    zones = {locality.locality.zone for locality in assignment.endpoints}
+    if zone not in zones or len(zones) == 1:
+        return assignment
+    out = endpoint_pb2.ClusterLoadAssignment()
+    out.CopyFrom(assignment)
+    for locality in out.endpoints:
+        locality.priority = 0 if locality.locality.zone == zone else 1
+    return out

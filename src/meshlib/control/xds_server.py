@@ -26,6 +26,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 
 import grpc
 
+from ..endpoints import zone_problem
 from ..settings import validate_service_name
 from .stats_report import Report
 from .xds_bootstraps import validate_identity_dir
@@ -76,6 +77,8 @@ class _Stream:
     #: An Envoy node's identity directory (its metadata's ``mesh.identity_dir``): its clusters' mTLS reads the
     #: certificate through SDS files there.
     identity_dir: str | None = None
+    #: The node's zone (``node.locality.zone``; "" for none or an invalid one): its endpoints come prioritised.
+    zone: str = ""
 
     def view(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,7 @@ class _Stream:
             "nacks": self.nacks,
             "mtls": self.tls,
             "identity_dir": self.identity_dir,
+            "zone": self.zone,
             "types": {
                 kind.rsplit(".", 1)[-1]: {
                     "acked": s.acked_version,
@@ -203,7 +207,7 @@ class XdsServer:
         version = self._versions.get(kind, "")
         if version == state.parked_version:
             return None
-        by_name = snapshot.by_name(kind, stream.tls, stream.identity_dir)
+        by_name = snapshot.by_name(kind, stream.tls, stream.identity_dir, stream.zone)
         names = state.names or frozenset(by_name)
         if not force and version == state.sent_version and names == state.sent_names:
             return None
@@ -298,6 +302,8 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[mis
                         tls = item.node.metadata.fields.get("mesh.tls")
                         stream.tls = tls is not None and tls.string_value == "on"
                         stream.identity_dir = _identity_dir(item.node.metadata.fields.get(IDENTITY_DIR_META))
+                        zone = item.node.locality.zone
+                        stream.zone = "" if not zone or zone_problem(zone) else zone
                     kind = server.received(stream, item)
                     kinds = [] if kind is None else [kind]
                     force = True

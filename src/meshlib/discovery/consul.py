@@ -17,7 +17,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..endpoints import MAX_INSTANCES, EndpointSet, SnapshotError, UnsafeEndpoint, endpoint_from_fields, skip_unsafe
+from ..endpoints import (
+    MAX_INSTANCES,
+    WEIGHT_META,
+    EndpointSet,
+    SnapshotError,
+    UnsafeEndpoint,
+    as_weight,
+    endpoint_from_fields,
+    skip_unsafe,
+)
 from ..longpoll import LongPoller
 from .base import Discovery, Registration
 
@@ -76,6 +85,7 @@ def _endpoints(service: str, entries: Any, index: int) -> EndpointSet:
                     svc.get("Tags"),
                     svc.get("Meta"),
                     svc.get("ID"),
+                    _passing_weight(svc.get("Weights")),
                 )
             )
         except UnsafeEndpoint as exc:
@@ -218,6 +228,7 @@ class ConsulRegistration(Registration):
             port=self.port,
             tags=self.tags,
             meta=self.meta,
+            weights=_weights(self.meta),
             check={"TTL": f"{self.ttl:g}s", "DeregisterCriticalServiceAfter": self.deregister_after},
             token=self.token,
         )
@@ -240,3 +251,20 @@ class ConsulRegistration(Registration):
 
     def _deregister(self) -> None:
         self.client.agent.service.deregister(self.id, token=self.token)
+
+
+def _weights(meta: Mapping[str, str]) -> dict[str, int] | None:
+    """Consul's own weights for an instance whose meta names a valid ``weight``, so other Consul clients (Consul's
+    DNS, Envoy fed by Consul) share traffic the same way."""
+    try:
+        return {"Passing": as_weight(meta[WEIGHT_META]), "Warning": 1} if WEIGHT_META in meta else None
+    except ValueError:
+        return None
+
+
+def _passing_weight(weights: object) -> object:
+    """Consul's weight for a passing instance (``Weights.Passing``), or None for the ``weight`` meta to apply: when
+    the entry carries none, or Consul's default of 1 (which it fills in for every instance registered without
+    weights). The health query asks for passing instances only, so ``Warning`` never applies."""
+    passing = weights.get("Passing") if isinstance(weights, dict) else None
+    return None if passing is None or passing == 1 else passing

@@ -24,7 +24,7 @@ from ..discovery.base import Registration
 from ..errors import ConfigurationError, RegistrationRefused
 from ..inbound import handling
 from ..runtime import Runtime
-from ..serving import advertised_address, serving_runtime
+from ..serving import advertised_address, placement, serving_runtime
 from .inbound import admit_or_refuse, advertised_tls, code_from_context, finish_rpc, rewrap, server_credentials
 from .side_port import SidePort
 
@@ -219,7 +219,7 @@ def registration_for(
         address,
         port,
         tags=tags,
-        meta={**(meta or {}), "mesh_tls": advertised_tls(mesh), "protocol": "grpc", **extra},
+        meta={**placement(mesh.settings.zone, meta), "mesh_tls": advertised_tls(mesh), "protocol": "grpc", **extra},
     )
     if mesh.stats is not None:
         mesh.stats.serving(registration, address, port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 #: Decay time constant of the latency estimate: an idle slow endpoint is forgiven over tens of seconds.
 DEFAULT_DECAY = 10.0
@@ -158,6 +158,31 @@ class RoundRobin:
         i = self._next % len(candidates)
         self._next = i + 1
         return i
+
+
+class Weighted(Protocol):
+    @property
+    def weight(self) -> int: ...
+
+
+W = TypeVar("W", bound=Weighted)
+
+
+def weight_class(candidates: Sequence[W], rand: Random) -> Sequence[W]:
+    """The candidates of one weight, drawn with probability weight x their number (Finagle's traffic distributor):
+    each endpoint's share of the calls is its weight's share of the total, at any load, and the balancer then
+    weighs like against like (power-of-two-choices across weights would let the heavier win every comparison)."""
+    classes: dict[int, list[W]] = {}
+    for candidate in candidates:
+        classes.setdefault(candidate.weight, []).append(candidate)
+    if len(classes) == 1:
+        return candidates
+    point = rand() * sum(weight * len(members) for weight, members in classes.items())
+    for weight, members in classes.items():
+        point -= weight * len(members)
+        if point < 0:
+            return members
+    return members
 
 
 def make_balancer(name: str) -> Balancer:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..endpoints import Endpoint, EndpointSet
 from ..errors import CircuitOpenError, NoEndpointsError
-from .balancer import LoadStats, make_balancer
+from .balancer import LoadStats, make_balancer, weight_class
 from .breaker import CLOSED, EndpointBreaker, TransitionListener
 from .config import DEFAULT_POLICY, ServicePolicy
 from .hedging import Hedger
@@ -23,7 +23,7 @@ class EndpointHandle:
     """One endpoint as the call path sees it. Survives discovery updates while the instance stays listed, so its
     latency estimate and breaker state are kept."""
 
-    __slots__ = ("breaker", "endpoint", "key", "label", "load")
+    __slots__ = ("breaker", "endpoint", "key", "label", "load", "weight")
 
     def __init__(self, endpoint: Endpoint, now: float, breaker: EndpointBreaker) -> None:
         self.endpoint = endpoint
@@ -31,6 +31,7 @@ class EndpointHandle:
         self.label = endpoint.authority
         self.load = LoadStats(now)
         self.breaker = breaker
+        self.weight = endpoint.weight
 
 
 @dataclass(slots=True)
@@ -67,8 +68,13 @@ class ServiceState:
         clock: Clock,
         policy: ServicePolicy = DEFAULT_POLICY,
         on_breaker_transition: Callable[[str, str, str], None] | None = None,
+        zone: str = "",
     ) -> None:
         self.name = name
+        #: The caller's zone: endpoints in it are preferred while one of them can take the call.
+        self.zone = zone
+        #: Some endpoint's weight is not 1: each pick first draws a weight class (see ``weight_class``).
+        self.weighted = False
         self.clock = clock
         self.policy = policy
         self.balancer = make_balancer(policy.load_balancer)
@@ -82,6 +88,8 @@ class ServiceState:
         self._external_listener = on_breaker_transition
         self.rules: ServiceRules | None = None
         self._subset_pools: dict[str, tuple[EndpointHandle, ...]] = {}
+        #: The caller's zone's share of the whole service (key None) and of each subset pool (key: its name).
+        self._zone_pools: dict[str | None, tuple[EndpointHandle, ...]] = {}
         #: Why listed endpoints were left out (e.g. plaintext ones under strict mTLS), for error messages.
         self.excluded = ""
         #: When a call last used this service (the mesh stops watching services nobody calls any more).
@@ -112,13 +120,16 @@ class ServiceState:
                 )
                 handle = EndpointHandle(endpoint, now, breaker)
             else:
-                handle.endpoint = endpoint  # tags or meta may have changed
+                handle.endpoint = endpoint  # tags, meta, zone or weight may have changed
+                handle.weight = endpoint.weight
             handles.append(handle)
             by_key[endpoint.key] = handle
         self._by_key = by_key
         self._not_closed = sum(1 for h in handles if h.breaker.state != CLOSED)
         self.handles = tuple(handles)
         self._subset_pools = {}
+        self._zone_pools = {}
+        self.weighted = any(h.weight != 1 for h in handles)
         self.snapshot = snapshot
 
     def set_policy(self, policy: ServicePolicy) -> None:
@@ -142,6 +153,7 @@ class ServiceState:
         """Apply this service's block of a new rules document (None: the service has no rules any more)."""
         self.rules = rules
         self._subset_pools = {}
+        self._zone_pools = {}
         self.set_policy(rules.policy if rules is not None else default_policy)
 
     def subset_pool(self, name: str) -> tuple[EndpointHandle, ...]:
@@ -209,6 +221,8 @@ class ServiceState:
                 message = f"{self.name}: no healthy endpoints (discovery lists none)"
                 reason = NoEndpointsError.NONE_LISTED
             raise NoEndpointsError(message, service=self.name, reason=reason)
+        if self.zone:
+            handles = self._in_zone(handles, subset if pool is not None else None, tried)
         if self._not_closed == 0 and not tried:
             return self._balanced(handles, now, rand)
         for handle in handles:
@@ -233,6 +247,24 @@ class ServiceState:
             service=self.name,
         )
 
+    def _in_zone(
+        self, handles: Sequence[EndpointHandle], key: str | None, tried: Sequence[EndpointHandle]
+    ) -> Sequence[EndpointHandle]:
+        """Priorities by zone, as xDS's failover: the caller's zone's endpoints while one of them is healthy and
+        untried by this call; else all of them (the caller's zone included, so an ejected one still gets its
+        trial)."""
+        local = self._zone_pools.get(key)
+        if local is None:
+            local = self._zone_pools[key] = tuple(h for h in handles if h.endpoint.zone == self.zone)
+        if not local or len(local) == len(handles):
+            return handles
+        for handle in local:
+            if handle.breaker.state == CLOSED and handle not in tried:
+                return local
+        return handles
+
     def _balanced(self, candidates: Sequence[EndpointHandle], now: float, rand: Callable[[], float]) -> Pick:
+        if self.weighted:
+            candidates = weight_class(candidates, rand)
         index, rival, cost, rival_cost = self.balancer.choose(candidates, now, rand)
         return Pick(candidates[index], False, cost, candidates[rival] if rival >= 0 else None, rival_cost)
