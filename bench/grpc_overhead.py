@@ -1,12 +1,14 @@
 """The meshlib gRPC channel against a plain grpc channel to the same server, side by side in one run (not a CI
 test).
 
-    python bench/grpc_overhead.py [--rounds 7] [--calls 2000]
+    python bench/grpc_overhead.py [--rounds 7] [--calls 2000] [--block 100]
 
 The server is a plain ``grpc.server`` (no mesh on it) in its own process, so the client process's CPU is the
-client's alone. For sync stubs and for grpc.aio stubs, rounds alternate plain, mesh, plain, mesh, ... (drift hits
-both alike); each round makes ``--calls`` sequential unary calls. Reported: median over rounds of the mean time
-per call and of client CPU per call, p99 of single-call latency, and the mesh/plain ratios.
+client's alone. For sync stubs and for grpc.aio stubs, each round makes ``--calls`` sequential unary calls on each
+side, in blocks of ``--block`` calls that alternate plain, mesh, mesh, plain, ... so that drift (CPU frequency,
+the other process, the machine's neighbours) hits both sides alike within the round, not only across rounds.
+Reported: median over rounds of the mean time per call and of client CPU per call, p50 and p99 of single-call
+latency, and the mesh/plain ratios.
 """
 
 from __future__ import annotations
@@ -44,28 +46,57 @@ def serve(port_file: str) -> None:
     server.wait_for_termination()
 
 
-def timed(calls: int, one: Callable[[], Any]) -> tuple[float, float, list[float]]:
-    """(wall seconds per call, client CPU seconds per call, single-call latencies)."""
-    latencies = []
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(calls):
-        t = time.perf_counter()
-        one()
-        latencies.append(time.perf_counter() - t)
-    return (time.perf_counter() - wall0) / calls, (time.process_time() - cpu0) / calls, latencies
+Round = tuple[float, float, list[float]]  # (wall seconds per call, client CPU seconds per call, latencies)
 
 
-async def atimed(calls: int, one: Callable[[], Any]) -> tuple[float, float, list[float]]:
-    latencies = []
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(calls):
-        t = time.perf_counter()
-        await one()
-        latencies.append(time.perf_counter() - t)
-    return (time.perf_counter() - wall0) / calls, (time.process_time() - cpu0) / calls, latencies
+def _order(calls: int, block: int) -> list[tuple[str, int]]:
+    """The blocks of one round, (side, calls), alternating plain, mesh, mesh, plain, ..."""
+    blocks, left, n = [], calls, 0
+    while left > 0:
+        size = min(block, left)
+        first, second = ("plain", "mesh") if n % 2 == 0 else ("mesh", "plain")
+        blocks += [(first, size), (second, size)]
+        left -= size
+        n += 1
+    return blocks
 
 
-def summarize(name: str, results: dict[str, list[tuple[float, float, list[float]]]]) -> None:
+def _totals(spent: dict[str, list[float]], latencies: dict[str, list[float]], calls: int) -> dict[str, Round]:
+    return {side: (spent[side][0] / calls, spent[side][1] / calls, latencies[side]) for side in spent}
+
+
+def timed(calls: int, block: int, ones: dict[str, Callable[[], Any]]) -> dict[str, Round]:
+    """One round: ``calls`` calls on each side, in alternating blocks."""
+    spent = {side: [0.0, 0.0] for side in ones}
+    latencies: dict[str, list[float]] = {side: [] for side in ones}
+    for side, size in _order(calls, block):
+        one, lat = ones[side], latencies[side]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(size):
+            t = time.perf_counter()
+            one()
+            lat.append(time.perf_counter() - t)
+        spent[side][0] += time.perf_counter() - wall0
+        spent[side][1] += time.process_time() - cpu0
+    return _totals(spent, latencies, calls)
+
+
+async def atimed(calls: int, block: int, ones: dict[str, Callable[[], Any]]) -> dict[str, Round]:
+    spent = {side: [0.0, 0.0] for side in ones}
+    latencies: dict[str, list[float]] = {side: [] for side in ones}
+    for side, size in _order(calls, block):
+        one, lat = ones[side], latencies[side]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(size):
+            t = time.perf_counter()
+            await one()
+            lat.append(time.perf_counter() - t)
+        spent[side][0] += time.perf_counter() - wall0
+        spent[side][1] += time.process_time() - cpu0
+    return _totals(spent, latencies, calls)
+
+
+def summarize(name: str, results: dict[str, list[Round]]) -> None:
     rows = {}
     for side, rounds in results.items():
         wall = statistics.median(r[0] for r in rounds)
@@ -90,7 +121,7 @@ def _form(stub: Any, form: str, hello: Any) -> Callable[[], Any]:
     return lambda: stub.Say(hello)
 
 
-def bench_sync(port: int, rounds: int, calls: int) -> None:
+def bench_sync(port: int, rounds: int, calls: int, block: int) -> None:
     mesh = meshlib.Mesh(
         service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}), control_plane=""
     )
@@ -104,15 +135,16 @@ def bench_sync(port: int, rounds: int, calls: int) -> None:
                 call = _form(stub, form, hello)
                 for _ in range(200):
                     call()
-            results: dict[str, list[tuple[float, float, list[float]]]] = {"plain": [], "mesh": []}
+            results: dict[str, list[Round]] = {"plain": [], "mesh": []}
+            ones = {"plain": _form(plain, form, hello), "mesh": _form(meshed, form, hello)}
             for _ in range(rounds):
-                results["plain"].append(timed(n, _form(plain, form, hello)))
-                results["mesh"].append(timed(n, _form(meshed, form, hello)))
+                for side, measured in timed(n, block, ones).items():
+                    results[side].append(measured)
             summarize(f"sync {name} unary, {form}, {rounds} rounds x {n} calls", results)
     mesh.close()
 
 
-def bench_aio(port: int, rounds: int, calls: int) -> None:
+def bench_aio(port: int, rounds: int, calls: int, block: int) -> None:
     async def run() -> None:
         mesh = meshlib.Mesh(
             service="bench", discovery=StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]}), control_plane=""
@@ -125,10 +157,11 @@ def bench_aio(port: int, rounds: int, calls: int) -> None:
             for stub in (plain, meshed):
                 for _ in range(200):
                     await stub.Say(hello)
-            results: dict[str, list[tuple[float, float, list[float]]]] = {"plain": [], "mesh": []}
+            results: dict[str, list[Round]] = {"plain": [], "mesh": []}
+            ones = {"plain": lambda: plain.Say(hello), "mesh": lambda: meshed.Say(hello)}  # noqa: B023
             for _ in range(rounds):
-                results["plain"].append(await atimed(n, lambda: plain.Say(hello)))  # noqa: B023
-                results["mesh"].append(await atimed(n, lambda: meshed.Say(hello)))  # noqa: B023
+                for side, measured in (await atimed(n, block, ones)).items():
+                    results[side].append(measured)
             summarize(f"grpc.aio {name} unary, {rounds} rounds x {n} calls", results)
         mesh.close()
 
@@ -139,6 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--block", type=int, default=100, help="calls per block; blocks alternate sides")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -154,8 +188,8 @@ def main() -> None:
             time.sleep(0.05)
         port = int(port_file.read_text())
         print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, server pid {server.pid} on :{port}")
-        bench_sync(port, args.rounds, args.calls)
-        bench_aio(port, args.rounds, args.calls)
+        bench_sync(port, args.rounds, args.calls, args.block)
+        bench_aio(port, args.rounds, args.calls, args.block)
     finally:
         server.terminate()
         server.wait(10)

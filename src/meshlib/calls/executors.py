@@ -19,7 +19,7 @@ import contextvars
 import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -48,6 +48,11 @@ class Cancel:
                 self.callbacks.append(callback)
                 return
         callback()
+
+    def forget(self) -> None:
+        """The call is over: let go of what would have stopped it (its RPC objects and their answers)."""
+        with self.lock:
+            self.callbacks = []
 
     def cancel(self) -> None:
         with self.lock:
@@ -99,9 +104,28 @@ def run_by_callbacks(
     step runs where the previous attempt's completion is reported, pauses run on a timer; ``finished`` gets what
     the caller gets (an answer, or the error to raise). Only for flows that never hedge (``hedging=False``): a
     hedged call waits on several attempts at once, which ``run_blocking`` does."""
-    driver = drive(call)
+    _ByCallbacks(drive(call), shell, finished).step(None, None, first=True)
 
-    def step(out: Any, error: BaseException | None, first: bool = False) -> None:
+
+class _ByCallbacks(Generic[A]):
+    """``run_by_callbacks``' state: an object, not closures that name each other, so that a finished call holds
+    no reference cycle and its answer is freed at once instead of by the garbage collector (a large response
+    kept to the next collection costs more than the call)."""
+
+    __slots__ = ("driver", "finished", "shell")
+
+    def __init__(
+        self,
+        driver: Generator[Any, Any, A],
+        shell: CallbackShell[Any, A],
+        finished: Callable[[A | None, BaseException | None], None],
+    ) -> None:
+        self.driver = driver
+        self.shell = shell
+        self.finished = finished
+
+    def step(self, out: Any, error: BaseException | None, first: bool = False) -> None:
+        driver, shell = self.driver, self.shell
         while True:
             try:
                 if first:
@@ -113,18 +137,18 @@ def run_by_callbacks(
                 else:
                     effect = driver.send(out)
             except StopIteration as stop:
-                finished(stop.value, None)
+                self.finished(stop.value, None)
                 return
             except BaseException as exc:
-                finished(None, exc)
+                self.finished(None, exc)
                 return
             out = None
             try:
                 if isinstance(effect, Attempt):
-                    shell.start(shell.prepare(effect.send), resume)
+                    shell.start(shell.prepare(effect.send), self.resume)
                     return
                 if isinstance(effect, Pause):
-                    timer = threading.Timer(effect.seconds, step, (None, None))
+                    timer = threading.Timer(effect.seconds, self.step, (None, None))
                     timer.daemon = True
                     timer.start()
                     return
@@ -135,10 +159,8 @@ def run_by_callbacks(
             except BaseException as exc:  # the attempt could not start: the call ends through the driver
                 error = exc
 
-    def resume(outcome: tuple[Result, A | None]) -> None:
-        step(outcome, None)
-
-    step(None, None, first=True)
+    def resume(self, outcome: tuple[Result, A | None]) -> None:
+        self.step(outcome, None)
 
 
 def run_blocking(call: Recorder[A], shell: Shell[Any, A]) -> A:

@@ -191,6 +191,15 @@ def code_of(error: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def kept(error: BaseException) -> BaseException:
+    """An attempt's error, caught to be kept in its answer, without the traceback of where it was caught: that
+    traceback holds the attempt's frame, and through it the whole call, in a reference cycle that only the
+    garbage collector would break (a retried call's answers kept alive until its next pass). Raised again, it
+    gets a traceback of where it is raised."""
+    error.__traceback__ = None
+    return error
+
+
 def mesh_failure(mesh: Runtime, error: BaseException) -> MeshRpcError:
     """A mesh error raised before any attempt (no answer from discovery, unknown service), as an RpcError whose
     details say where discovery looked and which name was probably meant."""

@@ -21,7 +21,7 @@ from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.flow import Result, Send
 from ..workers import on_own_thread
-from .call import Metadata, RpcAnswer, RpcCall, code_of, mesh_failure
+from .call import Metadata, RpcAnswer, RpcCall, code_of, kept, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
 from .future import UnaryFuture
@@ -141,8 +141,14 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
     ) -> tuple[Any, grpc.Call]:
         call = self.begin(metadata, timeout, self.kind == "unary_unary")
         options = (credentials, wait_for_ready, compression)
+        if credentials is None and wait_for_ready is None and compression is None:
+            options = _NO_OPTIONS
         answer = run_blocking(call, _Attempts(self, call, request, options, want_call))
         return answer.response, answer.call
+
+
+#: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
+_NO_OPTIONS = (None, None, None)
 
 
 class _Attempts:
@@ -187,13 +193,15 @@ class _Attempts:
                 response, last = future.result(), future
             elif self.want_call:
                 response, last = self._send(real.with_call, send, metadata)
-            else:  # the plain call skips building a call object nobody will see
+            elif self.options is _NO_OPTIONS:  # the common call, positionally: no call object nobody will see
+                response = real(self.request, send.timeout, metadata)
+            else:
                 response = self._send(real, send, metadata)
             error, code = None, grpc.StatusCode.OK
         except grpc.RpcError as exc:
-            response, last, error, code = None, exc, exc, code_of(exc)
+            response, last, error, code = None, exc, kept(exc), code_of(exc)
         except grpc.FutureCancelledError as exc:  # a hedge that lost
-            response, last, error, code = None, None, exc, grpc.StatusCode.CANCELLED
+            response, last, error, code = None, None, kept(exc), grpc.StatusCode.CANCELLED
         finally:
             self.method.facade.endpoints.release(record)
         return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, last, error, code, record.label)
@@ -228,9 +236,9 @@ class _Attempts:
                 response, error, code = real.result(), None, grpc.StatusCode.OK
                 last: Any = real
             except grpc.RpcError as exc:
-                response, last, error, code = None, exc, exc, code_of(exc)
+                response, last, error, code = None, exc, kept(exc), code_of(exc)
             except grpc.FutureCancelledError as exc:  # the caller's cancel()
-                response, last, error, code = None, None, exc, grpc.StatusCode.CANCELLED
+                response, last, error, code = None, None, kept(exc), grpc.StatusCode.CANCELLED
             self.method.facade.endpoints.release(record)
             answer = RpcAnswer(response, last, error, code, record.label)
             on_done((Result(verdict_of(code), None, send.attempt), answer))

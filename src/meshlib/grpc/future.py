@@ -45,6 +45,7 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
             self._answer, self._error = answer, error
             self._finished = True
             callbacks, self._callbacks = self._callbacks or [], None
+        self._stop.forget()  # nothing left to cancel
         self._latch.release()
         for callback in callbacks:
             try:

@@ -19,8 +19,12 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms"
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class Decision:
+    """One attempt's entry. Built on every call: ``__init__`` sets only what is known when the attempt is sent,
+    and every later field reads its class default until a flow writes it (half the stores of a dataclass's own
+    ``__init__``)."""
+
     attempt: int
     endpoint: str
     #: The balancer's cost of the chosen endpoint (latency estimate x load, seconds) and of the one it was weighed
@@ -44,6 +48,26 @@ class Decision:
     budget_total: float = 0.0
     #: "refused (...)" when a hedge was due but not sent.
     hedge_refused: str = ""
+
+    def __init__(
+        self,
+        attempt: int,
+        endpoint: str,
+        cost: float,
+        rival: str | None = None,
+        rival_cost: float = 0.0,
+        breaker: str = "closed",
+        trial: bool = False,
+        hedge: bool = False,
+    ) -> None:
+        self.attempt = attempt
+        self.endpoint = endpoint
+        self.cost = cost
+        self.rival = rival
+        self.rival_cost = rival_cost
+        self.breaker = breaker
+        self.trial = trial
+        self.hedge = hedge
 
     def text(self) -> str:
         """One line: ``attempt 1 -> 10.0.0.7:8080 (cost 0.31 ms vs 10.0.0.8:8080 0.45 ms, breaker closed):

@@ -152,6 +152,9 @@ def call_flow(
             service, pick, result, max(0.0, now - paused() - started), now, allowed_time(timeout, attempt_timeout)
         )
         note_outcome(entry, result, blamed or not record)
+        kind = verdict.kind
+        if kind is Kind.SUCCESS or kind is Kind.CLIENT_ERROR:  # never retried (what retry.decide says): done
+            return Done(result, None, attempt, decisions=decisions)
         tried.append(handle)
         last = result
         if verdict.is_failure:
