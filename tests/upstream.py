@@ -6,7 +6,8 @@ Prints ``LISTENING <port>`` once it accepts connections. Every answer is JSON na
 mesh headers it received. ``/-/behave?status=&delay=&slow_every=&slow_delay=&fail_every=`` changes behaviour at
 run time;
 ``/-/count`` returns and ``/-/reset`` clears the per-method request counts. ``/-/upload`` hashes a streamed body;
-``/-/download?size=N`` streams N bytes.
+``/-/download?size=N`` streams N bytes; ``/-/set-cookie?name=value`` sets cookies;
+``/-/redirect?to=URL`` redirects.
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ def make_app(name: str, status: int, delay: float, forward_to: str = "") -> Any:
                 await send_json(send, answer.status_code, {"instance": name, "upstream": answer.json()})
             except Exception as exc:  # the caller sees why (tests read it)
                 await send_json(send, 502, {"instance": name, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        if path == "/-/set-cookie":  # ?name=value&...: an empty answer setting each cookie
+            cookies = [(b"set-cookie", f"{key}={values[0]}; Path=/".encode()) for key, values in query.items()]
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0"), *cookies]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if path == "/-/redirect":  # ?to=<location>: a 302 there
+            location = query["to"][0].encode()
+            await send({"type": "http.response.start", "status": 302, "headers": [(b"location", location)]})
+            await send({"type": "http.response.body", "body": b""})
             return
         if path == "/-/ok":  # a fixed tiny answer, for benchmarks
             await send_json(send, 200, "ok")

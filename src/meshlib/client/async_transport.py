@@ -82,7 +82,8 @@ class AsyncMeshTransport(MeshShell, httpx.AsyncBaseTransport):
             except MeshError as exc:
                 count_unresolved(self.mesh, service, request.method)
                 raise as_httpx_failure(exc, None) from None
-        call = HttpCall(self.mesh, state, request, service, hedging=_asyncio_running())
+        # (asked only when the service hedges: in Python 3.11 each ask of the running loop is a getpid system call)
+        call = HttpCall(self.mesh, state, request, service, hedging=state.hedger is not None and _asyncio_running())
         return await run_async(call, _AsyncHop(self, call))
 
     async def attempt(self, call: HttpCall, request: Outbound, attempt: int) -> tuple[Result, httpx.Response | None]:

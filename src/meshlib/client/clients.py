@@ -12,6 +12,10 @@ import httpx
 from .. import mirror  # noqa: F401  (registers the sender of mirrored copies, which only HTTP calls draw)
 from ..runtime import Runtime
 from .async_transport import AsyncMeshTransport
+from .bare_request import BARE_REQUESTS as _BARE_REQUESTS
+from .bare_request import bare_request
+from .direct_send import DIRECT_SEND as _DIRECT_SEND
+from .direct_send import asend_to_mesh, no_auth, send_to_mesh
 from .external import ExternalCall
 from .names import mesh_service_name
 from .streams import streaming
@@ -24,9 +28,35 @@ class _Cookies(httpx.Cookies):
     ``Set-Cookie``: about a sixth of a mesh call's CPU at 64 calls in flight. The jar's contents are the same."""
 
     def extract_cookies(self, response: httpx.Response) -> None:
-        headers = response.headers
-        if "set-cookie" in headers or "set-cookie2" in headers:
+        if _sets_cookies(response.headers):
             super().extract_cookies(response)
+
+
+_COOKIE_HEADERS = (b"set-cookie", b"set-cookie2")
+
+
+def _names_kept_lowered() -> bool:
+    """Whether this httpx keeps headers as ``_sets_cookies`` reads them, ``Headers._list`` of (name, lower-cased
+    name, value): checked once, at import (an httpx that keeps them otherwise takes the public way)."""
+    try:
+        items = httpx.Headers([("Set-Cookie", "a"), ("X-B", "b")])._list
+        return type(items) is list and [item[1] for item in items] == [b"set-cookie", b"x-b"]
+    except Exception:
+        return False
+
+
+_LOWERED_NAMES = _names_kept_lowered()
+
+
+def _sets_cookies(headers: httpx.Headers) -> bool:
+    """Whether an answer sets a cookie. ``"set-cookie" in headers`` works out the headers' encoding (decoding every
+    name and value) and builds a list of names, on every response; the lower-cased names are already there."""
+    if _LOWERED_NAMES:
+        for item in headers._list:  # noqa: SIM110  (a loop: no generator made per response)
+            if item[1] in _COOKIE_HEADERS:
+                return True
+        return False
+    return "set-cookie" in headers or "set-cookie2" in headers
 
 
 #: Parsed URLs by their string: ``httpx.URL`` is immutable, and parsing one costs about 8 us (a twentieth of a
@@ -74,10 +104,54 @@ class _MeshRouting:
         """The transport that serves mesh hosts (httpx's own serves the others)."""
         return self._mesh_transport
 
-    def build_request(self, method: str, url: Any, **kwargs: Any) -> httpx.Request:
+    def build_request(
+        self,
+        method: str,
+        url: Any,
+        *,
+        content: Any = None,
+        data: Any = None,
+        files: Any = None,
+        json: Any = None,
+        params: Any = None,
+        headers: Any = None,
+        cookies: Any = None,
+        timeout: Any = httpx.USE_CLIENT_DEFAULT,
+        extensions: Any = None,
+    ) -> httpx.Request:
         if type(url) is str:  # a URL string seen before is not parsed again (aiohttp's yarl caches the same way)
             url = _parsed_url(url)
-        return super().build_request(method, url, **kwargs)  # type: ignore[misc, no-any-return]
+        if (
+            _BARE_REQUESTS
+            and content is None
+            and data is None
+            and files is None
+            and json is None
+            and params is None
+            and headers is None
+            and cookies is None
+            and extensions is None
+            and timeout is httpx.USE_CLIENT_DEFAULT
+            and type(url) is httpx.URL
+            and url.is_absolute_url
+            and mesh_service_name(url.host) is not None
+            and not self._params  # type: ignore[attr-defined]
+            and not self._cookies
+        ):
+            return bare_request(method, url, self.headers, self.timeout)  # type: ignore[attr-defined]
+        return super().build_request(  # type: ignore[misc, no-any-return]
+            method,
+            url,
+            content=content,
+            data=data,
+            files=files,
+            json=json,
+            params=params,
+            headers=headers,
+            cookies=cookies,
+            timeout=timeout,
+            extensions=extensions,
+        )
 
     def _merge_headers(self, headers: Any = None) -> Any:
         """With no per-request headers, the client's own: ``httpx.Request`` copies whatever it is given, so
@@ -96,11 +170,9 @@ class _MeshRouting:
             return self._mesh_transport
         return super()._transport_for_url(url)  # type: ignore[misc]
 
-    def _external(self, request: httpx.Request) -> ExternalCall | None:
+    def _external_call(self, request: httpx.Request) -> ExternalCall | None:
         """A call httpx itself carries (outside the mesh, or to the caller's own transport or mount): traced and
-        metered all the same (client/external.py). None: the mesh transport takes it, or telemetry is off."""
-        if self._transport_for_url(request.url) is self._mesh_transport:
-            return None
+        metered all the same (client/external.py). None: telemetry is off."""
         mesh = self._mesh_transport.mesh
         return ExternalCall(mesh, request) if mesh.telemetry is not None else None
 
@@ -168,8 +240,19 @@ class Client(_MeshRouting, httpx.Client):
         self._route(mesh_transport, transport, mounts)
         self.cookies = self._cookies
 
+    def _send_handling_auth(
+        self, request: httpx.Request, auth: httpx.Auth, follow_redirects: bool, history: list[httpx.Response]
+    ) -> httpx.Response:
+        if _DIRECT_SEND and no_auth(auth):  # its flow hands the request back once: no generator to run
+            return self._send_handling_redirects(request, follow_redirects=follow_redirects, history=history)
+        return super()._send_handling_auth(request, auth, follow_redirects, history)
+
     def _send_single_request(self, request: httpx.Request) -> httpx.Response:
-        external = self._external(request)
+        if self._transport_for_url(request.url) is self._mesh_transport:
+            if _DIRECT_SEND:
+                return send_to_mesh(self, request)
+            return super()._send_single_request(request)
+        external = self._external_call(request)
         if external is None:
             return super()._send_single_request(request)
         try:
@@ -231,8 +314,19 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
         self._route(mesh_transport, transport, mounts)
         self.cookies = self._cookies
 
+    async def _send_handling_auth(
+        self, request: httpx.Request, auth: httpx.Auth, follow_redirects: bool, history: list[httpx.Response]
+    ) -> httpx.Response:
+        if _DIRECT_SEND and no_auth(auth):
+            return await self._send_handling_redirects(request, follow_redirects=follow_redirects, history=history)
+        return await super()._send_handling_auth(request, auth, follow_redirects, history)
+
     async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
-        external = self._external(request)
+        if self._transport_for_url(request.url) is self._mesh_transport:
+            if _DIRECT_SEND:
+                return await asend_to_mesh(self, request)
+            return await super()._send_single_request(request)
+        external = self._external_call(request)
         if external is None:
             return await super()._send_single_request(request)
         try:

@@ -10,6 +10,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from .bare_request import kept_headers
 from .errors import to_httpx_error
 from .outbound import Answer
 
@@ -100,10 +101,13 @@ def read_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes, 
     Content-Encoding, that read only walks httpx's decoder and chunker generators over one piece of bytes (about
     7 us); here the read state is set directly, when this httpx's responses are known to match it (checked once
     at import: otherwise, and for encoded bodies, httpx reads as usual)."""
-    response = httpx.Response(status_code=status, headers=headers, stream=httpx.ByteStream(body), extensions=extensions)
     if _DIRECT_READ and not _encoded(headers):
+        # (the parser's names and values are bytes already checked: httpx's normalising of each is skipped)
+        kept = kept_headers([(name, name.lower(), value) for name, value in headers])
+        response = httpx.Response(status, headers=kept, stream=httpx.ByteStream(body), extensions=extensions)
         _mark_read(response, body)
     else:
+        response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), extensions=extensions)
         response.read()
     return response
 
@@ -128,8 +132,11 @@ def _direct_read_matches() -> bool:
         read.read()
         marked = httpx.Response(200, stream=httpx.ByteStream(body))
         _mark_read(marked, body)
+        pairs = [(b"Content-Type", b"text/plain"), (b"X-A", b"\xff")]
+        kept = httpx.Response(200, headers=kept_headers([(k, k.lower(), v) for k, v in pairs]))
         return (
-            set(vars(read)) - {"_decoder"} == set(vars(marked))
+            vars(kept.headers) == vars(httpx.Response(200, headers=pairs).headers)
+            and set(vars(read)) - {"_decoder"} == set(vars(marked))
             and (marked.content, marked.num_bytes_downloaded, marked.is_closed, marked.is_stream_consumed)
             == (read.content, read.num_bytes_downloaded, read.is_closed, read.is_stream_consumed)
             and list(marked.iter_bytes()) == list(read.iter_bytes())
