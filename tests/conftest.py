@@ -3,6 +3,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,30 @@ def control_plane(tmp_path: Path) -> Iterator[Callable[..., object]]:
     yield start
     for cp in started:
         cp.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    """One upstream process shared by a module's tests (a module may define its own ``upstream``)."""
+    up = Upstream("a").wait_listening()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def bare_built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods of the requests the mesh clients build the bare way (client/bare_request.py), as they are."""
+    from meshlib.client import clients
+
+    built: list[str] = []
+    original = clients.bare_request
+
+    def spy(method: str, *args: Any) -> Any:
+        built.append(method)
+        return original(method, *args)
+
+    monkeypatch.setattr(clients, "bare_request", spy)
+    return built
 
 
 E2E = Path(__file__).resolve().parent / "e2e"

@@ -1,5 +1,5 @@
-"""What the xDS tests share: a gRPC xDS client in its own process, a real Envoy process, and registering an instance
-of ``inventory``."""
+"""What the xDS tests share: a gRPC xDS client in its own process, a real Envoy process, a plain gRPC server that
+names itself, and registering an instance of ``inventory``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
 
 import httpx
 import pytest
 
+import grpc
 from harness import ControlPlaneProcess, wait_for
 
 #: N calls over an xds:/// channel, printing each outcome's count; it keeps reading commands on stdin ("N" makes N
@@ -63,6 +65,16 @@ class XdsClient:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def who_server(name: str) -> tuple[grpc.Server, int]:
+    """A plain gRPC server answering every ``/meshtest.Who/Name`` call with its own name; (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode())
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshtest.Who", {"Name": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
 
 
 def register(cp: ControlPlaneProcess, name: str, port: int, version: str) -> str:

@@ -11,18 +11,12 @@ import httpx
 import pytest
 
 import meshlib
+from conftest import static_mesh
 from meshlib.client import bare_request, clients
-from meshlib.discovery import StaticDiscovery
-from meshlib.endpoints import Endpoint
 
 
-def _mesh(port: int = 1) -> meshlib.Mesh:
-    return meshlib.Mesh(
-        service="t",
-        control_plane="",
-        telemetry=False,
-        discovery=StaticDiscovery({"svc": [Endpoint("127.0.0.1", port)]}),
-    )
+def _mesh() -> meshlib.Mesh:
+    return static_mesh({"svc": [1]}, telemetry=False)  # (requests are built, never sent)
 
 
 def _seen(request: httpx.Request) -> dict[str, Any]:
@@ -37,20 +31,6 @@ def _seen(request: httpx.Request) -> dict[str, Any]:
         "streamed": list(request.stream),  # type: ignore[arg-type]
         "attributes": sorted(vars(request)),
     }
-
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The methods of the requests built the bare way."""
-    built: list[str] = []
-    original = clients.bare_request
-
-    def spy(method: str, *args: Any) -> httpx.Request:
-        built.append(method)
-        return original(method, *args)
-
-    monkeypatch.setattr(clients, "bare_request", spy)
-    return built
 
 
 def test_this_httpx_builds_requests_the_bare_way() -> None:
@@ -70,13 +50,13 @@ def test_this_httpx_builds_requests_the_bare_way() -> None:
         {"timeout": httpx.Timeout(1, read=9)},
     ],
 )
-def test_a_bare_request_is_the_one_httpx_builds(counted: list[str], method: str, options: dict[str, Any]) -> None:
+def test_a_bare_request_is_the_one_httpx_builds(bare_built: list[str], method: str, options: dict[str, Any]) -> None:
     mesh = _mesh()
     with mesh.client(**options) as meshed, httpx.Client(**options) as plain:
         for url in ("http://svc/v1/items?id=7", "http://svc:8080/", httpx.URL("http://svc.mesh/a%20b")):
             assert _seen(meshed.build_request(method, url)) == _seen(plain.build_request(method, url))
     mesh.close()
-    assert len(counted) == 3  # every one of them took the bare way
+    assert len(bare_built) == 3  # every one of them took the bare way
 
 
 @pytest.mark.parametrize(
@@ -93,7 +73,7 @@ def test_a_bare_request_is_the_one_httpx_builds(counted: list[str], method: str,
         {"extensions": {"trace": print}},
     ],
 )
-def test_a_request_with_anything_of_its_own_takes_httpx_s_way(counted: list[str], kwargs: dict[str, Any]) -> None:
+def test_a_request_with_anything_of_its_own_takes_httpx_s_way(bare_built: list[str], kwargs: dict[str, Any]) -> None:
     mesh = _mesh()
     with mesh.client() as meshed, httpx.Client() as plain:
         ours = _seen(meshed.build_request("POST", "http://svc/x", **kwargs))
@@ -103,10 +83,10 @@ def test_a_request_with_anything_of_its_own_takes_httpx_s_way(counted: list[str]
             theirs["streamed"] = None
         assert ours == theirs
     mesh.close()
-    assert counted == []
+    assert bare_built == []
 
 
-def test_hosts_outside_the_mesh_and_clients_with_params_or_cookies_take_httpx_s_way(counted: list[str]) -> None:
+def test_hosts_outside_the_mesh_and_clients_with_params_or_cookies_take_httpx_s_way(bare_built: list[str]) -> None:
     mesh = _mesh()
     with mesh.client() as client:
         client.build_request("GET", "http://example.com/x")
@@ -117,10 +97,10 @@ def test_hosts_outside_the_mesh_and_clients_with_params_or_cookies_take_httpx_s_
         assert str(client.build_request("GET", "http://svc/x").url) == "http://svc/x?v=2"
     with mesh.client(cookies={"sid": "s"}) as client:
         assert client.build_request("GET", "http://svc/x").headers["cookie"] == "sid=s"
-    assert counted == []
+    assert bare_built == []
     with mesh.client(base_url="http://svc/api/") as client:  # an absolute URL on a base_url client: bare
         assert str(client.build_request("GET", "http://svc/other").url) == "http://svc/other"
-    assert counted == ["GET"]
+    assert bare_built == ["GET"]
     mesh.close()
 
 

@@ -5,7 +5,6 @@ would."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,13 +16,6 @@ from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
 
 pytestmark = pytest.mark.e2e  # its tests start processes (servers, a control plane, meshctl)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = Upstream("a").wait_listening()
-    yield up
-    up.stop()
 
 
 def _mesh(port: int) -> meshlib.Mesh:

