@@ -311,3 +311,31 @@ def test_hedged_unary_calls_overtake_a_slow_instance(instances):
     assert sum(t >= 0.29 for t in took) <= 2, f"the slow attempts were not waited for: {took}"
     wait_for(lambda: all(h.load.outstanding == 0 for h in mesh.service_state("echo").handles))
     wait_for(lambda: a.behaviour.cancelled >= a.behaviour.calls - 1, what="the slow attempts to be cancelled")
+
+
+def test_endpoints_connect_early_without_a_polling_thread_a_close_could_kill(
+    instances: list[Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call opens a channel to every endpoint and starts each connecting; grpc's way of doing that from outside
+    (``subscribe``) starts a polling thread, which a close under it killed, printing "Channel closed!" to stderr."""
+    started: list[threading.Thread] = []
+    start = threading.Thread.start
+
+    def recorded(thread: threading.Thread) -> None:
+        started.append(thread)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recorded)
+    mesh = client_mesh([i.endpoint for i in instances])
+    channel = mesh.grpc_channel("echo")
+    assert pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="hi"), timeout=10).instance in "abc"
+    records = list(channel.endpoints._live.values())
+    assert len(records) == 3  # all three opened by the first call
+    # (grpc's own threads are named after their runner, "Thread-N (_run)"; the servers' pools are named)
+    assert [t.name for t in started if t.name.endswith("(_run)")] == []
+    wait_for(  # the two not called are connecting (or ready) all the same
+        lambda: all(r.channel._channel.check_connectivity_state(False) != 0 for r in records),
+        timeout=10,
+        what="every endpoint's channel to leave IDLE",
+    )
+    mesh.close()

@@ -43,7 +43,14 @@ def _ignore(state: grpc.ChannelConnectivity) -> None:
 
 
 def _connect(channel: grpc.Channel) -> None:
-    """Start connecting now (what ``try_to_connect`` does), without waiting."""
+    """Start connecting now, without waiting. ``subscribe(try_to_connect=True)`` does it on a polling thread of
+    grpc's that outlives the subscription for a while: a channel closed under that thread (a mesh closed soon
+    after its first discovery answer) killed it with "Cannot monitor channel state: Channel closed!" printed to
+    stderr. So the thread's own first step is taken here, where grpc's channel has it."""
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if check is not None:
+        check(True)
+        return
     channel.subscribe(_ignore, try_to_connect=True)
     channel.unsubscribe(_ignore)
 
