@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,24 @@ def bench_aio(port: int, rounds: int, calls: int, block: int) -> None:
     asyncio.run(run())
 
 
+@contextlib.contextmanager
+def bench_server() -> Iterator[tuple[int, int]]:
+    """The plain bench server (``serve``) in its own process while the block runs: (its port, its pid)."""
+    port_file = Path(f"/tmp/meshlib-grpc-bench-{time.time_ns()}")
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", str(port_file)])
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit("the bench server did not start")
+            time.sleep(0.05)
+        yield int(port_file.read_text()), server.pid
+    finally:
+        server.terminate()
+        server.wait(10)
+        port_file.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
@@ -178,22 +197,10 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    port_file = Path(f"/tmp/meshlib-grpc-bench-{time.time_ns()}")
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
-    try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text():
-            if time.monotonic() > deadline:
-                raise SystemExit("the bench server did not start")
-            time.sleep(0.05)
-        port = int(port_file.read_text())
-        print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, server pid {server.pid} on :{port}")
+    with bench_server() as (port, pid):
+        print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, server pid {pid} on :{port}")
         bench_sync(port, args.rounds, args.calls, args.block)
         bench_aio(port, args.rounds, args.calls, args.block)
-    finally:
-        server.terminate()
-        server.wait(10)
-        port_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +25,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from grpc_overhead import bench_server  # noqa: E402
 
 import grpc  # noqa: E402
 import meshlib  # noqa: E402
@@ -117,22 +119,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
-    port_file = Path(f"/tmp/meshlib-grpc-parts-{time.time_ns()}")
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "grpc_overhead.py"), "--serve", str(port_file)])
-    try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text():
-            if time.monotonic() > deadline:
-                raise SystemExit("the bench server did not start")
-            time.sleep(0.05)
-        port = int(port_file.read_text())
+    with bench_server() as (port, _):
         print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}")
         parts(port, args.rounds, args.calls)
         python_alone(20 * args.calls)
-    finally:
-        server.terminate()
-        server.wait(10)
-        port_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
