@@ -86,6 +86,21 @@ def test_a_request_with_anything_of_its_own_takes_httpx_s_way(bare_built: list[s
     assert bare_built == []
 
 
+def test_a_bare_request_s_headers_are_its_own(bare_built: list[str]) -> None:
+    """Headers set on one request (as the mesh sets its own on every call) never reach the client or the next."""
+    mesh = _mesh()
+    for client_headers in ({}, {"Host": "svc", "Content-Length": "0"}):  # with and without headers httpx adds
+        with mesh.client(headers=client_headers) as client:
+            before = client.headers.raw
+            first = client.build_request("POST", "http://svc/x")
+            first.headers["X-Only-Here"] = "1"
+            first.headers.raw.append((b"x-raw", b"2"))
+            assert client.headers.raw == before
+            assert "x-only-here" not in client.build_request("POST", "http://svc/x").headers
+    mesh.close()
+    assert bare_built == ["POST"] * 4
+
+
 def test_hosts_outside_the_mesh_and_clients_with_params_or_cookies_take_httpx_s_way(bare_built: list[str]) -> None:
     mesh = _mesh()
     with mesh.client() as client:
