@@ -170,6 +170,10 @@ class _MeshRouting:
             return self._mesh_transport
         return super()._transport_for_url(url)  # type: ignore[misc]
 
+    def _meshed(self, request: httpx.Request) -> bool:
+        """Whether the mesh transport serves ``request`` (not the caller's transport, a mount, or httpx's own)."""
+        return self._transport_for_url(request.url) is self._mesh_transport
+
     def _external_call(self, request: httpx.Request) -> ExternalCall | None:
         """A call httpx itself carries (outside the mesh, or to the caller's own transport or mount): traced and
         metered all the same (client/external.py). None: telemetry is off."""
@@ -248,7 +252,7 @@ class Client(_MeshRouting, httpx.Client):
         return super()._send_handling_auth(request, auth, follow_redirects, history)
 
     def _send_single_request(self, request: httpx.Request) -> httpx.Response:
-        if self._transport_for_url(request.url) is self._mesh_transport:
+        if self._meshed(request):
             if _DIRECT_SEND:
                 return send_to_mesh(self, request)
             return super()._send_single_request(request)
@@ -322,7 +326,7 @@ class AsyncClient(_MeshRouting, httpx.AsyncClient):
         return await super()._send_handling_auth(request, auth, follow_redirects, history)
 
     async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
-        if self._transport_for_url(request.url) is self._mesh_transport:
+        if self._meshed(request):
             if _DIRECT_SEND:
                 return await asend_to_mesh(self, request)
             return await super()._send_single_request(request)
