@@ -8,7 +8,8 @@ client's alone. For sync stubs and for grpc.aio stubs, each round makes ``--call
 side, in blocks of ``--block`` calls that alternate plain, mesh, mesh, plain, ... so that drift (CPU frequency,
 the other process, the machine's neighbours) hits both sides alike within the round, not only across rounds.
 Reported: median over rounds of the mean time per call and of client CPU per call, p50 and p99 of single-call
-latency, and the mesh/plain ratios.
+latency, and the mesh/plain ratios; and, as a check on the machine's noise, the median mesh/plain ratio of each two
+adjacent blocks (one of each side, back to back: a burst from a neighbour spoils one pair, not a round).
 """
 
 from __future__ import annotations
@@ -62,14 +63,24 @@ def _order(calls: int, block: int) -> list[tuple[str, int]]:
     return blocks
 
 
-def _totals(spent: dict[str, list[float]], latencies: dict[str, list[float]], calls: int) -> dict[str, Round]:
-    return {side: (spent[side][0] / calls, spent[side][1] / calls, latencies[side]) for side in spent}
+def _totals(
+    spent: dict[str, list[float]], latencies: dict[str, list[float]], calls: int, blocks: list[tuple[str, float]]
+) -> dict[str, Round]:
+    """Each side's (wall, CPU per call, latencies); and under ``"pairs"``, the mesh/plain ratio of each two
+    adjacent blocks (one of each side, run back to back) in the latencies' place."""
+    totals = {side: (spent[side][0] / calls, spent[side][1] / calls, latencies[side]) for side in spent}
+    pairs = []
+    for (side_a, wall_a), (_, wall_b) in zip(blocks[0::2], blocks[1::2], strict=True):
+        pairs.append(wall_b / wall_a if side_a == "plain" else wall_a / wall_b)
+    totals["pairs"] = (0.0, 0.0, pairs)
+    return totals
 
 
 def timed(calls: int, block: int, ones: dict[str, Callable[[], Any]]) -> dict[str, Round]:
     """One round: ``calls`` calls on each side, in alternating blocks."""
     spent = {side: [0.0, 0.0] for side in ones}
     latencies: dict[str, list[float]] = {side: [] for side in ones}
+    blocks: list[tuple[str, float]] = []
     for side, size in _order(calls, block):
         one, lat = ones[side], latencies[side]
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -79,12 +90,14 @@ def timed(calls: int, block: int, ones: dict[str, Callable[[], Any]]) -> dict[st
             lat.append(time.perf_counter() - t)
         spent[side][0] += time.perf_counter() - wall0
         spent[side][1] += time.process_time() - cpu0
-    return _totals(spent, latencies, calls)
+        blocks.append((side, (time.perf_counter() - wall0) / size))
+    return _totals(spent, latencies, calls, blocks)
 
 
 async def atimed(calls: int, block: int, ones: dict[str, Callable[[], Any]]) -> dict[str, Round]:
     spent = {side: [0.0, 0.0] for side in ones}
     latencies: dict[str, list[float]] = {side: [] for side in ones}
+    blocks: list[tuple[str, float]] = []
     for side, size in _order(calls, block):
         one, lat = ones[side], latencies[side]
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -94,11 +107,13 @@ async def atimed(calls: int, block: int, ones: dict[str, Callable[[], Any]]) -> 
             lat.append(time.perf_counter() - t)
         spent[side][0] += time.perf_counter() - wall0
         spent[side][1] += time.process_time() - cpu0
-    return _totals(spent, latencies, calls)
+        blocks.append((side, (time.perf_counter() - wall0) / size))
+    return _totals(spent, latencies, calls, blocks)
 
 
 def summarize(name: str, results: dict[str, list[Round]]) -> None:
     rows = {}
+    pairs = sorted(ratio for r in results.pop("pairs", []) for ratio in r[2])
     for side, rounds in results.items():
         wall = statistics.median(r[0] for r in rounds)
         cpu = statistics.median(r[1] for r in rounds)
@@ -110,6 +125,10 @@ def summarize(name: str, results: dict[str, list[Round]]) -> None:
         print(f"{side:8} {wall * 1e6:8.1f}us {cpu * 1e6:9.1f}us {p50 * 1e6:7.1f}us {p99 * 1e6:7.1f}us")
     (pw, pc, p50p, p99p), (mw, mc, p50m, p99m) = rows["plain"], rows["mesh"]
     print(f"{'ratio':8} {mw / pw:9.3f}x {mc / pc:10.3f}x {p50m / p50p:8.3f}x {p99m / p99p:8.3f}x")
+    if pairs:  # each mesh block against the plain block run next to it: a burst on the machine hits one pair only
+        quarter, three = pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]
+        print(f"{'paired':8} {statistics.median(pairs):9.3f}x  (median of {len(pairs)} adjacent block pairs,")
+        print(f"{'':8} {'':10}  middle half {quarter:.3f}x-{three:.3f}x)")
 
 
 #: (name, request text, share of --calls): grpc's interop size for the large call (a 271,828-byte payload)
@@ -136,7 +155,7 @@ def bench_sync(port: int, rounds: int, calls: int, block: int) -> None:
                 call = _form(stub, form, hello)
                 for _ in range(200):
                     call()
-            results: dict[str, list[Round]] = {"plain": [], "mesh": []}
+            results: dict[str, list[Round]] = {"plain": [], "mesh": [], "pairs": []}
             ones = {"plain": _form(plain, form, hello), "mesh": _form(meshed, form, hello)}
             for _ in range(rounds):
                 for side, measured in timed(n, block, ones).items():
@@ -158,7 +177,7 @@ def bench_aio(port: int, rounds: int, calls: int, block: int) -> None:
             for stub in (plain, meshed):
                 for _ in range(200):
                     await stub.Say(hello)
-            results: dict[str, list[Round]] = {"plain": [], "mesh": []}
+            results: dict[str, list[Round]] = {"plain": [], "mesh": [], "pairs": []}
             ones = {"plain": lambda: plain.Say(hello), "mesh": lambda: meshed.Say(hello)}  # noqa: B023
             for _ in range(rounds):
                 for side, measured in (await atimed(n, block, ones)).items():

@@ -58,9 +58,12 @@ def run(
     deadline: float | None = None,
     latency: float = 0.01,
     rand=lambda: 0.5,
+    explain: bool = True,
 ):
     """Drive one call; returns (the actions it yielded, Done)."""
-    flow = call_flow(s, method=method, replayable=replayable, deadline=deadline, clock=clock, rand=rand)
+    flow = call_flow(
+        s, method=method, replayable=replayable, deadline=deadline, clock=clock, rand=rand, explain=explain
+    )
     actions: list[object] = []
     outcomes = list(outcomes)
     try:
@@ -564,3 +567,29 @@ def test_requests_that_cannot_be_replayed_or_repeated_are_never_hedged():
     assert send.hedge_after is None
     flow = call_flow(s, method="POST", replayable=True, deadline=None, clock=clock, rand=lambda: 0.5, hedgeable=True)
     assert next(flow).hedge_after == 0.05, "gRPC: hedging configured means the call may run twice"
+
+
+def test_a_flow_that_explains_nothing_decides_the_same():
+    """``explain=False`` (nobody reads the decision log) builds no entry and changes nothing else: the same sends,
+    sleeps, retries and outcome, the same endpoint load, breaker and budget afterwards."""
+    outcomes = [REFUSED, E503, OK, OK, REFUSED, REFUSED, REFUSED, E404]
+    seen = []
+    for explain in (True, False):
+        s, clock = state(policy=ServicePolicy(load_balancer="round_robin"))
+        calls = []
+        left = list(outcomes)
+        while left:
+            actions, done = run(s, clock, left, explain=explain)
+            used = len(sends(actions))
+            left = left[used:]
+            calls.append(
+                (
+                    [(a.endpoint.port, a.attempt) if isinstance(a, Send) else ("sleep", a.seconds) for a in actions],
+                    type(done.error).__name__ if done.error is not None else None,
+                    done.attempts,
+                )
+            )
+            assert bool(done.decisions) is explain and (not explain or len(done.decisions) == used)
+        endpoints = [(h.label, h.load.ewma, h.load.sent, h.breaker.state) for h in s.handles]
+        seen.append((calls, endpoints, s.budget.balance(clock())))
+    assert seen[0] == seen[1]

@@ -1,8 +1,9 @@
 """The driver's effects carried out, once per concurrency model: ``run_blocking`` (the caller's thread, worker
 threads for hedged attempts, ``time.sleep``), ``run_async`` (the caller's task, tasks for hedged attempts,
-``await``) and ``run_by_callbacks`` (no thread waits: each attempt started, the call resumed by its completion,
-for the sync gRPC ``.future()``). They serve HTTP and gRPC alike: a protocol gives its ``Shell``, which makes one
-attempt.
+``await``; ``start_async`` takes a call to its first attempt's start without awaiting, for grpc.aio calls that
+start at once) and ``run_by_callbacks`` (no thread waits: each attempt started, the call resumed by its
+completion, for the sync gRPC ``.future()``). They serve HTTP and gRPC alike: a protocol gives its ``Shell``,
+which makes one attempt.
 
 A hedged attempt is prepared in the caller's thread or task (its endpoint request or metadata, its span: the
 caller's trace context) and run beside the others. When the call is over the losers are told to stop
@@ -20,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import anyio
 
@@ -250,16 +251,83 @@ class _Threads(Generic[A]):
             self.shell.discard(answer, True)
 
 
-async def run_async(call: Recorder[A], shell: AsyncShell[Any, A]) -> A:
-    """Drive ``call`` to its end in this task."""
+class StartingShell(AsyncShell[P, A], Protocol[P, A]):
+    """An async shell whose attempt can be begun without awaiting (its RPC then runs on its own), for
+    ``start_async``."""
+
+    def begin(self, prepared: P) -> Any:
+        """Start the attempt's I/O now, in the caller's frame; what ``finish`` is given."""
+
+    async def finish(self, begun: Any) -> tuple[Result, A | None]:
+        """Wait for a begun attempt's outcome."""
+
+
+class Started(Generic[A]):
+    """A call driven to its first effect in the caller's frame (``start_async``), for ``run_async`` to go on from:
+    the driver and that effect, the attempt it began (or the error beginning it raised), or, when the call was
+    over at once, its outcome."""
+
+    __slots__ = ("begun", "driver", "effect", "error", "outcome")
+
+    def __init__(
+        self,
+        driver: Generator[Any, Any, A] | None,
+        effect: Any = None,
+        begun: Any = None,
+        error: BaseException | None = None,
+        outcome: A | None = None,
+    ) -> None:
+        self.driver = driver
+        self.effect = effect
+        self.begun = begun
+        self.error = error
+        self.outcome = outcome
+
+
+def start_async(call: Recorder[A], shell: StartingShell[Any, A]) -> Started[A]:
+    """Drive ``call`` to its first effect now, without awaiting; a first attempt is begun (``shell.begin``), so its
+    RPC starts as the protocol's own calls start, at once. ``run_async(call, shell, started)`` goes on from there.
+    (``error`` set and no driver: the call was over before any attempt, and that is what the caller gets.)"""
     driver = drive(call)
-    side: _Tasks[A] | None = None
     try:
         effect = next(driver)
+    except StopIteration as stop:
+        return Started(None, outcome=stop.value)
+    except BaseException as exc:
+        return Started(None, error=exc)
+    if not isinstance(effect, Attempt):
+        return Started(driver, effect)
+    try:
+        return Started(driver, effect, shell.begin(shell.prepare(effect.send)))
+    except BaseException as exc:  # thrown into the driver by run_async: the call ends the usual way
+        return Started(driver, effect, error=exc)
+
+
+async def run_async(call: Recorder[A], shell: AsyncShell[Any, A], started: Started[A] | None = None) -> A:
+    """Drive ``call`` to its end in this task (from where ``start_async`` left it, when ``started`` is given)."""
+    side: _Tasks[A] | None = None
+    begun: Any = None
+    error: BaseException | None = None
+    if started is None:
+        driver = drive(call)
+    elif started.driver is None:  # over before any attempt
+        if started.error is not None:
+            raise started.error
+        return started.outcome  # type: ignore[return-value]  # the flow ended without an error
+    else:
+        driver, begun, error = started.driver, started.begun, started.error
+    try:
+        effect = next(driver) if started is None else started.effect
         while True:
             try:
                 out: Any = None
-                if isinstance(effect, Attempt):
+                if error is not None:
+                    failure, error = error, None
+                    raise failure
+                if begun is not None:  # the attempt start_async began
+                    out = await cast(StartingShell[Any, A], shell).finish(begun)
+                    begun = None
+                elif isinstance(effect, Attempt):
                     out = await shell.arun(shell.prepare(effect.send))
                 elif isinstance(effect, Pause):
                     await anyio.sleep(effect.seconds)
@@ -274,6 +342,7 @@ async def run_async(call: Recorder[A], shell: AsyncShell[Any, A]) -> A:
                     else:
                         out = await side.settle(effect.winner)
             except BaseException as exc:  # cancelled: the call ends the same way, through the driver
+                begun = None
                 effect = driver.throw(exc)
                 continue
             effect = driver.send(out)

@@ -5,6 +5,7 @@ how their protocol spells headers, statuses and errors."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from ..errors import (
 from ..policy.classify import Verdict
 from ..policy.deadline import to_epoch_millis
 from ..policy.decisions import log_decisions
+from ..policy.decisions import logger as decision_logger
 from ..policy.flow import CallFlow, Done, Send
 from ..policy.service import CallPlan
 from ..runtime import Runtime
@@ -99,6 +101,22 @@ class CallRecorder:
         """``x-mesh-deadline``: the attempt's deadline as epoch milliseconds."""
         now = self.mesh.clock()
         return str(to_epoch_millis(now + budget, now, time.time()))
+
+    def ended_quietly(self, done: Done | None, method: str, status_class: str, outcome: str) -> bool:
+        """The common end, when it is all there is to record: one attempt answered, no span, no decision log at
+        DEBUG, no access log line drawn: its duration, and nothing else. False (nothing recorded) when the call
+        needs ``record_end``."""
+        tel = self.mesh.telemetry
+        if tel is None or done is None or self.span is not None or self.attempt_span is not None:
+            return False
+        if done.attempts != 1 or done.budget_exhausted or done.abort_status is not None:
+            return False
+        if (done.decisions and decision_logger.isEnabledFor(logging.DEBUG)) or tel.access.wanted():
+            return False
+        metrics = tel.metrics
+        labels = metrics.client_labels(self.service, self.plan.choice.label, method, status_class, outcome)
+        metrics.client_duration.record(self.mesh.clock() - self.started, labels)
+        return True
 
     def record_end(
         self,

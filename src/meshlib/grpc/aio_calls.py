@@ -82,73 +82,76 @@ class RequestWriter:
             yield item
 
 
-class Link:
-    """What a unary call object and its attempts share: the real call (or error) that answered last, and the
-    caller's ``cancel()``, which an attempt not yet started honours."""
-
-    __slots__ = ("cancelled", "last")
-
-    def __init__(self) -> None:
-        self.last: Any = None
-        self.cancelled = False
-
-
 class UnaryCall:
     """What a mesh unary or client-streaming call returns: awaitable for the response, with the
     ``grpc.aio.Call`` methods of the attempt that answered (or of the mesh's own error).
 
-    No task of its own when awaited at once (the usual ``await stub.Method(request)``): the call is driven in the
-    awaiting task, so its answer wakes the caller directly. A call not awaited by the next turn of the loop starts
-    as a task then, as grpc.aio's own calls start, and awaiting it waits for that."""
+    Its first attempt's RPC is begun when the call is made, as grpc.aio's own calls start. No task of its own when
+    awaited at once (the usual ``await stub.Method(request)``): the rest of the call (its recording, any retry)
+    runs in the awaiting task, so its answer wakes the caller directly. A call nobody awaits goes on as a task of
+    its own when that RPC ends (or from the next turn of the loop, when no RPC could be begun at once: discovery
+    still to answer, a hedged or delayed first attempt), and awaiting it waits for that. The call's coroutine is
+    given the call itself: it sets ``last`` (the real call or the error that answered last), reads
+    ``cancel_asked`` (an attempt not yet started honours the caller's ``cancel()``) and settles the outcome
+    (``succeeded``, ``failed``)."""
 
-    __slots__ = ("_coro", "_link", "_outcome", "_started", "_task", "_writer")
+    __slots__ = ("_coro", "_outcome", "_started", "_task", "_writer", "cancel_asked", "last")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], link: Link, writer: RequestWriter | None = None) -> None:
-        self._coro = coro
-        self._link = link
+    def __init__(self, writer: RequestWriter | None = None) -> None:
+        self.last: Any = None
+        self.cancel_asked = False
         self._writer = writer
         self._task: asyncio.Task[None] | None = None
         self._started = False
-        loop = asyncio.get_running_loop()
-        self._outcome: asyncio.Future[Any] = loop.create_future()
-        loop.call_soon(self._start_unawaited)
+        self._coro: Coroutine[Any, Any, Any] | None = None
+        self._outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def start(self, coro: Coroutine[Any, Any, Any], begun: bool = False) -> None:
+        """The call's coroutine (made with this call as its link): run by its awaiter; else as a task, from the
+        next turn of the loop, or, when ``begun`` (its first attempt's RPC, ``last``, already runs on its own),
+        from the end of that RPC (nothing is scheduled for a call awaited at once)."""
+        self._coro = coro
+        if begun:
+            self.last.add_done_callback(self._real_done)
+        else:
+            self._outcome.get_loop().call_soon(self._start_unawaited)
+
+    def _real_done(self, _real: Any) -> None:
+        self._start_unawaited()
+
+    def succeeded(self, response: Any) -> None:
+        if not self._outcome.done():
+            self._outcome.set_result(response)
+
+    def failed(self, error: BaseException) -> None:
+        outcome = self._outcome
+        if isinstance(error, asyncio.CancelledError):
+            outcome.cancel()
+        elif not outcome.done():
+            outcome.set_exception(error)
+            outcome.exception()  # delivered (or readable from the call): never logged as unretrieved
 
     def _start_unawaited(self) -> None:
         if not self._started:
             self._started = True
-            self._task = asyncio.get_running_loop().create_task(self._drive(raise_=False))
+            self._task = asyncio.get_running_loop().create_task(self._unawaited())
 
-    async def _drive(self, raise_: bool) -> Any:
-        """Run the call; its outcome goes to ``_outcome`` (and to the awaiter that runs it inline)."""
-        outcome = self._outcome
-        try:
-            response = await self._coro
-        except asyncio.CancelledError:
-            outcome.cancel()
-            if raise_:
-                raise
-            return None
-        except BaseException as exc:
-            if not outcome.done():
-                outcome.set_exception(exc)
-                outcome.exception()  # delivered (or readable from the call): never logged as unretrieved
-            if raise_:
-                raise
-            return None
-        if not outcome.done():
-            outcome.set_result(response)
-        return response
+    async def _unawaited(self) -> None:
+        if self._coro is not None:
+            with contextlib.suppress(BaseException):  # the outcome is the call's, read from it (never logged here)
+                await self._coro
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self._started:
             self._started = True
-            return (yield from self._drive(raise_=True).__await__())
+            assert self._coro is not None
+            return (yield from self._coro.__await__())
         return (yield from self._outcome.__await__())
 
     async def _settled(self) -> Any:
         with contextlib.suppress(BaseException):  # the outcome is read from the call below, not raised here
             await asyncio.shield(self._outcome)
-        return self._link.last
+        return self.last
 
     async def write(self, request: Any) -> None:
         """(Client-streaming calls made without an iterator.) Send one request."""
@@ -189,21 +192,24 @@ class UnaryCall:
     def cancel(self) -> bool:
         if self._outcome.done():
             return False
-        link = self._link
-        link.cancelled = True
-        if not self._started:  # never ran: nothing was sent
+        self.cancel_asked = True
+        if not self._started and self.last is not None:  # its first RPC runs: cancel it, and end the call as usual
+            self.last.cancel()
+            self._start_unawaited()
+        elif not self._started:  # never ran: nothing was sent
             self._started = True
-            self._coro.close()
+            if self._coro is not None:
+                self._coro.close()
             self._outcome.cancel()
         elif self._task is not None:
             self._task.cancel()
-        elif link.last is not None and hasattr(link.last, "cancel"):
-            link.last.cancel()  # driven in its awaiter: stop the attempt in flight; none is started after this
+        elif self.last is not None and hasattr(self.last, "cancel"):
+            self.last.cancel()  # driven in its awaiter: stop the attempt in flight; none is started after this
         return True
 
     def cancelled(self) -> bool:
         """True from the moment ``cancel()`` was accepted, as grpc.aio's calls say."""
-        return self._outcome.cancelled() or (self._link.cancelled and not self._outcome.done())
+        return self._outcome.cancelled() or (self.cancel_asked and not self._outcome.done())
 
     def done(self) -> bool:
         return self._outcome.done()
@@ -212,7 +218,7 @@ class UnaryCall:
         self._outcome.add_done_callback(lambda _: callback(self))
 
     def time_remaining(self) -> float | None:
-        last = self._link.last
+        last = self.last
         return last.time_remaining() if last is not None and hasattr(last, "time_remaining") else None
 
     async def wait_for_connection(self) -> None:

@@ -1,8 +1,10 @@
 """The ``grpc.aio.Channel`` drop-in: the async twin of ``channel.py``, on the same ``RpcCall`` and policy core.
 
-Calls start at once, as grpc.aio's do. A unary call is one task that drives the policy flow (retrying on
-``UNAVAILABLE`` on another instance); a streaming call resolves its endpoint (waiting off the loop for discovery's
-first answer if it must), then is the real call on that endpoint's channel, wrapped only to record its end.
+Calls start at once, as grpc.aio's do. A unary call's first attempt is begun when it is made; the rest of its
+policy flow (retrying on ``UNAVAILABLE`` on another instance) runs in its awaiter, or in a task of its own when
+nobody awaits it (``aio_calls.UnaryCall``). A streaming call resolves its endpoint (waiting off the loop for
+discovery's first answer if it must), then is the real call on that endpoint's channel, wrapped only to record its
+end.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import grpc
 from grpc import aio
 
 from ..calls.driver import begin_stream, end_stream
-from ..calls.executors import run_async
+from ..calls.executors import run_async, start_async
 from ..calls.recorder import count_unresolved
 from ..errors import MeshError
 from ..policy.flow import Result, Send
 from ..policy.service import ServiceState
-from .aio_calls import Link, RequestWriter, StreamCall, UnaryCall, as_aio_error
+from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
 from .status import verdict_of
+
+#: An attempt whose RPC has started: what ``_AioAttempts.finish`` waits for.
+_Begun = tuple[Send, EndpointChannel[aio.Channel], Any]
 
 _closing: set[asyncio.Task[Any]] = set()
 
@@ -49,6 +54,22 @@ def _connect(channel: aio.Channel) -> None:
     channel.get_state(try_to_connect=True)
 
 
+#: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
+_NO_OPTIONS = (None, None, None)
+#: The shared metadata of plain attempts as ``grpc.aio.Metadata``: grpc.aio turns a tuple into one on every call
+#: (~2 us); handed one, it uses it as it is (and never changes it).
+_AIO_METADATA: dict[Metadata, aio.Metadata] = {}
+
+
+def _shared_aio_metadata(metadata: Metadata) -> aio.Metadata:
+    made = _AIO_METADATA.get(metadata)
+    if made is None:
+        made = aio.Metadata(*metadata)
+        if len(_AIO_METADATA) < 1024:
+            _AIO_METADATA[metadata] = made
+    return made
+
+
 class _AioMethod(Method[aio.Channel]):
     __slots__ = ()
 
@@ -68,48 +89,82 @@ class _Unary(_AioMethod):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> UnaryCall:
-        link = Link()
         writer: RequestWriter | None = None
         if request is None and self.kind == "stream_unary":  # no iterator: the caller writes, then done_writing()
             writer = RequestWriter()
             request = writer.requests()
-        coro = self._run(request, timeout, metadata, credentials, wait_for_ready, compression, link)
-        return UnaryCall(coro, link, writer)
+        options = (credentials, wait_for_ready, compression)
+        if credentials is None and wait_for_ready is None and compression is None:
+            options = _NO_OPTIONS
+        call = UnaryCall(writer)
+        facade = self.facade
+        state, ready = facade.mesh.service_state_nowait(facade.service)
+        if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
+            call.start(_settled(call, self._after_discovery(request, timeout, metadata, options, call)))
+            return call
+        shell = self._attempts(state, request, timeout, metadata, options, call)
+        # the first attempt's RPC starts now (grpc.aio's own calls start at once); awaiting the call goes on from it
+        started = start_async(shell.call, shell)
+        call.start(_settled(call, run_async(shell.call, shell, started)), begun=started.begun is not None)
+        return call
 
-    async def _run(
+    def _attempts(
+        self,
+        state: ServiceState,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        options: tuple[Any, Any, Any],
+        link: UnaryCall,
+    ) -> _AioAttempts:
+        facade = self.facade
+        unary = self.kind == "unary_unary"
+        call = RpcCall(
+            facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
+        )
+        return _AioAttempts(self, call, request, options, link)
+
+    async def _after_discovery(
         self,
         request: Any,
         timeout: float | None,
         metadata: Metadata | None,
-        credentials: Any,
-        wait_for_ready: bool | None,
-        compression: Any,
-        link: Link,
-    ) -> Any:
-        facade = self.facade
-        try:
-            state = await facade.state()
-            unary = self.kind == "unary_unary"
-            call = RpcCall(
-                facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
-            )
-            answer = await run_async(
-                call, _AioAttempts(self, call, request, (credentials, wait_for_ready, compression), link)
-            )
-        except grpc.RpcError as failure:
-            error = as_aio_error(failure)
-            link.last = error
-            raise error from error.__cause__
-        link.last = answer.call
-        return answer.response
+        options: tuple[Any, Any, Any],
+        link: UnaryCall,
+    ) -> RpcAnswer:
+        state = await self.facade.state()
+        shell = self._attempts(state, request, timeout, metadata, options, link)
+        return await run_async(shell.call, shell, start_async(shell.call, shell))
+
+
+async def _settled(link: UnaryCall, work: Coroutine[Any, Any, RpcAnswer]) -> Any:
+    """Run a unary call's ``work`` (in its awaiter, or as its own task) and settle ``link`` with what came of it:
+    the response, or the error as grpc.aio raises it."""
+    try:
+        answer = await work
+    except grpc.RpcError as failure:
+        error = as_aio_error(failure)
+        link.last = error
+        link.failed(error)
+        raise error from error.__cause__
+    except BaseException as exc:
+        link.failed(exc)
+        raise
+    link.last = answer.call
+    response = answer.response
+    link.succeeded(response)
+    return response
 
 
 class _AioAttempts:
-    """One unary call's attempts on endpoint channels (what ``calls.executors.run_async`` runs)."""
+    """One unary call's attempts on endpoint channels (what ``calls.executors.run_async`` runs; the first one is
+    begun by ``start_async``, in the caller's frame)."""
 
     __slots__ = ("call", "link", "method", "options", "request")
 
-    def __init__(self, method: _Unary, call: RpcCall, request: Any, options: tuple[Any, Any, Any], link: Link) -> None:
+    def __init__(
+        self, method: _Unary, call: RpcCall, request: Any, options: tuple[Any, Any, Any], link: UnaryCall
+    ) -> None:
         self.method = method
         self.call = call
         self.request = request
@@ -118,35 +173,54 @@ class _AioAttempts:
 
     def prepare(self, send: Send) -> tuple[Send, EndpointChannel[aio.Channel], Metadata]:
         record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
-        return send, record, self.call.attempt_metadata(send, record.label)
+        metadata = self.call.attempt_metadata(send, record.label)
+        if type(metadata) is tuple:  # the shared metadata of a plain attempt: grpc.aio's own type, made once
+            metadata = _shared_aio_metadata(metadata)
+        return send, record, metadata
 
-    async def arun(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> tuple[Result, RpcAnswer]:
+    def begin(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> _Begun:
+        """The attempt's RPC, started: grpc.aio's call runs on its own from here."""
         send, record, metadata = prepared
-        credentials, wait_for_ready, compression = self.options
+        options = self.options
         try:
-            if self.link.cancelled:  # the caller cancelled during a backoff: send nothing more
+            if self.link.cancel_asked:  # the caller cancelled during a backoff: send nothing more
                 raise asyncio.CancelledError()
-            real = self.method.on(record)(
-                self.request,
-                timeout=send.timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-            self.link.last = real
+            if options is _NO_OPTIONS:  # the common call: grpc's defaults for the rest
+                real = self.method.on(record)(self.request, timeout=send.timeout, metadata=metadata)
+            else:
+                credentials, wait_for_ready, compression = options
+                real = self.method.on(record)(
+                    self.request,
+                    timeout=send.timeout,
+                    metadata=metadata,
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
+        except BaseException:
+            self.method.facade.endpoints.release(record)
+            raise
+        self.link.last = real
+        return send, record, real
+
+    async def finish(self, begun: _Begun) -> tuple[Result, RpcAnswer]:
+        send, record, real = begun
+        try:
             try:
                 response = await real
             except aio.AioRpcError as exc:
                 code = exc.code()
                 return Result(verdict_of(code), None, send.attempt), RpcAnswer(None, exc, exc, code, record.label)
-            except asyncio.CancelledError:  # a hedge lost: cancel its RPC too
+            except asyncio.CancelledError:  # a hedge lost, or the caller cancelled: cancel its RPC too
                 real.cancel()
                 raise
             code = grpc.StatusCode.OK
             return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, real, None, code, record.label)
         finally:
             self.method.facade.endpoints.release(record)
+
+    async def arun(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> tuple[Result, RpcAnswer]:
+        return await self.finish(self.begin(prepared))
 
     async def adiscard(self, answer: RpcAnswer, read_small: bool) -> None:
         pass  # nothing to close: a unary answer is read whole

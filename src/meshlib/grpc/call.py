@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from logging import DEBUG
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import Span
@@ -17,6 +18,7 @@ import grpc
 from ..calls.recorder import CallRecorder, outcome_of
 from ..errors import NoEndpointsError
 from ..policy.decisions import log_decisions
+from ..policy.decisions import logger as decision_logger
 from ..policy.flow import Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
@@ -34,7 +36,19 @@ from .status import (
 
 Metadata = Sequence[tuple[str, str | bytes]]
 _ATTEMPTS = [str(i) for i in range(16)]
+_OK = grpc.StatusCode.OK
 _TRACE_KEYS = ("traceparent", "tracestate")
+#: caller -> the metadata of its plain attempts 0..15 (see ``RpcCall.attempt_metadata``); few callers per process
+_PLAIN_METADATA: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {}
+
+
+def _plain_metadata(caller: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+    made = _PLAIN_METADATA.get(caller)
+    if made is None:
+        made = tuple((("x-mesh-caller", caller), ("x-mesh-attempt", number)) for number in _ATTEMPTS)
+        if len(_PLAIN_METADATA) < 64:
+            _PLAIN_METADATA[caller] = made
+    return made
 
 
 class RpcAnswer(NamedTuple):
@@ -69,31 +83,37 @@ class RpcCall(CallRecorder):
         self.method = method
         #: the flow may hedge (``.future()`` then waits on its attempts together, on a thread)
         self.hedging = hedging
-        base: list[tuple[str, str | bytes]] = []
+        caller = mesh.service
+        base: list[tuple[str, str | bytes]] | None = None  # None: the caller's name is the whole of it
         keep_trace = False
-        if metadata:
-            for key, value in metadata:  # the mesh's own keys are the mesh's to set
-                if not key.startswith("x-mesh-"):
-                    base.append((key, value))
-                    keep_trace = keep_trace or key in _TRACE_KEYS
         carried = propagated_headers.get()
-        if carried:  # routing headers of the request being handled, unless this call sets them itself
-            present = {key for key, _ in base}
-            base.extend((key, value) for key, value in carried if key not in present)
-        base.append(("x-mesh-caller", mesh.service))
+        if metadata or carried:
+            base = []
+            if metadata:
+                for key, value in metadata:  # the mesh's own keys are the mesh's to set
+                    if not key.startswith("x-mesh-"):
+                        base.append((key, value))
+                        keep_trace = keep_trace or key in _TRACE_KEYS
+            if carried:  # routing headers of the request being handled, unless this call sets them itself
+                present = {key for key, _ in base}
+                base.extend((key, value) for key, value in carried if key not in present)
+            base.append(("x-mesh-caller", caller))
         tel = mesh.telemetry
         span = tel.tracer.start_rpc(service, method) if tel is not None and tel.tracer.active() else None
         super().__init__(mesh, service, span, keep_trace)
         if not keep_trace and not self.recording:
             trace_header = carried_traceparent()  # the same rule as HTTP: inside a trace only
             if trace_header is not None:
+                if base is None:
+                    base = [("x-mesh-caller", caller)]
                 base.append(("traceparent", trace_header.decode()))
         self.base = base
         self.attempts: list[str] = []
         now = self.started = state.last_used = mesh.clock()
         plan = DEFAULT_PLAN
         if state.rules is not None:
-            lookup = {key: value for key, value in base if isinstance(value, str)}
+            pairs = base if base is not None else (("x-mesh-caller", caller),)
+            lookup = {key: value for key, value in pairs if isinstance(value, str)}
             plan = state.plan("POST", method, lookup.get, mesh.rand)
             if plan.retry_non_idempotent:  # gRPC retries only what gRPC calls safe (UNAVAILABLE), whatever a route says
                 plan = dataclasses.replace(plan, retry_non_idempotent=False)
@@ -112,12 +132,19 @@ class RpcCall(CallRecorder):
             rand=mesh.rand,
             paused=mesh.paused,
             plan=plan,
+            # the decision log is read by spans, access log lines and DEBUG logging only (not by gRPC errors)
+            explain=self.recording or (tel is not None and tel.access.enabled) or decision_logger.isEnabledFor(DEBUG),
         )
 
-    def attempt_metadata(self, send: Send, label: str) -> list[tuple[str, str | bytes]]:
-        """The metadata of one attempt; the attempt's own span starts here."""
-        metadata = list(self.base)
+    def attempt_metadata(self, send: Send, label: str) -> Metadata:
+        """The metadata of one attempt; the attempt's own span starts here. The common call (no metadata of its own,
+        no trace, no deadline) sends the same two pairs every time: one shared tuple, made once per caller and
+        attempt number (a tuple only then: every other attempt's metadata is a list of its own)."""
         attempt = send.attempt
+        base = self.base
+        if base is None and send.timeout is None and not self.recording and attempt < 16:
+            return _plain_metadata(self.mesh.service)[attempt]
+        metadata = list(base) if base is not None else [("x-mesh-caller", self.mesh.service)]
         metadata.append(("x-mesh-attempt", _ATTEMPTS[attempt] if attempt < 16 else str(attempt)))
         if self.recording:
             span = self.start_attempt_span("grpc", label, send)
@@ -165,6 +192,8 @@ class RpcCall(CallRecorder):
                 log_decisions(self.service, done.decisions)
             return
         code = outcome.code if isinstance(outcome, RpcAnswer) else code_of(outcome) if outcome is not None else None
+        if code is _OK and self.ended_quietly(done, "POST", "2xx", "success"):
+            return
         number = number_of(code) if code is not None else 2  # (no code: UNKNOWN)
         name = outcome_of(done, VERDICTS_BY_NUMBER[number].kind._value_)
         self.record_end(

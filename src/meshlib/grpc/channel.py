@@ -97,7 +97,12 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression, False)[0]
+        call = self.begin(metadata, timeout, self.kind == "unary_unary")
+        if credentials is None and wait_for_ready is None and compression is None:
+            options: tuple[Any, Any, Any] = _NO_OPTIONS
+        else:
+            options = (credentials, wait_for_ready, compression)
+        return run_blocking(call, _Attempts(self, call, request, options, False)).response
 
     def future(
         self,

@@ -68,6 +68,16 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
         super().__init__(CLOSED)
         self._clock = clock
         self.opened_mono: float | None = None
+        #: the state, as a plain attribute: read on every attempt (pybreaker's is a property)
+        self.now_state: str = CLOSED
+
+    @property
+    def state(self) -> str:
+        return self.now_state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self.now_state = state
 
     @property  # type: ignore[override]  # a stand-in for pybreaker's datetime, on purpose
     def opened_at(self) -> _Instant | None:
@@ -110,7 +120,7 @@ class EndpointBreaker:
 
     @property
     def state(self) -> str:
-        return str(self._storage.state)
+        return self._storage.now_state
 
     def reopens_in(self, now: float) -> float:
         """Seconds until an open breaker lets a trial through (0 when it is not open)."""
@@ -141,7 +151,7 @@ class EndpointBreaker:
         """Count one attempt's verdict. ``may_eject`` False: this failure may not open a closed breaker (the
         service's ejection cap is reached); it is not counted, and False is returned (an ejection refused)."""
         storage = self._storage
-        if not failure and storage.state == CLOSED and storage.counter == 0:
+        if not failure and storage.now_state == CLOSED and storage.counter == 0:
             return True  # the hot path: nothing to change
         if failure and not may_eject and storage.state == CLOSED and storage.counter + 1 >= self._breaker.fail_max:
             return False

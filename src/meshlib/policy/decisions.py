@@ -21,9 +21,9 @@ def _ms(seconds: float) -> str:
 
 @dataclass(init=False)
 class Decision:
-    """One attempt's entry. Built on every call: ``__init__`` sets only what is known when the attempt is sent,
-    and every later field reads its class default until a flow writes it (half the stores of a dataclass's own
-    ``__init__``)."""
+    """One attempt's entry. Built on every call: ``__init__`` sets only what is known when the attempt is sent and
+    differs from the default, and every other field reads its class default until a flow writes it (a fraction of
+    the stores of a dataclass's own ``__init__``)."""
 
     attempt: int
     endpoint: str
@@ -63,11 +63,15 @@ class Decision:
         self.attempt = attempt
         self.endpoint = endpoint
         self.cost = cost
-        self.rival = rival
-        self.rival_cost = rival_cost
-        self.breaker = breaker
-        self.trial = trial
-        self.hedge = hedge
+        if rival is not None:
+            self.rival = rival
+            self.rival_cost = rival_cost
+        if breaker != "closed":
+            self.breaker = breaker
+        if trial:
+            self.trial = trial
+        if hedge:
+            self.hedge = hedge
 
     def text(self) -> str:
         """One line: ``attempt 1 -> 10.0.0.7:8080 (cost 0.31 ms vs 10.0.0.8:8080 0.45 ms, breaker closed):

@@ -58,6 +58,7 @@ def call_flow(
     hedging: bool = True,
     record: bool = True,
     attempt_timeout: float | None = None,
+    explain: bool = True,
 ) -> CallFlow:
     """One call's policy. Replayable calls to a service with ``hedging`` go the hedged way (``hedged.py``) when
     they are idempotent (or ``hedgeable``: gRPC, whose hedging is itself the caller's statement that a call may
@@ -67,7 +68,8 @@ def call_flow(
     seconds this process has stood still in garbage collection so far (``meshlib/gc_pauses.py``): an attempt's recorded
     latency leaves out the pauses during it. ``attempt_timeout`` is the caller's own limit on every attempt (httpx's
     timeouts apply per try): a timeout under it is not held against the endpoint (``steps.blames_endpoint``).
-    The returned ``Done`` carries the call's decision log (``decisions.py``)."""
+    The returned ``Done`` carries the call's decision log (``decisions.py``); ``explain=False`` (nobody will read
+    it: no span, no access log, no DEBUG logging) leaves a call tried one attempt at a time without one."""
     decisions: list[Decision] = []
     now = clock()
     faults = plan.faults
@@ -124,8 +126,10 @@ def call_flow(
 
         handle = pick.handle
         attempt += 1
-        entry = decision_for(pick, attempt)
-        decisions.append(entry)
+        breaker_state = handle.breaker.state
+        entry = decision_for(pick, attempt, breaker_state) if explain else None
+        if entry is not None:
+            decisions.append(entry)
         timeout = per_try if remaining is None else (remaining if per_try is None else min(per_try, remaining))
         load = handle.load
         load.outstanding += 1
@@ -133,26 +137,28 @@ def call_flow(
         started = now - paused()
         answered = False
         try:
-            sent = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state)
+            sent = yield Send(handle.endpoint, timeout, attempt, breaker_state)
             answered = sent is not None
         finally:
             load.outstanding -= 1
             if pick.trial and not answered:
                 handle.breaker.release()
-        assert isinstance(sent, Result)  # a plain (unhedged) attempt is only ever answered with its Result
-        result = sent
+        result: Result = sent  # type: ignore[assignment]  # a plain (unhedged) attempt is answered with its Result
         now = clock()
         verdict = result.verdict
-        if verdict.kind is Kind.LOCAL_ERROR:
+        kind = verdict.kind
+        if kind is Kind.LOCAL_ERROR:
             # Our own side failed (bad body, protocol misuse): not the endpoint's fault, not retryable.
             if pick.trial:
                 handle.breaker.release()
             return Done(result, result.error, attempt, decisions=decisions)
-        blamed = record and record_outcome(
-            service, pick, result, max(0.0, now - paused() - started), now, allowed_time(timeout, attempt_timeout)
-        )
-        note_outcome(entry, result, blamed or not record)
-        kind = verdict.kind
+        if record:
+            allowed = timeout if attempt_timeout is None else allowed_time(timeout, attempt_timeout)
+            blamed = record_outcome(service, pick, result, max(0.0, now - paused() - started), now, allowed)
+            if entry is not None:
+                note_outcome(entry, result, blamed)
+        elif entry is not None:
+            note_outcome(entry, result, True)
         if kind is Kind.SUCCESS or kind is Kind.CLIENT_ERROR:  # never retried (what retry.decide says): done
             return Done(result, None, attempt, decisions=decisions)
         tried.append(handle)
@@ -171,7 +177,8 @@ def call_flow(
             rand=rand,
             retry_non_idempotent=non_idempotent,
         )
-        note_decision(entry, decision, service, now)
+        if entry is not None:
+            note_decision(entry, decision, service, now)
         if not decision.retry:
             done = stop_call(service, result, decision, log, attempt, deadline, now)
             done.decisions = decisions

@@ -94,10 +94,11 @@ def hedged_flow(
                     message = yield Wait(None)
                 else:
                     attempt += 1
-                    entry = decision_for(pick, attempt, hedge=bool(flights))
+                    handle = pick.handle
+                    breaker_state = handle.breaker.state
+                    entry = decision_for(pick, attempt, breaker_state, hedge=bool(flights))
                     entries[attempt] = entry
                     log_to.append(entry)
-                    handle = pick.handle
                     handle.load.outstanding += 1
                     handle.load.sent += 1
                     flights[attempt] = (pick, now - paused())
@@ -106,7 +107,7 @@ def hedged_flow(
                     )
                     allowed[attempt] = allowed_time(timeout, attempt_timeout)
                     after = delay if hedges_left > 0 else None
-                    message = yield Send(handle.endpoint, timeout, attempt, handle.breaker.state, hedge_after=after)
+                    message = yield Send(handle.endpoint, timeout, attempt, breaker_state, hedge_after=after)
             else:
                 message = yield Wait(delay if hedges_left > 0 else None)
             assert message is not None

@@ -158,17 +158,18 @@ def record_outcome(
     return True
 
 
-def decision_for(pick: Pick, attempt: int, hedge: bool = False) -> Decision:
-    """The decision log's entry for an attempt about to be sent."""
-    handle = pick.handle
+def decision_for(pick: Pick, attempt: int, breaker: str, hedge: bool = False) -> Decision:
+    """The decision log's entry for an attempt about to be sent (``breaker``: its endpoint's breaker state now)."""
     rival = pick.rival
+    if rival is None and breaker == "closed" and not pick.trial and not hedge:  # the common entry
+        return Decision(attempt, pick.handle.label, pick.cost)
     return Decision(
         attempt,
-        handle.label,
+        pick.handle.label,
         pick.cost,
         rival.label if rival is not None else None,
         pick.rival_cost,
-        handle.breaker.state,
+        breaker,
         pick.trial,
         hedge,
     )
