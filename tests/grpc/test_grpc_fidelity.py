@@ -17,27 +17,14 @@ import grpc
 import meshlib
 import meshlib.grpc
 from grpc import aio
-from grpc_support import Behaviour, make_servicer, stubs
+from grpc_instances import Instance
+from grpc_support import stubs
 from harness import wait_for
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
 from meshlib.rules.model import validate_rules
 
 pb2, pb2_grpc = stubs()
-
-
-class Instance:
-    def __init__(self, name: str, max_workers: int = 16) -> None:
-        self.behaviour = Behaviour(name)
-        self.mesh = meshlib.Mesh(service="echo", discovery=StaticDiscovery({}), control_plane="", telemetry=False)
-        self.server = meshlib.grpc.server(mesh=self.mesh, port=0, drain_delay=0, max_workers=max_workers)
-        pb2_grpc.add_EchoServicer_to_server(make_servicer(self.behaviour), self.server)
-        self.server.start()
-        self.endpoint = Endpoint("127.0.0.1", self.server.port)
-
-    def stop(self) -> None:
-        self.server.stop(0).wait(10)
-        self.mesh.close()
 
 
 @pytest.fixture
