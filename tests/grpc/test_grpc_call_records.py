@@ -16,7 +16,8 @@ import pytest
 import grpc
 import meshlib
 import meshlib.grpc
-from grpc_support import Behaviour, make_servicer, stubs
+from grpc_instances import Instance
+from grpc_support import stubs
 from harness import free_port, wait_for
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
@@ -35,32 +36,17 @@ class MetadataEcho(pb2_grpc.EchoServicer):  # type: ignore[misc, name-defined]
         return pb2.Reply(text=",".join(sent), instance="md")
 
 
-class Server:
-    def __init__(self, servicer: Any, behaviour: Behaviour | None = None) -> None:
-        self.behaviour = behaviour
-        self.mesh = meshlib.Mesh(service="echo", discovery=StaticDiscovery({}), control_plane="", telemetry=False)
-        self.server = meshlib.grpc.server(mesh=self.mesh, port=0, drain_delay=0)
-        pb2_grpc.add_EchoServicer_to_server(servicer, self.server)
-        self.server.start()
-        self.endpoint = Endpoint("127.0.0.1", self.server.port)
-
-    def stop(self) -> None:
-        self.server.stop(0).wait(10)
-        self.mesh.close()
-
-
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    behaviours = [Behaviour(name) for name in "ab"]
-    made = [Server(make_servicer(behaviour), behaviour) for behaviour in behaviours]
+def servers() -> Iterator[list[Instance]]:
+    made = [Instance(name) for name in "ab"]
     yield made
     for server in made:
         server.stop()
 
 
 @pytest.fixture
-def echo_md() -> Iterator[Server]:
-    server = Server(MetadataEcho())
+def echo_md() -> Iterator[Instance]:
+    server = Instance("md", servicer=MetadataEcho())
     yield server
     server.stop()
 
@@ -89,7 +75,7 @@ def _durations(mesh: meshlib.Mesh) -> dict[tuple[str, str, str], int]:
     return counted
 
 
-def test_a_quiet_end_is_counted_under_the_labels_the_full_recording_uses(servers: list[Server]) -> None:
+def test_a_quiet_end_is_counted_under_the_labels_the_full_recording_uses(servers: list[Instance]) -> None:
     """A plain success takes the short way (duration only); a call the application fails and a retried call take
     the full recording. Each lands in the series it belongs to, sync and aio alike."""
     dead = Endpoint("127.0.0.1", _closed_port())
@@ -119,7 +105,7 @@ def test_a_quiet_end_is_counted_under_the_labels_the_full_recording_uses(servers
 
 
 def test_the_decision_log_of_a_grpc_call_is_there_for_whoever_reads_it(
-    servers: list[Server], caplog: pytest.LogCaptureFixture
+    servers: list[Instance], caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the access log on, a retried gRPC call's line names both attempts and why the first was retried; at
     DEBUG on ``meshlib.policy`` the same entries are logged. (With neither, nothing is built, and the call is
@@ -142,7 +128,7 @@ def test_the_decision_log_of_a_grpc_call_is_there_for_whoever_reads_it(
     assert any("retried because unavailable" in message for message in debug), debug
 
 
-def test_each_attempt_sends_its_own_metadata_and_plain_ones_share_one_value(echo_md: Server) -> None:
+def test_each_attempt_sends_its_own_metadata_and_plain_ones_share_one_value(echo_md: Instance) -> None:
     """A plain call sends the caller and its attempt number; a call with metadata of its own sends it first and
     keeps the mesh's keys the mesh's; the plain call after it sends nothing of that call's (the plain value is
     shared between calls: it must never pick up another call's pairs). Sync and aio."""
@@ -170,7 +156,7 @@ def test_each_attempt_sends_its_own_metadata_and_plain_ones_share_one_value(echo
         assert asyncio.run(aio_calls()) == [plain, "x-tenant=t1,x-mesh-caller=front,x-mesh-attempt=1", plain]
 
 
-def test_a_retried_attempt_says_it_is_the_second(echo_md: Server) -> None:
+def test_a_retried_attempt_says_it_is_the_second(echo_md: Instance) -> None:
     """The attempt number in the metadata is the attempt's: a call whose first instance is down reaches the live
     one as attempt 2, and a call that starts at the live one is attempt 1 (sync and aio)."""
     dead = Endpoint("127.0.0.1", _closed_port())
@@ -196,7 +182,7 @@ def _closed_port() -> int:
 
 
 def test_an_aio_call_starts_at_once_and_ends_the_usual_way_unawaited_or_cancelled_before_its_await(
-    servers: list[Server],
+    servers: list[Instance],
 ) -> None:
     """grpc.aio starts a call's RPC when the call is made; so does the mesh (its first attempt is begun in the
     call itself). A call nobody awaits is still recorded when its RPC ends; one cancelled before anyone awaited
@@ -234,5 +220,19 @@ def test_an_aio_call_starts_at_once_and_ends_the_usual_way_unawaited_or_cancelle
         asyncio.run(main(mesh))
         assert _durations(mesh)[("2xx", "success", "default")] == 2
     behaviour = servers[0].behaviour
-    assert behaviour is not None
     wait_for(lambda: behaviour.cancelled >= 1, timeout=10, what="the server to see the in-flight RPC cancelled")
+
+
+def test_a_sampled_access_log_draws_once_a_grpc_call(
+    servers: list[Instance], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``MESH_ACCESS_LOG_SAMPLE=0.25``: about a quarter of 400 calls get a line (the short end must not draw a
+    sample of its own before the full recording draws another)."""
+    monkeypatch.setenv("MESH_ACCESS_LOG_SAMPLE", "0.25")
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    with _caller([servers[0].endpoint], access_log=True) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        for _ in range(400):
+            stub.Say(pb2.Hello(text="s"))
+    lines = [r for r in caplog.records if r.name == "meshlib.access" and '"kind":"client"' in r.getMessage()]
+    assert 60 <= len(lines) <= 140, len(lines)  # 0.25 of 400: 100, and 4.6 standard deviations either side

@@ -104,15 +104,15 @@ class CallRecorder:
 
     def ended_quietly(self, done: Done | None, method: str, status_class: str, outcome: str) -> bool:
         """The common end, when it is all there is to record: one attempt answered, no span, no decision log at
-        DEBUG, no access log line drawn: its duration, and nothing else. False (nothing recorded) when the call
-        needs ``record_end``."""
+        DEBUG, no access log: its duration, and nothing else. False (nothing recorded) when the call needs
+        ``record_end``."""
         tel = self.mesh.telemetry
         if tel is None or done is None or self.span is not None or self.attempt_span is not None:
             return False
-        if done.attempts != 1 or done.budget_exhausted or done.abort_status is not None:
+        if done.attempts != 1 or done.error is not None or done.budget_exhausted or done.abort_status is not None:
             return False
-        if (done.decisions and decision_logger.isEnabledFor(logging.DEBUG)) or tel.access.wanted():
-            return False
+        if tel.access.may_write() or (done.decisions and decision_logger.isEnabledFor(logging.DEBUG)):
+            return False  # (a sampled access log draws its sample in record_end: once a call)
         metrics = tel.metrics
         labels = metrics.client_labels(self.service, self.plan.choice.label, method, status_class, outcome)
         metrics.client_duration.record(self.mesh.clock() - self.started, labels)

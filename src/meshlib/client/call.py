@@ -16,6 +16,7 @@ from ..policy.flow import Done, Result, Send, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
+from ..telemetry.metrics import status_class
 from ..telemetry.tracing import carried_traceparent, traceparent_of
 from .errors import as_httpx_failure, to_httpx_error
 from .outbound import Outbound
@@ -177,6 +178,8 @@ class HttpCall(CallRecorder):
             else ("success" if status is not None and status < 500 else "server-error")
         )
         outcome_name = outcome_of(done, kind)
+        if status is not None and self.ended_quietly(done, self.request.method, status_class(status), outcome_name):
+            return
         span_attributes: dict[str, Any] = {}
         if self.plan.choice.subset is not None:
             span_attributes["mesh.subset"] = self.plan.choice.subset

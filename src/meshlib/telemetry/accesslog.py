@@ -22,8 +22,13 @@ class AccessLog:
         if enabled:
             ensure_output()
 
+    def may_write(self) -> bool:
+        """Whether any line may be written (on, and INFO enabled): drawing no sample."""
+        return self.enabled and logger.isEnabledFor(logging.INFO)
+
     def wanted(self) -> bool:
-        """Cheap check first, so a disabled log costs one attribute read per request."""
+        """Whether this request's line is written: the sample is drawn here, so ask once per request. Cheap check
+        first, so a disabled log costs one attribute read per request."""
         if not self.enabled or not logger.isEnabledFor(logging.INFO):
             return False
         return self.sample >= 1.0 or random.random() < self.sample
