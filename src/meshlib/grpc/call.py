@@ -133,7 +133,9 @@ class RpcCall(CallRecorder):
             paused=mesh.paused,
             plan=plan,
             # the decision log is read by spans, access log lines and DEBUG logging only (not by gRPC errors)
-            explain=self.recording or (tel is not None and tel.access.enabled) or decision_logger.isEnabledFor(DEBUG),
+            explain=self.recording
+            or (tel is not None and tel.access.may_write())
+            or decision_logger.isEnabledFor(DEBUG),
         )
 
     def attempt_metadata(self, send: Send, label: str) -> Metadata:

@@ -97,12 +97,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        call = self.begin(metadata, timeout, self.kind == "unary_unary")
-        if credentials is None and wait_for_ready is None and compression is None:
-            options: tuple[Any, Any, Any] = _NO_OPTIONS
-        else:
-            options = (credentials, wait_for_ready, compression)
-        return run_blocking(call, _Attempts(self, call, request, options, False)).response
+        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression, False).response
 
     def future(
         self,
@@ -139,7 +134,8 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+        answer = self._call(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+        return answer.response, answer.call
 
     def _call(
         self,
@@ -150,13 +146,14 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         want_call: bool,
-    ) -> tuple[Any, grpc.Call]:
+    ) -> RpcAnswer:
+        """The call driven to its end in this thread (``want_call``: the answering attempt's call object is
+        wanted)."""
         call = self.begin(metadata, timeout, self.kind == "unary_unary")
         options = (credentials, wait_for_ready, compression)
         if credentials is None and wait_for_ready is None and compression is None:
             options = _NO_OPTIONS
-        answer = run_blocking(call, _Attempts(self, call, request, options, want_call))
-        return answer.response, answer.call
+        return run_blocking(call, _Attempts(self, call, request, options, want_call))
 
 
 #: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
