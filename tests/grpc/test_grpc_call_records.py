@@ -223,6 +223,46 @@ def test_an_aio_call_starts_at_once_and_ends_the_usual_way_unawaited_or_cancelle
     wait_for(lambda: behaviour.cancelled >= 1, timeout=10, what="the server to see the in-flight RPC cancelled")
 
 
+def test_an_aio_call_s_outcome_reads_the_same_however_it_is_waited_for(servers: list[Instance]) -> None:
+    """A unary aio call keeps its outcome itself (a future is made only for what waits beside its awaiter): a
+    done callback added before the end or after it runs once with the call; ``code()`` awaited in another task
+    while the call is in flight waits for its end; awaiting twice answers twice, an answer or the same error;
+    ``done()`` is false until the end."""
+    endpoint = servers[0].endpoint
+
+    async def main(mesh: meshlib.Mesh) -> None:
+        async with mesh.grpc_aio_channel("echo") as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            seen: list[Any] = []
+            call = stub.Say(pb2.Hello(text="slow", mode="slow", n=200), timeout=10)
+            call.add_done_callback(seen.append)
+            code = asyncio.ensure_future(call.code())
+            await asyncio.sleep(0.05)
+            assert not call.done() and not code.done() and not seen
+            assert (await call).text == "slow" and (await call).text == "slow"
+            assert await code is grpc.StatusCode.OK and call.done()
+            await asyncio.sleep(0)
+            assert seen == [call]
+            late: list[Any] = []
+            call.add_done_callback(late.append)
+            await asyncio.sleep(0)
+            assert late == [call] and seen == [call]
+
+            servers[0].behaviour.fail = True
+            failing = stub.Say(pb2.Hello(text="x"), timeout=10)
+            errors = []
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await failing
+                errors.append(raised.value)
+            assert errors[0] is errors[1] and errors[0].code() is grpc.StatusCode.UNAVAILABLE
+            assert await failing.code() is grpc.StatusCode.UNAVAILABLE and failing.done()
+            assert not failing.cancel() and not failing.cancelled()
+
+    with _caller([endpoint]) as mesh:
+        asyncio.run(main(mesh))
+
+
 def test_a_sampled_access_log_draws_once_a_grpc_call(
     servers: list[Instance], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
@@ -325,7 +325,8 @@ async def run_async(call: Recorder[A], shell: AsyncShell[Any, A], started: Start
                     failure, error = error, None
                     raise failure
                 if begun is not None:  # the attempt start_async began
-                    out = await cast(StartingShell[Any, A], shell).finish(begun)
+                    starting: StartingShell[Any, A] = shell  # type: ignore[assignment]  # (no runtime cast)
+                    out = await starting.finish(begun)
                     begun = None
                 elif isinstance(effect, Attempt):
                     out = await shell.arun(shell.prepare(effect.send))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
@@ -52,6 +53,20 @@ def as_aio_error(error: BaseException) -> BaseException:
 
 _END = object()
 
+#: A unary call's outcome (``UnaryCall._state``)
+_PENDING, _SUCCEEDED, _FAILED, _CANCELLED = 0, 1, 2, 3
+
+
+def _settle_future(future: asyncio.Future[Any], state: int, response: Any, error: BaseException | None) -> None:
+    if state == _CANCELLED:
+        future.cancel()
+    elif state == _FAILED:
+        assert error is not None
+        future.set_exception(error)
+        future.exception()  # delivered (or readable from the call): never logged as unretrieved
+    else:
+        future.set_result(response)
+
 
 class RequestWriter:
     """The requests of a client-streaming call made without an iterator (``call = stub.Upload()``, then
@@ -90,12 +105,26 @@ class UnaryCall:
     awaited at once (the usual ``await stub.Method(request)``): the rest of the call (its recording, any retry)
     runs in the awaiting task, so its answer wakes the caller directly. A call nobody awaits goes on as a task of
     its own when that RPC ends (or from the next turn of the loop, when no RPC could be begun at once: discovery
-    still to answer, a hedged or delayed first attempt), and awaiting it waits for that. The call's coroutine is
-    given the call itself: it sets ``last`` (the real call or the error that answered last), reads
-    ``cancel_asked`` (an attempt not yet started honours the caller's ``cancel()``) and settles the outcome
-    (``succeeded``, ``failed``)."""
+    still to answer, a hedged or delayed first attempt), and awaiting it waits for that. The call's coroutine
+    (``start``) answers an ``RpcAnswer``, and the call settles itself with what came of it. The coroutine is
+    given the call: it sets ``last`` (the real call that answered last) and reads ``cancel_asked`` (an attempt not
+    yet started honours the caller's ``cancel()``). The outcome is kept in plain attributes; an ``asyncio.Future``
+    is made only for what waits on a call beside its awaiter (``code()``, ``add_done_callback``, a second
+    ``await``)."""
 
-    __slots__ = ("_coro", "_outcome", "_started", "_task", "_writer", "cancel_asked", "last")
+    __slots__ = (
+        "_coro",
+        "_error",
+        "_future",
+        "_loop",
+        "_response",
+        "_started",
+        "_state",
+        "_task",
+        "_writer",
+        "cancel_asked",
+        "last",
+    )
 
     def __init__(self, writer: RequestWriter | None = None) -> None:
         self.last: Any = None
@@ -104,7 +133,11 @@ class UnaryCall:
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._coro: Coroutine[Any, Any, Any] | None = None
-        self._outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._state = _PENDING
+        self._response: Any = None
+        self._error: BaseException | None = None
+        self._future: asyncio.Future[Any] | None = None
 
     def start(self, coro: Coroutine[Any, Any, Any], begun: bool = False) -> None:
         """The call's coroutine (made with this call as its link): run by its awaiter; else as a task, from the
@@ -114,43 +147,70 @@ class UnaryCall:
         if begun:
             self.last.add_done_callback(self._real_done)
         else:
-            self._outcome.get_loop().call_soon(self._start_unawaited)
+            self._loop.call_soon(self._start_unawaited)
 
     def _real_done(self, _real: Any) -> None:
         self._start_unawaited()
 
-    def succeeded(self, response: Any) -> None:
-        if not self._outcome.done():
-            self._outcome.set_result(response)
+    @types.coroutine
+    def _run(self) -> Generator[Any, None, Any]:
+        """The call's coroutine run (in its awaiter, or in its own task), and the call settled with what came of
+        it: the response, or the error as grpc.aio raises it."""
+        assert self._coro is not None
+        try:
+            answer = yield from self._coro.__await__()
+        except grpc.RpcError as failure:
+            error = as_aio_error(failure)
+            self.last = error
+            self._settle(_FAILED, None, error)
+            raise error from error.__cause__
+        except asyncio.CancelledError:
+            self._settle(_CANCELLED, None, None)
+            raise
+        except BaseException as exc:
+            self._settle(_FAILED, None, exc)
+            raise
+        self.last = answer.call
+        response = answer.response
+        self._settle(_SUCCEEDED, response, None)
+        return response
 
-    def failed(self, error: BaseException) -> None:
-        outcome = self._outcome
-        if isinstance(error, asyncio.CancelledError):
-            outcome.cancel()
-        elif not outcome.done():
-            outcome.set_exception(error)
-            outcome.exception()  # delivered (or readable from the call): never logged as unretrieved
+    def _settle(self, state: int, response: Any, error: BaseException | None) -> None:
+        if self._state != _PENDING:
+            return
+        self._state, self._response, self._error = state, response, error
+        if self._future is not None:
+            _settle_future(self._future, state, response, error)
+
+    def _outcome(self) -> asyncio.Future[Any]:
+        """The outcome as a future (made the first time something waits on it)."""
+        future = self._future
+        if future is None:
+            future = self._future = self._loop.create_future()
+            if self._state != _PENDING:
+                _settle_future(future, self._state, self._response, self._error)
+        return future
 
     def _start_unawaited(self) -> None:
         if not self._started:
             self._started = True
-            self._task = asyncio.get_running_loop().create_task(self._unawaited())
+            self._task = self._loop.create_task(self._unawaited())
 
     async def _unawaited(self) -> None:
         if self._coro is not None:
             with contextlib.suppress(BaseException):  # the outcome is the call's, read from it (never logged here)
-                await self._coro
+                await self._run()
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self._started:
             self._started = True
-            assert self._coro is not None
-            return (yield from self._coro.__await__())
-        return (yield from self._outcome.__await__())
+            return (yield from self._run())
+        return (yield from self._outcome().__await__())
 
     async def _settled(self) -> Any:
-        with contextlib.suppress(BaseException):  # the outcome is read from the call below, not raised here
-            await asyncio.shield(self._outcome)
+        if self._state == _PENDING:
+            with contextlib.suppress(BaseException):  # the outcome is read from the call below, not raised here
+                await asyncio.shield(self._outcome())
         return self.last
 
     async def write(self, request: Any) -> None:
@@ -167,14 +227,14 @@ class UnaryCall:
 
     async def code(self) -> grpc.StatusCode:
         last = await self._settled()
-        if last is None or self._outcome.cancelled():
+        if last is None or self._state == _CANCELLED:
             return grpc.StatusCode.CANCELLED
         value = last.code()
         return await value if asyncio.iscoroutine(value) else value
 
     async def details(self) -> str:
         last = await self._settled()
-        if last is None or self._outcome.cancelled():
+        if last is None or self._state == _CANCELLED:
             return _CANCELLED_DETAILS
         value = last.details()
         return str(await value if asyncio.iscoroutine(value) else value)
@@ -190,7 +250,7 @@ class UnaryCall:
         return await value if asyncio.iscoroutine(value) else value
 
     def cancel(self) -> bool:
-        if self._outcome.done():
+        if self._state != _PENDING:
             return False
         self.cancel_asked = True
         if not self._started and self.last is not None:  # its first RPC runs: cancel it, and end the call as usual
@@ -200,7 +260,7 @@ class UnaryCall:
             self._started = True
             if self._coro is not None:
                 self._coro.close()
-            self._outcome.cancel()
+            self._settle(_CANCELLED, None, None)
         elif self._task is not None:
             self._task.cancel()
         elif self.last is not None and hasattr(self.last, "cancel"):
@@ -209,13 +269,13 @@ class UnaryCall:
 
     def cancelled(self) -> bool:
         """True from the moment ``cancel()`` was accepted, as grpc.aio's calls say."""
-        return self._outcome.cancelled() or (self.cancel_asked and not self._outcome.done())
+        return self._state == _CANCELLED or (self.cancel_asked and self._state == _PENDING)
 
     def done(self) -> bool:
-        return self._outcome.done()
+        return self._state != _PENDING
 
     def add_done_callback(self, callback: Callable[[UnaryCall], None]) -> None:
-        self._outcome.add_done_callback(lambda _: callback(self))
+        self._outcome().add_done_callback(lambda _: callback(self))
 
     def time_remaining(self) -> float | None:
         last = self.last

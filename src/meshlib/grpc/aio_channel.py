@@ -100,12 +100,12 @@ class _Unary(_AioMethod):
         facade = self.facade
         state, ready = facade.mesh.service_state_nowait(facade.service)
         if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
-            call.start(_settled(call, self._after_discovery(request, timeout, metadata, options, call)))
+            call.start(self._after_discovery(request, timeout, metadata, options, call))
             return call
         shell = self._attempts(state, request, timeout, metadata, options, call)
         # the first attempt's RPC starts now (grpc.aio's own calls start at once); awaiting the call goes on from it
         started = start_async(shell.call, shell)
-        call.start(_settled(call, run_async(shell.call, shell, started)), begun=started.begun is not None)
+        call.start(run_async(shell.call, shell, started), begun=started.begun is not None)
         return call
 
     def _attempts(
@@ -135,25 +135,6 @@ class _Unary(_AioMethod):
         state = await self.facade.state()
         shell = self._attempts(state, request, timeout, metadata, options, link)
         return await run_async(shell.call, shell, start_async(shell.call, shell))
-
-
-async def _settled(link: UnaryCall, work: Coroutine[Any, Any, RpcAnswer]) -> Any:
-    """Run a unary call's ``work`` (in its awaiter, or as its own task) and settle ``link`` with what came of it:
-    the response, or the error as grpc.aio raises it."""
-    try:
-        answer = await work
-    except grpc.RpcError as failure:
-        error = as_aio_error(failure)
-        link.last = error
-        link.failed(error)
-        raise error from error.__cause__
-    except BaseException as exc:
-        link.failed(exc)
-        raise
-    link.last = answer.call
-    response = answer.response
-    link.succeeded(response)
-    return response
 
 
 class _AioAttempts:
