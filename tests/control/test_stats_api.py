@@ -396,16 +396,18 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
     ups = upstreams(3)
     spec = ",".join(f"127.0.0.1:{u.port}" for u in ups)
     settings = meshlib.MeshSettings(
-        # the first report comes about 3 s in, after the calls: its shares are over all 300 of them
+        # the first report comes about 5 s in, after the calls: its shares are over all 600 of them (as many as
+        # tests/policy/test_fair_balancing.py holds equal instances to >= 20% each over; 300 left one at 0.197
+        # once on a busy CI machine)
         service="caller",
         discovery=f"static:inventory={spec}",
         control_plane=cp.url,
-        stats_interval=3.0,
+        stats_interval=5.0,
     ).validated()
     mesh = meshlib.Mesh(settings=settings)
     try:
         with mesh.client() as client:
-            for _ in range(300):
+            for _ in range(600):
                 client.get("http://inventory/items")
 
             def view() -> list[dict[str, Any]] | None:
@@ -422,9 +424,7 @@ def test_each_callers_balancer_view_is_shown_by_meshctl_diagnostics_endpoints(co
     assert {r["endpoint"] for r in rows} == {f"127.0.0.1:{u.port}" for u in ups}
     for r in rows:
         assert r["caller_service"] == "caller" and r["breaker"] == "closed" and r["outstanding"] == 0
-        # the first report's shares are over everything sent so far: each a real part of it (a third each, less
-        # what peak-EWMA takes off an instance that was slower for a while on a busy machine: 0.197 seen in CI)
-        assert r["share"] >= 0.1, rows
+        assert r["share"] >= 0.2, rows  # the first report's shares are over everything sent so far
         assert 0 < r["latency_ms"] < 1000
     shown = subprocess.run(
         [sys.executable, "-m", "meshlib.cli", "--control-plane", cp.url, "diagnostics", "endpoints", "inventory"],
