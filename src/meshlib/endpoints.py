@@ -26,16 +26,16 @@ class Endpoint:
     id: str = ""
     #: The instance's zone (its ``zone`` meta; "" when it names none): callers in the same zone prefer it.
     zone: str = field(default="", compare=False, hash=False)
+    #: (address, port, id): what channels and balancer state are kept by. Made once, not on every call that looks
+    #: its endpoint's channel up.
+    key: tuple[str, int, str] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.address:
             raise ValueError("endpoint address is empty")
         if not 0 < self.port < 65536:
             raise ValueError(f"endpoint port {self.port!r} is out of range 1-65535")
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.address, self.port, self.id)
+        object.__setattr__(self, "key", (self.address, self.port, self.id))
 
     @property
     def authority(self) -> str:

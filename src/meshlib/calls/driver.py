@@ -1,12 +1,13 @@
 """The one loop that carries a mesh call through its policy flow, for every client shell (HTTP sync and async,
 gRPC sync and aio).
 
-``drive`` is a generator of effects: it asks its executor to run an attempt, pause, start a hedged attempt
-alongside, wait for the next one to finish, settle the attempts still running, or drop an answer, and it is sent
-back what came of it. The executors only carry effects out (threads and ``time.sleep`` in one, tasks and
-``await`` in the other: ``executors.py``) and each protocol only says how one attempt is made and what a caller
-gets (its ``Recorder``), so every decision between the flow's actions (when the previous attempt's answer is
-dropped, when an answer replaces a fault, what is closed when the call fails, when telemetry ends) exists once.
+``drive`` is a generator of effects: it asks its executor to run an attempt (the flow's own ``Send``), pause,
+start a hedged attempt alongside, wait for the next one to finish, settle the attempts still running, or drop an
+answer, and it is sent back what came of it. The executors only carry effects out (threads and ``time.sleep`` in
+one, tasks and ``await`` in the other: ``executors.py``) and each protocol only says how one attempt is made and
+what a caller gets (its ``Recorder``), so every decision between the flow's actions (when the previous attempt's
+answer is dropped, when an answer replaces a fault, what is closed when the call fails, when telemetry ends)
+exists once.
 An executor's own exception (cancellation) is thrown into the generator, so the call's end runs the same way.
 
 Streaming calls, whose end comes later by callback, take the flow's first ``Send`` with ``begin_stream`` and
@@ -47,12 +48,6 @@ class Recorder(Protocol[A]):
         """The call is over (``done`` None: cancelled): end its span, record metrics and access log."""
 
 
-class Attempt(NamedTuple):
-    """Run one attempt now; send back ``(Result, answer or None)``."""
-
-    send: Send
-
-
 class Pause(NamedTuple):
     """Sleep before the next attempt (backoff, an injected delay)."""
 
@@ -85,7 +80,9 @@ class Drop(NamedTuple, Generic[A_co]):
     read_small: bool
 
 
-Effect = Attempt | Pause | Alongside | NextDone | Settle | Drop[Any]
+#: ``Send``: run that attempt now, and send back ``(Result, answer or None)`` (the flow's action itself, no wrapper
+#: made per attempt).
+Effect = Send | Pause | Alongside | NextDone | Settle | Drop[Any]
 
 
 def drive(call: Recorder[A]) -> Generator[Effect, Any, A]:
@@ -103,7 +100,7 @@ def drive(call: Recorder[A]) -> Generator[Effect, Any, A]:
                     yield Drop(answer, True)
                     answer = None
                 result: Result
-                result, answer = yield Attempt(action)
+                result, answer = yield action
                 call.attempt_done(result, answer)
                 action = flow.send(result)
             elif isinstance(action, Sleep):

@@ -27,25 +27,26 @@ import anyio
 
 from ..policy.flow import Result, Send
 from ..workers import worker_pool
-from .driver import Alongside, Attempt, Drop, NextDone, Pause, Recorder, drive
+from .driver import Alongside, Drop, NextDone, Pause, Recorder, drive
 
 A = TypeVar("A")
 P = TypeVar("P")  # a prepared attempt
 
 
 class Cancel:
-    """Told when a hedged attempt lost: what can stop it early (a gRPC call's ``cancel``) registers here."""
+    """Told when a hedged attempt lost, or when the caller cancelled: what can stop an attempt early (a gRPC call's
+    ``cancel``) registers here, and is called at once if it comes too late."""
 
-    __slots__ = ("callbacks", "cancelled", "lock")
+    __slots__ = ("callbacks", "lock", "stopped")
 
     def __init__(self) -> None:
-        self.cancelled = False
+        self.stopped = False
         self.callbacks: list[Callable[[], Any]] = []
         self.lock = threading.Lock()
 
     def on_cancel(self, callback: Callable[[], Any]) -> None:
         with self.lock:
-            if not self.cancelled:
+            if not self.stopped:
                 self.callbacks.append(callback)
                 return
         callback()
@@ -55,9 +56,9 @@ class Cancel:
         with self.lock:
             self.callbacks = []
 
-    def cancel(self) -> None:
+    def stop(self) -> None:
         with self.lock:
-            self.cancelled = True
+            self.stopped = True
             callbacks, self.callbacks = self.callbacks, []
         for callback in callbacks:
             callback()
@@ -145,8 +146,8 @@ class _ByCallbacks(Generic[A]):
                 return
             out = None
             try:
-                if isinstance(effect, Attempt):
-                    shell.start(shell.prepare(effect.send), self.resume)
+                if isinstance(effect, Send):
+                    shell.start(shell.prepare(effect), self.resume)
                     return
                 if isinstance(effect, Pause):
                     timer = threading.Timer(effect.seconds, self.step, (None, None))
@@ -173,8 +174,8 @@ def run_blocking(call: Recorder[A], shell: Shell[Any, A]) -> A:
         while True:
             try:
                 out: Any = None
-                if isinstance(effect, Attempt):
-                    out = shell.run(shell.prepare(effect.send), None)
+                if isinstance(effect, Send):
+                    out = shell.run(shell.prepare(effect), None)
                 elif isinstance(effect, Pause):
                     time.sleep(effect.seconds)
                 elif isinstance(effect, Drop):
@@ -232,7 +233,7 @@ class _Threads(Generic[A]):
         for future, span, cancel in self.running.values():
             if span is not None:
                 span.end()
-            cancel.cancel()
+            cancel.stop()
             future.add_done_callback(self._drop_late)
         self.running.clear()
         kept = self.answered.pop(winner, None) if winner is not None else None
@@ -255,10 +256,10 @@ class StartingShell(AsyncShell[P, A], Protocol[P, A]):
     """An async shell whose attempt can be begun without awaiting (its RPC then runs on its own), for
     ``start_async``."""
 
-    def begin(self, prepared: P) -> Any:
-        """Start the attempt's I/O now, in the caller's frame; what ``finish`` is given."""
+    def begin_attempt(self, prepared: P) -> Any:
+        """Start the attempt's I/O now, in the caller's frame; what ``finish_attempt`` is given."""
 
-    async def finish(self, begun: Any) -> tuple[Result, A | None]:
+    async def finish_attempt(self, begun: Any) -> tuple[Result, A | None]:
         """Wait for a begun attempt's outcome."""
 
 
@@ -285,8 +286,9 @@ class Started(Generic[A]):
 
 
 def start_async(call: Recorder[A], shell: StartingShell[Any, A]) -> Started[A]:
-    """Drive ``call`` to its first effect now, without awaiting; a first attempt is begun (``shell.begin``), so its
-    RPC starts as the protocol's own calls start, at once. ``run_async(call, shell, started)`` goes on from there.
+    """Drive ``call`` to its first effect now, without awaiting; a first attempt is begun
+    (``shell.begin_attempt``), so its RPC starts as the protocol's own calls start, at once.
+    ``run_async(call, shell, started)`` goes on from there.
     (``error`` set and no driver: the call was over before any attempt, and that is what the caller gets.)"""
     driver = drive(call)
     try:
@@ -295,10 +297,10 @@ def start_async(call: Recorder[A], shell: StartingShell[Any, A]) -> Started[A]:
         return Started(None, outcome=stop.value)
     except BaseException as exc:
         return Started(None, error=exc)
-    if not isinstance(effect, Attempt):
+    if not isinstance(effect, Send):
         return Started(driver, effect)
     try:
-        return Started(driver, effect, shell.begin(shell.prepare(effect.send)))
+        return Started(driver, effect, shell.begin_attempt(shell.prepare(effect)))
     except BaseException as exc:  # thrown into the driver by run_async: the call ends the usual way
         return Started(driver, effect, error=exc)
 
@@ -326,10 +328,10 @@ async def run_async(call: Recorder[A], shell: AsyncShell[Any, A], started: Start
                     raise failure
                 if begun is not None:  # the attempt start_async began
                     starting: StartingShell[Any, A] = shell  # type: ignore[assignment]  # (no runtime cast)
-                    out = await starting.finish(begun)
+                    out = await starting.finish_attempt(begun)
                     begun = None
-                elif isinstance(effect, Attempt):
-                    out = await shell.arun(shell.prepare(effect.send))
+                elif isinstance(effect, Send):
+                    out = await shell.arun(shell.prepare(effect))
                 elif isinstance(effect, Pause):
                     await anyio.sleep(effect.seconds)
                 elif isinstance(effect, Drop):

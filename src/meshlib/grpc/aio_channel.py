@@ -24,11 +24,11 @@ from ..policy.flow import Result, Send
 from ..policy.service import ServiceState
 from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
-from .endpoints import EndpointChannel, Options
+from .endpoints import EndpointChannel, EndpointChannels, Options
 from .facade import Facade, Method, method_of
-from .status import verdict_of
+from .status import result_of
 
-#: An attempt whose RPC has started: what ``_AioAttempts.finish`` waits for.
+#: An attempt whose RPC has started: what ``_AioUnaryCall.finish_attempt`` waits for.
 _Begun = tuple[Send, EndpointChannel[aio.Channel], Any]
 
 _closing: set[asyncio.Task[Any]] = set()
@@ -102,10 +102,10 @@ class _Unary(_AioMethod):
         if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
             call.start(self._after_discovery(request, timeout, metadata, options, call))
             return call
-        shell = self._attempts(state, request, timeout, metadata, options, call)
+        rpc = self._attempts(state, request, timeout, metadata, options, call)
         # the first attempt's RPC starts now (grpc.aio's own calls start at once); awaiting the call goes on from it
-        started = start_async(shell.call, shell)
-        call.start(run_async(shell.call, shell, started), begun=started.begun is not None)
+        started = start_async(rpc, rpc)
+        call.start(run_async(rpc, rpc, started), begun=started.begun is not None)
         return call
 
     def _attempts(
@@ -116,13 +116,18 @@ class _Unary(_AioMethod):
         metadata: Metadata | None,
         options: tuple[Any, Any, Any],
         link: UnaryCall,
-    ) -> _AioAttempts:
+    ) -> _AioUnaryCall:
         facade = self.facade
         unary = self.kind == "unary_unary"
-        call = RpcCall(
+        call = _AioUnaryCall(
             facade.mesh, state, facade.service, self.method, metadata, timeout, replayable=unary, hedging=unary
         )
-        return _AioAttempts(self, call, request, options, link)
+        call.stub_method = self
+        call.endpoints = facade.endpoints
+        call.request = request
+        call.options = options
+        call.link = link
+        return call
 
     async def _after_discovery(
         self,
@@ -133,33 +138,31 @@ class _Unary(_AioMethod):
         link: UnaryCall,
     ) -> RpcAnswer:
         state = await self.facade.state()
-        shell = self._attempts(state, request, timeout, metadata, options, link)
-        return await run_async(shell.call, shell, start_async(shell.call, shell))
+        rpc = self._attempts(state, request, timeout, metadata, options, link)
+        return await run_async(rpc, rpc, start_async(rpc, rpc))
 
 
-class _AioAttempts:
-    """One unary call's attempts on endpoint channels (what ``calls.executors.run_async`` runs; the first one is
-    begun by ``start_async``, in the caller's frame)."""
+class _AioUnaryCall(RpcCall):
+    """One unary call: the call between its attempts (``RpcCall``) and how each attempt is made on an endpoint
+    channel, the shell ``calls.executors.run_async`` runs (its first attempt begun by ``start_async``, in the
+    caller's frame). One object a call, not a call and a shell. ``link`` is the ``UnaryCall`` the caller holds."""
 
-    __slots__ = ("call", "link", "method", "options", "request")
+    __slots__ = ("endpoints", "link", "options", "request", "stub_method")
 
-    def __init__(
-        self, method: _Unary, call: RpcCall, request: Any, options: tuple[Any, Any, Any], link: UnaryCall
-    ) -> None:
-        self.method = method
-        self.call = call
-        self.request = request
-        self.options = options
-        self.link = link
+    stub_method: _Unary
+    endpoints: EndpointChannels[aio.Channel]
+    request: Any
+    options: tuple[Any, Any, Any]
+    link: UnaryCall
 
     def prepare(self, send: Send) -> tuple[Send, EndpointChannel[aio.Channel], Metadata]:
-        record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
-        metadata = self.call.attempt_metadata(send, record.label)
+        record = self.endpoints.acquire(send.endpoint, self.state)
+        metadata = self.attempt_metadata(send, record.label)
         if type(metadata) is tuple:  # the shared metadata of a plain attempt: grpc.aio's own type, made once
             metadata = _shared_aio_metadata(metadata)
         return send, record, metadata
 
-    def begin(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> _Begun:
+    def begin_attempt(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> _Begun:
         """The attempt's RPC, started: grpc.aio's call runs on its own from here."""
         send, record, metadata = prepared
         options = self.options
@@ -167,10 +170,10 @@ class _AioAttempts:
             if self.link.cancel_asked:  # the caller cancelled during a backoff: send nothing more
                 raise asyncio.CancelledError()
             if options is _NO_OPTIONS:  # the common call: grpc's defaults for the rest
-                real = self.method.on(record)(self.request, timeout=send.timeout, metadata=metadata)
+                real = self.stub_method.on(record)(self.request, timeout=send.timeout, metadata=metadata)
             else:
                 credentials, wait_for_ready, compression = options
-                real = self.method.on(record)(
+                real = self.stub_method.on(record)(
                     self.request,
                     timeout=send.timeout,
                     metadata=metadata,
@@ -179,29 +182,29 @@ class _AioAttempts:
                     compression=compression,
                 )
         except BaseException:
-            self.method.facade.endpoints.release(record)
+            self.endpoints.release(record)
             raise
         self.link.last = real
         return send, record, real
 
-    async def finish(self, begun: _Begun) -> tuple[Result, RpcAnswer]:
+    async def finish_attempt(self, begun: _Begun) -> tuple[Result, RpcAnswer]:
         send, record, real = begun
         try:
             try:
                 response = await real
             except aio.AioRpcError as exc:
                 code = exc.code()
-                return Result(verdict_of(code), None, send.attempt), RpcAnswer(None, exc, exc, code, record.label)
+                return result_of(code, send.attempt), RpcAnswer(None, exc, exc, code, record.label)
             except asyncio.CancelledError:  # a hedge lost, or the caller cancelled: cancel its RPC too
                 real.cancel()
                 raise
             code = grpc.StatusCode.OK
-            return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, real, None, code, record.label)
+            return result_of(code, send.attempt), RpcAnswer(response, real, None, code, record.label)
         finally:
-            self.method.facade.endpoints.release(record)
+            self.endpoints.release(record)
 
     async def arun(self, prepared: tuple[Send, EndpointChannel[aio.Channel], Metadata]) -> tuple[Result, RpcAnswer]:
-        return await self.finish(self.begin(prepared))
+        return await self.finish_attempt(self.begin_attempt(prepared))
 
     async def adiscard(self, answer: RpcAnswer, read_small: bool) -> None:
         pass  # nothing to close: a unary answer is read whole
@@ -266,7 +269,7 @@ class _AioStreaming(_AioMethod):
             finally:
                 endpoints.release(record)
             answer = RpcAnswer(None, real, None, code, record.label)
-            end_stream(call, Result(verdict_of(code), None, send.attempt), answer)
+            end_stream(call, result_of(code, send.attempt), answer)
 
         def on_done(_: Any) -> None:
             task = asyncio.get_running_loop().create_task(ended())

@@ -100,7 +100,7 @@ class RpcCall(CallRecorder):
             base.append(("x-mesh-caller", caller))
         tel = mesh.telemetry
         span = tel.tracer.start_rpc(service, method) if tel is not None and tel.tracer.active() else None
-        super().__init__(mesh, service, span, keep_trace)
+        CallRecorder.__init__(self, mesh, service, span, keep_trace)
         if not keep_trace and not self.recording:
             trace_header = carried_traceparent()  # the same rule as HTTP: inside a trace only
             if trace_header is not None:
@@ -108,7 +108,8 @@ class RpcCall(CallRecorder):
                     base = [("x-mesh-caller", caller)]
                 base.append(("traceparent", trace_header.decode()))
         self.base = base
-        self.attempts: list[str] = []
+        #: "<endpoint> <code>" of each failed attempt (None until one fails), for the error that names them
+        self.attempts: list[str] | None = None
         now = self.started = state.last_used = mesh.clock()
         plan = DEFAULT_PLAN
         if state.rules is not None:
@@ -163,6 +164,8 @@ class RpcCall(CallRecorder):
         verdict = result.verdict
         if verdict.is_failure:
             label = answer.label if answer is not None else "?"
+            if self.attempts is None:
+                self.attempts = []
             self.attempts.append(f"{label} {code.name if code is not None else 'UNKNOWN'}")
         if span is not None or self.attempt_span is not None:
             self.end_attempt_span(span, verdict, {"rpc.grpc.status_code": code.value[0] if code is not None else 2})
@@ -184,7 +187,7 @@ class RpcCall(CallRecorder):
             return answer
         result = done.result
         if done.abort_status is None and result is not None and result.verdict.is_failure:
-            wrapped: BaseException = with_attempts(error, self.service, self.attempts)
+            wrapped: BaseException = with_attempts(error, self.service, self.attempts or [])
             return wrapped
         return error
 

@@ -25,7 +25,7 @@ from .call import Metadata, RpcAnswer, RpcCall, code_of, kept, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
 from .future import UnaryFuture
-from .status import FailedStream, verdict_of
+from .status import FailedStream, result_of
 
 
 def _make_channel(target: str, credentials: grpc.ChannelCredentials | None, options: Options) -> grpc.Channel:
@@ -59,10 +59,15 @@ class _Method(Method[grpc.Channel]):
     __slots__ = ()
 
     def begin(
-        self, metadata: Metadata | None, timeout: float | None, replayable: bool, hedging: bool | None = None
-    ) -> RpcCall:
-        """The call, its flow not started. ``hedging`` None: hedged where the service's policy hedges, decided as
-        the flow starts; a bool decides it now (``.future()`` picks its executor by it)."""
+        self,
+        make: type[RpcCall],
+        metadata: Metadata | None,
+        timeout: float | None,
+        replayable: bool,
+        hedging: bool | None = None,
+    ) -> Any:
+        """The call (a ``make``), its flow not started. ``hedging`` None: hedged where the service's policy hedges,
+        decided as the flow starts; a bool decides it now (``.future()`` picks its executor by it)."""
         facade = self.facade
         mesh = facade.mesh
         try:
@@ -70,7 +75,7 @@ class _Method(Method[grpc.Channel]):
         except MeshError as exc:
             count_unresolved(mesh, facade.service, "POST")
             raise mesh_failure(mesh, exc) from exc
-        return RpcCall(
+        return make(
             mesh,
             state,
             facade.service,
@@ -97,7 +102,9 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression, False).response
+        call: _UnaryCall = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+        call.made_by(self, request, credentials, wait_for_ready, compression, False, None)
+        return run_blocking(call, call).response
 
     def future(
         self,
@@ -108,21 +115,19 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
-        stop = Cancel()  # the caller's cancel(): reaches the RPC in flight
-        options = (credentials, wait_for_ready, compression)
-        future = UnaryFuture(stop)
+        future = UnaryFuture()  # also the Cancel of the call: the caller's cancel() reaches the RPC in flight
         try:
-            call = self.begin(metadata, timeout, self.kind == "unary_unary", hedging=True)
+            call: _UnaryCall = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary", hedging=True)
         except grpc.RpcError as failure:  # no service to call: the future fails, as grpc's own do
             future.settle(None, failure)
             return future
-        attempts = _Attempts(self, call, request, options, True, stop)
+        call.made_by(self, request, credentials, wait_for_ready, compression, True, future)
         if call.hedging:
             # hedged attempts are waited on together, on a thread of its own (never one other calls wait for)
-            on_own_thread(run_blocking, call, attempts).add_done_callback(future.settle_from)
+            on_own_thread(run_blocking, call, call).add_done_callback(future.settle_from)
         else:
             # no thread waits: each attempt is grpc's own future, and its completion drives the call on
-            run_by_callbacks(call, attempts, future.settle)
+            run_by_callbacks(call, call, future.settle)
         return future
 
     def with_call(
@@ -134,64 +139,54 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        answer = self._call(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+        call: _UnaryCall = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+        call.made_by(self, request, credentials, wait_for_ready, compression, True, None)
+        answer = run_blocking(call, call)
         return answer.response, answer.call
 
-    def _call(
+
+#: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
+_NO_OPTIONS: tuple[Any, Any, Any] = (None, None, None)
+
+
+class _UnaryCall(RpcCall):
+    """One unary call: the call between its attempts (``RpcCall``) and how each attempt is made on an endpoint
+    channel, the shell ``calls.executors.run_blocking`` runs (and ``run_by_callbacks`` for a ``.future()``). One
+    object a call, not a call and a shell."""
+
+    __slots__ = ("endpoints", "options", "request", "stop", "stub_method", "want_call")
+
+    def made_by(
         self,
+        stub_method: _Method,
         request: Any,
-        timeout: float | None,
-        metadata: Metadata | None,
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         want_call: bool,
-    ) -> RpcAnswer:
-        """The call driven to its end in this thread (``want_call``: the answering attempt's call object is
-        wanted)."""
-        call = self.begin(metadata, timeout, self.kind == "unary_unary")
-        options = (credentials, wait_for_ready, compression)
-        if credentials is None and wait_for_ready is None and compression is None:
-            options = _NO_OPTIONS
-        return run_blocking(call, _Attempts(self, call, request, options, want_call))
-
-
-#: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
-_NO_OPTIONS = (None, None, None)
-
-
-class _Attempts:
-    """One unary call's attempts on endpoint channels (what ``calls.executors.run_blocking`` runs, and
-    ``run_by_callbacks`` for a ``.future()``)."""
-
-    __slots__ = ("call", "method", "options", "request", "stop", "want_call")
-
-    def __init__(
-        self,
-        method: _Method,
-        call: RpcCall,
-        request: Any,
-        options: tuple[Any, Any, Any],
-        want_call: bool,
-        stop: Cancel | None = None,
+        stop: Cancel | None,
     ) -> None:
-        self.method = method
-        self.call = call
+        """What the caller asked for (``want_call``: the answering attempt's call object is wanted; ``stop``, for
+        ``.future()`` calls: the caller's cancel, which every attempt's RPC listens to)."""
+        self.stub_method = stub_method
+        self.endpoints = stub_method.facade.endpoints
         self.request = request
-        self.options = options
+        if credentials is None and wait_for_ready is None and compression is None:
+            self.options = _NO_OPTIONS
+        else:
+            self.options = (credentials, wait_for_ready, compression)
         self.want_call = want_call
-        #: (``.future()`` calls) the caller's cancel, which every attempt's RPC listens to
         self.stop = stop
 
     def prepare(self, send: Send) -> tuple[Send, EndpointChannel[grpc.Channel], Metadata]:
-        record = self.method.facade.endpoints.acquire(send.endpoint, self.call.state)
-        return send, record, self.call.attempt_metadata(send, record.label)
+        record = self.endpoints.acquire(send.endpoint, self.state)
+        return send, record, self.attempt_metadata(send, record.label)
 
     def run(
         self, prepared: tuple[Send, EndpointChannel[grpc.Channel], Metadata], cancel: Cancel | None
     ) -> tuple[Result, RpcAnswer]:
         send, record, metadata = prepared
-        real = self.method.on(record)
+        real = self.stub_method.on(record)
         last: Any = None
         try:
             if cancel is not None or self.stop is not None:  # a future, so that cancelling reaches the RPC
@@ -212,11 +207,13 @@ class _Attempts:
         except grpc.FutureCancelledError as exc:  # a hedge that lost
             response, last, error, code = None, None, kept(exc), grpc.StatusCode.CANCELLED
         finally:
-            self.method.facade.endpoints.release(record)
-        return Result(verdict_of(code), None, send.attempt), RpcAnswer(response, last, error, code, record.label)
+            self.endpoints.release(record)
+        return result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)
 
     def _send(self, call: Callable[..., Any], send: Send, metadata: Metadata) -> Any:
         """One attempt's RPC through ``call``: the real multicallable, its ``future`` or its ``with_call``."""
+        if self.options is _NO_OPTIONS:
+            return call(self.request, send.timeout, metadata)
         credentials, wait_for_ready, compression = self.options
         return call(
             self.request,
@@ -234,10 +231,11 @@ class _Attempts:
     ) -> None:
         """(``run_by_callbacks``) The attempt as grpc's own future; its completion reports the outcome."""
         send, record, metadata = prepared
+        endpoints = self.endpoints
         try:
-            future = self._send(self.method.on(record).future, send, metadata)
+            future = self._send(self.stub_method.on(record).future, send, metadata)
         except BaseException:
-            self.method.facade.endpoints.release(record)
+            endpoints.release(record)
             raise
 
         def ended(real: grpc.Future) -> None:
@@ -248,9 +246,8 @@ class _Attempts:
                 response, last, error, code = None, exc, kept(exc), code_of(exc)
             except grpc.FutureCancelledError as exc:  # the caller's cancel()
                 response, last, error, code = None, None, kept(exc), grpc.StatusCode.CANCELLED
-            self.method.facade.endpoints.release(record)
-            answer = RpcAnswer(response, last, error, code, record.label)
-            on_done((Result(verdict_of(code), None, send.attempt), answer))
+            endpoints.release(record)
+            on_done((result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)))
 
         if self.stop is not None:
             self.stop.on_cancel(future.cancel)
@@ -276,7 +273,7 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
         compression: grpc.Compression | None = None,
     ) -> Any:
         try:
-            call = self.begin(metadata, timeout, False)
+            call: RpcCall = self.begin(RpcCall, metadata, timeout, False)
             starting = begin_stream(call)
             while True:  # a fault-injection delay
                 time.sleep(next(starting))
@@ -307,7 +304,7 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
             endpoints.release(record)
             code = real.code()
             answer = RpcAnswer(None, real, None, code, record.label)
-            end_stream(call, Result(verdict_of(code), None, send.attempt), answer)
+            end_stream(call, result_of(code, send.attempt), answer)
 
         if not real.add_callback(on_end):  # already over
             on_end()

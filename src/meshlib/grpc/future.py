@@ -17,35 +17,36 @@ from .call import RpcAnswer, code_of
 logger = logging.getLogger(__name__)
 
 
-class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
+class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
     """What ``.future()`` of a mesh unary call returns: a ``grpc.Future`` and a ``grpc.Call``, as grpc's own. The
     call runs without a thread waiting on it; ``cancel()`` reaches the RPC in flight (and any retry or hedge not
     yet sent is not sent); once done, ``code()``, ``details()`` and the metadata are those of the attempt that
     answered, or of the error.
 
-    Its own completion is a held lock released once (``settle``), not a ``concurrent.futures.Future``: waiting
-    and waking are then one C call each, where a Future's condition variable costs a dozen Python calls a call."""
+    It is itself the ``Cancel`` every attempt's RPC registers with (no second object a call), and its lock guards
+    its done-callbacks too. Its own completion is a held lock released once (``settle``), not a
+    ``concurrent.futures.Future``: waiting and waking are then one C call each, where a Future's condition
+    variable costs a dozen Python calls a call."""
 
-    def __init__(self, stop: Cancel) -> None:
-        self._stop = stop
+    def __init__(self) -> None:
+        Cancel.__init__(self)
         self._cancelled = False
         self._finished = False
         self._answer: RpcAnswer | None = None
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Any], None]] | None = []
-        self._guard = threading.Lock()  # the callbacks list against settle()
+        self._done_callbacks: list[Callable[[Any], None]] | None = []
         self._latch = threading.Lock()  # held until the call is over
         self._latch.acquire()
 
     def settle(self, answer: RpcAnswer | None, error: BaseException | None) -> None:
         """The call is over with ``answer`` or ``error`` (from whichever thread ended it); once only."""
-        with self._guard:
+        with self.lock:
             if self._finished:
                 return
             self._answer, self._error = answer, error
             self._finished = True
-            callbacks, self._callbacks = self._callbacks or [], None
-        self._stop.forget()  # nothing left to cancel
+            callbacks, self._done_callbacks = self._done_callbacks or [], None
+            self.callbacks = []  # nothing left to cancel: let go of the attempts' RPC objects
         self._latch.release()
         for callback in callbacks:
             try:
@@ -64,7 +65,7 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         if self._finished:
             return False
         self._cancelled = True
-        self._stop.cancel()  # its RPC, and any attempt not yet sent
+        self.stop()  # its RPC, and any attempt not yet sent
         return True
 
     def cancelled(self) -> bool:
@@ -97,9 +98,9 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         return error.__traceback__ if error is not None else None
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        with self._guard:
-            if self._callbacks is not None:
-                self._callbacks.append(fn)
+        with self.lock:
+            if self._done_callbacks is not None:
+                self._done_callbacks.append(fn)
                 return
         fn(self)
 
@@ -164,10 +165,10 @@ class UnaryFuture(grpc.Future, grpc.Call):  # type: ignore[misc]
         return None
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        with self._guard:
-            if self._callbacks is None or self._cancelled:
+        with self.lock:
+            if self._done_callbacks is None or self._cancelled:
                 return False
-            self._callbacks.append(lambda _: callback())
+            self._done_callbacks.append(lambda _: callback())
         return True
 
     def __iter__(self) -> Iterator[Any]:

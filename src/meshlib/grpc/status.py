@@ -16,6 +16,7 @@ import grpc
 
 from ..errors import CircuitOpenError, DeadlineExceededError, MeshError, RetryBudgetExhaustedError
 from ..policy.classify import Kind, Verdict
+from ..policy.steps import Result
 
 #: The HTTP status each code maps to (gRPC's own HTTP mapping), for metrics' status class and span attributes.
 HTTP_EQUIVALENT: dict[grpc.StatusCode, int] = {
@@ -74,6 +75,18 @@ assert [number_of(code) for code in sorted(grpc.StatusCode, key=number_of)] == l
 def verdict_of(code: grpc.StatusCode | None) -> Verdict:
     """The verdict of a finished attempt (a missing code, as from a broken call object, is UNKNOWN)."""
     return VERDICTS_BY_NUMBER[code._value_[0]] if code is not None else UNKNOWN
+
+
+#: A gRPC attempt's ``Result`` never carries an exception (its error is in its answer): one shared ``Result`` per
+#: code and attempt number (1-15), made once instead of on every attempt. Results are never changed once made.
+_RESULTS = tuple(tuple(Result(verdict, None, attempt) for attempt in range(16)) for verdict in VERDICTS_BY_NUMBER)
+
+
+def result_of(code: grpc.StatusCode | None, attempt: int) -> Result:
+    """The flow's ``Result`` for an attempt that ended with ``code`` (None: UNKNOWN)."""
+    if attempt < 16:
+        return _RESULTS[code._value_[0] if code is not None else 2][attempt]
+    return Result(verdict_of(code), None, attempt)
 
 
 def code_of_http(status: int) -> grpc.StatusCode:

@@ -68,8 +68,17 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
         super().__init__(CLOSED)
         self._clock = clock
         self.opened_mono: float | None = None
-        #: the state, as a plain attribute: read on every attempt (pybreaker's is a property)
+        #: the state and the failure count, as plain attributes: read on every attempt (pybreaker's are properties)
         self.now_state: str = CLOSED
+        self.failures = 0
+
+    def increment_counter(self) -> None:
+        self.failures += 1
+        super().increment_counter()
+
+    def reset_counter(self) -> None:
+        self.failures = 0
+        super().reset_counter()
 
     @property
     def state(self) -> str:
@@ -151,7 +160,7 @@ class EndpointBreaker:
         """Count one attempt's verdict. ``may_eject`` False: this failure may not open a closed breaker (the
         service's ejection cap is reached); it is not counted, and False is returned (an ejection refused)."""
         storage = self._storage
-        if not failure and storage.now_state == CLOSED and storage.counter == 0:
+        if not failure and storage.now_state == CLOSED and storage.failures == 0:
             return True  # the hot path: nothing to change
         if failure and not may_eject and storage.state == CLOSED and storage.counter + 1 >= self._breaker.fail_max:
             return False

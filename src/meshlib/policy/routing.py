@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .rules import Destination, Route, ServiceRules
 
@@ -18,12 +18,12 @@ class RouteChoice:
     subset: str | None
     #: The route label in metrics and spans when not the route's own name (``mirror:<subset>`` for copies).
     name: str | None = None
+    #: The route label in metrics and spans (read by every call's metrics: made once, not a property).
+    label: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def label(self) -> str:
-        if self.name is not None:
-            return self.name
-        return self.route.name if self.route is not None else "default"
+    def __post_init__(self) -> None:
+        label = self.name if self.name is not None else self.route.name if self.route is not None else "default"
+        object.__setattr__(self, "label", label)
 
 
 DEFAULT_CHOICE = RouteChoice(None, None)
