@@ -156,6 +156,8 @@ class _UnaryCall(RpcCall):
 
     __slots__ = ("endpoints", "options", "request", "stop", "stub_method", "want_call")
 
+    stop: UnaryFuture | None
+
     def made_by(
         self,
         stub_method: _Method,
@@ -164,7 +166,7 @@ class _UnaryCall(RpcCall):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         want_call: bool,
-        stop: Cancel | None,
+        stop: UnaryFuture | None,
     ) -> None:
         """What the caller asked for (``want_call``: the answering attempt's call object is wanted; ``stop``, for
         ``.future()`` calls: the caller's cancel, which every attempt's RPC listens to)."""
@@ -250,7 +252,7 @@ class _UnaryCall(RpcCall):
             on_done((result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)))
 
         if self.stop is not None:
-            self.stop.on_cancel(future.cancel)
+            self.stop.watch(future)
         future.add_done_callback(ended)
 
     def discard(self, answer: RpcAnswer, read_small: bool) -> None:

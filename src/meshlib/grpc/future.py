@@ -30,6 +30,8 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
 
     def __init__(self) -> None:
         Cancel.__init__(self)
+        #: the attempt in flight, when attempts run one at a time (``watch``)
+        self._current: grpc.Future | None = None
         self._cancelled = False
         self._finished = False
         self._answer: RpcAnswer | None = None
@@ -47,12 +49,21 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
             self._finished = True
             callbacks, self._done_callbacks = self._done_callbacks or [], None
             self.callbacks = []  # nothing left to cancel: let go of the attempts' RPC objects
+            self._current = None
         self._latch.release()
         for callback in callbacks:
             try:
                 callback(self)
             except Exception:  # a caller's callback must not break the call, nor the other callbacks
                 logger.exception("a done-callback of a gRPC future raised")
+
+    def watch(self, real: grpc.Future) -> None:
+        """(Attempts one at a time.) ``real`` is the attempt in flight now: the caller's ``cancel()`` reaches it.
+        Cheaper than ``on_cancel`` (no lock, no list): whichever of this and ``cancel()`` comes second sees what
+        the other wrote, so the RPC is cancelled either way (at worst twice, which grpc ignores)."""
+        self._current = real
+        if self.stopped:
+            real.cancel()
 
     def settle_from(self, future: concurrent.futures.Future[RpcAnswer]) -> None:
         """(A hedged call, driven on a thread of its own.) Settle with that thread's outcome."""
@@ -66,6 +77,9 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
             return False
         self._cancelled = True
         self.stop()  # its RPC, and any attempt not yet sent
+        real = self._current
+        if real is not None:
+            real.cancel()
         return True
 
     def cancelled(self) -> bool:
