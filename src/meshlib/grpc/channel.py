@@ -145,6 +145,8 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         return answer.response, answer.call
 
 
+#: Status codes read once (an enum member read costs ~45 ns a time)
+_OK, _CANCELLED = grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
 #: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
 _NO_OPTIONS: tuple[Any, Any, Any] = (None, None, None)
 
@@ -203,11 +205,11 @@ class _UnaryCall(RpcCall):
                 response = real(self.request, send.timeout, metadata)
             else:
                 response = self._send(real, send, metadata)
-            error, code = None, grpc.StatusCode.OK
+            error, code = None, _OK
         except grpc.RpcError as exc:
             response, last, error, code = None, exc, kept(exc), code_of(exc)
         except grpc.FutureCancelledError as exc:  # a hedge that lost
-            response, last, error, code = None, None, kept(exc), grpc.StatusCode.CANCELLED
+            response, last, error, code = None, None, kept(exc), _CANCELLED
         finally:
             self.endpoints.release(record)
         return result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)
@@ -242,12 +244,12 @@ class _UnaryCall(RpcCall):
 
         def ended(real: grpc.Future) -> None:
             try:
-                response, error, code = real.result(), None, grpc.StatusCode.OK
+                response, error, code = real.result(), None, _OK
                 last: Any = real
             except grpc.RpcError as exc:
                 response, last, error, code = None, exc, kept(exc), code_of(exc)
             except grpc.FutureCancelledError as exc:  # the caller's cancel()
-                response, last, error, code = None, None, kept(exc), grpc.StatusCode.CANCELLED
+                response, last, error, code = None, None, kept(exc), _CANCELLED
             endpoints.release(record)
             on_done((result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)))
 

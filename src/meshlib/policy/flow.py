@@ -41,6 +41,9 @@ from .steps import (
     stop_call,
 )
 
+#: Enum members read once: ``Kind.X`` goes through the enum's class machinery on every read (~45 ns a time).
+_LOCAL_ERROR, _SUCCESS, _CLIENT_ERROR = Kind.LOCAL_ERROR, Kind.SUCCESS, Kind.CLIENT_ERROR
+
 __all__ = ["HEDGE_DUE", "Action", "CallFlow", "Done", "HedgeDue", "Result", "Send", "Sleep", "Wait", "call_flow"]
 
 
@@ -147,7 +150,7 @@ def call_flow(
         now = clock()
         verdict = result.verdict
         kind = verdict.kind
-        if kind is Kind.LOCAL_ERROR:
+        if kind is _LOCAL_ERROR:
             # Our own side failed (bad body, protocol misuse): not the endpoint's fault, not retryable.
             if pick.trial:
                 handle.breaker.release()
@@ -159,7 +162,7 @@ def call_flow(
                 note_outcome(entry, result, blamed)
         elif entry is not None:
             note_outcome(entry, result, True)
-        if kind is Kind.SUCCESS or kind is Kind.CLIENT_ERROR:  # never retried (what retry.decide says): done
+        if kind is _SUCCESS or kind is _CLIENT_ERROR:  # never retried (what retry.decide says): done
             return Done(result, None, attempt, decisions=decisions)
         tried.append(handle)
         last = result
