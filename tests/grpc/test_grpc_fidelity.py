@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import threading
 import time
 import weakref
@@ -278,6 +279,59 @@ def test_a_sync_future_holds_no_thread_and_still_retries_pauses_and_answers(pair
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE and "attempt(s) failed" in caught.value.details()
         assert failed.code() is grpc.StatusCode.UNAVAILABLE
     assert _future_threads() == before, "a thread was started for an unhedged future"
+
+
+def test_a_caller_waiting_on_a_sync_future_carries_the_call_on_in_its_own_thread(pair: list[Instance]) -> None:
+    """A thread waiting in ``result()`` is handed each attempt's end (a retry included) and ends the call itself:
+    the call's done-callbacks run in that thread, not on grpc's. A future nobody waits on is carried on by grpc's
+    thread, as before; one waited on with a timeout too (its wait stays a plain bounded wait)."""
+    pair[0].behaviour.fail = True  # round robin: the first call meets the broken one, and is retried on b
+    rules = {"load_balancer": "round_robin", "retries": {"attempts": 3}}
+    with caller([i.endpoint for i in pair], rules) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        me = threading.current_thread()
+        for n in range(4):
+            ended_on: list[threading.Thread] = []
+            future = stub.Say.future(pb2.Hello(text=f"x{n}", mode="slow", n=200), timeout=10)
+            future.add_done_callback(lambda _, into=ended_on: into.append(threading.current_thread()))
+            assert future.result().text == f"x{n}"
+            assert ended_on == [me], f"call {n} was ended on {ended_on}"
+        assert pair[0].behaviour.calls >= 2, "calls met the broken instance and were retried"
+        for wait in (None, 10.0):
+            ended_on = []
+            future = stub.Say.future(pb2.Hello(text="y", mode="slow", n=100), timeout=10)
+            future.add_done_callback(lambda _, into=ended_on: into.append(threading.current_thread()))
+            if wait is None:
+                wait_for(lambda into=ended_on: bool(into), timeout=10, what="the unwaited future to end")
+            else:
+                assert future.result(timeout=wait).text == "y"
+                wait_for(lambda into=ended_on: bool(into), timeout=10, what="the future's callback")
+            assert ended_on[0] is not me
+            assert future.result().text == "y" and future.code() is grpc.StatusCode.OK
+
+
+def test_an_interrupted_wait_on_a_sync_future_leaves_the_call_to_end_on_its_own(pair: list[Instance]) -> None:
+    """Ctrl-C in ``result()`` (the thread offered to carry the call on) withdraws the offer: the call still ends,
+    carried on by grpc's thread, and a later ``result()`` has its answer."""
+    with caller([pair[1].endpoint]) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        future = stub.Say.future(pb2.Hello(text="x", mode="slow", n=1000), timeout=10)
+        main = threading.get_ident()
+
+        def interrupt() -> None:  # once the waiter is blocked in its offer (so never outside the raises below)
+            deadline = time.monotonic() + 5
+            while not future._blocked and not future.done() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if future._blocked:
+                signal.pthread_kill(main, signal.SIGINT)
+
+        sender = threading.Thread(target=interrupt)
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            future.result()
+        sender.join()
+        assert future.result(timeout=10).text == "x"
+        assert future.code() is grpc.StatusCode.OK and not future._volunteer
 
 
 def test_an_aio_call_runs_unawaited_and_one_driven_in_its_awaiter_cancels(pair: list[Instance]) -> None:

@@ -235,7 +235,7 @@ class _UnaryCall(RpcCall):
     ) -> None:
         """(``run_by_callbacks``) The attempt as grpc's own future; its completion reports the outcome."""
         send, record, metadata = prepared
-        endpoints = self.endpoints
+        endpoints, stop = self.endpoints, self.stop
         try:
             future = self._send(self.stub_method.on(record).future, send, metadata)
         except BaseException:
@@ -251,10 +251,14 @@ class _UnaryCall(RpcCall):
             except grpc.FutureCancelledError as exc:  # the caller's cancel()
                 response, last, error, code = None, None, kept(exc), _CANCELLED
             endpoints.release(record)
-            on_done((result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)))
+            outcome = (result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label))
+            if stop is not None:  # a caller waiting for the call carries it on in its own thread
+                stop.deliver(on_done, outcome)
+            else:
+                on_done(outcome)
 
-        if self.stop is not None:
-            self.stop.watch(future)
+        if stop is not None:
+            stop.watch(future)
         future.add_done_callback(ended)
 
     def discard(self, answer: RpcAnswer, read_small: bool) -> None:
