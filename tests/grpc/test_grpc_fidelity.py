@@ -297,6 +297,15 @@ def test_a_caller_waiting_on_a_sync_future_carries_the_call_on_in_its_own_thread
             assert future.result().text == f"x{n}"
             assert ended_on == [me], f"call {n} was ended on {ended_on}"
         assert pair[0].behaviour.calls >= 2, "calls met the broken instance and were retried"
+        future = stub.Say.future(pb2.Hello(text="z", mode="slow", n=200), timeout=10)
+        beside: list[str] = []
+        others = [threading.Thread(target=lambda: beside.append(future.result().text)) for _ in range(3)]
+        for other in others:
+            other.start()
+        assert future.result().text == "z"  # four waiters: one carries the call on, the others wait for its end
+        for other in others:
+            other.join(10)
+        assert beside == ["z", "z", "z"]
         for wait in (None, 10.0):
             ended_on = []
             future = stub.Say.future(pb2.Hello(text="y", mode="slow", n=100), timeout=10)

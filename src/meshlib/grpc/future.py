@@ -47,15 +47,14 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
         self._answer: RpcAnswer | None = None
         self._error: BaseException | None = None
         self._done_callbacks: list[Callable[[Any], None]] | None = []
-        self._latch = threading.Lock()  # held until the call is over
-        self._latch.acquire()
+        #: held until the call is over, for waiters other than the volunteer (made when one waits)
+        self._latch: threading.Lock | None = None
         #: a waiter offers to carry the call on: it blocks on ``_wake`` (``_blocked``) until ``deliver`` hands it
         #: an attempt's end (``_handoff``) or ``settle`` says the call is over
         self._volunteer = False
         self._blocked = False
         self._handoff: tuple[Callable[[Outcome], None], Outcome] | None = None
-        self._wake = threading.Lock()
-        self._wake.acquire()
+        self._wake: threading.Lock | None = None  # made, held, by the volunteer
 
     def settle(self, answer: RpcAnswer | None, error: BaseException | None) -> None:
         """The call is over with ``answer`` or ``error`` (from whichever thread ended it); once only."""
@@ -69,8 +68,11 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
             self._current = None
             if self._blocked:  # the volunteer waits for a handoff that will not come
                 self._blocked = False
+                assert self._wake is not None
                 self._wake.release()
-        self._latch.release()
+            latch = self._latch
+        if latch is not None:
+            latch.release()
         for callback in callbacks:
             try:
                 callback(self)
@@ -92,6 +94,7 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
             if self._blocked:
                 self._blocked = False
                 self._handoff = (resume, outcome)
+                assert self._wake is not None
                 self._wake.release()
                 return
         resume(outcome)
@@ -100,6 +103,8 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
         """(The volunteer, in ``result()``.) Carry the call on from each attempt's end, until it is over. An
         interrupted wait (KeyboardInterrupt) withdraws the offer and leaves nothing undelivered."""
         pending: tuple[Callable[[Outcome], None], Outcome] | None = None
+        wake = self._wake
+        assert wake is not None
         try:
             while True:
                 with self.lock:
@@ -110,7 +115,7 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
                     if pending is None:
                         self._blocked = True
                 if pending is None:
-                    self._wake.acquire()
+                    wake.acquire()
                 else:
                     resume, outcome, pending = pending[0], pending[1], None
                     resume(outcome)
@@ -179,16 +184,25 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
     def _wait(self, timeout: float | None) -> bool:
         if self._finished:
             return True
-        if timeout is None:
-            with self.lock:
-                volunteer = not self._finished and not self._volunteer
-                if volunteer:
-                    self._volunteer = True
-            if volunteer:
-                self._carry()
+        with self.lock:
+            if self._finished:
                 return True
-        if self._latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-            self._latch.release()  # the next waiter through
+            volunteer = timeout is None and not self._volunteer
+            latch = self._latch
+            if volunteer:
+                self._volunteer = True
+                if self._wake is None:
+                    self._wake = threading.Lock()
+                    self._wake.acquire()
+            elif latch is None:
+                latch = self._latch = threading.Lock()
+                latch.acquire()
+        if volunteer:
+            self._carry()
+            return True
+        assert latch is not None
+        if latch.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            latch.release()  # the next waiter through
             return True
         return False
 
