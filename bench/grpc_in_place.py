@@ -5,8 +5,9 @@
 Against the plain bench server of bench/grpc_overhead.py, three sides in shuffled blocks of ``--block`` calls:
 ``plain`` (a plain channel), ``endpoint`` (the mesh's own channel to the endpoint, called directly with the
 metadata the mesh sends: what grpc costs for the same wire) and ``mesh`` (the meshlib channel). Reported, for sync
-and grpc.aio stubs: the median over blocks of mesh minus endpoint (wall and client CPU per call: the mesh's own
-Python, between grpc's waits) and the mesh/plain ratio of the medians. The per-block difference is steadier on a
+stubs (``__call__``, then ``.future().result()``) and grpc.aio stubs: the median over blocks of mesh minus
+endpoint (wall and client CPU per call: the mesh's own Python, between grpc's waits) and the mesh/plain ratio of
+the medians. The per-block difference is steadier on a
 noisy machine than a ratio of totals: both sides of one difference ran within a few hundred milliseconds.
 """
 
@@ -111,6 +112,12 @@ def main() -> None:
             "mesh": lambda: meshed.Say(hello),
         }
         report("sync", run_sync(sides, args.blocks, args.block))
+        future_sides = {
+            "plain": lambda: plain.Say.future(hello).result(),
+            "endpoint": lambda: endpoint.Say.future(hello, metadata=MESH_METADATA).result(),
+            "mesh": lambda: meshed.Say.future(hello).result(),
+        }
+        report("sync future", run_sync(future_sides, args.blocks, args.block))
 
         async def aio() -> None:
             aio_channel = mesh.grpc_aio_channel("echo")
