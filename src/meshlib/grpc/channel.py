@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -55,17 +55,20 @@ def _connect(channel: grpc.Channel) -> None:
     channel.unsubscribe(_ignore)
 
 
+R = TypeVar("R", bound=RpcCall)
+
+
 class _Method(Method[grpc.Channel]):
     __slots__ = ()
 
     def begin(
         self,
-        make: type[RpcCall],
+        make: type[R],
         metadata: Metadata | None,
         timeout: float | None,
         replayable: bool,
         hedging: bool | None = None,
-    ) -> Any:
+    ) -> R:
         """The call (a ``make``), its flow not started. ``hedging`` None: hedged where the service's policy hedges,
         decided as the flow starts; a bool decides it now (``.future()`` picks its executor by it)."""
         facade = self.facade
@@ -102,7 +105,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        call: _UnaryCall = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+        call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
         call.made_by(self, request, credentials, wait_for_ready, compression, False, None)
         return run_blocking(call, call).response
 
@@ -117,7 +120,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
     ) -> grpc.Future:
         future = UnaryFuture()  # also the Cancel of the call: the caller's cancel() reaches the RPC in flight
         try:
-            call: _UnaryCall = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary", hedging=True)
+            call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary", hedging=True)
         except grpc.RpcError as failure:  # no service to call: the future fails, as grpc's own do
             future.settle(None, failure)
             return future
@@ -139,7 +142,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        call: _UnaryCall = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+        call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
         call.made_by(self, request, credentials, wait_for_ready, compression, True, None)
         answer = run_blocking(call, call)
         return answer.response, answer.call
@@ -281,7 +284,7 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
         compression: grpc.Compression | None = None,
     ) -> Any:
         try:
-            call: RpcCall = self.begin(RpcCall, metadata, timeout, False)
+            call = self.begin(RpcCall, metadata, timeout, False)
             starting = begin_stream(call)
             while True:  # a fault-injection delay
                 time.sleep(next(starting))
