@@ -13,7 +13,7 @@ import meshlib
 from meshlib.client.errors import classify_error
 from meshlib.endpoints import Endpoint, EndpointSet
 from meshlib.policy.balancer import LoadStats, P2CPeakEwma, RoundRobin
-from meshlib.policy.breaker import CLOSED, HALF_OPEN, OPEN
+from meshlib.policy.breaker import CLOSED, HALF_OPEN, OPEN, EndpointBreaker
 from meshlib.policy.classify import Kind, classify_status
 from meshlib.policy.config import BreakerPolicy, RetryBudgetPolicy, RetryPolicy, ServicePolicy
 from meshlib.policy.deadline import call_deadline, parse_deadline_header, to_epoch_millis
@@ -253,6 +253,22 @@ def test_breaker_ejects_after_consecutive_failures_then_one_half_open_trial():
         trial.send(OK)
     assert handle.breaker.state == CLOSED
     assert run(s, clock, [OK])[1].error is None
+
+
+def test_only_consecutive_failures_eject_a_success_between_them_starts_the_count_again():
+    """The breaker's hot path skips pybreaker for a success when nothing is counted: its own failure count must
+    follow pybreaker's, or a success between failures would not reset it."""
+    breaker = EndpointBreaker(BreakerPolicy(consecutive_failures=3, open_for=30), FakeClock())
+    for failure in (True, True, False, True, True):
+        breaker.record(failure, trial=False)
+    assert breaker.state == CLOSED, "two, a success, two: never three in a row"
+    breaker.record(False, trial=False)
+    breaker.record(False, trial=False)  # nothing counted: the hot path
+    for _ in range(2):
+        breaker.record(True, trial=False)
+    assert breaker.state == CLOSED
+    breaker.record(True, trial=False)
+    assert breaker.state == OPEN
 
 
 def test_failed_trial_reopens_and_cancelled_trial_frees_the_gate():

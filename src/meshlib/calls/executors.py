@@ -34,8 +34,7 @@ P = TypeVar("P")  # a prepared attempt
 
 
 class Cancel:
-    """Told when a hedged attempt lost, or when the caller cancelled: what can stop an attempt early (a gRPC call's
-    ``cancel``) registers here, and is called at once if it comes too late."""
+    """Told when a hedged attempt lost or the caller cancelled: what can stop an attempt early registers here."""
 
     __slots__ = ("callbacks", "lock", "stopped")
 
@@ -286,9 +285,8 @@ class Started(Generic[A]):
 
 
 def start_async(call: Recorder[A], shell: StartingShell[Any, A]) -> Started[A]:
-    """Drive ``call`` to its first effect now, without awaiting; a first attempt is begun
-    (``shell.begin_attempt``), so its RPC starts as the protocol's own calls start, at once.
-    ``run_async(call, shell, started)`` goes on from there.
+    """Drive ``call`` to its first effect now, without awaiting; a first attempt is begun (``begin_attempt``), so
+    its RPC starts as the protocol's own calls start, at once. ``run_async(call, shell, started)`` goes on from it.
     (``error`` set and no driver: the call was over before any attempt, and that is what the caller gets.)"""
     driver = drive(call)
     try:

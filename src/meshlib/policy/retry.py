@@ -43,15 +43,8 @@ class RetryBudget:
         return i
 
     def deposit(self, now: float) -> None:
-        """Count one new request (first attempts only). (``_slot`` written out: this runs on every call.)"""
-        second = int(now)
-        i = second % self.slots
-        if self._stamps[i] != second:
-            self._stamps[i] = second
-            self._requests[i] = 1
-            self._retries[i] = 0
-        else:
-            self._requests[i] += 1
+        """Count one new request (first attempts only)."""
+        self._requests[self._slot(now)] += 1
 
     def _totals(self, now: float) -> tuple[int, int]:
         oldest = int(now) - self.slots + 1
