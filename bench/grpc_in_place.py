@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grpc_overhead import bench_server  # noqa: E402
+from grpc_overhead import bench_server, steal_watch  # noqa: E402
 
 import grpc  # noqa: E402
 import meshlib  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="request text length")
     args = parser.parse_args()
     hello = pb2.Hello(text="x" * args.size)
-    with bench_server() as (port, _):
+    with steal_watch(), bench_server() as (port, _):
         print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, request of {args.size} characters")
         discovery = StaticDiscovery({"echo": [Endpoint("127.0.0.1", port)]})
         mesh = meshlib.Mesh(service="bench", discovery=discovery, control_plane="")

@@ -10,6 +10,8 @@ the other process, the machine's neighbours) hits both sides alike within the ro
 Reported: median over rounds of the mean time per call and of client CPU per call, p50 and p99 of single-call
 latency, and the mesh/plain ratios; and, as a check on the machine's noise, the median mesh/plain ratio of each two
 adjacent blocks (one of each side, back to back: a burst from a neighbour spoils one pair, not a round).
+Last, the share of the machine's CPU time the hypervisor stole during the run: above 5%, rerun on a quiet
+machine (on a shared VM, neighbours' load makes a plain call's time swing 2-3x and the ratios noise).
 """
 
 from __future__ import annotations
@@ -188,6 +190,39 @@ def bench_aio(port: int, rounds: int, calls: int, block: int) -> None:
     asyncio.run(run())
 
 
+def _cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``: user .. steal), or None where there are none (not Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return [int(field) for field in fields[1:9]]
+
+
+#: Above this share of the machine's CPU time taken by the hypervisor, a run's ratios are the neighbours' noise
+STEAL_LIMIT = 0.05
+
+
+@contextlib.contextmanager
+def steal_watch() -> Iterator[None]:
+    """Report, when the block ends, how much of the machine's CPU time the hypervisor gave to other guests
+    (``steal``) meanwhile. A few percent is a quiet machine; at 40% (seen on a shared VM) both sides' calls stall
+    at random, a plain call's time swings 2-3x between blocks, and no ratio of that run means anything."""
+    before = _cpu_times()
+    try:
+        yield
+    finally:
+        after = _cpu_times()
+        if before is not None and after is not None:
+            spent = [b - a for a, b in zip(before, after, strict=True)]
+            share = spent[7] / max(1, sum(spent))
+            verdict = "quiet enough" if share <= STEAL_LIMIT else "too noisy: run again when the machine is quiet"
+            print(f"\nmachine: {share:.1%} of CPU time stolen by the hypervisor during the run ({verdict})")
+
+
 @contextlib.contextmanager
 def bench_server() -> Iterator[tuple[int, int]]:
     """The plain bench server (``serve``) in its own process while the block runs: (its port, its pid)."""
@@ -216,7 +251,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    with bench_server() as (port, pid):
+    with steal_watch(), bench_server() as (port, pid):
         print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, server pid {pid} on :{port}")
         bench_sync(port, args.rounds, args.calls, args.block)
         bench_aio(port, args.rounds, args.calls, args.block)
