@@ -8,6 +8,7 @@ something (``wsgi``, ``main``, ``app`` say nothing), else the working directory'
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,3 +70,19 @@ def default_service(argv: Sequence[str], cwd: str) -> str:
         name = _from_module(spec.split(":", 1)[0], cwd) if spec else ""
         return name or _clean(program)
     return _clean(program) or "python"
+
+
+_warned = False
+
+
+def warn_guessed_name(name: str) -> None:
+    """Say once per process that the service name was guessed (it is what callers are authorized, traced and counted
+    by, so a wrong guess should not pass unnoticed)."""
+    global _warned
+    if not _warned:
+        _warned = True
+        logging.getLogger("meshlib").warning(
+            "meshlib: service name %r guessed from the command line; set MESH_SERVICE or pass service= (callers are "
+            "authorized, traced and counted by it)",
+            name,
+        )

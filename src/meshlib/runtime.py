@@ -18,15 +18,16 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from . import gc_pauses
+from .appname import warn_guessed_name
 from .discovery import Discovery
 from .discovery.factory import make_discovery
-from .endpoints import EndpointSet
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
 from .rules.checks import parse_duration
 from .rules.model import EMPTY_RULES, Rules
 from .rules.watcher import RulesWatcher
+from .security.reach import tls_filter
 from .security.spiffe import SpiffeId
 from .settings import MeshSettings, control_plane_verify, env_value
 from .telemetry import Telemetry
@@ -46,20 +47,6 @@ class MirrorSink(Protocol):
     def submit(self, service: str, request: Any, subset: str) -> None: ...
 
     def close(self) -> None: ...
-
-
-_warned_program_name = False
-
-
-def _warn_program_name(name: str) -> None:
-    global _warned_program_name
-    if not _warned_program_name:
-        _warned_program_name = True
-        log.warning(
-            "meshlib: service name %r guessed from the command line; set MESH_SERVICE or pass service= (callers are "
-            "authorized, traced and counted by it)",
-            name,
-        )
 
 
 class Runtime:
@@ -96,7 +83,7 @@ class Runtime:
         )
         self.service = self.settings.service
         if service is None and settings is None and not env_value("service"):
-            _warn_program_name(self.service)
+            warn_guessed_name(self.service)
         self.telemetry: Telemetry | None = None
         if self.settings.telemetry:
             self.telemetry = Telemetry(
@@ -239,7 +226,7 @@ class Runtime:
             if service_rules is not None:
                 state.set_rules(service_rules, self.policy_for(service))
             self._services[service] = state
-        self.discovery.watch(service, self._tls_filter(state))
+        self.discovery.watch(service, tls_filter(self.settings.tls, state))
         self._start_sweeper()
         return state
 
@@ -289,46 +276,6 @@ class Runtime:
         if close:
             parts.append("did you mean " + " or ".join(close) + "?")
         return "; ".join(parts)
-
-    def _tls_filter(self, state: ServiceState) -> Callable[[EndpointSet], None]:
-        """Instances this process cannot talk to are left out, with the reason kept for the error a caller would
-        see. Strict mTLS never downgrades, whatever discovery says: instances advertising plaintext
-        (``mesh_tls: off``) are skipped. A plaintext process cannot call instances that require mTLS
-        (``mesh_tls: strict``): it would only get a closed connection, so it is told what to set instead."""
-        mode = self.settings.tls
-        if mode == "strict":
-            unusable, why = (
-                "off",
-                (
-                    "advertise plaintext (mesh_tls: off) and were skipped, because MESH_TLS=strict never sends "
-                    "plaintext; run them with MESH_TLS=strict or permissive"
-                ),
-            )
-        elif mode == "off":
-            unusable, why = (
-                "strict",
-                (
-                    f"require mTLS (mesh_tls: strict) and were skipped: {state.name} requires mTLS; "
-                    "set MESH_TLS=strict or permissive (and MESH_BOOTSTRAP_TOKEN) in this process"
-                ),
-            )
-        else:
-            return state.set_endpoints
-
-        def on_snapshot(snapshot: EndpointSet) -> None:
-            skipped = [e for e in snapshot.endpoints if e.meta.get("mesh_tls") == unusable]
-            if skipped:
-                names = ", ".join(e.authority for e in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-                state.excluded = f"{len(skipped)} instance(s) ({names}) {why}"
-                log.warning("%s: %s", state.name, state.excluded)
-                snapshot = EndpointSet(
-                    snapshot.service, tuple(e for e in snapshot.endpoints if e not in skipped), snapshot.index
-                )
-            else:
-                state.excluded = ""
-            state.set_endpoints(snapshot)
-
-        return on_snapshot
 
     def _breaker_listener(self, service: str) -> Callable[[str, str, str], None] | None:
         if self.telemetry is None:
