@@ -12,10 +12,11 @@ Used for the rules watcher, the embedded registry's watches and Consul's.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from .randomness import uniform
 
 log = logging.getLogger("meshlib.longpoll")
 
@@ -74,7 +75,7 @@ class LongPoller:
                 failures += 1
                 self.errors += 1
                 delay = min(self.max_backoff, self.base_backoff * 2 ** min(failures - 1, 16))
-                delay = delay / 2 + random.random() * delay / 2
+                delay = delay / 2 + uniform() * delay / 2
                 level = logging.WARNING if failures in (1, 5) or failures % 50 == 0 else logging.DEBUG
                 log.log(level, "%s: %s (attempt %d; retrying in %.1fs)", self.name, exc, failures, delay)
                 if self._on_error is not None:

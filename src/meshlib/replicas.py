@@ -10,12 +10,12 @@ The choice is plain code (``ReplicaSet``); the two transports around it, sync an
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
+from .randomness import randrange
 from .settings import split_urls
 
 #: Answers that say "this replica cannot serve now" (a proxy in front with no backend, a replica whose store is
@@ -25,7 +25,7 @@ FAILOVER_STATUS = frozenset({502, 503, 504})
 
 def start_index(count: int) -> int:
     """The replica a new client starts on: at random, so that instances spread over the replicas."""
-    return random.randrange(count)
+    return randrange(count)
 
 
 class ReplicaSet:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +23,7 @@ from .discovery.factory import make_discovery
 from .errors import ConfigurationError, NoEndpointsError
 from .policy.config import DEFAULT_POLICY, ServicePolicy
 from .policy.service import ServiceState
+from .randomness import uniform
 from .rules.checks import parse_duration
 from .rules.model import EMPTY_RULES, Rules
 from .rules.watcher import RulesWatcher
@@ -63,7 +63,7 @@ class Runtime:
         policies: Mapping[str, ServicePolicy] | None = None,
         default_policy: ServicePolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.monotonic,
-        rand: Callable[[], float] = random.random,
+        rand: Callable[[], float] = uniform,
         paused: Callable[[], float] | None = None,
         settings: MeshSettings | None = None,
         telemetry: bool | None = None,

@@ -5,9 +5,10 @@ abandoned long-poll must not hold memory for its whole wait)."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from ..randomness import uniform
 
 #: Consul adds up to wait/16 of jitter so that watchers which started together do not all return together.
 JITTER_FRACTION = 1 / 16
@@ -119,4 +120,4 @@ class Wakers:
 
 def with_jitter(wait: float) -> float:
     wait = min(max(wait, 0.0), MAX_WAIT)
-    return wait + random.random() * wait * JITTER_FRACTION
+    return wait + uniform() * wait * JITTER_FRACTION

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import ssl
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 
 from ..endpoints import EndpointSet, SnapshotError, parse_snapshot
+from ..randomness import uniform
 from ..replicas import ReplicaSet, async_replica_client
 from ..wire import bounded_json, error_text
 
@@ -161,7 +161,7 @@ class MultiWatch:
                 failures += 1
                 self.errors += 1
                 delay = min(self.max_backoff, 0.2 * 2 ** min(failures - 1, 16))
-                delay = delay / 2 + random.random() * delay / 2
+                delay = delay / 2 + uniform() * delay / 2
                 level = logging.WARNING if failures in (1, 5) or failures % 50 == 0 else logging.DEBUG
                 reason = error_text(exc, len(names))
                 log.log(level, "registry watch of %d service(s): %s (retrying in %.1fs)", len(names), reason, delay)

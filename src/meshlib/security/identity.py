@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import random
 import shutil
 import ssl
 import tempfile
@@ -27,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigurationError, IdentityError
 from ..files import write_atomic
+from ..randomness import uniform
 from ..replicas import ReplicaSet, replica_client
 from ..settings import split_urls
 from ..wire import UNTRUSTED_HINT, error_text, refusal_text, untrusted
@@ -282,7 +282,7 @@ class Identity:
         self.pem = (cert_pem, key_pem, roots_pem)
         self.installed_at = self.clock()
         self.not_after = cert.not_valid_after_utc.timestamp()
-        self._jitter = 1.0 - random.random() * 0.05
+        self._jitter = 1.0 - uniform() * 0.05
         self.rotations += 1
         left = dt.timedelta(seconds=int(self.not_after - self.installed_at))
         log.info("%s: certificate %x installed, expires in %s", self.id, cert.serial_number, left)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 from typing import Any
+
+from ..randomness import uniform
 
 logger = logging.getLogger("meshlib.access")
 
@@ -31,7 +32,7 @@ class AccessLog:
         first, so a disabled log costs one attribute read per request."""
         if not self.enabled or not logger.isEnabledFor(logging.INFO):
             return False
-        return self.sample >= 1.0 or random.random() < self.sample
+        return self.sample >= 1.0 or uniform() < self.sample
 
     @staticmethod
     def write(record: dict[str, Any]) -> None:

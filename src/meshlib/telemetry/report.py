@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import socket
 import ssl
 import threading
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ..randomness import uniform
 from ..settings import split_urls
 from ..wire import refusal_text
 
@@ -249,7 +249,7 @@ class StatsReporter:
 
     def _run(self) -> None:
         delay = self.interval
-        jitter: Callable[[], float] = random.random
+        jitter: Callable[[], float] = uniform
         while not self._stop.wait(delay * (0.9 + 0.2 * jitter())):
             if self.send_once():
                 self.failures = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +17,9 @@ from collections.abc import Callable
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Tracer, TracerProvider
 
+from ..randomness import getrandbits as _getrandbits
 from .exporters import exporters, requested
 
-_getrandbits = random.getrandbits
 _configured = False
 
 
