@@ -1,7 +1,7 @@
 """The mesh's own Python per gRPC unary call, with the CPU's caches cold as they are between real calls (not a CI
 test).
 
-    python bench/grpc_cold.py [--samples 600] [--evict-mib 4]
+    python bench/grpc_cold.py [--samples 600] [--evict-mib 4] [--floor]
 
 Why: against a real server, the mesh's extra per call (40-70 µs client CPU here) is three to five times what the
 same Python costs in a tight loop. Between two calls, grpc's C core, the kernel and the server's process run on the
@@ -188,10 +188,52 @@ def _row(form: str, telemetry: str, cold: float, warm: float, ops: int) -> str:
     return f"{form:22} {telemetry:9} {cold / 1000:8.1f} {warm / 1000:8.1f} {cold / warm:7.1f}x {ops:9d}"
 
 
+def floor(mesh: Any, stub: Any) -> Callable[[], Any]:
+    """The mesh's essential work for one quiet unary call, done straight on its real objects (service state,
+    retry budget, balancer, endpoint channels, load estimate, breaker, duration histogram) with none of the layers
+    between them: no call object, no flow or driver generator, no per-call checks for features the call does not
+    use. Not a way to make calls (no retry, no telemetry choices): a bound on what a leaner quiet path could cost,
+    printed beside the real ``__call__`` (``--floor``)."""
+    say = stub.Say
+    facade = say.facade
+    endpoints = facade.endpoints
+    metadata = (("x-mesh-caller", mesh.service), ("x-mesh-attempt", "1"))
+    metrics = mesh.telemetry.metrics
+    labels = metrics.client_labels(facade.service, "default", "POST", "2xx", "success")
+    histogram = metrics.client_duration
+    clock, rand = mesh.clock, mesh.rand
+
+    def call() -> Any:
+        state = mesh.service_state(facade.service)
+        now = clock()
+        state.budget.deposit(now)
+        pick = state.pick(now, rand, (), None, None)
+        handle = pick.handle
+        load = handle.load
+        load.outstanding += 1
+        load.sent += 1
+        record = endpoints.acquire(handle.endpoint, state)
+        try:
+            response = say.on(record)(HELLO, None, metadata)
+        finally:
+            endpoints.release(record)
+            load.outstanding -= 1
+        end = clock()
+        load.observe(end - now, end)
+        handle.breaker.record(False, False, True)
+        histogram.record(end - now, labels)
+        return response
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=600, help="timed calls per form, cold and warm each")
     parser.add_argument("--evict-mib", type=float, default=4.0, help="MiB copied before each cold call")
+    parser.add_argument(
+        "--floor", action="store_true", help="also the essential work of a quiet sync call done straight (floor())"
+    )
     args = parser.parse_args()
     evict = Evictor(args.evict_mib)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -220,6 +262,8 @@ def main() -> None:
             ("sync with_call", label, _form(stub, "with_call")),
             ("sync future().result()", label, _form(stub, "future")),
         ]
+        if args.floor and telemetry:
+            rows.append(("floor (sync, straight)", label, floor(mesh, stub)))
     for form, label, one in rows:
         for _ in range(200):
             one()

@@ -24,19 +24,25 @@ Options = Sequence[tuple[str, Any]]
 
 
 class EndpointChannel(Generic[C]):
-    """A real channel to one endpoint, with its in-flight count and the per-method callables made on it."""
+    """A real channel to one endpoint, with the calls in flight on it and the per-method callables made on it."""
 
-    __slots__ = ("callables", "channel", "generation", "inflight", "key", "label", "retired")
+    __slots__ = ("callables", "channel", "generation", "key", "label", "retired", "users")
 
     def __init__(self, key: tuple[str, int, str], label: str, channel: C, generation: int) -> None:
         self.key = key
         self.label = label
         self.channel = channel
         self.generation = generation
-        self.inflight = 0
         self.retired = False
+        #: One item per call in flight. A list, not a counter: ``append`` and ``pop`` are each atomic, so a call
+        #: counts itself in and out without taking the channels' lock (``EndpointChannels.acquire``).
+        self.users: list[None] = []
         #: (kind, method) -> the channel's multicallable, made once: stubs call the same few methods forever.
         self.callables: dict[tuple[str, str], Any] = {}
+
+    @property
+    def inflight(self) -> int:
+        return len(self.users)
 
 
 class EndpointChannels(Generic[C]):
@@ -71,24 +77,36 @@ class EndpointChannels(Generic[C]):
     # -- per call -------------------------------------------------------------------------------------
 
     def acquire(self, endpoint: Endpoint, state: ServiceState) -> EndpointChannel[C]:
-        """The channel for ``endpoint``, counted as in use until ``release``."""
+        """The channel for ``endpoint``, counted as in use until ``release``. The common case takes no lock: the
+        call counts itself in, then looks whether the channel was retired meanwhile (``_retire`` marks it first,
+        then counts its users, so one of the two always sees the other) and, if so, lets it go and takes the slow
+        way."""
         if state.snapshot is not self._seen:
             self._follow(state)
         identity = self.mesh.identity
         generation = identity.rotations if identity is not None else 0
         record = self._live.get(endpoint.key)
+        if record is not None and record.generation == generation:
+            record.users.append(None)
+            if not record.retired:
+                return record
+            self.release(record)
         with self._lock:
+            record = self._live.get(endpoint.key)
             if record is None or record.generation != generation or record.retired:
-                record = self._live.get(endpoint.key)
-                if record is None or record.generation != generation or record.retired:
-                    record = self._open(endpoint, generation, record)
-            record.inflight += 1
+                record = self._open(endpoint, generation, record)
+            record.users.append(None)  # (under the lock: not retired before it is counted)
         return record
 
     def release(self, record: EndpointChannel[C]) -> None:
+        record.users.pop()
+        if record.retired:
+            self._close_if_idle(record)
+
+    def _close_if_idle(self, record: EndpointChannel[C]) -> None:
+        """A retired channel's call ended: the last one out closes it (once: whoever takes it off the list)."""
         with self._lock:
-            record.inflight -= 1
-            close = record.retired and record.inflight == 0
+            close = not record.users and record in self._retiring
             if close:
                 self._retiring.remove(record)
         if close:
@@ -136,7 +154,7 @@ class EndpointChannels(Generic[C]):
         record.retired = True
         if self._live.get(record.key) is record:
             del self._live[record.key]
-        if record.inflight == 0:
+        if not record.users:
             self._close(record.channel)
         else:
             self._retiring.append(record)
