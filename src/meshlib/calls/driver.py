@@ -85,21 +85,26 @@ class Drop(NamedTuple, Generic[A_co]):
 Effect = Send | Pause | Alongside | NextDone | Settle | Drop[Any]
 
 
-def drive(call: Recorder[A]) -> Generator[Effect, Any, A]:
-    """Carry ``call`` through its flow; return what the caller gets, or raise it."""
+def drive(call: Recorder[A], first: tuple[Result, A | None] | None = None) -> Generator[Effect, Any, A]:
+    """Carry ``call`` through its flow; return what the caller gets, or raise it. ``first``: the call's first
+    attempt was made before it was handed over (a quiet gRPC call, ``grpc/quiet.py``), and this is what came of
+    it; its flow has judged it already."""
     flow = call.flow
     answer: A | None = None
     done: Done | None = None
     outcome: A | BaseException | None = None
     side_by_side = False
+    result: Result
     try:
+        if first is not None:
+            result, answer = first
+            call.attempt_done(result, answer)
         action = next(flow)
         while True:
             if isinstance(action, Send) and not side_by_side and action.hedge_after is None:
                 if answer is not None:
                     yield Drop(answer, True)
                     answer = None
-                result: Result
                 result, answer = yield action
                 call.attempt_done(result, answer)
                 action = flow.send(result)

@@ -99,13 +99,16 @@ class CallbackShell(Protocol[P, A]):
 
 
 def run_by_callbacks(
-    call: Recorder[A], shell: CallbackShell[Any, A], finished: Callable[[A | None, BaseException | None], None]
+    call: Recorder[A],
+    shell: CallbackShell[Any, A],
+    finished: Callable[[A | None, BaseException | None], None],
+    first: tuple[Result, A | None] | None = None,
 ) -> None:
     """Drive ``call`` with no thread waiting on it: the first attempt starts in the caller's thread, each next
     step runs where the previous attempt's completion is reported, pauses run on a timer; ``finished`` gets what
     the caller gets (an answer, or the error to raise). Only for flows that never hedge (``hedging=False``): a
-    hedged call waits on several attempts at once, which ``run_blocking`` does."""
-    _ByCallbacks(drive(call), shell, finished).step(None, None, first=True)
+    hedged call waits on several attempts at once, which ``run_blocking`` does. ``first``: see ``drive``."""
+    _ByCallbacks(drive(call, first), shell, finished).step(None, None, first=True)
 
 
 class _ByCallbacks(Generic[A]):
@@ -164,9 +167,9 @@ class _ByCallbacks(Generic[A]):
         self.step(outcome, None)
 
 
-def run_blocking(call: Recorder[A], shell: Shell[Any, A]) -> A:
-    """Drive ``call`` to its end in this thread."""
-    driver = drive(call)
+def run_blocking(call: Recorder[A], shell: Shell[Any, A], first: tuple[Result, A | None] | None = None) -> A:
+    """Drive ``call`` to its end in this thread (``first``: see ``drive``)."""
+    driver = drive(call, first)
     side: _Threads[A] | None = None
     try:
         effect = next(driver)
@@ -303,13 +306,19 @@ def start_async(call: Recorder[A], shell: StartingShell[Any, A]) -> Started[A]:
         return Started(driver, effect, error=exc)
 
 
-async def run_async(call: Recorder[A], shell: AsyncShell[Any, A], started: Started[A] | None = None) -> A:
-    """Drive ``call`` to its end in this task (from where ``start_async`` left it, when ``started`` is given)."""
+async def run_async(
+    call: Recorder[A],
+    shell: AsyncShell[Any, A],
+    started: Started[A] | None = None,
+    first: tuple[Result, A | None] | None = None,
+) -> A:
+    """Drive ``call`` to its end in this task (from where ``start_async`` left it, when ``started`` is given;
+    ``first``: see ``drive``)."""
     side: _Tasks[A] | None = None
     begun: Any = None
     error: BaseException | None = None
     if started is None:
-        driver = drive(call)
+        driver = drive(call, first)
     elif started.driver is None:  # over before any attempt
         if started.error is not None:
             raise started.error

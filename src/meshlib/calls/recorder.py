@@ -99,8 +99,7 @@ class CallRecorder:
 
     def deadline_header(self, budget: float) -> str:
         """``x-mesh-deadline``: the attempt's deadline as epoch milliseconds."""
-        now = self.mesh.clock()
-        return str(to_epoch_millis(now + budget, now, time.time()))
+        return deadline_header(self.mesh, budget)
 
     def ended_quietly(self, done: Done | None, method: str, status_class: str, outcome: str) -> bool:
         """The common end, when it is all there is to record: one attempt answered, no span, no decision log at
@@ -158,6 +157,12 @@ class CallRecorder:
             span_attributes=span_attributes,
             log_fields=log_fields,
         )
+
+
+def deadline_header(mesh: Runtime, budget: float) -> str:
+    """``x-mesh-deadline`` for an attempt given ``budget`` seconds from now: its deadline as epoch milliseconds."""
+    now = mesh.clock()
+    return str(to_epoch_millis(now + budget, now, time.time()))
 
 
 def count_unresolved(mesh: Runtime, service: str, method: str) -> None:

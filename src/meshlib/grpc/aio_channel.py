@@ -20,12 +20,13 @@ from ..calls.driver import begin_stream, end_stream
 from ..calls.executors import run_async, start_async
 from ..calls.recorder import count_unresolved
 from ..errors import MeshError
-from ..policy.flow import Result, Send
+from ..policy.flow import Attempts, Done, Result, Send, Sleep
 from ..policy.service import ServiceState
 from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
 from .endpoints import EndpointChannel, EndpointChannels, Options
 from .facade import Facade, Method, method_of
+from .quiet import quiet_end, quiet_metadata, quiet_steps
 from .status import result_of
 
 #: An attempt whose RPC has started: what ``_AioUnaryCall.finish_attempt`` waits for.
@@ -104,11 +105,90 @@ class _Unary(_AioMethod):
         if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
             call.start(self._after_discovery(request, timeout, metadata, options, call))
             return call
+        if options is _NO_OPTIONS and not metadata:
+            steps = quiet_steps(facade.mesh, state, timeout, self.kind == "unary_unary")
+            if steps is not None:
+                self._quietly(state, steps, request, call)
+                return call
         rpc = self._attempts(state, request, timeout, metadata, options, call)
         # the first attempt's RPC starts now (grpc.aio's own calls start at once); awaiting the call goes on from it
         started = start_async(rpc, rpc)
         call.start(run_async(rpc, rpc, started), begun=started.begun is not None)
         return call
+
+    def _quietly(self, state: ServiceState, steps: Attempts, request: Any, link: UnaryCall) -> None:
+        """A quiet call (``quiet.py``): its first attempt's RPC started now, with the flow's steps; its end judged
+        by the call's awaiter (or its own task), and anything but an OK answer handed to the async executor from
+        where it stands."""
+        send = steps.next_attempt()
+        if isinstance(send, Done):  # over before an attempt (no endpoint to call, the deadline already past)
+            link.start(self._carry_on(state, steps, send, request, link, None))
+            return
+        endpoints = self.facade.endpoints
+        record = endpoints.acquire(send.endpoint, state)
+        try:
+            metadata = quiet_metadata(self.facade.mesh, send)
+            if type(metadata) is tuple:  # the shared metadata of a plain attempt: grpc.aio's own type, made once
+                metadata = _shared_aio_metadata(metadata)
+            real = self.on(record)(request, timeout=send.timeout, metadata=metadata)
+        except BaseException:
+            endpoints.release(record)
+            steps.unanswered()
+            _AioUnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, None).finish(None, None)
+            raise
+        link.last = real
+        link.start(self._finish_quietly(state, steps, send, record, real, request, link), begun=True)
+
+    async def _finish_quietly(
+        self,
+        state: ServiceState,
+        steps: Attempts,
+        send: Send,
+        record: EndpointChannel[aio.Channel],
+        real: Any,
+        request: Any,
+        link: UnaryCall,
+    ) -> RpcAnswer:
+        try:
+            try:
+                response = await real
+            except aio.AioRpcError as exc:
+                code = exc.code()
+                answer = RpcAnswer(None, exc, exc, code, record.label)
+            except asyncio.CancelledError:  # the caller cancelled: its RPC too, and the call is recorded so
+                real.cancel()
+                steps.unanswered()
+                _AioUnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, None).finish(None, None)
+                raise
+            else:
+                code = _OK
+                answer = RpcAnswer(response, real, None, code, record.label)
+        finally:
+            self.facade.endpoints.release(record)
+        result = result_of(code, send.attempt)
+        then = steps.judge(result)
+        if then is None and code is _OK:
+            quiet_end(self.facade, steps.started)
+            return answer
+        return await self._carry_on(state, steps, then or steps.finished(result), request, link, (result, answer))
+
+    async def _carry_on(
+        self,
+        state: ServiceState,
+        steps: Attempts,
+        then: Sleep | Done,
+        request: Any,
+        link: UnaryCall,
+        first: tuple[Result, RpcAnswer] | None,
+    ) -> RpcAnswer:
+        """A quiet call that needs the whole machinery after all: the call object made now, driven from there."""
+        rpc = _AioUnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, then)
+        rpc.stub_method = self
+        rpc.endpoints = self.facade.endpoints
+        rpc.request = request
+        rpc.options = _NO_OPTIONS
+        rpc.link = link
+        return await run_async(rpc, rpc, first=first)
 
     def _attempts(
         self,

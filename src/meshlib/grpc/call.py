@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from logging import DEBUG
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry.trace import Span
 
@@ -19,7 +19,7 @@ from ..calls.recorder import CallRecorder, outcome_of
 from ..errors import NoEndpointsError
 from ..policy.decisions import log_decisions
 from ..policy.decisions import logger as decision_logger
-from ..policy.flow import Done, Result, Send, call_flow
+from ..policy.flow import Attempts, Done, Result, Send, Sleep, attempts_flow, call_flow
 from ..policy.service import DEFAULT_PLAN, ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
@@ -42,7 +42,7 @@ _TRACE_KEYS = ("traceparent", "tracestate")
 _PLAIN_METADATA: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {}
 
 
-def _plain_metadata(caller: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+def plain_metadata(caller: str) -> tuple[tuple[tuple[str, str], ...], ...]:
     made = _PLAIN_METADATA.get(caller)
     if made is None:
         made = tuple((("x-mesh-caller", caller), ("x-mesh-attempt", number)) for number in _ATTEMPTS)
@@ -60,6 +60,9 @@ class RpcAnswer(NamedTuple):
     error: BaseException | None
     code: grpc.StatusCode | None
     label: str
+
+
+C = TypeVar("C", bound="RpcCall")
 
 
 class RpcCall(CallRecorder):
@@ -139,6 +142,26 @@ class RpcCall(CallRecorder):
             or decision_logger.isEnabledFor(DEBUG),
         )
 
+    @classmethod
+    def carrying_on(
+        cls: type[C], mesh: Runtime, state: ServiceState, method: str, steps: Attempts, then: Sleep | Done | None
+    ) -> C:
+        """A quiet call (``quiet.py``) that needs the call object after all, made where its steps stand: its flow
+        goes on from ``then`` (what they came to; None: the call was interrupted, and has no flow to run). What a
+        quiet call is makes the rest plain: no metadata of its own, no span, the default plan, no hedging."""
+        self = cls.__new__(cls)
+        CallRecorder.__init__(self, mesh, state.name, None, False)
+        self.state = state
+        self.method = method
+        self.hedging = False
+        self.base = None
+        self.attempts = None
+        self.started = steps.started
+        self.plan = DEFAULT_PLAN
+        if then is not None:
+            self.flow = attempts_flow(steps, then)
+        return self
+
     def attempt_metadata(self, send: Send, label: str) -> Metadata:
         """The metadata of one attempt; the attempt's own span starts here. The common call (no metadata of its own,
         no trace, no deadline) sends the same two pairs every time: one shared tuple, made once per caller and
@@ -146,7 +169,7 @@ class RpcCall(CallRecorder):
         attempt = send.attempt
         base = self.base
         if base is None and send.timeout is None and not self.recording and attempt < 16:
-            return _plain_metadata(self.mesh.service)[attempt]
+            return plain_metadata(self.mesh.service)[attempt]
         metadata = list(base) if base is not None else [("x-mesh-caller", self.mesh.service)]
         metadata.append(("x-mesh-attempt", _ATTEMPTS[attempt] if attempt < 16 else str(attempt)))
         if self.recording:

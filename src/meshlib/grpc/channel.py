@@ -19,12 +19,14 @@ from ..calls.driver import begin_stream, end_stream
 from ..calls.executors import Cancel, run_blocking, run_by_callbacks
 from ..calls.recorder import count_unresolved
 from ..errors import MeshError
-from ..policy.flow import Result, Send
+from ..policy.flow import Attempts, Done, Result, Send, Sleep
+from ..policy.service import ServiceState
 from ..workers import on_own_thread
 from .call import Metadata, RpcAnswer, RpcCall, code_of, kept, mesh_failure
 from .endpoints import EndpointChannel, Options
 from .facade import Facade, Method, method_of
 from .future import UnaryFuture
+from .quiet import quiet_end, quiet_metadata, quiet_steps
 from .status import FailedStream, result_of
 
 
@@ -71,15 +73,20 @@ class _Method(Method[grpc.Channel]):
     ) -> R:
         """The call (a ``make``), its flow not started. ``hedging`` None: hedged where the service's policy hedges,
         decided as the flow starts; a bool decides it now (``.future()`` picks its executor by it)."""
+        return self.begin_on(self.state(), make, metadata, timeout, replayable, hedging)
+
+    def begin_on(
+        self,
+        state: ServiceState,
+        make: type[R],
+        metadata: Metadata | None,
+        timeout: float | None,
+        replayable: bool,
+        hedging: bool | None = None,
+    ) -> R:
         facade = self.facade
-        mesh = facade.mesh
-        try:
-            state = mesh.service_state(facade.service)
-        except MeshError as exc:
-            count_unresolved(mesh, facade.service, "POST")
-            raise mesh_failure(mesh, exc) from exc
         return make(
-            mesh,
+            facade.mesh,
             state,
             facade.service,
             self.method,
@@ -88,6 +95,22 @@ class _Method(Method[grpc.Channel]):
             replayable=replayable,
             hedging=replayable if hedging is None else hedging and replayable and state.hedger is not None,
         )
+
+    def state(self) -> ServiceState:
+        """The service's state, or the RpcError a call to it raises (discovery has no answer for it)."""
+        facade = self.facade
+        mesh = facade.mesh
+        try:
+            state: ServiceState = mesh.service_state(facade.service)
+        except MeshError as exc:
+            raise self.unresolved(exc) from exc
+        return state
+
+    def unresolved(self, error: MeshError) -> grpc.RpcError:
+        """What a call raises when discovery has no answer for its service (and it is counted)."""
+        facade = self.facade
+        count_unresolved(facade.mesh, facade.service, "POST")
+        return mesh_failure(facade.mesh, error)
 
 
 class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
@@ -105,9 +128,11 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
-        call.made_by(self, request, credentials, wait_for_ready, compression, False, None)
-        return run_blocking(call, call).response
+        if metadata or credentials is not None or wait_for_ready is not None or compression is not None:
+            call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+            call.made_by(self, request, credentials, wait_for_ready, compression, False, None)
+            return run_blocking(call, call).response
+        return self._blocking(request, timeout, False)[0]
 
     def future(
         self,
@@ -119,11 +144,20 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         compression: grpc.Compression | None = None,
     ) -> grpc.Future:
         future = UnaryFuture()  # also the Cancel of the call: the caller's cancel() reaches the RPC in flight
+        replayable = self.kind == "unary_unary"
         try:
-            call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary", hedging=True)
+            state = self.state()
         except grpc.RpcError as failure:  # no service to call: the future fails, as grpc's own do
             future.settle(None, failure)
             return future
+        if metadata or credentials is not None or wait_for_ready is not None or compression is not None:
+            steps = None
+        else:
+            steps = quiet_steps(self.facade.mesh, state, timeout, replayable)
+        if steps is not None:
+            self._future_quietly(state, steps, request, future)
+            return future
+        call = self.begin_on(state, _UnaryCall, metadata, timeout, replayable, hedging=True)
         call.made_by(self, request, credentials, wait_for_ready, compression, True, future)
         if call.hedging:
             # hedged attempts are waited on together, on a thread of its own (never one other calls wait for)
@@ -132,6 +166,66 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
             # no thread waits: each attempt is grpc's own future, and its completion drives the call on
             run_by_callbacks(call, call, future.settle)
         return future
+
+    def _future_quietly(self, state: ServiceState, steps: Attempts, request: Any, future: UnaryFuture) -> None:
+        """``.future()`` of a quiet call (``quiet.py``): its first attempt is grpc's own future, judged when it
+        ends (in the caller's thread when it waits in ``result()``, as every attempt's end is: ``deliver``);
+        anything but an OK answer is handed to the callback executor from where it stands."""
+        mesh = self.facade.mesh
+        send = steps.next_attempt()
+        if isinstance(send, Done):  # over before an attempt (no endpoint to call, the deadline already past)
+            self._callbacks_on(state, steps, send, request, future, None)
+            return
+        endpoints = self.facade.endpoints
+        record = endpoints.acquire(send.endpoint, state)
+        try:
+            real = self.on(record).future(request, send.timeout, quiet_metadata(mesh, send))
+        except BaseException as exc:  # could not start: the future fails with it, as the driver would end it
+            endpoints.release(record)
+            steps.unanswered()
+            _UnaryCall.carrying_on(mesh, state, self.method, steps, None).finish(None, None)
+            future.settle(None, exc)
+            return
+
+        def judged(outcome: tuple[Result, RpcAnswer]) -> None:
+            result, answer = outcome
+            then = steps.judge(result)
+            if then is None and answer.code is _OK:
+                quiet_end(self.facade, steps.started)
+                future.settle(answer, None)
+                return
+            self._callbacks_on(state, steps, then or steps.finished(result), request, future, outcome)
+
+        def ended(real: grpc.Future) -> None:
+            try:
+                response, error, code = real.result(), None, _OK
+                last: Any = real
+            except grpc.RpcError as exc:
+                response, last, error, code = None, exc, kept(exc), code_of(exc)
+            except grpc.FutureCancelledError as exc:  # the caller's cancel()
+                response, last, error, code = None, None, kept(exc), _CANCELLED
+            endpoints.release(record)
+            future.deliver(
+                judged, (result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label))
+            )
+
+        future.watch(real)
+        real.add_done_callback(ended)
+
+    def _callbacks_on(
+        self,
+        state: ServiceState,
+        steps: Attempts,
+        then: Sleep | Done,
+        request: Any,
+        future: UnaryFuture,
+        first: tuple[Result, RpcAnswer] | None,
+    ) -> None:
+        """A quiet ``.future()`` that needs the whole machinery after all: the call object made now, driven on by
+        its attempts' completions."""
+        call = _UnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, then)
+        call.made_by(self, request, None, None, None, True, future)
+        run_by_callbacks(call, call, future.settle, first)
 
     def with_call(
         self,
@@ -142,9 +236,71 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
-        call.made_by(self, request, credentials, wait_for_ready, compression, True, None)
-        answer = run_blocking(call, call)
+        if metadata or credentials is not None or wait_for_ready is not None or compression is not None:
+            call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+            call.made_by(self, request, credentials, wait_for_ready, compression, True, None)
+            answer = run_blocking(call, call)
+            return answer.response, answer.call
+        return self._blocking(request, timeout, True)
+
+    def _blocking(self, request: Any, timeout: float | None, want_call: bool) -> tuple[Any, grpc.Call]:
+        """A call with no metadata or options of its own, in this thread: quietly when it can be (``quiet.py``),
+        its first attempt made here with the flow's steps; handed to the driver from where it stands otherwise.
+        The response and (``want_call``) the answering attempt's call object."""
+        facade = self.facade
+        mesh = facade.mesh
+        try:
+            state: ServiceState = mesh.service_state(facade.service)
+        except MeshError as exc:
+            raise self.unresolved(exc) from exc
+        replayable = self.kind == "unary_unary"
+        steps = quiet_steps(mesh, state, timeout, replayable)
+        if steps is None:
+            call = self.begin_on(state, _UnaryCall, None, timeout, replayable)
+            call.made_by(self, request, None, None, None, want_call, None)
+            answer = run_blocking(call, call)
+            return answer.response, answer.call
+        send = steps.next_attempt()
+        if isinstance(send, Done):  # over before an attempt (no endpoint to call, the deadline already past)
+            return self._carry_on(state, steps, send, request, want_call, None)
+        endpoints = facade.endpoints
+        record = endpoints.acquire(send.endpoint, state)
+        real = self.on(record)
+        try:
+            if want_call:
+                response, last = real.with_call(request, send.timeout, quiet_metadata(mesh, send))
+            else:
+                response, last = real(request, send.timeout, quiet_metadata(mesh, send)), None
+            error, code = None, _OK
+        except grpc.RpcError as exc:
+            response, last, error, code = None, exc, kept(exc), code_of(exc)
+        except BaseException:  # interrupted: the call is recorded as cancelled, as the driver would
+            endpoints.release(record)
+            steps.unanswered()
+            _UnaryCall.carrying_on(mesh, state, self.method, steps, None).finish(None, None)
+            raise
+        endpoints.release(record)
+        result = result_of(code, send.attempt)
+        judged = steps.judge(result)
+        if judged is None and code is _OK:
+            quiet_end(facade, steps.started)
+            return response, last
+        answer = RpcAnswer(response, last, error, code, record.label)
+        return self._carry_on(state, steps, judged or steps.finished(result), request, want_call, (result, answer))
+
+    def _carry_on(
+        self,
+        state: ServiceState,
+        steps: Attempts,
+        then: Sleep | Done,
+        request: Any,
+        want_call: bool,
+        first: tuple[Result, RpcAnswer] | None,
+    ) -> tuple[Any, grpc.Call]:
+        """A quiet call that needs the whole machinery after all: the call object made now, driven from there."""
+        call = _UnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, then)
+        call.made_by(self, request, None, None, None, want_call, None)
+        answer = run_blocking(call, call, first)
         return answer.response, answer.call
 
 

@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from ..runtime import Runtime, process_default
+from ..telemetry.metrics import Histogram, Labels
 from .endpoints import EndpointChannel, EndpointChannels, Options
 
 C = TypeVar("C")
@@ -56,6 +57,16 @@ class Facade(Generic[C]):
             options=self._options,
             credentials=self._credentials,
         )
+
+    @functools.cached_property
+    def quiet_success(self) -> tuple[Histogram, Labels] | None:
+        """Where a quiet call that succeeded is counted (``quiet.py``): the duration histogram and its labels, made
+        once; None with telemetry off."""
+        tel = self.mesh.telemetry
+        if tel is None:
+            return None
+        metrics = tel.metrics
+        return metrics.client_duration, metrics.client_labels(self.service, "default", "POST", "2xx", "success")
 
 
 class Method(Generic[C]):

@@ -1,0 +1,65 @@
+"""A quiet unary call: its first attempt made straight with the flow's own steps, with no call object.
+
+Most unary calls are quiet: no metadata or call options of their own, no headers carried from a request being
+handled, nothing tracing, no rules for the service, no hedging, nobody reading the decision log or the access
+log. For such a call the whole of the mesh's work is the policy's (an endpoint picked, its load and breaker
+updated, the retry budget credited) and one duration recorded; building the call object, the flow generator and
+the driver around it cost twice that work again, on every call. So a quiet call takes the flow's steps itself
+(``policy.flow.Attempts``: the same code the flow's loop runs) and, when its first attempt answers OK, ends
+there. Anything else (a retryable failure, an error status, an interrupt) hands the call over, where it stands,
+to the driver with a call object made then (``RpcCall.carrying_on``): the rest of the policy runs once, in the
+one loop.
+"""
+
+from __future__ import annotations
+
+from logging import DEBUG
+from typing import Any
+
+from ..calls.recorder import deadline_header
+from ..policy.decisions import logger as decision_logger
+from ..policy.flow import Attempts, Send
+from ..policy.service import ServiceState
+from ..propagation import outbound_deadline, propagated_headers
+from ..runtime import Runtime
+from ..telemetry.tracing import carried_traceparent
+from .call import Metadata, plain_metadata
+from .facade import Facade
+
+
+def quiet_steps(mesh: Runtime, state: ServiceState, timeout: float | None, replayable: bool) -> Attempts | None:
+    """The steps of a quiet call, started (its clock read, its retry budget credited), or None when the call needs
+    the call object from the start (see the module; the caller has checked its own metadata and options)."""
+    if state.rules is not None or state.hedger is not None or propagated_headers.get():
+        return None
+    tel = mesh.telemetry
+    if tel is not None and (tel.tracer.active() or tel.access.may_write()):
+        return None
+    if decision_logger.isEnabledFor(DEBUG) or carried_traceparent() is not None:
+        return None
+    now = state.last_used = mesh.clock()
+    policy_timeout = state.policy.timeout
+    if timeout is None or (policy_timeout is not None and policy_timeout < timeout):
+        timeout = policy_timeout
+    return Attempts(state, "POST", replayable, outbound_deadline(now, timeout), now, mesh.clock, mesh.rand, mesh.paused)
+
+
+def quiet_metadata(mesh: Runtime, send: Send) -> Metadata:
+    """The attempt's metadata: the caller, the attempt number, and its deadline when it has one (the shared tuple
+    of ``plain_metadata`` when it has none)."""
+    attempt = send.attempt
+    timeout = send.timeout
+    if timeout is None and attempt < 16:
+        return plain_metadata(mesh.service)[attempt]
+    metadata: list[tuple[str, str | bytes]] = [("x-mesh-caller", mesh.service), ("x-mesh-attempt", str(attempt))]
+    if timeout is not None:
+        metadata.append(("x-mesh-deadline", deadline_header(mesh, timeout)))
+    return metadata
+
+
+def quiet_end(facade: Facade[Any], started: float) -> None:
+    """A quiet call answered OK at its first attempt: its duration is all there is to record."""
+    counted = facade.quiet_success
+    if counted is not None:
+        histogram, labels = counted
+        histogram.record(facade.mesh.clock() - started, labels)

@@ -1,0 +1,234 @@
+"""The quiet unary call (``meshlib/grpc/quiet.py``): a call with nothing to trace, log or route makes its first
+attempt with the flow's steps and no call object; anything else that happens to it (a retry, an error status, a
+call over before any attempt, an interrupt) is carried on by the driver from where it stands, and ends exactly as
+the same call made the full way does. "The full way" here is the same call with metadata of its own (which takes
+the call object from the start). Real grpc servers in this process; every form: ``__call__``, ``with_call``,
+``future`` and grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import grpc
+import meshlib
+import meshlib.grpc
+from grpc_instances import Instance
+from grpc_support import stubs
+from harness import free_port
+from meshlib.discovery import StaticDiscovery
+from meshlib.endpoints import Endpoint
+from meshlib.grpc.call import RpcCall
+from meshlib.policy.config import ServicePolicy
+
+pb2, pb2_grpc = stubs()
+OWN = (("x-tenant", "t1"),)  # metadata of the call's own: the full way
+
+
+@pytest.fixture
+def pair() -> Iterator[list[Instance]]:
+    made = [Instance(name) for name in "ab"]
+    yield made
+    for instance in made:
+        instance.stop()
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many call objects were made, and how: from the start (``__init__``) or part way (``carrying_on``)."""
+    counts = {"from the start": 0, "carried on": 0}
+    init, carrying_on = RpcCall.__init__, RpcCall.carrying_on.__func__  # type: ignore[attr-defined]
+
+    def counted_init(self: RpcCall, *args: Any, **kwargs: Any) -> None:
+        counts["from the start"] += 1
+        init(self, *args, **kwargs)
+
+    def counted_carrying_on(cls: type[RpcCall], *args: Any) -> RpcCall:
+        counts["carried on"] += 1
+        made: RpcCall = carrying_on(cls, *args)
+        return made
+
+    monkeypatch.setattr(RpcCall, "__init__", counted_init)
+    monkeypatch.setattr(RpcCall, "carrying_on", classmethod(counted_carrying_on))
+    return counts
+
+
+def _caller(endpoints: list[Endpoint]) -> meshlib.Mesh:
+    return meshlib.Mesh(
+        service="front",
+        discovery=StaticDiscovery({"echo": endpoints}),
+        control_plane="",
+        policies={"echo": ServicePolicy(load_balancer="round_robin")},
+    )
+
+
+def _durations(mesh: meshlib.Mesh) -> dict[tuple[str, str], int]:
+    """(status class, outcome) -> calls counted, for calls to ``echo``."""
+    assert mesh.telemetry is not None
+    counted: dict[tuple[str, str], int] = {}
+    for point in mesh.telemetry.metrics.client_duration.points():
+        labels = point.attributes
+        if labels["mesh.peer_service"] == "echo":
+            key = (labels["http.response.status_class"], labels["mesh.outcome"])
+            counted[key] = counted.get(key, 0) + point.count
+    return counted
+
+
+def _idle(mesh: meshlib.Mesh) -> None:
+    """Nothing is left counted in: no endpoint's load has a call outstanding, no endpoint channel a user."""
+    state = mesh.service_state("echo")
+    assert [h.load.outstanding for h in state.handles] == [0] * len(state.handles)
+
+
+def _sync_forms(stub: Any) -> dict[str, Callable[..., Any]]:
+    return {
+        "__call__": lambda request, **kw: stub.Say(request, **kw),
+        "with_call": lambda request, **kw: stub.Say.with_call(request, **kw)[0],
+        "future": lambda request, **kw: stub.Say.future(request, **kw).result(timeout=10),
+    }
+
+
+def _aio(mesh: meshlib.Mesh, request: Any, **kw: Any) -> Any:
+    async def call() -> Any:
+        async with mesh.grpc_aio_channel("echo") as channel:
+            return await pb2_grpc.EchoStub(channel).Say(request, **kw)
+
+    return asyncio.run(call())
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[str, str, str]:
+    """What the caller sees: ("ok", text, "") or ("error", code name, details)."""
+    try:
+        return ("ok", call().text, "")
+    except grpc.RpcError as exc:
+        return ("error", exc.code().name, exc.details())
+
+
+def test_a_quiet_call_makes_no_call_object_and_ends_as_the_full_way_does(
+    pair: list[Instance], built: dict[str, int]
+) -> None:
+    """OK answers: no call object at all, counted as successes. A call with metadata of its own: the call object
+    from the start. Round robin over [down, live]: every other call starts at the instance that is down, is carried
+    on part way (one object, made after its first attempt), and is answered by the live one."""
+    down = Endpoint("127.0.0.1", free_port())
+    with _caller([pair[0].endpoint]) as mesh, mesh.grpc_channel("echo") as channel:
+        forms = _sync_forms(pb2_grpc.EchoStub(channel))
+        for name, form in forms.items():
+            assert form(pb2.Hello(text=name)).text == name
+        assert _aio(mesh, pb2.Hello(text="aio")).text == "aio"
+        assert built == {"from the start": 0, "carried on": 0}
+        assert _durations(mesh) == {("2xx", "success"): 4}
+        for form in forms.values():
+            assert form(pb2.Hello(text="own"), metadata=OWN).text == "own"
+        assert _aio(mesh, pb2.Hello(text="own"), metadata=OWN).text == "own"
+        assert built == {"from the start": 4, "carried on": 0}
+        _idle(mesh)
+
+    # each form on a mesh of its own, two calls: round robin starts one of them at the instance that is down
+    for name in ("__call__", "with_call", "future", "aio"):
+        built.update({"from the start": 0, "carried on": 0})
+        with _caller([down, pair[1].endpoint]) as mesh, mesh.grpc_channel("echo") as channel:
+            if name == "aio":
+                texts = [_aio(mesh, pb2.Hello(text=name)).text for _ in range(2)]
+            else:
+                form = _sync_forms(pb2_grpc.EchoStub(channel))[name]
+                texts = [form(pb2.Hello(text=name)).text for _ in range(2)]
+            assert texts == [name, name]
+            assert mesh.telemetry is not None
+            retried = sum(value for _, value in mesh.telemetry.metrics.retries.points())
+            assert built == {"from the start": 0, "carried on": retried} and retried >= 1, (name, built)
+            assert _durations(mesh) == {("2xx", "success"): 2}
+            _idle(mesh)
+
+
+def test_every_other_end_of_a_quiet_call_is_what_the_full_way_gives(pair: list[Instance]) -> None:
+    """An application's error status (not retried), every attempt failing (the error names each endpoint tried),
+    a deadline already past and a service with no instance (over before any attempt): the caller sees the same
+    code and details whether the call went quietly or the full way, in every form; the same calls are counted."""
+    down = Endpoint("127.0.0.1", free_port())
+    cases: list[tuple[str, list[Endpoint], Any, dict[str, Any]]] = [
+        ("an error status", [pair[0].endpoint], pb2.Hello(text="thing", mode="missing"), {}),
+        ("every attempt failing", [down, pair[1].endpoint], pb2.Hello(mode="fail"), {}),
+        ("a deadline already past", [pair[0].endpoint], pb2.Hello(text="late"), {"timeout": 0}),
+        ("no instance", [], pb2.Hello(text="nobody"), {}),
+    ]
+    for case, endpoints, request, kw in cases:
+        seen: dict[tuple[str, str], tuple[str, str, str]] = {}
+        counted: dict[str, dict[tuple[str, str], int]] = {}
+        for way, extra in (("quiet", {}), ("full", {"metadata": OWN})):
+            with _caller(endpoints) as mesh, mesh.grpc_channel("echo") as channel:
+                for name, form in _sync_forms(pb2_grpc.EchoStub(channel)).items():
+                    seen[(way, name)] = _outcome(functools.partial(form, request, **kw, **extra))
+                seen[(way, "aio")] = _outcome(functools.partial(_aio, mesh, request, **kw, **extra))
+                counted[way] = _durations(mesh)
+                if endpoints:
+                    _idle(mesh)
+        for name in ("__call__", "with_call", "future", "aio"):
+            assert seen[("quiet", name)] == seen[("full", name)], (case, name)
+            assert seen[("quiet", name)][0] == "error", (case, name)
+        assert counted["quiet"] == counted["full"], case
+    # and what they say is worth saying: the endpoints tried are named
+    with (
+        _caller([down, pair[1].endpoint]) as mesh,
+        mesh.grpc_channel("echo") as channel,
+        pytest.raises(grpc.RpcError) as failed,
+    ):
+        pb2_grpc.EchoStub(channel).Say(pb2.Hello(mode="fail"))
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert str(down.port) in failed.value.details() and str(pair[1].endpoint.port) in failed.value.details()
+
+
+def _interrupt_when_handled(instance: Instance) -> threading.Thread:
+    """SIGINT to this (the main) thread once ``instance`` is handling a call: Ctrl-C during the RPC."""
+    main = threading.get_ident()
+    instance.behaviour.handled.clear()
+
+    def interrupt() -> None:
+        if instance.behaviour.handled.wait(10):
+            time.sleep(0.05)  # into grpc's wait for the answer (any point inside the RPC will do)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt)
+    sender.start()
+    return sender
+
+
+def test_an_interrupted_quiet_call_is_counted_cancelled_and_leaves_nothing_counted_in(pair: list[Instance]) -> None:
+    """Ctrl-C in the middle of a quiet call's RPC: the caller gets the KeyboardInterrupt, the endpoint's load and
+    channel let go of the call, and it is counted as cancelled, as the full way counts it. A quiet aio call
+    cancelled while its RPC runs: CancelledError, counted the same way."""
+    slow = pb2.Hello(text="slow", mode="slow", n=2000)
+    counted: dict[str, dict[tuple[str, str], int]] = {}
+    for way, extra in (("quiet", {}), ("full", {"metadata": OWN})):
+        with _caller([pair[0].endpoint]) as mesh, mesh.grpc_channel("echo") as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            sender = _interrupt_when_handled(pair[0])
+            with pytest.raises(KeyboardInterrupt):
+                stub.Say(slow, timeout=30, **extra)
+            sender.join()
+            _idle(mesh)
+            assert all(not record.users for record in channel.endpoints._live.values())
+
+            async def cancelled_aio(extra: dict[str, Any]) -> None:
+                async with mesh.grpc_aio_channel("echo") as aio_channel:
+                    pair[0].behaviour.handled.clear()
+                    call = pb2_grpc.EchoStub(aio_channel).Say(slow, timeout=30, **extra)
+                    waiter = asyncio.ensure_future(call)
+                    while not pair[0].behaviour.handled.is_set():
+                        await asyncio.sleep(0.01)
+                    assert call.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await waiter
+
+            asyncio.run(cancelled_aio(extra))
+            _idle(mesh)
+            counted[way] = _durations(mesh)
+    assert counted["quiet"] == counted["full"]
+    assert sum(n for (_, outcome), n in counted["quiet"].items() if outcome == "cancelled") == 2, counted
