@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from grpc_support import stubs
 from harness import free_port
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
+from meshlib.grpc import quiet
 from meshlib.grpc.call import RpcCall
 from meshlib.policy.config import ServicePolicy
 
@@ -232,3 +234,42 @@ def test_an_interrupted_quiet_call_is_counted_cancelled_and_leaves_nothing_count
             counted[way] = _durations(mesh)
     assert counted["quiet"] == counted["full"]
     assert sum(n for (_, outcome), n in counted["quiet"].items() if outcome == "cancelled") == 2, counted
+
+
+def test_logging_turned_on_while_calls_run_reaches_quiet_calls_within_the_recheck(
+    pair: list[Instance], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What tracing and logging say is looked at again every ``RECHECK`` seconds: the access log's INFO level (the
+    log itself on) or DEBUG on ``meshlib.policy`` turned on while a channel's calls go quietly, and the calls made
+    from then on write their lines and decisions within that time; turned off, they go quietly again."""
+    monkeypatch.setattr(quiet, "RECHECK", 0.1)
+    caplog.set_level(logging.WARNING, logger="meshlib.access")
+    with (
+        meshlib.Mesh(
+            service="front",
+            discovery=StaticDiscovery({"echo": [pair[0].endpoint]}),
+            control_plane="",
+            access_log=True,
+        ) as mesh,
+        mesh.grpc_channel("echo") as channel,
+    ):
+        stub = pb2_grpc.EchoStub(channel)
+        for logger, level, wanted in (
+            ("meshlib.access", logging.INFO, "meshlib.access"),
+            ("meshlib.policy", logging.DEBUG, "meshlib.policy"),
+        ):
+            assert stub.Say(pb2.Hello(text="quiet")).text == "quiet"
+            caplog.clear()
+            assert not [r for r in caplog.records if r.name == wanted]
+            caplog.set_level(level, logger=logger)
+            deadline = time.monotonic() + 5
+            while not [r for r in caplog.records if r.name == wanted]:
+                assert time.monotonic() < deadline, f"{logger} at {logging.getLevelName(level)} never reached a call"
+                stub.Say(pb2.Hello(text="heard"))
+            caplog.set_level(logging.WARNING, logger=logger)
+            time.sleep(0.15)  # past the recheck (the gate is looked at again only when a call comes)
+            stub.Say(pb2.Hello(text="looks again"))
+            caplog.clear()
+            for _ in range(3):
+                stub.Say(pb2.Hello(text="quiet again"))
+            assert not [r for r in caplog.records if r.name == wanted]

@@ -152,7 +152,6 @@ class UnaryCall:
     def _real_done(self, _real: Any) -> None:
         self._start_unawaited()
 
-    @types.coroutine
     def _run(self) -> Generator[Any, None, Any]:
         """The call's coroutine run (in its awaiter, or in its own task), and the call settled with what came of
         it: the response, or the error as grpc.aio raises it."""
@@ -199,13 +198,18 @@ class UnaryCall:
     async def _unawaited(self) -> None:
         if self._coro is not None:
             with contextlib.suppress(BaseException):  # the outcome is the call's, read from it (never logged here)
-                await self._run()
+                await self._run_in_task()
+
+    @types.coroutine
+    def _run_in_task(self) -> Generator[Any, None, Any]:
+        return (yield from self._run())
 
     def __await__(self) -> Generator[Any, None, Any]:
+        """(Not a generator itself: the iterator it returns is what the awaiter drives, one frame fewer.)"""
         if not self._started:
             self._started = True
-            return (yield from self._run())
-        return (yield from self._outcome().__await__())
+            return self._run()
+        return self._outcome().__await__()
 
     async def _settled(self) -> Any:
         if self._state == _PENDING:

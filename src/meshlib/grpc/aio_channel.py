@@ -96,20 +96,19 @@ class _Unary(_AioMethod):
         if request is None and self.kind == "stream_unary":  # no iterator: the caller writes, then done_writing()
             writer = RequestWriter()
             request = writer.requests()
-        options = (credentials, wait_for_ready, compression)
-        if credentials is None and wait_for_ready is None and compression is None:
-            options = _NO_OPTIONS
         call = UnaryCall(writer)
         facade = self.facade
         state, ready = facade.mesh.service_state_nowait(facade.service)
-        if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
-            call.start(self._after_discovery(request, timeout, metadata, options, call))
-            return call
-        if options is _NO_OPTIONS and not metadata:
-            steps = quiet_steps(facade.mesh, state, timeout, self.kind == "unary_unary")
+        plain = not metadata and credentials is None and wait_for_ready is None and compression is None
+        if plain and ready:
+            steps = quiet_steps(facade, state, timeout, self.kind == "unary_unary")
             if steps is not None:
                 self._quietly(state, steps, request, call)
                 return call
+        options = _NO_OPTIONS if plain else (credentials, wait_for_ready, compression)
+        if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
+            call.start(self._after_discovery(request, timeout, metadata, options, call))
+            return call
         rpc = self._attempts(state, request, timeout, metadata, options, call)
         # the first attempt's RPC starts now (grpc.aio's own calls start at once); awaiting the call goes on from it
         started = start_async(rpc, rpc)
@@ -127,9 +126,7 @@ class _Unary(_AioMethod):
         endpoints = self.facade.endpoints
         record = endpoints.acquire(send.endpoint, state)
         try:
-            metadata = quiet_metadata(self.facade.mesh, send)
-            if type(metadata) is tuple:  # the shared metadata of a plain attempt: grpc.aio's own type, made once
-                metadata = _shared_aio_metadata(metadata)
+            metadata = quiet_metadata(self.facade.mesh, send, _shared_aio_metadata)
             real = self.on(record)(request, timeout=send.timeout, metadata=metadata)
         except BaseException:
             endpoints.release(record)

@@ -153,7 +153,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         if metadata or credentials is not None or wait_for_ready is not None or compression is not None:
             steps = None
         else:
-            steps = quiet_steps(self.facade.mesh, state, timeout, replayable)
+            steps = quiet_steps(self.facade, state, timeout, replayable)
         if steps is not None:
             self._future_quietly(state, steps, request, future)
             return future
@@ -254,7 +254,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         except MeshError as exc:
             raise self.unresolved(exc) from exc
         replayable = self.kind == "unary_unary"
-        steps = quiet_steps(mesh, state, timeout, replayable)
+        steps = quiet_steps(facade, state, timeout, replayable)
         if steps is None:
             call = self.begin_on(state, _UnaryCall, None, timeout, replayable)
             call.made_by(self, request, None, None, None, want_call, None)

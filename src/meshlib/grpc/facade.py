@@ -12,6 +12,7 @@ import grpc
 from ..runtime import Runtime, process_default
 from ..telemetry.metrics import Histogram, Labels
 from .endpoints import EndpointChannel, EndpointChannels, Options
+from .quiet import QuietGate
 
 C = TypeVar("C")
 Serializer = Callable[[Any], bytes] | None
@@ -57,6 +58,11 @@ class Facade(Generic[C]):
             options=self._options,
             credentials=self._credentials,
         )
+
+    @functools.cached_property
+    def quiet_gate(self) -> QuietGate:
+        """Whether tracing and logging let this channel's calls go quietly (``quiet.py``)."""
+        return QuietGate()
 
     @functools.cached_property
     def quiet_success(self) -> tuple[Histogram, Labels] | None:

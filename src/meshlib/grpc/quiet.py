@@ -13,8 +13,10 @@ one loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import DEBUG
-from typing import Any
+from time import monotonic
+from typing import TYPE_CHECKING, Any
 
 from ..calls.recorder import deadline_header
 from ..policy.decisions import logger as decision_logger
@@ -23,19 +25,48 @@ from ..policy.service import ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
 from ..telemetry.tracing import carried_traceparent
-from .call import Metadata, plain_metadata
-from .facade import Facade
+from .call import plain_metadata
+
+if TYPE_CHECKING:
+    from .facade import Facade
 
 
-def quiet_steps(mesh: Runtime, state: ServiceState, timeout: float | None, replayable: bool) -> Attempts | None:
+#: How often a facade looks again at what tracing and logging say (see ``QuietGate``), in seconds.
+RECHECK = 1.0
+
+
+class QuietGate:
+    """Whether this process's tracing and logging leave a call nothing to record beyond its duration: no tracer
+    provider installed, the access log off, the decision log not at DEBUG. Looked at again at most every
+    ``RECHECK`` seconds, as the tracer itself looks for a provider: three objects and two loggers read on every
+    call were a sixth of a quiet call's cold cost. So turning the access log or DEBUG decision logging on while
+    the process runs takes effect for quiet calls within a second (for every other call at once)."""
+
+    __slots__ = ("open", "until")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.until = -1.0
+
+    def look(self, mesh: Runtime, now: float) -> None:
+        tel = mesh.telemetry
+        self.open = not decision_logger.isEnabledFor(DEBUG) and (
+            tel is None or not (tel.tracer.active() or tel.access.may_write())
+        )
+        self.until = now + RECHECK
+
+
+def quiet_steps(facade: Facade[Any], state: ServiceState, timeout: float | None, replayable: bool) -> Attempts | None:
     """The steps of a quiet call, started (its clock read, its retry budget credited), or None when the call needs
     the call object from the start (see the module; the caller has checked its own metadata and options)."""
     if state.rules is not None or state.hedger is not None or propagated_headers.get():
         return None
-    tel = mesh.telemetry
-    if tel is not None and (tel.tracer.active() or tel.access.may_write()):
-        return None
-    if decision_logger.isEnabledFor(DEBUG) or carried_traceparent() is not None:
+    gate = facade.quiet_gate
+    mesh = facade.mesh
+    looked = monotonic()
+    if looked >= gate.until:
+        gate.look(mesh, looked)
+    if not gate.open or carried_traceparent() is not None:
         return None
     now = state.last_used = mesh.clock()
     policy_timeout = state.policy.timeout
@@ -44,13 +75,15 @@ def quiet_steps(mesh: Runtime, state: ServiceState, timeout: float | None, repla
     return Attempts(state, "POST", replayable, outbound_deadline(now, timeout), now, mesh.clock, mesh.rand, mesh.paused)
 
 
-def quiet_metadata(mesh: Runtime, send: Send) -> Metadata:
-    """The attempt's metadata: the caller, the attempt number, and its deadline when it has one (the shared tuple
-    of ``plain_metadata`` when it has none)."""
+def quiet_metadata(mesh: Runtime, send: Send, shared: Callable[[Any], Any] | None = None) -> Any:
+    """The attempt's metadata: the caller, the attempt number, and its deadline when it has one. With none, the
+    shared tuple of ``plain_metadata``, or what ``shared`` makes of it (grpc.aio's own type, made once: see
+    ``aio_channel._shared_aio_metadata``)."""
     attempt = send.attempt
     timeout = send.timeout
     if timeout is None and attempt < 16:
-        return plain_metadata(mesh.service)[attempt]
+        made = plain_metadata(mesh.service)[attempt]
+        return made if shared is None else shared(made)
     metadata: list[tuple[str, str | bytes]] = [("x-mesh-caller", mesh.service), ("x-mesh-attempt", str(attempt))]
     if timeout is not None:
         metadata.append(("x-mesh-deadline", deadline_header(mesh, timeout)))
