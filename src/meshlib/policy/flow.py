@@ -182,8 +182,8 @@ def attempts_flow(steps: Attempts, then: Sleep | Done | None = None) -> CallFlow
                 steps.unanswered()
         result: Result = sent  # type: ignore[assignment]  # a plain (unhedged) attempt is answered with its Result
         judged = steps.judge(result)
-        if judged is None:
-            return steps.finished(result)
+        if judged is None:  # (``steps.finished``, inline: every call ends here)
+            return Done(result, None, steps.attempt, decisions=steps.decisions)
         if isinstance(judged, Done):
             return judged
         yield judged
@@ -268,11 +268,10 @@ class Attempts:
 
     def finished(self, result: Result) -> Done:
         """The call is over with ``result`` as its answer (what ``judge`` returning None means)."""
-        return self._done(result, None)
+        return Done(result, None, self.attempt, decisions=self.decisions)
 
     def _done(self, result: Result | None, error: BaseException | None) -> Done:
-        decisions = self.decisions
-        return Done(result, error, self.attempt, decisions=[] if decisions is None else decisions)
+        return Done(result, error, self.attempt, decisions=self.decisions)
 
     def failures(self) -> list[str]:
         """Each failed attempt, described (for the error that ends the call)."""
@@ -367,7 +366,7 @@ class Attempts:
             note_decision(entry, decision, service, now)
         if not decision.retry:
             done = stop_call(service, result, decision, self.failures(), self.attempt, deadline, now)
-            done.decisions = [] if self.decisions is None else self.decisions
+            done.decisions = self.decisions
             return done
         return Sleep(decision.delay)
 
