@@ -273,3 +273,40 @@ def test_logging_turned_on_while_calls_run_reaches_quiet_calls_within_the_rechec
             for _ in range(3):
                 stub.Say(pb2.Hello(text="quiet again"))
             assert not [r for r in caplog.records if r.name == wanted]
+
+
+def test_a_quiet_client_stream_is_never_retried(pair: list[Instance], built: dict[str, int]) -> None:
+    """Client-streaming calls go quietly too (their requests are an iterator, sent once): an OK answer makes no call
+    object; an instance that fails the stream with UNAVAILABLE fails the call, not retried on the other (the
+    iterator is spent), and the error names the instance, sync, ``with_call``, ``future`` and aio alike."""
+    with _caller([pair[0].endpoint]) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        hellos = [pb2.Hello(text=t) for t in "abc"]
+        assert stub.Collect(iter(hellos)).text == "a+b+c"
+        assert stub.Collect.with_call(iter(hellos))[0].text == "a+b+c"
+        assert stub.Collect.future(iter(hellos)).result(timeout=10).text == "a+b+c"
+
+        async def aio_collect() -> str:
+            async with mesh.grpc_aio_channel("echo") as aio_channel:
+                call = pb2_grpc.EchoStub(aio_channel).Collect()
+                for hello in hellos:
+                    await call.write(hello)
+                await call.done_writing()
+                return str((await call).text)
+
+        assert asyncio.run(aio_collect()) == "a+b+c"
+        assert built == {"from the start": 0, "carried on": 0}
+
+    for instance in pair:
+        instance.behaviour.fail = True
+    with _caller([i.endpoint for i in pair]) as mesh, mesh.grpc_channel("echo") as channel:
+        stub = pb2_grpc.EchoStub(channel)
+        calls = sum(i.behaviour.calls for i in pair)
+        for form in (stub.Collect, stub.Collect.with_call, lambda it: stub.Collect.future(it).result(timeout=10)):
+            with pytest.raises(grpc.RpcError) as failed:
+                form(iter(hellos))
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert any(str(i.endpoint.port) in failed.value.details() for i in pair)
+        assert sum(i.behaviour.calls for i in pair) == calls + 3  # once each: never retried on the other
+        assert built == {"from the start": 0, "carried on": 3}
+        _idle(mesh)
