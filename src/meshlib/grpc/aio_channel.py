@@ -26,7 +26,7 @@ from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
 from .endpoints import EndpointChannel, EndpointChannels, Options
 from .facade import Facade, Method, method_of
-from .quiet import quiet_end, quiet_metadata, quiet_steps
+from .quiet import judged_quietly, quiet_metadata, quiet_steps
 from .status import result_of
 
 #: An attempt whose RPC has started: what ``_AioUnaryCall.finish_attempt`` waits for.
@@ -163,11 +163,10 @@ class _Unary(_AioMethod):
         finally:
             self.facade.endpoints.release(record)
         result = result_of(code, send.attempt)
-        then = steps.judge(result)
-        if then is None and code is _OK:
-            quiet_end(self.facade, steps.started)
+        then = judged_quietly(self.facade, steps, result, code)
+        if then is None:
             return answer
-        return await self._carry_on(state, steps, then or steps.finished(result), request, link, (result, answer))
+        return await self._carry_on(state, steps, then, request, link, (result, answer))
 
     async def _carry_on(
         self,

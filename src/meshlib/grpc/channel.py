@@ -23,10 +23,10 @@ from ..policy.flow import Attempts, Done, Result, Send, Sleep
 from ..policy.service import ServiceState
 from ..workers import on_own_thread
 from .call import Metadata, RpcAnswer, RpcCall, code_of, kept, mesh_failure
-from .endpoints import EndpointChannel, Options
+from .endpoints import EndpointChannel, EndpointChannels, Options
 from .facade import Facade, Method, method_of
 from .future import UnaryFuture
-from .quiet import quiet_end, quiet_metadata, quiet_steps
+from .quiet import judged_quietly, quiet_metadata, quiet_steps
 from .status import FailedStream, result_of
 
 
@@ -189,25 +189,15 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
 
         def judged(outcome: tuple[Result, RpcAnswer]) -> None:
             result, answer = outcome
-            then = steps.judge(result)
-            if then is None and answer.code is _OK:
-                quiet_end(self.facade, steps.started)
+            assert answer.code is not None
+            then = judged_quietly(self.facade, steps, result, answer.code)
+            if then is None:
                 future.settle(answer, None)
-                return
-            self._callbacks_on(state, steps, then or steps.finished(result), request, future, outcome)
+            else:
+                self._callbacks_on(state, steps, then, request, future, outcome)
 
         def ended(real: grpc.Future) -> None:
-            try:
-                response, error, code = real.result(), None, _OK
-                last: Any = real
-            except grpc.RpcError as exc:
-                response, last, error, code = None, exc, kept(exc), code_of(exc)
-            except grpc.FutureCancelledError as exc:  # the caller's cancel()
-                response, last, error, code = None, None, kept(exc), _CANCELLED
-            endpoints.release(record)
-            future.deliver(
-                judged, (result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label))
-            )
+            future.deliver(judged, _future_outcome(real, send, endpoints, record))
 
         future.watch(real)
         real.add_done_callback(ended)
@@ -281,12 +271,11 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
             raise
         endpoints.release(record)
         result = result_of(code, send.attempt)
-        judged = steps.judge(result)
-        if judged is None and code is _OK:
-            quiet_end(facade, steps.started)
+        then = judged_quietly(facade, steps, result, code)
+        if then is None:
             return response, last
         answer = RpcAnswer(response, last, error, code, record.label)
-        return self._carry_on(state, steps, judged or steps.finished(result), request, want_call, (result, answer))
+        return self._carry_on(state, steps, then, request, want_call, (result, answer))
 
     def _carry_on(
         self,
@@ -308,6 +297,21 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
 _OK, _CANCELLED = grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
 #: A call's own (credentials, wait_for_ready, compression) when it sets none: grpc's defaults.
 _NO_OPTIONS: tuple[Any, Any, Any] = (None, None, None)
+
+
+def _future_outcome(
+    real: grpc.Future, send: Send, endpoints: EndpointChannels[grpc.Channel], record: EndpointChannel[grpc.Channel]
+) -> tuple[Result, RpcAnswer]:
+    """What an attempt made as grpc's own future came to, once it is done; its endpoint channel let go of."""
+    try:
+        response, error, code = real.result(), None, _OK
+        last: Any = real
+    except grpc.RpcError as exc:
+        response, last, error, code = None, exc, kept(exc), code_of(exc)
+    except grpc.FutureCancelledError as exc:  # the caller's cancel()
+        response, last, error, code = None, None, kept(exc), _CANCELLED
+    endpoints.release(record)
+    return result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label)
 
 
 class _UnaryCall(RpcCall):
@@ -402,15 +406,7 @@ class _UnaryCall(RpcCall):
             raise
 
         def ended(real: grpc.Future) -> None:
-            try:
-                response, error, code = real.result(), None, _OK
-                last: Any = real
-            except grpc.RpcError as exc:
-                response, last, error, code = None, exc, kept(exc), code_of(exc)
-            except grpc.FutureCancelledError as exc:  # the caller's cancel()
-                response, last, error, code = None, None, kept(exc), _CANCELLED
-            endpoints.release(record)
-            outcome = (result_of(code, send.attempt), RpcAnswer(response, last, error, code, record.label))
+            outcome = _future_outcome(real, send, endpoints, record)
             if stop is not None:  # a caller waiting for the call carries it on in its own thread
                 stop.deliver(on_done, outcome)
             else:

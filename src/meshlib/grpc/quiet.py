@@ -18,9 +18,11 @@ from logging import DEBUG
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from ..calls.recorder import deadline_header
 from ..policy.decisions import logger as decision_logger
-from ..policy.flow import Attempts, Send
+from ..policy.flow import Attempts, Done, Result, Send, Sleep
 from ..policy.service import ServiceState
 from ..propagation import outbound_deadline, propagated_headers
 from ..runtime import Runtime
@@ -30,6 +32,8 @@ from .call import plain_metadata
 if TYPE_CHECKING:
     from .facade import Facade
 
+
+_OK = grpc.StatusCode.OK
 
 #: How often a facade looks again at what tracing and logging say (see ``QuietGate``), in seconds.
 RECHECK = 1.0
@@ -88,6 +92,17 @@ def quiet_metadata(mesh: Runtime, send: Send, shared: Callable[[Any], Any] | Non
     if timeout is not None:
         metadata.append(("x-mesh-deadline", deadline_header(mesh, timeout)))
     return metadata
+
+
+def judged_quietly(facade: Facade[Any], steps: Attempts, result: Result, code: grpc.StatusCode) -> Sleep | Done | None:
+    """The quiet call's first attempt judged (``code``: its status): None when that ends the call quietly (an OK
+    answer, its duration recorded); otherwise where the driver takes the call on from (the ``Done`` that ends it,
+    or the ``Sleep`` before a retry)."""
+    then = steps.judge(result)
+    if then is None and code is _OK:
+        quiet_end(facade, steps.started)
+        return None
+    return then or steps.finished(result)
 
 
 def quiet_end(facade: Facade[Any], started: float) -> None:

@@ -87,13 +87,10 @@ def call_flow(
     The returned ``Done`` carries the call's decision log (``decisions.py``); ``explain=False`` (nobody will read
     it: no span, no access log, no DEBUG logging) leaves a call tried one attempt at a time without one.
     A call tried one attempt at a time starts when the flow is made (its clock read, its retry budget credited)."""
-    hedger = service.hedger
     if plan.faults is None and (
-        hedger is None
-        or not hedging
-        or not replayable
-        or not (hedgeable or method in IDEMPOTENT_METHODS or plan.retry_non_idempotent)
-    ):  # the common call: the sequential loop alone, no generator around it
+        service.hedger is None or not _hedged(service, plan, method, replayable, hedgeable, hedging)
+    ):
+        # the common call: the sequential loop alone, no generator around it
         steps = Attempts(
             service, method, replayable, deadline, clock(), clock, rand, paused, plan, record, attempt_timeout
         )
@@ -104,6 +101,18 @@ def call_flow(
         service, method, replayable, deadline, clock, rand, paused, plan, hedgeable, hedging, record,
         attempt_timeout, explain,
     )  # fmt: skip
+
+
+def _hedged(
+    service: ServiceState, plan: CallPlan, method: str, replayable: bool, hedgeable: bool, hedging: bool
+) -> bool:
+    """Whether the call goes the hedged way (see ``call_flow``)."""
+    return (
+        service.hedger is not None
+        and hedging
+        and replayable
+        and (hedgeable or method in IDEMPOTENT_METHODS or bool(plan.retry_non_idempotent))
+    )
 
 
 def _flow_with_extras(
@@ -133,12 +142,7 @@ def _flow_with_extras(
         if faults.abort_percent and rand() * 100 < faults.abort_percent:
             return Done(None, None, 0, abort_status=faults.abort_status, decisions=decisions)
     hedger = service.hedger
-    if (
-        hedger is not None
-        and hedging
-        and replayable
-        and (hedgeable or method in IDEMPOTENT_METHODS or plan.retry_non_idempotent)
-    ):
+    if hedger is not None and _hedged(service, plan, method, replayable, hedgeable, hedging):
         done = yield from hedged_flow(
             service,
             hedger,
