@@ -65,18 +65,6 @@ class _Method(Method[grpc.Channel]):
 
     def begin(
         self,
-        make: type[R],
-        metadata: Metadata | None,
-        timeout: float | None,
-        replayable: bool,
-        hedging: bool | None = None,
-    ) -> R:
-        """The call (a ``make``), its flow not started. ``hedging`` None: hedged where the service's policy hedges,
-        decided as the flow starts; a bool decides it now (``.future()`` picks its executor by it)."""
-        return self.begin_on(self.state(), make, metadata, timeout, replayable, hedging)
-
-    def begin_on(
-        self,
         state: ServiceState,
         make: type[R],
         metadata: Metadata | None,
@@ -84,6 +72,9 @@ class _Method(Method[grpc.Channel]):
         replayable: bool,
         hedging: bool | None = None,
     ) -> R:
+        """The call (a ``make``) on ``state`` (``self.state()``), its flow not started. ``hedging`` None: hedged
+        where the service's policy hedges, decided as the flow starts; a bool decides it now (``.future()`` picks
+        its executor by it)."""
         facade = self.facade
         return make(
             facade.mesh,
@@ -129,7 +120,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         compression: grpc.Compression | None = None,
     ) -> Any:
         if metadata or credentials is not None or wait_for_ready is not None or compression is not None:
-            call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+            call = self.begin(self.state(), _UnaryCall, metadata, timeout, self.kind == "unary_unary")
             call.made_by(self, request, credentials, wait_for_ready, compression, False, None)
             return run_blocking(call, call).response
         return self._blocking(request, timeout, False)[0]
@@ -157,7 +148,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         if steps is not None:
             self._future_quietly(state, steps, request, future)
             return future
-        call = self.begin_on(state, _UnaryCall, metadata, timeout, replayable, hedging=True)
+        call = self.begin(state, _UnaryCall, metadata, timeout, replayable, hedging=True)
         call.made_by(self, request, credentials, wait_for_ready, compression, True, future)
         if call.hedging:
             # hedged attempts are waited on together, on a thread of its own (never one other calls wait for)
@@ -227,7 +218,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
         if metadata or credentials is not None or wait_for_ready is not None or compression is not None:
-            call = self.begin(_UnaryCall, metadata, timeout, self.kind == "unary_unary")
+            call = self.begin(self.state(), _UnaryCall, metadata, timeout, self.kind == "unary_unary")
             call.made_by(self, request, credentials, wait_for_ready, compression, True, None)
             answer = run_blocking(call, call)
             return answer.response, answer.call
@@ -246,7 +237,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
         replayable = self.kind == "unary_unary"
         steps = quiet_steps(facade, state, timeout, replayable)
         if steps is None:
-            call = self.begin_on(state, _UnaryCall, None, timeout, replayable)
+            call = self.begin(state, _UnaryCall, None, timeout, replayable)
             call.made_by(self, request, None, None, None, want_call, None)
             answer = run_blocking(call, call)
             return answer.response, answer.call
@@ -436,7 +427,7 @@ class _Streaming(_Method, grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiC
         compression: grpc.Compression | None = None,
     ) -> Any:
         try:
-            call = self.begin(RpcCall, metadata, timeout, False)
+            call = self.begin(self.state(), RpcCall, metadata, timeout, False)
             starting = begin_stream(call)
             while True:  # a fault-injection delay
                 time.sleep(next(starting))
