@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 import threading
@@ -26,7 +27,7 @@ from grpc_support import stubs
 from harness import free_port
 from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
-from meshlib.grpc import quiet
+from meshlib.grpc import aio_quiet, quiet
 from meshlib.grpc.call import RpcCall
 from meshlib.policy.config import ServicePolicy
 
@@ -310,3 +311,129 @@ def test_a_quiet_client_stream_is_never_retried(pair: list[Instance], built: dic
         assert sum(i.behaviour.calls for i in pair) == calls + 3  # once each: never retried on the other
         assert built == {"from the start": 0, "carried on": 3}
         _idle(mesh)
+
+
+@pytest.fixture(params=["grpc's own call", "the mesh's call"])
+def aio_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A quiet aio unary call is grpc.aio's own call object (``aio_quiet.py``); where a grpc release does not fit
+    what that stands on, the mesh's (``aio_calls.UnaryCall``). Both ways, the same behaviour."""
+    if request.param == "the mesh's call":
+        monkeypatch.setattr(aio_quiet, "FITS", False)
+    return str(request.param)
+
+
+def test_a_quiet_aio_call_tells_of_the_whole_call_not_of_its_first_attempt(
+    pair: list[Instance], aio_calls: str
+) -> None:
+    """Round robin over [down, live], so that every other call's first attempt fails and is retried: whatever waits
+    on the call beside its awaiter (a done callback added at once, ``code()`` and ``details()`` awaited in another
+    task) hears of its end, OK from the live instance, never of the attempt that failed; ``done()`` is False until
+    then. A quiet aio unary call is grpc.aio's own ``UnaryUnaryCall``, unless the grpc release does not fit."""
+    down = Endpoint("127.0.0.1", free_port())
+
+    async def main(mesh: meshlib.Mesh) -> None:
+        async with mesh.grpc_aio_channel("echo") as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            for n in range(2):
+                call = stub.Say(pb2.Hello(text=f"t{n}"), timeout=10)
+                if aio_calls == "grpc's own call":
+                    assert isinstance(call, grpc.aio.UnaryUnaryCall) and isinstance(call, aio_quiet.QuietUnaryCall)
+                else:
+                    assert not isinstance(call, aio_quiet.QuietUnaryCall)
+                heard: list[tuple[bool, Any]] = []
+                call.add_done_callback(functools.partial(lambda into, c: into.append((c.done(), c)), heard))
+                told = asyncio.ensure_future(asyncio.gather(call.code(), call.details()))
+                assert not call.done()
+                assert (await call).text == f"t{n}"
+                assert await told == [grpc.StatusCode.OK, ""]
+                assert await call.code() is grpc.StatusCode.OK and not call.cancelled()
+                deadline = time.monotonic() + 5
+                while not heard:
+                    assert time.monotonic() < deadline, "the done callback never ran"
+                    await asyncio.sleep(0.01)
+                assert heard == [(True, call)] and call.done()
+
+    with _caller([down, pair[1].endpoint]) as mesh:
+        asyncio.run(main(mesh))
+        assert mesh.telemetry is not None
+        assert sum(value for _, value in mesh.telemetry.metrics.retries.points()) == 1
+        assert _durations(mesh) == {("2xx", "success"): 2}
+        _idle(mesh)
+
+
+def test_a_quiet_aio_call_nobody_awaits_fails_quietly_and_channel_close_cancels_one_in_flight(
+    pair: list[Instance], aio_calls: str
+) -> None:
+    """A quiet aio call that fails and that nobody awaits is recorded, tells its status when asked, and leaves
+    asyncio nothing to log ("exception was never retrieved"). Closing the channel cancels a quiet call still in
+    flight, as grpc.aio's ``Channel.close()`` does, and the call lets go of its endpoint."""
+    down = Endpoint("127.0.0.1", free_port())
+    logged: list[dict[str, Any]] = []
+
+    async def unawaited(mesh: meshlib.Mesh) -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: logged.append(context))
+        async with mesh.grpc_aio_channel("echo") as channel:
+            call = pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="nobody waits"), timeout=10)
+            deadline = time.monotonic() + 10
+            while not call.done():
+                assert time.monotonic() < deadline, "the call never ended"
+                await asyncio.sleep(0.01)
+            assert await call.code() is grpc.StatusCode.UNAVAILABLE
+            assert str(down.port) in await call.details()
+            if isinstance(call, aio_quiet.QuietUnaryCall):  # its task's error is marked as seen (what asyncio logs)
+                assert not call._invocation_task._log_traceback
+            del call
+            gc.collect()
+        await asyncio.sleep(0)
+
+    with _caller([down]) as mesh:
+        asyncio.run(unawaited(mesh))
+        gc.collect()
+        assert _durations(mesh) == {("5xx", "server-error"): 1}
+        _idle(mesh)
+    assert logged == []
+
+    async def closed(mesh: meshlib.Mesh) -> None:
+        channel = mesh.grpc_aio_channel("echo")
+        pair[0].behaviour.handled.clear()
+        call = pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="slow", mode="slow", n=3000), timeout=30)
+        while not pair[0].behaviour.handled.is_set():
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await channel.close()
+        with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+            await call
+        assert time.monotonic() - started < 2, "closing the channel waited for the call in flight"
+        assert await call.code() is grpc.StatusCode.CANCELLED
+
+    with _caller([pair[0].endpoint]) as mesh:
+        asyncio.run(closed(mesh))
+        _idle(mesh)
+        assert sum(n for (_, outcome), n in _durations(mesh).items() if outcome == "cancelled") == 1
+
+
+def test_a_quiet_aio_call_cancelled_between_its_first_attempt_and_its_judgement_ends_cancelled(
+    pair: list[Instance],
+) -> None:
+    """``cancel()`` in the moment between the first attempt's failure and its judgement (here: from grpc's own done
+    callback on that attempt, which runs before the call's invocation resumes) is honoured: no retry is sent, the
+    awaiter gets ``CancelledError``, the call says CANCELLED and is counted as cancelled."""
+    pair[0].behaviour.fail = True
+    accepted: list[bool] = []
+
+    async def main(mesh: meshlib.Mesh) -> None:
+        async with mesh.grpc_aio_channel("echo") as channel:
+            call = pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="x"), timeout=10)
+            assert isinstance(call, aio_quiet.QuietUnaryCall)
+            aio_quiet._GrpcUnaryUnaryCall.add_done_callback(call, lambda c: accepted.append(c.cancel()))
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert accepted == [True] and call.cancelled() and call.done()
+            assert await call.code() is grpc.StatusCode.CANCELLED
+            assert await call.details() == "Locally cancelled by application!"
+
+    with _caller([pair[0].endpoint]) as mesh:
+        asyncio.run(main(mesh))
+        assert pair[0].behaviour.calls == 1  # not retried
+        _idle(mesh)
+        assert sum(n for (_, outcome), n in _durations(mesh).items() if outcome == "cancelled") == 1

@@ -204,6 +204,14 @@ class UnaryCall:
     def _run_in_task(self) -> Generator[Any, None, Any]:
         return (yield from self._run())
 
+    @types.coroutine
+    def run_here(self, coro: Coroutine[Any, Any, Any]) -> Generator[Any, None, Any]:
+        """The call's coroutine run by whatever awaits this (a quiet grpc call's own task: ``aio_quiet.py``), the
+        call settled with what came of it."""
+        self._coro = coro
+        self._started = True
+        return (yield from self._run())
+
     def __await__(self) -> Generator[Any, None, Any]:
         """(Not a generator itself: the iterator it returns is what the awaiter drives, one frame fewer.)"""
         if not self._started:
@@ -242,6 +250,13 @@ class UnaryCall:
             return _CANCELLED_DETAILS
         value = last.details()
         return str(await value if asyncio.iscoroutine(value) else value)
+
+    async def debug_error_string(self) -> str:
+        last = await self._settled()
+        if last is None or self._state == _CANCELLED or not hasattr(last, "debug_error_string"):
+            return ""
+        value = last.debug_error_string()
+        return str((await value if asyncio.iscoroutine(value) else value) or "")
 
     async def initial_metadata(self) -> Any:
         last = await self._settled()

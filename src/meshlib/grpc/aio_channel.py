@@ -23,6 +23,7 @@ from ..errors import MeshError
 from ..policy.flow import Attempts, Done, Result, Send, Sleep
 from ..policy.service import ServiceState
 from .aio_calls import RequestWriter, StreamCall, UnaryCall, as_aio_error
+from .aio_quiet import Parts, QuietUnaryCall, parts_of
 from .call import Metadata, RpcAnswer, RpcCall, mesh_failure
 from .endpoints import EndpointChannel, EndpointChannels, Options
 from .facade import Facade, Method, method_of
@@ -91,20 +92,19 @@ class _Unary(_AioMethod):
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> UnaryCall:
+    ) -> UnaryCall | QuietUnaryCall:
         writer: RequestWriter | None = None
         if request is None and self.kind == "stream_unary":  # no iterator: the caller writes, then done_writing()
             writer = RequestWriter()
             request = writer.requests()
-        call = UnaryCall(writer)
         facade = self.facade
         state, ready = facade.mesh.service_state_nowait(facade.service)
         plain = not metadata and credentials is None and wait_for_ready is None and compression is None
         if plain and ready:
             steps = quiet_steps(facade, state, timeout, self.kind == "unary_unary")
             if steps is not None:
-                self._quietly(state, steps, request, call)
-                return call
+                return self._quietly(state, steps, request, writer)
+        call = UnaryCall(writer)
         options = _NO_OPTIONS if plain else (credentials, wait_for_ready, compression)
         if not ready:  # the service's first call: discovery is waited for off the loop, in the call's coroutine
             call.start(self._after_discovery(request, timeout, metadata, options, call))
@@ -115,26 +115,51 @@ class _Unary(_AioMethod):
         call.start(run_async(rpc, rpc, started), begun=started.begun is not None)
         return call
 
-    def _quietly(self, state: ServiceState, steps: Attempts, request: Any, link: UnaryCall) -> None:
-        """A quiet call (``quiet.py``): its first attempt's RPC started now, with the flow's steps; its end judged
-        by the call's awaiter (or its own task), and anything but an OK answer handed to the async executor from
-        where it stands."""
+    def _quietly(
+        self, state: ServiceState, steps: Attempts, request: Any, writer: RequestWriter | None
+    ) -> UnaryCall | QuietUnaryCall:
+        """A quiet call (``quiet.py``): its first attempt's RPC started now, with the flow's steps. A unary call is
+        grpc.aio's own call object, judged in its own invocation (``aio_quiet.py``); else (a client stream, or a
+        grpc release that does not fit) the mesh's call object, judged by its awaiter or its own task. Anything
+        but an OK answer is handed to the async executor from where it stands."""
         send = steps.next_attempt()
         if isinstance(send, Done):  # over before an attempt (no endpoint to call, the deadline already past)
-            link.start(self._carry_on(state, steps, send, request, link, None))
-            return
-        endpoints = self.facade.endpoints
+            link = UnaryCall(writer)
+            link.start(self.carry_on(state, steps, send, request, link, None))
+            return link
+        facade = self.facade
+        endpoints = facade.endpoints
         record = endpoints.acquire(send.endpoint, state)
         try:
-            metadata = quiet_metadata(self.facade.mesh, send, _shared_aio_metadata)
+            parts = self._quiet_parts(record) if writer is None and self.kind == "unary_unary" else None
+            if parts is not None:
+                metadata = quiet_metadata(facade.mesh, send)
+                return QuietUnaryCall(parts, request, send.timeout, metadata, self, state, steps, send, record)
+            link = UnaryCall(writer)
+            metadata = quiet_metadata(facade.mesh, send, _shared_aio_metadata)
             real = self.on(record)(request, timeout=send.timeout, metadata=metadata)
         except BaseException:
             endpoints.release(record)
             steps.unanswered()
-            _AioUnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, None).finish(None, None)
+            self.record_cancelled(state, steps)
             raise
         link.last = real
         link.start(self._finish_quietly(state, steps, send, record, real, request, link), begun=True)
+        return link
+
+    def _quiet_parts(self, record: EndpointChannel[aio.Channel]) -> Parts | None:
+        """What a quiet grpc call of this method is made of on ``record``'s channel (``aio_quiet.parts_of``),
+        looked at once."""
+        key = ("quiet", self.method)
+        parts: Parts | bool | None = record.callables.get(key)
+        if parts is None:
+            parts = record.callables[key] = parts_of(self.on(record)) or False
+        return parts or None  # type: ignore[return-value]  # (False: looked at, and cannot)
+
+    def record_cancelled(self, state: ServiceState, steps: Attempts) -> None:
+        """A quiet call that ended in its first attempt without an answer (an interrupt, a cancel, an RPC that could
+        not start), recorded as the driver records one (its steps told first: ``Attempts.unanswered``)."""
+        _AioUnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, None).finish(None, None)
 
     async def _finish_quietly(
         self,
@@ -155,7 +180,7 @@ class _Unary(_AioMethod):
             except asyncio.CancelledError:  # the caller cancelled: its RPC too, and the call is recorded so
                 real.cancel()
                 steps.unanswered()
-                _AioUnaryCall.carrying_on(self.facade.mesh, state, self.method, steps, None).finish(None, None)
+                self.record_cancelled(state, steps)
                 raise
             else:
                 code = _OK
@@ -166,9 +191,9 @@ class _Unary(_AioMethod):
         then = judged_quietly(self.facade, steps, result, code)
         if then is None:
             return answer
-        return await self._carry_on(state, steps, then, request, link, (result, answer))
+        return await self.carry_on(state, steps, then, request, link, (result, answer))
 
-    async def _carry_on(
+    async def carry_on(
         self,
         state: ServiceState,
         steps: Attempts,
