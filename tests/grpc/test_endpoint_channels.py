@@ -93,3 +93,32 @@ def test_a_retired_channel_is_never_closed_under_a_call_and_closed_once_after_it
     assert channels.retiring() == []
     assert not channels.labels()
     assert sorted({c.closes for c in made}) == [1], [c.closes for c in made if c.closes != 1][:5]
+
+
+def test_endpoint_channels_leave_retries_to_the_mesh_unless_the_application_asks_for_grpc_s() -> None:
+    """grpc's own retry layer keeps every call's history for a transparent retry, which on a channel to one
+    endpoint could only go to the same instance: the mesh retries on another, so its endpoint channels are made
+    with ``grpc.enable_retries`` 0. An application that set that option, or gave a service config (which may
+    hold a retry policy), keeps what it chose."""
+    a = Endpoint("127.0.0.1", 1)
+    mesh = meshlib.Mesh(service="ledger", discovery=StaticDiscovery({"echo": [a]}), control_plane="")
+    config = '{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 3}}]}'
+    try:
+        for given, wanted in (
+            ((), 0),
+            ((("grpc.enable_retries", 1),), 1),
+            ((("grpc.service_config", config),), None),
+        ):
+            made: list[dict[str, Any]] = []
+
+            def make(target: str, credentials: Any, options: Any, into: list[dict[str, Any]] = made) -> LedgerChannel:
+                into.append(dict(options))
+                return LedgerChannel(target)
+
+            channels = EndpointChannels(mesh, "echo", make=make, close=lambda channel: None, options=given)
+            channels.release(channels.acquire(a, _state([a])))
+            (options,) = made
+            assert options.get("grpc.enable_retries") == wanted, (given, options)
+            assert all(options[name] == value for name, value in given)
+    finally:
+        mesh.close()

@@ -29,7 +29,7 @@ from meshlib.discovery import StaticDiscovery
 from meshlib.endpoints import Endpoint
 from meshlib.grpc import aio_quiet, quiet
 from meshlib.grpc.call import RpcCall
-from meshlib.policy.config import ServicePolicy
+from meshlib.policy.config import RetryPolicy, ServicePolicy
 
 pb2, pb2_grpc = stubs()
 OWN = (("x-tenant", "t1"),)  # metadata of the call's own: the full way
@@ -437,3 +437,31 @@ def test_a_quiet_aio_call_cancelled_between_its_first_attempt_and_its_judgement_
         assert pair[0].behaviour.calls == 1  # not retried
         _idle(mesh)
         assert sum(n for (_, outcome), n in _durations(mesh).items() if outcome == "cancelled") == 1
+
+
+def test_grpc_s_own_retries_are_the_application_s_to_turn_on(pair: list[Instance]) -> None:
+    """The mesh's endpoint channels have grpc's retry layer off (the mesh retries, on another instance). An
+    application whose channel options give a service config with a retry policy gets grpc's retries as well: the
+    failing instance sees grpc's attempts for each of the mesh's."""
+    pair[0].behaviour.fail = True
+    config = (
+        '{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s",'
+        ' "maxBackoff": "0.01s", "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}}]}'
+    )
+    seen = {}
+    for way, options in (("the mesh's", None), ("grpc's too", [("grpc.service_config", config)])):
+        pair[0].behaviour.calls = 0
+        with (
+            meshlib.Mesh(
+                service="front",
+                discovery=StaticDiscovery({"echo": [pair[0].endpoint]}),
+                control_plane="",
+                policies={"echo": ServicePolicy(retries=RetryPolicy(attempts=1))},
+            ) as mesh,
+            mesh.grpc_channel("echo", options=options) as channel,
+            pytest.raises(grpc.RpcError) as failed,
+        ):
+            pb2_grpc.EchoStub(channel).Say(pb2.Hello(text="x"), timeout=10)
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        seen[way] = pair[0].behaviour.calls
+    assert seen == {"the mesh's": 1, "grpc's too": 2}
