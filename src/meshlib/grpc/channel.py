@@ -188,7 +188,7 @@ class _Blocking(_Method, grpc.UnaryUnaryMultiCallable, grpc.StreamUnaryMultiCall
                 self._callbacks_on(state, steps, then, request, future, outcome)
 
         def ended(real: grpc.Future) -> None:
-            future.deliver(judged, _future_outcome(real, send, endpoints, record))
+            future.deliver(judged, _future_outcome(real, send, endpoints, record), not record.users)
 
         future.watch(real)
         real.add_done_callback(ended)
@@ -399,7 +399,7 @@ class _UnaryCall(RpcCall):
         def ended(real: grpc.Future) -> None:
             outcome = _future_outcome(real, send, endpoints, record)
             if stop is not None:  # a caller waiting for the call carries it on in its own thread
-                stop.deliver(on_done, outcome)
+                stop.deliver(on_done, outcome, not record.users)
             else:
                 on_done(outcome)
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +18,9 @@ from ..policy.flow import Result
 from .call import RpcAnswer, code_of
 
 logger = logging.getLogger(__name__)
+
+#: Let another thread take the GIL now (``time.sleep(0)`` releases it)
+_yield = functools.partial(time.sleep, 0)
 
 #: An attempt's end, as the callback executor resumes the call with it
 Outcome = tuple[Result, RpcAnswer]
@@ -36,7 +41,14 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
     on itself (``deliver``): an attempt's end, reported on grpc's channel thread, is handed to it, and the rest of
     the call (its recording, a retry) runs in the caller's thread, where the call's objects were made, instead of
     on grpc's thread before waking the caller (measured: ~15-20 us less per call, most of it cross-thread cache
-    traffic). With nobody waiting, grpc's thread carries it on, as before."""
+    traffic). With nobody waiting, grpc's thread carries it on, as before.
+
+    Having handed an attempt's end over on a channel with no other call in flight, grpc's thread lets go of the
+    GIL at once (``deliver``). The woken caller then runs on while that thread is still inside grpc's
+    done-callbacks, which is before grpc counts the call out of the channel's managed calls. A next ``.future()``
+    made from there finds a call still counted in, so it reuses the thread. A plain grpc channel starts a new
+    thread for every future that follows another (measured: 1000 sequential futures started 1000 channel threads,
+    through the mesh 3)."""
 
     def __init__(self) -> None:
         Cancel.__init__(self)
@@ -87,17 +99,23 @@ class UnaryFuture(Cancel, grpc.Future, grpc.Call):  # type: ignore[misc]
         if self.stopped:
             real.cancel()
 
-    def deliver(self, resume: Callable[[Outcome], None], outcome: Outcome) -> None:
+    def deliver(self, resume: Callable[[Outcome], None], outcome: Outcome, idle: bool = False) -> None:
         """An attempt ended (on grpc's thread, usually): ``resume(outcome)`` carries the call on. Handed to the
-        caller's thread when it waits for the call, else run here."""
+        caller's thread when it waits for the call, else run here. Handed over on a channel left ``idle`` (no
+        other call of the mesh's in flight on it), this thread then yields the GIL to that caller (see the class).
+        With other calls in flight grpc's thread lives on anyway, and yielding would only keep it from their ends
+        (measured: 16 threads of sequential futures, 22% fewer calls a second)."""
         with self.lock:
-            if self._blocked:
+            handed = self._blocked
+            if handed:
                 self._blocked = False
                 self._handoff = (resume, outcome)
                 assert self._wake is not None
                 self._wake.release()
-                return
-        resume(outcome)
+        if not handed:
+            resume(outcome)
+        elif idle:
+            _yield()
 
     def _carry(self) -> None:
         """(The volunteer, in ``result()``.) Carry the call on from each attempt's end, until it is over. An
