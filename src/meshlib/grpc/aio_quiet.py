@@ -12,7 +12,7 @@ that object's: the status, details and metadata of the attempt that answered, or
 
 This subclasses a class of grpc's private module ``grpc.aio._call`` and reads private attributes of grpc.aio's
 multicallable. ``parts_of`` checks what it relies on, once per endpoint channel and method; where a grpc release
-differs, it answers None and the call takes the mesh's own call object from the start (``aio_channel._Unary``),
+differs, it answers None and the call takes the mesh's own call object from the start (``aio_unary.Unary``),
 as it does for every call that is not quiet.
 """
 
@@ -36,7 +36,7 @@ from .quiet import judged_quietly
 from .status import result_of
 
 if TYPE_CHECKING:
-    from .aio_channel import _Unary
+    from .aio_unary import Unary
 
 try:  # what the subclass stands on (see the module); any of it missing: no quiet grpc calls
     from grpc._cython import cygrpc
@@ -132,14 +132,14 @@ class QuietUnaryCall(_GrpcUnaryUnaryCall or object):  # type: ignore[misc]
         request: Any,
         timeout: float | None,
         metadata: Any,
-        stub_method: _Unary,
+        stub_method: Unary,
         state: ServiceState,
         steps: Attempts,
         send: Send,
         record: EndpointChannel[aio.Channel],
     ) -> None:
         # set before grpc's part, which starts the invocation (a loop may run a new task's first step at once)
-        self._mesh: tuple[_Unary, ServiceState, Attempts, Send, EndpointChannel[aio.Channel], Any] | None = (
+        self._mesh: tuple[Unary, ServiceState, Attempts, Send, EndpointChannel[aio.Channel], Any] | None = (
             stub_method,
             state,
             steps,
@@ -223,7 +223,7 @@ class QuietUnaryCall(_GrpcUnaryUnaryCall or object):  # type: ignore[misc]
                 current.add_done_callback(_retrieved)
             raise
 
-    def _cancelled(self, stub_method: _Unary, state: ServiceState, steps: Attempts) -> Any:
+    def _cancelled(self, stub_method: Unary, state: ServiceState, steps: Attempts) -> Any:
         """Cancelled in its first attempt: recorded as the driver records it, and told as grpc.aio tells it."""
         steps.unanswered()
         stub_method.record_cancelled(state, steps)

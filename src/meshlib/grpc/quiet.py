@@ -82,7 +82,7 @@ def quiet_steps(facade: Facade[Any], state: ServiceState, timeout: float | None,
 def quiet_metadata(mesh: Runtime, send: Send, shared: Callable[[Any], Any] | None = None) -> Any:
     """The attempt's metadata: the caller, the attempt number, and its deadline when it has one. With none, the
     shared tuple of ``plain_metadata``, or what ``shared`` makes of it (grpc.aio's own type, made once: see
-    ``aio_channel._shared_aio_metadata``)."""
+    ``aio_unary._shared_aio_metadata``)."""
     attempt = send.attempt
     timeout = send.timeout
     if timeout is None and attempt < 16:
